@@ -1,0 +1,478 @@
+//! A real local control plane: etcd and kube-apiserver, built from their Go modules by
+//! `e2e/k8s-testbins/build.sh`, started on free loopback ports.
+//!
+//! Tests share one control plane per test binary ([`shared`]) and isolate themselves with a
+//! fresh namespace each ([`TestEnv::new`]). The processes die with the test binary, even when
+//! it panics or is killed: every child gets `PR_SET_PDEATHSIG`, and the children of the shared
+//! control plane are spawned from a thread that lives as long as the process (the signal
+//! follows the spawning *thread*, not the process).
+
+use std::fs;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use kube::api::{Api, PostParams};
+use kube::config::{
+    AuthInfo, Cluster, Context as KubeContext, KubeConfigOptions, Kubeconfig, NamedAuthInfo,
+    NamedCluster, NamedContext,
+};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::pki::{TestCa, key_pair_pem};
+
+/// How long a cold kube-apiserver may take to become ready (RBAC bootstrap on 2 shared cores).
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a process gets after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+const CONTEXT_NAME: &str = "byok-envtest";
+
+/// Paths of the two control-plane binaries.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub kube_apiserver: PathBuf,
+    pub etcd: PathBuf,
+}
+
+impl Binaries {
+    /// `$BYOK_TESTBINS_DIR` if set, otherwise whatever `build.sh` prints (it builds only when
+    /// the version-keyed cache under `$HOME/.cache` is empty).
+    pub fn locate() -> anyhow::Result<Self> {
+        let dir = match std::env::var_os("BYOK_TESTBINS_DIR") {
+            Some(dir) => PathBuf::from(dir),
+            None => {
+                let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("k8s-testbins/build.sh");
+                let out = Command::new("bash")
+                    .arg(&script)
+                    .stderr(Stdio::inherit())
+                    .output()
+                    .with_context(|| format!("running {}", script.display()))?;
+                if !out.status.success() {
+                    bail!(
+                        "{} failed ({}); see its output above",
+                        script.display(),
+                        out.status
+                    );
+                }
+                PathBuf::from(String::from_utf8(out.stdout)?.trim())
+            }
+        };
+        let bins = Self {
+            kube_apiserver: dir.join("kube-apiserver"),
+            etcd: dir.join("etcd"),
+        };
+        for bin in [&bins.kube_apiserver, &bins.etcd] {
+            if !bin.is_file() {
+                bail!("{} is missing: run `make testbins`", bin.display());
+            }
+        }
+        Ok(bins)
+    }
+}
+
+/// A running etcd + kube-apiserver pair. Dropping it stops both and removes its run directory.
+pub struct ControlPlane {
+    run_dir: PathBuf,
+    etcd: Option<Child>,
+    apiserver: Option<Child>,
+    server_url: String,
+    ca_pem: String,
+    admin_token: String,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("server_url", &self.server_url)
+            .field("run_dir", &self.run_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ControlPlane {
+    /// Starts etcd and kube-apiserver with their state in `run_dir` (created; removed on drop)
+    /// and blocks until `/readyz` answers 200.
+    pub fn start(bins: &Binaries, run_dir: &Path) -> anyhow::Result<Self> {
+        fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+        let run_dir = run_dir.canonicalize()?;
+        let ca = TestCa::new("byok-envtest-ca")?;
+        let serving = ca.issue("kube-apiserver", &["localhost", "127.0.0.1"])?;
+        let admin_token = random_token();
+        let (sa_signing_key, sa_public_key) = key_pair_pem()?;
+        let files = [
+            ("ca.crt", ca.cert_pem()),
+            ("apiserver.crt", serving.cert_pem.clone()),
+            ("apiserver.key", serving.key_pem.clone()),
+            ("service-account.key", sa_signing_key),
+            ("service-account.pub", sa_public_key),
+            (
+                "tokens.csv",
+                format!("{admin_token},envtest-admin,envtest-admin,system:masters\n"),
+            ),
+        ];
+        for (name, content) in &files {
+            fs::write(run_dir.join(name), content)?;
+        }
+
+        let mut cp = ControlPlane {
+            run_dir: run_dir.clone(),
+            etcd: None,
+            apiserver: None,
+            server_url: String::new(),
+            ca_pem: ca.cert_pem(),
+            admin_token,
+        };
+        let [etcd_client, etcd_peer, apiserver_port] = free_ports()?;
+        let etcd_url = format!("http://127.0.0.1:{etcd_client}");
+        let peer_url = format!("http://127.0.0.1:{etcd_peer}");
+        cp.etcd = Some(spawn(
+            Command::new(&bins.etcd).args([
+                "--name=envtest",
+                &format!("--data-dir={}", run_dir.join("etcd").display()),
+                &format!("--listen-client-urls={etcd_url}"),
+                &format!("--advertise-client-urls={etcd_url}"),
+                &format!("--listen-peer-urls={peer_url}"),
+                &format!("--initial-advertise-peer-urls={peer_url}"),
+                &format!("--initial-cluster=envtest={peer_url}"),
+                // Throwaway data: durability costs seconds per test run and buys nothing.
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+            ]),
+            &run_dir.join("etcd.log"),
+        )?);
+
+        let file = |name: &str| run_dir.join(name).display().to_string();
+        cp.apiserver = Some(spawn(
+            Command::new(&bins.kube_apiserver).args([
+                format!("--etcd-servers={etcd_url}"),
+                "--bind-address=127.0.0.1".into(),
+                "--advertise-address=127.0.0.1".into(),
+                // No controller-manager, no Service IPs to route: skip the `kubernetes` Endpoints.
+                "--endpoint-reconciler-type=none".into(),
+                format!("--secure-port={apiserver_port}"),
+                format!("--cert-dir={}", file("apiserver-certs")),
+                format!("--tls-cert-file={}", file("apiserver.crt")),
+                format!("--tls-private-key-file={}", file("apiserver.key")),
+                format!("--client-ca-file={}", file("ca.crt")),
+                format!("--token-auth-file={}", file("tokens.csv")),
+                "--authorization-mode=RBAC".into(),
+                // TokenRequest and TokenReview, which the key broker relies on.
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+                format!("--service-account-key-file={}", file("service-account.pub")),
+                format!(
+                    "--service-account-signing-key-file={}",
+                    file("service-account.key")
+                ),
+                "--service-cluster-ip-range=10.0.0.0/24".into(),
+                "--allow-privileged=true".into(),
+                "--enable-priority-and-fairness=false".into(),
+                "--profiling=false".into(),
+            ]),
+            &run_dir.join("kube-apiserver.log"),
+        )?);
+        cp.server_url = format!("https://127.0.0.1:{apiserver_port}");
+        cp.wait_ready()?;
+        Ok(cp)
+    }
+
+    pub fn server_url(&self) -> &str {
+        &self.server_url
+    }
+
+    /// PEM of the CA that signed the API server's serving certificate.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// A kubeconfig for the admin user (a member of `system:masters`).
+    pub fn kubeconfig(&self) -> Kubeconfig {
+        use base64::Engine;
+        Kubeconfig {
+            clusters: vec![NamedCluster {
+                name: CONTEXT_NAME.into(),
+                cluster: Some(Cluster {
+                    server: Some(self.server_url.clone()),
+                    certificate_authority_data: Some(
+                        base64::engine::general_purpose::STANDARD.encode(&self.ca_pem),
+                    ),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            auth_infos: vec![NamedAuthInfo {
+                name: CONTEXT_NAME.into(),
+                auth_info: Some(AuthInfo {
+                    token: Some(self.admin_token.clone().into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            contexts: vec![NamedContext {
+                name: CONTEXT_NAME.into(),
+                context: Some(KubeContext {
+                    cluster: CONTEXT_NAME.into(),
+                    user: Some(CONTEXT_NAME.into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            current_context: Some(CONTEXT_NAME.into()),
+            ..Default::default()
+        }
+    }
+
+    /// Writes [`Self::kubeconfig`] to `path` (YAML), for kubectl and for spawned operators.
+    pub fn write_kubeconfig(&self, path: &Path) -> anyhow::Result<()> {
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        let yaml = serde_saphyr::to_string(&self.kubeconfig())?;
+        let tmp = path.with_extension("tmp");
+        fs::write(&tmp, yaml)?;
+        fs::rename(&tmp, path)?; // whoever polls for the file never reads half of it
+        Ok(())
+    }
+
+    pub async fn kube_config(&self) -> anyhow::Result<kube::Config> {
+        Ok(
+            kube::Config::from_custom_kubeconfig(self.kubeconfig(), &KubeConfigOptions::default())
+                .await?,
+        )
+    }
+
+    /// A client for the admin user. Each tokio runtime needs its own client (a client's
+    /// connection pool lives on the runtime that built it), so tests ask for one each.
+    pub async fn client(&self) -> anyhow::Result<kube::Client> {
+        Ok(kube::Client::try_from(self.kube_config().await?)?)
+    }
+
+    /// The last lines of a component's log, for error messages.
+    pub fn log_tail(&self, component: &str, lines: usize) -> String {
+        let text =
+            fs::read_to_string(self.run_dir.join(format!("{component}.log"))).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        // A scoped thread, so that this also works when called from inside another runtime.
+        let client = std::thread::scope(|s| s.spawn(|| runtime.block_on(self.client())).join())
+            .map_err(|_| anyhow::anyhow!("building a client panicked"))??;
+        loop {
+            let exited = [
+                ("etcd", &mut self.etcd),
+                ("kube-apiserver", &mut self.apiserver),
+            ]
+            .into_iter()
+            .find_map(|(name, child)| Some((name, child.as_mut()?.try_wait().ok()??)));
+            if let Some((name, status)) = exited {
+                bail!(
+                    "{name} exited with {status} during start-up:\n{}",
+                    self.log_tail(name, 30)
+                );
+            }
+            let probe = std::thread::scope(|s| {
+                s.spawn(|| {
+                    runtime.block_on(async {
+                        let req = http::Request::get("/readyz").body(Vec::new())?;
+                        tokio::time::timeout(Duration::from_secs(5), client.request_text(req))
+                            .await??;
+                        anyhow::Ok(())
+                    })
+                })
+                .join()
+            });
+            if matches!(probe, Ok(Ok(()))) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "kube-apiserver not ready after {READY_TIMEOUT:?}:\n{}",
+                    self.log_tail("kube-apiserver", 30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200)); // poll interval, not synchronisation
+        }
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        // The API server first, so it does not spend its grace period retrying a dead etcd.
+        for child in [self.apiserver.take(), self.etcd.take()]
+            .into_iter()
+            .flatten()
+        {
+            stop(child);
+        }
+        let _ = fs::remove_dir_all(&self.run_dir);
+    }
+}
+
+fn stop(mut child: Child) {
+    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+    let deadline = Instant::now() + STOP_GRACE;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn spawn(cmd: &mut Command, log: &Path) -> anyhow::Result<Child> {
+    let log_file = fs::File::create(log)?;
+    let parent = std::process::id();
+    cmd.stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file);
+    // SAFETY: the closure runs between fork and exec and only makes two async-signal-safe
+    // system calls (prctl, getppid); it allocates nothing and takes no locks.
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            // The parent may have died before prctl: then nobody would ever stop us.
+            if nix::unistd::getppid().as_raw() as u32 != parent {
+                return Err(std::io::Error::other("parent exited before start"));
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))
+}
+
+fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
+    // Hold all listeners until every port is chosen, so the kernel hands out distinct ports.
+    let listeners: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()?;
+    let ports: Vec<u16> = listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<_, _>>()?;
+    Ok(ports.try_into().expect("N ports"))
+}
+
+fn random_token() -> String {
+    use rand::distr::{Alphanumeric, SampleString};
+    Alphanumeric.sample_string(&mut rand::rng(), 40)
+}
+
+/// Root of the run directories of control planes started by test binaries.
+fn test_runs_root() -> PathBuf {
+    std::env::temp_dir().join("byok-envtest")
+}
+
+/// Removes run directories left by test binaries that were killed (their process is gone).
+fn remove_stale_runs(root: &Path) {
+    let Ok(entries) = fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.split('-').next())
+            .and_then(|p| p.parse::<i32>().ok());
+        if let Some(pid) = pid
+            && kill(Pid::from_raw(pid), None).is_err()
+        {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// The control plane shared by every test in this test binary, started on first use.
+///
+/// It is never dropped (statics are not), so its processes end through `PR_SET_PDEATHSIG`
+/// when the test binary exits, and its run directory is removed by the next start.
+pub fn shared() -> &'static ControlPlane {
+    static SHARED: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
+    let started = SHARED.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let owner = std::thread::Builder::new()
+            .name("envtest-owner".into())
+            .spawn(move || {
+                let root = test_runs_root();
+                remove_stale_runs(&root);
+                let run_dir = root.join(format!("{}-{}", std::process::id(), random_token()));
+                let started =
+                    Binaries::locate().and_then(|bins| ControlPlane::start(&bins, &run_dir));
+                let _ = tx.send(started.map_err(|e| format!("{e:#}")));
+                // Stay alive: the children's death signal is tied to this thread.
+                loop {
+                    std::thread::park();
+                }
+            });
+        match owner {
+            Ok(_) => rx
+                .recv()
+                .unwrap_or_else(|_| Err("envtest owner thread died".into())),
+            Err(e) => Err(format!("spawning the envtest owner thread: {e}")),
+        }
+    });
+    match started {
+        Ok(cp) => cp,
+        Err(e) => panic!("the local control plane did not start: {e}"),
+    }
+}
+
+/// What one test gets: an admin client and a namespace of its own on the shared control plane.
+pub struct TestEnv {
+    pub client: kube::Client,
+    pub namespace: String,
+}
+
+impl TestEnv {
+    /// A fresh namespace named `<prefix>-<random>`, with the `default` ServiceAccount that the
+    /// (absent) controller-manager would have created, so pods can be admitted.
+    pub async fn new(prefix: &str) -> anyhow::Result<Self> {
+        let cp = shared();
+        let client = cp.client().await?;
+        let suffix: String = random_token().to_lowercase().chars().take(8).collect();
+        let namespace = format!("{prefix}-{suffix}");
+        let ns = Namespace {
+            metadata: kube::api::ObjectMeta {
+                name: Some(namespace.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await?;
+        let sa = ServiceAccount {
+            metadata: kube::api::ObjectMeta {
+                name: Some("default".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Api::<ServiceAccount>::namespaced(client.clone(), &namespace)
+            .create(&PostParams::default(), &sa)
+            .await?;
+        Ok(Self { client, namespace })
+    }
+
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+}

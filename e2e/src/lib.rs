@@ -1,0 +1,6 @@
+//! Test support for byok-operator: a real local control plane (etcd + kube-apiserver built
+//! from their Go modules) for integration tests and for `make cluster-up`.
+#![deny(unsafe_code)] // one audited exception: PR_SET_PDEATHSIG in envtest::spawn
+
+pub mod envtest;
+pub mod pki;

@@ -1,0 +1,7 @@
+//! byok-operator: bring-your-own-key LLM provider API keys for Kubernetes.
+//!
+//! The library holds all logic; `main.rs` only parses arguments and calls [`cli::run`].
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod telemetry;

@@ -1,0 +1,10 @@
+//! The `byok-operator` binary: parse the command line, set up telemetry, hand over to the library.
+#![forbid(unsafe_code)]
+
+use clap::Parser;
+
+fn main() -> anyhow::Result<()> {
+    let cli = byok_operator::cli::Cli::parse();
+    byok_operator::telemetry::init(&cli.log)?;
+    byok_operator::cli::run(cli)
+}
