@@ -5,3 +5,5 @@
 
 pub mod cli;
 pub mod telemetry;
+pub mod providers;
+pub mod reason;
