@@ -17,6 +17,10 @@ help: ## List the targets
 build: ## Build the byok-operator binary
 	$(CARGO) build --bin byok-operator
 
+.PHONY: crds
+crds: ## Regenerate crds/ from the Rust types (a unit test fails when they drift)
+	$(CARGO) run -q --bin byok-operator -- crd > crds/byok.dev_providerkeys.yaml
+
 .PHONY: testbins
 testbins: ## Build (or reuse from ~/.cache) kube-apiserver and etcd for the local control plane
 	@bash e2e/k8s-testbins/build.sh >/dev/null

@@ -31,7 +31,11 @@ pub struct Unimplemented {}
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Controller(_) | Command::Proxy(_) | Command::Verify(_) | Command::Crd => {
+        Command::Crd => {
+            print!("{}", crate::crdgen::crd_yaml()?);
+            Ok(())
+        }
+        Command::Controller(_) | Command::Proxy(_) | Command::Verify(_) => {
             anyhow::bail!("this subcommand is not implemented yet")
         }
     }

@@ -4,6 +4,8 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
-pub mod telemetry;
+pub mod crd;
+pub mod crdgen;
 pub mod providers;
 pub mod reason;
+pub mod telemetry;
