@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod crypto;
 pub mod telemetry;
 pub mod providers;
 pub mod reason;
