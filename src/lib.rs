@@ -6,6 +6,8 @@
 pub mod cli;
 pub mod crd;
 pub mod crdgen;
+pub mod crypto;
 pub mod providers;
 pub mod reason;
+pub mod status;
 pub mod telemetry;
