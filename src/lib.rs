@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
-pub mod telemetry;
+pub mod egress;
 pub mod providers;
 pub mod reason;
+pub mod telemetry;
