@@ -4,9 +4,11 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod controller;
 pub mod crd;
 pub mod crdgen;
 pub mod crypto;
+pub mod egress;
 pub mod providers;
 pub mod reason;
 pub mod status;
