@@ -1,6 +1,13 @@
 //! Command-line interface: one binary, one subcommand per role.
 
+use std::path::PathBuf;
+
 use clap::{Args, Parser, Subcommand};
+use secrecy::SecretString;
+
+use crate::egress::EgressConfig;
+use crate::providers::{Endpoints, ProviderKind, ProviderParams, Verifier};
+use crate::reason::Reason;
 
 /// Bring-your-own-key LLM provider API keys for Kubernetes.
 #[derive(Debug, Parser)]
@@ -15,30 +22,237 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the controller (reconcile loop, admission webhook, key broker, admin server).
-    Controller(Unimplemented),
-    /// Run the sidecar proxy that adds the provider's auth header on 127.0.0.1.
-    Proxy(Unimplemented),
+    /// Run the controller (reconcile loop with leader election).
+    Controller(ControllerArgs),
+    /// Run the sidecar proxy that adds the provider's auth header on 127.0.0.1 (not yet).
+    Proxy,
     /// Verify one key with a live call to its provider and print the result.
-    Verify(Unimplemented),
+    Verify(VerifyArgs),
     /// Print the CustomResourceDefinition YAML (the source of `crds/`).
     Crd,
+    /// Manage the operator keyring.
+    #[command(subcommand)]
+    Keyring(KeyringCommand),
 }
 
-/// Placeholder arguments for subcommands that later issues fill in.
+/// Outbound (provider) connection settings, shared by `controller` and `verify`.
+#[derive(Debug, Args, Clone)]
+pub struct EgressArgs {
+    /// DEVELOPMENT ONLY: allow base URLs on any port and hosts that are IPs or resolve to
+    /// private, loopback or link-local addresses. The https/no-userinfo shape checks stay.
+    #[arg(long)]
+    pub insecure_allow_private_base_urls: bool,
+
+    /// Trust one more CA (PEM) for provider connections, e.g. a local fake provider's.
+    #[arg(long, value_name = "PATH")]
+    pub extra_ca_file: Option<PathBuf>,
+
+    /// Replace a provider's default endpoint: `PROVIDER=URL` (repeatable). Providers:
+    /// anthropic, openai, google, vertex, and vertex-token (the OAuth token URL).
+    #[arg(long, value_name = "PROVIDER=URL")]
+    pub provider_endpoint: Vec<String>,
+}
+
+impl EgressArgs {
+    fn build(&self) -> anyhow::Result<(EgressConfig, Endpoints)> {
+        if self.insecure_allow_private_base_urls {
+            tracing::warn!(
+                "--insecure-allow-private-base-urls is ON: base URLs may point at private, loopback and \
+                 link-local addresses. Never use this in production."
+            );
+        }
+        let extra_ca_pem = match &self.extra_ca_file {
+            Some(path) => {
+                tracing::warn!(path = %path.display(), "--extra-ca-file: trusting an extra CA for provider calls");
+                Some(
+                    std::fs::read(path)
+                        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?,
+                )
+            }
+            None => None,
+        };
+        let endpoints =
+            Endpoints::parse(&self.provider_endpoint).map_err(|e| anyhow::anyhow!(e))?;
+        if !self.provider_endpoint.is_empty() {
+            tracing::warn!(overrides = ?self.provider_endpoint, "--provider-endpoint: provider endpoints replaced");
+        }
+        let egress = EgressConfig {
+            allow_private: self.insecure_allow_private_base_urls,
+            extra_ca_pem,
+            ..Default::default()
+        };
+        Ok((egress, endpoints))
+    }
+}
+
 #[derive(Debug, Args)]
-pub struct Unimplemented {}
+pub struct ControllerArgs {
+    /// Watch ProviderKeys in this namespace only (default: all namespaces).
+    #[arg(long, env = "BYOK_WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// The operator's own namespace: holds the keyring Secret and the leader Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "byok-system")]
+    pub operator_namespace: String,
+
+    /// Name of the keyring Secret (created on first start if absent).
+    #[arg(long, default_value = crate::controller::keyring::DEFAULT_KEYRING_SECRET)]
+    pub keyring_secret: String,
+
+    /// Run without leader election (only for a single replica).
+    #[arg(long)]
+    pub no_leader_election: bool,
+
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "byok-operator")]
+    pub lease_name: String,
+
+    #[command(flatten)]
+    pub egress: EgressArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The provider: anthropic, openai, google, vertex, azure, openai-compatible.
+    #[arg(long)]
+    pub provider: ProviderKind,
+
+    /// File holding the key (for vertex: the service-account JSON). `-` reads standard input.
+    #[arg(long, value_name = "PATH")]
+    pub key_file: PathBuf,
+
+    /// The provider's base URL (required for azure and openai-compatible).
+    #[arg(long)]
+    pub base_url: Option<url::Url>,
+
+    /// Azure OpenAI api-version.
+    #[arg(long, default_value = crate::crd::DEFAULT_AZURE_API_VERSION)]
+    pub azure_api_version: String,
+
+    /// Vertex AI project (default: the service-account key's project_id).
+    #[arg(long)]
+    pub vertex_project: Option<String>,
+
+    /// Vertex AI location, e.g. us-central1.
+    #[arg(long)]
+    pub vertex_location: Option<String>,
+
+    #[command(flatten)]
+    pub egress: EgressArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyringCommand {
+    /// Add a new operator key and make it active; the controller re-encrypts every managed
+    /// Secret with it.
+    Rotate {
+        /// The operator's namespace.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "byok-system")]
+        operator_namespace: String,
+        /// Name of the keyring Secret.
+        #[arg(long, default_value = crate::controller::keyring::DEFAULT_KEYRING_SECRET)]
+        keyring_secret: String,
+    },
+}
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    // One process-wide rustls provider (ring, already used by kube) for every TLS client.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = tokio::runtime::Runtime::new()?;
     match cli.command {
         Command::Crd => {
             print!("{}", crate::crdgen::crd_yaml()?);
             Ok(())
         }
-        Command::Controller(_) | Command::Proxy(_) | Command::Verify(_) => {
-            anyhow::bail!("this subcommand is not implemented yet")
+        Command::Controller(args) => runtime.block_on(controller(args)),
+        Command::Verify(args) => {
+            let code = runtime.block_on(verify(args))?;
+            std::process::exit(code)
+        }
+        Command::Keyring(KeyringCommand::Rotate {
+            operator_namespace,
+            keyring_secret,
+        }) => runtime.block_on(async {
+            let client = kube::Client::try_default().await?;
+            let api = kube::Api::namespaced(client, &operator_namespace);
+            let id = crate::controller::keyring::rotate(&api, &keyring_secret).await?;
+            println!("operator key {id} is now active; managed Secrets are being re-encrypted");
+            Ok(())
+        }),
+        Command::Proxy => anyhow::bail!("the proxy subcommand is not implemented yet"),
+    }
+}
+
+async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
+    let (egress, endpoints) = args.egress.build()?;
+    let client = kube::Client::try_default().await?;
+    let leader = (!args.no_leader_election).then(|| crate::controller::leader::LeaderConfig {
+        lease_name: args.lease_name.clone(),
+        identity: std::env::var("POD_NAME")
+            .unwrap_or_else(|_| format!("byok-operator-{}", std::process::id())),
+    });
+    let config = crate::controller::Config {
+        watch_namespace: args.namespace,
+        operator_namespace: args.operator_namespace,
+        keyring_secret: args.keyring_secret,
+        egress,
+        endpoints,
+        leader,
+    };
+    crate::controller::run(client, config, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
+    tracing::info!("shutting down");
+}
+
+/// Exit codes of `verify`: 0 valid, 1 rejected, 2 could not tell (transient), 3 usage.
+async fn verify(args: VerifyArgs) -> anyhow::Result<i32> {
+    let (egress, endpoints) = args.egress.build()?;
+    let raw = if args.key_file.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+        s
+    } else {
+        std::fs::read_to_string(&args.key_file)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", args.key_file.display()))?
+    };
+    let key = SecretString::from(raw.trim().to_string());
+    drop(raw);
+    let http = crate::egress::http_client(&egress)?;
+    let verifier = Verifier::new(http, endpoints, egress.allow_private);
+    let params = ProviderParams {
+        base_url: args.base_url,
+        azure_api_version: Some(args.azure_api_version),
+        vertex_project: args.vertex_project,
+        vertex_location: args.vertex_location,
+    };
+    let outcome = verifier.verify(args.provider, &key, &params).await;
+    let exposed = secrecy::ExposeSecret::expose_secret(&key);
+    println!("reason:      {}", outcome.reason);
+    println!("message:     {}", outcome.message);
+    println!(
+        "fingerprint: {}",
+        crate::crypto::fingerprint(exposed.as_bytes())
+    );
+    println!("masked:      {}", crate::crypto::mask(exposed));
+    Ok(match outcome.reason {
+        Reason::Valid => 0,
+        r if r.is_transient() => 2,
+        _ => 1,
+    })
 }
 
 #[cfg(test)]

@@ -18,6 +18,8 @@ pub const DEFAULT_AZURE_API_VERSION: &str = "2024-10-21";
 
 /// A provider API key brought into the cluster: the operator verifies it with a live call,
 /// keeps it encrypted in a managed Secret, and serves it to opted-in pods through a local proxy.
+// Each printcolumn(...) repeats `type_`, which clippy mistakes for a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "byok.dev",

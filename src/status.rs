@@ -50,14 +50,29 @@ pub struct Decided {
 }
 
 impl Decided {
-    pub fn new(type_: &'static str, status: Status, reason: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { type_, status, reason: reason.into(), message: message.into() }
+    pub fn new(
+        type_: &'static str,
+        status: Status,
+        reason: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            type_,
+            status,
+            reason: reason.into(),
+            message: message.into(),
+        }
     }
 }
 
 /// Merges decided conditions into the previous ones: `lastTransitionTime` is kept unless the
 /// status flips; conditions of other types are kept untouched.
-pub fn merge(previous: &[Condition], decided: &[Decided], generation: Option<i64>, now: &Time) -> Vec<Condition> {
+pub fn merge(
+    previous: &[Condition],
+    decided: &[Decided],
+    generation: Option<i64>,
+    now: &Time,
+) -> Vec<Condition> {
     let mut out: Vec<Condition> = previous
         .iter()
         .filter(|c| !decided.iter().any(|d| d.type_ == c.type_))
@@ -97,13 +112,23 @@ mod tests {
 
     #[test]
     fn transition_time_moves_only_on_a_flip() {
-        let first = merge(&[], &[Decided::new(types::READY, Status::False, "Pending", "")], Some(1), &time(100));
+        let first = merge(
+            &[],
+            &[Decided::new(types::READY, Status::False, "Pending", "")],
+            Some(1),
+            &time(100),
+        );
         assert_eq!(first[0].last_transition_time, time(100));
 
         // Same status, new reason and message: the transition time stays.
         let same = merge(
             &first,
-            &[Decided::new(types::READY, Status::False, "InvalidKey", "rejected")],
+            &[Decided::new(
+                types::READY,
+                Status::False,
+                "InvalidKey",
+                "rejected",
+            )],
             Some(2),
             &time(200),
         );
@@ -111,7 +136,12 @@ mod tests {
         assert_eq!(same[0].reason, "InvalidKey");
         assert_eq!(same[0].observed_generation, Some(2));
 
-        let flipped = merge(&same, &[Decided::new(types::READY, Status::True, "Valid", "")], Some(2), &time(300));
+        let flipped = merge(
+            &same,
+            &[Decided::new(types::READY, Status::True, "Valid", "")],
+            Some(2),
+            &time(300),
+        );
         assert_eq!(flipped[0].last_transition_time, time(300));
     }
 
@@ -126,7 +156,12 @@ mod tests {
             Some(1),
             &time(1),
         );
-        let only_ready = merge(&both, &[Decided::new(types::READY, Status::False, "X", "")], Some(1), &time(2));
+        let only_ready = merge(
+            &both,
+            &[Decided::new(types::READY, Status::False, "X", "")],
+            Some(1),
+            &time(2),
+        );
         let types: Vec<_> = only_ready.iter().map(|c| c.type_.as_str()).collect();
         assert_eq!(types, ["Ready", "Verified"]);
     }
