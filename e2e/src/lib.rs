@@ -3,4 +3,5 @@
 #![deny(unsafe_code)] // one audited exception: PR_SET_PDEATHSIG in envtest::spawn
 
 pub mod envtest;
+pub mod fake_provider;
 pub mod pki;
