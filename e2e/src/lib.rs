@@ -4,4 +4,5 @@
 
 pub mod envtest;
 pub mod fake_provider;
+pub mod operator;
 pub mod pki;

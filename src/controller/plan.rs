@@ -350,10 +350,16 @@ pub fn decide(obs: &Observed, target: Option<Target>, result: Option<&Verified>)
         ),
     };
 
+    // A generation whose verification failed transiently is not observed yet: keeping the old
+    // observedGeneration makes the retry verify again.
+    // (Nor is the status changed for it, so the retry is not re-triggered early by our own write.)
+    if transient {
+        status.observed_generation = obs.status.observed_generation;
+    }
     status.conditions = status::merge(
         &obs.status.conditions,
         &[ready, verified],
-        obs.generation,
+        status.observed_generation,
         &obs.now,
     );
     status.rejected_fingerprint = rejected_fingerprint;
@@ -563,6 +569,13 @@ mod tests {
         assert!(d.transient);
         assert_eq!(cond(&d.status, types::VERIFIED).status, "True");
         assert_eq!(cond(&d.status, types::READY).status, "True");
+        let mut retry = obs.clone();
+        retry.status = d.status.clone();
+        assert_eq!(
+            verification_target(&retry),
+            Some(Target::Source),
+            "the retry verifies again"
+        );
     }
 
     #[test]

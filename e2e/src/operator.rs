@@ -1,0 +1,212 @@
+//! Running the real controller against the local control plane: install the CRD once per
+//! test binary, start a controller scoped to the test's namespace (so tests running in
+//! parallel do not share one), and wait for ProviderKeys to reach a state.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use byok_operator::controller::{self, leader::LeaderConfig};
+use byok_operator::crd::ProviderKey;
+use byok_operator::egress::EgressConfig;
+use byok_operator::providers::{Endpoints, ProviderKind};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Client, CustomResourceExt};
+use tokio::sync::OnceCell;
+
+use crate::envtest::TestEnv;
+use crate::fake_provider::FakeProvider;
+
+/// How long a test waits for the controller to reach a state.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// Installs (server-side applies) the ProviderKey CRD and waits until it is Established.
+pub async fn install_crds(client: &Client) -> anyhow::Result<()> {
+    static INSTALLED: OnceCell<()> = OnceCell::const_new();
+    INSTALLED
+        .get_or_try_init(|| async {
+            let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+            let crd = ProviderKey::crd();
+            let name = crd.metadata.name.clone().unwrap_or_default();
+            crds.patch(
+                &name,
+                &PatchParams::apply("byok-e2e").force(),
+                &Patch::Apply(&crd),
+            )
+            .await?;
+            tokio::time::timeout(
+                WAIT,
+                await_condition(crds, &name, conditions::is_crd_established()),
+            )
+            .await
+            .context("CRD not established in time")??;
+            anyhow::Ok(())
+        })
+        .await?;
+    Ok(())
+}
+
+/// The operator flags a test wants; defaults match `make run` (dev flags on, fake endpoints).
+pub fn dev_config(env: &TestEnv, fake: &FakeProvider) -> anyhow::Result<controller::Config> {
+    let overrides = [
+        ProviderKind::Anthropic,
+        ProviderKind::OpenAI,
+        ProviderKind::Google,
+        ProviderKind::Vertex,
+    ]
+    .iter()
+    .map(|p| format!("{p}={}", fake.base_url(*p)))
+    .chain([format!("vertex-token={}", fake.vertex_token_url())])
+    .collect::<Vec<_>>();
+    Ok(controller::Config {
+        watch_namespace: Some(env.namespace.clone()),
+        operator_namespace: env.namespace.clone(),
+        keyring_secret: controller::keyring::DEFAULT_KEYRING_SECRET.into(),
+        egress: EgressConfig {
+            allow_private: true,
+            extra_ca_pem: Some(fake.ca_pem().into_bytes()),
+            ..Default::default()
+        },
+        endpoints: Endpoints::parse(&overrides).map_err(|e| anyhow::anyhow!(e))?,
+        leader: Some(LeaderConfig {
+            lease_name: "byok-operator".into(),
+            identity: format!("test-{}", env.namespace),
+        }),
+    })
+}
+
+/// A controller running in this process; stopped when dropped.
+pub struct RunningController {
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningController {
+    pub async fn start(env: &TestEnv, config: controller::Config) -> anyhow::Result<Self> {
+        install_crds(&env.client).await?;
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = env.client.clone();
+        let task = tokio::spawn(controller::run(client, config, std::future::pending()));
+        Ok(Self { task })
+    }
+}
+
+impl Drop for RunningController {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub async fn put_secret(env: &TestEnv, name: &str, entries: &[(&str, &str)]) -> anyhow::Result<()> {
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        data: Some(
+            entries
+                .iter()
+                .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                .collect(),
+        ),
+        ..Default::default()
+    };
+    env.api::<Secret>()
+        .patch(
+            name,
+            &PatchParams::apply("byok-e2e").force(),
+            &Patch::Apply(&secret),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Creates a ProviderKey from raw JSON (so tests can send what the Rust types cannot express).
+pub async fn create_pk(
+    env: &TestEnv,
+    name: &str,
+    spec: serde_json::Value,
+) -> Result<(), kube::Error> {
+    let resource = kube::core::ApiResource::erase::<ProviderKey>(&());
+    let api: Api<kube::core::DynamicObject> =
+        Api::namespaced_with(env.client.clone(), &env.namespace, &resource);
+    let mut obj = kube::core::DynamicObject::new(name, &resource);
+    obj.data = serde_json::json!({ "spec": spec });
+    api.create(&PostParams::default(), &obj).await?;
+    Ok(())
+}
+
+/// Waits (on a watch, with a deadline) until the ProviderKey satisfies `cond`.
+pub async fn wait_pk(
+    env: &TestEnv,
+    name: &str,
+    what: &str,
+    cond: impl Fn(&ProviderKey) -> bool,
+) -> anyhow::Result<ProviderKey> {
+    let api = env.api::<ProviderKey>();
+    let found = tokio::time::timeout(
+        WAIT,
+        await_condition(api.clone(), name, move |pk: Option<&ProviderKey>| {
+            pk.is_some_and(&cond)
+        }),
+    )
+    .await;
+    match found {
+        Ok(Ok(Some(pk))) => Ok(pk),
+        _ => {
+            let now = api.get_opt(name).await?;
+            anyhow::bail!(
+                "timed out waiting for {name}: {what}; it is now: {:#?}",
+                now.and_then(|p| p.status)
+            )
+        }
+    }
+}
+
+/// The status of condition `type_` (e.g. "True"), reason and message.
+pub fn condition(pk: &ProviderKey, type_: &str) -> Option<(String, String, String)> {
+    let c = pk
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+pub fn is_condition(pk: &ProviderKey, type_: &str, status: &str, reason: &str) -> bool {
+    condition(pk, type_).is_some_and(|(s, r, _)| s == status && r == reason)
+}
+
+/// Decrypts a managed Secret with the keyring the controller stored in the cluster.
+pub async fn decrypt_managed(
+    env: &TestEnv,
+    pk_name: &str,
+    as_name: &str,
+) -> anyhow::Result<String> {
+    let secrets = env.api::<Secret>();
+    let keyring_secret = secrets
+        .get(controller::keyring::DEFAULT_KEYRING_SECRET)
+        .await?;
+    let keyring = controller::keyring::from_secret(&keyring_secret)?;
+    let managed = secrets.get(&format!("{pk_name}-byok")).await?;
+    let envelope = managed
+        .data
+        .and_then(|d| d.get(controller::reconcile::ENVELOPE_KEY).cloned())
+        .context("managed Secret has no envelope")?;
+    let plain = keyring.decrypt(&env.namespace, as_name, &envelope.0)?;
+    Ok(String::from_utf8(
+        secrecy::ExposeSecret::expose_secret(&plain).to_vec(),
+    )?)
+}
+
+/// A random key with a provider's real prefix, long enough to be searched for in logs.
+pub fn random_key(prefix: &str) -> String {
+    use rand::distr::{Alphanumeric, SampleString};
+    format!(
+        "{prefix}{}",
+        Alphanumeric.sample_string(&mut rand::rng(), 48)
+    )
+}

@@ -1,0 +1,471 @@
+//! The ProviderKey controller against the real kube-apiserver and the fake provider: each test
+//! is a scenario a platform engineer would notice.
+
+use std::time::Instant;
+
+use base64::Engine;
+use byok_e2e::envtest::TestEnv;
+use byok_e2e::fake_provider::{FakeMode, FakeProvider, FakeProviderConfig};
+use byok_e2e::operator::*;
+use byok_operator::crd::ProviderKey;
+use byok_operator::providers::ProviderKind;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::DeleteParams;
+use sha2::Digest;
+
+struct Scenario {
+    env: TestEnv,
+    fake: FakeProvider,
+    _controller: RunningController,
+}
+
+async fn scenario(prefix: &str) -> anyhow::Result<Scenario> {
+    let env = TestEnv::new(prefix).await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let controller = RunningController::start(&env, dev_config(&env, &fake)?).await?;
+    Ok(Scenario {
+        env,
+        fake,
+        _controller: controller,
+    })
+}
+
+fn openai_spec(secret: &str) -> serde_json::Value {
+    serde_json::json!({"provider": "openai", "secretRef": {"name": secret}})
+}
+
+fn sha16(key: &str) -> String {
+    format!(
+        "sha256:{}",
+        &hex::encode(sha2::Sha256::digest(key.as_bytes()))[..16]
+    )
+}
+
+#[tokio::test]
+async fn a_valid_key_becomes_ready_and_the_managed_secret_holds_only_ciphertext()
+-> anyhow::Result<()> {
+    let s = scenario("valid").await?;
+    let key = random_key("sk-ant-api03-");
+    s.fake.add_valid_key(ProviderKind::Anthropic, &key);
+    put_secret(&s.env, "raw", &[("api-key", &key)]).await?;
+    create_pk(
+        &s.env,
+        "team",
+        serde_json::json!({"provider": "anthropic", "secretRef": {"name": "raw"}}),
+    )
+    .await?;
+
+    let pk = wait_pk(&s.env, "team", "Ready", |pk| {
+        is_condition(pk, "Ready", "True", "Valid")
+    })
+    .await?;
+    let status = pk.status.clone().unwrap_or_default();
+    assert_eq!(status.fingerprint.as_deref(), Some(sha16(&key).as_str()));
+    assert_eq!(
+        status.masked_key,
+        Some(format!("sk-ant-...{}", &key[key.len() - 4..]))
+    );
+    assert_eq!(status.key_version, Some(1));
+    assert_eq!(status.encryption_key_id.as_deref(), Some("k1"));
+    assert_eq!(status.managed_secret_name.as_deref(), Some("team-byok"));
+    assert_eq!(status.observed_generation, pk.metadata.generation);
+    assert!(status.last_verified_time.is_some() && status.last_rotation_time.is_some());
+    assert!(is_condition(&pk, "Verified", "True", "Valid"));
+    assert_eq!(
+        s.fake.requests(ProviderKind::Anthropic),
+        1,
+        "one verification call"
+    );
+
+    let managed = s.env.api::<Secret>().get("team-byok").await?;
+    let owner = managed
+        .metadata
+        .owner_references
+        .clone()
+        .unwrap_or_default();
+    assert_eq!(
+        owner.first().map(|o| o.uid.as_str()),
+        pk.metadata.uid.as_deref(),
+        "owned by the ProviderKey"
+    );
+    let stored = serde_json::to_string(&managed)?; // data is base64 in here, metadata as is
+    let raw_bytes: Vec<u8> = managed
+        .data
+        .iter()
+        .flatten()
+        .flat_map(|(_, v)| v.0.clone())
+        .collect();
+    for needle in [
+        key.clone(),
+        base64::engine::general_purpose::STANDARD.encode(&key),
+        hex::encode(&key),
+        key[key.len() - 12..].to_string(),
+    ] {
+        assert!(!stored.contains(&needle), "managed Secret leaks the key");
+        assert!(
+            !String::from_utf8_lossy(&raw_bytes).contains(&needle),
+            "managed Secret data leaks the key"
+        );
+    }
+    assert_eq!(
+        decrypt_managed(&s.env, "team", "team").await?,
+        key,
+        "ciphertext decrypts to the key"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_invalid_key_is_reported_and_nothing_is_stored() -> anyhow::Result<()> {
+    let s = scenario("invalid").await?;
+    put_secret(&s.env, "raw", &[("api-key", &random_key("sk-proj-"))]).await?;
+    create_pk(&s.env, "bad", openai_spec("raw")).await?;
+    let pk = wait_pk(&s.env, "bad", "Verified=False", |pk| {
+        is_condition(pk, "Verified", "False", "InvalidKey")
+    })
+    .await?;
+    assert!(is_condition(&pk, "Ready", "False", "InvalidKey"));
+    let (_, _, message) = condition(&pk, "Verified").unwrap_or_default();
+    assert!(
+        message.contains("401"),
+        "the message says what the provider answered: {message}"
+    );
+    assert!(
+        s.env.api::<Secret>().get_opt("bad-byok").await?.is_none(),
+        "no managed Secret for a bad key"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn rotating_the_source_secret_puts_the_new_key_in_service() -> anyhow::Result<()> {
+    let s = scenario("rotate").await?;
+    let (old, new) = (random_key("sk-proj-"), random_key("sk-proj-"));
+    s.fake.add_valid_key(ProviderKind::OpenAI, &old);
+    s.fake.add_valid_key(ProviderKind::OpenAI, &new);
+    put_secret(&s.env, "raw", &[("api-key", &old)]).await?;
+    create_pk(&s.env, "k", openai_spec("raw")).await?;
+    let first = wait_pk(&s.env, "k", "Ready", |pk| {
+        is_condition(pk, "Ready", "True", "Valid")
+    })
+    .await?;
+    let first_rotation = first
+        .status
+        .as_ref()
+        .and_then(|s| s.last_rotation_time.clone());
+
+    let started = Instant::now();
+    put_secret(&s.env, "raw", &[("api-key", &new)]).await?;
+    let pk = wait_pk(&s.env, "k", "keyVersion 2", |pk| {
+        pk.status.as_ref().and_then(|s| s.key_version) == Some(2)
+    })
+    .await?;
+    eprintln!("rotation picked up in {:?}", started.elapsed());
+    let status = pk.status.clone().unwrap_or_default();
+    assert_eq!(status.fingerprint, Some(sha16(&new)));
+    assert!(
+        status.last_rotation_time > first_rotation,
+        "lastRotationTime moved"
+    );
+    assert_eq!(decrypt_managed(&s.env, "k", "k").await?, new);
+    Ok(())
+}
+
+#[tokio::test]
+async fn rotating_to_a_bad_key_keeps_the_last_good_key_in_service() -> anyhow::Result<()> {
+    let s = scenario("badrotate").await?;
+    let (good, bad) = (random_key("sk-proj-"), random_key("sk-proj-"));
+    s.fake.add_valid_key(ProviderKind::OpenAI, &good);
+    put_secret(&s.env, "raw", &[("api-key", &good)]).await?;
+    create_pk(&s.env, "k", openai_spec("raw")).await?;
+    wait_pk(&s.env, "k", "Ready", |pk| {
+        is_condition(pk, "Ready", "True", "Valid")
+    })
+    .await?;
+
+    put_secret(&s.env, "raw", &[("api-key", &bad)]).await?;
+    let pk = wait_pk(&s.env, "k", "pending key rejected", |pk| {
+        is_condition(pk, "Verified", "False", "InvalidKey")
+    })
+    .await?;
+    let status = pk.status.clone().unwrap_or_default();
+    assert!(
+        is_condition(&pk, "Ready", "True", "PendingKeyRejected"),
+        "{:?}",
+        status.conditions
+    );
+    assert_eq!(
+        status.fingerprint,
+        Some(sha16(&good)),
+        "the good key stays in service"
+    );
+    assert_eq!(status.rejected_fingerprint, Some(sha16(&bad)));
+    assert_eq!(status.key_version, Some(1));
+    let (_, _, message) = condition(&pk, "Verified").unwrap_or_default();
+    assert!(
+        message.contains(&sha16(&bad)) && message.contains("last good key"),
+        "{message}"
+    );
+    assert_eq!(decrypt_managed(&s.env, "k", "k").await?, good);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_provider_outage_keeps_a_verified_key_verified_and_retries_back_off() -> anyhow::Result<()>
+{
+    let s = scenario("outage").await?;
+    let key = random_key("sk-ant-api03-");
+    s.fake.add_valid_key(ProviderKind::Anthropic, &key);
+    put_secret(&s.env, "raw", &[("api-key", &key)]).await?;
+    create_pk(
+        &s.env,
+        "k",
+        serde_json::json!({"provider": "anthropic", "secretRef": {"name": "raw"}}),
+    )
+    .await?;
+    wait_pk(&s.env, "k", "Ready", |pk| {
+        is_condition(pk, "Ready", "True", "Valid")
+    })
+    .await?;
+
+    // The provider goes down; a spec change forces a fresh verification.
+    s.fake.set_mode(FakeMode::Overloaded);
+    let before = s.fake.requests(ProviderKind::Anthropic);
+    let started = Instant::now();
+    let api = s.env.api::<ProviderKey>();
+    let patch = serde_json::json!({"spec": {"defaultModel": "claude-sonnet-4-5"}});
+    api.patch(
+        "k",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await?;
+
+    // Three failed attempts: with a 1s, 2s backoff in between they cannot come faster than 3s.
+    let deadline = Instant::now() + WAIT;
+    while s.fake.requests(ProviderKind::Anthropic) < before + 3 {
+        anyhow::ensure!(Instant::now() < deadline, "the controller did not retry");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await; // polling interval
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= std::time::Duration::from_millis(2900),
+        "retries did not back off: 3 attempts in {elapsed:?}"
+    );
+
+    let pk = api.get("k").await?;
+    assert!(
+        is_condition(&pk, "Verified", "True", "Valid"),
+        "an outage never unverifies: {:?}",
+        pk.status
+    );
+    assert!(is_condition(&pk, "Ready", "True", "Valid"));
+
+    // The provider recovers; the next retry succeeds and the new generation is observed.
+    s.fake.set_mode(FakeMode::Normal);
+    let generation = pk.metadata.generation;
+    wait_pk(&s.env, "k", "observed the new generation", move |pk| {
+        pk.status.as_ref().and_then(|s| s.observed_generation) == generation
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_missing_secret_or_entry_has_a_typed_reason_and_heals_when_created() -> anyhow::Result<()>
+{
+    let s = scenario("missing").await?;
+    let key = random_key("sk-proj-");
+    s.fake.add_valid_key(ProviderKind::OpenAI, &key);
+
+    create_pk(&s.env, "nosecret", openai_spec("later")).await?;
+    wait_pk(&s.env, "nosecret", "SecretNotFound", |pk| {
+        is_condition(pk, "Ready", "False", "SecretNotFound")
+    })
+    .await?;
+    put_secret(&s.env, "wrongentry", &[("token", &key)]).await?;
+    create_pk(&s.env, "noentry", openai_spec("wrongentry")).await?;
+    wait_pk(&s.env, "noentry", "SecretKeyMissing", |pk| {
+        is_condition(pk, "Ready", "False", "SecretKeyMissing")
+    })
+    .await?;
+
+    // Creating the Secret (or the entry) heals both without touching the ProviderKeys.
+    put_secret(&s.env, "later", &[("api-key", &key)]).await?;
+    put_secret(&s.env, "wrongentry", &[("token", &key), ("api-key", &key)]).await?;
+    for name in ["nosecret", "noentry"] {
+        let pk = wait_pk(&s.env, name, "healed", |pk| {
+            is_condition(pk, "Ready", "True", "Valid")
+        })
+        .await?;
+        assert_eq!(
+            pk.metadata.generation,
+            Some(1),
+            "the ProviderKey was not touched"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_api_server_refuses_bad_specs_with_a_clear_message() -> anyhow::Result<()> {
+    let env = TestEnv::new("schema").await?;
+    install_crds(&env.client).await?;
+    let cases = [
+        (
+            serde_json::json!({"provider": "cohere", "secretRef": {"name": "s"}}),
+            "Unsupported value",
+        ),
+        (
+            serde_json::json!({"provider": "azure", "secretRef": {"name": "s"}}),
+            "provider azure requires spec.baseURL",
+        ),
+        (
+            serde_json::json!({"provider": "openai-compatible", "secretRef": {"name": "s"}}),
+            "provider openai-compatible requires spec.baseURL",
+        ),
+        (
+            serde_json::json!({"provider": "openai-compatible", "secretRef": {"name": "s"}, "baseURL": "http://llm.example.com/v1"}),
+            "baseURL must use https://",
+        ),
+        (
+            serde_json::json!({"provider": "openai-compatible", "secretRef": {"name": "s"}, "baseURL": "https://u:p@llm.example.com/v1"}),
+            "must not contain user info",
+        ),
+        (
+            serde_json::json!({"provider": "openai-compatible", "secretRef": {"name": "s"}, "baseURL": "https://llm.example.com/v1?a=b"}),
+            "must not have a query string or a fragment",
+        ),
+        (
+            serde_json::json!({"provider": "openai-compatible", "secretRef": {"name": "s"}, "baseURL": "https://llm.example.com/v1#f"}),
+            "must not have a query string or a fragment",
+        ),
+        (
+            serde_json::json!({"provider": "openai"}),
+            "secretRef: Required value",
+        ),
+    ];
+    for (i, (spec, expected)) in cases.iter().enumerate() {
+        let err = create_pk(&env, &format!("bad-{i}"), spec.clone())
+            .await
+            .expect_err("refused");
+        let text = err.to_string();
+        assert!(
+            text.contains(expected),
+            "case {i}: expected {expected:?} in {text}"
+        );
+        assert!(
+            matches!(err, kube::Error::Api(ref s) if s.code == 422),
+            "case {i}: {err}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn deleting_a_providerkey_hard_deletes_its_managed_secret() -> anyhow::Result<()> {
+    let s = scenario("delete").await?;
+    let key = random_key("sk-proj-");
+    s.fake.add_valid_key(ProviderKind::OpenAI, &key);
+    put_secret(&s.env, "raw", &[("api-key", &key)]).await?;
+    create_pk(&s.env, "k", openai_spec("raw")).await?;
+    let pk = wait_pk(&s.env, "k", "Ready", |pk| {
+        is_condition(pk, "Ready", "True", "Valid")
+    })
+    .await?;
+    assert!(
+        pk.metadata
+            .finalizers
+            .unwrap_or_default()
+            .contains(&"byok.dev/managed-secret".to_string())
+    );
+
+    let api = s.env.api::<ProviderKey>();
+    api.delete("k", &DeleteParams::default()).await?;
+    // There is no garbage collector in this control plane: only the finalizer can delete it.
+    let uid = pk.metadata.uid.clone().unwrap_or_default();
+    tokio::time::timeout(
+        WAIT,
+        kube::runtime::wait::await_condition(
+            api,
+            "k",
+            kube::runtime::wait::conditions::is_deleted(&uid),
+        ),
+    )
+    .await??;
+    assert!(
+        s.env.api::<Secret>().get_opt("k-byok").await?.is_none(),
+        "managed Secret deleted"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_ciphertext_copied_to_another_providerkey_does_not_decrypt() -> anyhow::Result<()> {
+    let s = scenario("copy").await?;
+    let key = random_key("sk-proj-");
+    s.fake.add_valid_key(ProviderKind::OpenAI, &key);
+    put_secret(&s.env, "raw", &[("api-key", &key)]).await?;
+    create_pk(&s.env, "a", openai_spec("raw")).await?;
+    wait_pk(&s.env, "a", "Ready", |pk| {
+        is_condition(pk, "Ready", "True", "Valid")
+    })
+    .await?;
+    assert_eq!(decrypt_managed(&s.env, "a", "a").await?, key);
+    let err = decrypt_managed(&s.env, "a", "b")
+        .await
+        .expect_err("bound to its ProviderKey");
+    assert!(
+        err.to_string().contains("copied from another object"),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn rotating_the_operator_key_re_encrypts_every_managed_secret() -> anyhow::Result<()> {
+    let s = scenario("rekey").await?;
+    let mut keys = Vec::new();
+    for name in ["a", "b", "c"] {
+        let key = random_key("sk-proj-");
+        s.fake.add_valid_key(ProviderKind::OpenAI, &key);
+        put_secret(&s.env, &format!("raw-{name}"), &[("api-key", &key)]).await?;
+        create_pk(&s.env, name, openai_spec(&format!("raw-{name}"))).await?;
+        keys.push((name, key));
+    }
+    for (name, _) in &keys {
+        wait_pk(&s.env, name, "Ready", |pk| {
+            is_condition(pk, "Ready", "True", "Valid")
+        })
+        .await?;
+    }
+    let verifications = s.fake.total_requests();
+
+    let secrets = s.env.api::<Secret>();
+    let new_id =
+        byok_operator::controller::keyring::rotate(&secrets, "byok-operator-keyring").await?;
+    assert_eq!(new_id, "k2");
+    for (name, key) in &keys {
+        wait_pk(&s.env, name, "encryptionKeyId k2", |pk| {
+            pk.status
+                .as_ref()
+                .and_then(|s| s.encryption_key_id.as_deref())
+                == Some("k2")
+        })
+        .await?;
+        let managed = secrets.get(&format!("{name}-byok")).await?;
+        let envelope = managed
+            .data
+            .unwrap_or_default()
+            .remove("key.enc")
+            .unwrap_or_default();
+        assert_eq!(byok_operator::crypto::envelope_key_id(&envelope.0)?, "k2");
+        assert_eq!(&decrypt_managed(&s.env, name, name).await?, key);
+    }
+    assert_eq!(
+        s.fake.total_requests(),
+        verifications,
+        "re-encryption needs no provider call"
+    );
+    Ok(())
+}
