@@ -1,0 +1,220 @@
+//! Canary: the real `byok-operator controller` binary, at trace-level logging, goes through the
+//! life of several keys (valid, invalid, rotated, rejected rotation, operator-key rotation,
+//! deletion). Not one fragment of any test key may appear in its logs, in an Event, in a
+//! status, or in an error message.
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+
+use base64::Engine;
+use byok_e2e::envtest::{TestEnv, shared};
+use byok_e2e::fake_provider::{FakeProvider, FakeProviderConfig};
+use byok_e2e::operator::*;
+use byok_operator::crd::ProviderKey;
+use byok_operator::providers::ProviderKind;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{DeleteParams, ListParams};
+
+/// The operator binary, built (if stale) next to this test binary: target/debug/byok-operator.
+fn operator_binary() -> anyhow::Result<std::path::PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--quiet", "--bin", "byok-operator"])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .status()?;
+    anyhow::ensure!(status.success(), "building byok-operator failed");
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .ok_or_else(|| anyhow::anyhow!("no target dir"))?;
+    Ok(dir.join("byok-operator"))
+}
+
+struct Operator(Child);
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Every fragment of a key that must never be shown: the key itself, its secret part
+/// (after the recognisable prefix) in 8-character windows, and its base64 and hex forms.
+fn fragments(key: &str, prefix: &str) -> Vec<String> {
+    let secret = &key[prefix.len()..];
+    let mut out = vec![
+        key.to_string(),
+        base64::engine::general_purpose::STANDARD.encode(key),
+        base64::engine::general_purpose::STANDARD.encode(secret),
+        hex::encode(key),
+    ];
+    let chars: Vec<char> = secret.chars().collect();
+    out.extend(chars.windows(8).map(|w| w.iter().collect::<String>()));
+    out
+}
+
+#[tokio::test]
+async fn no_key_material_reaches_logs_events_status_or_errors() -> anyhow::Result<()> {
+    let env = TestEnv::new("canary").await?;
+    install_crds(&env.client).await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let dir = std::env::temp_dir().join(format!("byok-canary-{}", env.namespace));
+    std::fs::create_dir_all(&dir)?;
+    let kubeconfig = dir.join("kubeconfig");
+    shared().write_kubeconfig(&kubeconfig)?;
+    let ca = dir.join("fake-ca.pem");
+    std::fs::write(&ca, fake.ca_pem())?;
+    let log_path = dir.join("operator.log");
+
+    let binary = operator_binary()?;
+    let mut cmd = Command::new(&binary);
+    cmd.args([
+        "--log-filter",
+        "trace",
+        "controller",
+        "--namespace",
+        &env.namespace,
+    ])
+    .args([
+        "--operator-namespace",
+        &env.namespace,
+        "--insecure-allow-private-base-urls",
+    ])
+    .arg("--extra-ca-file")
+    .arg(&ca);
+    for p in [
+        ProviderKind::Anthropic,
+        ProviderKind::OpenAI,
+        ProviderKind::Google,
+    ] {
+        cmd.args(["--provider-endpoint", &format!("{p}={}", fake.base_url(p))]);
+    }
+    cmd.env("KUBECONFIG", &kubeconfig)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path)?);
+    let operator = Operator(cmd.spawn()?);
+
+    let good = random_key("sk-ant-api03-");
+    let rotated = random_key("sk-ant-api03-");
+    let rejected = random_key("sk-ant-api03-");
+    let invalid = random_key("sk-proj-");
+    let gemini_invalid = random_key("AIza");
+    fake.add_valid_key(ProviderKind::Anthropic, &good);
+    fake.add_valid_key(ProviderKind::Anthropic, &rotated);
+
+    put_secret(&env, "anthropic-raw", &[("api-key", &good)]).await?;
+    put_secret(&env, "openai-raw", &[("api-key", &invalid)]).await?;
+    put_secret(&env, "gemini-raw", &[("api-key", &gemini_invalid)]).await?;
+    create_pk(
+        &env,
+        "anthropic",
+        serde_json::json!({"provider": "anthropic", "secretRef": {"name": "anthropic-raw"}}),
+    )
+    .await?;
+    create_pk(
+        &env,
+        "openai",
+        serde_json::json!({"provider": "openai", "secretRef": {"name": "openai-raw"}}),
+    )
+    .await?;
+    create_pk(
+        &env,
+        "gemini",
+        serde_json::json!({"provider": "google", "secretRef": {"name": "gemini-raw"}}),
+    )
+    .await?;
+    wait_pk(&env, "anthropic", "Ready", |pk| {
+        is_condition(pk, "Ready", "True", "Valid")
+    })
+    .await?;
+    wait_pk(&env, "openai", "InvalidKey", |pk| {
+        is_condition(pk, "Verified", "False", "InvalidKey")
+    })
+    .await?;
+    wait_pk(&env, "gemini", "InvalidKey", |pk| {
+        is_condition(pk, "Verified", "False", "InvalidKey")
+    })
+    .await?;
+
+    put_secret(&env, "anthropic-raw", &[("api-key", &rotated)]).await?;
+    wait_pk(&env, "anthropic", "v2", |pk| {
+        pk.status.as_ref().and_then(|s| s.key_version) == Some(2)
+    })
+    .await?;
+    put_secret(&env, "anthropic-raw", &[("api-key", &rejected)]).await?;
+    wait_pk(&env, "anthropic", "rejected", |pk| {
+        is_condition(pk, "Ready", "True", "PendingKeyRejected")
+    })
+    .await?;
+    byok_operator::controller::keyring::rotate(&env.api::<Secret>(), "byok-operator-keyring")
+        .await?;
+    wait_pk(&env, "anthropic", "re-encrypted", |pk| {
+        pk.status
+            .as_ref()
+            .and_then(|s| s.encryption_key_id.as_deref())
+            == Some("k2")
+    })
+    .await?;
+    env.api::<ProviderKey>()
+        .delete("openai", &DeleteParams::default())
+        .await?;
+    let events: kube::Api<Event> = env.api();
+    let deadline = std::time::Instant::now() + WAIT;
+    while !events
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .any(|e| e.reason.as_deref() == Some("Deleted"))
+    {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "no Deleted event");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await; // polling interval
+    }
+    drop(operator);
+
+    let mut logs = String::new();
+    std::fs::File::open(&log_path)?.read_to_string(&mut logs)?;
+    anyhow::ensure!(
+        logs.lines().count() > 50,
+        "trace logging produced too little to be a real canary"
+    );
+    let events = serde_json::to_string(&events.list(&ListParams::default()).await?.items)?;
+    let statuses = serde_json::to_string(
+        &env.api::<ProviderKey>()
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .map(|p| &p.status)
+            .collect::<Vec<_>>(),
+    )?;
+    for (key, prefix) in [
+        (&good, "sk-ant-api03-"),
+        (&rotated, "sk-ant-api03-"),
+        (&rejected, "sk-ant-api03-"),
+        (&invalid, "sk-proj-"),
+        (&gemini_invalid, "AIza"),
+    ] {
+        for fragment in fragments(key, prefix) {
+            assert!(
+                !logs.contains(&fragment),
+                "a key fragment reached the operator's log ({})",
+                log_path.display()
+            );
+            assert!(
+                !events.contains(&fragment),
+                "a key fragment reached an Event"
+            );
+            assert!(
+                !statuses.contains(&fragment),
+                "a key fragment reached a status"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
