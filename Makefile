@@ -13,6 +13,10 @@ CLUSTER_UP_TIMEOUT ?= 180
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
+.PHONY: run
+run: ## Local control plane + operator + fake provider + config/samples; Ctrl-C stops it
+	bash hack/run.sh
+
 .PHONY: build
 build: ## Build the byok-operator binary
 	$(CARGO) build --bin byok-operator
@@ -33,6 +37,9 @@ lint: ## rustfmt and clippy, warnings are errors
 .PHONY: test
 test: lint testbins ## Everything CI runs: lint, unit tests, integration tests on a real control plane
 	$(CARGO) test --workspace --all-targets
+	@# Tests about private and metadata addresses, in a network namespace with only loopback:
+	@# even wrong code cannot send a packet off this machine from there.
+	unshare --net sh -c 'ip link set lo up && BYOK_NETNS_ONLY=1 exec $(CARGO) test --offline --lib -- --ignored netns_'
 
 .PHONY: cluster-up
 cluster-up: testbins ## Start a local control plane; KUBECONFIG=target/envtest/kubeconfig
