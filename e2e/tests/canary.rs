@@ -20,7 +20,9 @@ use kube::api::{DeleteParams, ListParams};
 fn operator_binary() -> anyhow::Result<std::path::PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
-        .args(["build", "--quiet", "--bin", "byok-operator"])
+        // --all-targets: the same feature set as `cargo test --workspace --all-targets`, so
+        // under `make test` this is a no-op instead of a second build of the dependencies.
+        .args(["build", "--quiet", "--workspace", "--all-targets"])
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
         .status()?;
     anyhow::ensure!(status.success(), "building byok-operator failed");

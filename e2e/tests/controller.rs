@@ -153,6 +153,10 @@ async fn rotating_the_source_secret_puts_the_new_key_in_service() -> anyhow::Res
         .status
         .as_ref()
         .and_then(|s| s.last_rotation_time.clone());
+    let managed_annotations = |secret: Secret| secret.metadata.annotations.unwrap_or_default();
+    let first_rotated_at = managed_annotations(s.env.api::<Secret>().get("k-byok").await?)
+        .remove("byok.dev/rotated-at")
+        .unwrap_or_default();
 
     let started = Instant::now();
     put_secret(&s.env, "raw", &[("api-key", &new)]).await?;
@@ -163,9 +167,25 @@ async fn rotating_the_source_secret_puts_the_new_key_in_service() -> anyhow::Res
     eprintln!("rotation picked up in {:?}", started.elapsed());
     let status = pk.status.clone().unwrap_or_default();
     assert_eq!(status.fingerprint, Some(sha16(&new)));
+    // Status times have one-second resolution (metav1.Time); the managed Secret keeps the
+    // exact instant, which must have moved.
     assert!(
-        status.last_rotation_time > first_rotation,
-        "lastRotationTime moved"
+        status.last_rotation_time >= first_rotation,
+        "lastRotationTime went backwards"
+    );
+    let rotated_at = |secret: &Secret| {
+        secret
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("byok.dev/rotated-at").cloned())
+            .unwrap_or_default()
+    };
+    let managed = s.env.api::<Secret>().get("k-byok").await?;
+    let parse = |t: &str| t.parse::<jiff::Timestamp>().ok();
+    assert!(
+        parse(&rotated_at(&managed)) > parse(&first_rotated_at),
+        "rotation time moved"
     );
     assert_eq!(decrypt_managed(&s.env, "k", "k").await?, new);
     Ok(())
