@@ -41,6 +41,11 @@ test: lint testbins ## Everything CI runs: lint, unit tests, integration tests o
 	@# even wrong code cannot send a packet off this machine from there.
 	unshare --net sh -c 'ip link set lo up && BYOK_NETNS_ONLY=1 exec $(CARGO) test --offline --lib -- --ignored netns_'
 
+.PHONY: bench
+bench: testbins ## Apply-to-Ready latency and operator memory with BENCH_KEYS ProviderKeys (release build)
+	$(CARGO) build --release --bin byok-operator
+	$(CARGO) run --release -p byok-e2e --bin bench -- $${BENCH_KEYS:-1000} target/release/byok-operator
+
 .PHONY: cluster-up
 cluster-up: testbins ## Start a local control plane; KUBECONFIG=target/envtest/kubeconfig
 	@if [ -f $(ENVTEST_DIR)/envtest.pid ] && kill -0 "$$(cat $(ENVTEST_DIR)/envtest.pid)" 2>/dev/null; then \
