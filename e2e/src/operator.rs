@@ -210,3 +210,34 @@ pub fn random_key(prefix: &str) -> String {
         Alphanumeric.sample_string(&mut rand::rng(), 48)
     )
 }
+
+/// The operator binary, built (if stale) next to this test binary: target/debug/byok-operator.
+pub fn operator_binary() -> anyhow::Result<std::path::PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = std::process::Command::new(cargo);
+    // Variables cargo sets for this test process would make the nested build look different
+    // from the outer one and rebuild everything; keep only the user's own settings.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy().to_string();
+        let cargo_set = (name.starts_with("CARGO_")
+            && !matches!(name.as_str(), "CARGO_HOME" | "CARGO_TARGET_DIR"))
+            || name.starts_with("__CARGO")
+            || name == "RUSTC_BOOTSTRAP";
+        if cargo_set {
+            build.env_remove(&name);
+        }
+    }
+    let status = build
+        // --all-targets: the same feature set as `cargo test --workspace --all-targets`, so
+        // under `make test` this is a no-op instead of a second build of the dependencies.
+        .args(["build", "--quiet", "--workspace", "--all-targets"])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .status()?;
+    anyhow::ensure!(status.success(), "building byok-operator failed");
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .ok_or_else(|| anyhow::anyhow!("no target dir"))?;
+    Ok(dir.join("byok-operator"))
+}

@@ -489,3 +489,96 @@ async fn rotating_the_operator_key_re_encrypts_every_managed_secret() -> anyhow:
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn every_provider_verifies_against_its_own_protocol() -> anyhow::Result<()> {
+    let s = scenario("providers").await?;
+    let compat = s.fake.base_url(ProviderKind::OpenAICompatible);
+    let azure = s.fake.base_url(ProviderKind::Azure);
+    let sa_json = byok_e2e::fake_provider::test_service_account_json(
+        "byok@demo-project.iam.gserviceaccount.com",
+        "demo-project",
+    );
+    s.fake.add_service_account_json(&sa_json)?;
+    let cases = [
+        (
+            "anthropic",
+            random_key("sk-ant-api03-"),
+            serde_json::json!({}),
+        ),
+        ("openai", random_key("sk-proj-"), serde_json::json!({})),
+        ("google", random_key("AIza"), serde_json::json!({})),
+        (
+            "azure",
+            random_key(""),
+            serde_json::json!({"baseURL": azure, "azure": {"apiVersion": "2024-10-21"}}),
+        ),
+        (
+            "openai-compatible",
+            random_key("sk-"),
+            serde_json::json!({"baseURL": compat}),
+        ),
+        (
+            "vertex",
+            sa_json.clone(),
+            serde_json::json!({"vertex": {"location": "us-central1"}}),
+        ),
+    ];
+    for (provider, key, extra) in &cases {
+        let kind: ProviderKind = provider.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+        if kind != ProviderKind::Vertex {
+            s.fake.add_valid_key(kind, key);
+        }
+        put_secret(&s.env, &format!("{provider}-raw"), &[("api-key", key)]).await?;
+        let mut spec = serde_json::json!({"provider": provider, "secretRef": {"name": format!("{provider}-raw")}});
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            spec[k] = v.clone();
+        }
+        create_pk(&s.env, provider, spec).await?;
+    }
+    for (provider, key, _) in &cases {
+        let pk = wait_pk(&s.env, provider, "Ready", |pk| {
+            is_condition(pk, "Ready", "True", "Valid")
+        })
+        .await?;
+        assert_eq!(
+            pk.status.and_then(|s| s.fingerprint),
+            Some(sha16(key)),
+            "{provider}"
+        );
+        let kind: ProviderKind = provider.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+        assert!(
+            s.fake.requests(kind) >= 1,
+            "{provider} was verified against its own endpoint"
+        );
+    }
+    // The auth header each provider expects, and no other, reached the fake.
+    let log = s.fake.requests_log();
+    let headers_for = |kind: ProviderKind| -> Vec<String> {
+        log.iter()
+            .filter(|r| r.provider == Some(kind))
+            .flat_map(|r| r.auth_headers.clone())
+            .collect()
+    };
+    assert!(
+        headers_for(ProviderKind::Anthropic)
+            .iter()
+            .all(|h| h == "x-api-key")
+    );
+    assert!(
+        headers_for(ProviderKind::Google)
+            .iter()
+            .all(|h| h == "x-goog-api-key")
+    );
+    assert!(
+        headers_for(ProviderKind::Azure)
+            .iter()
+            .all(|h| h == "api-key")
+    );
+    assert!(
+        headers_for(ProviderKind::OpenAI)
+            .iter()
+            .all(|h| h == "authorization")
+    );
+    Ok(())
+}

@@ -435,6 +435,17 @@ mod tests {
         }
     }
 
+    /// The key `fp` in service as version `version`, encrypted with k1, rotated at `t(at)`.
+    fn serving(fp: &str, version: i64, at: i64) -> InService {
+        InService {
+            fingerprint: fp.into(),
+            masked_key: format!("sk-...{fp}"),
+            key_version: version,
+            encryption_key_id: "k1".into(),
+            rotated_at: Some(t(at)),
+        }
+    }
+
     fn valid() -> Verified {
         Verified {
             reason: Reason::Valid,
@@ -494,13 +505,7 @@ mod tests {
             &observed(source("aa"), None, ProviderKeyStatus::default()),
             Some(valid()),
         );
-        let in_service = InService {
-            fingerprint: "aa".into(),
-            masked_key: "sk-...aa".into(),
-            key_version: 1,
-            encryption_key_id: "k1".into(),
-            rotated_at: Some(t(0)),
-        };
+        let in_service = serving("aa", 1, 0);
         let obs = observed(source("bb"), Some(in_service), good.status);
         let d = step(
             &obs,
@@ -528,13 +533,7 @@ mod tests {
 
     #[test]
     fn a_valid_rotation_bumps_the_version() {
-        let in_service = InService {
-            fingerprint: "aa".into(),
-            masked_key: "m".into(),
-            key_version: 3,
-            encryption_key_id: "k1".into(),
-            rotated_at: Some(t(-100)),
-        };
+        let in_service = serving("aa", 3, -100);
         let d = step(
             &observed(source("bb"), Some(in_service), ProviderKeyStatus::default()),
             Some(valid()),
@@ -549,13 +548,7 @@ mod tests {
             &observed(source("aa"), None, ProviderKeyStatus::default()),
             Some(valid()),
         );
-        let in_service = InService {
-            fingerprint: "aa".into(),
-            masked_key: "m".into(),
-            key_version: 1,
-            encryption_key_id: "k1".into(),
-            rotated_at: Some(t(0)),
-        };
+        let in_service = serving("aa", 1, 0);
         let mut obs = observed(source("aa"), Some(in_service), good.status);
         obs.now = t(DEFAULT_INTERVAL.as_secs() as i64 + 5); // periodic re-verification due
         assert_eq!(verification_target(&obs), Some(Target::Source));
@@ -584,13 +577,7 @@ mod tests {
             &observed(source("aa"), None, ProviderKeyStatus::default()),
             Some(valid()),
         );
-        let in_service = InService {
-            fingerprint: "aa".into(),
-            masked_key: "m".into(),
-            key_version: 1,
-            encryption_key_id: "k1".into(),
-            rotated_at: Some(t(0)),
-        };
+        let in_service = serving("aa", 1, 0);
         let mut obs = observed(source("aa"), Some(in_service), good.status);
         obs.active_key_id = "k2".into();
         assert_eq!(verification_target(&obs), None);
