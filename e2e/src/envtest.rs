@@ -192,6 +192,12 @@ impl ControlPlane {
 
     /// A kubeconfig for the admin user (a member of `system:masters`).
     pub fn kubeconfig(&self) -> Kubeconfig {
+        self.kubeconfig_for_token(&self.admin_token)
+    }
+
+    /// A kubeconfig that authenticates with `token` (e.g. a ServiceAccount's, to run the
+    /// operator with exactly the RBAC it ships with).
+    pub fn kubeconfig_for_token(&self, token: &str) -> Kubeconfig {
         use base64::Engine;
         Kubeconfig {
             clusters: vec![NamedCluster {
@@ -208,7 +214,7 @@ impl ControlPlane {
             auth_infos: vec![NamedAuthInfo {
                 name: CONTEXT_NAME.into(),
                 auth_info: Some(AuthInfo {
-                    token: Some(self.admin_token.clone().into()),
+                    token: Some(token.to_string().into()),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -229,16 +235,23 @@ impl ControlPlane {
 
     /// Writes [`Self::kubeconfig`] to `path` (YAML), for kubectl and for spawned operators.
     pub fn write_kubeconfig(&self, path: &Path) -> anyhow::Result<()> {
-        if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent)?;
-        }
-        let yaml = serde_saphyr::to_string(&self.kubeconfig())?;
-        let tmp = path.with_extension("tmp");
-        fs::write(&tmp, yaml)?;
-        fs::rename(&tmp, path)?; // whoever polls for the file never reads half of it
-        Ok(())
+        write_kubeconfig(&self.kubeconfig(), path)
     }
+}
 
+/// Writes a kubeconfig as YAML, atomically (whoever polls for the file never reads half).
+pub fn write_kubeconfig(kubeconfig: &Kubeconfig, path: &Path) -> anyhow::Result<()> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    let yaml = serde_saphyr::to_string(kubeconfig)?;
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, yaml)?;
+    fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+impl ControlPlane {
     pub async fn kube_config(&self) -> anyhow::Result<kube::Config> {
         Ok(
             kube::Config::from_custom_kubeconfig(self.kubeconfig(), &KubeConfigOptions::default())

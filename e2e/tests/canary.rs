@@ -1,6 +1,6 @@
 //! Canary: the real `byok-operator controller` binary, at trace-level logging, goes through the
 //! life of several keys (valid, invalid, rotated, rejected rotation, operator-key rotation,
-//! deletion). Not one fragment of any test key may appear in its logs, in an Event, in a
+//! deletion), as a ServiceAccount holding only the RBAC in `config/rbac/`. Not one fragment of any test key may appear in its logs, in an Event, in a
 //! status, or in an error message.
 
 use std::io::Read;
@@ -48,7 +48,9 @@ async fn no_key_material_reaches_logs_events_status_or_errors() -> anyhow::Resul
     let dir = std::env::temp_dir().join(format!("byok-canary-{}", env.namespace));
     std::fs::create_dir_all(&dir)?;
     let kubeconfig = dir.join("kubeconfig");
-    shared().write_kubeconfig(&kubeconfig)?;
+    // The operator runs as a ServiceAccount with exactly the RBAC in config/rbac/.
+    let token = operator_service_account_token(&env).await?;
+    byok_e2e::envtest::write_kubeconfig(&shared().kubeconfig_for_token(&token), &kubeconfig)?;
     let ca = dir.join("fake-ca.pem");
     std::fs::write(&ca, fake.ca_pem())?;
     let log_path = dir.join("operator.log");
