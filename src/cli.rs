@@ -107,6 +107,10 @@ pub struct ControllerArgs {
     #[arg(long, default_value = "byok-operator")]
     pub lease_name: String,
 
+    /// Address of the admin server (`/metrics`, `/livez`, `/readyz`).
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub admin_addr: std::net::SocketAddr,
+
     #[command(flatten)]
     pub egress: EgressArgs,
 }
@@ -198,6 +202,7 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         egress,
         endpoints,
         leader,
+        admin_addr: Some(args.admin_addr),
     };
     crate::controller::run(client, config, shutdown_signal()).await
 }

@@ -9,6 +9,7 @@ pub mod crd;
 pub mod crdgen;
 pub mod crypto;
 pub mod egress;
+pub mod metrics;
 pub mod providers;
 pub mod reason;
 pub mod status;

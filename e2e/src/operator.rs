@@ -75,6 +75,7 @@ pub fn dev_config(env: &TestEnv, fake: &FakeProvider) -> anyhow::Result<controll
             lease_name: "byok-operator".into(),
             identity: format!("test-{}", env.namespace),
         }),
+        admin_addr: None,
     })
 }
 

@@ -582,3 +582,44 @@ async fn every_provider_verifies_against_its_own_protocol() -> anyhow::Result<()
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn the_admin_server_serves_probes_and_verification_metrics() -> anyhow::Result<()> {
+    let env = TestEnv::new("admin").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut config = dev_config(&env, &fake)?;
+    config.admin_addr = Some(([127, 0, 0, 1], port).into());
+    let _controller = RunningController::start(&env, config).await?;
+
+    let key = random_key("sk-proj-");
+    fake.add_valid_key(ProviderKind::OpenAI, &key);
+    put_secret(&env, "good", &[("api-key", &key)]).await?;
+    put_secret(&env, "bad", &[("api-key", &random_key("sk-proj-"))]).await?;
+    create_pk(&env, "good", openai_spec("good")).await?;
+    create_pk(&env, "bad", openai_spec("bad")).await?;
+    wait_pk(&env, "good", "Ready", |pk| {
+        is_condition(pk, "Ready", "True", "Valid")
+    })
+    .await?;
+    wait_pk(&env, "bad", "InvalidKey", |pk| {
+        is_condition(pk, "Verified", "False", "InvalidKey")
+    })
+    .await?;
+
+    let http = reqwest::Client::new();
+    let get = |path: &str| http.get(format!("http://127.0.0.1:{port}{path}")).send();
+    assert_eq!(get("/livez").await?.status(), 200);
+    assert_eq!(get("/readyz").await?.status(), 200);
+    let metrics = get("/metrics").await?.text().await?;
+    for line in [
+        r#"byok_verifications_total{provider="openai",reason="Valid"} 1"#,
+        r#"byok_verifications_total{provider="openai",reason="InvalidKey"} 1"#,
+        r#"byok_managed_secret_writes_total{kind="put"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in:\n{metrics}");
+    }
+    Ok(())
+}

@@ -83,6 +83,7 @@ pub fn backoff_delay(failures: u32, jitter: f64) -> Duration {
 
 pub struct Context {
     pub client: Client,
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub verifier: Verifier,
     pub recorder: Recorder,
     pub backoff: Backoff,
@@ -114,6 +115,8 @@ pub struct Config {
     pub endpoints: Endpoints,
     /// `None` runs without leader election (a single replica, or tests).
     pub leader: Option<leader::LeaderConfig>,
+    /// Where to serve `/metrics`, `/livez` and `/readyz` (`None`: no admin server).
+    pub admin_addr: Option<std::net::SocketAddr>,
 }
 
 fn error_policy(pk: Arc<ProviderKey>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -133,6 +136,18 @@ pub async fn run(
     let verifier = Verifier::new(http, config.endpoints.clone(), config.egress.allow_private);
     let keyring_api: Api<Secret> = Api::namespaced(client.clone(), &config.operator_namespace);
 
+    // The admin server comes first: liveness holds while this replica waits for leadership.
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let _stop_admin = match config.admin_addr {
+        Some(addr) => {
+            let server = crate::metrics::admin_server(addr, metrics.clone())?;
+            let handle = server.handle();
+            tokio::spawn(server);
+            Some(StopOnDrop(handle))
+        }
+        None => None,
+    };
+
     let leases: Api<Lease> = Api::namespaced(client.clone(), &config.operator_namespace);
     if let Some(leader) = &config.leader {
         leader::acquire(&leases, leader).await;
@@ -141,6 +156,7 @@ pub async fn run(
     let keyring = keyring::load_or_create(&keyring_api, &config.keyring_secret).await?;
     let ctx = Arc::new(Context {
         client: client.clone(),
+        metrics: metrics.clone(),
         verifier,
         recorder: Recorder::new(
             client.clone(),
@@ -222,17 +238,31 @@ pub async fn run(
             None => std::future::pending().await,
         }
     };
+    metrics.set_ready(true);
     let reconciling = controller
         .run(reconcile::reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            match result {
-                Ok((obj, _)) => tracing::trace!(providerkey = %obj, "reconciled"),
-                Err(e) => tracing::debug!(error = %e, "reconcile error"),
+        .for_each(|result| {
+            metrics.reconciled(result.is_ok());
+            async move {
+                match result {
+                    Ok((obj, _)) => tracing::trace!(providerkey = %obj, "reconciled"),
+                    Err(e) => tracing::debug!(error = %e, "reconcile error"),
+                }
             }
         });
     tokio::select! {
         _ = reconciling => Ok(()),
         _ = lost_leadership => anyhow::bail!("lost leadership; exiting so another replica can take over"),
+    }
+}
+
+/// Stops the admin server when `run` returns, however it returns.
+struct StopOnDrop(actix_web::dev::ServerHandle);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let handle = self.0.clone();
+        tokio::spawn(async move { handle.stop(true).await });
     }
 }
 

@@ -191,6 +191,12 @@ async fn apply(pk: &ProviderKey, ctx: &Context) -> Result<Action, Error> {
                 &Patch::Apply(&secret),
             )
             .await?;
+        let kind = if desired.secret == SecretWrite::ReEncrypt {
+            "reencrypt"
+        } else {
+            "put"
+        };
+        ctx.metrics.secret_written(kind);
     }
     let mut status = desired.status.clone();
     status.managed_secret_name = status.fingerprint.as_ref().map(|_| managed_name.clone());
@@ -239,10 +245,13 @@ async fn apply(pk: &ProviderKey, ctx: &Context) -> Result<Action, Error> {
 }
 
 async fn verify(pk: &ProviderKey, ctx: &Context, key: &SecretString) -> Verified {
+    let started = std::time::Instant::now();
     let outcome = match provider_params(&pk.spec) {
         Ok(params) => ctx.verifier.verify(pk.spec.provider, key, &params).await,
         Err(message) => crate::providers::Verification::invalid_spec(message),
     };
+    ctx.metrics
+        .verification(pk.spec.provider, outcome.reason, started.elapsed());
     tracing::debug!(
         providerkey = %pk.name_any(),
         namespace = pk.namespace().unwrap_or_default(),

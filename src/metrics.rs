@@ -1,0 +1,182 @@
+//! Prometheus metrics (prefix `byok_`) and the admin server that serves them with the
+//! liveness and readiness probes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use actix_web::{App, HttpResponse, HttpServer, web};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::providers::ProviderKind;
+use crate::reason::Reason;
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+pub struct Metrics {
+    registry: Registry,
+    verifications: Family<Labels, Counter>,
+    verification_seconds: Family<Labels, Histogram>,
+    reconciliations: Family<Labels, Counter>,
+    secret_writes: Family<Labels, Counter>,
+    ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("byok");
+        let verifications = Family::<Labels, Counter>::default();
+        registry.register(
+            "verifications",
+            "Live key verifications, by provider and outcome reason",
+            verifications.clone(),
+        );
+        let verification_seconds = Family::<Labels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.01, 2.0, 12))
+        });
+        registry.register(
+            "verification_duration_seconds",
+            "Duration of live key verifications, by provider",
+            verification_seconds.clone(),
+        );
+        let reconciliations = Family::<Labels, Counter>::default();
+        registry.register(
+            "reconciliations",
+            "ProviderKey reconciliations, by result",
+            reconciliations.clone(),
+        );
+        let secret_writes = Family::<Labels, Counter>::default();
+        registry.register(
+            "managed_secret_writes",
+            "Writes of managed Secrets: a key put in service, or a re-encryption",
+            secret_writes.clone(),
+        );
+        Self {
+            registry,
+            verifications,
+            verification_seconds,
+            reconciliations,
+            secret_writes,
+            ready: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn verification(&self, provider: ProviderKind, reason: Reason, took: Duration) {
+        self.verifications
+            .get_or_create(&vec![
+                ("provider", provider.as_str()),
+                ("reason", reason.as_str()),
+            ])
+            .inc();
+        self.verification_seconds
+            .get_or_create(&vec![("provider", provider.as_str())])
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn reconciled(&self, ok: bool) {
+        self.reconciliations
+            .get_or_create(&vec![("result", if ok { "ok" } else { "error" })])
+            .inc();
+    }
+
+    pub fn secret_written(&self, kind: &'static str) {
+        self.secret_writes
+            .get_or_create(&vec![("kind", kind)])
+            .inc();
+    }
+
+    /// Ready once the keyring is loaded and the controller runs (this replica leads).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+async fn metrics(m: web::Data<Arc<Metrics>>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
+        .body(m.encode())
+}
+
+async fn livez() -> HttpResponse {
+    HttpResponse::Ok().body("ok")
+}
+
+async fn readyz(m: web::Data<Arc<Metrics>>) -> HttpResponse {
+    if m.is_ready() {
+        HttpResponse::Ok().body("ok")
+    } else {
+        HttpResponse::ServiceUnavailable().body("not ready")
+    }
+}
+
+/// Serves `/metrics`, `/livez` and `/readyz` on `addr` until the returned server is stopped.
+pub fn admin_server(addr: SocketAddr, m: Arc<Metrics>) -> std::io::Result<actix_web::dev::Server> {
+    let data = web::Data::new(m);
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .route("/metrics", web::get().to(metrics))
+            .route("/livez", web::get().to(livez))
+            .route("/readyz", web::get().to(readyz))
+    })
+    .workers(1)
+    .disable_signals()
+    .bind(addr)?
+    .run();
+    Ok(server)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verifications_are_counted_by_provider_and_reason() {
+        let m = Metrics::default();
+        m.verification(
+            ProviderKind::OpenAI,
+            Reason::Valid,
+            Duration::from_millis(20),
+        );
+        m.verification(
+            ProviderKind::OpenAI,
+            Reason::InvalidKey,
+            Duration::from_millis(20),
+        );
+        m.verification(
+            ProviderKind::OpenAI,
+            Reason::InvalidKey,
+            Duration::from_millis(20),
+        );
+        let text = m.encode();
+        assert!(
+            text.contains(r#"byok_verifications_total{provider="openai",reason="InvalidKey"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"byok_verifications_total{provider="openai",reason="Valid"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("byok_verification_duration_seconds_count{provider=\"openai\"} 3"),
+            "{text}"
+        );
+    }
+}
