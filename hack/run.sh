@@ -40,7 +40,8 @@ target/debug/byok-operator controller --operator-namespace byok-system \
   --insecure-allow-private-base-urls --extra-ca-file "$run_dir/fake-ca.pem" \
   --provider-endpoint "anthropic=$fake/anthropic" --provider-endpoint "openai=$fake/openai/v1" \
   --provider-endpoint "google=$fake/google" --provider-endpoint "vertex=$fake/vertex" \
-  --provider-endpoint "vertex-token=$fake/vertex-token/token" >"$run_dir/operator.log" 2>&1 &
+  --provider-endpoint "vertex-token=$fake/vertex-token/token" --admin-addr 127.0.0.1:18080 \
+  >"$run_dir/operator.log" 2>&1 &
 pids+=($!)
 
 kubectl apply -f config/samples/namespace.yaml >/dev/null
@@ -53,7 +54,7 @@ while kubectl get pk -A -o jsonpath='{range .items[*]}{.status.conditions[?(@.ty
 done
 kubectl get pk -A
 echo
-echo "Logs: $run_dir/operator.log, $run_dir/fake-provider.log"
+echo "Logs: $run_dir/operator.log, $run_dir/fake-provider.log; metrics: http://127.0.0.1:18080/metrics"
 echo "Try: KUBECONFIG=$KUBECONFIG kubectl describe pk -n byok-demo team-openai"
 echo "Ctrl-C stops everything."
 wait "${pids[@]}"
