@@ -16,7 +16,14 @@ cleanup() {
   echo; echo "stopping the operator, the fake provider and the control plane..."
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  make --no-print-directory cluster-down
+  # Stop the control plane directly, not through make: this runs while signals are flying.
+  if [ -f target/envtest/envtest.pid ]; then
+    envtest_pid=$(cat target/envtest/envtest.pid)
+    kill "$envtest_pid" 2>/dev/null || true
+    while kill -0 "$envtest_pid" 2>/dev/null; do sleep 0.2; done
+    rm -f target/envtest/envtest.pid target/envtest/kubeconfig
+  fi
+  echo "stopped"
 }
 trap cleanup EXIT INT TERM
 
