@@ -108,6 +108,27 @@ fn condition_is(obs: &Observed, type_: &str, status: Status) -> bool {
     status::find(&obs.status.conditions, type_).is_some_and(|c| c.status == status.as_str())
 }
 
+/// A `Verified=False` condition for a rejected key, with a warning Event unless the same
+/// rejection is already on the status (so a repeat says nothing new).
+fn rejection(
+    previous: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    reason: Reason,
+    message: String,
+    events: &mut Vec<EventNote>,
+) -> Decided {
+    let repeated = previous.is_some_and(|c| {
+        c.status == "False" && c.reason == reason.as_str() && c.message == message
+    });
+    if !repeated {
+        events.push(EventNote {
+            warning: true,
+            reason: "KeyRejected",
+            note: message.clone(),
+        });
+    }
+    Decided::new(types::VERIFIED, Status::False, reason.as_str(), message)
+}
+
 /// Decides whether a live verification is needed, and of which key.
 pub fn verification_target(obs: &Observed) -> Option<Target> {
     let spec_changed = obs.status.observed_generation != obs.generation;
@@ -234,22 +255,7 @@ pub fn decide(obs: &Observed, target: Option<Target>, result: Option<&Verified>)
                     }
                     format!("key {fingerprint} rejected: {}", v.message)
                 };
-                let was_false_same = previous_verified.is_some_and(|c| {
-                    c.status == "False" && c.reason == v.reason.as_str() && c.message == msg
-                });
-                if !was_false_same {
-                    events.push(EventNote {
-                        warning: true,
-                        reason: "KeyRejected",
-                        note: msg.clone(),
-                    });
-                }
-                verified = Some(Decided::new(
-                    types::VERIFIED,
-                    Status::False,
-                    v.reason.as_str(),
-                    msg,
-                ));
+                verified = Some(rejection(previous_verified, v.reason, msg, &mut events));
             }
         }
         (_, Some(Target::InService), Some(v)) => {
@@ -259,17 +265,7 @@ pub fn decide(obs: &Observed, target: Option<Target>, result: Option<&Verified>)
                 transient = true;
             } else {
                 let msg = format!("key in service rejected on re-verification: {}", v.message);
-                events.push(EventNote {
-                    warning: true,
-                    reason: "KeyRejected",
-                    note: msg.clone(),
-                });
-                verified = Some(Decided::new(
-                    types::VERIFIED,
-                    Status::False,
-                    v.reason.as_str(),
-                    msg,
-                ));
+                verified = Some(rejection(previous_verified, v.reason, msg, &mut events));
             }
             if let Source::Unusable { reason, message } = &obs.source
                 && v.reason == Reason::Valid
