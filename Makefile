@@ -36,10 +36,13 @@ lint: ## rustfmt and clippy, warnings are errors
 
 .PHONY: test
 test: lint testbins ## Everything CI runs: lint, unit tests, integration tests on a real control plane
-	$(CARGO) test --workspace --all-targets
+	@mkdir -p target
+	$(CARGO) test --workspace --all-targets 2>&1 | tee target/test-output.log
 	@# Tests about private and metadata addresses, in a network namespace with only loopback:
-	@# even wrong code cannot send a packet off this machine from there.
-	unshare --net sh -c 'ip link set lo up && BYOK_NETNS_ONLY=1 exec $(CARGO) test --offline --lib -- --ignored netns_'
+	@# even wrong code cannot send a packet off this machine from there. Same target selection
+	@# as above, so nothing is rebuilt.
+	unshare --net sh -c 'ip link set lo up && BYOK_NETNS_ONLY=1 exec $(CARGO) test --offline --workspace --all-targets -q -- --ignored netns_' 2>&1 | tee -a target/test-output.log
+	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "tests: %d passed, %d failed\n", p, f}' target/test-output.log
 
 .PHONY: bench
 bench: testbins ## Apply-to-Ready latency and operator memory with BENCH_KEYS ProviderKeys (release build)
