@@ -442,11 +442,15 @@ mod tests {
         }
     }
 
-    fn valid() -> Verified {
+    fn failed(reason: Reason, message: &str) -> Verified {
         Verified {
-            reason: Reason::Valid,
-            message: "the provider accepted the key".into(),
+            reason,
+            message: message.into(),
         }
+    }
+
+    fn valid() -> Verified {
+        failed(Reason::Valid, "the provider accepted the key")
     }
 
     fn cond<'a>(
@@ -479,13 +483,7 @@ mod tests {
     #[test]
     fn an_invalid_new_key_writes_nothing_and_says_why() {
         let obs = observed(source("aa"), None, ProviderKeyStatus::default());
-        let d = step(
-            &obs,
-            Some(Verified {
-                reason: Reason::InvalidKey,
-                message: "HTTP 401".into(),
-            }),
-        );
+        let d = step(&obs, Some(failed(Reason::InvalidKey, "HTTP 401")));
         assert_eq!(d.secret, SecretWrite::Keep);
         assert_eq!(cond(&d.status, types::VERIFIED).reason, "InvalidKey");
         assert_eq!(cond(&d.status, types::READY).status, "False");
@@ -503,13 +501,7 @@ mod tests {
         );
         let in_service = serving("aa", 1, 0);
         let obs = observed(source("bb"), Some(in_service), good.status);
-        let d = step(
-            &obs,
-            Some(Verified {
-                reason: Reason::InvalidKey,
-                message: "HTTP 401".into(),
-            }),
-        );
+        let d = step(&obs, Some(failed(Reason::InvalidKey, "HTTP 401")));
         assert_eq!(d.secret, SecretWrite::Keep);
         assert_eq!(
             d.status.fingerprint.as_deref(),
@@ -548,13 +540,7 @@ mod tests {
         let mut obs = observed(source("aa"), Some(in_service), good.status);
         obs.now = t(DEFAULT_INTERVAL.as_secs() as i64 + 5); // periodic re-verification due
         assert_eq!(verification_target(&obs), Some(Target::Source));
-        let d = step(
-            &obs,
-            Some(Verified {
-                reason: Reason::ProviderUnavailable,
-                message: "HTTP 503".into(),
-            }),
-        );
+        let d = step(&obs, Some(failed(Reason::ProviderUnavailable, "HTTP 503")));
         assert!(d.transient);
         assert_eq!(cond(&d.status, types::VERIFIED).status, "True");
         assert_eq!(cond(&d.status, types::READY).status, "True");
