@@ -149,14 +149,22 @@ pub struct VerifyArgs {
 pub enum KeyringCommand {
     /// Add a new operator key and make it active; the controller re-encrypts every managed
     /// Secret with it.
-    Rotate {
-        /// The operator's namespace.
-        #[arg(long, env = "POD_NAMESPACE", default_value = "byok-system")]
-        operator_namespace: String,
-        /// Name of the keyring Secret.
-        #[arg(long, default_value = crate::controller::keyring::DEFAULT_KEYRING_SECRET)]
-        keyring_secret: String,
-    },
+    Rotate(KeyringTarget),
+    /// Create the keyring Secret with a fresh key if it does not exist. The controller does
+    /// this by itself only on a first install; use this to start over deliberately when the
+    /// keyring is lost and its encrypted keys are to be re-imported from their sources.
+    Init(KeyringTarget),
+}
+
+/// Where the keyring Secret is.
+#[derive(Debug, Args)]
+pub struct KeyringTarget {
+    /// The operator's namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "byok-system")]
+    pub operator_namespace: String,
+    /// Name of the keyring Secret.
+    #[arg(long, default_value = crate::controller::keyring::DEFAULT_KEYRING_SECRET)]
+    pub keyring_secret: String,
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -173,15 +181,27 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let code = runtime.block_on(verify(args))?;
             std::process::exit(code)
         }
-        Command::Keyring(KeyringCommand::Rotate {
-            operator_namespace,
-            keyring_secret,
-        }) => runtime.block_on(async {
+        Command::Keyring(command) => runtime.block_on(async {
+            let (KeyringCommand::Rotate(target) | KeyringCommand::Init(target)) = &command;
             let client = kube::Client::try_default().await?;
-            let api = kube::Api::namespaced(client, &operator_namespace);
-            let id = crate::controller::keyring::rotate(&api, &keyring_secret).await?;
-            println!("operator key {id} is now active; managed Secrets are being re-encrypted");
-            Ok(())
+            let api = kube::Api::namespaced(client, &target.operator_namespace);
+            let name = &target.keyring_secret;
+            match command {
+                KeyringCommand::Rotate(_) => {
+                    let id = crate::controller::keyring::rotate(&api, name).await?;
+                    println!(
+                        "operator key {id} is now active; managed Secrets are being re-encrypted"
+                    );
+                }
+                KeyringCommand::Init(_) => {
+                    let keyring = crate::controller::keyring::init(&api, name).await?;
+                    println!(
+                        "keyring Secret {name} holds operator key {} (active)",
+                        keyring.active_id()
+                    );
+                }
+            }
+            anyhow::Ok(())
         }),
         Command::Proxy => anyhow::bail!("the proxy subcommand is not implemented yet"),
     }

@@ -158,7 +158,7 @@ pub struct VerificationSpec {
     /// `90m`. `0` disables periodic re-verification (a changed key is still verified).
     /// Intervals under one minute are raised to one minute. Defaults to `24h`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub interval: Option<kube::core::Duration>,
+    pub interval: Option<String>,
 }
 
 /// Azure OpenAI settings.

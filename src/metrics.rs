@@ -9,6 +9,7 @@ use std::time::Duration;
 use actix_web::{App, HttpResponse, HttpServer, web};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -23,6 +24,8 @@ pub struct Metrics {
     verification_seconds: Family<Labels, Histogram>,
     reconciliations: Family<Labels, Counter>,
     secret_writes: Family<Labels, Counter>,
+    reconcile_errors: Family<Labels, Counter>,
+    keyring_available: Gauge,
     ready: AtomicBool,
 }
 
@@ -55,8 +58,22 @@ impl Default for Metrics {
             "Writes of managed Secrets: a key put in service, or a re-encryption",
             secret_writes.clone(),
         );
+        let reconcile_errors = Family::<Labels, Counter>::default();
+        registry.register(
+            "reconcile_errors",
+            "Reconciliations that ended in an error (retried with backoff), by reason",
+            reconcile_errors.clone(),
+        );
+        let keyring_available = Gauge::default();
+        registry.register(
+            "keyring_available",
+            "1 while the operator keyring Secret is loaded; 0 while it is missing or unusable",
+            keyring_available.clone(),
+        );
         Self {
             registry,
+            reconcile_errors,
+            keyring_available,
             verifications,
             verification_seconds,
             reconciliations,
@@ -83,6 +100,16 @@ impl Metrics {
         self.reconciliations
             .get_or_create(&vec![("result", if ok { "ok" } else { "error" })])
             .inc();
+    }
+
+    pub fn reconcile_error(&self, reason: &'static str) {
+        self.reconcile_errors
+            .get_or_create(&vec![("reason", reason)])
+            .inc();
+    }
+
+    pub fn set_keyring_available(&self, available: bool) {
+        self.keyring_available.set(i64::from(available));
     }
 
     pub fn secret_written(&self, kind: &'static str) {

@@ -31,6 +31,15 @@ pub enum Status {
 }
 
 impl Status {
+    /// Reads a condition's status; anything but `True`/`False` is `Unknown`.
+    pub fn parse(s: &str) -> Status {
+        match s {
+            "True" => Status::True,
+            "False" => Status::False,
+            _ => Status::Unknown,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Status::True => "True",

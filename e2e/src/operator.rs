@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use byok_operator::controller::{self, leader::LeaderConfig};
 use byok_operator::crd::ProviderKey;
 use byok_operator::egress::EgressConfig;
+use byok_operator::names;
 use byok_operator::providers::{Endpoints, ProviderKind};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
@@ -87,10 +88,20 @@ pub struct RunningController {
 impl RunningController {
     pub async fn start(env: &TestEnv, config: controller::Config) -> anyhow::Result<Self> {
         install_crds(&env.client).await?;
+        Ok(Self::start_with_client(env.client.clone(), config))
+    }
+
+    /// Starts the controller with a client of the test's choosing (one that counts
+    /// requests, say); the CRD must be installed already.
+    pub fn start_with_client(client: Client, config: controller::Config) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = env.client.clone();
         let task = tokio::spawn(controller::run(client, config, std::future::pending()));
-        Ok(Self { task })
+        Self { task }
+    }
+
+    /// False once the controller returned or panicked.
+    pub fn is_running(&self) -> bool {
+        !self.task.is_finished()
     }
 }
 
@@ -100,10 +111,28 @@ impl Drop for RunningController {
     }
 }
 
+/// Puts a key-source Secret (labelled `byok.dev/key-source: "true"`).
 pub async fn put_secret(env: &TestEnv, name: &str, entries: &[(&str, &str)]) -> anyhow::Result<()> {
+    let labels = [(names::KEY_SOURCE_LABEL, names::KEY_SOURCE_VALUE)];
+    put_secret_labelled(env, name, entries, &labels).await
+}
+
+/// Puts a Secret with exactly `labels` (none: a Secret that is not a key source).
+pub async fn put_secret_labelled(
+    env: &TestEnv,
+    name: &str,
+    entries: &[(&str, &str)],
+    labels: &[(&str, &str)],
+) -> anyhow::Result<()> {
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(name.into()),
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
             ..Default::default()
         },
         data: Some(
@@ -192,10 +221,10 @@ pub async fn decrypt_managed(
         .get(controller::keyring::DEFAULT_KEYRING_SECRET)
         .await?;
     let keyring = controller::keyring::from_secret(&keyring_secret)?;
-    let managed = secrets.get(&format!("{pk_name}-byok")).await?;
+    let managed = secrets.get(&names::managed_secret_name(pk_name)).await?;
     let envelope = managed
         .data
-        .and_then(|d| d.get(controller::reconcile::ENVELOPE_KEY).cloned())
+        .and_then(|d| d.get(names::ENVELOPE_KEY).cloned())
         .context("managed Secret has no envelope")?;
     let plain = keyring.decrypt(&env.namespace, as_name, &envelope.0)?;
     Ok(String::from_utf8(

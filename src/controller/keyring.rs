@@ -1,12 +1,18 @@
 //! The operator keyring in the cluster: a Secret in the operator's namespace holding the
-//! operator keys (see [`crate::crypto::Keyring`]). Created on first start if absent.
+//! operator keys (see [`crate::crypto::Keyring`]).
+//!
+//! It is created only on a first install (no managed Secret exists yet) or by an explicit
+//! `byok-operator keyring init`. A keyring that goes missing while envelopes exist is never
+//! replaced: a new key could not open the old envelopes, which would then read as tampered.
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, ObjectMeta, PostParams};
+use k8s_openapi::api::core::v1::{ObjectReference, Secret};
+use kube::api::{Api, ListParams, ObjectMeta, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder};
 
 use crate::crypto::Keyring;
+use crate::names;
 
 pub const DEFAULT_KEYRING_SECRET: &str = "byok-operator-keyring";
 const SECRET_TYPE: &str = "byok.dev/keyring";
@@ -39,8 +45,8 @@ fn to_secret(name: &str, keyring: &Keyring, resource_version: Option<String>) ->
             resource_version,
             labels: Some(
                 [(
-                    "app.kubernetes.io/managed-by".to_string(),
-                    "byok-operator".to_string(),
+                    names::MANAGED_BY_LABEL.to_string(),
+                    names::MANAGED_BY_VALUE.to_string(),
                 )]
                 .into(),
             ),
@@ -52,9 +58,56 @@ fn to_secret(name: &str, keyring: &Keyring, resource_version: Option<String>) ->
     }
 }
 
-/// Loads the keyring, creating it with a fresh key when it does not exist. Two replicas
-/// starting at once both end up with the one that was created first.
-pub async fn load_or_create(api: &Api<Secret>, name: &str) -> Result<Keyring, KeyringError> {
+/// Loads the keyring. When it does not exist it is created only if no managed Secret exists
+/// in `managed_scope` (a first install); otherwise `None`: the operator runs, and every
+/// ProviderKey says `KeyringUnavailable` until the Secret is restored.
+pub async fn load_or_init(
+    api: &Api<Secret>,
+    managed_scope: &Api<Secret>,
+    name: &str,
+) -> Result<Option<Keyring>, KeyringError> {
+    let ns = api.namespace().unwrap_or_default().to_string();
+    let err = |source| KeyringError::Api {
+        namespace: ns.clone(),
+        name: name.to_string(),
+        source,
+    };
+    if let Some(existing) = api.get_opt(name).await.map_err(err)? {
+        return Ok(usable(&ns, name, &existing));
+    }
+    let managed = managed_scope
+        .list_metadata(
+            &ListParams::default()
+                .labels(names::PROVIDERKEY_LABEL)
+                .limit(1),
+        )
+        .await
+        .map_err(err)?;
+    if !managed.items.is_empty() {
+        tracing::error!(
+            namespace = %ns,
+            secret = name,
+            "the operator keyring Secret is missing but encrypted keys exist; it is not              re-created (the keys could not be decrypted). Restore it from backup"
+        );
+        return Ok(None);
+    }
+    init(api, name).await.map(Some)
+}
+
+/// A keyring Secret that does not parse is reported and treated as missing.
+fn usable(ns: &str, name: &str, secret: &Secret) -> Option<Keyring> {
+    match from_secret(secret) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            tracing::error!(namespace = %ns, secret = name, error = %e, "the operator keyring Secret is unusable");
+            None
+        }
+    }
+}
+
+/// Creates the keyring with a fresh key, unless it exists. Two replicas starting at once
+/// both end up with the one that was created first.
+pub async fn init(api: &Api<Secret>, name: &str) -> Result<Keyring, KeyringError> {
     let ns = api.namespace().unwrap_or_default().to_string();
     let err = |source| KeyringError::Api {
         namespace: ns.clone(),
@@ -66,9 +119,6 @@ pub async fn load_or_create(api: &Api<Secret>, name: &str) -> Result<Keyring, Ke
         name: name.to_string(),
         source,
     };
-    if let Some(existing) = api.get_opt(name).await.map_err(err)? {
-        return from_secret(&existing).map_err(invalid);
-    }
     let keyring = Keyring::generate();
     match api
         .create(&PostParams::default(), &to_secret(name, &keyring, None))
@@ -87,6 +137,35 @@ pub async fn load_or_create(api: &Api<Secret>, name: &str) -> Result<Keyring, Ke
             from_secret(&existing).map_err(invalid)
         }
         Err(e) => Err(err(e)),
+    }
+}
+
+/// The keyring Secret as an Event's subject (it may not exist).
+pub fn reference(namespace: &str, name: &str) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Secret".into()),
+        namespace: Some(namespace.into()),
+        name: Some(name.into()),
+        ..Default::default()
+    }
+}
+
+/// A Warning Event naming the missing keyring Secret.
+pub async fn report_missing(recorder: &Recorder, keyring: &ObjectReference) {
+    let event = Event {
+        type_: EventType::Warning,
+        reason: crate::reason::Reason::KeyringUnavailable.as_str().into(),
+        note: Some(format!(
+            "the operator keyring Secret {}/{} is missing or unusable while encrypted keys              exist; it is not re-created. Restore it from backup",
+            keyring.namespace.as_deref().unwrap_or_default(),
+            keyring.name.as_deref().unwrap_or_default()
+        )),
+        action: "LoadKeyring".into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, keyring).await {
+        tracing::warn!(error = %e, "could not publish an event");
     }
 }
 

@@ -6,7 +6,7 @@ pub mod leader;
 pub mod plan;
 pub mod reconcile;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -14,37 +14,53 @@ use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
+use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 
 use crate::crd::ProviderKey;
 use crate::crypto::{CryptoError, Keyring};
 use crate::egress::EgressConfig;
+use crate::names;
 use crate::providers::{Endpoints, Verifier};
 
-pub const FIELD_MANAGER: &str = "byok-operator";
-pub const FINALIZER: &str = "byok.dev/managed-secret";
+pub use crate::names::{FIELD_MANAGER, FINALIZER};
 
-/// Errors that end a reconcile early. Provider outcomes are not errors: they are statuses.
+/// Errors that end a reconcile early. Provider outcomes and every problem a user can act on
+/// are not errors: they are statuses.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("Kubernetes API error: {0}")]
     Kube(#[from] kube::Error),
-    #[error("the operator keyring is not loaded yet")]
-    KeyringUnavailable,
-    #[error("managed Secret cannot be decrypted: {0}")]
+    #[error("encryption failed: {0}")]
     Crypto(#[from] CryptoError),
-    #[error("managed Secret holds a key that is not UTF-8 text")]
-    CorruptManagedSecret,
     #[error("ProviderKey has no namespace")]
     MissingNamespace,
-    #[error("finalizer: {0}")]
-    Finalizer(Box<kube::runtime::finalizer::Error<Error>>),
     #[error("internal error: {0}")]
     Internal(&'static str),
+}
+
+impl Error {
+    /// The label errors are counted by in `byok_reconcile_errors_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(s)) if s.code == 409 => "Conflict",
+            Error::Kube(_) => "KubernetesAPIError",
+            Error::Crypto(_) => "EncryptionFailed",
+            Error::MissingNamespace => "MissingNamespace",
+            Error::Internal(_) => "Internal",
+        }
+    }
+
+    /// Transient errors are retried with backoff; permanent ones wait for the object to
+    /// change. Only an object without a namespace (which the API server cannot store for a
+    /// namespaced kind) is permanent.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, Error::MissingNamespace)
+    }
 }
 
 /// Per-object exponential backoff (kube-runtime has none built in): 1s, 2s, 4s ... 5 min,
@@ -87,7 +103,19 @@ pub struct Context {
     pub verifier: Verifier,
     pub recorder: Recorder,
     pub backoff: Backoff,
+    /// Source Secrets: only those labelled `byok.dev/key-source: "true"`.
+    pub sources: Store<Secret>,
     keyring: RwLock<Option<Keyring>>,
+    /// Our own writes, until the ProviderKey cache has caught up with them (see [`Self::fresher`]).
+    written: Mutex<HashMap<ObjectRef<ProviderKey>, Written>>,
+    /// Objects that do not deserialise, already reported (uid, generation).
+    invalid_reported: Mutex<HashSet<(String, Option<i64>)>>,
+}
+
+/// The newest copy of a ProviderKey we wrote, and the resourceVersions it supersedes.
+struct Written {
+    superseded: Vec<String>,
+    latest: ProviderKey,
 }
 
 impl Context {
@@ -98,8 +126,52 @@ impl Context {
             .clone()
     }
 
-    fn set_keyring(&self, keyring: Keyring) {
-        *self.keyring.write().unwrap_or_else(|p| p.into_inner()) = Some(keyring);
+    fn set_keyring(&self, keyring: Option<Keyring>) {
+        *self.keyring.write().unwrap_or_else(|p| p.into_inner()) = keyring;
+    }
+
+    /// The cache can lag behind our own writes: a reconcile triggered by our status write may
+    /// still see the object from before it, and would verify the same key again. When the
+    /// cached copy is one we have since superseded, use the copy the API server returned.
+    pub fn fresher(&self, cached: &ProviderKey) -> ProviderKey {
+        let key = ObjectRef::from_obj(cached);
+        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        match (written.get(&key), cached.resource_version()) {
+            (Some(w), Some(rv)) if w.superseded.contains(&rv) => w.latest.clone(),
+            (Some(_), _) => {
+                // The cache caught up (or someone else wrote): it is the truth again.
+                written.remove(&key);
+                cached.clone()
+            }
+            (None, _) => cached.clone(),
+        }
+    }
+
+    /// Records that `before` was superseded by our write, which returned `after`.
+    pub fn remember(&self, before: &ProviderKey, after: &ProviderKey) {
+        let key = ObjectRef::from_obj(before);
+        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = written.entry(key).or_insert_with(|| Written {
+            superseded: Vec::new(),
+            latest: after.clone(),
+        });
+        entry.superseded.extend(before.resource_version());
+        entry.latest = after.clone();
+    }
+
+    pub fn forget(&self, key: &ObjectRef<ProviderKey>) {
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+
+    /// True the first time an undeserialisable object (uid, generation) is reported.
+    pub fn first_report_of_invalid(&self, key: (String, Option<i64>)) -> bool {
+        self.invalid_reported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key)
     }
 }
 
@@ -119,10 +191,21 @@ pub struct Config {
     pub admin_addr: Option<std::net::SocketAddr>,
 }
 
-fn error_policy(pk: Arc<ProviderKey>, error: &Error, ctx: Arc<Context>) -> Action {
-    let obj = ObjectRef::from_obj(&*pk);
-    let delay = ctx.backoff.next_delay(&obj);
-    tracing::warn!(providerkey = %obj, error = %error, retry_in = ?delay, "reconcile failed");
+fn error_policy(
+    obj: Arc<DeserializeGuard<ProviderKey>>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    ctx.metrics.reconcile_error(error.reason());
+    let meta = obj.meta();
+    let key = ObjectRef::<ProviderKey>::new(meta.name.as_deref().unwrap_or_default())
+        .within(meta.namespace.as_deref().unwrap_or_default());
+    if !error.is_transient() {
+        tracing::error!(providerkey = %key, error = %error, "reconcile failed; waiting for a change");
+        return Action::await_change();
+    }
+    let delay = ctx.backoff.next_delay(&key);
+    tracing::warn!(providerkey = %key, error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
 
@@ -153,82 +236,141 @@ pub async fn run(
         leader::acquire(&leases, leader).await;
     }
 
-    let keyring = keyring::load_or_create(&keyring_api, &config.keyring_secret).await?;
+    let (pks, secrets): (Api<DeserializeGuard<ProviderKey>>, Api<Secret>) =
+        match &config.watch_namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (Api::all(client.clone()), Api::all(client.clone())),
+        };
+
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "byok-operator".into(),
+            instance: None,
+        },
+    );
+    let keyring_ref = keyring::reference(&config.operator_namespace, &config.keyring_secret);
+    let keyring = keyring::load_or_init(&keyring_api, &secrets, &config.keyring_secret).await?;
+    metrics.set_keyring_available(keyring.is_some());
+    if keyring.is_none() {
+        keyring::report_missing(&recorder, &keyring_ref).await;
+    }
+
+    let (sources, sources_writer) = reflector::store::<Secret>();
     let ctx = Arc::new(Context {
         client: client.clone(),
         metrics: metrics.clone(),
         verifier,
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "byok-operator".into(),
-                instance: None,
-            },
-        ),
+        recorder: recorder.clone(),
         backoff: Backoff::default(),
-        keyring: RwLock::new(Some(keyring)),
+        sources,
+        keyring: RwLock::new(keyring),
+        written: Mutex::default(),
+        invalid_reported: Mutex::default(),
     });
 
-    let (pks, secrets): (Api<ProviderKey>, Api<Secret>) = match &config.watch_namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
-    };
-
-    // Keyring changes (an operator key rotation) reconcile every ProviderKey.
+    // Keyring changes (an operator key rotation, the Secret deleted or restored) reconcile
+    // every ProviderKey.
     let keyring_ctx = ctx.clone();
     let keyring_changes = watcher(
         keyring_api,
         watcher::Config::default().fields(&format!("metadata.name={}", config.keyring_secret)),
     )
-    .applied_objects()
-    .filter_map(move |secret| {
+    .scan(false, move |seen, event| {
         let ctx = keyring_ctx.clone();
+        let keyring_ref = keyring_ref.clone();
+        let next = match event {
+            Ok(watcher::Event::Init) => {
+                *seen = false;
+                None
+            }
+            Ok(watcher::Event::InitApply(secret) | watcher::Event::Apply(secret)) => {
+                *seen = true;
+                Some(keyring::from_secret(&secret).map_err(|e| e.to_string()))
+            }
+            Ok(watcher::Event::InitDone) if !*seen => Some(Err("the Secret does not exist".to_string())),
+            Ok(watcher::Event::InitDone) => None,
+            Ok(watcher::Event::Delete(_)) => {
+                *seen = false;
+                Some(Err("the Secret was deleted".to_string()))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "watching the keyring Secret");
+                None
+            }
+        };
         async move {
-            let secret = secret.ok()?;
-            match keyring::from_secret(&secret) {
+            let Some(next) = next else {
+                return Some(None);
+            };
+            let before = ctx.keyring().map(|k| k.active_id().to_string());
+            match next {
                 Ok(keyring) => {
-                    let changed = ctx.keyring().is_none_or(|k| k.active_id() != keyring.active_id());
-                    ctx.set_keyring(keyring);
-                    changed.then_some(())
+                    let changed = before.as_deref() != Some(keyring.active_id());
+                    ctx.set_keyring(Some(keyring));
+                    ctx.metrics.set_keyring_available(true);
+                    if changed && before.is_none() {
+                        tracing::info!(secret = %keyring_ref.name.clone().unwrap_or_default(), "the operator keyring is available again");
+                    }
+                    Some(changed.then_some(()))
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "the keyring Secret is unusable; keeping the last good keyring");
-                    None
+                Err(why) => {
+                    tracing::error!(
+                        namespace = %keyring_ref.namespace.clone().unwrap_or_default(),
+                        secret = %keyring_ref.name.clone().unwrap_or_default(),
+                        problem = %why,
+                        "the operator keyring is unavailable; ProviderKeys report KeyringUnavailable until it is restored"
+                    );
+                    ctx.set_keyring(None);
+                    ctx.metrics.set_keyring_available(false);
+                    keyring::report_missing(&ctx.recorder, &keyring_ref).await;
+                    Some(before.is_some().then_some(()))
                 }
             }
         }
-    });
+    })
+    .filter_map(futures::future::ready);
+
+    // Source Secrets: only labelled ones are watched and cached, without managedFields.
+    let source_stream = reflector::reflector(
+        sources_writer,
+        watcher(
+            secrets.clone(),
+            watcher::Config::default().labels(&names::key_source_selector()),
+        )
+        .modify(|s| {
+            s.managed_fields_mut().clear();
+        }),
+    )
+    .touched_objects();
 
     let controller = Controller::new(pks, watcher::Config::default().any_semantic());
     let store = controller.store();
-    let managed_selector = format!(
-        "{}={}",
-        reconcile::MANAGED_BY_LABEL.0,
-        reconcile::MANAGED_BY_LABEL.1
-    );
     let controller = controller
         .owns(
-            secrets.clone(),
-            watcher::Config::default().labels(&managed_selector),
-        )
-        // A change to a source Secret reconciles the ProviderKeys that reference it.
-        .watches(
             secrets,
-            watcher::Config::default(),
-            move |secret: Secret| {
-                let ns = secret.namespace();
-                let name = secret.name_any();
-                store
-                    .state()
-                    .into_iter()
-                    .filter(|pk| pk.namespace() == ns && pk.spec.secret_ref.name == name)
-                    .map(|pk| ObjectRef::from_obj(&*pk))
-                    .collect::<Vec<_>>()
-            },
+            watcher::Config::default().labels(names::PROVIDERKEY_LABEL),
         )
+        // A change to a source Secret (its label removed included) reconciles the
+        // ProviderKeys that reference it.
+        .watches_stream(source_stream, move |secret: Secret| {
+            let ns = secret.namespace();
+            let name = secret.name_any();
+            store
+                .state()
+                .into_iter()
+                .filter(|guard| {
+                    guard
+                        .0
+                        .as_ref()
+                        .is_ok_and(|pk| pk.namespace() == ns && pk.spec.secret_ref.name == name)
+                })
+                .map(|guard| ObjectRef::from_obj(&*guard))
+                .collect::<Vec<_>>()
+        })
         .reconcile_all_on(keyring_changes)
         .graceful_shutdown_on(shutdown);
 

@@ -1,20 +1,26 @@
 //! The pure heart of reconciliation: from what was observed (and, when one ran, the result of a
-//! verification) to the desired managed Secret and status. No IO, no clock: `now` comes in.
+//! verification) to the desired managed Secret, status, Events and next visit. No IO, no
+//! clock: `now` comes in.
+//!
+//! The steps, in order:
+//! 1. [`blocker`]: something that stops all work on this object (a bad spec, a Secret that is
+//!    not ours, no keyring, a refused destination). Nothing is verified or written.
+//! 2. [`verification_target`]: whether a live call is due, and of which key.
+//! 3. [`decide`]: what the verification (if any) means for the key in service, the
+//!    conditions and the Events.
 
 use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::crd::ProviderKeyStatus;
 use crate::reason::Reason;
 use crate::status::{self, Decided, Status, ready_reasons, types};
 
-/// Shortest periodic re-verification interval; anything lower would hammer the provider.
-pub const MIN_INTERVAL: Duration = Duration::from_secs(60);
-/// Used when `spec.verification.interval` is not set.
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+pub use crate::interval::{DEFAULT_INTERVAL, MIN_INTERVAL, effective_interval};
 
-/// The key currently in service, as recorded on the managed Secret (non-secret facts only).
+/// The key currently in service, as read back from the managed Secret: the fingerprint,
+/// mask and encryption key id come from the decrypted envelope, not from annotations.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InService {
     pub fingerprint: String,
@@ -22,6 +28,21 @@ pub struct InService {
     pub key_version: i64,
     pub encryption_key_id: String,
     pub rotated_at: Option<Time>,
+    /// `scheme://host:port` the key was verified against (`None`: not recorded).
+    pub origin: Option<String>,
+}
+
+/// The managed Secret `<name>-byok`, as found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Managed {
+    Absent,
+    /// Ours, and its envelope authenticates for this ProviderKey.
+    InService(InService),
+    /// Ours, but the envelope does not authenticate here (tampered, copied, or encrypted
+    /// with an operator key that is gone).
+    Undecryptable,
+    /// Not created by this ProviderKey: never updated or deleted.
+    Conflict,
 }
 
 /// The source Secret's key, or why there is none.
@@ -42,10 +63,16 @@ pub enum Source {
 pub struct Observed {
     pub generation: Option<i64>,
     pub status: ProviderKeyStatus,
+    pub managed_secret_name: String,
     pub source: Source,
-    pub in_service: Option<InService>,
-    pub active_key_id: String,
-    pub interval: Option<Duration>,
+    pub managed: Managed,
+    /// The active operator key; `None` when the keyring is missing or unusable.
+    pub active_key_id: Option<String>,
+    /// Where the key goes now (`scheme://host:port`), or why it may go nowhere.
+    pub destination: Result<String, Verified>,
+    /// The re-verification interval (`None`: disabled), or why `spec.verification.interval`
+    /// cannot be used.
+    pub interval: Result<Option<Duration>, String>,
     pub now: Time,
 }
 
@@ -54,7 +81,7 @@ pub struct Observed {
 pub enum Target {
     /// The key in the source Secret (new, rotated, or after a spec change).
     Source,
-    /// The key in service, for periodic re-verification when the source is unchanged or gone.
+    /// The key in service, for periodic re-verification when the source is gone.
     InService,
 }
 
@@ -65,23 +92,65 @@ pub struct Verified {
     pub message: String,
 }
 
-/// What the managed Secret should become.
+/// What the managed Secret should become. Each variant names the one plaintext it needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SecretWrite {
     /// Leave it as it is.
     Keep,
     /// Put the source key in service (encrypted with the active operator key).
     PutSourceKey { key_version: i64 },
-    /// Same key, re-encrypted with the active operator key (after an operator key rotation).
+    /// The key in service, re-encrypted with the active operator key.
     ReEncrypt,
+}
+
+/// Why an Event is published. The string forms are what `kubectl get events` shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventReason {
+    KeyInService,
+    KeyRejected,
+    ReEncrypted,
+    /// A managed Secret restored from a backup was taken over.
+    Adopted,
+    /// The ProviderKey was deleted.
+    Deleted,
+    /// A failure a user can act on; the reason is the condition's.
+    Failed(Reason),
+}
+
+impl EventReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventReason::KeyInService => "KeyInService",
+            EventReason::KeyRejected => "KeyRejected",
+            EventReason::ReEncrypted => "ReEncrypted",
+            EventReason::Adopted => "Adopted",
+            EventReason::Deleted => "Deleted",
+            EventReason::Failed(r) => r.as_str(),
+        }
+    }
+
+    pub fn is_warning(self) -> bool {
+        matches!(self, EventReason::KeyRejected | EventReason::Failed(_))
+    }
 }
 
 /// A Kubernetes Event to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventNote {
-    pub warning: bool,
-    pub reason: &'static str,
+    pub reason: EventReason,
     pub note: String,
+}
+
+/// When reconcile should look at the object again if nothing changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Only when something changes.
+    AwaitChange,
+    /// After this long (periodic re-verification).
+    After(Duration),
+    /// After the object's backoff delay (a transient failure, or a condition outside our
+    /// watches such as a foreign Secret in the way).
+    Backoff,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -89,102 +158,227 @@ pub struct Desired {
     pub secret: SecretWrite,
     pub status: ProviderKeyStatus,
     pub events: Vec<EventNote>,
-    /// Retry with backoff (a transient failure).
-    pub transient: bool,
-    /// When to look again when nothing changes (periodic re-verification).
-    pub requeue_after: Option<Duration>,
+    pub next: Next,
+}
+
+/// Something that stops all work on the object: no verification, no write.
+pub fn blocker(obs: &Observed) -> Option<Verified> {
+    let blocked = |reason, message: String| Some(Verified { reason, message });
+    if let Err(message) = &obs.interval {
+        return blocked(Reason::InvalidSpec, message.clone());
+    }
+    if obs.managed == Managed::Conflict {
+        return blocked(
+            Reason::ManagedSecretConflict,
+            format!(
+                "Secret {} already exists and was not created by this ProviderKey; it is left \
+                 untouched. Delete or rename it, or give the ProviderKey another name",
+                obs.managed_secret_name
+            ),
+        );
+    }
+    if obs.active_key_id.is_none() {
+        return blocked(
+            Reason::KeyringUnavailable,
+            "the operator keyring Secret is missing or unusable; restore it from backup \
+             (the operator recovers without a restart)"
+                .to_string(),
+        );
+    }
+    if let Err(refused) = &obs.destination {
+        return Some(refused.clone());
+    }
+    None
+}
+
+/// The key in service, if it may still be used: it was verified against today's
+/// destination. A key verified elsewhere is never sent to a new destination.
+fn usable_in_service(obs: &Observed) -> Option<&InService> {
+    match (&obs.managed, &obs.destination) {
+        (Managed::InService(s), Ok(origin)) if s.origin.as_deref() == Some(origin.as_str()) => {
+            Some(s)
+        }
+        _ => None,
+    }
 }
 
 fn interval_elapsed(obs: &Observed) -> bool {
-    let (Some(interval), Some(last)) = (obs.interval, obs.status.last_verified_time.as_ref())
+    let (Ok(Some(interval)), Some(last)) = (&obs.interval, obs.status.last_verified_time.as_ref())
     else {
         return false;
     };
-    let elapsed = obs.now.0.duration_since(last.0);
-    elapsed.as_secs() >= interval.as_secs() as i64
+    let elapsed = obs.now.0.duration_since(last.0).as_secs();
+    elapsed >= i64::try_from(interval.as_secs()).unwrap_or(i64::MAX)
 }
 
-fn condition_is(obs: &Observed, type_: &str, status: Status) -> bool {
-    status::find(&obs.status.conditions, type_).is_some_and(|c| c.status == status.as_str())
+fn condition_status(conditions: &[Condition], type_: &str) -> Option<Status> {
+    status::find(conditions, type_).map(|c| Status::parse(&c.status))
 }
 
-/// A `Verified=False` condition for a rejected key, with a warning Event unless the same
-/// rejection is already on the status (so a repeat says nothing new).
-fn rejection(
-    previous: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
-    reason: Reason,
-    message: String,
-    events: &mut Vec<EventNote>,
-) -> Decided {
-    let repeated = previous.is_some_and(|c| {
-        c.status == "False" && c.reason == reason.as_str() && c.message == message
-    });
-    if !repeated {
-        events.push(EventNote {
-            warning: true,
-            reason: "KeyRejected",
-            note: message.clone(),
-        });
-    }
-    Decided::new(types::VERIFIED, Status::False, reason.as_str(), message)
+fn spec_changed(obs: &Observed) -> bool {
+    obs.status.observed_generation != obs.generation
 }
 
 /// Decides whether a live verification is needed, and of which key.
 pub fn verification_target(obs: &Observed) -> Option<Target> {
-    let spec_changed = obs.status.observed_generation != obs.generation;
-    match (&obs.source, &obs.in_service) {
-        (Source::Present { fingerprint, .. }, in_service) => {
-            let is_in_service = in_service
-                .as_ref()
-                .is_some_and(|s| &s.fingerprint == fingerprint);
-            let already_rejected =
-                obs.status.rejected_fingerprint.as_deref() == Some(fingerprint.as_str());
-            let verified_ok = condition_is(obs, types::VERIFIED, Status::True);
-            if !is_in_service {
-                // A new or rotated key; a key we already rejected waits for a change.
-                (!already_rejected || spec_changed).then_some(Target::Source)
-            } else if spec_changed || !verified_ok || interval_elapsed(obs) {
+    if blocker(obs).is_some() {
+        return None;
+    }
+    let serving = usable_in_service(obs);
+    // A rejected key is not tried again until something changes.
+    let rejected = |fingerprint: &str| {
+        obs.status.rejected_fingerprint.as_deref() == Some(fingerprint) && !spec_changed(obs)
+    };
+    match &obs.source {
+        Source::Present { fingerprint, .. } => {
+            let serving_this = serving.is_some_and(|s| &s.fingerprint == fingerprint);
+            if rejected(fingerprint) {
+                None
+            } else if !serving_this {
+                // A new or rotated key, or one to replace a key we may no longer use.
                 Some(Target::Source)
             } else {
-                None
+                let verified = condition_status(&obs.status.conditions, types::VERIFIED);
+                (spec_changed(obs) || verified != Some(Status::True) || interval_elapsed(obs))
+                    .then_some(Target::Source)
             }
         }
-        (Source::Unusable { .. }, Some(_)) => interval_elapsed(obs).then_some(Target::InService),
-        (Source::Unusable { .. }, None) => None,
+        Source::Unusable { .. } => serving
+            .filter(|s| !rejected(&s.fingerprint) && interval_elapsed(obs))
+            .map(|_| Target::InService),
     }
 }
 
-/// Builds the desired state from the observation and the verification result (if one ran).
-pub fn decide(obs: &Observed, target: Option<Target>, result: Option<&Verified>) -> Desired {
-    let mut status = ProviderKeyStatus {
-        observed_generation: obs.generation,
-        last_verified_time: obs.status.last_verified_time.clone(),
-        ..Default::default()
+/// The conditions, Secret write and Events for a blocked object: Ready says why, Verified
+/// keeps what the last verification found (a refused destination is itself the result).
+fn decide_blocked(obs: &Observed, why: Verified) -> Desired {
+    let ready = Decided::new(
+        types::READY,
+        Status::False,
+        why.reason.as_str(),
+        &why.message,
+    );
+    // A refused destination is itself what verification found; other blockers say nothing
+    // about the key.
+    let verified = match &obs.destination {
+        Err(refused) if *refused == why => Decided::new(
+            types::VERIFIED,
+            Status::False,
+            why.reason.as_str(),
+            &why.message,
+        ),
+        _ => carried_verified(obs),
     };
     let mut events = Vec::new();
-    let mut secret = SecretWrite::Keep;
-    let mut transient = false;
-    let mut rejected_fingerprint = obs.status.rejected_fingerprint.clone();
-    let mut in_service = obs.in_service.clone();
-    let previous_verified = status::find(&obs.status.conditions, types::VERIFIED);
-    // Carry the Verified condition forward unless something new is learned.
-    let mut verified = previous_verified.map(|c| {
-        let s = match c.status.as_str() {
-            "True" => Status::True,
-            "False" => Status::False,
-            _ => Status::Unknown,
-        };
-        Decided::new(types::VERIFIED, s, c.reason.clone(), c.message.clone())
-    });
+    failure_event(obs, &ready, &mut events);
+    let next = match why.reason {
+        // Outside our watches: the foreign Secret is not labelled as ours.
+        Reason::ManagedSecretConflict => Next::Backoff,
+        _ => Next::AwaitChange,
+    };
+    let mut status = obs.status.clone();
+    status.observed_generation = obs.generation;
+    status.conditions = status::merge(
+        &obs.status.conditions,
+        &[ready, verified],
+        obs.generation,
+        &obs.now,
+    );
+    Desired {
+        secret: SecretWrite::Keep,
+        status,
+        events,
+        next,
+    }
+}
 
+/// The Verified condition as it was, or Pending when there was none.
+fn carried_verified(obs: &Observed) -> Decided {
+    match status::find(&obs.status.conditions, types::VERIFIED) {
+        Some(c) => Decided::new(
+            types::VERIFIED,
+            Status::parse(&c.status),
+            c.reason.clone(),
+            c.message.clone(),
+        ),
+        None => Decided::new(
+            types::VERIFIED,
+            Status::Unknown,
+            ready_reasons::PENDING,
+            "verification has not run yet",
+        ),
+    }
+}
+
+/// A Warning Event for a failing Ready condition, once per change of reason (a repeat of
+/// the same failure says nothing new).
+fn failure_event(obs: &Observed, ready: &Decided, events: &mut Vec<EventNote>) {
+    let Some(reason) = Reason::parse(&ready.reason) else {
+        return;
+    };
+    if ready.status != Status::False || reason.is_transient() {
+        return;
+    }
+    let previous = status::find(&obs.status.conditions, types::READY);
+    let repeated = previous.is_some_and(|c| c.status == "False" && c.reason == ready.reason);
+    // Key rejections have their own Event.
+    let rejection = matches!(reason, Reason::InvalidKey | Reason::QuotaExhausted);
+    if !repeated && !rejection {
+        events.push(EventNote {
+            reason: EventReason::Failed(reason),
+            note: ready.message.clone(),
+        });
+    }
+}
+
+/// What the verification means for the key in service: the new key in service (if any) and
+/// what to write. `None` result: no call was made.
+struct KeyOutcome {
+    in_service: Option<InService>,
+    secret: SecretWrite,
+    verified: Option<Decided>,
+    rejected_fingerprint: Option<String>,
+    last_verified_time: Option<Time>,
+    transient: bool,
+    events: Vec<EventNote>,
+}
+
+fn key_outcome(obs: &Observed, target: Option<Target>, result: Option<&Verified>) -> KeyOutcome {
+    let mut out = KeyOutcome {
+        in_service: usable_in_service(obs).cloned(),
+        secret: SecretWrite::Keep,
+        verified: None,
+        rejected_fingerprint: obs.status.rejected_fingerprint.clone(),
+        last_verified_time: obs.status.last_verified_time.clone(),
+        transient: false,
+        events: Vec::new(),
+    };
+    let previous_verified = status::find(&obs.status.conditions, types::VERIFIED);
+    let origin = obs.destination.as_ref().ok().cloned();
     match (&obs.source, target, result) {
-        (Source::Unusable { reason, message }, _, _) if target.is_none() || result.is_none() => {
-            verified = Some(Decided::new(
+        (Source::Unusable { reason, message }, _, result) => {
+            // The source is gone: Verified says so, unless the key in service itself was
+            // just rejected on re-verification.
+            let mut verified = Decided::new(
                 types::VERIFIED,
                 Status::False,
                 reason.as_str(),
                 message.clone(),
-            ));
+            );
+            match result {
+                Some(v) if v.reason == Reason::Valid => {
+                    out.last_verified_time = Some(obs.now.clone());
+                }
+                Some(v) if v.reason.is_transient() => out.transient = true,
+                Some(v) => {
+                    out.rejected_fingerprint =
+                        out.in_service.as_ref().map(|s| s.fingerprint.clone());
+                    let msg = format!("key in service rejected on re-verification: {}", v.message);
+                    verified = rejection(previous_verified, v.reason, msg, &mut out.events);
+                }
+                None => {}
+            }
+            out.verified = Some(verified);
         }
         (
             Source::Present {
@@ -194,139 +388,161 @@ pub fn decide(obs: &Observed, target: Option<Target>, result: Option<&Verified>)
             Some(Target::Source),
             Some(v),
         ) => {
-            let is_new = in_service
+            let is_new = out
+                .in_service
                 .as_ref()
                 .is_none_or(|s| &s.fingerprint != fingerprint);
             if v.reason == Reason::Valid {
-                status.last_verified_time = Some(obs.now.clone());
-                rejected_fingerprint = None;
-                verified = Some(Decided::new(
+                out.last_verified_time = Some(obs.now.clone());
+                out.rejected_fingerprint = None;
+                out.verified = Some(Decided::new(
                     types::VERIFIED,
                     Status::True,
                     Reason::Valid.as_str(),
                     v.message.clone(),
                 ));
                 if is_new {
-                    let key_version = in_service.as_ref().map_or(1, |s| s.key_version + 1);
-                    secret = SecretWrite::PutSourceKey { key_version };
-                    in_service = Some(InService {
+                    // The previous version: what is in service, whether or not it may still
+                    // be used, else what the status last said.
+                    let previous = match &obs.managed {
+                        Managed::InService(s) => Some(s.key_version),
+                        _ => obs.status.key_version,
+                    };
+                    let same_key = matches!(&obs.managed, Managed::InService(s) if &s.fingerprint == fingerprint);
+                    let key_version = match (previous, same_key) {
+                        (Some(p), true) => p,
+                        (Some(p), false) => p.saturating_add(1),
+                        (None, _) => 1,
+                    };
+                    out.secret = SecretWrite::PutSourceKey { key_version };
+                    out.in_service = Some(InService {
                         fingerprint: fingerprint.clone(),
                         masked_key: masked_key.clone(),
                         key_version,
-                        encryption_key_id: obs.active_key_id.clone(),
-                        rotated_at: Some(obs.now.clone()),
+                        encryption_key_id: obs.active_key_id.clone().unwrap_or_default(),
+                        rotated_at: if same_key {
+                            match &obs.managed {
+                                Managed::InService(s) => s.rotated_at.clone(),
+                                _ => Some(obs.now.clone()),
+                            }
+                        } else {
+                            Some(obs.now.clone())
+                        },
+                        origin,
                     });
-                    let note = if key_version == 1 {
+                    let note = if same_key {
+                        format!(
+                            "key {fingerprint} verified against the new destination and kept in service"
+                        )
+                    } else if key_version == 1 {
                         format!("key {fingerprint} verified and put in service")
                     } else {
                         format!("key rotated to {fingerprint} (version {key_version})")
                     };
-                    events.push(EventNote {
-                        warning: false,
-                        reason: "KeyInService",
+                    out.events.push(EventNote {
+                        reason: EventReason::KeyInService,
                         note,
                     });
                 }
             } else if v.reason.is_transient() {
-                transient = true;
+                out.transient = true;
                 if is_new {
-                    let msg = format!(
-                        "could not verify key {fingerprint} yet: {}; retrying",
-                        v.message
-                    );
-                    verified = Some(Decided::new(
+                    out.verified = Some(Decided::new(
                         types::VERIFIED,
                         Status::Unknown,
                         v.reason.as_str(),
-                        msg,
+                        format!(
+                            "could not verify key {fingerprint} yet: {}; retrying",
+                            v.message
+                        ),
                     ));
                 }
-                // A transient failure never turns a verified key invalid: Verified stays as it was.
+                // A transient failure never turns a verified key invalid.
             } else {
-                let msg = if is_new && in_service.is_some() {
-                    rejected_fingerprint = Some(fingerprint.clone());
-                    format!(
-                        "new key {fingerprint} rejected: {}; the last good key stays in service",
-                        v.message
-                    )
-                } else {
-                    if is_new {
-                        rejected_fingerprint = Some(fingerprint.clone());
+                out.rejected_fingerprint = Some(fingerprint.clone());
+                let msg = if is_new {
+                    if out.in_service.is_some() {
+                        format!(
+                            "new key {fingerprint} rejected: {}; the last good key stays in service",
+                            v.message
+                        )
+                    } else {
+                        format!("key {fingerprint} rejected: {}", v.message)
                     }
+                } else {
                     format!("key {fingerprint} rejected: {}", v.message)
                 };
-                verified = Some(rejection(previous_verified, v.reason, msg, &mut events));
-            }
-        }
-        (_, Some(Target::InService), Some(v)) => {
-            if v.reason == Reason::Valid {
-                status.last_verified_time = Some(obs.now.clone());
-            } else if v.reason.is_transient() {
-                transient = true;
-            } else {
-                let msg = format!("key in service rejected on re-verification: {}", v.message);
-                verified = Some(rejection(previous_verified, v.reason, msg, &mut events));
-            }
-            if let Source::Unusable { reason, message } = &obs.source
-                && v.reason == Reason::Valid
-            {
-                verified = Some(Decided::new(
-                    types::VERIFIED,
-                    Status::False,
-                    reason.as_str(),
-                    message.clone(),
-                ));
+                out.verified = Some(rejection(previous_verified, v.reason, msg, &mut out.events));
             }
         }
         _ => {}
     }
+    out
+}
 
-    // The operator key was rotated: re-encrypt what is in service (no verification needed).
-    if let (SecretWrite::Keep, Some(s)) = (&secret, in_service.as_mut())
-        && s.encryption_key_id != obs.active_key_id
-    {
-        secret = SecretWrite::ReEncrypt;
-        events.push(EventNote {
-            warning: false,
-            reason: "ReEncrypted",
-            note: format!(
-                "managed Secret re-encrypted with operator key {}",
-                obs.active_key_id
-            ),
-        });
-        s.encryption_key_id = obs.active_key_id.clone();
-    }
-
-    let verified = verified.unwrap_or_else(|| {
-        Decided::new(
-            types::VERIFIED,
-            Status::Unknown,
-            ready_reasons::PENDING,
-            "verification has not run yet",
-        )
+/// A `Verified=False` condition for a rejected key, with a Warning Event unless the same
+/// rejection is already on the status.
+fn rejection(
+    previous: Option<&Condition>,
+    reason: Reason,
+    message: String,
+    events: &mut Vec<EventNote>,
+) -> Decided {
+    let repeated = previous.is_some_and(|c| {
+        Status::parse(&c.status) == Status::False
+            && c.reason == reason.as_str()
+            && c.message == message
     });
-    let in_service_rejected = verified.status == Status::False
-        && rejected_fingerprint.is_none()
-        && matches!(&obs.source, Source::Present { .. });
-    let ready = match &in_service {
+    if !repeated {
+        events.push(EventNote {
+            reason: EventReason::KeyRejected,
+            note: message.clone(),
+        });
+    }
+    Decided::new(types::VERIFIED, Status::False, reason.as_str(), message)
+}
+
+/// The Ready condition: whether a key may be served, and if not, the one reason a user
+/// should act on.
+fn ready_condition(obs: &Observed, k: &KeyOutcome, verified: &Decided) -> Decided {
+    match &k.in_service {
         None => {
-            let (reason, message) = if verified.status == Status::Unknown && !transient {
-                (
+            let (reason, message) = match (&obs.managed, &obs.source) {
+                (Managed::Undecryptable, _) => (
+                    Reason::DecryptionFailed.as_str().to_string(),
+                    format!(
+                        "managed Secret {} cannot be decrypted for this ProviderKey (tampered \
+                         with, copied from another object, or encrypted with an operator key \
+                         that is gone); the source Secret could not replace it: {}",
+                        obs.managed_secret_name, verified.message
+                    ),
+                ),
+                (Managed::InService(_), _) => (
+                    Reason::DestinationChanged.as_str().to_string(),
+                    format!(
+                        "the provider endpoint changed since the key in service was verified; \
+                         that key is not sent to the new destination until a key from the \
+                         source Secret verifies there: {}",
+                        verified.message
+                    ),
+                ),
+                _ if verified.status == Status::Unknown && !k.transient => (
                     ready_reasons::PENDING.to_string(),
                     "waiting for the first verification".to_string(),
-                )
-            } else {
-                (verified.reason.clone(), verified.message.clone())
+                ),
+                _ => (verified.reason.clone(), verified.message.clone()),
             };
             Decided::new(types::READY, Status::False, reason, message)
         }
-        Some(_) if in_service_rejected => Decided::new(
-            types::READY,
-            Status::False,
-            verified.reason.clone(),
-            verified.message.clone(),
-        ),
-        Some(s) if rejected_fingerprint.is_some() => Decided::new(
+        Some(s) if k.rejected_fingerprint.as_deref() == Some(s.fingerprint.as_str()) => {
+            Decided::new(
+                types::READY,
+                Status::False,
+                verified.reason.clone(),
+                verified.message.clone(),
+            )
+        }
+        Some(s) if k.rejected_fingerprint.is_some() => Decided::new(
             types::READY,
             Status::True,
             ready_reasons::PENDING_KEY_REJECTED,
@@ -344,65 +560,90 @@ pub fn decide(obs: &Observed, target: Option<Target>, result: Option<&Verified>)
                 s.fingerprint, s.key_version
             ),
         ),
-    };
+    }
+}
+
+/// Builds the desired state from the observation and the verification result (if one ran).
+pub fn decide(obs: &Observed, target: Option<Target>, result: Option<&Verified>) -> Desired {
+    if let Some(why) = blocker(obs) {
+        return decide_blocked(obs, why);
+    }
+    let mut k = key_outcome(obs, target, result);
+
+    // The operator key was rotated: re-encrypt what is in service (no verification needed).
+    // The key id comes from the envelope itself, never from an editable annotation.
+    let active = obs.active_key_id.clone().unwrap_or_default();
+    if let (SecretWrite::Keep, Some(s)) = (&k.secret, k.in_service.as_mut())
+        && s.encryption_key_id != active
+    {
+        k.secret = SecretWrite::ReEncrypt;
+        k.events.push(EventNote {
+            reason: EventReason::ReEncrypted,
+            note: format!("managed Secret re-encrypted with operator key {active}"),
+        });
+        s.encryption_key_id = active;
+    }
+
+    let verified = k.verified.clone().unwrap_or_else(|| carried_verified(obs));
+    let ready = ready_condition(obs, &k, &verified);
+    let mut events = std::mem::take(&mut k.events);
+    failure_event(obs, &ready, &mut events);
 
     // A generation whose verification failed transiently is not observed yet: keeping the old
     // observedGeneration makes the retry verify again.
-    // (Nor is the status changed for it, so the retry is not re-triggered early by our own write.)
-    if transient {
-        status.observed_generation = obs.status.observed_generation;
-    }
-    status.conditions = status::merge(
-        &obs.status.conditions,
-        &[ready, verified],
-        status.observed_generation,
-        &obs.now,
-    );
-    status.rejected_fingerprint = rejected_fingerprint;
-    if let Some(s) = &in_service {
+    let observed_generation = if k.transient {
+        obs.status.observed_generation
+    } else {
+        obs.generation
+    };
+    let mut status = ProviderKeyStatus {
+        observed_generation,
+        last_verified_time: k.last_verified_time.clone(),
+        rejected_fingerprint: k.rejected_fingerprint.clone(),
+        conditions: status::merge(
+            &obs.status.conditions,
+            &[ready, verified],
+            observed_generation,
+            &obs.now,
+        ),
+        ..Default::default()
+    };
+    if let Some(s) = &k.in_service {
         status.fingerprint = Some(s.fingerprint.clone());
         status.masked_key = Some(s.masked_key.clone());
         status.key_version = Some(s.key_version);
         status.encryption_key_id = Some(s.encryption_key_id.clone());
         status.last_rotation_time = s.rotated_at.clone();
+        status.managed_secret_name = Some(obs.managed_secret_name.clone());
     }
 
-    let requeue_after = match (obs.interval, &status.last_verified_time) {
-        (Some(interval), Some(last)) => {
-            let elapsed = obs.now.0.duration_since(last.0).as_secs().max(0) as u64;
-            Some(Duration::from_secs(
-                interval.as_secs().saturating_sub(elapsed).max(1),
-            ))
+    let next = if k.transient {
+        Next::Backoff
+    } else {
+        match (&obs.interval, &status.last_verified_time) {
+            (Ok(Some(interval)), Some(last)) if k.in_service.is_some() => {
+                let elapsed =
+                    u64::try_from(obs.now.0.duration_since(last.0).as_secs().max(0)).unwrap_or(0);
+                Next::After(Duration::from_secs(
+                    interval.as_secs().saturating_sub(elapsed).max(1),
+                ))
+            }
+            _ => Next::AwaitChange,
         }
-        _ => None,
     };
     Desired {
-        secret,
+        secret: k.secret,
         status,
         events,
-        transient,
-        requeue_after,
-    }
-}
-
-/// The effective re-verification interval: `None` when disabled with `0`.
-pub fn effective_interval(spec: Option<&crate::crd::VerificationSpec>) -> Option<Duration> {
-    match spec.and_then(|v| v.interval.as_ref()) {
-        None => Some(DEFAULT_INTERVAL),
-        Some(d) => {
-            let d: Duration = (*d).into();
-            if d.is_zero() {
-                None
-            } else {
-                Some(d.max(MIN_INTERVAL))
-            }
-        }
+        next,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const ORIGIN: &str = "https://api.openai.com:443";
 
     fn t(secs: i64) -> Time {
         Time(jiff::Timestamp::from_second(1_700_000_000 + secs).expect("valid"))
@@ -415,31 +656,30 @@ mod tests {
         }
     }
 
-    fn observed(
-        source: Source,
-        in_service: Option<InService>,
-        status: ProviderKeyStatus,
-    ) -> Observed {
+    fn observed(source: Source, managed: Managed, status: ProviderKeyStatus) -> Observed {
         Observed {
             generation: Some(1),
             status,
+            managed_secret_name: "k-byok".into(),
             source,
-            in_service,
-            active_key_id: "k1".into(),
-            interval: Some(DEFAULT_INTERVAL),
+            managed,
+            active_key_id: Some("k1".into()),
+            destination: Ok(ORIGIN.into()),
+            interval: Ok(Some(DEFAULT_INTERVAL)),
             now: t(0),
         }
     }
 
     /// The key `fp` in service as version `version`, encrypted with k1, rotated at `t(at)`.
-    fn serving(fp: &str, version: i64, at: i64) -> InService {
-        InService {
+    fn serving(fp: &str, version: i64, at: i64) -> Managed {
+        Managed::InService(InService {
             fingerprint: fp.into(),
             masked_key: format!("sk-...{fp}"),
             key_version: version,
             encryption_key_id: "k1".into(),
             rotated_at: Some(t(at)),
-        }
+            origin: Some(ORIGIN.into()),
+        })
     }
 
     fn failed(reason: Reason, message: &str) -> Verified {
@@ -453,11 +693,13 @@ mod tests {
         failed(Reason::Valid, "the provider accepted the key")
     }
 
-    fn cond<'a>(
-        s: &'a ProviderKeyStatus,
-        type_: &str,
-    ) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    fn cond<'a>(s: &'a ProviderKeyStatus, type_: &str) -> &'a Condition {
         status::find(&s.conditions, type_).expect("condition present")
+    }
+
+    fn ready(d: &Desired) -> (&str, &str) {
+        let c = cond(&d.status, types::READY);
+        (c.status.as_str(), c.reason.as_str())
     }
 
     /// Runs one full reconcile step and returns the desired state.
@@ -466,54 +708,69 @@ mod tests {
         decide(obs, target, result.as_ref().filter(|_| target.is_some()))
     }
 
+    /// `obs` after `d` was applied: the status written and the managed Secret as written.
+    fn after(obs: &Observed, d: &Desired) -> Observed {
+        let mut next = obs.clone();
+        next.status = d.status.clone();
+        if let (SecretWrite::PutSourceKey { key_version }, Source::Present { fingerprint, .. }) =
+            (&d.secret, &obs.source)
+        {
+            next.managed = Managed::InService(InService {
+                fingerprint: fingerprint.clone(),
+                masked_key: format!("sk-...{fingerprint}"),
+                key_version: *key_version,
+                encryption_key_id: obs.active_key_id.clone().unwrap_or_default(),
+                rotated_at: Some(obs.now.clone()),
+                origin: obs.destination.clone().ok(),
+            });
+        }
+        next
+    }
+
     #[test]
-    fn a_new_valid_key_goes_in_service_as_version_1() {
-        let obs = observed(source("aa"), None, ProviderKeyStatus::default());
+    fn a_new_valid_key_goes_in_service_as_version_1_and_costs_one_call() {
+        let obs = observed(source("aa"), Managed::Absent, ProviderKeyStatus::default());
         assert_eq!(verification_target(&obs), Some(Target::Source));
         let d = step(&obs, Some(valid()));
         assert_eq!(d.secret, SecretWrite::PutSourceKey { key_version: 1 });
         assert_eq!(d.status.key_version, Some(1));
         assert_eq!(d.status.fingerprint.as_deref(), Some("aa"));
-        assert_eq!(cond(&d.status, types::READY).status, "True");
-        assert_eq!(cond(&d.status, types::READY).reason, "Valid");
+        assert_eq!(ready(&d), ("True", "Valid"));
         assert_eq!(d.status.last_verified_time, Some(t(0)));
-        assert_eq!(d.requeue_after, Some(DEFAULT_INTERVAL));
+        assert_eq!(d.next, Next::After(DEFAULT_INTERVAL));
+        assert_eq!(
+            d.events.iter().map(|e| e.reason).collect::<Vec<_>>(),
+            [EventReason::KeyInService]
+        );
+        // The reconcile our own writes trigger verifies nothing.
+        assert_eq!(verification_target(&after(&obs, &d)), None);
     }
 
     #[test]
     fn an_invalid_new_key_writes_nothing_and_says_why() {
-        let obs = observed(source("aa"), None, ProviderKeyStatus::default());
+        let obs = observed(source("aa"), Managed::Absent, ProviderKeyStatus::default());
         let d = step(&obs, Some(failed(Reason::InvalidKey, "HTTP 401")));
         assert_eq!(d.secret, SecretWrite::Keep);
         assert_eq!(cond(&d.status, types::VERIFIED).reason, "InvalidKey");
-        assert_eq!(cond(&d.status, types::READY).status, "False");
+        assert_eq!(ready(&d), ("False", "InvalidKey"));
         assert_eq!(d.status.rejected_fingerprint.as_deref(), Some("aa"));
+        assert_eq!(d.events.len(), 1, "one KeyRejected Event: {:?}", d.events);
         // Rejected once: the same key is not verified again until something changes.
-        let again = observed(source("aa"), None, d.status.clone());
-        assert_eq!(verification_target(&again), None);
+        assert_eq!(verification_target(&after(&obs, &d)), None);
     }
 
     #[test]
     fn rotation_to_a_bad_key_keeps_the_last_good_one() {
-        let good = step(
-            &observed(source("aa"), None, ProviderKeyStatus::default()),
-            Some(valid()),
+        let obs = observed(
+            source("bb"),
+            serving("aa", 1, 0),
+            ProviderKeyStatus::default(),
         );
-        let in_service = serving("aa", 1, 0);
-        let obs = observed(source("bb"), Some(in_service), good.status);
         let d = step(&obs, Some(failed(Reason::InvalidKey, "HTTP 401")));
         assert_eq!(d.secret, SecretWrite::Keep);
-        assert_eq!(
-            d.status.fingerprint.as_deref(),
-            Some("aa"),
-            "old key still in service"
-        );
+        assert_eq!(d.status.fingerprint.as_deref(), Some("aa"));
         assert_eq!(d.status.rejected_fingerprint.as_deref(), Some("bb"));
-        let ready = cond(&d.status, types::READY);
-        assert_eq!(
-            (ready.status.as_str(), ready.reason.as_str()),
-            ("True", "PendingKeyRejected")
-        );
+        assert_eq!(ready(&d), ("True", "PendingKeyRejected"));
         let verified = cond(&d.status, types::VERIFIED);
         assert_eq!(verified.reason, "InvalidKey");
         assert!(verified.message.contains("bb") && verified.message.contains("last good key"));
@@ -521,33 +778,30 @@ mod tests {
 
     #[test]
     fn a_valid_rotation_bumps_the_version() {
-        let in_service = serving("aa", 3, -100);
-        let d = step(
-            &observed(source("bb"), Some(in_service), ProviderKeyStatus::default()),
-            Some(valid()),
+        let obs = observed(
+            source("bb"),
+            serving("aa", 3, -100),
+            ProviderKeyStatus::default(),
         );
+        let d = step(&obs, Some(valid()));
         assert_eq!(d.secret, SecretWrite::PutSourceKey { key_version: 4 });
         assert_eq!(d.status.last_rotation_time, Some(t(0)));
     }
 
     #[test]
     fn an_outage_never_unverifies_a_verified_key() {
-        let good = step(
-            &observed(source("aa"), None, ProviderKeyStatus::default()),
-            Some(valid()),
-        );
-        let in_service = serving("aa", 1, 0);
-        let mut obs = observed(source("aa"), Some(in_service), good.status);
+        let first = observed(source("aa"), Managed::Absent, ProviderKeyStatus::default());
+        let good = step(&first, Some(valid()));
+        let mut obs = after(&first, &good);
         obs.now = t(DEFAULT_INTERVAL.as_secs() as i64 + 5); // periodic re-verification due
         assert_eq!(verification_target(&obs), Some(Target::Source));
         let d = step(&obs, Some(failed(Reason::ProviderUnavailable, "HTTP 503")));
-        assert!(d.transient);
+        assert_eq!(d.next, Next::Backoff);
         assert_eq!(cond(&d.status, types::VERIFIED).status, "True");
-        assert_eq!(cond(&d.status, types::READY).status, "True");
-        let mut retry = obs.clone();
-        retry.status = d.status.clone();
+        assert_eq!(ready(&d), ("True", "Valid"));
+        assert!(d.events.is_empty(), "{:?}", d.events);
         assert_eq!(
-            verification_target(&retry),
+            verification_target(&after(&obs, &d)),
             Some(Target::Source),
             "the retry verifies again"
         );
@@ -555,13 +809,9 @@ mod tests {
 
     #[test]
     fn operator_key_rotation_re_encrypts_without_verifying() {
-        let good = step(
-            &observed(source("aa"), None, ProviderKeyStatus::default()),
-            Some(valid()),
-        );
-        let in_service = serving("aa", 1, 0);
-        let mut obs = observed(source("aa"), Some(in_service), good.status);
-        obs.active_key_id = "k2".into();
+        let first = observed(source("aa"), Managed::Absent, ProviderKeyStatus::default());
+        let mut obs = after(&first, &step(&first, Some(valid())));
+        obs.active_key_id = Some("k2".into());
         assert_eq!(verification_target(&obs), None);
         let d = step(&obs, None);
         assert_eq!(d.secret, SecretWrite::ReEncrypt);
@@ -569,32 +819,154 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_secret_is_a_typed_reason() {
-        let obs = observed(
+    fn source_problems_are_typed_reasons_with_one_event() {
+        for reason in [
+            Reason::SecretNotFound,
+            Reason::SecretNotLabelled,
+            Reason::SecretKeyMissing,
+        ] {
+            let obs = observed(
+                Source::Unusable {
+                    reason,
+                    message: "why".into(),
+                },
+                Managed::Absent,
+                ProviderKeyStatus::default(),
+            );
+            assert_eq!(verification_target(&obs), None);
+            let d = step(&obs, None);
+            assert_eq!(ready(&d), ("False", reason.as_str()));
+            assert_eq!(cond(&d.status, types::VERIFIED).reason, reason.as_str());
+            assert_eq!(
+                d.events.iter().map(|e| e.reason).collect::<Vec<_>>(),
+                [EventReason::Failed(reason)]
+            );
+            assert!(
+                step(&after(&obs, &d), None).events.is_empty(),
+                "deduplicated"
+            );
+        }
+    }
+
+    #[test]
+    fn a_source_gone_after_import_keeps_the_key_in_service() {
+        let first = observed(source("aa"), Managed::Absent, ProviderKeyStatus::default());
+        let mut obs = after(&first, &step(&first, Some(valid())));
+        obs.source = Source::Unusable {
+            reason: Reason::SecretNotLabelled,
+            message: "not labelled".into(),
+        };
+        let d = step(&obs, None);
+        assert_eq!(ready(&d), ("True", "Valid"));
+        assert_eq!(cond(&d.status, types::VERIFIED).reason, "SecretNotLabelled");
+        obs.now = t(DEFAULT_INTERVAL.as_secs() as i64 + 1);
+        assert_eq!(verification_target(&obs), Some(Target::InService));
+    }
+
+    #[test]
+    fn blockers_stop_all_work_and_say_why() {
+        let base = || {
+            observed(
+                source("aa"),
+                serving("aa", 1, 0),
+                ProviderKeyStatus::default(),
+            )
+        };
+        let mut cases = Vec::new();
+        let mut o = base();
+        o.interval = Err("verification.interval: not a duration".into());
+        cases.push((o, Reason::InvalidSpec));
+        let mut o = base();
+        o.managed = Managed::Conflict;
+        cases.push((o, Reason::ManagedSecretConflict));
+        let mut o = base();
+        o.active_key_id = None;
+        cases.push((o, Reason::KeyringUnavailable));
+        let mut o = base();
+        o.destination = Err(failed(Reason::BaseURLRejected, "port must be 443"));
+        cases.push((o, Reason::BaseURLRejected));
+        for (obs, reason) in cases {
+            assert_eq!(verification_target(&obs), None, "{reason}");
+            let d = decide(&obs, None, None);
+            assert_eq!(d.secret, SecretWrite::Keep, "{reason}");
+            assert_eq!(ready(&d), ("False", reason.as_str()));
+            assert_eq!(d.events.len(), 1, "{reason}: one Warning Event");
+            assert!(d.events[0].reason.is_warning());
+            let again = decide(&after(&obs, &d), None, None);
+            assert!(again.events.is_empty(), "{reason}: deduplicated");
+        }
+    }
+
+    #[test]
+    fn an_undecryptable_managed_secret_is_replaced_from_a_source_that_verifies() {
+        let status = ProviderKeyStatus {
+            key_version: Some(2),
+            ..Default::default()
+        };
+        let obs = observed(source("aa"), Managed::Undecryptable, status);
+        assert_eq!(verification_target(&obs), Some(Target::Source));
+        let d = step(&obs, Some(valid()));
+        assert_eq!(d.secret, SecretWrite::PutSourceKey { key_version: 3 });
+        assert_eq!(ready(&d), ("True", "Valid"));
+
+        let d = step(&obs, Some(failed(Reason::InvalidKey, "HTTP 401")));
+        assert_eq!(d.secret, SecretWrite::Keep);
+        assert_eq!(ready(&d), ("False", "DecryptionFailed"));
+        let gone = observed(
             Source::Unusable {
                 reason: Reason::SecretNotFound,
                 message: "Secret raw not found".into(),
             },
-            None,
+            Managed::Undecryptable,
             ProviderKeyStatus::default(),
         );
-        assert_eq!(verification_target(&obs), None);
-        let d = step(&obs, None);
-        assert_eq!(cond(&d.status, types::READY).reason, "SecretNotFound");
-        assert_eq!(cond(&d.status, types::VERIFIED).reason, "SecretNotFound");
+        let d = step(&gone, None);
+        assert_eq!(ready(&d), ("False", "DecryptionFailed"));
+        assert!(
+            d.events
+                .iter()
+                .any(|e| e.reason == EventReason::Failed(Reason::DecryptionFailed))
+        );
     }
 
     #[test]
-    fn interval_zero_disables_and_small_intervals_are_raised() {
-        let spec = |s: &str| crate::crd::VerificationSpec {
-            interval: Some(s.parse().expect("duration")),
-        };
-        assert_eq!(effective_interval(Some(&spec("0"))), None);
-        assert_eq!(effective_interval(Some(&spec("1s"))), Some(MIN_INTERVAL));
+    fn a_key_in_service_never_goes_to_a_new_destination() {
+        let first = observed(source("aa"), Managed::Absent, ProviderKeyStatus::default());
+        let mut obs = after(&first, &step(&first, Some(valid())));
+        obs.destination = Ok("https://elsewhere.example.com:443".into());
+        // The source still holds the key: it is verified at the new destination first.
+        assert_eq!(verification_target(&obs), Some(Target::Source));
+        let d = step(&obs, Some(valid()));
         assert_eq!(
-            effective_interval(Some(&spec("2h"))),
-            Some(Duration::from_secs(7200))
+            d.secret,
+            SecretWrite::PutSourceKey { key_version: 1 },
+            "same key, same version, new origin recorded"
         );
-        assert_eq!(effective_interval(None), Some(DEFAULT_INTERVAL));
+        assert_eq!(ready(&d), ("True", "Valid"));
+
+        // The source is gone: the key in service is not sent anywhere, and the status says so.
+        obs.source = Source::Unusable {
+            reason: Reason::SecretNotFound,
+            message: "Secret raw not found".into(),
+        };
+        obs.now = t(DEFAULT_INTERVAL.as_secs() as i64 * 3);
+        assert_eq!(verification_target(&obs), None);
+        let d = step(&obs, None);
+        assert_eq!(ready(&d), ("False", "DestinationChanged"));
+        assert_eq!(d.secret, SecretWrite::Keep);
+    }
+
+    #[test]
+    fn periodic_reverification_comes_back_when_due() {
+        let first = observed(source("aa"), Managed::Absent, ProviderKeyStatus::default());
+        let mut obs = after(&first, &step(&first, Some(valid())));
+        obs.now = t(3600);
+        let d = step(&obs, None);
+        assert_eq!(
+            d.next,
+            Next::After(DEFAULT_INTERVAL - Duration::from_secs(3600))
+        );
+        obs.interval = Ok(None);
+        assert_eq!(step(&obs, None).next, Next::AwaitChange);
     }
 }

@@ -1,72 +1,271 @@
 //! One reconcile of a ProviderKey, as a pipeline: read (IO) -> plan (pure, [`super::plan`]) ->
-//! verify (IO, only when the plan says so) -> decide (pure) -> apply Secret and status (IO,
-//! server-side apply) -> events.
+//! verify (IO, only when the plan says so) -> decide (pure) -> write the managed Secret, then
+//! the status (IO) -> Events.
+//!
+//! Trust rules kept here (see the security model in the README):
+//! - only Secrets labelled `byok.dev/key-source: "true"` are read as sources; for any other,
+//!   only metadata is fetched, to say so;
+//! - a Secret this ProviderKey did not create is never updated or deleted; deletes carry a
+//!   UID precondition, updates a resourceVersion;
+//! - every object the API server can store reaches a typed reason, even one that does not
+//!   deserialise.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use jiff::Timestamp;
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, ObjectMeta, Patch, PatchParams};
+use k8s_openapi::api::core::v1::{ObjectReference, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::core::DeserializeGuard;
+use kube::core::error_boundary::InvalidObject;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::finalizer::{self, finalizer};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use secrecy::{ExposeSecret, SecretString};
 
-use super::plan::{self, InService, Observed, SecretWrite, Source, Target, Verified};
-use super::{Context, Error, FIELD_MANAGER, FINALIZER};
+use super::plan::{
+    self, EventNote, InService, Managed, Next, Observed, SecretWrite, Source, Target,
+};
+use super::{Context, Error};
 use crate::crd::{DEFAULT_AZURE_API_VERSION, ProviderKey, ProviderKeySpec};
-use crate::crypto;
+use crate::crypto::{self, Keyring};
+use crate::names::{self, FIELD_MANAGER, FINALIZER, annotations};
 use crate::providers::ProviderParams;
 use crate::reason::Reason;
+use crate::status::{self, Decided, Status, types};
 
-/// The managed Secret's single data entry: the envelope (see [`crate::crypto`]).
-pub const ENVELOPE_KEY: &str = "key.enc";
-pub const MANAGED_SECRET_TYPE: &str = "byok.dev/encrypted-key";
-pub const MANAGED_BY_LABEL: (&str, &str) = ("app.kubernetes.io/managed-by", "byok-operator");
-pub const PROVIDERKEY_LABEL: &str = "byok.dev/providerkey";
-
-/// Non-secret facts about the key in service, kept on the managed Secret itself so the
-/// status can always be rebuilt from what is actually stored.
-pub mod annotations {
-    pub const FINGERPRINT: &str = "byok.dev/fingerprint";
-    pub const MASKED_KEY: &str = "byok.dev/masked-key";
-    pub const KEY_VERSION: &str = "byok.dev/key-version";
-    pub const ENCRYPTION_KEY_ID: &str = "byok.dev/encryption-key-id";
-    pub const ROTATED_AT: &str = "byok.dev/rotated-at";
-    pub const PROVIDER: &str = "byok.dev/provider";
-}
-
-pub async fn reconcile(pk: Arc<ProviderKey>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let ns = pk.namespace().ok_or(Error::MissingNamespace)?;
-    let api: Api<ProviderKey> = Api::namespaced(ctx.client.clone(), &ns);
-    finalizer(&api, FINALIZER, pk, |event| async {
-        match event {
-            finalizer::Event::Apply(pk) => apply(&pk, &ctx).await,
-            finalizer::Event::Cleanup(pk) => cleanup(&pk, &ctx).await,
+pub async fn reconcile(
+    obj: Arc<DeserializeGuard<ProviderKey>>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    match &obj.0 {
+        Ok(pk) => {
+            let pk = ctx.fresher(pk);
+            if pk.meta().deletion_timestamp.is_some() {
+                cleanup(&pk.metadata, &ctx).await
+            } else {
+                let pk = ensure_finalizer(pk, &ctx).await?;
+                apply(&pk, &ctx).await
+            }
         }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
+        Err(invalid) => reconcile_invalid(invalid, &ctx).await,
+    }
 }
 
-/// The source key, read from the referenced Secret. Surrounding whitespace (a trailing newline
-/// from `kubectl create secret --from-file`, say) is not part of any provider's key.
-fn read_source(
-    secret: Option<&Secret>,
+fn namespace(meta: &ObjectMeta) -> Result<String, Error> {
+    meta.namespace.clone().ok_or(Error::MissingNamespace)
+}
+
+/// Adds the finalizer before anything is written, so the managed Secret can never outlive its
+/// ProviderKey. The resourceVersion test makes a stale cache fail instead of duplicating it.
+async fn ensure_finalizer(pk: ProviderKey, ctx: &Context) -> Result<ProviderKey, Error> {
+    if pk.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(pk);
+    }
+    let ns = namespace(&pk.metadata)?;
+    let api: Api<ProviderKey> = Api::namespaced(ctx.client.clone(), &ns);
+    let ops = if pk.metadata.finalizers.is_some() {
+        serde_json::json!([
+            {"op": "test", "path": "/metadata/resourceVersion", "value": pk.resource_version()},
+            {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER},
+        ])
+    } else {
+        serde_json::json!([
+            {"op": "test", "path": "/metadata/resourceVersion", "value": pk.resource_version()},
+            {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+        ])
+    };
+    let patch: json_patch::Patch =
+        serde_json::from_value(ops).map_err(|_| Error::Internal("finalizer patch"))?;
+    let updated = api
+        .patch(
+            &pk.name_any(),
+            &PatchParams::default(),
+            &Patch::Json::<()>(patch),
+        )
+        .await?;
+    ctx.remember(&pk, &updated);
+    Ok(updated)
+}
+
+async fn remove_finalizer(meta: &ObjectMeta, ctx: &Context) -> Result<(), Error> {
+    let ns = namespace(meta)?;
+    let Some(index) = meta
+        .finalizers
+        .iter()
+        .flatten()
+        .position(|f| f == FINALIZER)
+    else {
+        return Ok(());
+    };
+    let path = format!("/metadata/finalizers/{index}");
+    let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+        {"op": "test", "path": path, "value": FINALIZER},
+        {"op": "remove", "path": path},
+    ]))
+    .map_err(|_| Error::Internal("finalizer patch"))?;
+    let api: Api<DeserializeGuard<ProviderKey>> = Api::namespaced(ctx.client.clone(), &ns);
+    match api
+        .patch(
+            meta.name.as_deref().unwrap_or_default(),
+            &PatchParams::default(),
+            &Patch::Json::<()>(patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// An object the API server stored but our types cannot read (for example one stored through
+/// an older, looser CRD). It gets `InvalidSpec` on its own status; nothing else is affected.
+async fn reconcile_invalid(invalid: &InvalidObject, ctx: &Context) -> Result<Action, Error> {
+    let meta = &invalid.metadata;
+    if meta.deletion_timestamp.is_some() {
+        return cleanup(meta, ctx).await;
+    }
+    let ns = namespace(meta)?;
+    let name = meta.name.clone().unwrap_or_default();
+    // serde's message names the field and what was expected; keep it short.
+    let detail: String = invalid.error.chars().take(200).collect();
+    let message = format!("the object does not match the ProviderKey API: {detail}");
+    let now = Time(Timestamp::now());
+    let ready = Decided::new(
+        types::READY,
+        Status::False,
+        Reason::InvalidSpec.as_str(),
+        &message,
+    );
+    let status = crate::crd::ProviderKeyStatus {
+        observed_generation: meta.generation,
+        conditions: status::merge(&[], &[ready], meta.generation, &now),
+        ..Default::default()
+    };
+    let key = (meta.uid.clone().unwrap_or_default(), meta.generation);
+    if ctx.first_report_of_invalid(key) {
+        let api: Api<DeserializeGuard<ProviderKey>> = Api::namespaced(ctx.client.clone(), &ns);
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&status_patch(&status)),
+        )
+        .await?;
+        publish(
+            ctx,
+            &reference(meta),
+            &EventNote {
+                reason: plan::EventReason::Failed(Reason::InvalidSpec),
+                note: message,
+            },
+        )
+        .await;
+    }
+    Ok(Action::await_change())
+}
+
+fn status_patch(status: &crate::crd::ProviderKeyStatus) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": ProviderKey::api_version(&()),
+        "kind": ProviderKey::kind(&()),
+        "status": status,
+    })
+}
+
+fn reference(meta: &ObjectMeta) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(ProviderKey::api_version(&()).into()),
+        kind: Some(ProviderKey::kind(&()).into()),
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        uid: meta.uid.clone(),
+        resource_version: meta.resource_version.clone(),
+        ..Default::default()
+    }
+}
+
+/// The one way Events are published. A failure to publish is logged, never fatal.
+pub(crate) async fn publish(ctx: &Context, regarding: &ObjectReference, note: &EventNote) {
+    let event = Event {
+        type_: if note.reason.is_warning() {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: note.reason.as_str().to_string(),
+        note: Some(note.note.clone()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, regarding).await {
+        tracing::warn!(error = %e, "could not publish an event");
+    }
+}
+
+/// The source key from the referenced Secret, read only if it is labelled as a key source.
+/// Surrounding whitespace (a trailing newline from `kubectl create secret --from-file`) is
+/// not part of any provider's key.
+async fn read_source(
+    ctx: &Context,
+    secrets: &Api<Secret>,
+    ns: &str,
+    spec: &ProviderKeySpec,
+) -> Result<Result<SecretString, (Reason, String)>, Error> {
+    let name = &spec.secret_ref.name;
+    let cached = ctx.sources.get(&ObjectRef::<Secret>::new(name).within(ns));
+    let secret = match cached {
+        Some(secret) => secret,
+        None => {
+            // Not in the cache of labelled Secrets: learn why from metadata alone, so an
+            // unlabelled Secret's data never enters the process.
+            match secrets.get_metadata_opt(name).await? {
+                None => return Ok(Err(not_found(name))),
+                Some(meta) if !names::is_key_source(meta.metadata.labels.as_ref()) => {
+                    return Ok(Err(not_labelled(name, ns)));
+                }
+                // Labelled, but the cache has not caught up yet.
+                Some(_) => match secrets.get_opt(name).await? {
+                    Some(s) => Arc::new(s),
+                    None => return Ok(Err(not_found(name))),
+                },
+            }
+        }
+    };
+    if !names::is_key_source(secret.metadata.labels.as_ref()) {
+        return Ok(Err(not_labelled(name, ns)));
+    }
+    Ok(key_from_source(&secret, spec))
+}
+
+fn not_found(name: &str) -> (Reason, String) {
+    (
+        Reason::SecretNotFound,
+        format!("Secret {name} not found in this namespace"),
+    )
+}
+
+fn not_labelled(name: &str, ns: &str) -> (Reason, String) {
+    (
+        Reason::SecretNotLabelled,
+        format!(
+            "Secret {name} is not labelled as a key source, so the operator does not read it; \
+             to use it: kubectl label secret {name} -n {ns} {}={}",
+            names::KEY_SOURCE_LABEL,
+            names::KEY_SOURCE_VALUE
+        ),
+    )
+}
+
+fn key_from_source(
+    secret: &Secret,
     spec: &ProviderKeySpec,
 ) -> Result<SecretString, (Reason, String)> {
     let name = &spec.secret_ref.name;
     let key = &spec.secret_ref.key;
-    let Some(secret) = secret else {
-        return Err((
-            Reason::SecretNotFound,
-            format!("Secret {name} not found in this namespace"),
-        ));
-    };
     let bytes = secret
         .data
         .as_ref()
@@ -89,18 +288,73 @@ fn read_source(
     Ok(SecretString::from(trimmed.to_string()))
 }
 
-fn in_service_from(secret: &Secret) -> Option<InService> {
-    let a = secret.metadata.annotations.as_ref()?;
-    Some(InService {
-        fingerprint: a.get(annotations::FINGERPRINT)?.clone(),
-        masked_key: a.get(annotations::MASKED_KEY)?.clone(),
-        key_version: a.get(annotations::KEY_VERSION)?.parse().ok()?,
-        encryption_key_id: a.get(annotations::ENCRYPTION_KEY_ID)?.clone(),
+/// Whose a Secret named `<name>-byok` is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ownership {
+    /// Created by this ProviderKey (its ownerReference carries this UID).
+    Ours,
+    /// Restored from a backup or re-created by GitOps: a managed Secret whose only owner is a
+    /// same-named ProviderKey that no longer exists. Adopted if its envelope authenticates
+    /// under this namespace/name.
+    Restored,
+    /// Anything else: never touched.
+    Foreign,
+}
+
+/// Pure: who owns `secret`, from its type and ownerReferences.
+pub fn ownership(secret: &Secret, pk_name: &str, pk_uid: &str) -> Ownership {
+    if secret.type_.as_deref() != Some(names::MANAGED_SECRET_TYPE) {
+        return Ownership::Foreign;
+    }
+    let refs = secret
+        .metadata
+        .owner_references
+        .as_deref()
+        .unwrap_or_default();
+    let is_providerkey = |r: &k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference| {
+        r.kind == ProviderKey::kind(&())
+            && r.api_version.split('/').next() == Some(ProviderKey::group(&()).as_ref())
+    };
+    if !pk_uid.is_empty() && refs.iter().any(|r| r.uid == pk_uid && is_providerkey(r)) {
+        return Ownership::Ours;
+    }
+    match refs {
+        [only] if is_providerkey(only) && only.name == pk_name => Ownership::Restored,
+        _ => Ownership::Foreign,
+    }
+}
+
+/// The managed Secret's envelope, decrypted; `None` when it does not authenticate here.
+fn open_envelope(
+    keyring: &Keyring,
+    ns: &str,
+    name: &str,
+    secret: &Secret,
+) -> Option<(SecretString, InService)> {
+    let envelope = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(names::ENVELOPE_KEY))
+        .map(|b| b.0.as_slice())?;
+    let plaintext = keyring.decrypt(ns, name, envelope).ok()?;
+    let text = std::str::from_utf8(plaintext.expose_secret()).ok()?;
+    let key = SecretString::from(text.to_string());
+    let a = secret.metadata.annotations.clone().unwrap_or_default();
+    let in_service = InService {
+        fingerprint: crypto::fingerprint(text.as_bytes()),
+        masked_key: crypto::mask(text),
+        key_version: a
+            .get(annotations::KEY_VERSION)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1),
+        encryption_key_id: crypto::envelope_key_id(envelope).ok()?.to_string(),
         rotated_at: a
             .get(annotations::ROTATED_AT)
             .and_then(|t| t.parse::<Timestamp>().ok())
             .map(Time),
-    })
+        origin: a.get(annotations::VERIFIED_ORIGIN).cloned(),
+    };
+    Some((key, in_service))
 }
 
 fn provider_params(spec: &ProviderKeySpec) -> Result<ProviderParams, String> {
@@ -124,18 +378,102 @@ fn provider_params(spec: &ProviderKeySpec) -> Result<ProviderParams, String> {
     })
 }
 
+/// `scheme://host:port` of a URL: what "the same destination" means.
+pub fn origin(url: &url::Url) -> String {
+    format!(
+        "{}://{}:{}",
+        url.scheme(),
+        url.host_str().unwrap_or_default(),
+        url.port_or_known_default().unwrap_or_default()
+    )
+}
+
+/// Where the key would go now, or why it may go nowhere (no connection is attempted).
+fn destination(pk: &ProviderKey, ctx: &Context) -> Result<String, plan::Verified> {
+    let refused = |v: crate::providers::Verification| plan::Verified {
+        reason: v.reason,
+        message: v.message,
+    };
+    let params = provider_params(&pk.spec).map_err(|m| plan::Verified {
+        reason: Reason::InvalidSpec,
+        message: m,
+    })?;
+    let base = ctx
+        .verifier
+        .resolve_base_url(pk.spec.provider, &params)
+        .map_err(refused)?;
+    Ok(origin(&base))
+}
+
+/// The plaintexts one reconcile may need; each [`SecretWrite`] names exactly one of them.
+struct Keys {
+    source: Option<SecretString>,
+    in_service: Option<SecretString>,
+}
+
+impl Keys {
+    fn for_write(&self, write: &SecretWrite) -> Result<Option<&SecretString>, Error> {
+        match write {
+            SecretWrite::Keep => Ok(None),
+            SecretWrite::PutSourceKey { .. } => self
+                .source
+                .as_ref()
+                .map(Some)
+                .ok_or(Error::Internal("plan put a source key that was not read")),
+            SecretWrite::ReEncrypt => self
+                .in_service
+                .as_ref()
+                .map(Some)
+                .ok_or(Error::Internal("plan re-encrypts a key that was not read")),
+        }
+    }
+
+    fn for_target(&self, target: Target) -> Option<&SecretString> {
+        match target {
+            Target::Source => self.source.as_ref(),
+            Target::InService => self.in_service.as_ref(),
+        }
+    }
+}
+
 async fn apply(pk: &ProviderKey, ctx: &Context) -> Result<Action, Error> {
-    let ns = pk.namespace().ok_or(Error::MissingNamespace)?;
+    let ns = namespace(&pk.metadata)?;
     let name = pk.name_any();
+    let uid = pk.uid().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let keyring = ctx.keyring().ok_or(Error::KeyringUnavailable)?;
+    let keyring = ctx.keyring();
+    let managed_name = names::managed_secret_name(&name);
 
     // Read.
-    let source_secret = secrets.get_opt(&pk.spec.secret_ref.name).await?;
-    let source_key = read_source(source_secret.as_ref(), &pk.spec);
-    let managed_name = pk.managed_secret_name();
-    let managed = secrets.get_opt(&managed_name).await?;
-    let in_service = managed.as_ref().and_then(in_service_from);
+    let source_key = read_source(ctx, &secrets, &ns, &pk.spec).await?;
+    let mut current_managed = secrets.get_opt(&managed_name).await?;
+    let mut keys = Keys {
+        source: source_key.as_ref().ok().cloned(),
+        in_service: None,
+    };
+    let managed = match (&current_managed, &keyring) {
+        (None, _) => Managed::Absent,
+        (Some(secret), keyring) => match ownership(secret, &name, &uid) {
+            Ownership::Foreign => Managed::Conflict,
+            owned => match keyring
+                .as_ref()
+                .and_then(|k| open_envelope(k, &ns, &name, secret))
+            {
+                Some((key, in_service)) => {
+                    if owned == Ownership::Restored {
+                        current_managed = Some(adopt(pk, ctx, &secrets, secret).await?);
+                    }
+                    keys.in_service = Some(key);
+                    Managed::InService(in_service)
+                }
+                None if owned == Ownership::Ours => Managed::Undecryptable,
+                // A restored Secret that does not authenticate here is not ours to adopt.
+                None if keyring.is_some() => Managed::Conflict,
+                // Without a keyring nothing can be judged; the plan stops on that first.
+                None => Managed::Undecryptable,
+            },
+        },
+    };
     let source = match &source_key {
         Ok(key) => Source::Present {
             fingerprint: crypto::fingerprint(key.expose_secret().as_bytes()),
@@ -149,48 +487,29 @@ async fn apply(pk: &ProviderKey, ctx: &Context) -> Result<Action, Error> {
     let observed = Observed {
         generation: pk.metadata.generation,
         status: pk.status.clone().unwrap_or_default(),
+        managed_secret_name: managed_name.clone(),
         source,
-        in_service,
-        active_key_id: keyring.active_id().to_string(),
-        interval: plan::effective_interval(pk.spec.verification.as_ref()),
+        managed,
+        active_key_id: keyring.as_ref().map(|k| k.active_id().to_string()),
+        destination: destination(pk, ctx),
+        interval: plan::effective_interval(pk.spec.verification.as_ref())
+            .map_err(|e| format!("spec.verification.interval: {e}")),
         now: Time(Timestamp::now()),
     };
 
     // Verify, only when the plan says so.
     let target = plan::verification_target(&observed);
-    let verified = match target {
+    let verified = match target.and_then(|t| keys.for_target(t)) {
+        Some(key) => Some(verify(pk, ctx, key).await),
         None => None,
-        Some(target) => {
-            let key = match (target, &source_key, &managed) {
-                (Target::Source, Ok(key), _) => Some(key.clone()),
-                (Target::InService, _, Some(m)) => Some(decrypt_managed(&keyring, &ns, &name, m)?),
-                _ => None,
-            };
-            match key {
-                Some(key) => Some(verify(pk, ctx, &key).await),
-                None => None,
-            }
-        }
     };
     let desired = plan::decide(&observed, target, verified.as_ref());
 
     // Apply: the managed Secret first, so the status never claims what is not stored.
-    let plaintext = match (&desired.secret, &source_key, &managed) {
-        (SecretWrite::Keep, _, _) => None,
-        (SecretWrite::PutSourceKey { .. }, Ok(key), _) => Some(key.clone()),
-        (SecretWrite::ReEncrypt, _, Some(m)) => Some(decrypt_managed(&keyring, &ns, &name, m)?),
-        _ => None,
-    };
-    if let Some(plaintext) = plaintext {
+    if let (Some(plaintext), Some(keyring)) = (keys.for_write(&desired.secret)?, &keyring) {
         let envelope = keyring.encrypt(&ns, &name, plaintext.expose_secret().as_bytes())?;
-        let secret = managed_secret(pk, &managed_name, &desired.status, envelope)?;
-        secrets
-            .patch(
-                &managed_name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&secret),
-            )
-            .await?;
+        let secret = managed_secret(pk, &managed_name, &desired.status, &observed, envelope)?;
+        write_managed(&secrets, secret, current_managed.as_ref()).await?;
         let kind = if desired.secret == SecretWrite::ReEncrypt {
             "reencrypt"
         } else {
@@ -198,53 +517,102 @@ async fn apply(pk: &ProviderKey, ctx: &Context) -> Result<Action, Error> {
         };
         ctx.metrics.secret_written(kind);
     }
-    let mut status = desired.status.clone();
-    status.managed_secret_name = status.fingerprint.as_ref().map(|_| managed_name.clone());
-    if pk.status.as_ref() != Some(&status) {
+    if pk.status.as_ref() != Some(&desired.status) {
         let api: Api<ProviderKey> = Api::namespaced(ctx.client.clone(), &ns);
-        let patch = serde_json::json!({
-            "apiVersion": ProviderKey::api_version(&()),
-            "kind": ProviderKey::kind(&()),
-            "status": status,
-        });
-        api.patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+        let updated = api
+            .patch_status(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&status_patch(&desired.status)),
+            )
+            .await?;
+        ctx.remember(pk, &updated);
     }
-
     for note in &desired.events {
-        let event = Event {
-            type_: if note.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: note.reason.to_string(),
-            note: Some(note.note.clone()),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&event, &pk.object_ref(&())).await {
-            tracing::warn!(error = %e, "could not publish an event");
-        }
+        publish(ctx, &pk.object_ref(&()), note).await;
     }
 
-    let object = kube::runtime::reflector::ObjectRef::from_obj(pk);
-    if desired.transient {
-        let delay = ctx.backoff.next_delay(&object);
-        tracing::info!(providerkey = %object, retry_in = ?delay, "transient verification failure; backing off");
-        return Ok(Action::requeue(delay));
-    }
-    ctx.backoff.reset(&object);
-    Ok(desired
-        .requeue_after
-        .map_or_else(Action::await_change, Action::requeue))
+    let object = ObjectRef::from_obj(pk);
+    Ok(match desired.next {
+        Next::Backoff => {
+            let delay = ctx.backoff.next_delay(&object);
+            tracing::info!(providerkey = %object, retry_in = ?delay, "not ready yet; backing off");
+            Action::requeue(delay)
+        }
+        Next::After(d) => {
+            ctx.backoff.reset(&object);
+            Action::requeue(d)
+        }
+        Next::AwaitChange => {
+            ctx.backoff.reset(&object);
+            Action::await_change()
+        }
+    })
 }
 
-async fn verify(pk: &ProviderKey, ctx: &Context, key: &SecretString) -> Verified {
+/// Creates the managed Secret only if absent; replaces it only at the resourceVersion that was
+/// judged ours, so a Secret swapped in meanwhile is never overwritten.
+async fn write_managed(
+    secrets: &Api<Secret>,
+    mut secret: Secret,
+    existing: Option<&Secret>,
+) -> Result<(), Error> {
+    let pp = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    let name = secret.name_any();
+    match existing {
+        None => {
+            secrets.create(&pp, &secret).await?;
+        }
+        Some(current) => {
+            secret.metadata.resource_version = current.metadata.resource_version.clone();
+            secrets.replace(&name, &pp, &secret).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Takes over a managed Secret restored from a backup: its owner reference is rewritten to
+/// this ProviderKey, at the resourceVersion that was judged.
+async fn adopt(
+    pk: &ProviderKey,
+    ctx: &Context,
+    secrets: &Api<Secret>,
+    secret: &Secret,
+) -> Result<Secret, Error> {
+    let owner = pk
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingNamespace)?;
+    let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+        {"op": "test", "path": "/metadata/resourceVersion", "value": secret.resource_version()},
+        {"op": "replace", "path": "/metadata/ownerReferences", "value": [owner]},
+    ]))
+    .map_err(|_| Error::Internal("adoption patch"))?;
+    let adopted = secrets
+        .patch(
+            &secret.name_any(),
+            &PatchParams::default(),
+            &Patch::Json::<()>(patch),
+        )
+        .await?;
+    publish(
+        ctx,
+        &pk.object_ref(&()),
+        &EventNote {
+            reason: plan::EventReason::Adopted,
+            note: format!(
+                "managed Secret {} restored from a previous ProviderKey of this name was adopted",
+                secret.name_any()
+            ),
+        },
+    )
+    .await;
+    Ok(adopted)
+}
+
+async fn verify(pk: &ProviderKey, ctx: &Context, key: &SecretString) -> plan::Verified {
     let started = std::time::Instant::now();
     let outcome = match provider_params(&pk.spec) {
         Ok(params) => ctx.verifier.verify(pk.spec.provider, key, &params).await,
@@ -259,39 +627,26 @@ async fn verify(pk: &ProviderKey, ctx: &Context, key: &SecretString) -> Verified
         reason = %outcome.reason,
         "verified"
     );
-    Verified {
+    plan::Verified {
         reason: outcome.reason,
         message: outcome.message,
     }
-}
-
-fn decrypt_managed(
-    keyring: &crypto::Keyring,
-    ns: &str,
-    name: &str,
-    managed: &Secret,
-) -> Result<SecretString, Error> {
-    let envelope = managed
-        .data
-        .as_ref()
-        .and_then(|d| d.get(ENVELOPE_KEY))
-        .map(|b| b.0.as_slice())
-        .unwrap_or_default();
-    let plaintext = keyring.decrypt(ns, name, envelope)?;
-    let text =
-        std::str::from_utf8(plaintext.expose_secret()).map_err(|_| Error::CorruptManagedSecret)?;
-    Ok(SecretString::from(text.to_string()))
 }
 
 fn managed_secret(
     pk: &ProviderKey,
     name: &str,
     status: &crate::crd::ProviderKeyStatus,
+    observed: &Observed,
     envelope: Vec<u8>,
 ) -> Result<Secret, Error> {
     let owner = pk
         .controller_owner_ref(&())
         .ok_or(Error::MissingNamespace)?;
+    let origin = observed
+        .destination
+        .as_ref()
+        .map_err(|_| Error::Internal("a key is written only for a usable destination"))?;
     let mut annotations = BTreeMap::new();
     let facts = [
         (annotations::FINGERPRINT, status.fingerprint.clone()),
@@ -309,6 +664,7 @@ fn managed_secret(
             status.last_rotation_time.as_ref().map(|t| t.0.to_string()),
         ),
         (annotations::PROVIDER, Some(pk.spec.provider.to_string())),
+        (annotations::VERIFIED_ORIGIN, Some(origin.clone())),
     ];
     for (k, v) in facts {
         annotations.insert(
@@ -322,18 +678,18 @@ fn managed_secret(
             namespace: pk.namespace(),
             labels: Some(BTreeMap::from([
                 (
-                    MANAGED_BY_LABEL.0.to_string(),
-                    MANAGED_BY_LABEL.1.to_string(),
+                    names::MANAGED_BY_LABEL.to_string(),
+                    names::MANAGED_BY_VALUE.to_string(),
                 ),
-                (PROVIDERKEY_LABEL.to_string(), pk.name_any()),
+                (names::PROVIDERKEY_LABEL.to_string(), pk.name_any()),
             ])),
             annotations: Some(annotations),
             owner_references: Some(vec![owner]),
             ..Default::default()
         },
-        type_: Some(MANAGED_SECRET_TYPE.into()),
+        type_: Some(names::MANAGED_SECRET_TYPE.into()),
         data: Some(BTreeMap::from([(
-            ENVELOPE_KEY.to_string(),
+            names::ENVELOPE_KEY.to_string(),
             ByteString(envelope),
         )])),
         ..Default::default()
@@ -341,36 +697,58 @@ fn managed_secret(
 }
 
 /// Deletion: hard-delete the managed Secret (not left to garbage collection, which may lag or
-/// be absent) and say so.
-async fn cleanup(pk: &ProviderKey, ctx: &Context) -> Result<Action, Error> {
-    let ns = pk.namespace().ok_or(Error::MissingNamespace)?;
+/// be absent), only if this ProviderKey created it, with a UID precondition; then say so and
+/// let the ProviderKey go.
+async fn cleanup(meta: &ObjectMeta, ctx: &Context) -> Result<Action, Error> {
+    if !meta.finalizers.iter().flatten().any(|f| f == FINALIZER) {
+        return Ok(Action::await_change());
+    }
+    let ns = namespace(meta)?;
+    let name = meta.name.clone().unwrap_or_default();
+    let uid = meta.uid.clone().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let managed_name = pk.managed_secret_name();
-    match secrets.delete(&managed_name, &Default::default()).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 404 => {}
-        Err(e) => return Err(e.into()),
-    }
-    let event = Event {
-        type_: EventType::Normal,
-        reason: "Deleted".into(),
-        note: Some(format!(
-            "managed Secret {managed_name} deleted; the key is no longer served"
-        )),
-        action: "Delete".into(),
-        secondary: None,
+    let managed_name = names::managed_secret_name(&name);
+    let note = match secrets.get_opt(&managed_name).await? {
+        Some(secret) if ownership(&secret, &name, &uid) == Ownership::Ours => {
+            let dp = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: secret.uid(),
+                    resource_version: secret.resource_version(),
+                }),
+                ..Default::default()
+            };
+            match secrets.delete(&managed_name, &dp).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+            format!("managed Secret {managed_name} deleted; the key is no longer served")
+        }
+        Some(_) => format!(
+            "Secret {managed_name} was not created by this ProviderKey and is left in place"
+        ),
+        None => "no managed Secret to delete; the key is no longer served".to_string(),
     };
-    if let Err(e) = ctx.recorder.publish(&event, &pk.object_ref(&())).await {
-        tracing::warn!(error = %e, "could not publish an event");
-    }
-    ctx.backoff
-        .reset(&kube::runtime::reflector::ObjectRef::from_obj(pk));
+    publish(
+        ctx,
+        &reference(meta),
+        &EventNote {
+            reason: plan::EventReason::Deleted,
+            note,
+        },
+    )
+    .await;
+    remove_finalizer(meta, ctx).await?;
+    let object = ObjectRef::<ProviderKey>::new(&name).within(&ns);
+    ctx.backoff.reset(&object);
+    ctx.forget(&object);
     Ok(Action::await_change())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 
     fn spec() -> ProviderKeySpec {
         serde_json::from_value(
@@ -393,23 +771,19 @@ mod tests {
 
     #[test]
     fn source_key_problems_have_typed_reasons() {
-        assert_eq!(
-            read_source(None, &spec()).err().map(|e| e.0),
-            Some(Reason::SecretNotFound)
-        );
         let other = secret(&[("token", b"sk-x")]);
         assert_eq!(
-            read_source(Some(&other), &spec()).err().map(|e| e.0),
+            key_from_source(&other, &spec()).err().map(|e| e.0),
             Some(Reason::SecretKeyMissing)
         );
         let blank = secret(&[("api-key", b" \n")]);
         assert_eq!(
-            read_source(Some(&blank), &spec()).err().map(|e| e.0),
+            key_from_source(&blank, &spec()).err().map(|e| e.0),
             Some(Reason::SecretKeyMissing)
         );
         let binary = secret(&[("api-key", &[0xff, 0xfe])]);
         assert_eq!(
-            read_source(Some(&binary), &spec()).err().map(|e| e.0),
+            key_from_source(&binary, &spec()).err().map(|e| e.0),
             Some(Reason::InvalidSpec)
         );
     }
@@ -417,7 +791,101 @@ mod tests {
     #[test]
     fn a_trailing_newline_is_not_part_of_the_key() {
         let s = secret(&[("api-key", b"sk-test-1234567890\n")]);
-        let key = read_source(Some(&s), &spec()).expect("key");
+        let key = key_from_source(&s, &spec()).expect("key");
         assert_eq!(key.expose_secret(), "sk-test-1234567890");
+    }
+
+    #[test]
+    fn the_unlabelled_message_gives_the_exact_command() {
+        let (reason, message) = not_labelled("db-password", "team-a");
+        assert_eq!(reason, Reason::SecretNotLabelled);
+        assert!(
+            message.contains("kubectl label secret db-password -n team-a byok.dev/key-source=true"),
+            "{message}"
+        );
+    }
+
+    fn owned(type_: &str, refs: Vec<OwnerReference>) -> Secret {
+        Secret {
+            type_: Some(type_.into()),
+            metadata: ObjectMeta {
+                owner_references: Some(refs),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn owner(kind: &str, name: &str, uid: &str) -> OwnerReference {
+        OwnerReference {
+            api_version: "byok.dev/v1alpha1".into(),
+            kind: kind.into(),
+            name: name.into(),
+            uid: uid.into(),
+            controller: Some(true),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_our_own_managed_secret_is_ours() {
+        let t = names::MANAGED_SECRET_TYPE;
+        let cases = [
+            (
+                owned(t, vec![owner("ProviderKey", "k", "u1")]),
+                Ownership::Ours,
+            ),
+            (
+                owned(t, vec![owner("ProviderKey", "k", "old")]),
+                Ownership::Restored,
+            ),
+            (
+                owned(t, vec![owner("ProviderKey", "other", "old")]),
+                Ownership::Foreign,
+            ),
+            (
+                owned(t, vec![owner("ConfigMap", "k", "old")]),
+                Ownership::Foreign,
+            ),
+            (owned(t, vec![]), Ownership::Foreign),
+            (
+                owned(
+                    t,
+                    vec![
+                        owner("ProviderKey", "k", "a"),
+                        owner("ProviderKey", "k", "b"),
+                    ],
+                ),
+                Ownership::Foreign,
+            ),
+            // Our UID on a Secret of another type is still not ours: its type says it was
+            // not written by us.
+            (
+                owned("Opaque", vec![owner("ProviderKey", "k", "u1")]),
+                Ownership::Foreign,
+            ),
+            (Secret::default(), Ownership::Foreign),
+        ];
+        for (i, (secret, want)) in cases.iter().enumerate() {
+            assert_eq!(ownership(secret, "k", "u1"), *want, "case {i}");
+        }
+        assert_eq!(
+            ownership(&owned(t, vec![owner("ProviderKey", "k", "")]), "k", ""),
+            Ownership::Restored,
+            "an empty UID never matches"
+        );
+    }
+
+    #[test]
+    fn origin_is_scheme_host_and_port() {
+        let u = |s: &str| url::Url::parse(s).expect("url");
+        assert_eq!(
+            origin(&u("https://api.openai.com/v1")),
+            "https://api.openai.com:443"
+        );
+        assert_eq!(
+            origin(&u("https://h.example:8443/x")),
+            "https://h.example:8443"
+        );
     }
 }
