@@ -131,8 +131,14 @@ async fn reconcile_invalid(invalid: &InvalidObject, ctx: &Context) -> Result<Act
     }
     let ns = namespace(meta)?;
     let name = meta.name.clone().unwrap_or_default();
-    // serde's message names the field and what was expected; keep it short.
-    let detail: String = invalid.error.chars().take(200).collect();
+    let key = (meta.uid.clone().unwrap_or_default(), meta.generation);
+    if !ctx.first_report_of_invalid(key) {
+        return Ok(Action::await_change());
+    }
+    let detail = invalid_field(ctx, &ns, &name)
+        .await
+        .unwrap_or_else(|| invalid.error.clone());
+    let detail: String = detail.chars().take(200).collect();
     let message = format!("the object does not match the ProviderKey API: {detail}");
     let now = Time(Timestamp::now());
     let ready = Decided::new(
@@ -146,13 +152,14 @@ async fn reconcile_invalid(invalid: &InvalidObject, ctx: &Context) -> Result<Act
         conditions: status::merge(&[], &[ready], meta.generation, &now),
         ..Default::default()
     };
-    let key = (meta.uid.clone().unwrap_or_default(), meta.generation);
-    if ctx.first_report_of_invalid(key) {
+    {
         let api: Api<DeserializeGuard<ProviderKey>> = Api::namespaced(ctx.client.clone(), &ns);
+        // A merge patch, not server-side apply: apply must type the live object against the
+        // schema, which is exactly what this object fails.
         api.patch_status(
             &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&status_patch(&status)),
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({ "status": status })),
         )
         .await?;
         publish(
@@ -166,6 +173,19 @@ async fn reconcile_invalid(invalid: &InvalidObject, ctx: &Context) -> Result<Act
         .await;
     }
     Ok(Action::await_change())
+}
+
+/// Which field makes the object unreadable, and why (serde alone does not say where). One
+/// GET per undeserialisable generation.
+async fn invalid_field(ctx: &Context, ns: &str, name: &str) -> Option<String> {
+    let resource = kube::core::ApiResource::erase::<ProviderKey>(&());
+    let api: Api<kube::core::DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), ns, &resource);
+    let raw = serde_json::to_value(api.get(name).await.ok()?).ok()?;
+    match serde_path_to_error::deserialize::<_, ProviderKey>(raw) {
+        Ok(_) => None,
+        Err(e) => Some(format!("{}: {}", e.path(), e.inner())),
+    }
 }
 
 fn status_patch(status: &crate::crd::ProviderKeyStatus) -> serde_json::Value {
