@@ -1,9 +1,11 @@
 //! Command-line interface: one binary, one subcommand per role.
 
-use std::path::PathBuf;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 use secrecy::SecretString;
+use secrecy::zeroize::Zeroizing;
 
 use crate::egress::EgressConfig;
 use crate::providers::{Endpoints, ProviderKind, ProviderParams, Verifier};
@@ -246,16 +248,8 @@ async fn shutdown_signal() {
 /// Exit codes of `verify`: 0 valid, 1 rejected, 2 could not tell (transient), 3 usage.
 async fn verify(args: VerifyArgs) -> anyhow::Result<i32> {
     let (egress, endpoints) = args.egress.build()?;
-    let raw = if args.key_file.as_os_str() == "-" {
-        let mut s = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
-        s
-    } else {
-        std::fs::read_to_string(&args.key_file)
-            .map_err(|e| anyhow::anyhow!("reading {}: {e}", args.key_file.display()))?
-    };
-    let key = SecretString::from(raw.trim().to_string());
-    drop(raw);
+    let key = read_key(&args.key_file)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", args.key_file.display()))?;
     let http = crate::egress::http_client(&egress)?;
     let verifier = Verifier::new(http, endpoints, egress.allow_private);
     let params = ProviderParams {
@@ -280,6 +274,42 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<i32> {
     })
 }
 
+/// Largest key file `verify` reads: a Kubernetes Secret holds at most 1 MiB.
+const MAX_KEY_FILE_BYTES: usize = 1024 * 1024;
+
+/// The key in `path` (`-`: standard input), surrounding whitespace trimmed.
+fn read_key(path: &Path) -> anyhow::Result<SecretString> {
+    let raw = if path.as_os_str() == "-" {
+        read_secret(std::io::stdin().lock())?
+    } else {
+        read_secret(std::fs::File::open(path)?)?
+    };
+    let text = std::str::from_utf8(&raw).map_err(|_| anyhow::anyhow!("the key is not UTF-8"))?;
+    // The one copy that outlives this function is the SecretString's own.
+    Ok(SecretString::from(text.trim()))
+}
+
+/// Everything `reader` holds, in a buffer wiped on drop.
+fn read_secret(mut reader: impl Read) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+    // All the room up front: growing a Vec copies it and frees the old buffer unwiped.
+    let mut buf = Zeroizing::new(vec![0u8; MAX_KEY_FILE_BYTES + 1]);
+    let mut len = 0;
+    while len < buf.len() {
+        match reader.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    anyhow::ensure!(
+        len <= MAX_KEY_FILE_BYTES,
+        "the key is larger than {MAX_KEY_FILE_BYTES} bytes"
+    );
+    buf.truncate(len);
+    Ok(buf)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,5 +318,32 @@ mod tests {
     #[test]
     fn command_line_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn key_is_read_whole_and_bounded() {
+        let read = |bytes: &[u8]| read_secret(bytes).map(|b| b.to_vec());
+        assert_eq!(read(b"").expect("empty"), b"");
+        assert_eq!(read(b"sk-ant-x\n").expect("small"), b"sk-ant-x\n");
+        let max = vec![b'a'; MAX_KEY_FILE_BYTES];
+        assert_eq!(read(&max).expect("at the limit").len(), MAX_KEY_FILE_BYTES);
+        let over = vec![b'a'; MAX_KEY_FILE_BYTES + 1];
+        let err = read(&over).expect_err("over the limit");
+        assert!(err.to_string().contains("larger than"), "{err}");
+    }
+
+    #[test]
+    fn key_file_is_trimmed() {
+        let path = std::env::temp_dir().join(format!("byok-verify-key-{}", std::process::id()));
+        std::fs::write(&path, "  sk-ant-api03-key\n").expect("write");
+        let key = read_key(&path);
+        let _ = std::fs::remove_file(&path);
+        let key = key.expect("read");
+        assert_eq!(
+            secrecy::ExposeSecret::expose_secret(&key),
+            "sk-ant-api03-key"
+        );
+        let missing = read_key(Path::new("/nonexistent/byok-key")).expect_err("missing file");
+        assert!(!missing.to_string().is_empty());
     }
 }

@@ -522,44 +522,64 @@ const KNOWN_PREFIXES: [&str; 6] = [
     "AIza",
 ];
 
-/// Keys shorter than this many characters are masked to `...` alone.
-const MIN_MASKED_LEN: usize = 12;
+/// The tail is shown only when at least this many characters follow the recognised prefix
+/// (the whole key without one): four characters of a short key narrow a guess too much.
+const MIN_MASKED_REST: usize = 16;
 /// How many trailing characters a mask shows.
 const MASK_TAIL: usize = 4;
 
-/// A masked form of a key for the status: a known prefix (`sk-ant-`, `sk-proj-`,
-/// `sk-svcacct-`, `sk-admin-`, `sk-`, `AIza`) + `...` + the last 4 characters; `...` + the
-/// last 4 without a known prefix; `...` alone for keys shorter than 12 characters. A Google
-/// service-account JSON is shown as `<client_email> (key ...<last 4 of private_key_id>)`.
+/// A masked form of a key for the status.
+///
+/// - A recognised prefix (`sk-ant-`, `sk-proj-`, `sk-svcacct-`, `sk-admin-`, `sk-`, `AIza`;
+///   none otherwise) is shown as is.
+/// - The last 4 characters follow `...` only when at least 16 characters come after the
+///   prefix, so the tail never overlaps the prefix; otherwise the mask is the prefix and
+///   `...` alone (`...` for a short key without a prefix).
+/// - A Google service-account JSON is shown as
+///   `<client_email> (key ...<last 4 of private_key_id>)`.
+///
+/// Lengths are counted in characters, not bytes.
 #[must_use]
 pub fn mask(key: &str) -> String {
     if let Some(masked) = mask_service_account(key) {
         return masked;
-    }
-    let len = key.chars().count();
-    if len < MIN_MASKED_LEN {
-        return "...".to_owned();
     }
     let prefix = KNOWN_PREFIXES
         .iter()
         .find(|p| key.starts_with(**p))
         .copied()
         .unwrap_or("");
-    format!("{prefix}...{}", last_chars(key, MASK_TAIL))
+    let rest = &key[prefix.len()..];
+    if rest.chars().count() < MIN_MASKED_REST {
+        return format!("{prefix}...");
+    }
+    format!("{prefix}...{}", last_chars(rest, MASK_TAIL))
+}
+
+/// The two service-account fields a mask shows. Every other field, the private key among
+/// them, is skipped by the parser rather than copied into a `serde_json::Value`.
+#[derive(serde::Deserialize)]
+struct ServiceAccountIdentity {
+    client_email: String,
+    // Any JSON type is accepted so that an odd key id degrades to `(key ...)` instead of
+    // hiding the email; only a string is ever shown.
+    #[serde(default)]
+    private_key_id: Option<serde_json::Value>,
 }
 
 fn mask_service_account(key: &str) -> Option<String> {
     if !key.trim_start().starts_with('{') {
         return None;
     }
-    let json: serde_json::Value = serde_json::from_str(key).ok()?;
-    let email = json.get("client_email")?.as_str()?;
+    let identity: ServiceAccountIdentity = serde_json::from_str(key).ok()?;
+    let email = identity.client_email.as_str();
     // An email is short and printable; anything else is not shown.
     if email.is_empty() || email.len() > 320 || email.chars().any(char::is_control) {
         return None;
     }
-    let key_id_tail = json
-        .get("private_key_id")
+    let key_id_tail = identity
+        .private_key_id
+        .as_ref()
         .and_then(serde_json::Value::as_str)
         .filter(|id| id.chars().count() >= MASK_TAIL && !id.chars().any(char::is_control))
         .map(|id| last_chars(id, MASK_TAIL))
@@ -1122,9 +1142,12 @@ mod tests {
         );
     }
 
+    /// The mask rule as a table: 16 characters after the recognised prefix (the whole key
+    /// without one) are needed before the last 4 are shown.
     #[test]
-    fn mask_known_prefixes() {
+    fn mask_table() {
         let cases = [
+            // Real key shapes.
             ("sk-ant-api03-abcdefghijklmnopQa9x", "sk-ant-...Qa9x"),
             ("sk-proj-abcdefghijklmnop1234", "sk-proj-...1234"),
             ("sk-svcacct-abcdefghijklmnopWXYZ", "sk-svcacct-...WXYZ"),
@@ -1132,39 +1155,61 @@ mod tests {
             ("sk-abcdefghijklmnopqrst5678", "sk-...5678"),
             ("AIzaSyAbcdefghijklmnopqrstuvwxyz12", "AIza...yz12"),
             ("gsk_abcdefghijklmnopqrstuvwxyz", "...wxyz"),
-            ("abcdefghijkl", "...ijkl"),
+            // Boundaries: 15 characters after the prefix hide the tail, 16 show it.
+            ("sk-ant-abcdefghijklmno", "sk-ant-..."),
+            ("sk-ant-abcdefghijklmnop", "sk-ant-...mnop"),
+            ("sk-proj-abcdefghijklmno", "sk-proj-..."),
+            ("sk-proj-abcdefghijklmnop", "sk-proj-...mnop"),
+            ("sk-svcacct-abcdefghijklmno", "sk-svcacct-..."),
+            ("sk-svcacct-abcdefghijklmnop", "sk-svcacct-...mnop"),
+            ("sk-admin-abcdefghijklmno", "sk-admin-..."),
+            ("sk-admin-abcdefghijklmnop", "sk-admin-...mnop"),
+            ("sk-abcdefghijklmno", "sk-..."),
+            ("sk-abcdefghijklmnop", "sk-...mnop"),
+            ("AIzaabcdefghijklmno", "AIza..."),
+            ("AIzaabcdefghijklmnop", "AIza...mnop"),
+            ("abcdefghijklmno", "..."),
+            ("abcdefghijklmnop", "...mnop"),
+            // Short keys: the prefix (if any) and `...` only.
+            ("", "..."),
+            ("a", "..."),
+            ("abcdefghijkl", "..."),
+            ("sk-", "sk-..."),
+            ("sk-ant-", "sk-ant-..."),
+            ("sk-ant-abcde", "sk-ant-..."),
+            ("AIza1234567", "AIza..."),
+            // The longest recognised prefix wins; prefixes are case-sensitive.
             ("sk-antXabcdefghijklmn", "sk-...klmn"),
             ("SK-ANT-abcdefghijklmn", "...klmn"),
+            // Characters, not bytes.
+            ("ééééééééééééééé", "..."),
+            ("éééééééééééééééé", "...éééé"),
+            ("sk-ant-€€€€€€€€€€€€€€€", "sk-ant-..."),
+            ("sk-ant-abcdefghijkl€€€€", "sk-ant-...€€€€"),
         ];
         for (key, expected) in cases {
-            assert_eq!(mask(key), expected, "{key}");
+            assert_eq!(mask(key), expected, "{key:?}");
         }
     }
 
     #[test]
-    fn mask_never_reveals_short_keys() {
-        for key in [
-            "",
-            "a",
-            "sk-",
-            "sk-ant-",
-            "sk-ant-abcd",
-            "AIza1234567",
-            "01234567890",
-        ] {
-            assert_eq!(mask(key), "...", "{key:?}");
+    fn mask_tail_never_overlaps_the_prefix() {
+        for prefix in KNOWN_PREFIXES.iter().copied().chain([""]) {
+            for rest_len in 0..40 {
+                let rest: String = "0123456789".chars().cycle().take(rest_len).collect();
+                let key = format!("{prefix}{rest}");
+                let masked = mask(&key);
+                let shown = masked
+                    .strip_prefix(prefix)
+                    .and_then(|m| m.strip_prefix("..."))
+                    .unwrap_or_else(|| panic!("{key:?} masked as {masked:?}"));
+                if rest_len >= MIN_MASKED_REST {
+                    assert_eq!(shown, last_chars(&rest, MASK_TAIL), "{key:?}");
+                } else {
+                    assert_eq!(shown, "", "{key:?} reveals {shown:?}");
+                }
+            }
         }
-        assert_eq!(
-            mask("sk-ant-abcde"),
-            "sk-ant-...bcde",
-            "12 characters is enough"
-        );
-    }
-
-    #[test]
-    fn mask_counts_characters_not_bytes() {
-        assert_eq!(mask("ééééééééééé"), "...", "11 characters, 22 bytes");
-        assert_eq!(mask("abcdefgh€€€€"), "...€€€€");
     }
 
     #[test]
@@ -1203,6 +1248,8 @@ mod tests {
 
         let no_key_id = r#"{"client_email":"a@b.iam.gserviceaccount.com","private_key":"x"}"#;
         assert_eq!(mask(no_key_id), "a@b.iam.gserviceaccount.com (key ...)");
+        let odd_key_id = r#"{"client_email":"a@b.iam.gserviceaccount.com","private_key_id":7}"#;
+        assert_eq!(mask(odd_key_id), "a@b.iam.gserviceaccount.com (key ...)");
         let leading_space = format!("  {sa}");
         assert_eq!(mask(&leading_space), masked);
     }

@@ -76,8 +76,15 @@ pub fn check_host(url: &Url) -> Result<(), String> {
 }
 
 /// Names the class of an address the egress policy refuses, or `None` for a public address.
-/// IPv4-mapped (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`), NAT64 (`64:ff9b::/96`) and
-/// 6to4 (`2002::/16`) IPv6 addresses are judged as the IPv4 address they embed.
+/// The class names the rule, never the address, so a message built from it cannot serve as
+/// an oracle for what an internal name resolves to.
+///
+/// IPv6 forms that carry an IPv4 address are judged as that address: IPv4-mapped
+/// (`::ffff:a.b.c.d`), IPv4-translated (`::ffff:0:a.b.c.d`), IPv4-compatible (`::a.b.c.d`),
+/// NAT64 (`64:ff9b::/96` and the local-use `64:ff9b:1::/48`, the IPv4 address in the last 32
+/// bits) and 6to4 (`2002:aabb:ccdd::/48`). Public IPv4 addresses thus stay reachable on an
+/// IPv6-only cluster with DNS64. Teredo (`2001::/32`) is refused outright: its embedded
+/// addresses are a relay server's and an obfuscated client's, not the destination's.
 pub fn forbidden_ip(ip: IpAddr) -> Option<&'static str> {
     match ip {
         IpAddr::V4(v4) => forbidden_v4(v4),
@@ -85,10 +92,31 @@ pub fn forbidden_ip(ip: IpAddr) -> Option<&'static str> {
     }
 }
 
+/// Cloud instance metadata endpoints. Checked before the ranges that contain some of them
+/// (link-local, CGNAT, 192.0.0.0/24) so that the class says what the address is.
+const METADATA_V4: [Ipv4Addr; 5] = [
+    // AWS, GCP, Azure IMDS, OpenStack, DigitalOcean, ...
+    Ipv4Addr::new(169, 254, 169, 254),
+    // AWS ECS task metadata.
+    Ipv4Addr::new(169, 254, 170, 2),
+    // Azure wireserver.
+    Ipv4Addr::new(168, 63, 129, 16),
+    // Alibaba Cloud.
+    Ipv4Addr::new(100, 100, 100, 200),
+    // Oracle Cloud.
+    Ipv4Addr::new(192, 0, 0, 192),
+];
+
+const METADATA_V6: [Ipv6Addr; 2] = [
+    // AWS IMDS over IPv6.
+    Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0254),
+    // GCP metadata server on IPv6-only instances.
+    Ipv6Addr::new(0xfd20, 0x00ce, 0, 0, 0, 0, 0, 0x0254),
+];
+
 fn forbidden_v4(ip: Ipv4Addr) -> Option<&'static str> {
     let o = ip.octets();
-    if ip == Ipv4Addr::new(169, 254, 169, 254) || ip == Ipv4Addr::new(169, 254, 170, 2) {
-        // 169.254.170.2: the ECS task metadata endpoint.
+    if METADATA_V4.contains(&ip) {
         return Some("metadata");
     }
     if ip.is_unspecified() {
@@ -132,35 +160,46 @@ fn forbidden_v4(ip: Ipv4Addr) -> Option<&'static str> {
 
 fn forbidden_v6(ip: Ipv6Addr) -> Option<&'static str> {
     let s = ip.segments();
-    if ip == Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0254) {
+    if METADATA_V6.contains(&ip) {
         return Some("metadata");
     }
+    // Before the IPv4-compatible rule, which would judge :: and ::1 as 0.0.0.0 and 0.0.0.1.
     if ip.is_unspecified() {
         return Some("unspecified");
     }
     if ip.is_loopback() {
         return Some("loopback");
     }
-    let embedded = |hi: u16, lo: u16| Ipv4Addr::from(((hi as u32) << 16) | lo as u32);
+    let last_32 = Ipv4Addr::from_bits(ip.to_bits() as u32);
     // IPv4-mapped ::ffff:a.b.c.d
     if let Some(v4) = ip.to_ipv4_mapped() {
         return forbidden_v4(v4);
     }
+    // IPv4-translated ::ffff:0:a.b.c.d (SIIT)
+    if s[..4].iter().all(|&x| x == 0) && s[4] == 0xffff && s[5] == 0 {
+        return forbidden_v4(last_32);
+    }
     // IPv4-compatible ::a.b.c.d (deprecated, but some stacks still route it)
     if s[..6].iter().all(|&x| x == 0) {
-        return forbidden_v4(embedded(s[6], s[7]));
+        return forbidden_v4(last_32);
     }
     // NAT64 well-known prefix 64:ff9b::/96
     if s[0] == 0x64 && s[1] == 0xff9b && s[2..6].iter().all(|&x| x == 0) {
-        return forbidden_v4(embedded(s[6], s[7]));
+        return forbidden_v4(last_32);
     }
-    // NAT64 local-use prefix 64:ff9b:1::/48 (RFC 8215): translated by a local gateway.
+    // NAT64 local-use prefix 64:ff9b:1::/48 (RFC 8215): the local translator dials the
+    // embedded IPv4 address, so that address decides.
     if s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1 {
-        return Some("private (local-use NAT64)");
+        return forbidden_v4(last_32);
     }
     // 6to4 2002:aabb:ccdd::/48 embeds a.b.c.d
     if s[0] == 0x2002 {
-        return forbidden_v4(embedded(s[1], s[2]));
+        return forbidden_v4(Ipv4Addr::from_bits(
+            (u32::from(s[1]) << 16) | u32::from(s[2]),
+        ));
+    }
+    if s[0] == 0x2001 && s[1] == 0 {
+        return Some("Teredo (2001::/32)");
     }
     if (s[0] & 0xfe00) == 0xfc00 {
         return Some("unique-local");
@@ -298,7 +337,9 @@ fn filter_addrs(
         .into_iter()
         .filter(|a| match forbidden_ip(a.ip()) {
             Some(class) => {
-                tracing::debug!(host, address = %a.ip(), class, "egress policy dropped an address");
+                // The class only, like every message here: the address itself would tell
+                // whoever reads the logs what an internal name resolves to.
+                tracing::debug!(host, class, "egress policy dropped an address");
                 first_class.get_or_insert(class);
                 false
             }
@@ -379,8 +420,24 @@ mod tests {
             ("::10.0.0.1", Some("private")),
             ("64:ff9b::a9fe:a9fe", Some("metadata")),
             ("64:ff9b::10.1.2.3", Some("private")),
-            ("64:ff9b:1::1", Some("private (local-use NAT64)")),
+            ("64:ff9b:1::a00:1", Some("private")),
+            ("64:ff9b:1::a9fe:a9fe", Some("metadata")),
             ("2002:a00:1::1", Some("private")),
+            ("::ffff:0:10.0.0.1", Some("private")),
+            ("168.63.129.16", Some("metadata")),
+            ("100.100.100.200", Some("metadata")),
+            ("192.0.0.192", Some("metadata")),
+            ("192.0.0.8", Some("reserved (192.0.0.0/24)")),
+            ("fd20:ce::254", Some("metadata")),
+            ("2001::1", Some("Teredo (2001::/32)")),
+            (
+                "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+                Some("Teredo (2001::/32)"),
+            ),
+            (
+                "2001:0:ffff:ffff:ffff:ffff:ffff:ffff",
+                Some("Teredo (2001::/32)"),
+            ),
             // public addresses pass
             ("8.8.8.8", None),
             ("1.1.1.1", None),
@@ -389,9 +446,139 @@ mod tests {
             ("2606:4700:4700::1111", None),
             ("::ffff:8.8.8.8", None),
             ("64:ff9b::808:808", None),
+            ("64:ff9b:1::808:808", None),
+            ("2002:808:808::1", None),
+            ("168.63.129.17", None),
+            ("2001:1::1", None),
+            ("2001:4860:4860::8888", None),
         ];
         for (ip, want) in cases {
             assert_eq!(v(ip), *want, "{ip}");
+        }
+    }
+
+    /// Refused IPv4 addresses: one or more per rule, range edges included.
+    const REFUSED_V4: &[&str] = &[
+        "0.0.0.0",
+        "0.1.2.3",
+        "0.255.255.255",
+        "127.0.0.1",
+        "127.255.255.255",
+        "10.0.0.0",
+        "10.255.255.255",
+        "172.16.0.1",
+        "172.31.255.255",
+        "192.168.0.1",
+        "192.168.255.255",
+        "169.254.0.1",
+        "169.254.255.255",
+        "169.254.169.254",
+        "169.254.170.2",
+        "168.63.129.16",
+        "100.100.100.200",
+        "192.0.0.192",
+        "100.64.0.0",
+        "100.127.255.255",
+        "255.255.255.255",
+        "224.0.0.1",
+        "239.255.255.255",
+        "192.0.2.1",
+        "198.51.100.1",
+        "203.0.113.255",
+        "192.0.0.0",
+        "192.0.0.255",
+        "198.18.0.0",
+        "198.19.255.255",
+        "240.0.0.1",
+        "254.255.255.254",
+    ];
+
+    /// Public IPv4 addresses, many just outside a refused range.
+    const PUBLIC_V4: &[&str] = &[
+        "1.1.1.1",
+        "8.8.8.8",
+        "93.184.216.34",
+        "9.255.255.255",
+        "11.0.0.0",
+        "100.63.255.255",
+        "100.128.0.0",
+        "126.255.255.255",
+        "128.0.0.0",
+        "168.63.129.17",
+        "169.253.255.255",
+        "169.255.0.0",
+        "172.15.255.255",
+        "172.32.0.0",
+        "192.0.1.255",
+        "192.0.3.0",
+        "192.167.255.255",
+        "192.169.0.0",
+        "198.17.255.255",
+        "198.20.0.0",
+        "223.255.255.255",
+    ];
+
+    /// Every IPv6 form that carries `v4`, named.
+    fn embedded_forms(v4: Ipv4Addr) -> [(&'static str, Ipv6Addr); 6] {
+        let bits = u128::from(v4.to_bits());
+        [
+            ("mapped", v4.to_ipv6_mapped()),
+            ("translated", Ipv6Addr::from_bits((0xffff << 48) | bits)),
+            ("compatible", Ipv6Addr::from_bits(bits)),
+            ("NAT64", Ipv6Addr::from_bits((0x0064_ff9b << 96) | bits)),
+            (
+                "local NAT64",
+                Ipv6Addr::from_bits((0x0064_ff9b_0001 << 80) | bits),
+            ),
+            (
+                "6to4",
+                Ipv6Addr::from_bits((0x2002 << 112) | (bits << 80) | 1),
+            ),
+        ]
+    }
+
+    #[test]
+    fn embedded_ipv4_is_judged_as_itself() {
+        for sample in REFUSED_V4 {
+            let v4 = Ipv4Addr::from_str(sample).expect("test address");
+            let class = forbidden_v4(v4);
+            assert!(class.is_some(), "{sample} must be refused");
+            for (form, v6) in embedded_forms(v4) {
+                assert_eq!(forbidden_v6(v6), class, "{form} {v6} of {sample}");
+            }
+        }
+        for sample in PUBLIC_V4 {
+            let v4 = Ipv4Addr::from_str(sample).expect("test address");
+            assert_eq!(forbidden_v4(v4), None, "{sample} must pass");
+            for (form, v6) in embedded_forms(v4) {
+                assert_eq!(forbidden_v6(v6), None, "{form} {v6} of {sample}");
+            }
+        }
+    }
+
+    #[test]
+    fn rejection_names_the_rule_not_the_address() {
+        let a = |s: &str| SocketAddr::from_str(s).expect("addr");
+        for (addr, class) in [
+            ("10.1.2.3:0", "private"),
+            ("169.254.169.254:0", "metadata"),
+            ("100.100.100.200:0", "metadata"),
+            ("[::ffff:10.9.8.7]:0", "private"),
+            ("[64:ff9b::a09:807]:0", "private"),
+            (
+                "[2001:0:4136:e378:8000:63bf:3fff:fdd2]:0",
+                "Teredo (2001::/32)",
+            ),
+        ] {
+            let err = filter_addrs("internal.example", vec![a(addr)]).expect_err(addr);
+            let msg = err.to_string();
+            let ip = a(addr).ip().to_string();
+            assert!(
+                msg.contains("internal.example") && msg.contains(class),
+                "{msg}"
+            );
+            assert!(!msg.contains(&ip), "{msg} reveals {ip}");
+            assert!(!format!("{err:?}").contains(&ip), "{err:?} reveals {ip}");
         }
     }
 

@@ -28,8 +28,8 @@ impl Provider for Anthropic {
         sensitive_headers(
             self.kind(),
             &[
-                ("x-api-key", credential.to_owned(), true),
-                ("anthropic-version", ANTHROPIC_VERSION.to_owned(), false),
+                ("x-api-key", credential, true),
+                ("anthropic-version", ANTHROPIC_VERSION, false),
             ],
         )
     }

@@ -43,7 +43,7 @@ impl Provider for Azure {
     }
 
     fn auth_headers(&self, credential: &str) -> Result<HeaderMap, Verification> {
-        sensitive_headers(self.kind(), &[("api-key", credential.to_owned(), true)])
+        sensitive_headers(self.kind(), &[("api-key", credential, true)])
     }
 
     fn verification_url(&self, base: &Url, params: &ProviderParams) -> Result<Url, Verification> {

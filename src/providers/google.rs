@@ -23,10 +23,7 @@ impl Provider for Google {
     }
 
     fn auth_headers(&self, credential: &str) -> Result<HeaderMap, Verification> {
-        sensitive_headers(
-            self.kind(),
-            &[("x-goog-api-key", credential.to_owned(), true)],
-        )
+        sensitive_headers(self.kind(), &[("x-goog-api-key", credential, true)])
     }
 
     fn verification_url(&self, base: &Url, _: &ProviderParams) -> Result<Url, Verification> {

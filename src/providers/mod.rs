@@ -14,8 +14,9 @@ mod vertex;
 
 use std::collections::BTreeMap;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 use schemars::JsonSchema;
+use secrecy::zeroize::Zeroizing;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use url::Url;
@@ -329,13 +330,15 @@ impl Verifier {
         &self,
         kind: ProviderKind,
         request: reqwest::RequestBuilder,
-    ) -> Result<(u16, Vec<u8>), Verification> {
+    ) -> Result<(u16, Zeroizing<Vec<u8>>), Verification> {
         let mut response = request
             .send()
             .await
             .map_err(|e| transport_error(kind, &e))?;
         let status = response.status().as_u16();
-        let mut body = Vec::new();
+        // A body may carry a credential (the token endpoint's access token, an error that
+        // echoes the key): all the room up front so no reallocation leaves an unwiped copy.
+        let mut body = Zeroizing::new(Vec::with_capacity(MAX_BODY_BYTES));
         // A body cut short by an error still leaves the status, which decides most cases.
         while let Ok(Some(chunk)) = response.chunk().await {
             let room = MAX_BODY_BYTES - body.len();
@@ -498,24 +501,27 @@ pub(crate) fn join_url(base: &Url, segments: &[&str], query: Option<(&str, &str)
     url
 }
 
-/// One sensitive header map entry per `(name, value)`. A value that cannot be a header
-/// (a stray newline in the Secret, say) is InvalidKey; the message never shows it.
+/// Bytes backed by a buffer that is wiped when the last reference (ours or the HTTP
+/// stack's) is dropped. Copies that hyper and rustls make while sending are out of reach.
+pub(crate) fn zeroizing_bytes(buf: Zeroizing<Vec<u8>>) -> bytes::Bytes {
+    bytes::Bytes::from_owner(buf)
+}
+
+/// One header map entry per `(name, value, sensitive)`. A sensitive value is marked so
+/// (never logged, never HPACK-indexed) and is held in a buffer wiped on drop. A value that
+/// cannot be a header (a stray newline in the Secret, say) is InvalidKey; the message never
+/// shows it.
 pub(crate) fn sensitive_headers(
     kind: ProviderKind,
-    entries: &[(&'static str, String, bool)],
+    entries: &[(&'static str, &str, bool)],
 ) -> Result<HeaderMap, Verification> {
     let mut headers = HeaderMap::new();
     for (name, value, sensitive) in entries {
-        let mut v = http::HeaderValue::from_str(value).map_err(|_| {
-            Verification::new(
-                Reason::InvalidKey,
-                format!(
-                    "the {kind} key holds characters not allowed in an HTTP header \
-                     (a trailing newline in the Secret?)"
-                ),
-            )
-        })?;
-        v.set_sensitive(*sensitive);
+        let v = if *sensitive {
+            secret_header_value(kind, &[value])?
+        } else {
+            HeaderValue::from_str(value).map_err(|_| invalid_header_value(kind))?
+        };
         headers.insert(http::HeaderName::from_static(name), v);
     }
     Ok(headers)
@@ -523,7 +529,36 @@ pub(crate) fn sensitive_headers(
 
 /// `authorization: Bearer TOKEN`, sensitive.
 pub(crate) fn bearer(kind: ProviderKind, token: &str) -> Result<HeaderMap, Verification> {
-    sensitive_headers(kind, &[("authorization", format!("Bearer {token}"), true)])
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        http::header::AUTHORIZATION,
+        secret_header_value(kind, &["Bearer ", token])?,
+    );
+    Ok(headers)
+}
+
+/// The concatenation of `parts` as a sensitive header value. Built in a zeroizing buffer
+/// of exactly the right size (no reallocation leaves a copy) that the value then shares
+/// rather than copies.
+fn secret_header_value(kind: ProviderKind, parts: &[&str]) -> Result<HeaderValue, Verification> {
+    let mut buf = Zeroizing::new(Vec::with_capacity(parts.iter().map(|p| p.len()).sum()));
+    for part in parts {
+        buf.extend_from_slice(part.as_bytes());
+    }
+    let mut value = HeaderValue::from_maybe_shared(zeroizing_bytes(buf))
+        .map_err(|_| invalid_header_value(kind))?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+fn invalid_header_value(kind: ProviderKind) -> Verification {
+    Verification::new(
+        Reason::InvalidKey,
+        format!(
+            "the {kind} key holds characters not allowed in an HTTP header \
+             (a trailing newline in the Secret?)"
+        ),
+    )
 }
 
 /// A base URL built from a constant.
@@ -747,6 +782,42 @@ mod tests {
             .await;
         assert_eq!(out.reason, Reason::BaseURLRejected, "{out}");
         assert!(out.message.contains("loopback"), "{out}");
+        assert!(out.message.contains("rebind.test"), "{out}");
+        assert!(
+            !out.message.contains("127.0.0.1"),
+            "the resolved address is not shown: {out}"
+        );
+    }
+
+    #[test]
+    fn every_auth_header_is_sensitive() {
+        const KEY: &str = "SECRET-key-0123456789";
+        for kind in ProviderKind::ALL {
+            let headers = provider(kind).auth_headers(KEY).expect("headers");
+            let mut carriers = 0;
+            for (name, value) in &headers {
+                let carries_key = value
+                    .as_bytes()
+                    .windows(KEY.len())
+                    .any(|w| w == KEY.as_bytes());
+                assert_eq!(value.is_sensitive(), carries_key, "{kind} {name}");
+                carriers += usize::from(carries_key);
+            }
+            assert_eq!(carriers, 1, "{kind}");
+            assert!(!format!("{headers:?}").contains(KEY), "{kind}");
+
+            let err = provider(kind)
+                .auth_headers("SECRET\nkey")
+                .expect_err("a newline cannot be in a header");
+            assert_eq!(err.reason, Reason::InvalidKey, "{kind}");
+            assert!(!err.message.contains("SECRET"), "{kind}: {err}");
+        }
+        let headers = bearer(ProviderKind::OpenAI, "tok").expect("bearer");
+        assert_eq!(headers[http::header::AUTHORIZATION], "Bearer tok");
+        let headers = provider(ProviderKind::Anthropic)
+            .auth_headers(KEY)
+            .expect("headers");
+        assert!(!headers["anthropic-version"].is_sensitive());
     }
 
     #[test]

@@ -7,18 +7,19 @@
 //! is [`DEFAULT_VERTEX_TOKEN_URL`] or the operator's `--provider-endpoint vertex-token=URL`.
 
 use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use http::HeaderMap;
 use ring::rand::SystemRandom;
 use ring::signature::{RSA_PKCS1_SHA256, RsaKeyPair};
-use rustls_pki_types::PrivatePkcs8KeyDer;
-use rustls_pki_types::pem::PemObject;
+use secrecy::zeroize::Zeroizing;
 use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use url::Url;
 
 use super::{
     ErrorBody, Provider, ProviderKind, ProviderParams, Verification, Verifier, bearer,
-    classify_status, join_url, safe_token,
+    classify_status, join_url, safe_token, zeroizing_bytes,
 };
 use crate::reason::Reason;
 
@@ -165,44 +166,161 @@ impl std::fmt::Debug for ServiceAccountKey {
     }
 }
 
+/// The fields of a service-account JSON key that we read; serde skips the others without
+/// copying them. A field of the wrong type reads as absent, so the error can name it.
+#[derive(Deserialize)]
+struct ServiceAccountJson {
+    #[serde(rename = "type", default, deserialize_with = "lenient")]
+    kind: Option<String>,
+    #[serde(default, deserialize_with = "lenient")]
+    client_email: Option<String>,
+    #[serde(default, deserialize_with = "lenient")]
+    private_key_id: Option<String>,
+    #[serde(default, deserialize_with = "lenient")]
+    project_id: Option<String>,
+    #[serde(default, deserialize_with = "secret_string")]
+    private_key: Option<SecretString>,
+}
+
+/// `T` if the value parses as one, `None` otherwise (never an error).
+fn lenient<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let raw = <&'de RawValue>::deserialize(deserializer)?;
+    Ok(serde_json::from_str(raw.get()).ok())
+}
+
+/// A JSON string as a secret, `None` for any other JSON value. The value is taken raw and
+/// unescaped here because serde_json would decode an escaped string (a PEM always has
+/// `\n`) through an internal scratch buffer that is freed without being wiped.
+fn secret_string<'de, D>(deserializer: D) -> Result<Option<SecretString>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let raw = <&'de RawValue>::deserialize(deserializer)?;
+    Ok(unescape_json_string(raw.get()).map(|s| SecretString::from(s.as_str())))
+}
+
+/// Decodes a JSON string literal (quotes included, already validated by serde_json) into a
+/// buffer that is wiped on drop. `None` if `raw` is not a string literal. An unpaired
+/// surrogate becomes U+FFFD.
+fn unescape_json_string(raw: &str) -> Option<Zeroizing<String>> {
+    let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
+    // No escape decodes to more bytes than it takes, so this buffer never reallocates
+    // (a reallocation would leave an unwiped copy behind).
+    let mut out = Zeroizing::new(String::with_capacity(inner.len()));
+    let mut rest = inner;
+    while let Some(at) = rest.find('\\') {
+        out.push_str(&rest[..at]);
+        let escape = &rest[at + 1..];
+        let (c, used) = match escape.bytes().next()? {
+            b'"' => ('"', 1),
+            b'\\' => ('\\', 1),
+            b'/' => ('/', 1),
+            b'b' => ('\u{8}', 1),
+            b'f' => ('\u{c}', 1),
+            b'n' => ('\n', 1),
+            b'r' => ('\r', 1),
+            b't' => ('\t', 1),
+            b'u' => {
+                let high = hex4(escape.get(1..5)?)?;
+                let low = escape
+                    .get(5..7)
+                    .filter(|s| *s == "\\u")
+                    .and_then(|_| hex4(escape.get(7..11)?))
+                    .filter(|low| (0xDC00..0xE000).contains(low));
+                match (high, low) {
+                    (0xD800..0xDC00, Some(low)) => (
+                        char::from_u32(0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00))
+                            .unwrap_or(char::REPLACEMENT_CHARACTER),
+                        11,
+                    ),
+                    _ => (
+                        char::from_u32(high).unwrap_or(char::REPLACEMENT_CHARACTER),
+                        5,
+                    ),
+                }
+            }
+            _ => return None,
+        };
+        out.push(c);
+        rest = escape.get(used..)?;
+    }
+    out.push_str(rest);
+    Some(out)
+}
+
+fn hex4(s: &str) -> Option<u32> {
+    if s.len() == 4 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        u32::from_str_radix(s, 16).ok()
+    } else {
+        None
+    }
+}
+
+/// The DER of the first `PRIVATE KEY` (PKCS#8) block of a PEM, in buffers wiped on drop.
+/// Decoded here rather than with a PEM library so that no intermediate base64 or DER buffer
+/// outlives the call unwiped.
+fn pkcs8_der(pem: &str) -> Option<Zeroizing<Vec<u8>>> {
+    const BEGIN: &str = "-----BEGIN PRIVATE KEY-----";
+    const END: &str = "-----END PRIVATE KEY-----";
+    let start = pem.find(BEGIN)? + BEGIN.len();
+    let body = &pem[start..];
+    let body = &body[..body.find(END)?];
+    let mut encoded = Zeroizing::new(Vec::with_capacity(body.len()));
+    encoded.extend(body.bytes().filter(|b| !b.is_ascii_whitespace()));
+    let mut der = Zeroizing::new(vec![0u8; base64::decoded_len_estimate(encoded.len())]);
+    let len = STANDARD
+        .decode_slice(encoded.as_slice(), der.as_mut_slice())
+        .ok()?;
+    der.truncate(len);
+    Some(der)
+}
+
 impl ServiceAccountKey {
     /// Parses the JSON. Errors are InvalidSpec and name the missing field only, never
     /// content.
     pub fn parse(json: &str) -> Result<ServiceAccountKey, Verification> {
-        let v: serde_json::Value = serde_json::from_str(json).map_err(|_| {
-            Verification::invalid_spec("the Secret does not hold a service-account JSON key")
-        })?;
-        if !v.is_object() {
-            return Err(Verification::invalid_spec(
-                "the Secret does not hold a service-account JSON key (not a JSON object)",
-            ));
+        let not_a_key =
+            || Verification::invalid_spec("the Secret does not hold a service-account JSON key");
+        if !json.trim_start().starts_with('{') {
+            // IgnoredAny tells "JSON, but not an object" from "not JSON" without building a
+            // value.
+            return Err(match serde_json::from_str::<serde::de::IgnoredAny>(json) {
+                Ok(_) => Verification::invalid_spec(
+                    "the Secret does not hold a service-account JSON key (not a JSON object)",
+                ),
+                Err(_) => not_a_key(),
+            });
         }
-        let field = |name: &str| -> Result<&str, Verification> {
-            v.get(name)
-                .and_then(serde_json::Value::as_str)
-                .filter(|s| !s.is_empty())
-                .ok_or_else(|| {
-                    Verification::invalid_spec(format!(
-                        "the service-account JSON has no {name} field"
-                    ))
-                })
+        let json: ServiceAccountJson = serde_json::from_str(json).map_err(|_| not_a_key())?;
+        let missing = |name: &str| {
+            Verification::invalid_spec(format!("the service-account JSON has no {name} field"))
         };
-        let kind = field("type")?;
+        let non_empty = |s: &String| !s.is_empty();
+        let kind = json.kind.filter(non_empty).ok_or_else(|| missing("type"))?;
         if kind != "service_account" {
-            return Err(Verification::invalid_spec(match safe_token(kind) {
+            return Err(Verification::invalid_spec(match safe_token(&kind) {
                 Some(k) => format!("the JSON key is of type {k}, expected service_account"),
                 None => "the JSON key is not of type service_account".to_owned(),
             }));
         }
         let key = ServiceAccountKey {
-            client_email: field("client_email")?.to_owned(),
-            private_key_id: field("private_key_id")?.to_owned(),
-            private_key: SecretString::from(field("private_key")?),
-            project_id: v
-                .get("project_id")
-                .and_then(serde_json::Value::as_str)
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned),
+            client_email: json
+                .client_email
+                .filter(non_empty)
+                .ok_or_else(|| missing("client_email"))?,
+            private_key_id: json
+                .private_key_id
+                .filter(non_empty)
+                .ok_or_else(|| missing("private_key_id"))?,
+            private_key: json
+                .private_key
+                .filter(|k| !k.expose_secret().is_empty())
+                .ok_or_else(|| missing("private_key"))?,
+            project_id: json.project_id.filter(non_empty),
         };
         // Fail early on an unusable key rather than at the first exchange.
         key.key_pair()?;
@@ -210,16 +328,14 @@ impl ServiceAccountKey {
     }
 
     fn key_pair(&self) -> Result<RsaKeyPair, Verification> {
-        let der = PrivatePkcs8KeyDer::from_pem_slice(self.private_key.expose_secret().as_bytes())
-            .map_err(|_| {
+        let der = pkcs8_der(self.private_key.expose_secret()).ok_or_else(|| {
             Verification::invalid_spec(
                 "the service-account private_key is not a PEM PKCS#8 private key",
             )
         })?;
-        RsaKeyPair::from_pkcs8(der.secret_pkcs8_der()).map_err(|e| {
+        RsaKeyPair::from_pkcs8(&der).map_err(|e| {
             Verification::invalid_spec(format!(
-                "the service-account private_key is not a usable RSA key ({})",
-                e
+                "the service-account private_key is not a usable RSA key ({e})"
             ))
         })
     }
@@ -227,6 +343,8 @@ impl ServiceAccountKey {
     /// The signed RS256 JWT assertion for `token_url`, issued at `now` (Unix seconds). The
     /// assertion is a credential for an hour: it stays secret.
     pub fn sign_jwt(&self, token_url: &Url, now: i64) -> Result<SecretString, Verification> {
+        let failed =
+            || Verification::invalid_spec("signing the JWT with the service-account key failed");
         let header = serde_json::json!({"alg": "RS256", "typ": "JWT", "kid": self.private_key_id});
         let claims = serde_json::json!({
             "iss": self.client_email,
@@ -235,27 +353,43 @@ impl ServiceAccountKey {
             "iat": now,
             "exp": now + JWT_LIFETIME_SECS,
         });
-        let mut jwt = format!(
+        // Header and claims are not secret; the signature is (with them it is the assertion).
+        let signing_input = format!(
             "{}.{}",
             URL_SAFE_NO_PAD.encode(header.to_string()),
             URL_SAFE_NO_PAD.encode(claims.to_string())
         );
         let key_pair = self.key_pair()?;
-        let mut sig = vec![0u8; key_pair.public().modulus_len()];
+        let mut sig = Zeroizing::new(vec![0u8; key_pair.public().modulus_len()]);
         key_pair
             .sign(
                 &RSA_PKCS1_SHA256,
                 &SystemRandom::new(),
-                jwt.as_bytes(),
+                signing_input.as_bytes(),
                 &mut sig,
             )
-            .map_err(|_| {
-                Verification::invalid_spec("signing the JWT with the service-account key failed")
-            })?;
-        jwt.push('.');
-        jwt.push_str(&URL_SAFE_NO_PAD.encode(sig));
+            .map_err(|_| failed())?;
+        let sig_len = base64::encoded_len(sig.len(), false).ok_or_else(failed)?;
+        let mut jwt = Zeroizing::new(vec![0u8; signing_input.len() + 1 + sig_len]);
+        let (head, tail) = jwt.split_at_mut(signing_input.len());
+        head.copy_from_slice(signing_input.as_bytes());
+        let (dot, encoded) = tail.split_at_mut(1);
+        dot[0] = b'.';
+        URL_SAFE_NO_PAD
+            .encode_slice(sig.as_slice(), encoded)
+            .map_err(|_| failed())?;
+        let jwt = std::str::from_utf8(&jwt).map_err(|_| failed())?;
         Ok(SecretString::from(jwt))
     }
+}
+
+/// The token endpoint's 2xx body, reduced to what we use.
+#[derive(Deserialize)]
+struct TokenResponse {
+    #[serde(default, deserialize_with = "secret_string")]
+    access_token: Option<SecretString>,
+    #[serde(default, deserialize_with = "lenient")]
+    expires_in: Option<i64>,
 }
 
 /// A short-lived OAuth access token for Vertex. `Debug` never shows the token.
@@ -274,30 +408,38 @@ impl VertexAccessToken {
                 "the Google token endpoint answered without a usable access_token; will retry",
             )
         };
-        let v: serde_json::Value = serde_json::from_slice(body).map_err(|_| unusable())?;
-        let token = v
-            .get("access_token")
-            .and_then(serde_json::Value::as_str)
-            .filter(|t| !t.is_empty())
+        let response: TokenResponse = serde_json::from_slice(body).map_err(|_| unusable())?;
+        let token = response
+            .access_token
+            .filter(|t| !t.expose_secret().is_empty())
             .ok_or_else(unusable)?;
-        let expires_in = v
-            .get("expires_in")
-            .and_then(serde_json::Value::as_i64)
+        let expires_in = response
+            .expires_in
             .unwrap_or(JWT_LIFETIME_SECS)
             .clamp(0, 24 * 3600);
         let expires_at = now
             .checked_add(jiff::SignedDuration::from_secs(expires_in))
             .unwrap_or(now);
-        Ok(VertexAccessToken {
-            token: SecretString::from(token),
-            expires_at,
-        })
+        Ok(VertexAccessToken { token, expires_at })
     }
 }
 
 /// Result of one step: the outcome with the host and status, or an early failure with the
 /// host if one was known.
 type Step = Result<(Verification, Option<String>, Option<u16>), (Verification, Option<String>)>;
+
+const TOKEN_REQUEST_PREFIX: &str =
+    "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer&assertion=";
+
+/// The form body of the JWT exchange, in a buffer wiped when the HTTP stack drops it.
+fn token_request_body(jwt: &SecretString) -> bytes::Bytes {
+    let jwt = jwt.expose_secret();
+    // base64url and '.' need no form encoding.
+    let mut body = Zeroizing::new(Vec::with_capacity(TOKEN_REQUEST_PREFIX.len() + jwt.len()));
+    body.extend_from_slice(TOKEN_REQUEST_PREFIX.as_bytes());
+    body.extend_from_slice(jwt.as_bytes());
+    zeroizing_bytes(body)
+}
 
 impl Verifier {
     /// The Vertex OAuth token URL (override or default), checked against the egress policy.
@@ -326,12 +468,8 @@ impl Verifier {
         token_url: Url,
     ) -> Result<VertexAccessToken, Verification> {
         let now = jiff::Timestamp::now();
-        let jwt = sa.sign_jwt(&token_url, now.as_second())?;
-        // base64url and '.' need no form encoding.
-        let body = format!(
-            "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer&assertion={}",
-            jwt.expose_secret()
-        );
+        // The assertion itself is dropped (wiped) here; only the body's copy stays in flight.
+        let body = token_request_body(&sa.sign_jwt(&token_url, now.as_second())?);
         let request = self
             .http
             .post(token_url)
@@ -450,6 +588,107 @@ mod tests {
             assert_eq!(err.reason, Reason::InvalidSpec, "{junk}");
             assert!(!err.message.contains("sk-ant"));
         }
+    }
+
+    #[test]
+    fn parse_keeps_no_plain_copy_and_redacts_debug() {
+        let json = sa_json(&[], &[]);
+        let sa = ServiceAccountKey::parse(&json).expect("valid");
+        assert_eq!(sa.private_key.expose_secret(), TEST_KEY, "escapes decoded");
+        let dbg = format!("{sa:?} {sa:#?}");
+        let body = TEST_KEY
+            .lines()
+            .find(|l| !l.starts_with("-----") && !l.is_empty())
+            .expect("a base64 line");
+        assert!(!dbg.contains(body), "{dbg}");
+        assert!(
+            dbg.contains("byok@my-proj.iam.gserviceaccount.com"),
+            "{dbg}"
+        );
+
+        // A field of the wrong type reads as absent and the error names it.
+        let json = json.replace(
+            "\"byok@my-proj.iam.gserviceaccount.com\"",
+            "{\"nested\":true}",
+        );
+        let err = ServiceAccountKey::parse(&json).unwrap_err();
+        assert_eq!(
+            err.message,
+            "the service-account JSON has no client_email field"
+        );
+        let err = ServiceAccountKey::parse(r#"{"type":"service_account","client_email":"a@b","private_key_id":"k","private_key":42}"#)
+            .unwrap_err();
+        assert_eq!(
+            err.message,
+            "the service-account JSON has no private_key field"
+        );
+        let err = ServiceAccountKey::parse("[1,2]").unwrap_err();
+        assert!(err.message.contains("not a JSON object"), "{}", err.message);
+        let err = ServiceAccountKey::parse("{\"type\":").unwrap_err();
+        assert_eq!(
+            err.message,
+            "the Secret does not hold a service-account JSON key"
+        );
+    }
+
+    #[test]
+    fn json_strings_unescape_in_place() {
+        let cases = [
+            (r#""""#, ""),
+            (r#""plain""#, "plain"),
+            (r#""a\nb\r\tc""#, "a\nb\r\tc"),
+            (r#""\"\\\/\b\f""#, "\"\\/\u{8}\u{c}"),
+            (r#""\u0041\u00e9\u20ac""#, "Aé€"),
+            (r#""\ud83d\ude00!""#, "😀!"),
+            (r#""\ud83d!""#, "\u{fffd}!"),
+            (r#""\ude00\ud83d""#, "\u{fffd}\u{fffd}"),
+            (r#""\ud83d\u0041""#, "\u{fffd}A"),
+            (r#""é€😀""#, "é€😀"),
+        ];
+        for (raw, want) in cases {
+            let got = unescape_json_string(raw).expect(raw);
+            assert_eq!(got.as_str(), want, "{raw}");
+            assert_eq!(
+                got.capacity(),
+                raw.len() - 2,
+                "{raw}: the buffer never grew"
+            );
+            let via_serde: String = serde_json::from_str(raw).unwrap_or_else(|_| want.to_owned());
+            assert_eq!(got.as_str(), via_serde, "{raw}: agrees with serde_json");
+        }
+        for not_a_string in ["42", "null", "{}", "\"", r#""\x""#, r#""\u12""#] {
+            assert!(
+                unescape_json_string(not_a_string).is_none(),
+                "{not_a_string}"
+            );
+        }
+    }
+
+    #[test]
+    fn pem_decoding() {
+        let der = pkcs8_der(TEST_KEY).expect("the test key decodes");
+        assert!(RsaKeyPair::from_pkcs8(&der).is_ok());
+        let crlf = TEST_KEY.replace('\n', "\r\n");
+        assert_eq!(pkcs8_der(&crlf).as_deref(), Some(&*der));
+        let with_preamble = format!("Bag Attributes\n{TEST_KEY}");
+        assert_eq!(pkcs8_der(&with_preamble).as_deref(), Some(&*der));
+        for bad in [
+            "",
+            "-----BEGIN PRIVATE KEY-----\nQUJD\n",
+            "-----BEGIN RSA PRIVATE KEY-----\nQUJD\n-----END RSA PRIVATE KEY-----\n",
+            "-----BEGIN PRIVATE KEY-----\n!!!!\n-----END PRIVATE KEY-----\n",
+        ] {
+            assert!(pkcs8_der(bad).is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn token_request_body_is_the_form() {
+        let body = token_request_body(&SecretString::from("aaa.bbb.ccc"));
+        assert_eq!(
+            &body[..],
+            b"grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer&assertion=aaa.bbb.ccc"
+        );
     }
 
     #[test]
