@@ -9,6 +9,7 @@ pub mod crd;
 pub mod crdgen;
 pub mod crypto;
 pub mod egress;
+pub mod interval;
 pub mod metrics;
 pub mod providers;
 pub mod reason;

@@ -385,19 +385,12 @@ pub fn decide(obs: &Observed, target: Option<Target>, result: Option<&Verified>)
     }
 }
 
-/// The effective re-verification interval: `None` when disabled with `0`.
-pub fn effective_interval(spec: Option<&crate::crd::VerificationSpec>) -> Option<Duration> {
-    match spec.and_then(|v| v.interval.as_ref()) {
-        None => Some(DEFAULT_INTERVAL),
-        Some(d) => {
-            let d: Duration = (*d).into();
-            if d.is_zero() {
-                None
-            } else {
-                Some(d.max(MIN_INTERVAL))
-            }
-        }
-    }
+/// The effective re-verification interval: `Ok(None)` when disabled with `0`; an error is a
+/// bad `spec.verification.interval`, to be reported as `InvalidSpec`.
+pub fn effective_interval(
+    spec: Option<&crate::crd::VerificationSpec>,
+) -> Result<Option<Duration>, crate::interval::IntervalError> {
+    crate::interval::effective_interval(spec)
 }
 
 #[cfg(test)]
@@ -587,14 +580,18 @@ mod tests {
     #[test]
     fn interval_zero_disables_and_small_intervals_are_raised() {
         let spec = |s: &str| crate::crd::VerificationSpec {
-            interval: Some(s.parse().expect("duration")),
+            interval: Some(s.to_string()),
         };
-        assert_eq!(effective_interval(Some(&spec("0"))), None);
-        assert_eq!(effective_interval(Some(&spec("1s"))), Some(MIN_INTERVAL));
+        assert_eq!(effective_interval(Some(&spec("0"))), Ok(None));
+        assert_eq!(
+            effective_interval(Some(&spec("1s"))),
+            Ok(Some(MIN_INTERVAL))
+        );
         assert_eq!(
             effective_interval(Some(&spec("2h"))),
-            Some(Duration::from_secs(7200))
+            Ok(Some(Duration::from_secs(7200)))
         );
-        assert_eq!(effective_interval(None), Some(DEFAULT_INTERVAL));
+        assert_eq!(effective_interval(None), Ok(Some(DEFAULT_INTERVAL)));
+        assert!(effective_interval(Some(&spec("1h-1h"))).is_err());
     }
 }

@@ -152,7 +152,8 @@ async fn apply(pk: &ProviderKey, ctx: &Context) -> Result<Action, Error> {
         source,
         in_service,
         active_key_id: keyring.active_id().to_string(),
-        interval: plan::effective_interval(pk.spec.verification.as_ref()),
+        // reported as InvalidSpec by the controller (in progress)
+        interval: plan::effective_interval(pk.spec.verification.as_ref()).unwrap_or(None),
         now: Time(Timestamp::now()),
     };
 
