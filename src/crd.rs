@@ -58,7 +58,10 @@ pub const DEFAULT_AZURE_API_VERSION: &str = "2024-10-21";
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
-    )
+    ),
+    // The name is also a label value on the managed Secret, and label values stop at 63.
+    validation = Rule::new("size(self.metadata.name) <= 63")
+        .message("metadata.name must be at most 63 characters: it is also a label value on the managed Secret")
 )]
 #[x_kube(
     validation = Rule::new("self.provider != 'azure' || has(self.baseURL)")
@@ -77,13 +80,22 @@ pub const DEFAULT_AZURE_API_VERSION: &str = "2024-10-21";
     validation = Rule::new(
         "!has(self.defaultModel) || !has(self.allowedModels) || size(self.allowedModels) == 0 || self.defaultModel in self.allowedModels"
     )
-    .message("spec.defaultModel must be one of spec.allowedModels")
+    .message("spec.defaultModel must be one of spec.allowedModels"),
+    // A key goes only where it was verified: everything that picks the destination is fixed
+    // for the life of the object. has() is false for a field set to null as well as for an
+    // absent one, so null cannot be used to slip past the per-field `self == oldSelf` rules.
+    validation = Rule::new("self.provider == oldSelf.provider")
+        .message("spec.provider is immutable; create a new ProviderKey to use another provider"),
+    validation = Rule::new("has(self.baseURL) == has(oldSelf.baseURL)")
+        .message("baseURL cannot be added or removed; create a new ProviderKey to change where the key is sent"),
+    validation = Rule::new("has(self.vertex) == has(oldSelf.vertex)")
+        .message("spec.vertex cannot be added or removed; create a new ProviderKey to change where the key is sent")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ProviderKeySpec {
     /// The LLM provider this key belongs to: anthropic, openai, google (Gemini API), vertex
     /// (Vertex AI; the Secret holds a service-account JSON key), azure (Azure OpenAI) or
-    /// openai-compatible (any endpoint that speaks the OpenAI API).
+    /// openai-compatible (any endpoint that speaks the OpenAI API). Immutable.
     pub provider: ProviderKind,
 
     /// The Secret, in this namespace, that holds the raw key. The operator only reads it;
@@ -95,10 +107,12 @@ pub struct ProviderKeySpec {
     /// openai, google and vertex (their public endpoints are the default); required for azure
     /// and openai-compatible. Must be https, without user info, query or fragment; the
     /// operator also refuses hosts that resolve to private, loopback, link-local or metadata
-    /// addresses.
+    /// addresses. Immutable: to send the key somewhere else, create a new ProviderKey.
     #[serde(rename = "baseURL", default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 9, max = 2048))]
     #[x_kube(
+        validation = Rule::new("self == oldSelf")
+            .message("baseURL is immutable; create a new ProviderKey to change where the key is sent"),
         validation = Rule::new("self.startsWith('https://')").message("baseURL must use https://"),
         validation = Rule::new("!self.startsWith('https://') || self.matches('^https://[^/@?#]+([/?#].*)?$')")
             .message("baseURL must not contain user info (user:password@)"),
@@ -138,11 +152,21 @@ pub struct ProviderKeySpec {
 pub struct SecretKeyRef {
     /// Name of the Secret.
     #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new(
+        "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')"
+    )
+    .message("secretRef.name must be a Secret name: lowercase letters, digits, '-' and '.', starting and ending with a letter or digit"))]
     pub name: String,
 
     /// The entry in the Secret's data that holds the key. Defaults to `api-key`.
     #[serde(default = "default_secret_key")]
     #[schemars(length(min = 1, max = 253))]
+    // The rules Kubernetes applies to Secret data keys (IsConfigMapKey), so a key the schema
+    // accepts can exist in a Secret.
+    #[x_kube(validation = Rule::new(
+        "self.matches('^[-._a-zA-Z0-9]+$') && self != '.' && !self.startsWith('..')"
+    )
+    .message("secretRef.key must be a Secret data key: letters, digits, '-', '_' and '.', not '.' and not starting with '..'"))]
     pub key: String,
 }
 
@@ -156,8 +180,19 @@ fn default_secret_key() -> String {
 pub struct VerificationSpec {
     /// How often the key is verified again with a live call, as a duration such as `24h` or
     /// `90m`. `0` disables periodic re-verification (a changed key is still verified).
-    /// Intervals under one minute are raised to one minute. Defaults to `24h`.
+    /// Intervals under one minute are raised to one minute; the longest is `8760h` (one year).
+    /// Units: `h`, `m`, `s`, `ms`, `us`, `ns`, combinable as in `1h30m`; no sign, no days (write
+    /// `168h` for a week). Defaults to `24h`.
+    // A String, not kube::core::Duration: a value that fails to parse must not fail the
+    // deserialisation of the whole watch list, and that parser panics on some inputs. The
+    // controller parses it with crate::interval and reports a bad value as InvalidSpec on this
+    // object. The rule below mirrors that parser's grammar (it cannot check the one-year cap).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 32))]
+    #[x_kube(validation = Rule::new(
+        r"self.matches('^(0|(([0-9]+([.][0-9]*)?|[.][0-9]+)(h|m|s|ms|us|\u00b5s|\u03bcs|ns))+)$')"
+    )
+    .message("verification.interval must be a duration such as 24h, 90m or 1h30m (units h, m, s, ms, us, ns), or 0 to disable"))]
     pub interval: Option<String>,
 }
 
@@ -179,18 +214,30 @@ fn default_azure_api_version() -> String {
 
 /// Vertex AI settings.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+// The project picks the URL the key is sent to, so it counts as destination like baseURL.
+#[x_kube(validation = Rule::new("has(self.project) == has(oldSelf.project)")
+    .message("vertex.project cannot be added or removed; create a new ProviderKey to change where the key is sent"))]
 #[serde(rename_all = "camelCase")]
 pub struct VertexSpec {
     /// The Google Cloud project. Defaults to the `project_id` in the service-account key.
+    /// Immutable, and cannot be added or removed later.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self.matches('^[a-z][a-z0-9-]{4,28}[a-z0-9]$')")
-        .message("vertex.project must be a Google Cloud project id"))]
+    #[x_kube(
+        validation = Rule::new("self.matches('^[a-z][a-z0-9-]{4,28}[a-z0-9]$')")
+            .message("vertex.project must be a Google Cloud project id"),
+        validation = Rule::new("self == oldSelf")
+            .message("vertex.project is immutable; create a new ProviderKey to change where the key is sent")
+    )]
     #[schemars(length(max = 30))]
     pub project: Option<String>,
 
-    /// The Vertex AI location (region), e.g. `us-central1`, or `global`.
-    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9-]+$')")
-        .message("vertex.location must be a region name such as us-central1"))]
+    /// The Vertex AI location (region), e.g. `us-central1`, or `global`. Immutable.
+    #[x_kube(
+        validation = Rule::new("self.matches('^[a-z0-9-]+$')")
+            .message("vertex.location must be a region name such as us-central1"),
+        validation = Rule::new("self == oldSelf")
+            .message("vertex.location is immutable; create a new ProviderKey to change where the key is sent")
+    )]
     #[schemars(length(min = 1, max = 63))]
     pub location: String,
 }
@@ -276,23 +323,73 @@ mod tests {
         );
     }
 
-    fn validate(spec: serde_json::Value) -> Result<(), String> {
+    fn schema() -> serde_json::Value {
         let crd = ProviderKey::crd();
-        let schema = serde_json::to_value(
+        serde_json::to_value(
             crd.spec.versions[0]
                 .schema
                 .as_ref()
                 .and_then(|s| s.open_api_v3_schema.as_ref())
                 .expect("schema"),
         )
-        .expect("schema serializes");
-        let object = serde_json::json!({
+        .expect("schema serializes")
+    }
+
+    fn object(name: &str, spec: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({
             "apiVersion": "byok.dev/v1alpha1", "kind": "ProviderKey",
-            "metadata": {"name": "k", "namespace": "n"}, "spec": spec,
-        });
+            "metadata": {"name": name, "namespace": "n"}, "spec": spec,
+        })
+    }
+
+    /// What the API server checks on a create (`old` None) or an update: the CEL rules, and
+    /// the length and count limits, which the client-side CEL validator does not check.
+    fn admit(object: &serde_json::Value, old: Option<&serde_json::Value>) -> Result<(), String> {
+        let schema = schema();
+        limits(&schema, object, "")?;
         kube::core::cel::Validator::new()
-            .validate(&schema, &object, None)
+            .validate(&schema, object, old)
             .map_err(|e| e.to_string())
+    }
+
+    fn limits(
+        schema: &serde_json::Value,
+        value: &serde_json::Value,
+        path: &str,
+    ) -> Result<(), String> {
+        let max = |key: &str| schema.get(key).and_then(serde_json::Value::as_u64);
+        match value {
+            serde_json::Value::String(s) => match max("maxLength") {
+                Some(max) if s.chars().count() as u64 > max => {
+                    Err(format!("{path}: longer than {max} characters"))
+                }
+                _ => Ok(()),
+            },
+            serde_json::Value::Array(items) => {
+                if let Some(max) = max("maxItems").filter(|max| items.len() as u64 > *max) {
+                    return Err(format!("{path}: more than {max} items"));
+                }
+                items.iter().enumerate().try_for_each(|(i, item)| {
+                    limits(&schema["items"], item, &format!("{path}[{i}]"))
+                })
+            }
+            serde_json::Value::Object(fields) => fields.iter().try_for_each(|(key, field)| {
+                match schema.get("properties").and_then(|p| p.get(key)) {
+                    Some(field_schema) => limits(field_schema, field, &format!("{path}.{key}")),
+                    None => Ok(()),
+                }
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn validate(spec: serde_json::Value) -> Result<(), String> {
+        admit(&object("k", spec), None)
+    }
+
+    /// An edit of an existing object from `old` to `new`.
+    fn update(old: serde_json::Value, new: serde_json::Value) -> Result<(), String> {
+        admit(&object("k", new), Some(&object("k", old)))
     }
 
     fn spec(provider: &str, base_url: Option<&str>) -> serde_json::Value {
@@ -363,5 +460,229 @@ mod tests {
         let spec: ProviderKeySpec =
             serde_json::from_value(spec("openai", None)).expect("minimal spec deserializes");
         assert_eq!(spec.secret_ref.key, "api-key");
+    }
+
+    fn vertex(location: &str, project: Option<&str>) -> serde_json::Value {
+        let mut s = spec("vertex", None);
+        s["vertex"] = serde_json::json!({"location": location});
+        if let Some(project) = project {
+            s["vertex"]["project"] = project.into();
+        }
+        s
+    }
+
+    #[test]
+    fn where_the_key_goes_cannot_be_edited() {
+        let compatible = |url: &str| spec("openai-compatible", Some(url));
+        for (old, new, expected) in [
+            (
+                spec("openai", None),
+                spec("anthropic", None),
+                "spec.provider is immutable",
+            ),
+            (
+                compatible("https://a.example.com/v1"),
+                compatible("https://b.example.com/v1"),
+                "baseURL is immutable",
+            ),
+            (
+                spec("openai", None),
+                spec("openai", Some("https://evil.example.com/v1")),
+                "baseURL cannot be added or removed",
+            ),
+            (
+                spec("anthropic", Some("https://api.anthropic.com")),
+                spec("anthropic", None),
+                "baseURL cannot be added or removed",
+            ),
+            (
+                vertex("us-central1", None),
+                vertex("europe-west4", None),
+                "vertex.location is immutable",
+            ),
+            (
+                vertex("us-central1", Some("proj-a1")),
+                vertex("us-central1", Some("proj-b2")),
+                "vertex.project is immutable",
+            ),
+            (
+                vertex("us-central1", None),
+                vertex("us-central1", Some("proj-b2")),
+                "vertex.project cannot be added or removed",
+            ),
+            (
+                vertex("us-central1", Some("proj-a1")),
+                vertex("us-central1", None),
+                "vertex.project cannot be added or removed",
+            ),
+            (
+                vertex("us-central1", None),
+                spec("vertex", None),
+                "spec.vertex cannot be added or removed",
+            ),
+        ] {
+            let err = update(old.clone(), new.clone()).expect_err(expected);
+            assert!(err.contains(expected), "{old} -> {new}: {err}");
+            // The same spec is fine as a new object: only the edit is refused.
+            if expected != "spec.vertex cannot be added or removed" {
+                admit(&object("k2", new.clone()), None).expect("valid on create");
+            }
+        }
+    }
+
+    #[test]
+    fn edits_that_keep_the_destination_pass() {
+        let mut old = spec("openai-compatible", Some("https://llm.example.com/v1"));
+        old["allowedModels"] = serde_json::json!(["m1"]);
+        let mut new = old.clone();
+        new["allowedModels"] = serde_json::json!(["m1", "m2"]);
+        new["defaultModel"] = "m2".into();
+        new["secretRef"] = serde_json::json!({"name": "rotated", "key": "token"});
+        new["verification"] = serde_json::json!({"interval": "1h"});
+        update(old, new).expect("models, secret and interval stay editable");
+
+        let mut old = spec("azure", Some("https://res.openai.azure.com"));
+        old["azure"] = serde_json::json!({"apiVersion": "2024-10-21"});
+        let mut new = old.clone();
+        new["azure"]["apiVersion"] = "2025-04-01-preview".into();
+        update(old, new).expect("azure apiVersion does not pick the host");
+
+        update(
+            vertex("us-central1", Some("proj-a1")),
+            vertex("us-central1", Some("proj-a1")),
+        )
+        .expect("unchanged vertex");
+    }
+
+    #[test]
+    fn names_are_at_most_63_characters() {
+        let name = |n: usize| "a".repeat(n);
+        admit(&object(&name(63), spec("openai", None)), None).expect("63");
+        let err = admit(&object(&name(64), spec("openai", None)), None).expect_err("64");
+        assert!(err.contains("at most 63 characters"), "{err}");
+    }
+
+    fn with_secret_ref(name: &str, key: &str) -> serde_json::Value {
+        let mut s = spec("openai", None);
+        s["secretRef"] = serde_json::json!({"name": name, "key": key});
+        s
+    }
+
+    #[test]
+    fn secret_names_are_dns_subdomains() {
+        for good in ["raw", "raw-key.v2", "a", "0", &"a".repeat(253)] {
+            validate(with_secret_ref(good, "api-key")).expect(good);
+        }
+        for bad in [
+            "Raw",
+            "raw_key",
+            "-raw",
+            "raw-",
+            "raw..key",
+            ".raw",
+            "raw/key",
+            &"a".repeat(254),
+        ] {
+            let err = validate(with_secret_ref(bad, "api-key")).expect_err(bad);
+            assert!(
+                err.contains("secretRef.name") || err.contains("longer than 253"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn secret_keys_are_valid_data_keys() {
+        for good in ["api-key", "API_KEY.v2", ".hidden", "a..b", &"k".repeat(253)] {
+            validate(with_secret_ref("raw", good)).expect(good);
+        }
+        for bad in ["a/b", ".", "..", "..a", "a b", "ключ", &"k".repeat(254)] {
+            let err = validate(with_secret_ref("raw", bad)).expect_err(bad);
+            assert!(
+                err.contains("secretRef.key") || err.contains("longer than 253"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    fn with_interval(interval: &str) -> serde_json::Value {
+        let mut s = spec("openai", None);
+        s["verification"] = serde_json::json!({"interval": interval});
+        s
+    }
+
+    #[test]
+    fn the_interval_rule_admits_what_the_parser_accepts() {
+        for good in [
+            "0",
+            "0s",
+            "24h",
+            "90m",
+            "1h30m",
+            "1.5h",
+            ".5h",
+            "1.h",
+            "500ms",
+            "1us",
+            "1\u{b5}s",
+            "1\u{3bc}s",
+            "7ns",
+            "8760h",
+        ] {
+            validate(with_interval(good)).expect(good);
+            crate::interval::parse(good).expect(good);
+        }
+        for bad in [
+            "1h-1h", "-1h", "+1h", "banana", "h", "1e3s", "1d", "1h 30m", "\u{663}h", "1", "00", "",
+        ] {
+            let err = validate(with_interval(bad)).expect_err(bad);
+            assert!(err.contains("verification.interval"), "{bad}: {err}");
+            assert!(crate::interval::parse(bad).is_err(), "{bad}");
+        }
+        // The schema bounds the length; the one-year cap is the parser's to enforce.
+        let err = validate(with_interval(&"9".repeat(33))).expect_err("33 characters");
+        assert!(err.contains("longer than 32"), "{err}");
+        validate(with_interval("99999999999999999h")).expect("short enough for the schema");
+        assert!(crate::interval::parse("99999999999999999h").is_err());
+    }
+
+    /// Every string in the spec has a length bound and every list an item bound, so no field
+    /// can make an object (or a CEL rule's cost) unbounded.
+    #[test]
+    fn every_spec_string_and_list_is_bounded() {
+        fn walk(schema: &serde_json::Value, path: &str, unbounded: &mut Vec<String>) {
+            match schema.get("type").and_then(serde_json::Value::as_str) {
+                Some("string")
+                    if schema.get("maxLength").is_none() && schema.get("enum").is_none() =>
+                {
+                    unbounded.push(path.to_string())
+                }
+                Some("array") => {
+                    if schema.get("maxItems").is_none() {
+                        unbounded.push(path.to_string());
+                    }
+                    walk(&schema["items"], &format!("{path}[]"), unbounded);
+                }
+                _ => {}
+            }
+            if let Some(properties) = schema.get("properties").and_then(|p| p.as_object()) {
+                for (name, field) in properties {
+                    walk(field, &format!("{path}.{name}"), unbounded);
+                }
+            }
+        }
+        let mut unbounded = Vec::new();
+        walk(&schema()["properties"]["spec"], "spec", &mut unbounded);
+        assert!(unbounded.is_empty(), "unbounded: {unbounded:?}");
+    }
+
+    #[test]
+    fn a_bad_interval_does_not_fail_deserialisation() {
+        let spec: ProviderKeySpec = serde_json::from_value(with_interval("1h-1h"))
+            .expect("any string deserializes; the controller reports it");
+        assert_eq!(
+            spec.verification.and_then(|v| v.interval).as_deref(),
+            Some("1h-1h")
+        );
     }
 }
