@@ -166,12 +166,19 @@ impl Context {
             .remove(key);
     }
 
-    /// True the first time an undeserialisable object (uid, generation) is reported.
-    pub fn first_report_of_invalid(&self, key: (String, Option<i64>)) -> bool {
+    /// Whether an undeserialisable object (uid, generation) was reported already.
+    pub fn invalid_reported(&self, key: &(String, Option<i64>)) -> bool {
         self.invalid_reported
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(key)
+            .contains(key)
+    }
+
+    pub fn mark_invalid_reported(&self, key: (String, Option<i64>)) {
+        self.invalid_reported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key);
     }
 }
 

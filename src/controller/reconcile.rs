@@ -132,7 +132,7 @@ async fn reconcile_invalid(invalid: &InvalidObject, ctx: &Context) -> Result<Act
     let ns = namespace(meta)?;
     let name = meta.name.clone().unwrap_or_default();
     let key = (meta.uid.clone().unwrap_or_default(), meta.generation);
-    if !ctx.first_report_of_invalid(key) {
+    if ctx.invalid_reported(&key) {
         return Ok(Action::await_change());
     }
     let detail = invalid_field(ctx, &ns, &name)
@@ -152,26 +152,40 @@ async fn reconcile_invalid(invalid: &InvalidObject, ctx: &Context) -> Result<Act
         conditions: status::merge(&[], &[ready], meta.generation, &now),
         ..Default::default()
     };
-    {
-        let api: Api<DeserializeGuard<ProviderKey>> = Api::namespaced(ctx.client.clone(), &ns);
-        // A merge patch, not server-side apply: apply must type the live object against the
-        // schema, which is exactly what this object fails.
-        api.patch_status(
+    // The Event first: the API server may refuse even a status write for an object whose
+    // stored spec no longer matches the schema's types.
+    publish(
+        ctx,
+        &reference(meta),
+        &EventNote {
+            reason: plan::EventReason::Failed(Reason::InvalidSpec),
+            note: message,
+        },
+    )
+    .await;
+    let api: Api<DeserializeGuard<ProviderKey>> = Api::namespaced(ctx.client.clone(), &ns);
+    // A merge patch, not server-side apply: apply must type the live object against the
+    // schema, which is exactly what this object fails.
+    let written = api
+        .patch_status(
             &name,
             &PatchParams::default(),
             &Patch::Merge(&serde_json::json!({ "status": status })),
         )
-        .await?;
-        publish(
-            ctx,
-            &reference(meta),
-            &EventNote {
-                reason: plan::EventReason::Failed(Reason::InvalidSpec),
-                note: message,
-            },
-        )
         .await;
+    match written {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 422 => {
+            tracing::warn!(
+                providerkey = %name,
+                namespace = %ns,
+                "the API server refuses status writes for this object (its stored spec no \
+                 longer matches the schema); reported by Event only"
+            );
+        }
+        Err(e) => return Err(e.into()),
     }
+    ctx.mark_invalid_reported(key);
     Ok(Action::await_change())
 }
 
