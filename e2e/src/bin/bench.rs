@@ -33,8 +33,18 @@ async fn main() -> anyhow::Result<()> {
     let binary = std::env::args()
         .nth(2)
         .unwrap_or_else(|| "target/release/byok-operator".into());
+    // Secrets that are not key sources, in the watched namespace before the operator starts:
+    // the operator must neither watch nor cache them.
+    let unrelated: usize = std::env::var("BENCH_UNRELATED_SECRETS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
     let env = TestEnv::new("bench").await?;
     install_crds(&env.client).await?;
+    let filler = "x".repeat(4096);
+    for i in 0..unrelated {
+        put_secret_labelled(&env, &format!("unrelated-{i}"), &[("data", &filler)], &[]).await?;
+    }
     let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
     let dir = std::env::temp_dir().join(format!("byok-bench-{}", env.namespace));
     std::fs::create_dir_all(&dir)?;
@@ -136,7 +146,8 @@ async fn main() -> anyhow::Result<()> {
         all_ready.as_secs_f64()
     );
     println!(
-        "operator memory: {} MiB RSS with {} ProviderKeys (peak {} MiB); {} MiB after the first 15",
+        "operator memory: {} MiB RSS with {} ProviderKeys (peak {} MiB); {} MiB after the first 15, \
+         with {unrelated} unrelated 4 KiB Secrets in the namespace",
         rss / 1024,
         count + latencies.len(),
         peak / 1024,
