@@ -261,7 +261,9 @@ pub struct ProviderKeyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
 
-    /// The key in service, masked: a recognisable prefix and the last 4 characters.
+    /// The key in service, masked: a recognised prefix and `...`, followed by the last 4
+    /// characters only when at least 16 characters follow the prefix. A Vertex
+    /// service-account key shows its client_email and the last 4 characters of its key id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub masked_key: Option<String>,
 
@@ -277,8 +279,9 @@ pub struct ProviderKeyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_rotation_time: Option<Time>,
 
-    /// Fingerprint of a newer key in the source Secret that failed verification; the key in
-    /// service stays until the source Secret holds a key that passes.
+    /// Fingerprint of the key that last failed verification. It is not tried again until the
+    /// source Secret or the spec changes; if it is a newer key than the one in service, the
+    /// key in service stays.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rejected_fingerprint: Option<String>,
 

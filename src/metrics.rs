@@ -25,7 +25,7 @@ pub struct Metrics {
     reconciliations: Family<Labels, Counter>,
     secret_writes: Family<Labels, Counter>,
     reconcile_errors: Family<Labels, Counter>,
-    keyring_available: Gauge,
+    keyring_available: Family<Vec<(&'static str, String)>, Gauge>,
     ready: AtomicBool,
 }
 
@@ -64,10 +64,10 @@ impl Default for Metrics {
             "Reconciliations that ended in an error (retried with backoff), by reason",
             reconcile_errors.clone(),
         );
-        let keyring_available = Gauge::default();
+        let keyring_available = Family::<Vec<(&'static str, String)>, Gauge>::default();
         registry.register(
             "keyring_available",
-            "1 while the operator keyring Secret is loaded; 0 while it is missing or unusable",
+            "1 while the operator keyring Secret (label secret, namespace/name) is loaded; 0 while it is missing or unusable",
             keyring_available.clone(),
         );
         Self {
@@ -108,8 +108,11 @@ impl Metrics {
             .inc();
     }
 
-    pub fn set_keyring_available(&self, available: bool) {
-        self.keyring_available.set(i64::from(available));
+    /// `secret` is `namespace/name` of the keyring Secret.
+    pub fn set_keyring_available(&self, secret: &str, available: bool) {
+        self.keyring_available
+            .get_or_create(&vec![("secret", secret.to_string())])
+            .set(i64::from(available));
     }
 
     pub fn secret_written(&self, kind: &'static str) {

@@ -725,3 +725,72 @@ async fn a_new_key_costs_exactly_one_verification() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_lost_keyring_is_never_replaced_while_encrypted_keys_exist() -> anyhow::Result<()> {
+    let env = TestEnv::new("keyring").await?;
+    install_crds(&env.client).await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let key = random_key("sk-proj-");
+    fake.add_valid_key(ProviderKind::OpenAI, &key);
+    put_secret(&env, "raw", &[("api-key", &key)]).await?;
+    create_pk(&env, "k", openai_spec("raw")).await?;
+    let first = RunningController::start(&env, dev_config(&env, &fake)?).await?;
+    wait_pk(&env, "k", "Ready", |pk| {
+        is_condition(pk, "Ready", "True", "Valid")
+    })
+    .await?;
+    drop(first);
+
+    // The keyring is lost while the operator is down; a managed Secret still exists.
+    let secrets = env.api::<Secret>();
+    let keyring_name = byok_operator::controller::keyring::DEFAULT_KEYRING_SECRET;
+    let saved = secrets.get(keyring_name).await?;
+    secrets
+        .delete(keyring_name, &DeleteParams::default())
+        .await?;
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut config = dev_config(&env, &fake)?;
+    config.admin_addr = Some(([127, 0, 0, 1], port).into());
+    let second = RunningController::start(&env, config).await?;
+    let pk = wait_pk(&env, "k", "KeyringUnavailable", |pk| {
+        is_condition(pk, "Ready", "False", "KeyringUnavailable")
+    })
+    .await?;
+    let (_, _, message) = condition(&pk, "Ready").unwrap_or_default();
+    assert!(message.contains("restore it from backup"), "{message}");
+    assert!(
+        secrets.get_opt(keyring_name).await?.is_none(),
+        "a new keyring would make the old envelopes unreadable: none is created"
+    );
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await?
+        .text()
+        .await?;
+    let gauge = format!(
+        "byok_keyring_available{{secret=\"{}/{keyring_name}\"}} 0",
+        env.namespace
+    );
+    assert!(metrics.contains(&gauge), "missing {gauge:?} in:\n{metrics}");
+
+    // Restored from backup: the same operator recovers, no restart.
+    let mut restored = saved.clone();
+    restored.metadata = kube::api::ObjectMeta {
+        name: saved.metadata.name.clone(),
+        labels: saved.metadata.labels.clone(),
+        ..Default::default()
+    };
+    secrets
+        .create(&kube::api::PostParams::default(), &restored)
+        .await?;
+    wait_pk(&env, "k", "Ready again", |pk| {
+        is_condition(pk, "Ready", "True", "Valid")
+    })
+    .await?;
+    assert_eq!(decrypt_managed(&env, "k", "k").await?, key);
+    drop(second);
+    Ok(())
+}

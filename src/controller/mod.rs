@@ -261,7 +261,8 @@ pub async fn run(
     );
     let keyring_ref = keyring::reference(&config.operator_namespace, &config.keyring_secret);
     let keyring = keyring::load_or_init(&keyring_api, &secrets, &config.keyring_secret).await?;
-    metrics.set_keyring_available(keyring.is_some());
+    let keyring_label = format!("{}/{}", config.operator_namespace, config.keyring_secret);
+    metrics.set_keyring_available(&keyring_label, keyring.is_some());
     if keyring.is_none() {
         keyring::report_missing(&recorder, &keyring_ref).await;
     }
@@ -289,6 +290,7 @@ pub async fn run(
     .scan(false, move |seen, event| {
         let ctx = keyring_ctx.clone();
         let keyring_ref = keyring_ref.clone();
+        let keyring_label = keyring_label.clone();
         let next = match event {
             Ok(watcher::Event::Init) => {
                 *seen = false;
@@ -318,7 +320,7 @@ pub async fn run(
                 Ok(keyring) => {
                     let changed = before.as_deref() != Some(keyring.active_id());
                     ctx.set_keyring(Some(keyring));
-                    ctx.metrics.set_keyring_available(true);
+                    ctx.metrics.set_keyring_available(&keyring_label, true);
                     if changed && before.is_none() {
                         tracing::info!(secret = %keyring_ref.name.clone().unwrap_or_default(), "the operator keyring is available again");
                     }
@@ -332,7 +334,7 @@ pub async fn run(
                         "the operator keyring is unavailable; ProviderKeys report KeyringUnavailable until it is restored"
                     );
                     ctx.set_keyring(None);
-                    ctx.metrics.set_keyring_available(false);
+                    ctx.metrics.set_keyring_available(&keyring_label, false);
                     keyring::report_missing(&ctx.recorder, &keyring_ref).await;
                     Some(before.is_some().then_some(()))
                 }

@@ -78,17 +78,19 @@ async fn ensure_finalizer(pk: ProviderKey, ctx: &Context) -> Result<ProviderKey,
             {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
         ])
     };
-    let patch: json_patch::Patch =
-        serde_json::from_value(ops).map_err(|_| Error::Internal("finalizer patch"))?;
     let updated = api
-        .patch(
-            &pk.name_any(),
-            &PatchParams::default(),
-            &Patch::Json::<()>(patch),
-        )
+        .patch(&pk.name_any(), &PatchParams::default(), &json_patch(ops)?)
         .await?;
     ctx.remember(&pk, &updated);
     Ok(updated)
+}
+
+/// A JSON patch from its operations; the `test` ops make it fail instead of acting on an
+/// object that changed since it was judged.
+fn json_patch(ops: serde_json::Value) -> Result<Patch<()>, Error> {
+    serde_json::from_value::<json_patch::Patch>(ops)
+        .map(Patch::Json)
+        .map_err(|_| Error::Internal("a JSON patch that does not parse"))
 }
 
 async fn remove_finalizer(meta: &ObjectMeta, ctx: &Context) -> Result<(), Error> {
@@ -102,17 +104,16 @@ async fn remove_finalizer(meta: &ObjectMeta, ctx: &Context) -> Result<(), Error>
         return Ok(());
     };
     let path = format!("/metadata/finalizers/{index}");
-    let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+    let patch = json_patch(serde_json::json!([
         {"op": "test", "path": path, "value": FINALIZER},
         {"op": "remove", "path": path},
-    ]))
-    .map_err(|_| Error::Internal("finalizer patch"))?;
+    ]))?;
     let api: Api<DeserializeGuard<ProviderKey>> = Api::namespaced(ctx.client.clone(), &ns);
     match api
         .patch(
             meta.name.as_deref().unwrap_or_default(),
             &PatchParams::default(),
-            &Patch::Json::<()>(patch),
+            &patch,
         )
         .await
     {
@@ -619,17 +620,12 @@ async fn adopt(
     let owner = pk
         .controller_owner_ref(&())
         .ok_or(Error::MissingNamespace)?;
-    let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+    let patch = json_patch(serde_json::json!([
         {"op": "test", "path": "/metadata/resourceVersion", "value": secret.resource_version()},
         {"op": "replace", "path": "/metadata/ownerReferences", "value": [owner]},
-    ]))
-    .map_err(|_| Error::Internal("adoption patch"))?;
+    ]))?;
     let adopted = secrets
-        .patch(
-            &secret.name_any(),
-            &PatchParams::default(),
-            &Patch::Json::<()>(patch),
-        )
+        .patch(&secret.name_any(), &PatchParams::default(), &patch)
         .await?;
     publish(
         ctx,
