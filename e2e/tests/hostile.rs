@@ -560,8 +560,7 @@ async fn a_hostile_tenant_cannot_stop_rob_or_confuse_the_controller() -> anyhow:
     assert!(controller.is_running(), "the controller never stopped");
 
     // No canary anywhere: logs, Events, statuses.
-    let logs =
-        String::from_utf8_lossy(&captured.0.lock().unwrap_or_else(|p| p.into_inner())).to_string();
+    let logs = captured.text();
     assert!(!logs.is_empty(), "logs were captured");
     let mut seen = vec![("logs".to_string(), logs)];
     for env in [&a, &b] {
