@@ -270,7 +270,7 @@ fn decide_blocked(obs: &Observed, why: Verified) -> Desired {
         _ => carried_verified(obs),
     };
     let mut events = Vec::new();
-    failure_event(obs, &ready, &mut events);
+    failure_events(obs, &[&ready, &verified], &mut events);
     let next = match why.reason {
         // Outside our watches: the foreign Secret is not labelled as ours.
         Reason::ManagedSecretConflict => Next::Backoff,
@@ -310,24 +310,32 @@ fn carried_verified(obs: &Observed) -> Decided {
     }
 }
 
-/// A Warning Event for a failing Ready condition, once per change of reason (a repeat of
-/// the same failure says nothing new).
-fn failure_event(obs: &Observed, ready: &Decided, events: &mut Vec<EventNote>) {
-    let Some(reason) = Reason::parse(&ready.reason) else {
-        return;
-    };
-    if ready.status != Status::False || reason.is_transient() {
-        return;
-    }
-    let previous = status::find(&obs.status.conditions, types::READY);
-    let repeated = previous.is_some_and(|c| c.status == "False" && c.reason == ready.reason);
-    // Key rejections have their own Event.
-    let rejection = matches!(reason, Reason::InvalidKey | Reason::QuotaExhausted);
-    if !repeated && !rejection {
-        events.push(EventNote {
-            reason: EventReason::Failed(reason),
-            note: ready.message.clone(),
-        });
+/// A Warning Event for each failing condition, once per change of its reason (a repeat of the
+/// same failure says nothing new), and once when Ready and Verified fail for the same reason.
+/// A source Secret that goes away while its key stays in service fails only Verified; it is
+/// still worth a word.
+fn failure_events(obs: &Observed, decided: &[&Decided], events: &mut Vec<EventNote>) {
+    for d in decided {
+        let Some(reason) = Reason::parse(&d.reason) else {
+            continue;
+        };
+        // Transient failures retry by themselves; key rejections have their own Event.
+        let rejection = matches!(reason, Reason::InvalidKey | Reason::QuotaExhausted);
+        if d.status != Status::False || reason.is_transient() || rejection {
+            continue;
+        }
+        let previous = status::find(&obs.status.conditions, d.type_);
+        let repeated = previous
+            .is_some_and(|c| Status::parse(&c.status) == Status::False && c.reason == d.reason);
+        let already = events
+            .iter()
+            .any(|e| e.reason == EventReason::Failed(reason));
+        if !repeated && !already {
+            events.push(EventNote {
+                reason: EventReason::Failed(reason),
+                note: d.message.clone(),
+            });
+        }
     }
 }
 
@@ -587,7 +595,7 @@ pub fn decide(obs: &Observed, target: Option<Target>, result: Option<&Verified>)
     let verified = k.verified.clone().unwrap_or_else(|| carried_verified(obs));
     let ready = ready_condition(obs, &k, &verified);
     let mut events = std::mem::take(&mut k.events);
-    failure_event(obs, &ready, &mut events);
+    failure_events(obs, &[&ready, &verified], &mut events);
 
     // A generation whose verification failed transiently is not observed yet: keeping the old
     // observedGeneration makes the retry verify again.
@@ -859,6 +867,11 @@ mod tests {
         let d = step(&obs, None);
         assert_eq!(ready(&d), ("True", "Valid"));
         assert_eq!(cond(&d.status, types::VERIFIED).reason, "SecretNotLabelled");
+        assert_eq!(
+            d.events.iter().map(|e| e.reason).collect::<Vec<_>>(),
+            [EventReason::Failed(Reason::SecretNotLabelled)],
+            "the source going away is worth a Warning even though the key stays in service"
+        );
         obs.now = t(DEFAULT_INTERVAL.as_secs() as i64 + 1);
         assert_eq!(verification_target(&obs), Some(Target::InService));
     }
