@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make run`: the embedded default. Local control plane + CRDs + fake provider + operator (dev
-# flags) + config/samples, then `kubectl get pk -A`. Stays up until Ctrl-C, then cleans up.
+# flags) + config/samples, then `kubectl get pk -A -o wide`. Stays up until Ctrl-C, then cleans up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v kubectl >/dev/null || { echo "make run needs kubectl on PATH" >&2; exit 1; }
@@ -59,7 +59,7 @@ while kubectl get pk -A -o jsonpath='{range .items[*]}{.status.conditions[?(@.ty
   [ $SECONDS -lt $deadline ] || break
   sleep 0.5
 done
-kubectl get pk -A
+kubectl get pk -A -o wide
 echo
 echo "Logs: $run_dir/operator.log, $run_dir/fake-provider.log; metrics: http://127.0.0.1:18080/metrics"
 echo "Try: KUBECONFIG=$KUBECONFIG kubectl describe pk -n byok-demo team-openai"

@@ -46,14 +46,14 @@ pub const DEFAULT_AZURE_API_VERSION: &str = "2024-10-21";
         name = "Fingerprint",
         type_ = "string",
         json_path = ".status.fingerprint"
-    ),
-    printcolumn(name = "Masked", type_ = "string", json_path = ".status.maskedKey"),
-    printcolumn(name = "Version", type_ = "integer", json_path = ".status.keyVersion"),
+    , priority = "1"),
+    printcolumn(name = "Masked", type_ = "string", json_path = ".status.maskedKey", priority = "1"),
+    printcolumn(name = "Version", type_ = "integer", json_path = ".status.keyVersion", priority = "1"),
     printcolumn(
         name = "Verified",
         type_ = "date",
         json_path = ".status.lastVerifiedTime"
-    ),
+    , priority = "1"),
     printcolumn(
         name = "Age",
         type_ = "date",
