@@ -794,3 +794,75 @@ async fn a_lost_keyring_is_never_replaced_while_encrypted_keys_exist() -> anyhow
     drop(second);
     Ok(())
 }
+
+#[tokio::test]
+async fn an_operator_endpoint_change_reverifies_before_the_key_goes_there() -> anyhow::Result<()> {
+    let env = TestEnv::new("endpoint").await?;
+    install_crds(&env.client).await?;
+    let first_fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let second_fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let key = random_key("sk-ant-api03-");
+    first_fake.add_valid_key(ProviderKind::Anthropic, &key);
+    second_fake.add_valid_key(ProviderKind::Anthropic, &key);
+    put_secret(&env, "raw", &[("api-key", &key)]).await?;
+    create_pk(
+        &env,
+        "k",
+        serde_json::json!({"provider": "anthropic", "secretRef": {"name": "raw"}}),
+    )
+    .await?;
+    let ready = |pk: &ProviderKey| is_condition(pk, "Ready", "True", "Valid");
+    let first = RunningController::start(&env, dev_config(&env, &first_fake)?).await?;
+    wait_pk(&env, "k", "Ready", ready).await?;
+    drop(first);
+    let origin_of = |secret: &Secret| {
+        secret.metadata.annotations.as_ref().and_then(|a| {
+            a.get(byok_operator::names::annotations::VERIFIED_ORIGIN)
+                .cloned()
+        })
+    };
+    let managed_name = byok_operator::names::managed_secret_name("k");
+    let secrets = env.api::<Secret>();
+    let first_origin = origin_of(&secrets.get(&managed_name).await?);
+
+    // An administrator points the operator at another Anthropic endpoint: the source key is
+    // verified there before the managed Secret records the new destination.
+    let second = RunningController::start(&env, dev_config(&env, &second_fake)?).await?;
+    let deadline = Instant::now() + WAIT;
+    while origin_of(&secrets.get(&managed_name).await?) == first_origin {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the new destination was not recorded"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await; // polling interval
+    }
+    let pk = wait_pk(&env, "k", "Ready", ready).await?;
+    assert_eq!(second_fake.requests(ProviderKind::Anthropic), 1);
+    assert_eq!(
+        pk.status.and_then(|s| s.key_version),
+        Some(1),
+        "same key, same version"
+    );
+    drop(second);
+
+    // Back to the first endpoint, but the source Secret is gone: the key in service, verified
+    // only at the second endpoint, is not sent to the first.
+    secrets.delete("raw", &DeleteParams::default()).await?;
+    let calls_before = first_fake.requests(ProviderKind::Anthropic);
+    let _third = RunningController::start(&env, dev_config(&env, &first_fake)?).await?;
+    let pk = wait_pk(&env, "k", "DestinationChanged", |pk| {
+        is_condition(pk, "Ready", "False", "DestinationChanged")
+    })
+    .await?;
+    let (_, _, message) = condition(&pk, "Ready").unwrap_or_default();
+    assert!(
+        message.contains("not sent to the new destination"),
+        "{message}"
+    );
+    assert_eq!(
+        first_fake.requests(ProviderKind::Anthropic),
+        calls_before,
+        "no call with the key in service"
+    );
+    Ok(())
+}
