@@ -74,6 +74,29 @@ pub struct Observed {
     /// cannot be used.
     pub interval: Result<Option<Duration>, String>,
     pub now: Time,
+    /// This key's spread of its re-verification interval, within ±[`MAX_SPREAD`]; see
+    /// [`spread_for`].
+    pub spread: f64,
+}
+
+/// How far a key's re-verification period may stray from its interval, either way.
+pub const MAX_SPREAD: f64 = 0.1;
+
+/// A key's own, stable spread in [-`MAX_SPREAD`, `MAX_SPREAD`], from its UID: different keys
+/// with a daily interval never bunch into one minute, and a restart does not reshuffle them.
+pub fn spread_for(uid: &str) -> f64 {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(uid.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    let unit = (u64::from_be_bytes(first) >> 11) as f64 / (1u64 << 53) as f64;
+    (unit * 2.0 - 1.0) * MAX_SPREAD
+}
+
+/// The time between two verifications of this key: its interval, spread.
+fn period(obs: &Observed) -> Option<Duration> {
+    let interval = (*obs.interval.as_ref().ok()?)?;
+    Some(interval.mul_f64(1.0 + obs.spread.clamp(-MAX_SPREAD, MAX_SPREAD)))
 }
 
 /// Which key a verification call checks.
@@ -203,12 +226,11 @@ fn usable_in_service(obs: &Observed) -> Option<&InService> {
 }
 
 fn interval_elapsed(obs: &Observed) -> bool {
-    let (Ok(Some(interval)), Some(last)) = (&obs.interval, obs.status.last_verified_time.as_ref())
-    else {
+    let (Some(period), Some(last)) = (period(obs), obs.status.last_verified_time.as_ref()) else {
         return false;
     };
     let elapsed = obs.now.0.duration_since(last.0).as_secs();
-    elapsed >= i64::try_from(interval.as_secs()).unwrap_or(i64::MAX)
+    elapsed >= i64::try_from(period.as_secs()).unwrap_or(i64::MAX)
 }
 
 fn condition_status(conditions: &[Condition], type_: &str) -> Option<Status> {
@@ -628,12 +650,12 @@ pub fn decide(obs: &Observed, target: Option<Target>, result: Option<&Verified>)
     let next = if k.transient {
         Next::Backoff
     } else {
-        match (&obs.interval, &status.last_verified_time) {
-            (Ok(Some(interval)), Some(last)) if k.in_service.is_some() => {
+        match (period(obs), &status.last_verified_time) {
+            (Some(period), Some(last)) if k.in_service.is_some() => {
                 let elapsed =
                     u64::try_from(obs.now.0.duration_since(last.0).as_secs().max(0)).unwrap_or(0);
                 Next::After(Duration::from_secs(
-                    interval.as_secs().saturating_sub(elapsed).max(1),
+                    period.as_secs().saturating_sub(elapsed).max(1),
                 ))
             }
             _ => Next::AwaitChange,
@@ -675,6 +697,7 @@ mod tests {
             destination: Ok(ORIGIN.into()),
             interval: Ok(Some(DEFAULT_INTERVAL)),
             now: t(0),
+            spread: 0.0,
         }
     }
 
@@ -967,6 +990,30 @@ mod tests {
         let d = step(&obs, None);
         assert_eq!(ready(&d), ("False", "DestinationChanged"));
         assert_eq!(d.secret, SecretWrite::Keep);
+    }
+
+    #[test]
+    fn reverification_is_spread_per_key_and_stable() {
+        let spreads: Vec<f64> = (0..1000).map(|i| spread_for(&format!("uid-{i}"))).collect();
+        assert!(spreads.iter().all(|s| s.abs() <= MAX_SPREAD));
+        assert_eq!(spread_for("uid-7"), spreads[7], "stable across restarts");
+        // A daily interval over 1,000 keys: no minute holds more than a handful.
+        let mut per_minute = std::collections::HashMap::new();
+        for s in &spreads {
+            let due = DEFAULT_INTERVAL.mul_f64(1.0 + s).as_secs() / 60;
+            *per_minute.entry(due).or_insert(0) += 1;
+        }
+        let busiest = per_minute.values().max().copied().unwrap_or(0);
+        assert!(busiest <= 10, "{busiest} keys due in one minute");
+
+        let first = observed(source("aa"), Managed::Absent, ProviderKeyStatus::default());
+        let mut obs = after(&first, &step(&first, Some(valid())));
+        obs.spread = -0.1;
+        obs.now = t(DEFAULT_INTERVAL.mul_f64(0.9).as_secs() as i64 - 1);
+        assert_eq!(verification_target(&obs), None, "not due yet");
+        assert_eq!(step(&obs, None).next, Next::After(Duration::from_secs(1)));
+        obs.now = t(DEFAULT_INTERVAL.mul_f64(0.9).as_secs() as i64);
+        assert_eq!(verification_target(&obs), Some(Target::Source), "due");
     }
 
     #[test]

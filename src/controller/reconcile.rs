@@ -530,6 +530,7 @@ async fn apply(pk: &ProviderKey, ctx: &Context) -> Result<Action, Error> {
         interval: plan::effective_interval(pk.spec.verification.as_ref())
             .map_err(|e| format!("spec.verification.interval: {e}")),
         now: Time(Timestamp::now()),
+        spread: plan::spread_for(&uid),
     };
 
     // Verify, only when the plan says so.
