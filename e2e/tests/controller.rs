@@ -364,7 +364,26 @@ async fn the_api_server_refuses_bad_specs_with_a_clear_message() -> anyhow::Resu
             serde_json::json!({"provider": "openai"}),
             "secretRef: Required value",
         ),
+        (
+            serde_json::json!({"provider": "openai", "secretRef": {"name": "Not_A_Secret"}}),
+            "secretRef.name must be a Secret name",
+        ),
+        (
+            serde_json::json!({"provider": "openai", "secretRef": {"name": "s", "key": "a/b"}}),
+            "secretRef.key must be a Secret data key",
+        ),
+        (
+            serde_json::json!({"provider": "openai", "secretRef": {"name": "s"}, "verification": {"interval": "1h-1h"}}),
+            "verification.interval must be a duration",
+        ),
     ];
+    // A ProviderKey's name is a label value on its managed Secret: 63 characters at most.
+    let spec = serde_json::json!({"provider": "openai", "secretRef": {"name": "s"}});
+    create_pk(&env, &"n".repeat(63), spec.clone()).await?;
+    let err = create_pk(&env, &"n".repeat(64), spec)
+        .await
+        .expect_err("64 characters");
+    assert!(err.to_string().contains("at most 63 characters"), "{err}");
     for (i, (spec, expected)) in cases.iter().enumerate() {
         let err = create_pk(&env, &format!("bad-{i}"), spec.clone())
             .await
