@@ -113,6 +113,15 @@ pub struct ControllerArgs {
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub admin_addr: std::net::SocketAddr,
 
+    /// Verification calls in flight at once to one provider host, across all ProviderKeys.
+    #[arg(long, default_value_t = crate::providers::limiter::DEFAULT_CONCURRENCY)]
+    pub verify_concurrency_per_host: usize,
+
+    /// Verification calls started per second to one provider host, across all ProviderKeys;
+    /// a 429 from the host halves it for a while.
+    #[arg(long, default_value_t = crate::providers::limiter::DEFAULT_RATE_PER_SECOND)]
+    pub verify_rate_per_host: f64,
+
     #[command(flatten)]
     pub egress: EgressArgs,
 }
@@ -225,6 +234,7 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         endpoints,
         leader,
         admin_addr: Some(args.admin_addr),
+        verify_limits: (args.verify_concurrency_per_host, args.verify_rate_per_host),
     };
     crate::controller::run(client, config, shutdown_signal()).await
 }

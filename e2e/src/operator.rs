@@ -77,6 +77,10 @@ pub fn dev_config(env: &TestEnv, fake: &FakeProvider) -> anyhow::Result<controll
             identity: format!("test-{}", env.namespace),
         }),
         admin_addr: None,
+        verify_limits: (
+            byok_operator::providers::limiter::DEFAULT_CONCURRENCY,
+            byok_operator::providers::limiter::DEFAULT_RATE_PER_SECOND,
+        ),
     })
 }
 

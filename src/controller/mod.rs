@@ -196,6 +196,8 @@ pub struct Config {
     pub leader: Option<leader::LeaderConfig>,
     /// Where to serve `/metrics`, `/livez` and `/readyz` (`None`: no admin server).
     pub admin_addr: Option<std::net::SocketAddr>,
+    /// Verification calls in flight and started per second, per provider host.
+    pub verify_limits: (usize, f64),
 }
 
 fn error_policy(
@@ -223,7 +225,11 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
     let http = crate::egress::http_client(&config.egress)?;
-    let verifier = Verifier::new(http, config.endpoints.clone(), config.egress.allow_private);
+    let (concurrency, rate) = config.verify_limits;
+    let verifier =
+        Verifier::new(http, config.endpoints.clone(), config.egress.allow_private).with_limiter(
+            crate::providers::limiter::HostLimiter::new(concurrency, rate),
+        );
     let keyring_api: Api<Secret> = Api::namespaced(client.clone(), &config.operator_namespace);
 
     // The admin server comes first: liveness holds while this replica waits for leadership.

@@ -8,6 +8,7 @@
 mod anthropic;
 mod azure;
 mod google;
+pub mod limiter;
 mod openai;
 mod openai_compatible;
 mod vertex;
@@ -237,6 +238,7 @@ pub struct Verifier {
     http: reqwest::Client,
     endpoints: Endpoints,
     allow_private: bool,
+    limiter: std::sync::Arc<limiter::HostLimiter>,
 }
 
 impl Verifier {
@@ -247,7 +249,14 @@ impl Verifier {
             http,
             endpoints,
             allow_private,
+            limiter: Default::default(),
         }
+    }
+
+    /// Replaces the default per-host limits (see [`limiter`]).
+    pub fn with_limiter(mut self, limiter: limiter::HostLimiter) -> Verifier {
+        self.limiter = std::sync::Arc::new(limiter);
+        self
     }
 
     /// The base URL for a key: `spec.baseURL`, else the operator override, else the
@@ -331,11 +340,21 @@ impl Verifier {
         kind: ProviderKind,
         request: reqwest::RequestBuilder,
     ) -> Result<(u16, Zeroizing<Vec<u8>>), Verification> {
-        let mut response = request
-            .send()
+        let request = request.build().map_err(|e| transport_error(kind, &e))?;
+        let host = request.url().host_str().unwrap_or_default().to_owned();
+        // Held until the body is read: the call is in flight until then.
+        let _slot = self.limiter.acquire(&host).await;
+        let mut response = self
+            .http
+            .execute(request)
             .await
             .map_err(|e| transport_error(kind, &e))?;
         let status = response.status().as_u16();
+        if status == 429 {
+            self.limiter.rate_limited(&host);
+        } else {
+            self.limiter.answered(&host);
+        }
         // A body may carry a credential (the token endpoint's access token, an error that
         // echoes the key): all the room up front so no reallocation leaves an unwiped copy.
         let mut body = Zeroizing::new(Vec::with_capacity(MAX_BODY_BYTES));
