@@ -93,13 +93,8 @@ pub struct ControllerArgs {
     #[arg(long, env = "BYOK_WATCH_NAMESPACE")]
     pub namespace: Option<String>,
 
-    /// The operator's own namespace: holds the keyring Secret and the leader Lease.
-    #[arg(long, env = "POD_NAMESPACE", default_value = "byok-system")]
-    pub operator_namespace: String,
-
-    /// Name of the keyring Secret (created on first start if absent).
-    #[arg(long, default_value = crate::controller::keyring::DEFAULT_KEYRING_SECRET)]
-    pub keyring_secret: String,
+    #[command(flatten)]
+    pub keyring: KeyringTarget,
 
     /// Run without leader election (only for a single replica).
     #[arg(long)]
@@ -170,28 +165,27 @@ pub enum KeyringCommand {
 /// Where the keyring Secret is.
 #[derive(Debug, Args)]
 pub struct KeyringTarget {
-    /// The operator's namespace.
+    /// The operator's own namespace: holds the keyring Secret and the leader Lease.
     #[arg(long, env = "POD_NAMESPACE", default_value = "byok-system")]
     pub operator_namespace: String,
-    /// Name of the keyring Secret.
+    /// Name of the keyring Secret (the controller creates it only on a first install).
     #[arg(long, default_value = crate::controller::keyring::DEFAULT_KEYRING_SECRET)]
     pub keyring_secret: String,
 }
 
-pub fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs a subcommand and returns the process exit code (`main` owns the exit): 0 on
+/// success; `verify` also says 1 for a rejected key and 2 for a transient failure.
+pub fn run(cli: Cli) -> anyhow::Result<u8> {
     // One process-wide rustls provider (ring, already used by kube) for every TLS client.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = tokio::runtime::Runtime::new()?;
-    match cli.command {
+    let done = match cli.command {
         Command::Crd => {
             print!("{}", crate::crdgen::crd_yaml()?);
             Ok(())
         }
         Command::Controller(args) => runtime.block_on(controller(args)),
-        Command::Verify(args) => {
-            let code = runtime.block_on(verify(args))?;
-            std::process::exit(code)
-        }
+        Command::Verify(args) => return runtime.block_on(verify(args)),
         Command::Keyring(command) => runtime.block_on(async {
             let (KeyringCommand::Rotate(target) | KeyringCommand::Init(target)) = &command;
             let client = kube::Client::try_default().await?;
@@ -215,7 +209,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             anyhow::Ok(())
         }),
         Command::Proxy => anyhow::bail!("the proxy subcommand is not implemented yet"),
-    }
+    };
+    done.map(|()| 0)
 }
 
 async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
@@ -228,8 +223,8 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     });
     let config = crate::controller::Config {
         watch_namespace: args.namespace,
-        operator_namespace: args.operator_namespace,
-        keyring_secret: args.keyring_secret,
+        operator_namespace: args.keyring.operator_namespace,
+        keyring_secret: args.keyring.keyring_secret,
         egress,
         endpoints,
         leader,
@@ -256,7 +251,7 @@ async fn shutdown_signal() {
 }
 
 /// Exit codes of `verify`: 0 valid, 1 rejected, 2 could not tell (transient), 3 usage.
-async fn verify(args: VerifyArgs) -> anyhow::Result<i32> {
+async fn verify(args: VerifyArgs) -> anyhow::Result<u8> {
     let (egress, endpoints) = args.egress.build()?;
     let key = read_key(&args.key_file)
         .map_err(|e| anyhow::anyhow!("reading {}: {e}", args.key_file.display()))?;

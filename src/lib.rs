@@ -3,6 +3,7 @@
 //! The library holds all logic; `main.rs` only parses arguments and calls [`cli::run`].
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod cli;
 pub mod controller;
 pub mod crd;

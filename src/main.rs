@@ -3,8 +3,8 @@
 
 use clap::Parser;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<std::process::ExitCode> {
     let cli = byok_operator::cli::Cli::parse();
     byok_operator::telemetry::init(&cli.log)?;
-    byok_operator::cli::run(cli)
+    byok_operator::cli::run(cli).map(std::process::ExitCode::from)
 }

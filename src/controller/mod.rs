@@ -236,7 +236,7 @@ pub async fn run(
     let metrics = Arc::new(crate::metrics::Metrics::default());
     let _stop_admin = match config.admin_addr {
         Some(addr) => {
-            let server = crate::metrics::admin_server(addr, metrics.clone())?;
+            let server = crate::admin::admin_server(addr, metrics.clone())?;
             let handle = server.handle();
             tokio::spawn(server);
             Some(StopOnDrop(handle))
