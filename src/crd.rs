@@ -294,17 +294,6 @@ pub struct ProviderKeyStatus {
     pub encryption_key_id: Option<String>,
 }
 
-impl ProviderKey {
-    /// The name of the managed Secret for this ProviderKey.
-    pub fn managed_secret_name(&self) -> String {
-        managed_secret_name(&kube::ResourceExt::name_any(self))
-    }
-}
-
-pub fn managed_secret_name(providerkey: &str) -> String {
-    format!("{providerkey}-byok")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

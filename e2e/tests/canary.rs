@@ -136,8 +136,11 @@ async fn no_key_material_reaches_logs_events_status_or_errors() -> anyhow::Resul
         is_condition(pk, "Ready", "True", "PendingKeyRejected")
     })
     .await?;
-    byok_operator::controller::keyring::rotate(&env.api::<Secret>(), "byok-operator-keyring")
-        .await?;
+    byok_operator::controller::keyring::rotate(
+        &env.api::<Secret>(),
+        byok_operator::controller::keyring::DEFAULT_KEYRING_SECRET,
+    )
+    .await?;
     wait_pk(&env, "anthropic", "re-encrypted", |pk| {
         pk.status
             .as_ref()

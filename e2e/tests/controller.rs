@@ -7,7 +7,9 @@ use base64::Engine;
 use byok_e2e::envtest::TestEnv;
 use byok_e2e::fake_provider::{FakeMode, FakeProvider, FakeProviderConfig};
 use byok_e2e::operator::*;
+use byok_operator::controller::keyring::DEFAULT_KEYRING_SECRET;
 use byok_operator::crd::ProviderKey;
+use byok_operator::names::{annotations, managed_secret_name};
 use byok_operator::providers::ProviderKind;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::DeleteParams;
@@ -77,7 +79,11 @@ async fn a_valid_key_becomes_ready_and_the_managed_secret_holds_only_ciphertext(
         "one verification call"
     );
 
-    let managed = s.env.api::<Secret>().get("team-byok").await?;
+    let managed = s
+        .env
+        .api::<Secret>()
+        .get(&managed_secret_name("team"))
+        .await?;
     let owner = managed
         .metadata
         .owner_references
@@ -131,7 +137,11 @@ async fn an_invalid_key_is_reported_and_nothing_is_stored() -> anyhow::Result<()
         "the message says what the provider answered: {message}"
     );
     assert!(
-        s.env.api::<Secret>().get_opt("bad-byok").await?.is_none(),
+        s.env
+            .api::<Secret>()
+            .get_opt(&managed_secret_name("bad"))
+            .await?
+            .is_none(),
         "no managed Secret for a bad key"
     );
     Ok(())
@@ -154,9 +164,10 @@ async fn rotating_the_source_secret_puts_the_new_key_in_service() -> anyhow::Res
         .as_ref()
         .and_then(|s| s.last_rotation_time.clone());
     let managed_annotations = |secret: Secret| secret.metadata.annotations.unwrap_or_default();
-    let first_rotated_at = managed_annotations(s.env.api::<Secret>().get("k-byok").await?)
-        .remove("byok.dev/rotated-at")
-        .unwrap_or_default();
+    let first_rotated_at =
+        managed_annotations(s.env.api::<Secret>().get(&managed_secret_name("k")).await?)
+            .remove(annotations::ROTATED_AT)
+            .unwrap_or_default();
 
     let started = Instant::now();
     put_secret(&s.env, "raw", &[("api-key", &new)]).await?;
@@ -178,10 +189,10 @@ async fn rotating_the_source_secret_puts_the_new_key_in_service() -> anyhow::Res
             .metadata
             .annotations
             .as_ref()
-            .and_then(|a| a.get("byok.dev/rotated-at").cloned())
+            .and_then(|a| a.get(annotations::ROTATED_AT).cloned())
             .unwrap_or_default()
     };
-    let managed = s.env.api::<Secret>().get("k-byok").await?;
+    let managed = s.env.api::<Secret>().get(&managed_secret_name("k")).await?;
     let parse = |t: &str| t.parse::<jiff::Timestamp>().ok();
     assert!(
         parse(&rotated_at(&managed)) > parse(&first_rotated_at),
@@ -416,7 +427,7 @@ async fn deleting_a_providerkey_hard_deletes_its_managed_secret() -> anyhow::Res
         pk.metadata
             .finalizers
             .unwrap_or_default()
-            .contains(&"byok.dev/managed-secret".to_string())
+            .contains(&byok_operator::names::FINALIZER.to_string())
     );
 
     let api = s.env.api::<ProviderKey>();
@@ -433,7 +444,11 @@ async fn deleting_a_providerkey_hard_deletes_its_managed_secret() -> anyhow::Res
     )
     .await??;
     assert!(
-        s.env.api::<Secret>().get_opt("k-byok").await?.is_none(),
+        s.env
+            .api::<Secret>()
+            .get_opt(&managed_secret_name("k"))
+            .await?
+            .is_none(),
         "managed Secret deleted"
     );
     Ok(())
@@ -482,7 +497,7 @@ async fn rotating_the_operator_key_re_encrypts_every_managed_secret() -> anyhow:
 
     let secrets = s.env.api::<Secret>();
     let new_id =
-        byok_operator::controller::keyring::rotate(&secrets, "byok-operator-keyring").await?;
+        byok_operator::controller::keyring::rotate(&secrets, DEFAULT_KEYRING_SECRET).await?;
     assert_eq!(new_id, "k2");
     for (name, key) in &keys {
         wait_pk(&s.env, name, "encryptionKeyId k2", |pk| {
@@ -492,11 +507,11 @@ async fn rotating_the_operator_key_re_encrypts_every_managed_secret() -> anyhow:
                 == Some("k2")
         })
         .await?;
-        let managed = secrets.get(&format!("{name}-byok")).await?;
+        let managed = secrets.get(&managed_secret_name(name)).await?;
         let envelope = managed
             .data
             .unwrap_or_default()
-            .remove("key.enc")
+            .remove(byok_operator::names::ENVELOPE_KEY)
             .unwrap_or_default();
         assert_eq!(byok_operator::crypto::envelope_key_id(&envelope.0)?, "k2");
         assert_eq!(&decrypt_managed(&s.env, name, name).await?, key);
@@ -657,7 +672,7 @@ async fn a_managed_secret_restored_from_backup_is_adopted() -> anyhow::Result<()
 
     // A backup of the managed Secret, as Velero would hold it.
     let secrets = s.env.api::<Secret>();
-    let managed_name = byok_operator::names::managed_secret_name("k");
+    let managed_name = managed_secret_name("k");
     let backup = secrets.get(&managed_name).await?;
 
     // Disaster: the ProviderKey and its source are gone.
@@ -763,7 +778,7 @@ async fn a_lost_keyring_is_never_replaced_while_encrypted_keys_exist() -> anyhow
 
     // The keyring is lost while the operator is down; a managed Secret still exists.
     let secrets = env.api::<Secret>();
-    let keyring_name = byok_operator::controller::keyring::DEFAULT_KEYRING_SECRET;
+    let keyring_name = DEFAULT_KEYRING_SECRET;
     let saved = secrets.get(keyring_name).await?;
     secrets
         .delete(keyring_name, &DeleteParams::default())
@@ -840,7 +855,7 @@ async fn an_operator_endpoint_change_reverifies_before_the_key_goes_there() -> a
                 .cloned()
         })
     };
-    let managed_name = byok_operator::names::managed_secret_name("k");
+    let managed_name = managed_secret_name("k");
     let secrets = env.api::<Secret>();
     let first_origin = origin_of(&secrets.get(&managed_name).await?);
 
