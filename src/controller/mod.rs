@@ -67,19 +67,36 @@ impl Error {
 /// with jitter so that many keys failing together do not retry in lockstep.
 #[derive(Default)]
 pub struct Backoff {
-    failures: Mutex<HashMap<ObjectRef<ProviderKey>, u32>>,
+    failures: Mutex<HashMap<ObjectRef<ProviderKey>, (u32, tokio::time::Instant)>>,
 }
 
 pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// Objects remembered; past this the table starts over (at worst one retry comes early).
+const BACKOFF_MAX_OBJECTS: usize = 65_536;
 
 impl Backoff {
     pub fn next_delay(&self, obj: &ObjectRef<ProviderKey>) -> Duration {
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let n = failures.entry(obj.clone()).or_insert(0);
-        let delay = backoff_delay(*n, rand::random::<f64>());
-        *n = n.saturating_add(1);
+        if failures.len() >= BACKOFF_MAX_OBJECTS && !failures.contains_key(obj) {
+            failures.clear();
+        }
+        let entry = failures
+            .entry(obj.clone())
+            .or_insert((0, tokio::time::Instant::now()));
+        let delay = backoff_delay(entry.0, rand::random::<f64>());
+        entry.0 = entry.0.saturating_add(1);
+        entry.1 = tokio::time::Instant::now() + delay;
         delay
+    }
+
+    /// How long until this object may call its provider again, if it is backing off. A
+    /// reconcile woken early (by a watch event) must not cut the backoff short.
+    pub fn remaining(&self, obj: &ObjectRef<ProviderKey>) -> Option<Duration> {
+        let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let (_, until) = failures.get(obj)?;
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        (!left.is_zero()).then_some(left)
     }
 
     pub fn reset(&self, obj: &ObjectRef<ProviderKey>) {
@@ -112,6 +129,17 @@ pub struct Context {
     invalid_reported: Mutex<HashSet<(String, Option<i64>)>>,
 }
 
+/// Whether resourceVersion `a` is older than `b`, when both are integers.
+fn older(a: &str, b: Option<&str>) -> bool {
+    match (a.parse::<u64>(), b.map(str::parse::<u64>)) {
+        (Ok(a), Some(Ok(b))) => a < b,
+        _ => false,
+    }
+}
+
+/// How many objects the in-memory memos hold before they start over.
+const MEMO_MAX_OBJECTS: usize = 4096;
+
 /// The newest copy of a ProviderKey we wrote, and the resourceVersions it supersedes.
 struct Written {
     superseded: Vec<String>,
@@ -138,6 +166,15 @@ impl Context {
         let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
         match (written.get(&key), cached.resource_version()) {
             (Some(w), Some(rv)) if w.superseded.contains(&rv) => w.latest.clone(),
+            // Someone else wrote in between (a label, say) and the cache shows that write but
+            // not yet ours: keep their change, with the status we wrote. resourceVersions are
+            // opaque to clients, but etcd's are increasing integers; if they ever are not,
+            // this memo only costs one repeated verification.
+            (Some(w), Some(rv)) if older(&rv, w.latest.resource_version().as_deref()) => {
+                let mut merged = cached.clone();
+                merged.status = w.latest.status.clone();
+                merged
+            }
             (Some(_), _) => {
                 // The cache caught up (or someone else wrote): it is the truth again.
                 written.remove(&key);
@@ -151,6 +188,11 @@ impl Context {
     pub fn remember(&self, before: &ProviderKey, after: &ProviderKey) {
         let key = ObjectRef::from_obj(before);
         let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        // Entries leave when the cache catches up; one for an object deleted before that
+        // would stay. A memo, not a record: starting over costs one repeated verification.
+        if written.len() >= MEMO_MAX_OBJECTS && !written.contains_key(&key) {
+            written.clear();
+        }
         let entry = written.entry(key).or_insert_with(|| Written {
             superseded: Vec::new(),
             latest: after.clone(),
@@ -175,10 +217,14 @@ impl Context {
     }
 
     pub fn mark_invalid_reported(&self, key: (String, Option<i64>)) {
-        self.invalid_reported
+        let mut reported = self
+            .invalid_reported
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key);
+            .unwrap_or_else(|p| p.into_inner());
+        if reported.len() >= MEMO_MAX_OBJECTS {
+            reported.clear();
+        }
+        reported.insert(key);
     }
 }
 

@@ -226,8 +226,13 @@ fn usable_in_service(obs: &Observed) -> Option<&InService> {
 }
 
 fn interval_elapsed(obs: &Observed) -> bool {
-    let (Some(period), Some(last)) = (period(obs), obs.status.last_verified_time.as_ref()) else {
+    let Some(period) = period(obs) else {
         return false;
+    };
+    // A key in service that this status never saw verified (restored from a backup, say) is
+    // due at once.
+    let Some(last) = obs.status.last_verified_time.as_ref() else {
+        return matches!(obs.managed, Managed::InService(_));
     };
     let elapsed = obs.now.0.duration_since(last.0).as_secs();
     elapsed >= i64::try_from(period.as_secs()).unwrap_or(i64::MAX)
@@ -370,7 +375,26 @@ struct KeyOutcome {
     rejected_fingerprint: Option<String>,
     last_verified_time: Option<Time>,
     transient: bool,
+    /// The key in service itself was rejected (now, or earlier and nothing has fixed it): it
+    /// must not be served, whatever happens to newer keys.
+    serving_rejected: Option<Reason>,
     events: Vec<EventNote>,
+}
+
+/// The status says the key in service was rejected: Ready is False for a key rejection while
+/// that very key is the one the status names.
+fn serving_rejected_before(obs: &Observed) -> Option<Reason> {
+    let Managed::InService(s) = &obs.managed else {
+        return None;
+    };
+    if obs.status.fingerprint.as_deref() != Some(s.fingerprint.as_str()) {
+        return None;
+    }
+    let c = status::find(&obs.status.conditions, types::READY)?;
+    let reason = Reason::parse(&c.reason)?;
+    (Status::parse(&c.status) == Status::False
+        && matches!(reason, Reason::InvalidKey | Reason::QuotaExhausted))
+    .then_some(reason)
 }
 
 fn key_outcome(obs: &Observed, target: Option<Target>, result: Option<&Verified>) -> KeyOutcome {
@@ -381,6 +405,7 @@ fn key_outcome(obs: &Observed, target: Option<Target>, result: Option<&Verified>
         rejected_fingerprint: obs.status.rejected_fingerprint.clone(),
         last_verified_time: obs.status.last_verified_time.clone(),
         transient: false,
+        serving_rejected: serving_rejected_before(obs),
         events: Vec::new(),
     };
     let previous_verified = status::find(&obs.status.conditions, types::VERIFIED);
@@ -398,6 +423,7 @@ fn key_outcome(obs: &Observed, target: Option<Target>, result: Option<&Verified>
             match result {
                 Some(v) if v.reason == Reason::Valid => {
                     out.last_verified_time = Some(obs.now.clone());
+                    out.serving_rejected = None;
                 }
                 Some(v) if v.reason.is_transient() => out.transient = true,
                 Some(v) => {
@@ -425,6 +451,7 @@ fn key_outcome(obs: &Observed, target: Option<Target>, result: Option<&Verified>
             if v.reason == Reason::Valid {
                 out.last_verified_time = Some(obs.now.clone());
                 out.rejected_fingerprint = None;
+                out.serving_rejected = None;
                 out.verified = Some(Decided::new(
                     types::VERIFIED,
                     Status::True,
@@ -481,9 +508,12 @@ fn key_outcome(obs: &Observed, target: Option<Target>, result: Option<&Verified>
                         types::VERIFIED,
                         Status::Unknown,
                         v.reason.as_str(),
+                        // Only the reason, not the provider's answer: a message that changes with
+                        // every failure would rewrite the status each time, and the write would
+                        // wake the next attempt early.
                         format!(
-                            "could not verify key {fingerprint} yet: {}; retrying",
-                            v.message
+                            "could not verify key {fingerprint} yet ({}); retrying with backoff",
+                            v.reason
                         ),
                     ));
                 }
@@ -500,6 +530,7 @@ fn key_outcome(obs: &Observed, target: Option<Target>, result: Option<&Verified>
                         format!("key {fingerprint} rejected: {}", v.message)
                     }
                 } else {
+                    out.serving_rejected = Some(v.reason);
                     format!("key {fingerprint} rejected: {}", v.message)
                 };
                 out.verified = Some(rejection(previous_verified, v.reason, msg, &mut out.events));
@@ -564,12 +595,17 @@ fn ready_condition(obs: &Observed, k: &KeyOutcome, verified: &Decided) -> Decide
             };
             Decided::new(types::READY, Status::False, reason, message)
         }
-        Some(s) if k.rejected_fingerprint.as_deref() == Some(s.fingerprint.as_str()) => {
+        Some(s) if k.serving_rejected.is_some() => {
+            let reason = k.serving_rejected.unwrap_or(Reason::InvalidKey);
             Decided::new(
                 types::READY,
                 Status::False,
-                verified.reason.clone(),
-                verified.message.clone(),
+                reason.as_str(),
+                format!(
+                    "key {} in service was rejected by the provider ({reason}); it is not served \
+                     until a key verifies (see the Verified condition)",
+                    s.fingerprint
+                ),
             )
         }
         Some(s) if k.rejected_fingerprint.is_some() => Decided::new(
@@ -654,9 +690,12 @@ pub fn decide(obs: &Observed, target: Option<Target>, result: Option<&Verified>)
             (Some(period), Some(last)) if k.in_service.is_some() => {
                 let elapsed =
                     u64::try_from(obs.now.0.duration_since(last.0).as_secs().max(0)).unwrap_or(0);
-                Next::After(Duration::from_secs(
-                    period.as_secs().saturating_sub(elapsed).max(1),
-                ))
+                match period.as_secs().checked_sub(elapsed) {
+                    Some(left) if left > 0 => Next::After(Duration::from_secs(left)),
+                    // Due, yet nothing was verified (a rejected key waits for a change): look
+                    // again a period later, not every second.
+                    _ => Next::After(period),
+                }
             }
             _ => Next::AwaitChange,
         }
@@ -990,6 +1029,52 @@ mod tests {
         let d = step(&obs, None);
         assert_eq!(ready(&d), ("False", "DestinationChanged"));
         assert_eq!(d.secret, SecretWrite::Keep);
+    }
+
+    #[test]
+    fn a_rejected_key_in_service_stays_out_of_service_when_a_bad_key_follows() {
+        let first = observed(source("aa"), Managed::Absent, ProviderKeyStatus::default());
+        let mut obs = after(&first, &step(&first, Some(valid())));
+        obs.now = t(DEFAULT_INTERVAL.as_secs() as i64 + 5);
+        let revoked = step(&obs, Some(failed(Reason::InvalidKey, "HTTP 401")));
+        assert_eq!(ready(&revoked), ("False", "InvalidKey"));
+        let mut obs = after(&obs, &revoked);
+        // Nothing verifiable is due: come back a period later, not every second.
+        assert_eq!(verification_target(&obs), None);
+        assert_eq!(step(&obs, None).next, Next::After(DEFAULT_INTERVAL));
+        // A bad key in the source does not put the revoked key back in service.
+        obs.source = source("bb");
+        let d = step(&obs, Some(failed(Reason::InvalidKey, "HTTP 401")));
+        assert_eq!(ready(&d), ("False", "InvalidKey"));
+        let d = step(&after(&obs, &d), None);
+        assert_eq!(ready(&d), ("False", "InvalidKey"), "still out of service later");
+        // A good key heals it.
+        obs.source = source("cc");
+        obs.status.rejected_fingerprint = None;
+        let d = step(&obs, Some(valid()));
+        assert_eq!(ready(&d), ("True", "Valid"));
+    }
+
+    #[test]
+    fn repeated_transient_failures_leave_the_status_alone() {
+        let obs = observed(source("aa"), Managed::Absent, ProviderKeyStatus::default());
+        let one = step(&obs, Some(failed(Reason::ProviderUnavailable, "HTTP 503 abc")));
+        let again = after(&obs, &one);
+        let two = step(&again, Some(failed(Reason::ProviderUnavailable, "HTTP 503 xyz")));
+        assert_eq!(one.status, two.status, "no write, so no early wake-up");
+    }
+
+    #[test]
+    fn a_restored_key_never_verified_here_is_due() {
+        let obs = observed(
+            Source::Unusable {
+                reason: Reason::SecretNotFound,
+                message: "gone".into(),
+            },
+            serving("aa", 3, 0),
+            ProviderKeyStatus::default(),
+        );
+        assert_eq!(verification_target(&obs), Some(Target::InService));
     }
 
     #[test]

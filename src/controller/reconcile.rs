@@ -533,8 +533,15 @@ async fn apply(pk: &ProviderKey, ctx: &Context) -> Result<Action, Error> {
         spread: plan::spread_for(&uid),
     };
 
-    // Verify, only when the plan says so.
+    // Verify, only when the plan says so, and never before this object's backoff is over
+    // (a watch event, our own status write included, may wake it early).
     let target = plan::verification_target(&observed);
+    let object = ObjectRef::from_obj(pk);
+    if target.is_some()
+        && let Some(wait) = ctx.backoff.remaining(&object)
+    {
+        return Ok(Action::requeue(wait));
+    }
     let verified = match target.and_then(|t| keys.for_target(t)) {
         Some(key) => Some(verify(pk, ctx, key).await),
         None => None,
@@ -568,7 +575,6 @@ async fn apply(pk: &ProviderKey, ctx: &Context) -> Result<Action, Error> {
         publish(ctx, &pk.object_ref(&()), note).await;
     }
 
-    let object = ObjectRef::from_obj(pk);
     Ok(match desired.next {
         Next::Backoff => {
             let delay = ctx.backoff.next_delay(&object);
