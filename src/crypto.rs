@@ -402,6 +402,35 @@ impl Keyring {
     }
 }
 
+/// What a managed Secret's envelope seals: the verified origin (`scheme://host:port`) and the
+/// key, so the destination a key was verified against is authenticated with the key itself
+/// and cannot be edited beside it. Layout: `byok-origin:<origin>\n<key>`.
+pub const PAYLOAD_ORIGIN_PREFIX: &[u8] = b"byok-origin:";
+
+/// Builds the plaintext to seal for `key` verified at `origin` (which holds no newline).
+pub fn seal_payload(origin: &str, key: &[u8]) -> Zeroizing<Vec<u8>> {
+    let mut out = Zeroizing::new(Vec::with_capacity(
+        PAYLOAD_ORIGIN_PREFIX.len() + origin.len() + 1 + key.len(),
+    ));
+    out.extend_from_slice(PAYLOAD_ORIGIN_PREFIX);
+    out.extend_from_slice(origin.replace('\n', "").as_bytes());
+    out.push(b'\n');
+    out.extend_from_slice(key);
+    out
+}
+
+/// Splits an opened payload into the verified origin and the key. An envelope written before
+/// origins were sealed holds the key alone: no origin.
+pub fn open_payload(plaintext: &[u8]) -> (Option<&str>, &[u8]) {
+    let Some(rest) = plaintext.strip_prefix(PAYLOAD_ORIGIN_PREFIX) else {
+        return (None, plaintext);
+    };
+    match rest.iter().position(|&b| b == b'\n') {
+        Some(i) => (std::str::from_utf8(&rest[..i]).ok(), &rest[i + 1..]),
+        None => (None, plaintext),
+    }
+}
+
 /// The key id an envelope names, e.g. to find envelopes that still use an old key. Parses
 /// the whole envelope strictly, as [`Keyring::decrypt`] does.
 ///
@@ -1144,6 +1173,23 @@ mod tests {
 
     /// The mask rule as a table: 16 characters after the recognised prefix (the whole key
     /// without one) are needed before the last 4 are shown.
+    #[test]
+    fn the_payload_seals_the_origin_with_the_key() {
+        let sealed = seal_payload("https://api.openai.com:443", b"sk-x\nwith-newline");
+        assert_eq!(
+            open_payload(&sealed),
+            (
+                Some("https://api.openai.com:443"),
+                &b"sk-x\nwith-newline"[..]
+            )
+        );
+        assert_eq!(open_payload(b"sk-legacy"), (None, &b"sk-legacy"[..]));
+        assert_eq!(
+            open_payload(b"byok-origin:no-newline"),
+            (None, &b"byok-origin:no-newline"[..])
+        );
+    }
+
     #[test]
     fn mask_table() {
         let cases = [

@@ -231,9 +231,9 @@ pub async fn decrypt_managed(
         .and_then(|d| d.get(names::ENVELOPE_KEY).cloned())
         .context("managed Secret has no envelope")?;
     let plain = keyring.decrypt(&env.namespace, as_name, &envelope.0)?;
-    Ok(String::from_utf8(
-        secrecy::ExposeSecret::expose_secret(&plain).to_vec(),
-    )?)
+    let (_origin, key) =
+        byok_operator::crypto::open_payload(secrecy::ExposeSecret::expose_secret(&plain));
+    Ok(String::from_utf8(key.to_vec())?)
 }
 
 /// A random key with a provider's real prefix, long enough to be searched for in logs.

@@ -1047,7 +1047,11 @@ mod tests {
         let d = step(&obs, Some(failed(Reason::InvalidKey, "HTTP 401")));
         assert_eq!(ready(&d), ("False", "InvalidKey"));
         let d = step(&after(&obs, &d), None);
-        assert_eq!(ready(&d), ("False", "InvalidKey"), "still out of service later");
+        assert_eq!(
+            ready(&d),
+            ("False", "InvalidKey"),
+            "still out of service later"
+        );
         // A good key heals it.
         obs.source = source("cc");
         obs.status.rejected_fingerprint = None;
@@ -1058,9 +1062,15 @@ mod tests {
     #[test]
     fn repeated_transient_failures_leave_the_status_alone() {
         let obs = observed(source("aa"), Managed::Absent, ProviderKeyStatus::default());
-        let one = step(&obs, Some(failed(Reason::ProviderUnavailable, "HTTP 503 abc")));
+        let one = step(
+            &obs,
+            Some(failed(Reason::ProviderUnavailable, "HTTP 503 abc")),
+        );
         let again = after(&obs, &one);
-        let two = step(&again, Some(failed(Reason::ProviderUnavailable, "HTTP 503 xyz")));
+        let two = step(
+            &again,
+            Some(failed(Reason::ProviderUnavailable, "HTTP 503 xyz")),
+        );
         assert_eq!(one.status, two.status, "no write, so no early wake-up");
     }
 

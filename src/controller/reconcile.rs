@@ -372,7 +372,9 @@ fn open_envelope(
         .and_then(|d| d.get(names::ENVELOPE_KEY))
         .map(|b| b.0.as_slice())?;
     let plaintext = keyring.decrypt(ns, name, envelope).ok()?;
-    let text = std::str::from_utf8(plaintext.expose_secret()).ok()?;
+    // The origin is sealed with the key: an annotation beside it could be edited.
+    let (origin, key_bytes) = crypto::open_payload(plaintext.expose_secret());
+    let text = std::str::from_utf8(key_bytes).ok()?;
     let key = SecretString::from(text.to_string());
     let a = secret.metadata.annotations.clone().unwrap_or_default();
     let in_service = InService {
@@ -387,7 +389,7 @@ fn open_envelope(
             .get(annotations::ROTATED_AT)
             .and_then(|t| t.parse::<Timestamp>().ok())
             .map(Time),
-        origin: a.get(annotations::VERIFIED_ORIGIN).cloned(),
+        origin: origin.map(str::to_string),
     };
     Some((key, in_service))
 }
@@ -550,7 +552,12 @@ async fn apply(pk: &ProviderKey, ctx: &Context) -> Result<Action, Error> {
 
     // Apply: the managed Secret first, so the status never claims what is not stored.
     if let (Some(plaintext), Some(keyring)) = (keys.for_write(&desired.secret)?, &keyring) {
-        let envelope = keyring.encrypt(&ns, &name, plaintext.expose_secret().as_bytes())?;
+        let origin = observed
+            .destination
+            .as_ref()
+            .map_err(|_| Error::Internal("a key is written only for a usable destination"))?;
+        let payload = crypto::seal_payload(origin, plaintext.expose_secret().as_bytes());
+        let envelope = keyring.encrypt(&ns, &name, &payload)?;
         let secret = managed_secret(pk, &managed_name, &desired.status, &observed, envelope)?;
         write_managed(&secrets, secret, current_managed.as_ref()).await?;
         let kind = if desired.secret == SecretWrite::ReEncrypt {
