@@ -35,8 +35,9 @@ pub mod annotations {
     pub const ENCRYPTION_KEY_ID: &str = "byok.dev/encryption-key-id";
     pub const ROTATED_AT: &str = "byok.dev/rotated-at";
     pub const PROVIDER: &str = "byok.dev/provider";
-    /// `scheme://host:port` the key in service was verified against; it is never sent
-    /// anywhere else.
+    /// `scheme://host:port` the key in service was verified against, for people. The
+    /// operator decides from the copy sealed in the envelope with the key
+    /// ([`crate::crypto::seal_payload`]), which cannot be edited.
     pub const VERIFIED_ORIGIN: &str = "byok.dev/verified-origin";
 }
 
