@@ -1,7 +1,8 @@
 //! Politeness towards providers: every verification call to one host waits for a slot here,
 //! so however many keys are due at once, one provider host sees at most `concurrency` calls
-//! in flight and `rate` calls per second. A 429 from a host halves its rate (down to 1/64 of
-//! the configured one); each answer that is not a 429 gives back half of that.
+//! in flight and `rate` calls per second, after a burst of up to one second's worth (so a
+//! single new key is never delayed). A 429 from a host halves its rate (down to 1/64 of the
+//! configured one) and takes the burst away; each answer that is not a 429 gives back half.
 //!
 //! Keyed by host name, which a ProviderKey author chooses: the table forgets idle hosts once
 //! it holds [`MAX_HOSTS`], so many distinct hosts cannot grow it without bound.
@@ -26,6 +27,8 @@ const MAX_SLOWDOWN: u32 = 64;
 pub struct HostLimiter {
     concurrency: usize,
     spacing: Duration,
+    /// How far ahead of its schedule a host may run: a burst of one second's worth of calls.
+    burst: Duration,
     hosts: Mutex<HashMap<String, Arc<Host>>>,
 }
 
@@ -57,9 +60,11 @@ impl HostLimiter {
         } else {
             DEFAULT_RATE_PER_SECOND
         };
+        let spacing = Duration::from_secs_f64(1.0 / rate);
         HostLimiter {
             concurrency: concurrency.max(1),
-            spacing: Duration::from_secs_f64(1.0 / rate),
+            spacing,
+            burst: spacing.mul_f64((rate - 1.0).max(0.0)),
             hosts: Mutex::new(HashMap::new()),
         }
     }
@@ -90,12 +95,20 @@ impl HostLimiter {
         let h = self.host(host);
         // A closed semaphore cannot happen (it is never closed); go ahead without a slot.
         let slot = h.permits.clone().acquire_owned().await.ok();
+        // A virtual schedule (GCRA): each call moves it one spacing ahead; a call may start
+        // as long as the schedule is no further ahead of now than the burst allows.
         let start = {
             let mut schedule = h.schedule.lock().unwrap_or_else(|p| p.into_inner());
-            let (next, slowdown) = *schedule;
-            let start = next.max(Instant::now());
-            schedule.0 = start + self.spacing * slowdown;
-            start
+            let (scheduled, slowdown) = *schedule;
+            let now = Instant::now();
+            let due = scheduled.max(now);
+            let burst = if slowdown > 1 {
+                Duration::ZERO
+            } else {
+                self.burst
+            };
+            schedule.0 = due + self.spacing * slowdown;
+            due.checked_sub(burst).map_or(now, |t| t.max(now))
         };
         tokio::time::sleep_until(start).await;
         Permit { _slot: slot }
@@ -155,12 +168,27 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn calls_to_one_host_are_spaced_by_the_rate() {
+    async fn calls_to_one_host_are_spaced_by_the_rate_after_a_burst() {
         let limiter = Arc::new(HostLimiter::new(100, 10.0));
-        let s = starts(limiter, "api.example.com", 21, Duration::ZERO).await;
-        // 21 starts at 10/s: the last one no sooner than 2 s after the first.
-        assert!(s[20] >= Duration::from_millis(2000), "{s:?}");
-        assert!(s[20] < Duration::from_millis(2100), "{s:?}");
+        let s = starts(limiter.clone(), "api.example.com", 30, Duration::ZERO).await;
+        // One second's worth (10) at once, then 10/s: the 30th starts 2 s in.
+        assert!(s[9] < Duration::from_millis(10), "{s:?}");
+        assert!(s[10] >= Duration::from_millis(100), "{s:?}");
+        assert!(s[29] >= Duration::from_millis(2000), "{s:?}");
+        assert!(s[29] < Duration::from_millis(2100), "{s:?}");
+        // No window of one second sees more than twice the rate.
+        for (i, start) in s.iter().enumerate() {
+            let within = s[i..]
+                .iter()
+                .take_while(|t| **t < *start + Duration::from_secs(1))
+                .count();
+            assert!(within <= 20, "{within} calls within a second of {start:?}");
+        }
+        // After a quiet second, a single call goes at once again.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let t0 = Instant::now();
+        drop(limiter.acquire("api.example.com").await);
+        assert!(t0.elapsed() < Duration::from_millis(10));
     }
 
     #[tokio::test(start_paused = true)]
@@ -188,12 +216,16 @@ mod tests {
         limiter.rate_limited("api.example.com");
         limiter.rate_limited("api.example.com");
         let s = starts(limiter.clone(), "api.example.com", 3, Duration::ZERO).await;
-        // A quarter of the rate: 400 ms apart.
+        // A quarter of the rate and no burst: 400 ms apart.
         assert!(s[2] >= Duration::from_millis(800), "{s:?}");
         limiter.answered("api.example.com");
         limiter.answered("api.example.com");
+        tokio::time::advance(Duration::from_secs(2)).await;
         let s = starts(limiter, "api.example.com", 3, Duration::ZERO).await;
-        assert!(s[2] - s[0] < Duration::from_millis(250), "{s:?}");
+        assert!(
+            s[2] - s[0] < Duration::from_millis(10),
+            "the burst is back: {s:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
