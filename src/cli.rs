@@ -215,7 +215,8 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
 
 async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     let (egress, endpoints) = args.egress.build()?;
-    let client = kube::Client::try_default().await?;
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
+    let client = crate::metrics::counted_client(kube::Config::infer().await?, metrics.clone())?;
     let leader = (!args.no_leader_election).then(|| crate::controller::leader::LeaderConfig {
         lease_name: args.lease_name.clone(),
         identity: std::env::var("POD_NAME")
@@ -230,6 +231,7 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         leader,
         admin_addr: Some(args.admin_addr),
         verify_limits: (args.verify_concurrency_per_host, args.verify_rate_per_host),
+        metrics,
     };
     crate::controller::run(client, config, shutdown_signal()).await
 }

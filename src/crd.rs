@@ -13,8 +13,9 @@ use crate::providers::ProviderKind;
 
 /// The default Secret entry holding the raw key.
 pub const DEFAULT_SECRET_KEY: &str = "api-key";
-/// The Azure OpenAI data-plane API version used when `spec.azure.apiVersion` is not set.
-pub const DEFAULT_AZURE_API_VERSION: &str = "2024-10-21";
+/// The Azure OpenAI `api-version` used when `spec.azure.apiVersion` is not set; defined with
+/// the Azure wire contract, so the CRD default and the verifier cannot drift apart.
+pub use crate::providers::DEFAULT_AZURE_API_VERSION;
 
 /// A provider API key brought into the cluster: the operator verifies it with a live call,
 /// keeps it encrypted in a managed Secret, and serves it to opted-in pods through a local proxy.

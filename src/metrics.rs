@@ -1,5 +1,6 @@
 //! Prometheus metrics (prefix `byok_`); [`crate::admin`] serves them.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -22,7 +23,14 @@ pub struct Metrics {
     secret_writes: Family<Labels, Counter>,
     reconcile_errors: Family<Labels, Counter>,
     keyring_available: Family<Vec<(&'static str, String)>, Gauge>,
+    api_requests: Family<Labels, Counter>,
     ready: AtomicBool,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
 }
 
 impl Default for Metrics {
@@ -66,8 +74,15 @@ impl Default for Metrics {
             "1 while the operator keyring Secret (label secret, namespace/name) is loaded; 0 while it is missing or unusable",
             keyring_available.clone(),
         );
+        let api_requests = Family::<Labels, Counter>::default();
+        registry.register(
+            "kube_api_requests",
+            "Requests the operator sent to the Kubernetes API server, by verb and resource",
+            api_requests.clone(),
+        );
         Self {
             registry,
+            api_requests,
             reconcile_errors,
             keyring_available,
             verifications,
@@ -98,6 +113,13 @@ impl Metrics {
             .inc();
     }
 
+    /// Reconciliations finished so far with this result.
+    pub fn reconciliations(&self, ok: bool) -> u64 {
+        self.reconciliations
+            .get_or_create(&vec![("result", if ok { "ok" } else { "error" })])
+            .get()
+    }
+
     pub fn reconcile_error(&self, reason: &'static str) {
         self.reconcile_errors
             .get_or_create(&vec![("reason", reason)])
@@ -117,6 +139,19 @@ impl Metrics {
             .inc();
     }
 
+    pub fn api_request(&self, verb: &'static str, resource: &'static str) {
+        self.api_requests
+            .get_or_create(&vec![("verb", verb), ("resource", resource)])
+            .inc();
+    }
+
+    /// Requests sent so far with this verb to this resource.
+    pub fn api_requests(&self, verb: &'static str, resource: &'static str) -> u64 {
+        self.api_requests
+            .get_or_create(&vec![("verb", verb), ("resource", resource)])
+            .get()
+    }
+
     /// Ready once the keyring is loaded and the controller runs (this replica leads).
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
@@ -132,6 +167,69 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// A Kubernetes client whose every request is counted in `byok_kube_api_requests_total`: the
+/// figure that says whether the caches do their job.
+pub fn counted_client(config: kube::Config, metrics: Arc<Metrics>) -> anyhow::Result<kube::Client> {
+    let layer = tower::util::MapRequestLayer::new(move |req: http::Request<kube::client::Body>| {
+        let (verb, resource) = api_verb(req.method(), req.uri().path(), req.uri().query());
+        metrics.api_request(verb, resource);
+        req
+    });
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&layer)
+        .build())
+}
+
+/// The Kubernetes verb and resource of an API request, from its method and URL. Resources the
+/// operator does not use are `other`, so the label set stays small.
+pub fn api_verb(
+    method: &http::Method,
+    path: &str,
+    query: Option<&str>,
+) -> (&'static str, &'static str) {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let rest = match segments.as_slice() {
+        ["api", _version, rest @ ..] => rest,
+        ["apis", _group, _version, rest @ ..] => rest,
+        _ => &[][..],
+    };
+    let rest = match rest {
+        ["namespaces", _ns, resource, tail @ ..] => [&[*resource][..], tail].concat(),
+        other => other.to_vec(),
+    };
+    let (resource, named, sub) = match rest.as_slice() {
+        [resource] => (*resource, false, None),
+        [resource, _name] => (*resource, true, None),
+        [resource, _name, sub, ..] => (*resource, true, Some(*sub)),
+        _ => ("", false, None),
+    };
+    let resource = match (resource, sub) {
+        ("providerkeys", Some("status")) => "providerkeys/status",
+        ("providerkeys", None) => "providerkeys",
+        ("secrets", None) => "secrets",
+        ("events", None) => "events",
+        ("leases", None) => "leases",
+        ("pods", None) => "pods",
+        ("customresourcedefinitions", None) => "customresourcedefinitions",
+        ("mutatingwebhookconfigurations", None) => "mutatingwebhookconfigurations",
+        ("namespaces", None) => "namespaces",
+        _ => "other",
+    };
+    let watch = query.is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
+    let verb = match (method.as_str(), named) {
+        ("GET", true) => "get",
+        ("GET", false) if watch => "watch",
+        ("GET", false) => "list",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", true) => "delete",
+        ("DELETE", false) => "deletecollection",
+        _ => "other",
+    };
+    (verb, resource)
 }
 
 #[cfg(test)]
@@ -169,5 +267,65 @@ mod tests {
             text.contains("byok_verification_duration_seconds_count{provider=\"openai\"} 3"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn api_requests_are_named_by_verb_and_resource() {
+        let get = http::Method::GET;
+        let cases = [
+            (
+                &get,
+                "/api/v1/namespaces/a/secrets/k",
+                None,
+                ("get", "secrets"),
+            ),
+            (
+                &get,
+                "/api/v1/namespaces/a/secrets",
+                None,
+                ("list", "secrets"),
+            ),
+            (
+                &get,
+                "/api/v1/secrets",
+                Some("labelSelector=x&watch=true"),
+                ("watch", "secrets"),
+            ),
+            (
+                &http::Method::PATCH,
+                "/apis/byok.dev/v1alpha1/namespaces/a/providerkeys/k/status",
+                Some("fieldManager=byok-operator"),
+                ("patch", "providerkeys/status"),
+            ),
+            (
+                &http::Method::POST,
+                "/apis/events.k8s.io/v1/namespaces/a/events",
+                None,
+                ("create", "events"),
+            ),
+            (
+                &http::Method::PUT,
+                "/apis/coordination.k8s.io/v1/namespaces/a/leases/l",
+                None,
+                ("update", "leases"),
+            ),
+            (
+                &http::Method::DELETE,
+                "/api/v1/namespaces/a/secrets/k-byok",
+                None,
+                ("delete", "secrets"),
+            ),
+            (&get, "/api/v1/namespaces/a", None, ("get", "namespaces")),
+            (&get, "/version", None, ("list", "other")),
+            (
+                &get,
+                "/api/v1/namespaces/a/configmaps/x",
+                None,
+                ("get", "other"),
+            ),
+        ];
+        for (method, path, query, want) in cases {
+            assert_eq!(api_verb(method, path, query), want, "{method} {path}");
+        }
     }
 }

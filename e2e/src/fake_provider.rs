@@ -1,6 +1,7 @@
 //! A fake LLM provider for tests and `make run`: one HTTPS server that speaks each provider's
-//! real wire protocol (docs: /work/helper-specs/wire.md, "Provider wire protocol contract") for
-//! the key-verification call, with each provider under its own path prefix.
+//! real wire protocol for the key-verification call, with each provider under its own path
+//! prefix. The contract it implements, and what it checks, is `docs/providers.md` ("The fake
+//! provider"); change the two together.
 //!
 //! | provider | base URL (what the operator is given) |
 //! |---|---|

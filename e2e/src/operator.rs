@@ -81,6 +81,7 @@ pub fn dev_config(env: &TestEnv, fake: &FakeProvider) -> anyhow::Result<controll
             byok_operator::providers::limiter::DEFAULT_CONCURRENCY,
             byok_operator::providers::limiter::DEFAULT_RATE_PER_SECOND,
         ),
+        metrics: Default::default(),
     })
 }
 
@@ -92,7 +93,12 @@ pub struct RunningController {
 impl RunningController {
     pub async fn start(env: &TestEnv, config: controller::Config) -> anyhow::Result<Self> {
         install_crds(&env.client).await?;
-        Ok(Self::start_with_client(env.client.clone(), config))
+        // Counted in `config.metrics`, so a test can see what the controller asked for.
+        let client = byok_operator::metrics::counted_client(
+            crate::envtest::shared().kube_config().await?,
+            config.metrics.clone(),
+        )?;
+        Ok(Self::start_with_client(client, config))
     }
 
     /// Starts the controller with a client of the test's choosing (one that counts

@@ -760,6 +760,86 @@ async fn a_new_key_costs_exactly_one_verification() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Requests the controller sent that change something.
+fn writes(m: &byok_operator::metrics::Metrics) -> u64 {
+    ["secrets", "providerkeys", "providerkeys/status", "events"]
+        .iter()
+        .flat_map(|r| ["create", "update", "patch", "delete"].map(|v| m.api_requests(v, r)))
+        .sum()
+}
+
+#[tokio::test]
+async fn a_restart_calls_no_provider_and_a_steady_reconcile_sends_no_api_request()
+-> anyhow::Result<()> {
+    let env = TestEnv::new("steady").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let first = RunningController::start(&env, dev_config(&env, &fake)?).await?;
+    for i in 0..3 {
+        let key = random_key("sk-proj-");
+        fake.add_valid_key(ProviderKind::OpenAI, &key);
+        put_secret(&env, &format!("raw-{i}"), &[("api-key", &key)]).await?;
+        create_pk(&env, &format!("k{i}"), openai_spec(&format!("raw-{i}"))).await?;
+    }
+    for i in 0..3 {
+        wait_pk(&env, &format!("k{i}"), "Ready", |pk| {
+            is_condition(pk, "Ready", "True", "Valid")
+        })
+        .await?;
+    }
+    drop(first);
+    let calls = fake.total_requests();
+
+    // A new replica: its caches fill from watches; it reads the keyring, and each key costs
+    // one GET of its managed Secret (to open the envelope once) and nothing else.
+    let config = dev_config(&env, &fake)?;
+    let metrics = config.metrics.clone();
+    let _second = RunningController::start(&env, config).await?;
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    while metrics.reconciliations(true) < 3 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the new replica did not reconcile"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await; // polling interval
+    }
+    let gets = metrics.api_requests("get", "secrets");
+    assert_eq!(gets, 1 + 3, "the keyring, and one GET per managed Secret");
+
+    // A change that is not ours to act on (a label) reconciles the key from the caches alone.
+    let done = metrics.reconciliations(true);
+    env.api::<ProviderKey>()
+        .patch(
+            "k0",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"metadata": {"labels": {"team": "a"}}})),
+        )
+        .await?;
+    while metrics.reconciliations(true) <= done {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the label change was not reconciled"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await; // polling interval
+    }
+    assert_eq!(
+        metrics.api_requests("get", "secrets"),
+        gets,
+        "no GET in steady state"
+    );
+    assert_eq!(
+        writes(&metrics),
+        0,
+        "nothing written: nothing changed\n{}",
+        metrics.encode()
+    );
+    assert_eq!(
+        fake.total_requests(),
+        calls,
+        "no verification after a restart"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_lost_keyring_is_never_replaced_while_encrypted_keys_exist() -> anyhow::Result<()> {
     let env = TestEnv::new("keyring").await?;

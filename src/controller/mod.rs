@@ -1,6 +1,7 @@
 //! The ProviderKey controller: wiring (watches, keyring, leader election, backoff). The
 //! reconcile pipeline is in [`reconcile`], its pure decisions in [`plan`].
 
+pub mod cache;
 pub mod keyring;
 pub mod leader;
 pub mod plan;
@@ -120,8 +121,13 @@ pub struct Context {
     pub verifier: Verifier,
     pub recorder: Recorder,
     pub backoff: Backoff,
-    /// Source Secrets: only those labelled `byok.dev/key-source: "true"`.
+    /// Source Secrets: only those labelled `byok.dev/key-source: "true"`, rewritten by
+    /// [`cache::strip_source`].
     pub sources: Store<Secret>,
+    /// Managed Secrets (labelled `byok.dev/providerkey`), rewritten by [`cache::strip_managed`].
+    pub managed: Store<Secret>,
+    /// Envelopes opened, by managed Secret; forgotten when the keyring changes.
+    opened: Mutex<HashMap<ObjectRef<Secret>, cache::Opened>>,
     keyring: RwLock<Option<Keyring>>,
     /// Our own writes, until the ProviderKey cache has caught up with them (see [`Self::fresher`]).
     written: Mutex<HashMap<ObjectRef<ProviderKey>, Written>>,
@@ -139,6 +145,9 @@ fn older(a: &str, b: Option<&str>) -> bool {
 
 /// How many objects the in-memory memos hold before they start over.
 const MEMO_MAX_OBJECTS: usize = 4096;
+/// The opened-envelope memo holds one entry per managed Secret in steady state; past this it
+/// starts over (each key then costs one GET and one decryption).
+const OPENED_MAX_OBJECTS: usize = 1 << 20;
 
 /// The newest copy of a ProviderKey we wrote, and the resourceVersions it supersedes.
 struct Written {
@@ -156,6 +165,39 @@ impl Context {
 
     fn set_keyring(&self, keyring: Option<Keyring>) {
         *self.keyring.write().unwrap_or_else(|p| p.into_inner()) = keyring;
+        // What opens depends on the keyring's keys.
+        self.opened
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    /// The envelope of this managed Secret opened before, if its digest is still `digest`.
+    pub fn opened(
+        &self,
+        secret: &ObjectRef<Secret>,
+        digest: Option<&str>,
+    ) -> Option<cache::Opened> {
+        let opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
+        opened
+            .get(secret)
+            .filter(|o| Some(o.digest.as_str()) == digest)
+            .cloned()
+    }
+
+    pub fn remember_opened(&self, secret: ObjectRef<Secret>, opened: cache::Opened) {
+        let mut memo = self.opened.lock().unwrap_or_else(|p| p.into_inner());
+        if memo.len() >= OPENED_MAX_OBJECTS && !memo.contains_key(&secret) {
+            memo.clear();
+        }
+        memo.insert(secret, opened);
+    }
+
+    pub fn forget_opened(&self, secret: &ObjectRef<Secret>) {
+        self.opened
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(secret);
     }
 
     /// The cache can lag behind our own writes: a reconcile triggered by our status write may
@@ -244,6 +286,9 @@ pub struct Config {
     pub admin_addr: Option<std::net::SocketAddr>,
     /// Verification calls in flight and started per second, per provider host.
     pub verify_limits: (usize, f64),
+    /// Where the controller counts what it does (shared with the client that counts API
+    /// requests, see [`crate::metrics::counted_client`]).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 fn error_policy(
@@ -279,7 +324,7 @@ pub async fn run(
     let keyring_api: Api<Secret> = Api::namespaced(client.clone(), &config.operator_namespace);
 
     // The admin server comes first: liveness holds while this replica waits for leadership.
-    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let metrics = config.metrics.clone();
     let _stop_admin = match config.admin_addr {
         Some(addr) => {
             let server = crate::admin::admin_server(addr, metrics.clone())?;
@@ -320,6 +365,7 @@ pub async fn run(
     }
 
     let (sources, sources_writer) = reflector::store::<Secret>();
+    let (managed, managed_writer) = reflector::store::<Secret>();
     let ctx = Arc::new(Context {
         client: client.clone(),
         metrics: metrics.clone(),
@@ -327,6 +373,8 @@ pub async fn run(
         recorder: recorder.clone(),
         backoff: Backoff::default(),
         sources,
+        managed,
+        opened: Mutex::default(),
         keyring: RwLock::new(keyring),
         written: Mutex::default(),
         invalid_reported: Mutex::default(),
@@ -395,26 +443,51 @@ pub async fn run(
     })
     .filter_map(futures::future::ready);
 
-    // Source Secrets: only labelled ones are watched and cached, without managedFields.
+    // Source Secrets: only labelled ones are watched, and cached without their data.
     let source_stream = reflector::reflector(
         sources_writer,
         watcher(
             secrets.clone(),
             watcher::Config::default().labels(&names::key_source_selector()),
         )
-        .modify(|s| {
-            s.managed_fields_mut().clear();
-        }),
+        .modify(cache::strip_source),
     )
     .touched_objects();
-
-    let controller = Controller::new(pks, watcher::Config::default().any_semantic());
-    let store = controller.store();
-    let controller = controller
-        .owns(
+    // Managed Secrets: cached with the digest of their envelope instead of the envelope.
+    let managed_stream = reflector::reflector(
+        managed_writer,
+        watcher(
             secrets,
             watcher::Config::default().labels(names::PROVIDERKEY_LABEL),
         )
+        .modify(cache::strip_managed),
+    )
+    .touched_objects();
+    // ProviderKeys: cached without managedFields, which are often larger than the object.
+    // The ProviderKey watch starts once the Secret caches are filled, and reconciling starts
+    // once it is: a decision never reads a cache still filling (a missing Secret, for all it
+    // could tell, and the GETs the caches are there to save).
+    let (pk_store, pk_writer) = reflector::store::<DeserializeGuard<ProviderKey>>();
+    let (sources_ready, managed_ready) = (ctx.sources.clone(), ctx.managed.clone());
+    let pk_stream = futures::stream::once(async move {
+        // Only a dropped writer ends these early, and then the controller is stopping.
+        let _ = tokio::join!(
+            sources_ready.wait_until_ready(),
+            managed_ready.wait_until_ready()
+        );
+        reflector::reflector(
+            pk_writer,
+            watcher(pks, watcher::Config::default().any_semantic()).modify(|guard| {
+                guard.managed_fields_mut().clear();
+            }),
+        )
+    })
+    .flatten()
+    .applied_objects();
+
+    let store = pk_store.clone();
+    let controller = Controller::for_stream(pk_stream, pk_store)
+        .owns_stream(managed_stream)
         // A change to a source Secret (its label removed included) reconciles the
         // ProviderKeys that reference it.
         .watches_stream(source_stream, move |secret: Secret| {

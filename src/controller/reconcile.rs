@@ -29,7 +29,7 @@ use secrecy::{ExposeSecret, SecretString};
 use super::plan::{
     self, EventNote, InService, Managed, Next, Observed, SecretWrite, Source, Target,
 };
-use super::{Context, Error};
+use super::{Context, Error, cache};
 use crate::crd::{DEFAULT_AZURE_API_VERSION, ProviderKey, ProviderKeySpec};
 use crate::crypto::{self, Keyring};
 use crate::names::{self, FIELD_MANAGER, FINALIZER, annotations};
@@ -241,39 +241,60 @@ pub(crate) async fn publish(ctx: &Context, regarding: &ObjectReference, note: &E
     }
 }
 
-/// The source key from the referenced Secret, read only if it is labelled as a key source.
-/// Surrounding whitespace (a trailing newline from `kubectl create secret --from-file`) is
-/// not part of any provider's key.
-async fn read_source(
+/// The source Secret's entry as decisions see it, from the cache of labelled Secrets. For a
+/// Secret outside that cache only metadata is fetched, to say why it is not used; one that is
+/// labelled but not cached yet is read now (and its key kept for this reconcile).
+async fn observe_source(
     ctx: &Context,
     secrets: &Api<Secret>,
     ns: &str,
     spec: &ProviderKeySpec,
-) -> Result<Result<SecretString, (Reason, String)>, Error> {
+) -> Result<(Source, Option<SecretString>), Error> {
     let name = &spec.secret_ref.name;
-    let cached = ctx.sources.get(&ObjectRef::<Secret>::new(name).within(ns));
-    let secret = match cached {
-        Some(secret) => secret,
-        None => {
-            // Not in the cache of labelled Secrets: learn why from metadata alone, so an
-            // unlabelled Secret's data never enters the process.
-            match secrets.get_metadata_opt(name).await? {
-                None => return Ok(Err(not_found(name))),
-                Some(meta) if !names::is_key_source(meta.metadata.labels.as_ref()) => {
-                    return Ok(Err(not_labelled(name, ns)));
-                }
-                // Labelled, but the cache has not caught up yet.
-                Some(_) => match secrets.get_opt(name).await? {
-                    Some(s) => Arc::new(s),
-                    None => return Ok(Err(not_found(name))),
-                },
-            }
+    if let Some(cached) = ctx.sources.get(&ObjectRef::<Secret>::new(name).within(ns)) {
+        if !names::is_key_source(cached.metadata.labels.as_ref()) {
+            return Ok((unusable(not_labelled(name, ns)), None));
         }
-    };
-    if !names::is_key_source(secret.metadata.labels.as_ref()) {
-        return Ok(Err(not_labelled(name, ns)));
+        let entry = cache::source_entry(&cached, &spec.secret_ref.key);
+        return Ok((source_of_entry(entry, spec), None));
     }
-    Ok(key_from_source(&secret, spec))
+    match secrets.get_metadata_opt(name).await? {
+        None => Ok((unusable(not_found(name)), None)),
+        Some(meta) if !names::is_key_source(meta.metadata.labels.as_ref()) => {
+            Ok((unusable(not_labelled(name, ns)), None))
+        }
+        Some(_) => fetch_source(secrets, ns, spec).await,
+    }
+}
+
+/// The source key itself, with a GET: only when a verification or a write needs it.
+async fn fetch_source(
+    secrets: &Api<Secret>,
+    ns: &str,
+    spec: &ProviderKeySpec,
+) -> Result<(Source, Option<SecretString>), Error> {
+    let name = &spec.secret_ref.name;
+    Ok(match secrets.get_opt(name).await? {
+        None => (unusable(not_found(name)), None),
+        Some(s) if !names::is_key_source(s.metadata.labels.as_ref()) => {
+            (unusable(not_labelled(name, ns)), None)
+        }
+        Some(s) => match key_from_source(&s, spec) {
+            Ok(key) => (present(&key), Some(key)),
+            Err(problem) => (unusable(problem), None),
+        },
+    })
+}
+
+fn unusable((reason, message): (Reason, String)) -> Source {
+    Source::Unusable { reason, message }
+}
+
+fn present(key: &SecretString) -> Source {
+    Source::Present {
+        fingerprint: crypto::fingerprint(key.expose_secret().as_bytes()),
+        masked_key: crypto::mask(key.expose_secret()),
+    }
 }
 
 fn not_found(name: &str) -> (Reason, String) {
@@ -295,32 +316,50 @@ fn not_labelled(name: &str, ns: &str) -> (Reason, String) {
     )
 }
 
+/// What decisions see of a source entry; `spec` names the Secret and entry in messages.
+fn source_of_entry(entry: cache::Entry, spec: &ProviderKeySpec) -> Source {
+    let name = &spec.secret_ref.name;
+    let key = &spec.secret_ref.key;
+    match entry {
+        cache::Entry::Key {
+            fingerprint,
+            masked_key,
+        } => Source::Present {
+            fingerprint,
+            masked_key,
+        },
+        cache::Entry::NotText => unusable((
+            Reason::InvalidSpec,
+            format!("entry {key} of Secret {name} is not UTF-8 text"),
+        )),
+        cache::Entry::Empty => unusable((
+            Reason::SecretKeyMissing,
+            format!("Secret {name} has no non-empty entry {key}"),
+        )),
+    }
+}
+
+/// The key in entry `spec.secretRef.key`. Surrounding whitespace (a trailing newline from
+/// `kubectl create secret --from-file`) is not part of any provider's key.
 fn key_from_source(
     secret: &Secret,
     spec: &ProviderKeySpec,
 ) -> Result<SecretString, (Reason, String)> {
-    let name = &spec.secret_ref.name;
-    let key = &spec.secret_ref.key;
     let bytes = secret
         .data
         .as_ref()
-        .and_then(|d| d.get(key))
+        .and_then(|d| d.get(&spec.secret_ref.key))
         .map(|b| b.0.as_slice())
         .unwrap_or_default();
-    let Ok(text) = std::str::from_utf8(bytes) else {
-        return Err((
-            Reason::InvalidSpec,
-            format!("entry {key} of Secret {name} is not UTF-8 text"),
-        ));
-    };
-    let trimmed = text.trim();
-    if trimmed.is_empty() {
-        return Err((
-            Reason::SecretKeyMissing,
-            format!("Secret {name} has no non-empty entry {key}"),
-        ));
+    match source_of_entry(cache::Entry::of(bytes), spec) {
+        Source::Present { .. } => {
+            let text = std::str::from_utf8(bytes)
+                .map(str::trim)
+                .unwrap_or_default();
+            Ok(SecretString::from(text.to_string()))
+        }
+        Source::Unusable { reason, message } => Err((reason, message)),
     }
-    Ok(SecretString::from(trimmed.to_string()))
 }
 
 /// Whose a Secret named `<name>-byok` is.
@@ -365,7 +404,7 @@ fn open_envelope(
     ns: &str,
     name: &str,
     secret: &Secret,
-) -> Option<(SecretString, InService)> {
+) -> Option<(SecretString, cache::Sealed)> {
     let envelope = secret
         .data
         .as_ref()
@@ -375,23 +414,36 @@ fn open_envelope(
     // The origin is sealed with the key: an annotation beside it could be edited.
     let (origin, key_bytes) = crypto::open_payload(plaintext.expose_secret());
     let text = std::str::from_utf8(key_bytes).ok()?;
-    let key = SecretString::from(text.to_string());
-    let a = secret.metadata.annotations.clone().unwrap_or_default();
-    let in_service = InService {
-        fingerprint: crypto::fingerprint(text.as_bytes()),
-        masked_key: crypto::mask(text),
+    let key_id = crypto::envelope_key_id(envelope).ok()?;
+    let sealed = cache::Sealed::of(text, key_id, origin);
+    Some((SecretString::from(text.to_string()), sealed))
+}
+
+/// A time as the API server stores it (`metav1.Time` has whole seconds). The managed Secret
+/// records the exact instant; the status built from it must not differ from the status read
+/// back in the nanoseconds, or every reconcile rewrites it.
+fn whole_seconds(t: Timestamp) -> Time {
+    Time(Timestamp::from_second(t.as_second()).unwrap_or(t))
+}
+
+/// The key in service: what its envelope seals, with the version and rotation time the
+/// managed Secret's annotations record.
+fn in_service(secret: &Secret, sealed: cache::Sealed) -> InService {
+    let a = secret.annotations();
+    InService {
+        fingerprint: sealed.fingerprint,
+        masked_key: sealed.masked_key,
         key_version: a
             .get(annotations::KEY_VERSION)
             .and_then(|v| v.parse().ok())
             .unwrap_or(1),
-        encryption_key_id: crypto::envelope_key_id(envelope).ok()?.to_string(),
+        encryption_key_id: sealed.encryption_key_id,
         rotated_at: a
             .get(annotations::ROTATED_AT)
             .and_then(|t| t.parse::<Timestamp>().ok())
-            .map(Time),
-        origin: origin.map(str::to_string),
-    };
-    Some((key, in_service))
+            .map(whole_seconds),
+        origin: sealed.origin,
+    }
 }
 
 fn provider_params(spec: &ProviderKeySpec) -> Result<ProviderParams, String> {
@@ -473,6 +525,114 @@ impl Keys {
     }
 }
 
+/// The managed Secret as decisions see it, and the copy that was judged (its resourceVersion
+/// is the one a write must match).
+struct ManagedView {
+    managed: Managed,
+    secret: Option<Arc<Secret>>,
+}
+
+/// Judges the managed Secret from the cache when its envelope was opened before; otherwise
+/// reads it (one GET) and opens the envelope, keeping the key for this reconcile.
+async fn observe_managed(
+    pk: &ProviderKey,
+    ctx: &Context,
+    secrets: &Api<Secret>,
+    keyring: Option<&Keyring>,
+    keys: &mut Keys,
+) -> Result<ManagedView, Error> {
+    let ns = namespace(&pk.metadata)?;
+    let name = pk.name_any();
+    let uid = pk.uid().unwrap_or_default();
+    let oref = ObjectRef::<Secret>::new(&names::managed_secret_name(&name)).within(&ns);
+    let cached = ctx.managed.get(&oref).filter(|s| {
+        ctx.opened(&oref, cache::managed_digest(s).as_deref())
+            .is_some()
+    });
+    let secret = match cached {
+        Some(secret) => secret,
+        // Not cached, cached before our last write, or never opened: the API server knows.
+        None => match secrets.get_opt(&oref.name).await? {
+            Some(secret) => Arc::new(secret),
+            None => {
+                ctx.forget_opened(&oref);
+                return Ok(ManagedView {
+                    managed: Managed::Absent,
+                    secret: None,
+                });
+            }
+        },
+    };
+    let owned = ownership(&secret, &name, &uid);
+    if owned == Ownership::Foreign {
+        return Ok(ManagedView {
+            managed: Managed::Conflict,
+            secret: Some(secret),
+        });
+    }
+    let Some(keyring) = keyring else {
+        // Without a keyring nothing can be judged; the plan stops on that first.
+        return Ok(ManagedView {
+            managed: Managed::Undecryptable,
+            secret: Some(secret),
+        });
+    };
+    let digest = cache::managed_digest(&secret);
+    let sealed = match ctx.opened(&oref, digest.as_deref()) {
+        Some(opened) => opened.sealed,
+        None => {
+            let opened = open_envelope(keyring, &ns, &name, &secret);
+            let sealed = opened.as_ref().map(|(_, sealed)| sealed.clone());
+            if let Some(digest) = digest {
+                let sealed = sealed.clone();
+                ctx.remember_opened(oref.clone(), cache::Opened { digest, sealed });
+            }
+            keys.in_service = opened.map(|(key, _)| key);
+            sealed
+        }
+    };
+    let managed = match (sealed, owned) {
+        (Some(sealed), Ownership::Restored) => {
+            let adopted = Arc::new(adopt(pk, ctx, secrets, &secret).await?);
+            return Ok(ManagedView {
+                managed: Managed::InService(in_service(&adopted, sealed)),
+                secret: Some(adopted),
+            });
+        }
+        (Some(sealed), _) => Managed::InService(in_service(&secret, sealed)),
+        (None, Ownership::Ours) => Managed::Undecryptable,
+        // A restored Secret that does not authenticate here is not ours to adopt.
+        (None, _) => Managed::Conflict,
+    };
+    Ok(ManagedView {
+        managed,
+        secret: Some(secret),
+    })
+}
+
+/// Reads the key in service (one GET) for a verification or a re-encryption; `None` when
+/// the envelope is no longer the one decisions were made on.
+async fn fetch_in_service(
+    pk: &ProviderKey,
+    secrets: &Api<Secret>,
+    keyring: Option<&Keyring>,
+    judged: Option<&Secret>,
+) -> Result<Option<SecretString>, Error> {
+    let (Some(keyring), Some(judged)) = (keyring, judged) else {
+        return Ok(None);
+    };
+    let ns = namespace(&pk.metadata)?;
+    let Some(secret) = secrets.get_opt(&judged.name_any()).await? else {
+        return Ok(None);
+    };
+    if secret.uid() != judged.uid()
+        || cache::managed_digest(&secret) != cache::managed_digest(judged)
+    {
+        return Ok(None);
+    }
+    Ok(open_envelope(keyring, &ns, &pk.name_any(), &secret).map(|(key, _)| key))
+}
+
 async fn apply(pk: &ProviderKey, ctx: &Context) -> Result<Action, Error> {
     let ns = namespace(&pk.metadata)?;
     let name = pk.name_any();
@@ -481,52 +641,19 @@ async fn apply(pk: &ProviderKey, ctx: &Context) -> Result<Action, Error> {
     let keyring = ctx.keyring();
     let managed_name = names::managed_secret_name(&name);
 
-    // Read.
-    let source_key = read_source(ctx, &secrets, &ns, &pk.spec).await?;
-    let mut current_managed = secrets.get_opt(&managed_name).await?;
+    // Read, from the caches; key bytes only when already at hand.
+    let (source, source_key) = observe_source(ctx, &secrets, &ns, &pk.spec).await?;
     let mut keys = Keys {
-        source: source_key.as_ref().ok().cloned(),
+        source: source_key,
         in_service: None,
     };
-    let managed = match (&current_managed, &keyring) {
-        (None, _) => Managed::Absent,
-        (Some(secret), keyring) => match ownership(secret, &name, &uid) {
-            Ownership::Foreign => Managed::Conflict,
-            owned => match keyring
-                .as_ref()
-                .and_then(|k| open_envelope(k, &ns, &name, secret))
-            {
-                Some((key, in_service)) => {
-                    if owned == Ownership::Restored {
-                        current_managed = Some(adopt(pk, ctx, &secrets, secret).await?);
-                    }
-                    keys.in_service = Some(key);
-                    Managed::InService(in_service)
-                }
-                None if owned == Ownership::Ours => Managed::Undecryptable,
-                // A restored Secret that does not authenticate here is not ours to adopt.
-                None if keyring.is_some() => Managed::Conflict,
-                // Without a keyring nothing can be judged; the plan stops on that first.
-                None => Managed::Undecryptable,
-            },
-        },
-    };
-    let source = match &source_key {
-        Ok(key) => Source::Present {
-            fingerprint: crypto::fingerprint(key.expose_secret().as_bytes()),
-            masked_key: crypto::mask(key.expose_secret()),
-        },
-        Err((reason, message)) => Source::Unusable {
-            reason: *reason,
-            message: message.clone(),
-        },
-    };
-    let observed = Observed {
+    let view = observe_managed(pk, ctx, &secrets, keyring.as_ref(), &mut keys).await?;
+    let mut observed = Observed {
         generation: pk.metadata.generation,
         status: pk.status.clone().unwrap_or_default(),
         managed_secret_name: managed_name.clone(),
         source,
-        managed,
+        managed: view.managed,
         active_key_id: keyring.as_ref().map(|k| k.active_id().to_string()),
         destination: destination(pk, ctx),
         interval: plan::effective_interval(pk.spec.verification.as_ref())
@@ -537,12 +664,27 @@ async fn apply(pk: &ProviderKey, ctx: &Context) -> Result<Action, Error> {
 
     // Verify, only when the plan says so, and never before this object's backoff is over
     // (a watch event, our own status write included, may wake it early).
-    let target = plan::verification_target(&observed);
+    let mut target = plan::verification_target(&observed);
     let object = ObjectRef::from_obj(pk);
     if target.is_some()
         && let Some(wait) = ctx.backoff.remaining(&object)
     {
         return Ok(Action::requeue(wait));
+    }
+    // The key that verification needs, read now. A source whose key changed since the cache
+    // saw it is judged again from what was read.
+    match target {
+        Some(Target::Source) if keys.source.is_none() => {
+            let (source, key) = fetch_source(&secrets, &ns, &pk.spec).await?;
+            keys.source = key;
+            observed.source = source;
+            target = plan::verification_target(&observed);
+        }
+        Some(Target::InService) if keys.in_service.is_none() => {
+            keys.in_service =
+                fetch_in_service(pk, &secrets, keyring.as_ref(), view.secret.as_deref()).await?;
+        }
+        _ => {}
     }
     let verified = match target.and_then(|t| keys.for_target(t)) {
         Some(key) => Some(verify(pk, ctx, key).await),
@@ -551,6 +693,14 @@ async fn apply(pk: &ProviderKey, ctx: &Context) -> Result<Action, Error> {
     let desired = plan::decide(&observed, target, verified.as_ref());
 
     // Apply: the managed Secret first, so the status never claims what is not stored.
+    if desired.secret == SecretWrite::ReEncrypt && keys.in_service.is_none() {
+        keys.in_service =
+            fetch_in_service(pk, &secrets, keyring.as_ref(), view.secret.as_deref()).await?;
+        if keys.in_service.is_none() {
+            // Changed since it was judged: judge it again.
+            return Ok(Action::requeue(std::time::Duration::ZERO));
+        }
+    }
     if let (Some(plaintext), Some(keyring)) = (keys.for_write(&desired.secret)?, &keyring) {
         let origin = observed
             .destination
@@ -558,8 +708,19 @@ async fn apply(pk: &ProviderKey, ctx: &Context) -> Result<Action, Error> {
             .map_err(|_| Error::Internal("a key is written only for a usable destination"))?;
         let payload = crypto::seal_payload(origin, plaintext.expose_secret().as_bytes());
         let envelope = keyring.encrypt(&ns, &name, &payload)?;
+        let digest = cache::envelope_digest(&envelope);
         let secret = managed_secret(pk, &managed_name, &desired.status, &observed, envelope)?;
-        write_managed(&secrets, secret, current_managed.as_ref()).await?;
+        write_managed(&secrets, secret, view.secret.as_deref()).await?;
+        // What was just sealed need not be decrypted again.
+        let sealed =
+            cache::Sealed::of(plaintext.expose_secret(), keyring.active_id(), Some(origin));
+        ctx.remember_opened(
+            ObjectRef::new(&managed_name).within(&ns),
+            cache::Opened {
+                digest,
+                sealed: Some(sealed),
+            },
+        );
         let kind = if desired.secret == SecretWrite::ReEncrypt {
             "reencrypt"
         } else {

@@ -1,4 +1,5 @@
 //! Anthropic: `x-api-key` plus `anthropic-version`; verified with `GET {base}/v1/models?limit=1`.
+//! Contract: `docs/providers.md`, section "Anthropic".
 
 use http::HeaderMap;
 use url::Url;

@@ -1,5 +1,6 @@
 //! Azure OpenAI: `api-key`; `spec.baseURL` is required (e.g. `https://myres.openai.azure.com`);
 //! verified with `GET {base}/openai/models?api-version={spec.azure.apiVersion}`.
+//! Contract: `docs/providers.md`, section "Azure OpenAI".
 
 use http::HeaderMap;
 use url::Url;

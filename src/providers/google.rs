@@ -1,4 +1,5 @@
 //! Google Gemini API: `x-goog-api-key`; verified with `GET {base}/v1beta/models?pageSize=1`.
+//! Contract: `docs/providers.md`, section "Google Gemini".
 
 use http::HeaderMap;
 use url::Url;

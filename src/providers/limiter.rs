@@ -6,6 +6,8 @@
 //!
 //! Keyed by host name, which a ProviderKey author chooses: the table forgets idle hosts once
 //! it holds [`MAX_HOSTS`], so many distinct hosts cannot grow it without bound.
+//!
+//! Documented in `docs/providers.md`, section "Per-host limiter".
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

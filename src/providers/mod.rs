@@ -2,8 +2,9 @@
 //! non-billable call. One file per provider behind the [`Provider`] trait.
 //! Kubernetes-free: the controller and `byok-operator verify` share this code path.
 //!
-//! The wire contract (URLs, headers, error bodies, classification) is
-//! `helper-specs/wire.md`; the fake provider implements the same file.
+//! The wire contract (URLs, headers, error bodies, classification, limits, egress) is
+//! documented in `docs/providers.md`; the fake provider (`e2e/src/fake_provider.rs`)
+//! implements the same contract. Change the code, the fake and the doc together.
 
 mod anthropic;
 mod azure;
@@ -464,7 +465,7 @@ impl ErrorBody {
     }
 }
 
-/// The common status table of wire.md. `token` is an already-sanitized error type/code.
+/// The common status table of `docs/providers.md`. `token` is an already-sanitized error type/code.
 pub(crate) fn classify_status(
     kind: ProviderKind,
     status: u16,

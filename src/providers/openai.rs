@@ -1,4 +1,5 @@
 //! OpenAI: `authorization: Bearer`; verified with `GET {base}/models`, base including `/v1`.
+//! Contract: `docs/providers.md`, section "OpenAI".
 
 use http::HeaderMap;
 use url::Url;
@@ -52,7 +53,7 @@ pub(crate) mod tests {
     pub const RATE: &[u8] = br#"{"error":{"message":"Rate limit reached for requests","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#;
     pub const SERVER: &[u8] = br#"{"error":{"message":"The server had an error while processing your request.","type":"server_error","param":null,"code":null}}"#;
 
-    /// The wire.md rows for the OpenAI error shape, run against `p`.
+    /// The `docs/providers.md` rows for the OpenAI error shape, run against `p`.
     pub fn check_rows(p: &dyn Provider) {
         let rows: [(u16, &[u8], Reason, &str); 7] = [
             (200, OK, Reason::Valid, ""),

@@ -1,6 +1,7 @@
 //! Any OpenAI-compatible endpoint: `authorization: Bearer`; `spec.baseURL` is required and
 //! includes the version path (e.g. `https://llm.example.com/v1`); verified with
 //! `GET {base}/models`.
+//! Contract: `docs/providers.md`, section "OpenAI-compatible".
 
 use http::HeaderMap;
 use url::Url;

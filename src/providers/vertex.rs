@@ -5,6 +5,8 @@
 //!
 //! The token URL is never taken from the JSON's `token_uri` (user content: an SSRF vector); it
 //! is [`DEFAULT_VERTEX_TOKEN_URL`] or the operator's `--provider-endpoint vertex-token=URL`.
+//!
+//! Contract: `docs/providers.md`, section "Vertex AI".
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};

@@ -1,0 +1,248 @@
+//! What the controller's caches hold. A watch delivers whole Secrets; before one is stored it
+//! is rewritten to the facts reconcile decides on. No key, no ciphertext and no
+//! `kubectl.kubernetes.io/last-applied-configuration` (which holds a Secret's data in
+//! plaintext when it was applied with kubectl) stays in memory between reconciles, and
+//! 10,000 keys cost little. Key bytes are read with a GET, only when a verification or a
+//! write needs them.
+//!
+//! The facts ride in annotations under a prefix the API server would refuse
+//! (`cache.byok.dev~...` is not a valid annotation name), so a user's own annotation can
+//! never pose as one; the originals are dropped anyway.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::crypto;
+use crate::names::{self, annotations};
+
+/// Per data entry of a source Secret: [`Entry`] as JSON.
+const ENTRY_PREFIX: &str = "cache.byok.dev~entry.";
+/// On a managed Secret: the SHA-256 of its envelope, hex.
+const ENVELOPE_DIGEST: &str = "cache.byok.dev~envelope-sha256";
+
+/// What one entry of a source Secret holds, as far as decisions go: the public facts the
+/// status shows about a key, never the key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind")]
+pub enum Entry {
+    /// A key: its fingerprint and mask (surrounding whitespace is not part of a key).
+    Key {
+        fingerprint: String,
+        masked_key: String,
+    },
+    /// Absent, or only whitespace.
+    Empty,
+    /// Not UTF-8 text.
+    NotText,
+}
+
+impl Entry {
+    pub fn of(bytes: &[u8]) -> Entry {
+        match std::str::from_utf8(bytes).map(str::trim) {
+            Err(_) => Entry::NotText,
+            Ok("") => Entry::Empty,
+            Ok(key) => Entry::Key {
+                fingerprint: crypto::fingerprint(key.as_bytes()),
+                masked_key: crypto::mask(key),
+            },
+        }
+    }
+}
+
+/// Rewrites a source Secret to its metadata and one [`Entry`] per data entry.
+pub fn strip_source(secret: &mut Secret) {
+    let entries: BTreeMap<String, String> = secret
+        .data
+        .take()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(name, value)| {
+            let entry = serde_json::to_string(&Entry::of(&value.0)).ok()?;
+            Some((format!("{ENTRY_PREFIX}{name}"), entry))
+        })
+        .collect();
+    secret.string_data = None;
+    secret.metadata.managed_fields = None;
+    secret.metadata.annotations = Some(entries);
+}
+
+/// The cached facts about entry `name` of a source Secret rewritten by [`strip_source`].
+pub fn source_entry(secret: &Secret, name: &str) -> Entry {
+    secret
+        .annotations()
+        .get(&format!("{ENTRY_PREFIX}{name}"))
+        .and_then(|json| serde_json::from_str(json).ok())
+        .unwrap_or(Entry::Empty)
+}
+
+/// Rewrites a managed Secret to its metadata, the operator's own annotations (key version,
+/// rotation time) and the digest of its envelope.
+pub fn strip_managed(secret: &mut Secret) {
+    let envelope = secret
+        .data
+        .take()
+        .unwrap_or_default()
+        .remove(names::ENVELOPE_KEY);
+    secret.string_data = None;
+    secret.metadata.managed_fields = None;
+    let mut kept: BTreeMap<String, String> = secret
+        .metadata
+        .annotations
+        .take()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _)| k == annotations::KEY_VERSION || k == annotations::ROTATED_AT)
+        .collect();
+    if let Some(envelope) = envelope {
+        kept.insert(ENVELOPE_DIGEST.to_string(), envelope_digest(&envelope.0));
+    }
+    secret.metadata.annotations = Some(kept);
+}
+
+/// The digest a stripped managed Secret carries for `envelope`.
+pub fn envelope_digest(envelope: &[u8]) -> String {
+    hex::encode(Sha256::digest(envelope))
+}
+
+/// The envelope digest of a managed Secret: from the cache's annotation, or computed from
+/// the data of a Secret read with a GET.
+pub fn managed_digest(secret: &Secret) -> Option<String> {
+    if let Some(envelope) = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(names::ENVELOPE_KEY))
+    {
+        return Some(envelope_digest(&envelope.0));
+    }
+    secret.annotations().get(ENVELOPE_DIGEST).cloned()
+}
+
+/// What an envelope seals, besides the key: the facts decisions need, kept per managed
+/// Secret by the digest of its envelope so that it is decrypted once per change, not once
+/// per reconcile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sealed {
+    pub fingerprint: String,
+    pub masked_key: String,
+    pub encryption_key_id: String,
+    /// `scheme://host:port` the key was verified against (`None`: not recorded).
+    pub origin: Option<String>,
+}
+
+impl Sealed {
+    pub fn of(key: &str, encryption_key_id: &str, origin: Option<&str>) -> Sealed {
+        Sealed {
+            fingerprint: crypto::fingerprint(key.as_bytes()),
+            masked_key: crypto::mask(key),
+            encryption_key_id: encryption_key_id.to_string(),
+            origin: origin.map(str::to_string),
+        }
+    }
+}
+
+/// An envelope opened (or found not to open) under the current keyring.
+#[derive(Debug, Clone)]
+pub struct Opened {
+    pub digest: String,
+    /// `None`: it does not authenticate for this ProviderKey under the current keyring.
+    pub sealed: Option<Sealed>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::ByteString;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn secret(data: &[(&str, &[u8])], annotations: &[(&str, &str)]) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some("s".into()),
+                annotations: Some(
+                    annotations
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| (k.to_string(), ByteString(v.to_vec())))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_stripped_source_keeps_facts_and_no_key_material() {
+        let key = "sk-proj-abcdefghijklmnopqrstuvwxyz0123";
+        let applied = format!(r#"{{"data":{{"api-key":"{key}"}}}}"#);
+        let mut s = secret(
+            &[
+                ("api-key", format!("{key}\n").as_bytes()),
+                ("blank", b"  \n"),
+                ("binary", &[0xff, 0xfe]),
+            ],
+            &[("kubectl.kubernetes.io/last-applied-configuration", &applied)],
+        );
+        strip_source(&mut s);
+        let dump = format!("{s:?}");
+        assert!(!dump.contains("abcdefghijklmnop"), "{dump}");
+        assert_eq!(s.data, None);
+        assert_eq!(
+            source_entry(&s, "api-key"),
+            Entry::Key {
+                fingerprint: crypto::fingerprint(key.as_bytes()),
+                masked_key: crypto::mask(key),
+            }
+        );
+        assert_eq!(source_entry(&s, "blank"), Entry::Empty);
+        assert_eq!(source_entry(&s, "binary"), Entry::NotText);
+        assert_eq!(source_entry(&s, "missing"), Entry::Empty);
+    }
+
+    #[test]
+    fn a_users_annotation_cannot_pose_as_a_cached_fact() {
+        let forged = format!("{ENTRY_PREFIX}api-key");
+        let mut s = secret(
+            &[],
+            &[(
+                &forged,
+                r#"{"kind":"Key","fingerprint":"x","masked_key":"y"}"#,
+            )],
+        );
+        strip_source(&mut s);
+        assert_eq!(source_entry(&s, "api-key"), Entry::Empty);
+
+        let mut m = secret(&[], &[(ENVELOPE_DIGEST, "forged")]);
+        strip_managed(&mut m);
+        assert_eq!(managed_digest(&m), None);
+    }
+
+    #[test]
+    fn a_stripped_managed_secret_keeps_the_envelope_digest_and_our_annotations() {
+        let envelope = b"byok1.k1.ciphertext";
+        let mut m = secret(
+            &[(names::ENVELOPE_KEY, envelope)],
+            &[(annotations::KEY_VERSION, "3"), ("someone/else", "big")],
+        );
+        let full_digest = managed_digest(&m);
+        strip_managed(&mut m);
+        assert_eq!(m.data, None);
+        assert_eq!(managed_digest(&m), full_digest);
+        assert_eq!(managed_digest(&m), Some(envelope_digest(envelope)));
+        assert_eq!(
+            m.annotations()
+                .get(annotations::KEY_VERSION)
+                .map(String::as_str),
+            Some("3")
+        );
+        assert!(!m.annotations().contains_key("someone/else"));
+    }
+}
