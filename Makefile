@@ -45,9 +45,9 @@ test: lint testbins ## Everything CI runs: lint, unit tests, integration tests o
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "tests: %d passed, %d failed\n", p, f}' target/test-output.log
 
 .PHONY: bench
-bench: testbins ## Apply-to-Ready latency and operator memory with BENCH_KEYS ProviderKeys (release build)
+bench: testbins ## Scale and speed figures beside their aims: BENCH_KEYS ProviderKeys (10,000) on the real API server (release build)
 	$(CARGO) build --release --bin byok-operator
-	$(CARGO) run --release -p byok-e2e --bin bench -- $${BENCH_KEYS:-1000} target/release/byok-operator
+	$(CARGO) run --release -p byok-e2e --bin bench -- $${BENCH_KEYS:-10000} target/release/byok-operator
 
 .PHONY: cluster-up
 cluster-up: testbins ## Start a local control plane; KUBECONFIG=target/envtest/kubeconfig

@@ -117,6 +117,11 @@ pub struct ControllerArgs {
     #[arg(long, default_value_t = crate::providers::limiter::DEFAULT_RATE_PER_SECOND)]
     pub verify_rate_per_host: f64,
 
+    /// ProviderKeys reconciled at once (bounds memory and API connections; a reconcile never
+    /// waits for a provider's rate limit while holding one of these).
+    #[arg(long, default_value_t = 32)]
+    pub max_concurrent_reconciles: u16,
+
     #[command(flatten)]
     pub egress: EgressArgs,
 }
@@ -231,6 +236,7 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         leader,
         admin_addr: Some(args.admin_addr),
         verify_limits: (args.verify_concurrency_per_host, args.verify_rate_per_host),
+        max_concurrent_reconciles: args.max_concurrent_reconciles,
         metrics,
     };
     crate::controller::run(client, config, shutdown_signal()).await

@@ -81,6 +81,7 @@ pub fn dev_config(env: &TestEnv, fake: &FakeProvider) -> anyhow::Result<controll
             byok_operator::providers::limiter::DEFAULT_CONCURRENCY,
             byok_operator::providers::limiter::DEFAULT_RATE_PER_SECOND,
         ),
+        max_concurrent_reconciles: 32,
         metrics: Default::default(),
     })
 }

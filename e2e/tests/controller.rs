@@ -841,6 +841,76 @@ async fn a_restart_calls_no_provider_and_a_steady_reconcile_sends_no_api_request
 }
 
 #[tokio::test]
+async fn a_queue_at_one_provider_keeps_its_rate_and_delays_no_other_provider() -> anyhow::Result<()>
+{
+    let env = TestEnv::new("fair").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let mut config = dev_config(&env, &fake)?;
+    // One call per second per host, and only two workers: were a reconcile to wait for its
+    // turn at the OpenAI host, both workers would be stuck there.
+    config.verify_limits = (4, 1.0);
+    config.max_concurrent_reconciles = 2;
+    // Anthropic on another host name of the same fake provider.
+    let anthropic = fake
+        .base_url(ProviderKind::Anthropic)
+        .replace("127.0.0.1", "localhost");
+    config.endpoints = byok_operator::providers::Endpoints::parse(&[
+        format!("openai={}", fake.base_url(ProviderKind::OpenAI)),
+        format!("anthropic={anthropic}"),
+    ])
+    .map_err(|e| anyhow::anyhow!(e))?;
+    let _controller = RunningController::start(&env, config).await?;
+
+    let queued = 6;
+    let started = Instant::now();
+    for i in 0..queued {
+        let key = random_key("sk-proj-");
+        fake.add_valid_key(ProviderKind::OpenAI, &key);
+        put_secret(&env, &format!("raw-{i}"), &[("api-key", &key)]).await?;
+        create_pk(&env, &format!("k{i}"), openai_spec(&format!("raw-{i}"))).await?;
+    }
+    let key = random_key("sk-ant-api03-");
+    fake.add_valid_key(ProviderKind::Anthropic, &key);
+    put_secret(&env, "raw-a", &[("api-key", &key)]).await?;
+    create_pk(
+        &env,
+        "a",
+        serde_json::json!({"provider": "anthropic", "secretRef": {"name": "raw-a"}}),
+    )
+    .await?;
+    wait_pk(&env, "a", "Ready", |pk| {
+        is_condition(pk, "Ready", "True", "Valid")
+    })
+    .await?;
+    let other_ready = started.elapsed();
+    for i in 0..queued {
+        wait_pk(&env, &format!("k{i}"), "Ready", |pk| {
+            is_condition(pk, "Ready", "True", "Valid")
+        })
+        .await?;
+    }
+    let all_ready = started.elapsed();
+    assert!(
+        all_ready >= std::time::Duration::from_secs(queued as u64 - 1),
+        "{queued} calls at 1/s to one host took only {all_ready:?}"
+    );
+    assert!(
+        other_ready < all_ready,
+        "the Anthropic key ({other_ready:?}) waited for the OpenAI queue ({all_ready:?})"
+    );
+    assert!(
+        other_ready < std::time::Duration::from_secs(3),
+        "the Anthropic key took {other_ready:?}"
+    );
+    assert_eq!(
+        fake.requests(ProviderKind::OpenAI),
+        queued as u64,
+        "one call per key"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_lost_keyring_is_never_replaced_while_encrypted_keys_exist() -> anyhow::Result<()> {
     let env = TestEnv::new("keyring").await?;
     install_crds(&env.client).await?;

@@ -6,6 +6,10 @@
 //! replaced: a new key could not open the old envelopes, which would then read as tampered.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use kube::runtime::watcher;
 
 use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use kube::api::{Api, ListParams, ObjectMeta, PostParams};
@@ -13,6 +17,8 @@ use kube::runtime::events::{Event, EventType, Recorder};
 
 use crate::crypto::Keyring;
 use crate::names;
+
+use super::Context;
 
 pub const DEFAULT_KEYRING_SECRET: &str = "byok-operator-keyring";
 const SECRET_TYPE: &str = "byok.dev/keyring";
@@ -192,4 +198,75 @@ pub async fn rotate(api: &Api<Secret>, name: &str) -> Result<String, KeyringErro
         .map_err(err)?;
     tracing::info!(secret = name, key_id = %id, "rotated the operator key");
     Ok(id)
+}
+
+/// The keyring Secret, watched: each item is a change that every ProviderKey must see (a new
+/// active key, the keyring lost or restored). The context's keyring follows the Secret, and
+/// a lost one is reported on the Secret's Events and in `byok_keyring_available`.
+pub fn changes(
+    api: Api<Secret>,
+    ctx: Arc<Context>,
+    keyring_ref: ObjectReference,
+    keyring_label: String,
+    secret_name: String,
+) -> impl Stream<Item = ()> + Send {
+    watcher(
+        api,
+        watcher::Config::default().fields(&format!("metadata.name={secret_name}")),
+    )
+    .scan(false, move |seen, event| {
+        let ctx = ctx.clone();
+        let keyring_ref = keyring_ref.clone();
+        let keyring_label = keyring_label.clone();
+        let next = match event {
+            Ok(watcher::Event::Init) => {
+                *seen = false;
+                None
+            }
+            Ok(watcher::Event::InitApply(secret) | watcher::Event::Apply(secret)) => {
+                *seen = true;
+                Some(from_secret(&secret).map_err(|e| e.to_string()))
+            }
+            Ok(watcher::Event::InitDone) if !*seen => Some(Err("the Secret does not exist".to_string())),
+            Ok(watcher::Event::InitDone) => None,
+            Ok(watcher::Event::Delete(_)) => {
+                *seen = false;
+                Some(Err("the Secret was deleted".to_string()))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "watching the keyring Secret");
+                None
+            }
+        };
+        async move {
+            let Some(next) = next else {
+                return Some(None);
+            };
+            let before = ctx.keyring().map(|k| k.active_id().to_string());
+            match next {
+                Ok(keyring) => {
+                    let changed = before.as_deref() != Some(keyring.active_id());
+                    ctx.set_keyring(Some(keyring));
+                    ctx.metrics.set_keyring_available(&keyring_label, true);
+                    if changed && before.is_none() {
+                        tracing::info!(secret = %keyring_ref.name.clone().unwrap_or_default(), "the operator keyring is available again");
+                    }
+                    Some(changed.then_some(()))
+                }
+                Err(why) => {
+                    tracing::error!(
+                        namespace = %keyring_ref.namespace.clone().unwrap_or_default(),
+                        secret = %keyring_ref.name.clone().unwrap_or_default(),
+                        problem = %why,
+                        "the operator keyring is unavailable; ProviderKeys report KeyringUnavailable until it is restored"
+                    );
+                    ctx.set_keyring(None);
+                    ctx.metrics.set_keyring_available(&keyring_label, false);
+                    report_missing(&ctx.recorder, &keyring_ref).await;
+                    Some(before.is_some().then_some(()))
+                }
+            }
+        }
+    })
+    .filter_map(futures::future::ready)
 }

@@ -126,6 +126,8 @@ pub struct Context {
     pub sources: Store<Secret>,
     /// Managed Secrets (labelled `byok.dev/providerkey`), rewritten by [`cache::strip_managed`].
     pub managed: Store<Secret>,
+    /// Verification turns reserved at a provider host and not yet reached, by ProviderKey.
+    turns: Mutex<HashMap<ObjectRef<ProviderKey>, tokio::time::Instant>>,
     /// Envelopes opened, by managed Secret; forgotten when the keyring changes.
     opened: Mutex<HashMap<ObjectRef<Secret>, cache::Opened>>,
     keyring: RwLock<Option<Keyring>>,
@@ -142,6 +144,9 @@ fn older(a: &str, b: Option<&str>) -> bool {
         _ => false,
     }
 }
+
+/// A verification turn this close is waited for inside the reconcile.
+pub const TURN_GRACE: Duration = Duration::from_millis(20);
 
 /// How many objects the in-memory memos hold before they start over.
 const MEMO_MAX_OBJECTS: usize = 4096;
@@ -250,6 +255,37 @@ impl Context {
             .remove(key);
     }
 
+    /// This object's turn to call `host`: `Ok(at)`, at most [`TURN_GRACE`] away, or
+    /// `Err(wait)` until it comes. A reconcile never queues for a provider: it comes back at
+    /// its reserved turn, so 10,000 keys due at one host never hold the workers a key of
+    /// another host needs. When every in-flight slot of the host is taken (a slow host), it
+    /// comes back in a second or two without reserving.
+    pub fn verification_turn(
+        &self,
+        obj: &ObjectRef<ProviderKey>,
+        host: &str,
+    ) -> Result<tokio::time::Instant, Duration> {
+        let limiter = self.verifier.limiter();
+        let now = tokio::time::Instant::now();
+        let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
+        let at = match turns.remove(obj) {
+            Some(at) => at,
+            None if limiter.busy(host) => {
+                return Err(Duration::from_secs(1).mul_f64(1.0 + rand::random::<f64>()));
+            }
+            None => limiter.reserve(host),
+        };
+        if at <= now + TURN_GRACE {
+            return Ok(at);
+        }
+        if turns.len() >= OPENED_MAX_OBJECTS {
+            // A memo, not a record: a forgotten turn is reserved again (one slot wasted).
+            turns.clear();
+        }
+        turns.insert(obj.clone(), at);
+        Err(at - now)
+    }
+
     /// Whether an undeserialisable object (uid, generation) was reported already.
     pub fn invalid_reported(&self, key: &(String, Option<i64>)) -> bool {
         self.invalid_reported
@@ -286,6 +322,9 @@ pub struct Config {
     pub admin_addr: Option<std::net::SocketAddr>,
     /// Verification calls in flight and started per second, per provider host.
     pub verify_limits: (usize, f64),
+    /// ProviderKeys reconciled at once. Bounds memory and API connections: a reconcile holds
+    /// at most one API request at a time, and never waits for a provider's rate.
+    pub max_concurrent_reconciles: u16,
     /// Where the controller counts what it does (shared with the client that counts API
     /// requests, see [`crate::metrics::counted_client`]).
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -375,6 +414,7 @@ pub async fn run(
         sources,
         managed,
         opened: Mutex::default(),
+        turns: Mutex::default(),
         keyring: RwLock::new(keyring),
         written: Mutex::default(),
         invalid_reported: Mutex::default(),
@@ -382,111 +422,24 @@ pub async fn run(
 
     // Keyring changes (an operator key rotation, the Secret deleted or restored) reconcile
     // every ProviderKey.
-    let keyring_ctx = ctx.clone();
-    let keyring_changes = watcher(
+    let keyring_changes = keyring::changes(
         keyring_api,
-        watcher::Config::default().fields(&format!("metadata.name={}", config.keyring_secret)),
-    )
-    .scan(false, move |seen, event| {
-        let ctx = keyring_ctx.clone();
-        let keyring_ref = keyring_ref.clone();
-        let keyring_label = keyring_label.clone();
-        let next = match event {
-            Ok(watcher::Event::Init) => {
-                *seen = false;
-                None
-            }
-            Ok(watcher::Event::InitApply(secret) | watcher::Event::Apply(secret)) => {
-                *seen = true;
-                Some(keyring::from_secret(&secret).map_err(|e| e.to_string()))
-            }
-            Ok(watcher::Event::InitDone) if !*seen => Some(Err("the Secret does not exist".to_string())),
-            Ok(watcher::Event::InitDone) => None,
-            Ok(watcher::Event::Delete(_)) => {
-                *seen = false;
-                Some(Err("the Secret was deleted".to_string()))
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "watching the keyring Secret");
-                None
-            }
-        };
-        async move {
-            let Some(next) = next else {
-                return Some(None);
-            };
-            let before = ctx.keyring().map(|k| k.active_id().to_string());
-            match next {
-                Ok(keyring) => {
-                    let changed = before.as_deref() != Some(keyring.active_id());
-                    ctx.set_keyring(Some(keyring));
-                    ctx.metrics.set_keyring_available(&keyring_label, true);
-                    if changed && before.is_none() {
-                        tracing::info!(secret = %keyring_ref.name.clone().unwrap_or_default(), "the operator keyring is available again");
-                    }
-                    Some(changed.then_some(()))
-                }
-                Err(why) => {
-                    tracing::error!(
-                        namespace = %keyring_ref.namespace.clone().unwrap_or_default(),
-                        secret = %keyring_ref.name.clone().unwrap_or_default(),
-                        problem = %why,
-                        "the operator keyring is unavailable; ProviderKeys report KeyringUnavailable until it is restored"
-                    );
-                    ctx.set_keyring(None);
-                    ctx.metrics.set_keyring_available(&keyring_label, false);
-                    keyring::report_missing(&ctx.recorder, &keyring_ref).await;
-                    Some(before.is_some().then_some(()))
-                }
-            }
-        }
-    })
-    .filter_map(futures::future::ready);
+        ctx.clone(),
+        keyring_ref,
+        keyring_label,
+        config.keyring_secret.clone(),
+    );
 
-    // Source Secrets: only labelled ones are watched, and cached without their data.
-    let source_stream = reflector::reflector(
-        sources_writer,
-        watcher(
-            secrets.clone(),
-            watcher::Config::default().labels(&names::key_source_selector()),
-        )
-        .modify(cache::strip_source),
-    )
-    .touched_objects();
-    // Managed Secrets: cached with the digest of their envelope instead of the envelope.
-    let managed_stream = reflector::reflector(
-        managed_writer,
-        watcher(
-            secrets,
-            watcher::Config::default().labels(names::PROVIDERKEY_LABEL),
-        )
-        .modify(cache::strip_managed),
-    )
-    .touched_objects();
-    // ProviderKeys: cached without managedFields, which are often larger than the object.
-    // The ProviderKey watch starts once the Secret caches are filled, and reconciling starts
-    // once it is: a decision never reads a cache still filling (a missing Secret, for all it
-    // could tell, and the GETs the caches are there to save).
+    let (source_stream, managed_stream) = secret_streams(secrets, sources_writer, managed_writer);
     let (pk_store, pk_writer) = reflector::store::<DeserializeGuard<ProviderKey>>();
-    let (sources_ready, managed_ready) = (ctx.sources.clone(), ctx.managed.clone());
-    let pk_stream = futures::stream::once(async move {
-        // Only a dropped writer ends these early, and then the controller is stopping.
-        let _ = tokio::join!(
-            sources_ready.wait_until_ready(),
-            managed_ready.wait_until_ready()
-        );
-        reflector::reflector(
-            pk_writer,
-            watcher(pks, watcher::Config::default().any_semantic()).modify(|guard| {
-                guard.managed_fields_mut().clear();
-            }),
-        )
-    })
-    .flatten()
-    .applied_objects();
+    let pk_stream = providerkey_stream(pks, pk_writer, ctx.sources.clone(), ctx.managed.clone());
 
     let store = pk_store.clone();
     let controller = Controller::for_stream(pk_stream, pk_store)
+        .with_config(
+            kube::runtime::controller::Config::default()
+                .concurrency(config.max_concurrent_reconciles),
+        )
         .owns_stream(managed_stream)
         // A change to a source Secret (its label removed included) reconciles the
         // ProviderKeys that reference it.
@@ -530,6 +483,65 @@ pub async fn run(
         _ = reconciling => Ok(()),
         _ = lost_leadership => anyhow::bail!("lost leadership; exiting so another replica can take over"),
     }
+}
+
+/// The Secret watches, each feeding its cache: source Secrets (only labelled ones, cached
+/// without their data) and managed Secrets (cached with the digest of their envelope instead
+/// of the envelope). Each item is a Secret that changed.
+fn secret_streams(
+    secrets: Api<Secret>,
+    sources: reflector::store::Writer<Secret>,
+    managed: reflector::store::Writer<Secret>,
+) -> (
+    impl futures::Stream<Item = Result<Secret, watcher::Error>> + Send,
+    impl futures::Stream<Item = Result<Secret, watcher::Error>> + Send,
+) {
+    let source_stream = reflector::reflector(
+        sources,
+        watcher(
+            secrets.clone(),
+            watcher::Config::default().labels(&names::key_source_selector()),
+        )
+        .modify(cache::strip_source),
+    )
+    .touched_objects();
+    let managed_stream = reflector::reflector(
+        managed,
+        watcher(
+            secrets,
+            watcher::Config::default().labels(names::PROVIDERKEY_LABEL),
+        )
+        .modify(cache::strip_managed),
+    )
+    .touched_objects();
+    (source_stream, managed_stream)
+}
+
+/// The ProviderKey watch, feeding its cache (without managedFields, which are often larger
+/// than the object). It starts once the Secret caches are filled, and reconciling starts once
+/// it is: a decision never reads a cache still filling (a missing Secret, for all it could
+/// tell, and the GETs the caches are there to save).
+fn providerkey_stream(
+    pks: Api<DeserializeGuard<ProviderKey>>,
+    writer: reflector::store::Writer<DeserializeGuard<ProviderKey>>,
+    sources_ready: Store<Secret>,
+    managed_ready: Store<Secret>,
+) -> impl futures::Stream<Item = Result<DeserializeGuard<ProviderKey>, watcher::Error>> + Send {
+    futures::stream::once(async move {
+        // Only a dropped writer ends these early, and then the controller is stopping.
+        let _ = tokio::join!(
+            sources_ready.wait_until_ready(),
+            managed_ready.wait_until_ready()
+        );
+        reflector::reflector(
+            writer,
+            watcher(pks, watcher::Config::default().any_semantic()).modify(|guard| {
+                guard.managed_fields_mut().clear();
+            }),
+        )
+    })
+    .flatten()
+    .applied_objects()
 }
 
 /// Stops the admin server when `run` returns, however it returns.

@@ -408,33 +408,9 @@ fn key_outcome(obs: &Observed, target: Option<Target>, result: Option<&Verified>
         serving_rejected: serving_rejected_before(obs),
         events: Vec::new(),
     };
-    let previous_verified = status::find(&obs.status.conditions, types::VERIFIED);
-    let origin = obs.destination.as_ref().ok().cloned();
     match (&obs.source, target, result) {
         (Source::Unusable { reason, message }, _, result) => {
-            // The source is gone: Verified says so, unless the key in service itself was
-            // just rejected on re-verification.
-            let mut verified = Decided::new(
-                types::VERIFIED,
-                Status::False,
-                reason.as_str(),
-                message.clone(),
-            );
-            match result {
-                Some(v) if v.reason == Reason::Valid => {
-                    out.last_verified_time = Some(obs.now.clone());
-                    out.serving_rejected = None;
-                }
-                Some(v) if v.reason.is_transient() => out.transient = true,
-                Some(v) => {
-                    out.rejected_fingerprint =
-                        out.in_service.as_ref().map(|s| s.fingerprint.clone());
-                    let msg = format!("key in service rejected on re-verification: {}", v.message);
-                    verified = rejection(previous_verified, v.reason, msg, &mut out.events);
-                }
-                None => {}
-            }
-            out.verified = Some(verified);
+            source_gone(obs, *reason, message, result, &mut out);
         }
         (
             Source::Present {
@@ -443,102 +419,141 @@ fn key_outcome(obs: &Observed, target: Option<Target>, result: Option<&Verified>
             },
             Some(Target::Source),
             Some(v),
-        ) => {
-            let is_new = out
-                .in_service
-                .as_ref()
-                .is_none_or(|s| &s.fingerprint != fingerprint);
-            if v.reason == Reason::Valid {
-                out.last_verified_time = Some(obs.now.clone());
-                out.rejected_fingerprint = None;
-                out.serving_rejected = None;
-                out.verified = Some(Decided::new(
-                    types::VERIFIED,
-                    Status::True,
-                    Reason::Valid.as_str(),
-                    v.message.clone(),
-                ));
-                if is_new {
-                    // The previous version: what is in service, whether or not it may still
-                    // be used, else what the status last said.
-                    let previous = match &obs.managed {
-                        Managed::InService(s) => Some(s.key_version),
-                        _ => obs.status.key_version,
-                    };
-                    let same_key = matches!(&obs.managed, Managed::InService(s) if &s.fingerprint == fingerprint);
-                    let key_version = match (previous, same_key) {
-                        (Some(p), true) => p,
-                        (Some(p), false) => p.saturating_add(1),
-                        (None, _) => 1,
-                    };
-                    out.secret = SecretWrite::PutSourceKey { key_version };
-                    out.in_service = Some(InService {
-                        fingerprint: fingerprint.clone(),
-                        masked_key: masked_key.clone(),
-                        key_version,
-                        encryption_key_id: obs.active_key_id.clone().unwrap_or_default(),
-                        rotated_at: if same_key {
-                            match &obs.managed {
-                                Managed::InService(s) => s.rotated_at.clone(),
-                                _ => Some(obs.now.clone()),
-                            }
-                        } else {
-                            Some(obs.now.clone())
-                        },
-                        origin,
-                    });
-                    let note = if same_key {
-                        format!(
-                            "key {fingerprint} verified against the new destination and kept in service"
-                        )
-                    } else if key_version == 1 {
-                        format!("key {fingerprint} verified and put in service")
-                    } else {
-                        format!("key rotated to {fingerprint} (version {key_version})")
-                    };
-                    out.events.push(EventNote {
-                        reason: EventReason::KeyInService,
-                        note,
-                    });
-                }
-            } else if v.reason.is_transient() {
-                out.transient = true;
-                if is_new {
-                    out.verified = Some(Decided::new(
-                        types::VERIFIED,
-                        Status::Unknown,
-                        v.reason.as_str(),
-                        // Only the reason, not the provider's answer: a message that changes with
-                        // every failure would rewrite the status each time, and the write would
-                        // wake the next attempt early.
-                        format!(
-                            "could not verify key {fingerprint} yet ({}); retrying with backoff",
-                            v.reason
-                        ),
-                    ));
-                }
-                // A transient failure never turns a verified key invalid.
-            } else {
-                out.rejected_fingerprint = Some(fingerprint.clone());
-                let msg = if is_new {
-                    if out.in_service.is_some() {
-                        format!(
-                            "new key {fingerprint} rejected: {}; the last good key stays in service",
-                            v.message
-                        )
-                    } else {
-                        format!("key {fingerprint} rejected: {}", v.message)
-                    }
-                } else {
-                    out.serving_rejected = Some(v.reason);
-                    format!("key {fingerprint} rejected: {}", v.message)
-                };
-                out.verified = Some(rejection(previous_verified, v.reason, msg, &mut out.events));
-            }
-        }
+        ) => source_checked(obs, fingerprint, masked_key, v, &mut out),
         _ => {}
     }
     out
+}
+
+/// The source is gone: Verified says so, unless the key in service itself was just
+/// rejected on re-verification.
+fn source_gone(
+    obs: &Observed,
+    reason: Reason,
+    message: &str,
+    result: Option<&Verified>,
+    out: &mut KeyOutcome,
+) {
+    let previous_verified = status::find(&obs.status.conditions, types::VERIFIED);
+    let mut verified = Decided::new(types::VERIFIED, Status::False, reason.as_str(), message);
+    match result {
+        Some(v) if v.reason == Reason::Valid => {
+            out.last_verified_time = Some(obs.now.clone());
+            out.serving_rejected = None;
+        }
+        Some(v) if v.reason.is_transient() => out.transient = true,
+        Some(v) => {
+            out.rejected_fingerprint = out.in_service.as_ref().map(|s| s.fingerprint.clone());
+            let msg = format!("key in service rejected on re-verification: {}", v.message);
+            verified = rejection(previous_verified, v.reason, msg, &mut out.events);
+        }
+        None => {}
+    }
+    out.verified = Some(verified);
+}
+
+/// The source key was verified: put it in service, keep the last good key, or say why not.
+fn source_checked(
+    obs: &Observed,
+    fingerprint: &str,
+    masked_key: &str,
+    v: &Verified,
+    out: &mut KeyOutcome,
+) {
+    let previous_verified = status::find(&obs.status.conditions, types::VERIFIED);
+    let origin = obs.destination.as_ref().ok().cloned();
+    let is_new = out
+        .in_service
+        .as_ref()
+        .is_none_or(|s| s.fingerprint != fingerprint);
+    if v.reason == Reason::Valid {
+        out.last_verified_time = Some(obs.now.clone());
+        out.rejected_fingerprint = None;
+        out.serving_rejected = None;
+        out.verified = Some(Decided::new(
+            types::VERIFIED,
+            Status::True,
+            Reason::Valid.as_str(),
+            v.message.clone(),
+        ));
+        if is_new {
+            // The previous version: what is in service, whether or not it may still
+            // be used, else what the status last said.
+            let previous = match &obs.managed {
+                Managed::InService(s) => Some(s.key_version),
+                _ => obs.status.key_version,
+            };
+            let same_key =
+                matches!(&obs.managed, Managed::InService(s) if s.fingerprint == fingerprint);
+            let key_version = match (previous, same_key) {
+                (Some(p), true) => p,
+                (Some(p), false) => p.saturating_add(1),
+                (None, _) => 1,
+            };
+            out.secret = SecretWrite::PutSourceKey { key_version };
+            out.in_service = Some(InService {
+                fingerprint: fingerprint.to_string(),
+                masked_key: masked_key.to_string(),
+                key_version,
+                encryption_key_id: obs.active_key_id.clone().unwrap_or_default(),
+                rotated_at: if same_key {
+                    match &obs.managed {
+                        Managed::InService(s) => s.rotated_at.clone(),
+                        _ => Some(obs.now.clone()),
+                    }
+                } else {
+                    Some(obs.now.clone())
+                },
+                origin,
+            });
+            let note = if same_key {
+                format!(
+                    "key {fingerprint} verified against the new destination and kept in service"
+                )
+            } else if key_version == 1 {
+                format!("key {fingerprint} verified and put in service")
+            } else {
+                format!("key rotated to {fingerprint} (version {key_version})")
+            };
+            out.events.push(EventNote {
+                reason: EventReason::KeyInService,
+                note,
+            });
+        }
+    } else if v.reason.is_transient() {
+        out.transient = true;
+        if is_new {
+            out.verified = Some(Decided::new(
+                types::VERIFIED,
+                Status::Unknown,
+                v.reason.as_str(),
+                // Only the reason, not the provider's answer: a message that changes with
+                // every failure would rewrite the status each time, and the write would
+                // wake the next attempt early.
+                format!(
+                    "could not verify key {fingerprint} yet ({}); retrying with backoff",
+                    v.reason
+                ),
+            ));
+        }
+        // A transient failure never turns a verified key invalid.
+    } else {
+        out.rejected_fingerprint = Some(fingerprint.to_string());
+        let msg = if is_new {
+            if out.in_service.is_some() {
+                format!(
+                    "new key {fingerprint} rejected: {}; the last good key stays in service",
+                    v.message
+                )
+            } else {
+                format!("key {fingerprint} rejected: {}", v.message)
+            }
+        } else {
+            out.serving_rejected = Some(v.reason);
+            format!("key {fingerprint} rejected: {}", v.message)
+        };
+        out.verified = Some(rejection(previous_verified, v.reason, msg, &mut out.events));
+    }
 }
 
 /// A `Verified=False` condition for a rejected key, with a Warning Event unless the same

@@ -477,6 +477,11 @@ pub fn origin(url: &url::Url) -> String {
     )
 }
 
+/// The host of a `scheme://host:port` origin: what the per-host limiter counts by.
+fn origin_host(origin: &str) -> Option<String> {
+    url::Url::parse(origin).ok()?.host_str().map(str::to_string)
+}
+
 /// Where the key would go now, or why it may go nowhere (no connection is attempted).
 fn destination(pk: &ProviderKey, ctx: &Context) -> Result<String, plan::Verified> {
     let refused = |v: crate::providers::Verification| plan::Verified {
@@ -670,6 +675,19 @@ async fn apply(pk: &ProviderKey, ctx: &Context) -> Result<Action, Error> {
         && let Some(wait) = ctx.backoff.remaining(&object)
     {
         return Ok(Action::requeue(wait));
+    }
+    // ...nor before its turn at the provider host (see [`super::Context::verification_turn`]).
+    if target.is_some()
+        && let Some(host) = observed
+            .destination
+            .as_ref()
+            .ok()
+            .and_then(|o| origin_host(o))
+    {
+        match ctx.verification_turn(&object, &host) {
+            Ok(at) => tokio::time::sleep_until(at).await,
+            Err(wait) => return Ok(Action::requeue(wait)),
+        }
     }
     // The key that verification needs, read now. A source whose key changed since the cache
     // saw it is judged again from what was read.

@@ -1,15 +1,21 @@
-//! Politeness towards providers: every verification call to one host waits for a slot here,
-//! so however many keys are due at once, one provider host sees at most `concurrency` calls
-//! in flight and `rate` calls per second, after a burst of up to one second's worth (so a
-//! single new key is never delayed). A 429 from a host halves its rate (down to 1/64 of the
-//! configured one) and takes the burst away; each answer that is not a 429 gives back half.
+//! Politeness towards providers: every verification call to one host takes a start time
+//! here, so however many keys are due at once, one provider host sees at most `rate` calls
+//! started in any one-second window (a burst of up to `rate` calls may go at once, so a
+//! single new key is never delayed) and at most `concurrency` calls in flight. A 429 from a
+//! host halves its rate (down to 1/64 of the configured one) and spaces its calls evenly;
+//! each answer that is not a 429 gives back half.
+//!
+//! The controller *reserves* a start time and, when it is later than now, comes back for the
+//! verification then instead of waiting: a reconcile never holds one of the controller's
+//! workers while it queues for a provider, so 10,000 keys due at one host never delay a key
+//! of another.
 //!
 //! Keyed by host name, which a ProviderKey author chooses: the table forgets idle hosts once
 //! it holds [`MAX_HOSTS`], so many distinct hosts cannot grow it without bound.
 //!
 //! Documented in `docs/providers.md`, section "Per-host limiter".
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,22 +29,33 @@ pub const DEFAULT_RATE_PER_SECOND: f64 = 10.0;
 pub const MAX_HOSTS: usize = 1024;
 /// How far 429s can slow a host down: its rate divided by this at most.
 const MAX_SLOWDOWN: u32 = 64;
+/// The most calls one window may hold (a huge `--verify-rate-per-host` is capped here).
+const MAX_PER_WINDOW: usize = 10_000;
 
 /// Per-host concurrency and rate limits shared by every verification in the process.
 #[derive(Debug)]
 pub struct HostLimiter {
     concurrency: usize,
+    /// At most `per_window` call starts in any `window`: `rate` per second.
+    per_window: usize,
+    window: Duration,
+    /// 1 / rate: the even spacing used while a host is slowed down.
     spacing: Duration,
-    /// How far ahead of its schedule a host may run: a burst of one second's worth of calls.
-    burst: Duration,
     hosts: Mutex<HashMap<String, Arc<Host>>>,
 }
 
 #[derive(Debug)]
 struct Host {
     permits: Arc<Semaphore>,
-    /// The earliest instant the next call may start, and the current slowdown factor.
-    schedule: Mutex<(Instant, u32)>,
+    schedule: Mutex<Schedule>,
+}
+
+#[derive(Debug, Default)]
+struct Schedule {
+    /// The last `per_window` start times given out (some may lie ahead), oldest first.
+    starts: VecDeque<Instant>,
+    /// 1 normally; 2, 4 ... after 429s.
+    slowdown: u32,
 }
 
 /// Held for the duration of one call; dropping it frees the host's slot.
@@ -58,15 +75,17 @@ impl HostLimiter {
     /// least 1 and 0.001 respectively, so a mistaken flag cannot stop verification forever).
     pub fn new(concurrency: usize, rate_per_second: f64) -> HostLimiter {
         let rate = if rate_per_second.is_finite() {
-            rate_per_second.max(0.001)
+            rate_per_second.clamp(0.001, MAX_PER_WINDOW as f64)
         } else {
             DEFAULT_RATE_PER_SECOND
         };
-        let spacing = Duration::from_secs_f64(1.0 / rate);
+        // Whole calls per window: `rate` per second, or one per 1/rate seconds when slower.
+        let per_window = (rate.floor() as usize).max(1);
         HostLimiter {
             concurrency: concurrency.max(1),
-            spacing,
-            burst: spacing.mul_f64((rate - 1.0).max(0.0)),
+            per_window,
+            window: Duration::from_secs_f64(per_window as f64 / rate),
+            spacing: Duration::from_secs_f64(1.0 / rate),
             hosts: Mutex::new(HashMap::new()),
         }
     }
@@ -80,54 +99,81 @@ impl HostLimiter {
             let now = Instant::now();
             hosts.retain(|_, h| {
                 let busy = h.permits.available_permits() < self.concurrency;
-                let (next, slowdown) = *h.schedule.lock().unwrap_or_else(|p| p.into_inner());
-                busy || next > now || slowdown > 1
+                let s = h.schedule.lock().unwrap_or_else(|p| p.into_inner());
+                busy || s.starts.back().is_some_and(|t| *t > now) || s.slowdown > 1
             });
         }
         let h = Arc::new(Host {
             permits: Arc::new(Semaphore::new(self.concurrency)),
-            schedule: Mutex::new((Instant::now(), 1)),
+            schedule: Mutex::new(Schedule {
+                starts: VecDeque::new(),
+                slowdown: 1,
+            }),
         });
         hosts.insert(name.to_string(), h.clone());
         h
     }
 
-    /// Waits for a slot for one call to `host`.
-    pub async fn acquire(&self, host: &str) -> Permit {
+    /// Takes the next start time for a call to `host` (now, or later when the host's rate is
+    /// used up). The call must not start before it.
+    pub fn reserve(&self, host: &str) -> Instant {
+        let h = self.host(host);
+        let mut s = h.schedule.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let last = s.starts.back().copied().unwrap_or(now).max(now);
+        let start = if s.slowdown > 1 {
+            // Slowed down by 429s: no burst, evenly spaced at the reduced rate.
+            s.starts
+                .back()
+                .map_or(now, |t| *t + self.spacing * s.slowdown)
+                .max(now)
+        } else if s.starts.len() >= self.per_window {
+            let oldest = s.starts[s.starts.len() - self.per_window];
+            (oldest + self.window).max(last)
+        } else {
+            last
+        };
+        s.starts.push_back(start);
+        while s.starts.len() > self.per_window {
+            s.starts.pop_front();
+        }
+        start
+    }
+
+    /// Whether every in-flight slot of `host` is taken.
+    pub fn busy(&self, host: &str) -> bool {
+        self.host(host).permits.available_permits() == 0
+    }
+
+    /// Waits for an in-flight slot for one call to `host` (its start time is reserved
+    /// separately, see [`Self::reserve`]).
+    pub async fn slot(&self, host: &str) -> Permit {
         let h = self.host(host);
         // A closed semaphore cannot happen (it is never closed); go ahead without a slot.
-        let slot = h.permits.clone().acquire_owned().await.ok();
-        // A virtual schedule (GCRA): each call moves it one spacing ahead; a call may start
-        // as long as the schedule is no further ahead of now than the burst allows.
-        let start = {
-            let mut schedule = h.schedule.lock().unwrap_or_else(|p| p.into_inner());
-            let (scheduled, slowdown) = *schedule;
-            let now = Instant::now();
-            let due = scheduled.max(now);
-            let burst = if slowdown > 1 {
-                Duration::ZERO
-            } else {
-                self.burst
-            };
-            schedule.0 = due + self.spacing * slowdown;
-            due.checked_sub(burst).map_or(now, |t| t.max(now))
-        };
-        tokio::time::sleep_until(start).await;
-        Permit { _slot: slot }
+        Permit {
+            _slot: h.permits.clone().acquire_owned().await.ok(),
+        }
+    }
+
+    /// Waits for a slot and a start time for one call to `host`.
+    pub async fn acquire(&self, host: &str) -> Permit {
+        let permit = self.slot(host).await;
+        tokio::time::sleep_until(self.reserve(host)).await;
+        permit
     }
 
     /// The host answered 429: halve its rate.
     pub fn rate_limited(&self, host: &str) {
         let h = self.host(host);
-        let mut schedule = h.schedule.lock().unwrap_or_else(|p| p.into_inner());
-        schedule.1 = (schedule.1 * 2).min(MAX_SLOWDOWN);
+        let mut s = h.schedule.lock().unwrap_or_else(|p| p.into_inner());
+        s.slowdown = (s.slowdown * 2).min(MAX_SLOWDOWN);
     }
 
     /// The host answered something else: give back half of the slowdown.
     pub fn answered(&self, host: &str) {
         let h = self.host(host);
-        let mut schedule = h.schedule.lock().unwrap_or_else(|p| p.into_inner());
-        schedule.1 = (schedule.1 / 2).max(1);
+        let mut s = h.schedule.lock().unwrap_or_else(|p| p.into_inner());
+        s.slowdown = (s.slowdown / 2).max(1);
     }
 
     /// How many hosts are remembered (for tests).
@@ -170,27 +216,43 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn calls_to_one_host_are_spaced_by_the_rate_after_a_burst() {
+    async fn no_second_sees_more_calls_than_the_rate() {
         let limiter = Arc::new(HostLimiter::new(100, 10.0));
         let s = starts(limiter.clone(), "api.example.com", 30, Duration::ZERO).await;
-        // One second's worth (10) at once, then 10/s: the 30th starts 2 s in.
+        // One second's worth (10) at once, then the next ten a second later, and so on.
         assert!(s[9] < Duration::from_millis(10), "{s:?}");
-        assert!(s[10] >= Duration::from_millis(100), "{s:?}");
+        assert!(s[10] >= Duration::from_millis(1000), "{s:?}");
         assert!(s[29] >= Duration::from_millis(2000), "{s:?}");
         assert!(s[29] < Duration::from_millis(2100), "{s:?}");
-        // No window of one second sees more than twice the rate.
         for (i, start) in s.iter().enumerate() {
             let within = s[i..]
                 .iter()
                 .take_while(|t| **t < *start + Duration::from_secs(1))
                 .count();
-            assert!(within <= 20, "{within} calls within a second of {start:?}");
+            assert!(within <= 10, "{within} calls within a second of {start:?}");
         }
         // After a quiet second, a single call goes at once again.
         tokio::time::advance(Duration::from_secs(2)).await;
         let t0 = Instant::now();
         drop(limiter.acquire("api.example.com").await);
         assert!(t0.elapsed() < Duration::from_millis(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reservations_queue_without_waiting() {
+        let limiter = HostLimiter::new(4, 10.0);
+        let t0 = Instant::now();
+        let at: Vec<Duration> = (0..25)
+            .map(|_| limiter.reserve("api.example.com") - t0)
+            .collect();
+        assert_eq!(Instant::now(), t0, "reserving never waits");
+        assert!(at[9] < Duration::from_millis(10), "{at:?}");
+        assert!(at[10] >= Duration::from_secs(1), "{at:?}");
+        assert!(at[24] >= Duration::from_secs(2), "{at:?}");
+        assert!(
+            limiter.reserve("other.example.com") - t0 < Duration::from_millis(10),
+            "another host has its own rate"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -245,7 +307,10 @@ mod tests {
         let l = HostLimiter::new(0, 0.0);
         assert_eq!(l.concurrency, 1);
         assert!(l.spacing <= Duration::from_secs(1000));
+        assert_eq!(l.per_window, 1);
         let l = HostLimiter::new(1, f64::NAN);
         assert_eq!(l.spacing, Duration::from_millis(100));
+        let l = HostLimiter::new(1, 1e300);
+        assert_eq!(l.per_window, MAX_PER_WINDOW);
     }
 }

@@ -254,6 +254,11 @@ impl Verifier {
         }
     }
 
+    /// The per-host limits every verification of this verifier shares.
+    pub fn limiter(&self) -> &limiter::HostLimiter {
+        &self.limiter
+    }
+
     /// Replaces the default per-host limits (see [`limiter`]).
     pub fn with_limiter(mut self, limiter: limiter::HostLimiter) -> Verifier {
         self.limiter = std::sync::Arc::new(limiter);
@@ -343,8 +348,9 @@ impl Verifier {
     ) -> Result<(u16, Zeroizing<Vec<u8>>), Verification> {
         let request = request.build().map_err(|e| transport_error(kind, &e))?;
         let host = request.url().host_str().unwrap_or_default().to_owned();
-        // Held until the body is read: the call is in flight until then.
-        let _slot = self.limiter.acquire(&host).await;
+        // Held until the body is read: the call is in flight until then. The start time was
+        // reserved by the caller (the controller, see [`limiter`]).
+        let _slot = self.limiter.slot(&host).await;
         let mut response = self
             .http
             .execute(request)
