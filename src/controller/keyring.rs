@@ -13,7 +13,7 @@ use kube::runtime::watcher;
 
 use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use kube::api::{Api, ListParams, ObjectMeta, PostParams};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType};
 
 use crate::crypto::Keyring;
 use crate::names;
@@ -158,7 +158,7 @@ pub fn reference(namespace: &str, name: &str) -> ObjectReference {
 }
 
 /// A Warning Event naming the missing keyring Secret.
-pub async fn report_missing(recorder: &Recorder, keyring: &ObjectReference) {
+pub async fn report_missing(recorder: &super::events::Publisher, keyring: &ObjectReference) {
     let event = Event {
         type_: EventType::Warning,
         reason: crate::reason::Reason::KeyringUnavailable.as_str().into(),

@@ -2,6 +2,7 @@
 //! reconcile pipeline is in [`reconcile`], its pure decisions in [`plan`].
 
 pub mod cache;
+pub mod events;
 pub mod keyring;
 pub mod leader;
 pub mod plan;
@@ -17,7 +18,6 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
@@ -119,7 +119,7 @@ pub struct Context {
     pub client: Client,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub verifier: Verifier,
-    pub recorder: Recorder,
+    pub recorder: events::Publisher,
     pub backoff: Backoff,
     /// Source Secrets: only those labelled `byok.dev/key-source: "true"`, rewritten by
     /// [`cache::strip_source`].
@@ -388,12 +388,9 @@ pub async fn run(
             None => (Api::all(client.clone()), Api::all(client.clone())),
         };
 
-    let recorder = Recorder::new(
+    let recorder = events::Publisher::new(
         client.clone(),
-        Reporter {
-            controller: "byok-operator".into(),
-            instance: None,
-        },
+        std::env::var("POD_NAME").unwrap_or_else(|_| "byok-operator".into()),
     );
     let keyring_ref = keyring::reference(&config.operator_namespace, &config.keyring_secret);
     let keyring = keyring::load_or_init(&keyring_api, &secrets, &config.keyring_secret).await?;

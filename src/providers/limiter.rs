@@ -54,6 +54,10 @@ struct Host {
 struct Schedule {
     /// The last `per_window` start times given out (some may lie ahead), oldest first.
     starts: VecDeque<Instant>,
+    /// The last `per_window` calls actually started. Reserved turns are spaced, but a
+    /// reconcile may come back late and meet others that did: the window holds for what is
+    /// sent, not only for what was planned.
+    sent: VecDeque<Instant>,
     /// 1 normally; 2, 4 ... after 429s.
     slowdown: u32,
 }
@@ -67,6 +71,14 @@ pub struct Permit {
 impl Default for HostLimiter {
     fn default() -> Self {
         HostLimiter::new(DEFAULT_CONCURRENCY, DEFAULT_RATE_PER_SECOND)
+    }
+}
+
+/// Appends `start`, keeping the last `per_window` entries.
+fn push_window(log: &mut VecDeque<Instant>, start: Instant, per_window: usize) {
+    log.push_back(start);
+    while log.len() > per_window {
+        log.pop_front();
     }
 }
 
@@ -107,6 +119,7 @@ impl HostLimiter {
             permits: Arc::new(Semaphore::new(self.concurrency)),
             schedule: Mutex::new(Schedule {
                 starts: VecDeque::new(),
+                sent: VecDeque::new(),
                 slowdown: 1,
             }),
         });
@@ -120,23 +133,26 @@ impl HostLimiter {
         let h = self.host(host);
         let mut s = h.schedule.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        let last = s.starts.back().copied().unwrap_or(now).max(now);
-        let start = if s.slowdown > 1 {
+        if s.slowdown > 1 {
             // Slowed down by 429s: no burst, evenly spaced at the reduced rate.
-            s.starts
-                .back()
-                .map_or(now, |t| *t + self.spacing * s.slowdown)
-                .max(now)
-        } else if s.starts.len() >= self.per_window {
-            let oldest = s.starts[s.starts.len() - self.per_window];
-            (oldest + self.window).max(last)
+            let spacing = self.spacing * s.slowdown;
+            let start = s.starts.back().map_or(now, |t| *t + spacing).max(now);
+            push_window(&mut s.starts, start, self.per_window);
+            return start;
+        }
+        self.next_in_window(&mut s.starts, now)
+    }
+
+    /// The earliest start at or after `now` (and after every start already given) that keeps
+    /// at most `per_window` starts in any window; recorded in `log`.
+    fn next_in_window(&self, log: &mut VecDeque<Instant>, now: Instant) -> Instant {
+        let last = log.back().copied().unwrap_or(now).max(now);
+        let start = if log.len() >= self.per_window {
+            (log[log.len() - self.per_window] + self.window).max(last)
         } else {
             last
         };
-        s.starts.push_back(start);
-        while s.starts.len() > self.per_window {
-            s.starts.pop_front();
-        }
+        push_window(log, start, self.per_window);
         start
     }
 
@@ -145,21 +161,25 @@ impl HostLimiter {
         self.host(host).permits.available_permits() == 0
     }
 
-    /// Waits for an in-flight slot for one call to `host` (its start time is reserved
-    /// separately, see [`Self::reserve`]).
+    /// Waits for an in-flight slot for one call to `host`, and for room in its window of
+    /// calls sent (its turn is reserved separately, see [`Self::reserve`]; the wait here is
+    /// only for turns that came back late together).
     pub async fn slot(&self, host: &str) -> Permit {
         let h = self.host(host);
         // A closed semaphore cannot happen (it is never closed); go ahead without a slot.
-        Permit {
-            _slot: h.permits.clone().acquire_owned().await.ok(),
-        }
+        let slot = h.permits.clone().acquire_owned().await.ok();
+        let start = {
+            let mut s = h.schedule.lock().unwrap_or_else(|p| p.into_inner());
+            self.next_in_window(&mut s.sent, Instant::now())
+        };
+        tokio::time::sleep_until(start).await;
+        Permit { _slot: slot }
     }
 
-    /// Waits for a slot and a start time for one call to `host`.
+    /// Waits for a turn and a slot for one call to `host`.
     pub async fn acquire(&self, host: &str) -> Permit {
-        let permit = self.slot(host).await;
         tokio::time::sleep_until(self.reserve(host)).await;
-        permit
+        self.slot(host).await
     }
 
     /// The host answered 429: halve its rate.
@@ -253,6 +273,33 @@ mod tests {
             limiter.reserve("other.example.com") - t0 < Duration::from_millis(10),
             "another host has its own rate"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn turns_that_come_back_late_together_are_still_spread() {
+        let limiter = Arc::new(HostLimiter::new(100, 10.0));
+        // Twenty turns reserved two seconds' worth apart, all coming back late at once.
+        for _ in 0..20 {
+            limiter.reserve("api.example.com");
+        }
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let t0 = Instant::now();
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let limiter = limiter.clone();
+                tokio::spawn(async move {
+                    let _slot = limiter.slot("api.example.com").await;
+                    t0.elapsed()
+                })
+            })
+            .collect();
+        let mut sent = Vec::new();
+        for t in tasks {
+            sent.push(t.await.unwrap_or_default());
+        }
+        sent.sort();
+        assert!(sent[9] < Duration::from_millis(10), "{sent:?}");
+        assert!(sent[10] >= Duration::from_secs(1), "{sent:?}");
     }
 
     #[tokio::test(start_paused = true)]

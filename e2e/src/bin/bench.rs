@@ -492,7 +492,7 @@ async fn main() -> anyhow::Result<()> {
         all_ready.as_secs_f64()
     );
     println!(
-        "  verification calls: {:.2} per new key (aim 1); peak {peak_calls}/s seen by the provider, limit {rate}/s per host (+1 s burst)",
+        "  verification calls: {:.2} per new key (aim 1); peak {peak_calls}/s seen by the provider, limit {rate} calls per host in any one-second window",
         new_key_calls as f64 / count.max(1) as f64
     );
     println!(
