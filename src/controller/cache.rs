@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -53,8 +54,27 @@ impl Entry {
     }
 }
 
-/// Rewrites a source Secret to its metadata and one [`Entry`] per data entry.
+/// The metadata reconcile reads: identity, version, lifecycle and owners. Labels,
+/// annotations, timestamps and managedFields go (each cached object is one of 10,000s).
+pub fn identity(meta: &mut ObjectMeta) {
+    let full = std::mem::take(meta);
+    *meta = ObjectMeta {
+        name: full.name,
+        namespace: full.namespace,
+        uid: full.uid,
+        resource_version: full.resource_version,
+        generation: full.generation,
+        deletion_timestamp: full.deletion_timestamp,
+        finalizers: full.finalizers,
+        owner_references: full.owner_references,
+        ..ObjectMeta::default()
+    };
+}
+
+/// Rewrites a source Secret to its identity, whether it is labelled as a key source, and one
+/// [`Entry`] per data entry.
 pub fn strip_source(secret: &mut Secret) {
+    let source = names::is_key_source(secret.metadata.labels.as_ref());
     let entries: BTreeMap<String, String> = secret
         .data
         .take()
@@ -66,7 +86,13 @@ pub fn strip_source(secret: &mut Secret) {
         })
         .collect();
     secret.string_data = None;
-    secret.metadata.managed_fields = None;
+    identity(&mut secret.metadata);
+    if source {
+        secret.metadata.labels = Some(BTreeMap::from([(
+            names::KEY_SOURCE_LABEL.to_string(),
+            names::KEY_SOURCE_VALUE.to_string(),
+        )]));
+    }
     secret.metadata.annotations = Some(entries);
 }
 
@@ -88,11 +114,9 @@ pub fn strip_managed(secret: &mut Secret) {
         .unwrap_or_default()
         .remove(names::ENVELOPE_KEY);
     secret.string_data = None;
-    secret.metadata.managed_fields = None;
-    let mut kept: BTreeMap<String, String> = secret
-        .metadata
-        .annotations
-        .take()
+    let annotations = secret.metadata.annotations.take();
+    identity(&mut secret.metadata);
+    let mut kept: BTreeMap<String, String> = annotations
         .unwrap_or_default()
         .into_iter()
         .filter(|(k, _)| k == annotations::KEY_VERSION || k == annotations::ROTATED_AT)
@@ -156,7 +180,6 @@ pub struct Opened {
 mod tests {
     use super::*;
     use k8s_openapi::ByteString;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
     fn secret(data: &[(&str, &[u8])], annotations: &[(&str, &str)]) -> Secret {
         Secret {

@@ -514,8 +514,8 @@ fn secret_streams(
     (source_stream, managed_stream)
 }
 
-/// The ProviderKey watch, feeding its cache (without managedFields, which are often larger
-/// than the object). It starts once the Secret caches are filled, and reconciling starts once
+/// The ProviderKey watch, feeding its cache (metadata reduced to [`cache::identity`]:
+/// managedFields alone are often larger than the object). It starts once the Secret caches are filled, and reconciling starts once
 /// it is: a decision never reads a cache still filling (a missing Secret, for all it could
 /// tell, and the GETs the caches are there to save).
 fn providerkey_stream(
@@ -532,9 +532,8 @@ fn providerkey_stream(
         );
         reflector::reflector(
             writer,
-            watcher(pks, watcher::Config::default().any_semantic()).modify(|guard| {
-                guard.managed_fields_mut().clear();
-            }),
+            watcher(pks, watcher::Config::default().any_semantic())
+                .modify(|guard| cache::identity(guard.meta_mut())),
         )
     })
     .flatten()
