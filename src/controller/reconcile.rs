@@ -720,62 +720,115 @@ async fn apply(pk: &ProviderKey, ctx: &Context) -> Result<Action, Error> {
         }
     }
     if let (Some(plaintext), Some(keyring)) = (keys.for_write(&desired.secret)?, &keyring) {
-        let origin = observed
-            .destination
-            .as_ref()
-            .map_err(|_| Error::Internal("a key is written only for a usable destination"))?;
-        let payload = crypto::seal_payload(origin, plaintext.expose_secret().as_bytes());
-        let envelope = keyring.encrypt(&ns, &name, &payload)?;
-        let digest = cache::envelope_digest(&envelope);
-        let secret = managed_secret(pk, &managed_name, &desired.status, &observed, envelope)?;
-        write_managed(&secrets, secret, view.secret.as_deref()).await?;
-        // What was just sealed need not be decrypted again.
-        let sealed =
-            cache::Sealed::of(plaintext.expose_secret(), keyring.active_id(), Some(origin));
-        ctx.remember_opened(
-            ObjectRef::new(&managed_name).within(&ns),
-            cache::Opened {
-                digest,
-                sealed: Some(sealed),
-            },
-        );
-        let kind = if desired.secret == SecretWrite::ReEncrypt {
-            "reencrypt"
-        } else {
-            "put"
+        let written = SealedWrite {
+            plaintext,
+            keyring,
+            kind: &desired.secret,
+            existing: view.secret.as_deref(),
         };
-        ctx.metrics.secret_written(kind);
+        seal_and_write(pk, ctx, &secrets, &observed, &desired.status, written).await?;
     }
-    if pk.status.as_ref() != Some(&desired.status) {
-        let api: Api<ProviderKey> = Api::namespaced(ctx.client.clone(), &ns);
-        let updated = api
-            .patch_status(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&status_patch(&desired.status)),
-            )
-            .await?;
-        ctx.remember(pk, &updated);
-    }
+    write_status(pk, ctx, &desired.status).await?;
     for note in &desired.events {
         publish(ctx, &pk.object_ref(&()), note).await;
     }
 
-    Ok(match desired.next {
+    Ok(next_action(ctx, &object, desired.next))
+}
+
+/// A key to seal into the managed Secret, and the copy it replaces.
+struct SealedWrite<'a> {
+    plaintext: &'a SecretString,
+    keyring: &'a Keyring,
+    kind: &'a SecretWrite,
+    existing: Option<&'a Secret>,
+}
+
+/// Seals the key with the destination it was verified for and writes the managed Secret
+/// (create if absent, else replace at the judged resourceVersion).
+async fn seal_and_write(
+    pk: &ProviderKey,
+    ctx: &Context,
+    secrets: &Api<Secret>,
+    observed: &Observed,
+    status: &crate::crd::ProviderKeyStatus,
+    w: SealedWrite<'_>,
+) -> Result<(), Error> {
+    let ns = namespace(&pk.metadata)?;
+    let name = pk.name_any();
+    let origin = observed
+        .destination
+        .as_ref()
+        .map_err(|_| Error::Internal("a key is written only for a usable destination"))?;
+    let payload = crypto::seal_payload(origin, w.plaintext.expose_secret().as_bytes());
+    let envelope = w.keyring.encrypt(&ns, &name, &payload)?;
+    let digest = cache::envelope_digest(&envelope);
+    let secret = managed_secret(
+        pk,
+        &observed.managed_secret_name,
+        status,
+        observed,
+        envelope,
+    )?;
+    write_managed(secrets, secret, w.existing).await?;
+    // What was just sealed need not be decrypted again.
+    let sealed = cache::Sealed::of(
+        w.plaintext.expose_secret(),
+        w.keyring.active_id(),
+        Some(origin),
+    );
+    ctx.remember_opened(
+        ObjectRef::new(&observed.managed_secret_name).within(&ns),
+        cache::Opened {
+            digest,
+            sealed: Some(sealed),
+        },
+    );
+    ctx.metrics.secret_written(match w.kind {
+        SecretWrite::ReEncrypt => "reencrypt",
+        _ => "put",
+    });
+    Ok(())
+}
+
+/// The one status writer: a server-side apply of the whole status, only when it changed.
+async fn write_status(
+    pk: &ProviderKey,
+    ctx: &Context,
+    status: &crate::crd::ProviderKeyStatus,
+) -> Result<(), Error> {
+    if pk.status.as_ref() == Some(status) {
+        return Ok(());
+    }
+    let api: Api<ProviderKey> = Api::namespaced(ctx.client.clone(), &namespace(&pk.metadata)?);
+    let updated = api
+        .patch_status(
+            &pk.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&status_patch(status)),
+        )
+        .await?;
+    ctx.remember(pk, &updated);
+    Ok(())
+}
+
+/// When to come back, and the object's backoff to match.
+fn next_action(ctx: &Context, object: &ObjectRef<ProviderKey>, next: Next) -> Action {
+    match next {
         Next::Backoff => {
-            let delay = ctx.backoff.next_delay(&object);
+            let delay = ctx.backoff.next_delay(object);
             tracing::info!(providerkey = %object, retry_in = ?delay, "not ready yet; backing off");
             Action::requeue(delay)
         }
         Next::After(d) => {
-            ctx.backoff.reset(&object);
+            ctx.backoff.reset(object);
             Action::requeue(d)
         }
         Next::AwaitChange => {
-            ctx.backoff.reset(&object);
+            ctx.backoff.reset(object);
             Action::await_change()
         }
-    })
+    }
 }
 
 /// Creates the managed Secret only if absent; replaces it only at the resourceVersion that was

@@ -123,10 +123,11 @@ impl Operator {
         self.counter("byok_reconciliations_total", |_| true).await
     }
 
-    /// API requests except watches (a watch is one long request, not a per-object cost).
+    /// API requests except watches (a watch is one long request, not a per-object cost) and
+    /// the leader Lease's renewals (a clock, not a per-object cost).
     async fn api_requests(&self) -> f64 {
         self.counter("byok_kube_api_requests_total", |l| {
-            !l.contains("verb=\"watch\"")
+            !l.contains("verb=\"watch\"") && !l.contains("resource=\"leases\"")
         })
         .await
     }
