@@ -200,6 +200,15 @@ pub async fn rotate(api: &Api<Secret>, name: &str) -> Result<String, KeyringErro
     Ok(id)
 }
 
+/// How `byok_keyring_available` names the keyring Secret: `namespace/name`.
+pub fn metric_label(keyring: &ObjectReference) -> String {
+    format!(
+        "{}/{}",
+        keyring.namespace.as_deref().unwrap_or_default(),
+        keyring.name.as_deref().unwrap_or_default()
+    )
+}
+
 /// The keyring Secret, watched: each item is a change that every ProviderKey must see (a new
 /// active key, the keyring lost or restored). The context's keyring follows the Secret, and
 /// a lost one is reported on the Secret's Events and in `byok_keyring_available`.
@@ -207,9 +216,9 @@ pub fn changes(
     api: Api<Secret>,
     ctx: Arc<Context>,
     keyring_ref: ObjectReference,
-    keyring_label: String,
-    secret_name: String,
 ) -> impl Stream<Item = ()> + Send {
+    let secret_name = keyring_ref.name.clone().unwrap_or_default();
+    let keyring_label = metric_label(&keyring_ref);
     watcher(
         api,
         watcher::Config::default().fields(&format!("metadata.name={secret_name}")),

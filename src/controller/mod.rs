@@ -248,11 +248,19 @@ impl Context {
         entry.latest = after.clone();
     }
 
+    /// Drops every memo about a ProviderKey that is gone (and its managed Secret).
     pub fn forget(&self, key: &ObjectRef<ProviderKey>) {
         self.written
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(key);
+        self.turns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+        let managed = ObjectRef::<Secret>::new(&names::managed_secret_name(&key.name))
+            .within(key.namespace.as_deref().unwrap_or_default());
+        self.forget_opened(&managed);
     }
 
     /// This object's turn to call `host`: `Ok(at)`, at most [`TURN_GRACE`] away, or
@@ -394,8 +402,7 @@ pub async fn run(
     );
     let keyring_ref = keyring::reference(&config.operator_namespace, &config.keyring_secret);
     let keyring = keyring::load_or_init(&keyring_api, &secrets, &config.keyring_secret).await?;
-    let keyring_label = format!("{}/{}", config.operator_namespace, config.keyring_secret);
-    metrics.set_keyring_available(&keyring_label, keyring.is_some());
+    metrics.set_keyring_available(&keyring::metric_label(&keyring_ref), keyring.is_some());
     if keyring.is_none() {
         keyring::report_missing(&recorder, &keyring_ref).await;
     }
@@ -419,13 +426,7 @@ pub async fn run(
 
     // Keyring changes (an operator key rotation, the Secret deleted or restored) reconcile
     // every ProviderKey.
-    let keyring_changes = keyring::changes(
-        keyring_api,
-        ctx.clone(),
-        keyring_ref,
-        keyring_label,
-        config.keyring_secret.clone(),
-    );
+    let keyring_changes = keyring::changes(keyring_api, ctx.clone(), keyring_ref);
 
     let (source_stream, managed_stream) = secret_streams(secrets, sources_writer, managed_writer);
     let (pk_store, pk_writer) = reflector::store::<DeserializeGuard<ProviderKey>>();

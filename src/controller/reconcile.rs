@@ -279,22 +279,12 @@ async fn fetch_source(
         Some(s) if !names::is_key_source(s.metadata.labels.as_ref()) => {
             (unusable(not_labelled(name, ns)), None)
         }
-        Some(s) => match key_from_source(&s, spec) {
-            Ok(key) => (present(&key), Some(key)),
-            Err(problem) => (unusable(problem), None),
-        },
+        Some(s) => source_from(&s, spec),
     })
 }
 
 fn unusable((reason, message): (Reason, String)) -> Source {
     Source::Unusable { reason, message }
-}
-
-fn present(key: &SecretString) -> Source {
-    Source::Present {
-        fingerprint: crypto::fingerprint(key.expose_secret().as_bytes()),
-        masked_key: crypto::mask(key.expose_secret()),
-    }
 }
 
 fn not_found(name: &str) -> (Reason, String) {
@@ -339,26 +329,35 @@ fn source_of_entry(entry: cache::Entry, spec: &ProviderKeySpec) -> Source {
     }
 }
 
-/// The key in entry `spec.secretRef.key`. Surrounding whitespace (a trailing newline from
-/// `kubectl create secret --from-file`) is not part of any provider's key.
-fn key_from_source(
-    secret: &Secret,
-    spec: &ProviderKeySpec,
-) -> Result<SecretString, (Reason, String)> {
+/// What a source Secret holds in entry `spec.secretRef.key`, and the key itself when it is
+/// usable. Surrounding whitespace (a trailing newline from `kubectl create secret
+/// --from-file`) is not part of any provider's key.
+fn source_from(secret: &Secret, spec: &ProviderKeySpec) -> (Source, Option<SecretString>) {
     let bytes = secret
         .data
         .as_ref()
         .and_then(|d| d.get(&spec.secret_ref.key))
         .map(|b| b.0.as_slice())
         .unwrap_or_default();
-    match source_of_entry(cache::Entry::of(bytes), spec) {
-        Source::Present { .. } => {
-            let text = std::str::from_utf8(bytes)
-                .map(str::trim)
-                .unwrap_or_default();
-            Ok(SecretString::from(text.to_string()))
-        }
-        Source::Unusable { reason, message } => Err((reason, message)),
+    let source = source_of_entry(cache::Entry::of(bytes), spec);
+    let key = matches!(source, Source::Present { .. }).then(|| {
+        let text = std::str::from_utf8(bytes)
+            .map(str::trim)
+            .unwrap_or_default();
+        SecretString::from(text.to_string())
+    });
+    (source, key)
+}
+
+#[cfg(test)]
+fn key_from_source(
+    secret: &Secret,
+    spec: &ProviderKeySpec,
+) -> Result<SecretString, (Reason, String)> {
+    match source_from(secret, spec) {
+        (_, Some(key)) => Ok(key),
+        (Source::Unusable { reason, message }, None) => Err((reason, message)),
+        (Source::Present { .. }, None) => Err((Reason::InvalidSpec, String::new())),
     }
 }
 
@@ -550,15 +549,19 @@ async fn observe_managed(
     let name = pk.name_any();
     let uid = pk.uid().unwrap_or_default();
     let oref = ObjectRef::<Secret>::new(&names::managed_secret_name(&name)).within(&ns);
-    let cached = ctx.managed.get(&oref).filter(|s| {
-        ctx.opened(&oref, cache::managed_digest(s).as_deref())
-            .is_some()
+    // The cached copy serves only if its envelope was opened before; else the API server knows
+    // (not cached yet, cached before our last write, or never opened).
+    let cached = ctx.managed.get(&oref).and_then(|secret| {
+        let opened = ctx.opened(&oref, cache::managed_digest(&secret).as_deref())?;
+        Some((secret, Some(opened)))
     });
-    let secret = match cached {
-        Some(secret) => secret,
-        // Not cached, cached before our last write, or never opened: the API server knows.
+    let (secret, opened) = match cached {
+        Some(found) => found,
         None => match secrets.get_opt(&oref.name).await? {
-            Some(secret) => Arc::new(secret),
+            Some(secret) => {
+                let opened = ctx.opened(&oref, cache::managed_digest(&secret).as_deref());
+                (Arc::new(secret), opened)
+            }
             None => {
                 ctx.forget_opened(&oref);
                 return Ok(ManagedView {
@@ -582,13 +585,12 @@ async fn observe_managed(
             secret: Some(secret),
         });
     };
-    let digest = cache::managed_digest(&secret);
-    let sealed = match ctx.opened(&oref, digest.as_deref()) {
+    let sealed = match opened {
         Some(opened) => opened.sealed,
         None => {
             let opened = open_envelope(keyring, &ns, &name, &secret);
             let sealed = opened.as_ref().map(|(_, sealed)| sealed.clone());
-            if let Some(digest) = digest {
+            if let Some(digest) = cache::managed_digest(&secret) {
                 let sealed = sealed.clone();
                 ctx.remember_opened(oref.clone(), cache::Opened { digest, sealed });
             }
@@ -715,8 +717,9 @@ async fn apply(pk: &ProviderKey, ctx: &Context) -> Result<Action, Error> {
         keys.in_service =
             fetch_in_service(pk, &secrets, keyring.as_ref(), view.secret.as_deref()).await?;
         if keys.in_service.is_none() {
-            // Changed since it was judged: judge it again.
-            return Ok(Action::requeue(std::time::Duration::ZERO));
+            // Changed since it was judged: judge it again soon (not at once: no spin if the
+            // two reads keep disagreeing).
+            return Ok(Action::requeue(std::time::Duration::from_secs(1)));
         }
     }
     if let (Some(plaintext), Some(keyring)) = (keys.for_write(&desired.secret)?, &keyring) {
