@@ -145,6 +145,35 @@ pub struct ProviderKeySpec {
     /// Vertex AI settings; required with provider vertex.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vertex: Option<VertexSpec>,
+
+    /// Which pods may use this key through the injected sidecar. Without it, every pod in
+    /// this namespace that asks for the key (label `byok.dev/inject: "true"`, annotation
+    /// `byok.dev/provider-keys`) gets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumers: Option<ConsumersSpec>,
+}
+
+/// Who may use a key.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumersSpec {
+    /// ServiceAccounts (in this namespace) whose pods may use the key. Empty or absent: any.
+    /// A pod running as another ServiceAccount is refused at admission and by the broker.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), inner(length(min = 1, max = 253)))]
+    pub service_accounts: Vec<String>,
+}
+
+impl ProviderKeySpec {
+    /// Whether pods running as `service_account` may use this key.
+    pub fn admits_service_account(&self, service_account: &str) -> bool {
+        match &self.consumers {
+            Some(c) if !c.service_accounts.is_empty() => {
+                c.service_accounts.iter().any(|sa| sa == service_account)
+            }
+            _ => true,
+        }
+    }
 }
 
 /// A key in a Secret in the ProviderKey's namespace.

@@ -16,4 +16,6 @@ pub mod names;
 pub mod providers;
 pub mod reason;
 pub mod status;
+pub mod serving;
 pub mod telemetry;
+pub mod webhook;

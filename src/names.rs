@@ -24,6 +24,22 @@ pub const FINALIZER: &str = "byok.dev/managed-secret";
 /// The field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "byok-operator";
 
+/// The label a pod carries to opt in to sidecar injection (the webhook's objectSelector).
+pub const INJECT_LABEL: &str = "byok.dev/inject";
+/// The value [`INJECT_LABEL`] must have.
+pub const INJECT_VALUE: &str = "true";
+/// The pod annotation naming the ProviderKeys (comma-separated, same namespace) a pod uses.
+pub const PROVIDER_KEYS_ANNOTATION: &str = "byok.dev/provider-keys";
+/// The audience of the projected ServiceAccount token a sidecar shows the broker.
+pub const TOKEN_AUDIENCE: &str = "byok.dev";
+
+/// Whether a pod's labels opt it in to injection.
+pub fn opts_in(labels: Option<&std::collections::BTreeMap<String, String>>) -> bool {
+    labels
+        .and_then(|l| l.get(INJECT_LABEL))
+        .is_some_and(|v| v == INJECT_VALUE)
+}
+
 /// Non-secret facts about the key in service, kept on the managed Secret itself so the
 /// status can always be rebuilt from what is actually stored. The fingerprint, the mask and
 /// the encryption key id are re-derived from the envelope on every read; these annotations

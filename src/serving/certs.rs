@@ -1,0 +1,1 @@
+//! Certificates. Filled in by the serving work.

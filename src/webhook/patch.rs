@@ -1,0 +1,1 @@
+//! The injection decision (pure). Filled in by the webhook work.
