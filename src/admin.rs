@@ -19,10 +19,11 @@ async fn livez() -> HttpResponse {
 }
 
 async fn readyz(m: web::Data<Arc<Metrics>>) -> HttpResponse {
-    if m.is_ready() {
+    let missing = m.missing_for_ready();
+    if missing.is_empty() {
         HttpResponse::Ok().body("ok")
     } else {
-        HttpResponse::ServiceUnavailable().body("not ready")
+        HttpResponse::ServiceUnavailable().body(format!("not ready: {}", missing.join(", ")))
     }
 }
 

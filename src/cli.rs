@@ -124,6 +124,196 @@ pub struct ControllerArgs {
 
     #[command(flatten)]
     pub egress: EgressArgs,
+
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// The admission webhook and the key broker, served by every replica.
+#[derive(Debug, Args, Clone)]
+pub struct ServeArgs {
+    /// Reconcile only: serve neither the webhook nor the broker.
+    #[arg(long)]
+    pub no_serve: bool,
+
+    /// Address of the admission webhook (`POST /mutate`, TLS, no client authentication).
+    #[arg(long, default_value = "0.0.0.0:9443")]
+    pub webhook_addr: std::net::SocketAddr,
+
+    /// Address of the key broker (`GET /v1/keys/...`, TLS, ServiceAccount token).
+    #[arg(long, default_value = "0.0.0.0:9444")]
+    pub broker_addr: std::net::SocketAddr,
+
+    /// How sidecars reach the broker. Default: `https://<service>.<namespace>.svc:<broker port>`.
+    #[arg(long, value_name = "URL")]
+    pub broker_url: Option<url::Url>,
+
+    /// The Service in front of the webhook and the broker: its DNS names go into the
+    /// serving certificate.
+    #[arg(long, default_value = "byok-operator")]
+    pub service_name: String,
+
+    /// More DNS names or IP addresses for the serving certificate (repeatable).
+    #[arg(long = "extra-san", value_name = "NAME_OR_IP")]
+    pub extra_sans: Vec<String>,
+
+    /// Use the certificate in this directory (`tls.crt`, `tls.key`, `ca.crt`, e.g. mounted
+    /// from cert-manager), reloaded when the files change. The operator then keeps no CA of
+    /// its own and leaves the webhook configuration's caBundle alone.
+    #[arg(long, value_name = "DIR")]
+    pub webhook_cert_dir: Option<PathBuf>,
+
+    /// The Secret (in the operator's namespace) holding the operator's CA and serving
+    /// certificate.
+    #[arg(long, default_value = "byok-operator-tls")]
+    pub cert_secret: String,
+
+    /// Lifetime of the serving certificate (Go duration).
+    #[arg(long, default_value = "2160h", value_parser = parse_duration)]
+    pub serving_cert_validity: std::time::Duration,
+
+    /// Renew the serving certificate when less than this is left (Go duration).
+    #[arg(long, default_value = "720h", value_parser = parse_duration)]
+    pub serving_cert_renew_before: std::time::Duration,
+
+    /// The MutatingWebhookConfiguration whose caBundle the operator keeps current with its
+    /// own CA (server-side apply, field manager `byok-operator-cabundle`). Empty: leave it.
+    #[arg(long, default_value = "byok-operator")]
+    pub webhook_configuration: String,
+
+    /// The sidecar image (the same image as the operator; it runs `byok-operator proxy`).
+    #[arg(long, default_value = concat!("ghcr.io/byok-dev/byok-operator:", env!("CARGO_PKG_VERSION")))]
+    pub proxy_image: String,
+
+    /// imagePullPolicy of the sidecar: Always, IfNotPresent or Never.
+    #[arg(long, default_value = "IfNotPresent", value_parser = ["Always", "IfNotPresent", "Never"])]
+    pub proxy_image_pull_policy: String,
+
+    /// The sidecar's resources: comma-separated `requests.cpu=`, `requests.memory=`,
+    /// `limits.cpu=`, `limits.memory=` quantities.
+    #[arg(long, default_value = "requests.cpu=10m,requests.memory=16Mi,limits.memory=64Mi", value_parser = parse_resources)]
+    pub proxy_resources: k8s_openapi::api::core::v1::ResourceRequirements,
+
+    /// How long a sidecar cut off from the broker keeps using a key (Go duration).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub key_lease: std::time::Duration,
+
+    /// HTTP workers per listener.
+    #[arg(long, default_value_t = 2)]
+    pub serve_workers: usize,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    crate::interval::parse(s).map_err(|e| e.to_string())
+}
+
+/// `requests.cpu=10m,limits.memory=64Mi` into ResourceRequirements.
+pub fn parse_resources(s: &str) -> Result<k8s_openapi::api::core::v1::ResourceRequirements, String> {
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    let mut out = k8s_openapi::api::core::v1::ResourceRequirements::default();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (name, value) = item
+            .split_once('=')
+            .ok_or_else(|| format!("{item:?}: expected requests.cpu=10m style"))?;
+        let value = value.trim();
+        let quantity_ok = !value.is_empty()
+            && value.len() <= 32
+            && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.');
+        if !quantity_ok || !value.as_bytes()[0].is_ascii_digit() {
+            return Err(format!("{item:?}: {value:?} is not a quantity such as 10m or 64Mi"));
+        }
+        let (target, resource) = match name.trim() {
+            "requests.cpu" => (&mut out.requests, "cpu"),
+            "requests.memory" => (&mut out.requests, "memory"),
+            "limits.cpu" => (&mut out.limits, "cpu"),
+            "limits.memory" => (&mut out.limits, "memory"),
+            other => {
+                return Err(format!(
+                    "{other:?}: expected requests.cpu, requests.memory, limits.cpu or limits.memory"
+                ));
+            }
+        };
+        target
+            .get_or_insert_with(Default::default)
+            .insert(resource.to_string(), Quantity(value.to_string()));
+    }
+    Ok(out)
+}
+
+impl ServeArgs {
+    /// The serving configuration, or `None` with `--no-serve`.
+    pub fn build(
+        &self,
+        operator_namespace: &str,
+        egress: &EgressArgs,
+    ) -> anyhow::Result<Option<crate::serve::ServeConfig>> {
+        if self.no_serve {
+            return Ok(None);
+        }
+        let service = &self.service_name;
+        let broker_url = match &self.broker_url {
+            Some(url) => url.clone(),
+            None => url::Url::parse(&format!(
+                "https://{service}.{operator_namespace}.svc:{}",
+                self.broker_addr.port()
+            ))?,
+        };
+        anyhow::ensure!(
+            broker_url.scheme() == "https",
+            "--broker-url must be https (sidecars check the broker's certificate)"
+        );
+        let tls = match &self.webhook_cert_dir {
+            Some(dir) => crate::serve::TlsSource::Dir(dir.clone()),
+            None => {
+                let mut sans = vec![
+                    service.clone(),
+                    format!("{service}.{operator_namespace}"),
+                    format!("{service}.{operator_namespace}.svc"),
+                    format!("{service}.{operator_namespace}.svc.cluster.local"),
+                ];
+                if let Some(host) = broker_url.host_str() {
+                    // An IPv6 host comes bracketed in a URL, not in a SAN.
+                    sans.push(host.trim_start_matches('[').trim_end_matches(']').to_string());
+                }
+                sans.extend(self.extra_sans.iter().cloned());
+                sans.sort();
+                sans.dedup();
+                crate::serve::TlsSource::Own(crate::serving::certs::CertSettings {
+                    namespace: operator_namespace.to_string(),
+                    secret_name: self.cert_secret.clone(),
+                    sans,
+                    serving_validity: self.serving_cert_validity,
+                    renew_before: self.serving_cert_renew_before,
+                    ..crate::serving::certs::CertSettings::default()
+                })
+            }
+        };
+        let extra_ca_pem = match &egress.extra_ca_file {
+            Some(path) => Some(std::fs::read_to_string(path)?),
+            None => None,
+        };
+        Ok(Some(crate::serve::ServeConfig {
+            webhook_addr: self.webhook_addr,
+            broker_addr: self.broker_addr,
+            broker_url: broker_url.to_string(),
+            webhook_configuration: (self.webhook_cert_dir.is_none()
+                && !self.webhook_configuration.is_empty())
+            .then(|| self.webhook_configuration.clone()),
+            tls,
+            proxy: crate::serve::ProxyOptions {
+                image: self.proxy_image.clone(),
+                pull_policy: self.proxy_image_pull_policy.clone(),
+                resources: self.proxy_resources.clone(),
+            },
+            key_lease: self.key_lease,
+            egress: crate::broker::EgressPolicy {
+                allow_private_addresses: egress.insecure_allow_private_base_urls,
+                extra_ca_pem,
+            },
+            operator_namespace: operator_namespace.to_string(),
+            workers: self.serve_workers.max(1),
+        }))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -220,6 +410,9 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
 
 async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     let (egress, endpoints) = args.egress.build()?;
+    let serving = args
+        .serve
+        .build(&args.keyring.operator_namespace, &args.egress)?;
     let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
     let client = crate::metrics::counted_client(kube::Config::infer().await?, metrics.clone())?;
     let leader = (!args.no_leader_election).then(|| crate::controller::leader::LeaderConfig {
@@ -238,6 +431,7 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         verify_limits: (args.verify_concurrency_per_host, args.verify_rate_per_host),
         max_concurrent_reconciles: args.max_concurrent_reconciles,
         metrics,
+        serving,
     };
     crate::controller::run(client, config, shutdown_signal()).await
 }

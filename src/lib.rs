@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod broker;
 pub mod cli;
 pub mod controller;
 pub mod crd;
@@ -16,6 +17,7 @@ pub mod names;
 pub mod providers;
 pub mod reason;
 pub mod status;
+pub mod serve;
 pub mod serving;
 pub mod telemetry;
 pub mod webhook;

@@ -1,7 +1,7 @@
 //! Prometheus metrics (prefix `byok_`); [`crate::admin`] serves them.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -24,7 +24,23 @@ pub struct Metrics {
     reconcile_errors: Family<Labels, Counter>,
     keyring_available: Family<Vec<(&'static str, String)>, Gauge>,
     api_requests: Family<Labels, Counter>,
-    ready: AtomicBool,
+    leader: Gauge,
+    admissions: Family<Labels, Counter>,
+    admission_seconds: Histogram,
+    broker_answers: Family<Labels, Counter>,
+    /// The [`Ready`] parts still missing, as bits: ready when none is.
+    not_ready: AtomicU8,
+}
+
+/// What "can serve" (`/readyz`) is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ready {
+    /// The ProviderKey, Secret (and, when serving, pod) caches have listed once.
+    Caches = 1,
+    /// The serving certificate is loaded (set at once when this replica serves nothing).
+    Certificate = 2,
+    /// The operator keyring is loaded: without it no envelope opens.
+    Keyring = 4,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -80,8 +96,36 @@ impl Default for Metrics {
             "Requests the operator sent to the Kubernetes API server, by verb and resource",
             api_requests.clone(),
         );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader lease and reconciles; every replica serves the webhook and the broker",
+            leader.clone(),
+        );
+        let admissions = Family::<Labels, Counter>::default();
+        registry.register(
+            "webhook_admissions",
+            "Pod admissions answered by the webhook, by result (untouched, injected, warned, refused, malformed)",
+            admissions.clone(),
+        );
+        let admission_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        registry.register(
+            "webhook_admission_duration_seconds",
+            "Time the webhook handler took per admission (parse, decide, answer)",
+            admission_seconds.clone(),
+        );
+        let broker_answers = Family::<Labels, Counter>::default();
+        registry.register(
+            "broker_answers",
+            "Key broker answers, by result",
+            broker_answers.clone(),
+        );
         Self {
             registry,
+            leader,
+            admissions,
+            admission_seconds,
+            broker_answers,
             api_requests,
             reconcile_errors,
             keyring_available,
@@ -89,7 +133,9 @@ impl Default for Metrics {
             verification_seconds,
             reconciliations,
             secret_writes,
-            ready: AtomicBool::new(false),
+            not_ready: AtomicU8::new(
+                Ready::Caches as u8 | Ready::Certificate as u8 | Ready::Keyring as u8,
+            ),
         }
     }
 }
@@ -131,6 +177,8 @@ impl Metrics {
         self.keyring_available
             .get_or_create(&vec![("secret", secret.to_string())])
             .set(i64::from(available));
+        // Without the keyring no envelope opens: the broker cannot serve.
+        self.set_ready(Ready::Keyring, available);
     }
 
     pub fn secret_written(&self, kind: &'static str) {
@@ -152,13 +200,63 @@ impl Metrics {
             .get()
     }
 
-    /// Ready once the keyring is loaded and the controller runs (this replica leads).
-    pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Relaxed);
+    /// Marks one part of readiness as there or not. `/readyz` means "can serve": caches
+    /// listed, certificate loaded, keyring loaded; leadership plays no part.
+    pub fn set_ready(&self, part: Ready, ready: bool) {
+        if ready {
+            self.not_ready.fetch_and(!(part as u8), Ordering::Relaxed);
+        } else {
+            self.not_ready.fetch_or(part as u8, Ordering::Relaxed);
+        }
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.not_ready.load(Ordering::Relaxed) == 0
+    }
+
+    /// The parts of readiness still missing, for `/readyz`'s answer.
+    pub fn missing_for_ready(&self) -> Vec<&'static str> {
+        let bits = self.not_ready.load(Ordering::Relaxed);
+        [
+            (Ready::Caches, "caches not synced"),
+            (Ready::Certificate, "serving certificate not loaded"),
+            (Ready::Keyring, "keyring unavailable"),
+        ]
+        .into_iter()
+        .filter(|(part, _)| bits & (*part as u8) != 0)
+        .map(|(_, why)| why)
+        .collect()
+    }
+
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
+    }
+
+    pub fn admission(&self, result: &'static str, took: Duration) {
+        self.admissions
+            .get_or_create(&vec![("result", result)])
+            .inc();
+        self.admission_seconds.observe(took.as_secs_f64());
+    }
+
+    /// Admissions answered so far with this result.
+    pub fn admissions(&self, result: &'static str) -> u64 {
+        self.admissions
+            .get_or_create(&vec![("result", result)])
+            .get()
+    }
+
+    pub fn broker_answer(&self, result: &'static str) {
+        self.broker_answers
+            .get_or_create(&vec![("result", result)])
+            .inc();
+    }
+
+    /// Broker answers so far with this result.
+    pub fn broker_answers(&self, result: &'static str) -> u64 {
+        self.broker_answers
+            .get_or_create(&vec![("result", result)])
+            .get()
     }
 
     pub fn encode(&self) -> String {

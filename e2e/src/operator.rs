@@ -83,6 +83,7 @@ pub fn dev_config(env: &TestEnv, fake: &FakeProvider) -> anyhow::Result<controll
         ),
         max_concurrent_reconciles: 32,
         metrics: Default::default(),
+        serving: None,
     })
 }
 

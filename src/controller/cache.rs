@@ -71,6 +71,25 @@ pub fn identity(meta: &mut ObjectMeta) {
     };
 }
 
+/// Rewrites an opted-in pod to what the broker checks: name, namespace, uid, deletion, the
+/// inject label and the provider-keys annotation.
+pub fn strip_pod(pod: &mut kube::api::PartialObjectMeta<k8s_openapi::api::core::v1::Pod>) {
+    let full = std::mem::take(&mut pod.metadata);
+    let keep = |map: Option<BTreeMap<String, String>>, key: &str| {
+        map.and_then(|m| m.get(key).map(|v| BTreeMap::from([(key.to_string(), v.clone())])))
+    };
+    pod.metadata = ObjectMeta {
+        name: full.name,
+        namespace: full.namespace,
+        uid: full.uid,
+        resource_version: full.resource_version,
+        deletion_timestamp: full.deletion_timestamp,
+        labels: keep(full.labels, names::INJECT_LABEL),
+        annotations: keep(full.annotations, names::PROVIDER_KEYS_ANNOTATION),
+        ..ObjectMeta::default()
+    };
+}
+
 /// Rewrites a source Secret to its identity, whether it is labelled as a key source, and one
 /// [`Entry`] per data entry.
 pub fn strip_source(secret: &mut Secret) {

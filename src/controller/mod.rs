@@ -7,19 +7,20 @@ pub mod keyring;
 pub mod leader;
 pub mod plan;
 pub mod reconcile;
+pub mod watches;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 
 use crate::crd::ProviderKey;
@@ -336,6 +337,8 @@ pub struct Config {
     /// Where the controller counts what it does (shared with the client that counts API
     /// requests, see [`crate::metrics::counted_client`]).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The webhook and the broker (`None`: reconcile only, as some tests do).
+    pub serving: Option<crate::serve::ServeConfig>,
 }
 
 fn error_policy(
@@ -356,12 +359,15 @@ fn error_policy(
     Action::requeue(delay)
 }
 
-/// Runs the controller until `shutdown` completes (or leadership is lost).
+/// Runs until `shutdown` completes: the watches and (when configured) the webhook and the
+/// broker on every replica, and reconciling while this replica leads. Losing the lease
+/// stops reconciling, not the process; the replica waits to lead again.
 pub async fn run(
     client: Client,
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
+    let shutdown = shutdown.boxed().shared();
     let http = crate::egress::http_client(&config.egress)?;
     let (concurrency, rate) = config.verify_limits;
     let verifier =
@@ -370,7 +376,7 @@ pub async fn run(
         );
     let keyring_api: Api<Secret> = Api::namespaced(client.clone(), &config.operator_namespace);
 
-    // The admin server comes first: liveness holds while this replica waits for leadership.
+    // The admin server comes first: liveness holds while caches fill and leadership waits.
     let metrics = config.metrics.clone();
     let _stop_admin = match config.admin_addr {
         Some(addr) => {
@@ -381,21 +387,14 @@ pub async fn run(
         }
         None => None,
     };
-
-    let leases: Api<Lease> = Api::namespaced(client.clone(), &config.operator_namespace);
-    if let Some(leader) = &config.leader {
-        leader::acquire(&leases, leader).await;
+    if config.serving.is_none() {
+        metrics.set_ready(crate::metrics::Ready::Certificate, true);
     }
 
-    let (pks, secrets): (Api<DeserializeGuard<ProviderKey>>, Api<Secret>) =
-        match &config.watch_namespace {
-            Some(ns) => (
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-            ),
-            None => (Api::all(client.clone()), Api::all(client.clone())),
-        };
-
+    let secrets: Api<Secret> = match &config.watch_namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
     let recorder = events::Publisher::new(
         client.clone(),
         std::env::var("POD_NAME").unwrap_or_else(|_| "byok-operator".into()),
@@ -424,24 +423,92 @@ pub async fn run(
         invalid_reported: Mutex::default(),
     });
 
-    // Keyring changes (an operator key rotation, the Secret deleted or restored) reconcile
-    // every ProviderKey.
-    let keyring_changes = keyring::changes(keyring_api, ctx.clone(), keyring_ref);
+    let watches = Arc::new(watches::Watches::start(
+        client.clone(),
+        config.watch_namespace.as_deref(),
+        ctx.clone(),
+        sources_writer,
+        managed_writer,
+        keyring_api,
+        keyring_ref,
+        config.serving.is_some(),
+    ));
+    let _stop_serving = match &config.serving {
+        Some(serving) => {
+            Some(crate::serve::start(serving.clone(), ctx.clone(), watches.clone()).await?)
+        }
+        None => None,
+    };
+    {
+        let (watches, ctx, metrics) = (watches.clone(), ctx.clone(), metrics.clone());
+        tokio::spawn(async move {
+            watches.ready(&ctx).await;
+            metrics.set_ready(crate::metrics::Ready::Caches, true);
+        });
+    }
 
-    let (source_stream, managed_stream) = secret_streams(secrets, sources_writer, managed_writer);
-    let (pk_store, pk_writer) = reflector::store::<DeserializeGuard<ProviderKey>>();
-    let pk_stream = providerkey_stream(pks, pk_writer, ctx.sources.clone(), ctx.managed.clone());
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &config.operator_namespace);
+    loop {
+        if let Some(leader) = &config.leader {
+            tokio::select! {
+                () = leader::acquire(&leases, leader) => {}
+                () = shutdown.clone() => return Ok(()),
+            }
+        }
+        metrics.set_leader(true);
+        let lost_leadership = async {
+            match &config.leader {
+                Some(leader) => leader::hold(&leases, leader).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = reconcile_while_leading(&watches, ctx.clone(), &config, shutdown.clone()) => {
+                metrics.set_leader(false);
+                return Ok(());
+            }
+            () = lost_leadership => {
+                metrics.set_leader(false);
+                tracing::error!("lost leadership: reconciling stops until this replica leads again; the webhook and the broker keep serving");
+            }
+        }
+    }
+}
 
-    let store = pk_store.clone();
-    let controller = Controller::for_stream(pk_stream, pk_store)
-        .with_config(
-            kube::runtime::controller::Config::default()
-                .concurrency(config.max_concurrent_reconciles),
-        )
-        .owns_stream(managed_stream)
-        // A change to a source Secret (its label removed included) reconciles the
-        // ProviderKeys that reference it.
-        .watches_stream(source_stream, move |secret: Secret| {
+/// One leadership term of reconciling, until `shutdown`. Every ProviderKey is reconciled
+/// once the caches are ready (changes from before the term were not passed on), then on
+/// every change.
+async fn reconcile_while_leading(
+    watches: &watches::Watches,
+    ctx: Arc<Context>,
+    config: &Config,
+    shutdown: futures::future::Shared<futures::future::BoxFuture<'static, ()>>,
+) {
+    let metrics = ctx.metrics.clone();
+    let store = watches.providerkeys.clone();
+    let ready_store = store.clone();
+    let all_at_start = futures::stream::once(async move {
+        let _ = ready_store.wait_until_ready().await;
+    });
+    let changed = |rx: futures::channel::mpsc::UnboundedReceiver<Secret>| {
+        rx.map(Ok::<_, watcher::Error>)
+    };
+    let controller = Controller::for_stream(
+        watches
+            .providerkey_changes
+            .subscribe()
+            .map(Ok::<_, watcher::Error>),
+        store.clone(),
+    )
+    .with_config(
+        kube::runtime::controller::Config::default().concurrency(config.max_concurrent_reconciles),
+    )
+    .owns_stream(changed(watches.managed_changes.subscribe()))
+    // A change to a source Secret (its label removed included) reconciles the
+    // ProviderKeys that reference it.
+    .watches_stream(
+        changed(watches.source_changes.subscribe()),
+        move |secret: Secret| {
             let ns = secret.namespace();
             let name = secret.name_any();
             store
@@ -455,18 +522,14 @@ pub async fn run(
                 })
                 .map(|guard| ObjectRef::from_obj(&*guard))
                 .collect::<Vec<_>>()
-        })
-        .reconcile_all_on(keyring_changes)
-        .graceful_shutdown_on(shutdown);
-
-    let lost_leadership = async {
-        match &config.leader {
-            Some(leader) => leader::hold(&leases, leader).await,
-            None => std::future::pending().await,
-        }
-    };
-    metrics.set_ready(true);
-    let reconciling = controller
+        },
+    )
+    .reconcile_all_on(futures::stream::select(
+        all_at_start,
+        watches.keyring_changes.subscribe(),
+    ))
+    .graceful_shutdown_on(shutdown);
+    controller
         .run(reconcile::reconcile, error_policy, ctx)
         .for_each(|result| {
             metrics.reconciled(result.is_ok());
@@ -476,69 +539,8 @@ pub async fn run(
                     Err(e) => tracing::debug!(error = %e, "reconcile error"),
                 }
             }
-        });
-    tokio::select! {
-        _ = reconciling => Ok(()),
-        _ = lost_leadership => anyhow::bail!("lost leadership; exiting so another replica can take over"),
-    }
-}
-
-/// The Secret watches, each feeding its cache: source Secrets (only labelled ones, cached
-/// without their data) and managed Secrets (cached with the digest of their envelope instead
-/// of the envelope). Each item is a Secret that changed.
-fn secret_streams(
-    secrets: Api<Secret>,
-    sources: reflector::store::Writer<Secret>,
-    managed: reflector::store::Writer<Secret>,
-) -> (
-    impl futures::Stream<Item = Result<Secret, watcher::Error>> + Send,
-    impl futures::Stream<Item = Result<Secret, watcher::Error>> + Send,
-) {
-    let source_stream = reflector::reflector(
-        sources,
-        watcher(
-            secrets.clone(),
-            watcher::Config::default().labels(&names::key_source_selector()),
-        )
-        .modify(cache::strip_source),
-    )
-    .touched_objects();
-    let managed_stream = reflector::reflector(
-        managed,
-        watcher(
-            secrets,
-            watcher::Config::default().labels(names::PROVIDERKEY_LABEL),
-        )
-        .modify(cache::strip_managed),
-    )
-    .touched_objects();
-    (source_stream, managed_stream)
-}
-
-/// The ProviderKey watch, feeding its cache (metadata reduced to [`cache::identity`]:
-/// managedFields alone are often larger than the object). It starts once the Secret caches are filled, and reconciling starts once
-/// it is: a decision never reads a cache still filling (a missing Secret, for all it could
-/// tell, and the GETs the caches are there to save).
-fn providerkey_stream(
-    pks: Api<DeserializeGuard<ProviderKey>>,
-    writer: reflector::store::Writer<DeserializeGuard<ProviderKey>>,
-    sources_ready: Store<Secret>,
-    managed_ready: Store<Secret>,
-) -> impl futures::Stream<Item = Result<DeserializeGuard<ProviderKey>, watcher::Error>> + Send {
-    futures::stream::once(async move {
-        // Only a dropped writer ends these early, and then the controller is stopping.
-        let _ = tokio::join!(
-            sources_ready.wait_until_ready(),
-            managed_ready.wait_until_ready()
-        );
-        reflector::reflector(
-            writer,
-            watcher(pks, watcher::Config::default().any_semantic())
-                .modify(|guard| cache::identity(guard.meta_mut())),
-        )
-    })
-    .flatten()
-    .applied_objects()
+        })
+        .await;
 }
 
 /// Stops the admin server when `run` returns, however it returns.

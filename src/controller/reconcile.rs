@@ -398,7 +398,7 @@ pub fn ownership(secret: &Secret, pk_name: &str, pk_uid: &str) -> Ownership {
 }
 
 /// The managed Secret's envelope, decrypted; `None` when it does not authenticate here.
-fn open_envelope(
+pub(crate) fn open_envelope(
     keyring: &Keyring,
     ns: &str,
     name: &str,
@@ -445,7 +445,7 @@ fn in_service(secret: &Secret, sealed: cache::Sealed) -> InService {
     }
 }
 
-fn provider_params(spec: &ProviderKeySpec) -> Result<ProviderParams, String> {
+pub(crate) fn provider_params(spec: &ProviderKeySpec) -> Result<ProviderParams, String> {
     let base_url = match &spec.base_url {
         Some(u) => {
             Some(url::Url::parse(u).map_err(|_| "spec.baseURL is not a valid URL".to_string())?)

@@ -12,7 +12,7 @@ mod google;
 pub mod limiter;
 mod openai;
 mod openai_compatible;
-mod vertex;
+pub mod vertex;
 
 use std::collections::BTreeMap;
 

@@ -1,0 +1,379 @@
+//! Whether a caller gets a key: a pure function of who the token says it is, the pod cache and
+//! the ProviderKey cache. The HTTP status of every answer is decided here too.
+//!
+//! When the broker serves (the one table, also in DESIGN.md and the README):
+//!
+//! | the ProviderKey                                  | answer                      |
+//! |--------------------------------------------------|-----------------------------|
+//! | in another namespace than the caller's pod       | 403, whether it exists or not |
+//! | not listed in the pod's annotation, or the pod is gone, recreated, not opted in | 403 |
+//! | does not exist                                   | 404 `ProviderKeyNotFound`, Warning Event on the pod |
+//! | being deleted                                    | 404 `ProviderKeyDeleting`   |
+//! | `consumers` set and the pod's ServiceAccount not in it | 403                   |
+//! | exists, `Ready` is not `True`                    | 503 `KeyNotReady`, Warning Event on the pod |
+//! | exists, `Ready=True` (a key in service)          | 200 with the key and a lease |
+
+use crate::crd::ProviderKey;
+use crate::names;
+
+/// Who the token belongs to, from the TokenReview: a pod-bound ServiceAccount token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub namespace: String,
+    pub service_account: String,
+    pub pod_name: String,
+    pub pod_uid: String,
+}
+
+/// What the pod cache holds about the caller's pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodFacts {
+    pub uid: String,
+    pub opted_in: bool,
+    pub deleting: bool,
+    /// The names in its `byok.dev/provider-keys` annotation (empty when malformed: the
+    /// webhook refused such pods, so only a pod edited afterwards can have one).
+    pub keys: Vec<String>,
+}
+
+/// The ProviderKey as the broker sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KeyFacts<'a> {
+    Missing,
+    /// Stored but not readable as a ProviderKey (an object the schema let through).
+    Unreadable,
+    Present(&'a ProviderKey),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Serve,
+    Deny(Denial),
+}
+
+/// Why not. `status()` is the HTTP status, `reason()` the word in the JSON answer and the
+/// metric label, `message()` what the sidecar logs (no fact about another namespace).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denial {
+    Unauthenticated,
+    WrongAudience,
+    NotPodBound,
+    OtherNamespace,
+    PodNotFound,
+    PodNotOptedIn,
+    KeyNotListed,
+    ServiceAccountNotConsumer { service_account: String },
+    KeyNotFound,
+    KeyDeleting,
+    KeyNotReady { reason: String },
+}
+
+impl Denial {
+    pub fn status(&self) -> u16 {
+        match self {
+            Denial::Unauthenticated | Denial::WrongAudience | Denial::NotPodBound => 401,
+            Denial::KeyNotFound | Denial::KeyDeleting => 404,
+            Denial::KeyNotReady { .. } => 503,
+            _ => 403,
+        }
+    }
+
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Denial::Unauthenticated => "Unauthenticated",
+            Denial::WrongAudience => "WrongAudience",
+            Denial::NotPodBound => "NotPodBound",
+            // One word for every refusal across namespaces and about other pods' keys:
+            // the answer must not tell what exists.
+            Denial::OtherNamespace | Denial::PodNotFound | Denial::PodNotOptedIn => "Forbidden",
+            Denial::KeyNotListed => "Forbidden",
+            Denial::ServiceAccountNotConsumer { .. } => "ServiceAccountNotAllowed",
+            Denial::KeyNotFound => "ProviderKeyNotFound",
+            Denial::KeyDeleting => "ProviderKeyDeleting",
+            Denial::KeyNotReady { .. } => "KeyNotReady",
+        }
+    }
+
+    /// The label the answer is counted and logged by (finer than `reason()`).
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Denial::Unauthenticated => "unauthenticated",
+            Denial::WrongAudience => "wrong_audience",
+            Denial::NotPodBound => "not_pod_bound",
+            Denial::OtherNamespace => "other_namespace",
+            Denial::PodNotFound => "pod_not_found",
+            Denial::PodNotOptedIn => "pod_not_opted_in",
+            Denial::KeyNotListed => "key_not_listed",
+            Denial::ServiceAccountNotConsumer { .. } => "service_account_not_consumer",
+            Denial::KeyNotFound => "key_not_found",
+            Denial::KeyDeleting => "key_deleting",
+            Denial::KeyNotReady { .. } => "key_not_ready",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            Denial::Unauthenticated => "the token was not accepted (TokenReview)".into(),
+            Denial::WrongAudience => format!(
+                "the token is not for audience {}; mount a projected ServiceAccount token with that audience",
+                names::TOKEN_AUDIENCE
+            ),
+            Denial::NotPodBound => "the token is not bound to a pod".into(),
+            Denial::OtherNamespace
+            | Denial::PodNotFound
+            | Denial::PodNotOptedIn
+            | Denial::KeyNotListed => format!(
+                "forbidden: a pod gets only the ProviderKeys of its own namespace that it lists in {} and while it carries {}={}",
+                names::PROVIDER_KEYS_ANNOTATION,
+                names::INJECT_LABEL,
+                names::INJECT_VALUE
+            ),
+            Denial::ServiceAccountNotConsumer { service_account } => format!(
+                "ServiceAccount {service_account:?} is not among the ProviderKey's spec.consumers.serviceAccounts"
+            ),
+            Denial::KeyNotFound => "the ProviderKey does not exist (yet); waiting for it".into(),
+            Denial::KeyDeleting => "the ProviderKey is being deleted".into(),
+            Denial::KeyNotReady { reason } => {
+                format!("the ProviderKey has no key in service (Ready is not True: {reason}); waiting for it")
+            }
+        }
+    }
+
+    /// Whether the pod is waiting for its key, which the broker says on the pod as a
+    /// Warning Event.
+    pub fn is_waiting(&self) -> bool {
+        matches!(self, Denial::KeyNotFound | Denial::KeyNotReady { .. })
+    }
+}
+
+/// The decision, in the order that leaks nothing: the namespace first (before any lookup),
+/// then the pod (exists with the token's uid, opted in, lists the key), then the key.
+pub fn authorize(
+    caller: &Caller,
+    namespace: &str,
+    name: &str,
+    pod: Option<&PodFacts>,
+    key: KeyFacts<'_>,
+) -> Decision {
+    use Decision::Deny;
+    if caller.namespace != namespace {
+        return Deny(Denial::OtherNamespace);
+    }
+    let Some(pod) = pod.filter(|p| p.uid == caller.pod_uid && !p.deleting) else {
+        return Deny(Denial::PodNotFound);
+    };
+    if !pod.opted_in {
+        return Deny(Denial::PodNotOptedIn);
+    }
+    if !pod.keys.iter().any(|k| k == name) {
+        return Deny(Denial::KeyNotListed);
+    }
+    let pk = match key {
+        KeyFacts::Missing => return Deny(Denial::KeyNotFound),
+        KeyFacts::Unreadable => {
+            return Deny(Denial::KeyNotReady {
+                reason: "the ProviderKey cannot be read".into(),
+            });
+        }
+        KeyFacts::Present(pk) => pk,
+    };
+    if pk.metadata.deletion_timestamp.is_some() {
+        return Deny(Denial::KeyDeleting);
+    }
+    if !pk.spec.admits_service_account(&caller.service_account) {
+        return Deny(Denial::ServiceAccountNotConsumer {
+            service_account: caller.service_account.clone(),
+        });
+    }
+    match ready_condition(pk) {
+        Some((true, _)) => Decision::Serve,
+        Some((false, reason)) => Deny(Denial::KeyNotReady { reason }),
+        None => Deny(Denial::KeyNotReady {
+            reason: "not reconciled yet".into(),
+        }),
+    }
+}
+
+/// `Ready`'s status and reason, for the generation the status describes.
+pub fn ready_condition(pk: &ProviderKey) -> Option<(bool, String)> {
+    let status = pk.status.as_ref()?;
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == crate::status::types::READY)?;
+    Some((ready.status == "True", ready.reason.clone()))
+}
+
+/// The caller behind a TokenReview's user, when the token is a pod-bound ServiceAccount
+/// token: `system:serviceaccount:<ns>:<sa>` with the pod name and uid in `extra`.
+pub fn caller_from_user(
+    username: &str,
+    extra: &std::collections::BTreeMap<String, Vec<String>>,
+) -> Option<Caller> {
+    let rest = username.strip_prefix("system:serviceaccount:")?;
+    let (namespace, service_account) = rest.split_once(':')?;
+    let one = |key: &str| {
+        extra
+            .get(key)
+            .and_then(|v| v.first())
+            .filter(|v| !v.is_empty())
+            .cloned()
+    };
+    Some(Caller {
+        namespace: namespace.to_string(),
+        service_account: service_account.to_string(),
+        pod_name: one("authentication.kubernetes.io/pod-name")?,
+        pod_uid: one("authentication.kubernetes.io/pod-uid")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller() -> Caller {
+        Caller {
+            namespace: "team".into(),
+            service_account: "app".into(),
+            pod_name: "p".into(),
+            pod_uid: "u1".into(),
+        }
+    }
+
+    fn pod(keys: &[&str]) -> PodFacts {
+        PodFacts {
+            uid: "u1".into(),
+            opted_in: true,
+            deleting: false,
+            keys: keys.iter().map(|k| k.to_string()).collect(),
+        }
+    }
+
+    fn pk(ready: Option<&str>, consumers: &[&str]) -> ProviderKey {
+        let mut value = serde_json::json!({
+            "apiVersion": "byok.dev/v1alpha1", "kind": "ProviderKey",
+            "metadata": {"name": "k", "namespace": "team"},
+            "spec": {"provider": "anthropic", "secretRef": {"name": "raw"},
+                     "consumers": {"serviceAccounts": consumers}},
+        });
+        if let Some(status) = ready {
+            value["status"] = serde_json::json!({"conditions": [{
+                "type": "Ready", "status": status, "reason": "Verified", "message": "",
+                "lastTransitionTime": "2026-01-01T00:00:00Z"}]});
+        }
+        serde_json::from_value(value).expect("ProviderKey")
+    }
+
+    #[test]
+    fn the_right_pod_gets_a_ready_key() {
+        let k = pk(Some("True"), &[]);
+        let d = authorize(&caller(), "team", "k", Some(&pod(&["k"])), KeyFacts::Present(&k));
+        assert_eq!(d, Decision::Serve);
+    }
+
+    #[test]
+    fn another_namespace_is_refused_the_same_whether_the_key_exists_or_not() {
+        let k = pk(Some("True"), &[]);
+        let p = pod(&["k"]);
+        let exists = authorize(&caller(), "other", "k", Some(&p), KeyFacts::Present(&k));
+        let missing = authorize(&caller(), "other", "k", Some(&p), KeyFacts::Missing);
+        assert_eq!(exists, Decision::Deny(Denial::OtherNamespace));
+        assert_eq!(exists, missing);
+        let Decision::Deny(d) = exists else {
+            unreachable!()
+        };
+        assert_eq!((d.status(), d.reason()), (403, "Forbidden"));
+    }
+
+    #[test]
+    fn pod_checks_come_before_the_key() {
+        let k = pk(Some("True"), &[]);
+        let present = KeyFacts::Present(&k);
+        let deny = |p: Option<&PodFacts>| authorize(&caller(), "team", "k", p, present);
+        assert_eq!(deny(None), Decision::Deny(Denial::PodNotFound));
+        let recreated = PodFacts {
+            uid: "u2".into(),
+            ..pod(&["k"])
+        };
+        assert_eq!(deny(Some(&recreated)), Decision::Deny(Denial::PodNotFound));
+        let deleting = PodFacts {
+            deleting: true,
+            ..pod(&["k"])
+        };
+        assert_eq!(deny(Some(&deleting)), Decision::Deny(Denial::PodNotFound));
+        let unlabelled = PodFacts {
+            opted_in: false,
+            ..pod(&["k"])
+        };
+        assert_eq!(deny(Some(&unlabelled)), Decision::Deny(Denial::PodNotOptedIn));
+        assert_eq!(
+            deny(Some(&pod(&["other"]))),
+            Decision::Deny(Denial::KeyNotListed)
+        );
+        // A key the pod did not list is refused alike whether it exists or not.
+        assert_eq!(
+            authorize(&caller(), "team", "k", Some(&pod(&["x"])), KeyFacts::Missing),
+            Decision::Deny(Denial::KeyNotListed)
+        );
+    }
+
+    #[test]
+    fn key_state_decides_last() {
+        let p = pod(&["k"]);
+        let decide = |k: KeyFacts<'_>| authorize(&caller(), "team", "k", Some(&p), k);
+        assert_eq!(
+            decide(KeyFacts::Missing),
+            Decision::Deny(Denial::KeyNotFound)
+        );
+        let not_ready = pk(Some("False"), &[]);
+        assert!(matches!(
+            decide(KeyFacts::Present(&not_ready)),
+            Decision::Deny(Denial::KeyNotReady { .. })
+        ));
+        let fresh = pk(None, &[]);
+        assert!(matches!(
+            decide(KeyFacts::Present(&fresh)),
+            Decision::Deny(Denial::KeyNotReady { .. })
+        ));
+        let mut deleting = pk(Some("True"), &[]);
+        deleting.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH),
+        );
+        assert_eq!(
+            decide(KeyFacts::Present(&deleting)),
+            Decision::Deny(Denial::KeyDeleting)
+        );
+        let narrowed = pk(Some("True"), &["batch"]);
+        assert_eq!(
+            decide(KeyFacts::Present(&narrowed)),
+            Decision::Deny(Denial::ServiceAccountNotConsumer {
+                service_account: "app".into()
+            })
+        );
+        let listed = pk(Some("True"), &["batch", "app"]);
+        assert_eq!(decide(KeyFacts::Present(&listed)), Decision::Serve);
+    }
+
+    #[test]
+    fn only_pod_bound_service_account_tokens_are_callers() {
+        let extra = std::collections::BTreeMap::from([
+            (
+                "authentication.kubernetes.io/pod-name".to_string(),
+                vec!["p".to_string()],
+            ),
+            (
+                "authentication.kubernetes.io/pod-uid".to_string(),
+                vec!["u1".to_string()],
+            ),
+        ]);
+        assert_eq!(
+            caller_from_user("system:serviceaccount:team:app", &extra),
+            Some(caller())
+        );
+        assert_eq!(caller_from_user("alice", &extra), None);
+        assert_eq!(
+            caller_from_user("system:serviceaccount:team:app", &Default::default()),
+            None
+        );
+    }
+}

@@ -1,0 +1,511 @@
+//! The key broker: a sidecar shows its projected ServiceAccount token (audience `byok.dev`);
+//! the broker learns from a TokenReview which pod it is, checks that pod against the pod
+//! cache and the ProviderKey against its cache ([`decide`]), and answers with the key and
+//! what the proxy needs to use it. See [`decide`] for when it serves.
+//!
+//! `GET /v1/keys/{namespace}/{name}` with `Authorization: Bearer <token>`. The answer carries
+//! an `ETag`; a proxy that sends it back in `If-None-Match` gets `304 Not Modified` (no key
+//! on the wire) while nothing changed. Proxies ask every few seconds: a new keyVersion or a
+//! revocation reaches them within [`POLL_HINT`] plus one request. Each answer (304 too)
+//! renews the lease: a proxy that cannot reach the broker stops using the key when it ends.
+
+pub mod decide;
+pub mod tokens;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse, web};
+use k8s_openapi::api::core::v1::{ObjectReference, Secret};
+use kube::api::Api;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+
+use crate::controller::watches::Watches;
+use crate::controller::{Context, cache};
+use crate::crd::ProviderKey;
+use crate::names;
+use crate::providers::ProviderKind;
+use crate::providers::vertex::VertexAccessToken;
+use decide::{Caller, Decision, Denial, KeyFacts, PodFacts};
+
+/// How often a proxy should ask again (sent as `x-byok-poll-seconds`).
+pub const POLL_HINT: Duration = Duration::from_secs(5);
+/// A Vertex access token is minted again when less than this is left of it.
+const VERTEX_TOKEN_MARGIN: Duration = Duration::from_secs(5 * 60);
+/// A Warning Event about one pod waiting for one key, at most once per this period.
+const WAITING_EVENT_PERIOD: Duration = Duration::from_secs(10 * 60);
+const MEMO_MAX: usize = 65_536;
+
+/// What the broker tells proxies about egress, from the operator's own flags: nothing a
+/// pod spec can set relaxes it.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressPolicy {
+    /// `--insecure-allow-private-base-urls` (development only).
+    pub allow_private_addresses: bool,
+    /// `--extra-ca-file`, PEM (development only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extra_ca_pem: Option<String>,
+}
+
+pub struct Broker {
+    ctx: Arc<Context>,
+    watches: Arc<Watches>,
+    tokens: tokens::TokenReviews,
+    lease: Duration,
+    egress: EgressPolicy,
+    /// Keys opened from managed Secrets, by Secret, with the digest of the envelope they came
+    /// from: a GET and a decryption once per change of the key, not per request.
+    opened: Mutex<HashMap<ObjectRef<Secret>, OpenedKey>>,
+    /// Vertex access tokens, by managed Secret, until shortly before they expire.
+    vertex_tokens: tokio::sync::Mutex<HashMap<ObjectRef<Secret>, (String, VertexAccessToken)>>,
+    /// Waiting pods already told so: (pod uid, key, reason) -> when.
+    waiting_told: Mutex<HashMap<(String, String, &'static str), Instant>>,
+}
+
+#[derive(Clone)]
+struct OpenedKey {
+    digest: String,
+    uid: String,
+    key: SecretString,
+    origin: Option<String>,
+    fingerprint: String,
+}
+
+/// The broker's answer, as the proxy reads it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Grant<'a> {
+    namespace: &'a str,
+    provider_key: &'a str,
+    provider: ProviderKind,
+    key_version: i64,
+    fingerprint: &'a str,
+    credential: Credential<'a>,
+    /// `scheme://host:port` the key was verified against: the only place it may go.
+    origin: &'a str,
+    #[serde(rename = "baseURL")]
+    base_url: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    azure_api_version: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    default_model: Option<&'a str>,
+    allowed_models: &'a [String],
+    egress: &'a EgressPolicy,
+    lease_seconds: u64,
+    poll_seconds: u64,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+enum Credential<'a> {
+    /// An API key the proxy sends in the provider's auth header.
+    ApiKey {
+        #[serde(serialize_with = "expose")]
+        value: &'a SecretString,
+    },
+    /// A short-lived bearer token (Vertex).
+    AccessToken {
+        #[serde(serialize_with = "expose")]
+        value: &'a SecretString,
+        #[serde(rename = "expiresAt")]
+        expires_at: String,
+    },
+}
+
+fn expose<S: serde::Serializer>(secret: &&SecretString, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(secret.expose_secret())
+}
+
+/// Why a key that may be served cannot be, right now (the answer is 503, retried).
+struct Unavailable(String);
+
+impl Broker {
+    pub fn new(
+        ctx: Arc<Context>,
+        watches: Arc<Watches>,
+        lease: Duration,
+        egress: EgressPolicy,
+    ) -> Self {
+        let tokens = tokens::TokenReviews::new(ctx.client.clone());
+        Self {
+            ctx,
+            watches,
+            tokens,
+            lease,
+            egress,
+            opened: Mutex::default(),
+            vertex_tokens: tokio::sync::Mutex::default(),
+            waiting_told: Mutex::default(),
+        }
+    }
+
+    fn pod_facts(&self, namespace: &str, name: &str) -> Option<PodFacts> {
+        let pods = self.watches.pods.as_ref()?;
+        let pod = pods.get(&ObjectRef::new(name).within(namespace))?;
+        let meta = &pod.metadata;
+        Some(PodFacts {
+            uid: meta.uid.clone().unwrap_or_default(),
+            opted_in: names::opts_in(meta.labels.as_ref()),
+            deleting: meta.deletion_timestamp.is_some(),
+            keys: meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(names::PROVIDER_KEYS_ANNOTATION))
+                .and_then(|v| crate::webhook::patch::parse_key_names(v).ok())
+                .unwrap_or_default(),
+        })
+    }
+
+    /// The key in service of a Ready ProviderKey, opened from its managed Secret.
+    async fn key_in_service(&self, pk: &ProviderKey, ns: &str) -> Result<OpenedKey, Unavailable> {
+        let name = names::managed_secret_name(&pk.metadata.name.clone().unwrap_or_default());
+        let oref = ObjectRef::<Secret>::new(&name).within(ns);
+        let cached = self
+            .ctx
+            .managed
+            .get(&oref)
+            .ok_or_else(|| Unavailable("the managed Secret is not there (yet)".into()))?;
+        let digest = cache::managed_digest(&cached).unwrap_or_default();
+        let uid = cached.metadata.uid.clone().unwrap_or_default();
+        if let Some(hit) = self
+            .opened
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&oref)
+            .filter(|o| o.digest == digest && o.uid == uid)
+        {
+            return Ok(hit.clone());
+        }
+        let keyring = self
+            .ctx
+            .keyring()
+            .ok_or_else(|| Unavailable("the operator keyring is unavailable".into()))?;
+        let secrets: Api<Secret> = Api::namespaced(self.ctx.client.clone(), ns);
+        let secret = secrets
+            .get_opt(&name)
+            .await
+            .map_err(|e| Unavailable(format!("reading the managed Secret failed: {e}")))?
+            .ok_or_else(|| Unavailable("the managed Secret is gone".into()))?;
+        let fresh_digest = cache::managed_digest(&secret).unwrap_or_default();
+        let pk_name = pk.metadata.name.as_deref().unwrap_or_default();
+        let (key, sealed) =
+            crate::controller::reconcile::open_envelope(&keyring, ns, pk_name, &secret)
+                .ok_or_else(|| {
+                    Unavailable("the managed Secret does not open with the keyring".into())
+                })?;
+        let opened = OpenedKey {
+            digest: fresh_digest,
+            uid: secret.metadata.uid.clone().unwrap_or_default(),
+            key,
+            origin: sealed.origin,
+            fingerprint: sealed.fingerprint,
+        };
+        let mut memo = self.opened.lock().unwrap_or_else(|p| p.into_inner());
+        if memo.len() >= MEMO_MAX && !memo.contains_key(&oref) {
+            memo.clear();
+        }
+        memo.insert(oref, opened.clone());
+        Ok(opened)
+    }
+
+    /// A Vertex access token for this key, minted again shortly before it expires.
+    async fn vertex_token(
+        &self,
+        oref: ObjectRef<Secret>,
+        opened: &OpenedKey,
+    ) -> Result<VertexAccessToken, Unavailable> {
+        // One mint at a time per broker: proxies asking together share the result.
+        let mut tokens = self.vertex_tokens.lock().await;
+        let margin = jiff::SignedDuration::try_from(VERTEX_TOKEN_MARGIN).unwrap_or_default();
+        if let Some((digest, token)) = tokens.get(&oref)
+            && *digest == opened.digest
+            && token.expires_at > jiff::Timestamp::now() + margin
+        {
+            return Ok(token.clone());
+        }
+        let token = self
+            .ctx
+            .verifier
+            .vertex_access_token(&opened.key)
+            .await
+            .map_err(|v| Unavailable(format!("minting a Vertex access token failed: {v}")))?;
+        if tokens.len() >= MEMO_MAX && !tokens.contains_key(&oref) {
+            tokens.clear();
+        }
+        tokens.insert(oref, (opened.digest.clone(), token.clone()));
+        Ok(token)
+    }
+
+    /// Says on the pod, once per [`WAITING_EVENT_PERIOD`], which key it waits for and why.
+    async fn tell_waiting(&self, caller: &Caller, key: &str, denial: &Denial) {
+        let memo_key = (caller.pod_uid.clone(), key.to_string(), denial.reason());
+        {
+            let mut told = self.waiting_told.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            if told
+                .get(&memo_key)
+                .is_some_and(|at| now.duration_since(*at) < WAITING_EVENT_PERIOD)
+            {
+                return;
+            }
+            if told.len() >= MEMO_MAX {
+                told.clear();
+            }
+            told.insert(memo_key, now);
+        }
+        let pod = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(caller.pod_name.clone()),
+            namespace: Some(caller.namespace.clone()),
+            uid: Some(caller.pod_uid.clone()),
+            ..Default::default()
+        };
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "WaitingForProviderKey".into(),
+            note: Some(format!("ProviderKey {key:?}: {}", denial.message())),
+            action: "ServeKey".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.ctx.recorder.publish(&event, &pod).await {
+            tracing::warn!(error = %e, pod = %caller.pod_name, "publishing a Warning Event on a waiting pod failed");
+        }
+    }
+
+    /// Answers one request: authenticate, decide, and serve or refuse.
+    pub async fn answer(
+        &self,
+        token: Option<SecretString>,
+        namespace: &str,
+        name: &str,
+        if_none_match: Option<&str>,
+    ) -> HttpResponse {
+        let Some(token) = token else {
+            return self.refuse(None, namespace, name, &Denial::Unauthenticated);
+        };
+        let caller = match self.tokens.review(&token).await {
+            Ok(Ok(caller)) => caller,
+            Ok(Err(denial)) => return self.refuse(None, namespace, name, &denial),
+            Err(e) => {
+                tracing::warn!(error = %e, "TokenReview failed");
+                self.ctx.metrics.broker_answer("review_failed");
+                return error_json(503, "ReviewFailed", "the token could not be reviewed; retry");
+            }
+        };
+        // Only a caller of this namespace gets as far as a lookup.
+        let pod = (caller.namespace == namespace)
+            .then(|| self.pod_facts(namespace, &caller.pod_name))
+            .flatten();
+        let guard = (caller.namespace == namespace)
+            .then(|| {
+                self.watches
+                    .providerkeys
+                    .get(&ObjectRef::new(name).within(namespace))
+            })
+            .flatten();
+        let key = match guard.as_deref().map(|g| g.0.as_ref()) {
+            None => KeyFacts::Missing,
+            Some(Err(_)) => KeyFacts::Unreadable,
+            Some(Ok(pk)) => KeyFacts::Present(pk),
+        };
+        let pk = match (decide::authorize(&caller, namespace, name, pod.as_ref(), key), key) {
+            (Decision::Serve, KeyFacts::Present(pk)) => pk,
+            (Decision::Deny(denial), _) => {
+                if denial.is_waiting() {
+                    self.tell_waiting(&caller, name, &denial).await;
+                }
+                return self.refuse(Some(&caller), namespace, name, &denial);
+            }
+            (Decision::Serve, _) => {
+                return error_json(500, "Internal", "internal error");
+            }
+        };
+        match self.grant(pk, namespace, name, if_none_match).await {
+            Ok(response) => {
+                let result = if response.status() == 304 {
+                    "not_modified"
+                } else {
+                    "granted"
+                };
+                self.ctx.metrics.broker_answer(result);
+                tracing::info!(namespace, pod = %caller.pod_name, providerkey = name, result, "key broker");
+                response
+            }
+            Err(Unavailable(why)) => {
+                let denial = Denial::KeyNotReady { reason: why };
+                self.tell_waiting(&caller, name, &denial).await;
+                self.refuse(Some(&caller), namespace, name, &denial)
+            }
+        }
+    }
+
+    async fn grant(
+        &self,
+        pk: &ProviderKey,
+        ns: &str,
+        name: &str,
+        if_none_match: Option<&str>,
+    ) -> Result<HttpResponse, Unavailable> {
+        let opened = self.key_in_service(pk, ns).await?;
+        let params = crate::controller::reconcile::provider_params(&pk.spec).map_err(Unavailable)?;
+        let kind = pk.spec.provider;
+        let base = self
+            .ctx
+            .verifier
+            .resolve_base_url(kind, &params)
+            .map_err(|v| Unavailable(v.message))?;
+        let origin = crate::controller::reconcile::origin(&base);
+        // The key goes only where it was verified; the controller re-verifies on a change.
+        if opened.origin.as_deref().is_some_and(|o| o != origin) {
+            return Err(Unavailable(
+                "the destination changed since the key was verified".into(),
+            ));
+        }
+        let key_version = pk
+            .status
+            .as_ref()
+            .and_then(|s| s.key_version)
+            .unwrap_or(1);
+        let vertex = if kind == ProviderKind::Vertex {
+            let oref = ObjectRef::<Secret>::new(&names::managed_secret_name(name)).within(ns);
+            Some(self.vertex_token(oref, &opened).await?)
+        } else {
+            None
+        };
+        let etag = etag(pk, &opened, vertex.as_ref());
+        let lease_seconds = self.lease.as_secs();
+        if if_none_match == Some(etag.as_str()) {
+            return Ok(HttpResponse::NotModified()
+                .insert_header((header::ETAG, etag))
+                .insert_header(("x-byok-lease-seconds", lease_seconds.to_string()))
+                .insert_header(("x-byok-poll-seconds", POLL_HINT.as_secs().to_string()))
+                .finish());
+        }
+        let credential = match &vertex {
+            Some(token) => Credential::AccessToken {
+                value: &token.token,
+                expires_at: token.expires_at.to_string(),
+            },
+            None => Credential::ApiKey {
+                value: &opened.key,
+            },
+        };
+        let grant = Grant {
+            namespace: ns,
+            provider_key: name,
+            provider: kind,
+            key_version,
+            fingerprint: &opened.fingerprint,
+            credential,
+            origin: &origin,
+            base_url: base.as_str(),
+            azure_api_version: (kind == ProviderKind::Azure)
+                .then_some(params.azure_api_version.as_deref())
+                .flatten(),
+            default_model: pk.spec.default_model.as_deref(),
+            allowed_models: &pk.spec.allowed_models,
+            egress: &self.egress,
+            lease_seconds,
+            poll_seconds: POLL_HINT.as_secs(),
+        };
+        // Room up front: a growing Vec would leave unwiped copies of the key behind.
+        let mut body = secrecy::zeroize::Zeroizing::new(Vec::with_capacity(
+            8192 + opened.key.expose_secret().len() + self.egress.extra_ca_pem.as_ref().map_or(0, String::len),
+        ));
+        serde_json::to_writer(&mut *body, &grant)
+            .map_err(|_| Unavailable("encoding the answer failed".into()))?;
+        Ok(HttpResponse::Ok()
+            .content_type("application/json")
+            .insert_header((header::ETAG, etag))
+            .insert_header((header::CACHE_CONTROL, "no-store"))
+            .insert_header(("x-byok-lease-seconds", lease_seconds.to_string()))
+            .insert_header(("x-byok-poll-seconds", POLL_HINT.as_secs().to_string()))
+            .body(crate::providers::zeroizing_bytes(body)))
+    }
+
+    fn refuse(
+        &self,
+        caller: Option<&Caller>,
+        namespace: &str,
+        name: &str,
+        denial: &Denial,
+    ) -> HttpResponse {
+        self.ctx.metrics.broker_answer(denial.metric_label());
+        tracing::info!(
+            namespace,
+            pod = caller.map(|c| c.pod_name.as_str()).unwrap_or(""),
+            caller_namespace = caller.map(|c| c.namespace.as_str()).unwrap_or(""),
+            providerkey = name,
+            result = denial.metric_label(),
+            "key broker"
+        );
+        error_json(denial.status(), denial.reason(), &denial.message())
+    }
+}
+
+/// Changes whenever anything in the answer does: the key, its version, the spec (models),
+/// a new Vertex token.
+fn etag(pk: &ProviderKey, opened: &OpenedKey, vertex: Option<&VertexAccessToken>) -> String {
+    let mut h = Sha256::new();
+    for part in [
+        pk.metadata.uid.as_deref().unwrap_or_default(),
+        &pk.metadata.generation.unwrap_or_default().to_string(),
+        &pk.status
+            .as_ref()
+            .and_then(|s| s.key_version)
+            .unwrap_or_default()
+            .to_string(),
+        &opened.digest,
+        &vertex.map(|t| t.expires_at.to_string()).unwrap_or_default(),
+    ] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    format!("\"{}\"", &hex::encode(h.finalize())[..32])
+}
+
+fn error_json(status: u16, reason: &str, message: &str) -> HttpResponse {
+    let status =
+        actix_web::http::StatusCode::from_u16(status).unwrap_or(actix_web::http::StatusCode::FORBIDDEN);
+    HttpResponse::build(status)
+        .content_type("application/json")
+        .json(serde_json::json!({"error": {"reason": reason, "message": message}}))
+}
+
+/// The bearer token of a request, if it has one.
+fn bearer(req: &HttpRequest) -> Option<SecretString> {
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty())
+        .then(|| SecretString::from(token.trim().to_string()))
+}
+
+/// `GET /v1/keys/{namespace}/{name}`.
+pub async fn get_key(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    broker: web::Data<Arc<Broker>>,
+) -> HttpResponse {
+    let (namespace, name) = path.into_inner();
+    let if_none_match = req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok());
+    broker
+        .answer(bearer(&req), &namespace, &name, if_none_match)
+        .await
+}
+
+/// The broker's routes, for its own listener.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/keys/{namespace}/{name}", web::get().to(get_key));
+}

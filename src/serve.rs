@@ -1,0 +1,265 @@
+//! What every replica serves over TLS, leader or not: the admission webhook (`/mutate`) and
+//! the key broker (`/v1/keys/...`), each on its own listener. The webhook asks no client
+//! authentication (the API server calls it); the broker authenticates every request with a
+//! token. Separate listeners keep a pod from reaching `/mutate` through the broker's port
+//! (and its network policy) and vice versa.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{App, HttpServer, web};
+use k8s_openapi::api::core::v1::{Pod, ResourceRequirements, Secret};
+use kube::api::{Api, PostParams};
+
+use crate::broker::{Broker, EgressPolicy};
+use crate::controller::Context;
+use crate::controller::watches::Watches;
+use crate::metrics::Ready;
+use crate::serving::certs;
+use crate::webhook::handler::Injector;
+use crate::webhook::patch::InjectSettings;
+
+/// Where the serving certificate comes from.
+#[derive(Debug, Clone)]
+pub enum TlsSource {
+    /// The operator's own CA and serving certificate, in a Secret it keeps (default).
+    Own(certs::CertSettings),
+    /// Mounted files (`tls.crt`, `tls.key`, `ca.crt`), e.g. from cert-manager.
+    Dir(PathBuf),
+}
+
+/// The sidecar the webhook injects.
+#[derive(Debug, Clone)]
+pub struct ProxyOptions {
+    pub image: String,
+    pub pull_policy: String,
+    pub resources: ResourceRequirements,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub webhook_addr: SocketAddr,
+    pub broker_addr: SocketAddr,
+    /// How sidecars reach the broker (the serving certificate covers its host).
+    pub broker_url: String,
+    pub tls: TlsSource,
+    /// The MutatingWebhookConfiguration whose `caBundle` the operator keeps current (own
+    /// certificates only; `None` leaves it alone).
+    pub webhook_configuration: Option<String>,
+    pub proxy: ProxyOptions,
+    pub key_lease: Duration,
+    pub egress: EgressPolicy,
+    /// The operator's namespace: the certificate Secret and the start-up check live there.
+    pub operator_namespace: String,
+    /// HTTP workers per listener.
+    pub workers: usize,
+}
+
+/// Stops both servers when dropped.
+pub struct Serving {
+    handles: Vec<actix_web::dev::ServerHandle>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Where the webhook listens (the port the OS chose when asked for port 0).
+    pub webhook_addr: SocketAddr,
+    pub broker_addr: SocketAddr,
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        for handle in self.handles.drain(..) {
+            tokio::spawn(async move { handle.stop(true).await });
+        }
+    }
+}
+
+/// Loads the certificate (creating the CA on a first install), checks that native sidecars
+/// survive admission, and starts both listeners. Returns once they are bound.
+pub async fn start(
+    config: ServeConfig,
+    ctx: Arc<Context>,
+    watches: Arc<Watches>,
+) -> anyhow::Result<Serving> {
+    let client = ctx.client.clone();
+    let mut tasks = Vec::new();
+    let (bundle, resolver) = match &config.tls {
+        TlsSource::Own(settings) => {
+            let api: Api<Secret> = Api::namespaced(client.clone(), &settings.namespace);
+            let bundle = certs::ensure(&api, settings).await?;
+            (bundle, None)
+        }
+        TlsSource::Dir(dir) => (certs::load_dir(dir)?, Some(dir.clone())),
+    };
+    let reloadable = Arc::new(certs::ReloadableCert::new(&bundle)?);
+    let tls = certs::server_config(reloadable.clone());
+
+    let native_sidecars = native_sidecars_survive(&client, &config.operator_namespace).await;
+    let injector = Arc::new(Injector::new(
+        watches.providerkeys.clone(),
+        InjectSettings {
+            proxy_image: config.proxy.image.clone(),
+            pull_policy: config.proxy.pull_policy.clone(),
+            resources: config.proxy.resources.clone(),
+            broker_url: config.broker_url.clone(),
+            broker_ca_pem: bundle.ca_pem.clone(),
+            native_sidecars,
+        },
+        ctx.metrics.clone(),
+    ));
+
+    // Keep the certificate (and the caBundle) current.
+    match (&config.tls, resolver) {
+        (TlsSource::Own(settings), _) => {
+            if let Some(name) = &config.webhook_configuration {
+                tasks.push(tokio::spawn(keep_ca_bundle(
+                    client.clone(),
+                    name.clone(),
+                    bundle.ca_pem.clone(),
+                )));
+            }
+            let api: Api<Secret> = Api::namespaced(client.clone(), &settings.namespace);
+            let (injector, client, webhook_configuration) = (
+                injector.clone(),
+                client.clone(),
+                config.webhook_configuration.clone(),
+            );
+            tasks.push(tokio::spawn(certs::keep_current(
+                api,
+                settings.clone(),
+                reloadable.clone(),
+                certs::DEFAULT_CHECK_EVERY,
+                move |bundle: &certs::Bundle| {
+                    injector.set_broker_ca(&bundle.ca_pem);
+                    if let Some(name) = webhook_configuration.clone() {
+                        tokio::spawn(keep_ca_bundle(
+                            client.clone(),
+                            name,
+                            bundle.ca_pem.clone(),
+                        ));
+                    }
+                },
+            )));
+        }
+        (TlsSource::Dir(_), Some(dir)) => {
+            let injector = injector.clone();
+            tasks.push(tokio::spawn(certs::watch_dir(
+                dir,
+                reloadable.clone(),
+                certs::DEFAULT_CHECK_EVERY,
+                move |bundle: &certs::Bundle| injector.set_broker_ca(&bundle.ca_pem),
+            )));
+        }
+        (TlsSource::Dir(_), None) => {}
+    }
+
+    let broker = Arc::new(Broker::new(
+        ctx.clone(),
+        watches,
+        config.key_lease,
+        config.egress.clone(),
+    ));
+    let injector_data = web::Data::new(injector);
+    let webhook = HttpServer::new(move || {
+        App::new()
+            .app_data(injector_data.clone())
+            .configure(crate::webhook::handler::routes)
+    })
+    .workers(config.workers)
+    .disable_signals()
+    .bind_rustls_0_23(config.webhook_addr, tls.clone())?;
+    let webhook_addr = webhook.addrs().first().copied().unwrap_or(config.webhook_addr);
+    let webhook = webhook.run();
+
+    let broker_data = web::Data::new(broker);
+    let broker = HttpServer::new(move || {
+        App::new()
+            .app_data(broker_data.clone())
+            .configure(crate::broker::routes)
+    })
+    .workers(config.workers)
+    .disable_signals()
+    .bind_rustls_0_23(config.broker_addr, tls)?;
+    let broker_addr = broker.addrs().first().copied().unwrap_or(config.broker_addr);
+    let broker = broker.run();
+
+    let handles = vec![webhook.handle(), broker.handle()];
+    tokio::spawn(webhook);
+    tokio::spawn(broker);
+    ctx.metrics.set_ready(Ready::Certificate, true);
+    tracing::info!(webhook = %webhook_addr, broker = %broker_addr, native_sidecars, "serving the webhook and the key broker");
+    Ok(Serving {
+        handles,
+        tasks,
+        webhook_addr,
+        broker_addr,
+    })
+}
+
+/// Keeps trying to set the caBundle until it is set (the configuration may be applied
+/// after the operator starts).
+async fn keep_ca_bundle(client: kube::Client, name: String, ca_pem: String) {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match certs::apply_ca_bundle(&client, &name, &ca_pem).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(webhook_configuration = %name, error = %e, retry_in = ?delay, "setting the webhook caBundle failed");
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(60));
+    }
+}
+
+/// Whether an init container's `restartPolicy: Always` survives admission (native sidecars
+/// on): a server-side dry run of a pod in the operator's namespace, once at start-up. An
+/// API server that cannot be asked counts as a yes, with a warning: refusing every pod
+/// for a failed check would be worse than a sidecar that a too-old cluster drops.
+async fn native_sidecars_survive(client: &kube::Client, namespace: &str) -> bool {
+    let pod: Pod = match serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"generateName": "byok-native-sidecar-check-"},
+        "spec": {
+            "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
+            "initContainers": [check_container("sidecar", Some("Always"))],
+            "containers": [check_container("main", None)],
+        }
+    })) {
+        Ok(pod) => pod,
+        Err(_) => return true,
+    };
+    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    match api.create(&PostParams { dry_run: true, ..Default::default() }, &pod).await {
+        Ok(created) => {
+            let survived = created
+                .spec
+                .and_then(|s| s.init_containers)
+                .and_then(|c| c.into_iter().next())
+                .and_then(|c| c.restart_policy)
+                .is_some_and(|p| p == "Always");
+            if !survived {
+                tracing::error!("this cluster drops restartPolicy on init containers (native sidecars are off, Kubernetes < 1.29?): opted-in pods will be refused");
+            }
+            survived
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not check for native sidecars (dry-run pod); assuming they work");
+            true
+        }
+    }
+}
+
+fn check_container(name: &str, restart_policy: Option<&str>) -> serde_json::Value {
+    let mut c = serde_json::json!({
+        "name": name, "image": "byok.dev/native-sidecar-check:none",
+        "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}},
+    });
+    if let Some(policy) = restart_policy {
+        c["restartPolicy"] = policy.into();
+    }
+    c
+}
