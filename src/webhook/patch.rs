@@ -1,13 +1,1844 @@
-//! TEMPORARY interface stub; replaced by the webhook-patch branch.
-use k8s_openapi::api::core::v1::{Pod, ResourceRequirements};
+//! The injection decision (pure): given an opted-in pod and what the cache knows about the
+//! ProviderKeys it names, either the JSON patch that adds the `byok-proxy` native sidecar,
+//! its token volume and the application environment, or a refusal whose message kubectl
+//! shows. No API calls, so the admission path stays fast and the tests need no cluster.
+//!
+//! The patch is idempotent: run on its own output (a webhook reinvocation) it is empty.
+//!
+//! # Environment given to the application
+//!
+//! Every application container, and every init container after the sidecar, gets for each
+//! key `i` (annotation order, port `FIRST_KEY_PORT + i`):
+//!
+//! | variable                 | value                             | when                         |
+//! |--------------------------|-----------------------------------|------------------------------|
+//! | `BYOK_<NAME>_BASE_URL`   | `http://127.0.0.1:<port>/v1`      | openai, openai-compatible    |
+//! | `BYOK_<NAME>_BASE_URL`   | `http://127.0.0.1:<port>`         | other providers, unknown key |
+//!
+//! and for the first key of each provider:
+//!
+//! | provider                 | variables                                                        |
+//! |--------------------------|------------------------------------------------------------------|
+//! | anthropic                | `ANTHROPIC_BASE_URL=http://127.0.0.1:<port>`, `ANTHROPIC_API_KEY=byok-proxy` |
+//! | openai (else the first openai-compatible) | `OPENAI_BASE_URL=http://127.0.0.1:<port>/v1`, `OPENAI_API_KEY=byok-proxy` |
+//! | google                   | `GOOGLE_GEMINI_BASE_URL=http://127.0.0.1:<port>`, `GEMINI_API_KEY=byok-proxy` |
+//! | azure                    | `AZURE_OPENAI_ENDPOINT=http://127.0.0.1:<port>`, `AZURE_OPENAI_API_KEY=byok-proxy` |
+//! | vertex                   | `GOOGLE_VERTEX_BASE_URL=http://127.0.0.1:<port>`                 |
+//!
+//! A variable the container already sets in `env` is left alone. The API-key variables hold
+//! [`PLACEHOLDER_KEY`] only so official SDKs start; the proxy sets the real key.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use json_patch::jsonptr::PointerBuf;
+use json_patch::{AddOperation, Patch, PatchOperation};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    ObjectFieldSelector, Pod, PodSpec, Probe, ProjectedVolumeSource, ResourceRequirements,
+    SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
+    VolumeProjection,
+};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::names::{self, PROVIDER_KEYS_ANNOTATION, TOKEN_AUDIENCE};
 use crate::providers::ProviderKind;
-#[derive(Debug, Clone)]
-pub struct InjectSettings { pub proxy_image: String, pub pull_policy: String, pub resources: ResourceRequirements, pub broker_url: String, pub broker_ca_pem: String, pub native_sidecars: bool }
-pub enum KeyState { Ready, NotReady { reason: String }, Deleting }
-pub struct KeyFacts { pub provider: Option<ProviderKind>, pub state: KeyState, pub service_accounts: Vec<String> }
-pub struct Mutation { pub patch: json_patch::Patch, pub warnings: Vec<String> }
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Refusal(pub String);
-pub fn parse_key_names(a: &str) -> Result<Vec<String>, String> { Ok(a.split(',').map(|s| s.trim().to_string()).collect()) }
-pub fn mutate(_pod: &Pod, _ns: &str, _keys: &dyn Fn(&str) -> Option<KeyFacts>, _s: &InjectSettings) -> Result<Mutation, Refusal> { Err(Refusal("stub".into())) }
+
+/// The injected init container's name; reserved in opted-in pods.
+pub const SIDECAR_NAME: &str = "byok-proxy";
+/// The pod volume holding the sidecar's projected ServiceAccount token; reserved.
+pub const TOKEN_VOLUME: &str = "byok-token";
+/// Where the sidecar mounts [`TOKEN_VOLUME`]; the token is `TOKEN_DIR/TOKEN_FILE`.
+pub const TOKEN_DIR: &str = "/var/run/secrets/byok.dev/token";
+/// The token's file name inside [`TOKEN_DIR`].
+pub const TOKEN_FILE: &str = "token";
+/// Lifetime asked for the broker token (the API server's minimum is 600).
+pub const TOKEN_EXPIRY_SECONDS: i64 = 600;
+/// The sidecar's admin server (`/readyz`, `/livez`, `/metrics`). It binds 0.0.0.0 so the
+/// kubelet's probes reach it; it serves no key.
+pub const ADMIN_PORT: u16 = 15090;
+/// Key `i` (annotation order) is served on `127.0.0.1:(FIRST_KEY_PORT + i)`.
+pub const FIRST_KEY_PORT: u16 = 15100;
+/// The most ProviderKeys one pod may name.
+pub const MAX_KEYS: usize = 16;
+/// `runAsUser` and `runAsGroup` of the sidecar. No other container may run as it, or it
+/// could read the sidecar's token and memory.
+pub const SIDECAR_UID: i64 = 15532;
+/// The value of the API-key variables the application gets (the proxy sets the real key).
+pub const PLACEHOLDER_KEY: &str = "byok-proxy";
+/// The longest the startup probe waits for the key (`/readyz`) before the kubelet restarts
+/// the sidecar: probed every [`STARTUP_PERIOD_SECONDS`], so `failureThreshold` is
+/// `STARTUP_LONGEST_WAIT_SECONDS / STARTUP_PERIOD_SECONDS`. Long, because a pod may be
+/// created before its ProviderKey (GitOps) and the application must not start before the key.
+pub const STARTUP_LONGEST_WAIT_SECONDS: i32 = 1800;
+/// The startup probe's period.
+pub const STARTUP_PERIOD_SECONDS: i32 = 1;
+
+const STARTUP_FAILURE_THRESHOLD: i32 = STARTUP_LONGEST_WAIT_SECONDS / STARTUP_PERIOD_SECONDS;
+const ADMIN_PORT_NAME: &str = "byok-admin";
+/// Kubernetes' longest ProviderKey name (the CRD allows 63: it is also a label value).
+const MAX_KEY_NAME_LEN: usize = 63;
+/// The API server's defaults, set explicitly so a second pass sees what it first wrote.
+const DEFAULT_MODE: i32 = 0o644;
+const TERMINATION_MESSAGE_PATH: &str = "/dev/termination-log";
+/// Longest piece of outside text (a key name, a condition reason) repeated in a message.
+const MAX_SHOWN_CHARS: usize = 64;
+
+/// What the webhook needs to know to build the sidecar (from the operator's flags).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct InjectSettings {
+    pub proxy_image: String,
+    /// `IfNotPresent`, `Always` or `Never`.
+    pub pull_policy: String,
+    pub resources: ResourceRequirements,
+    /// `https://...`, passed to the proxy as `--broker-url=`.
+    pub broker_url: String,
+    /// PEM of the broker's CA, passed as env `BYOK_BROKER_CA`.
+    pub broker_ca_pem: String,
+    /// False when the cluster drops `restartPolicy` on init containers (checked at start-up):
+    /// every opted-in pod is then refused, since a plain init container would never end.
+    pub native_sidecars: bool,
+}
+
+/// Where a ProviderKey stands, as far as injection cares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyState {
+    Ready,
+    NotReady { reason: String },
+    Deleting,
+}
+
+/// What the cache knows about one ProviderKey.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyFacts {
+    pub provider: ProviderKind,
+    pub state: KeyState,
+    /// `spec.consumers.serviceAccounts`; empty admits any.
+    pub service_accounts: Vec<String>,
+}
+
+/// The admission answer for a pod that is let in.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Mutation {
+    pub patch: Patch,
+    /// Admission warnings (kubectl prints them).
+    pub warnings: Vec<String>,
+}
+
+/// Why a pod is refused; the message is shown to the user by kubectl.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error(
+        "the pod has label {}={} but no annotation {} naming the ProviderKeys it uses",
+        names::INJECT_LABEL,
+        names::INJECT_VALUE,
+        PROVIDER_KEYS_ANNOTATION
+    )]
+    MissingAnnotation,
+    #[error("annotation {annotation}: {0}", annotation = PROVIDER_KEYS_ANNOTATION)]
+    BadAnnotation(String),
+    #[error(
+        "this cluster does not run native sidecars (init containers with restartPolicy: Always, \
+         Kubernetes 1.29+), which the {SIDECAR_NAME} sidecar needs; pods with label {}={} cannot \
+         be admitted here",
+        names::INJECT_LABEL,
+        names::INJECT_VALUE
+    )]
+    NativeSidecarsUnavailable,
+    #[error(
+        "spec.hostNetwork: true cannot be used with {}: the {SIDECAR_NAME} sidecar would serve keys on the node's network",
+        names::INJECT_LABEL
+    )]
+    HostNetwork,
+    #[error(
+        "spec.hostPID: true cannot be used with {}: other processes could read the {SIDECAR_NAME} sidecar's memory",
+        names::INJECT_LABEL
+    )]
+    HostPid,
+    #[error(
+        "spec.shareProcessNamespace: true cannot be used with {}: the other containers could read the {SIDECAR_NAME} sidecar's memory",
+        names::INJECT_LABEL
+    )]
+    ShareProcessNamespace,
+    #[error("{field}: the container name \"{SIDECAR_NAME}\" is reserved for the injected sidecar")]
+    SidecarNameTaken { field: String },
+    #[error(
+        "{field}: init container \"{SIDECAR_NAME}\" is not the sidecar this webhook injects (its {differs} differs); \
+         remove it and let the webhook add it"
+    )]
+    SidecarDiffers {
+        field: String,
+        differs: &'static str,
+    },
+    #[error(
+        "{field}: container \"{container}\" uses volume \"{TOKEN_VOLUME}\", which only the {SIDECAR_NAME} sidecar may mount"
+    )]
+    TokenVolumeUsed { field: String, container: String },
+    #[error(
+        "{field}: the volume name \"{TOKEN_VOLUME}\" is reserved for the {SIDECAR_NAME} sidecar's token"
+    )]
+    TokenVolumeNameTaken { field: String },
+    #[error(
+        "{field}: volume \"{volume}\" projects a ServiceAccount token for audience \"{TOKEN_AUDIENCE}\"; \
+         only the injected {SIDECAR_NAME} sidecar may hold one"
+    )]
+    BrokerToken { field: String, volume: String },
+    #[error(
+        "{field}: container \"{container}\" declares port {port}, which the {SIDECAR_NAME} sidecar uses \
+         (admin {ADMIN_PORT}, keys from {FIRST_KEY_PORT})"
+    )]
+    PortTaken {
+        field: String,
+        container: String,
+        port: i32,
+    },
+    #[error("{field}: runAsUser {SIDECAR_UID} is reserved for the {SIDECAR_NAME} sidecar")]
+    SidecarUid { field: String },
+    #[error(
+        "{field}: ephemeral container \"{container}\" targets the {SIDECAR_NAME} sidecar, whose memory holds the key"
+    )]
+    SidecarTargeted { field: String, container: String },
+    #[error(
+        "ProviderKey \"{key}\" in namespace \"{namespace}\" does not admit service account \"{service_account}\" \
+         (spec.consumers.serviceAccounts); run the pod as one it lists"
+    )]
+    ServiceAccount {
+        key: String,
+        namespace: String,
+        service_account: String,
+    },
+    #[error("internal error building the patch: {0}")]
+    Internal(String),
+}
+
+/// Parses the `byok.dev/provider-keys` annotation: comma-separated ProviderKey names
+/// (whitespace around items trimmed), each a DNS-1123 subdomain of at most 63 characters; at
+/// least one, at most [`MAX_KEYS`], no duplicates. The error names the bad item.
+pub fn parse_key_names(annotation: &str) -> Result<Vec<String>, String> {
+    if annotation.trim().is_empty() {
+        return Err("names no ProviderKey; list one or more, comma-separated".to_owned());
+    }
+    let items: Vec<&str> = annotation.split(',').map(str::trim).collect();
+    if items.len() > MAX_KEYS {
+        return Err(format!(
+            "names {} ProviderKeys; at most {MAX_KEYS} are allowed",
+            items.len()
+        ));
+    }
+    let mut names: Vec<String> = Vec::with_capacity(items.len());
+    // Two names may differ only in '-' versus '.', and then share one variable.
+    let mut variables: BTreeMap<String, &str> = BTreeMap::new();
+    for (i, item) in items.iter().enumerate() {
+        if item.is_empty() {
+            return Err(format!(
+                "item {} is empty (two commas in a row, or a comma at either end)",
+                i + 1
+            ));
+        }
+        if let Err(why) = check_key_name(item) {
+            return Err(format!("{} is not a ProviderKey name: {why}", shown(item)));
+        }
+        if names.iter().any(|n| n == item) {
+            return Err(format!("{} is listed twice", shown(item)));
+        }
+        let var = base_url_var(item);
+        if let Some(other) = variables.insert(var.clone(), item) {
+            return Err(format!(
+                "{} and {} would share the variable {var}; rename one of the ProviderKeys",
+                shown(other),
+                shown(item)
+            ));
+        }
+        names.push((*item).to_owned());
+    }
+    Ok(names)
+}
+
+/// Why `name` is not a DNS-1123 subdomain of at most 63 characters.
+fn check_key_name(name: &str) -> Result<(), String> {
+    if name.len() > MAX_KEY_NAME_LEN {
+        return Err(format!(
+            "it is {} characters long; at most {MAX_KEY_NAME_LEN} are allowed",
+            name.chars().count()
+        ));
+    }
+    let label_ok = |label: &str| {
+        let bytes = label.as_bytes();
+        let alnum = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+        bytes.first().is_some_and(alnum)
+            && bytes.last().is_some_and(alnum)
+            && bytes.iter().all(|b| alnum(b) || *b == b'-')
+    };
+    if name.split('.').all(label_ok) {
+        Ok(())
+    } else {
+        Err("use lowercase letters, digits, '-' and '.', each part starting and ending with a letter or digit".to_owned())
+    }
+}
+
+/// `BYOK_<NAME>_BASE_URL`: the name upper-cased, `-` and `.` turned into `_`.
+pub fn base_url_var(key_name: &str) -> String {
+    let middle: String = key_name
+        .chars()
+        .map(|c| match c {
+            '-' | '.' => '_',
+            c => c.to_ascii_uppercase(),
+        })
+        .collect();
+    format!("BYOK_{middle}_BASE_URL")
+}
+
+/// The decision for one pod. `namespace` comes from the AdmissionRequest (a pod from
+/// `generateName` may have neither name nor namespace in its metadata); `keys` looks a
+/// ProviderKey up by name in that namespace.
+pub fn mutate(
+    pod: &Pod,
+    namespace: &str,
+    keys: &dyn Fn(&str) -> Option<KeyFacts>,
+    settings: &InjectSettings,
+) -> Result<Mutation, Refusal> {
+    if !names::opts_in(pod.metadata.labels.as_ref()) {
+        return Ok(Mutation::default());
+    }
+    if !settings.native_sidecars {
+        return Err(Refusal::NativeSidecarsUnavailable);
+    }
+    let annotation = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(PROVIDER_KEYS_ANNOTATION))
+        .ok_or(Refusal::MissingAnnotation)?;
+    let key_names = parse_key_names(annotation).map_err(Refusal::BadAnnotation)?;
+
+    let no_spec = PodSpec::default();
+    let spec = pod.spec.as_ref().unwrap_or(&no_spec);
+    if spec.host_network == Some(true) {
+        return Err(Refusal::HostNetwork);
+    }
+    if spec.host_pid == Some(true) {
+        return Err(Refusal::HostPid);
+    }
+    if spec.share_process_namespace == Some(true) {
+        return Err(Refusal::ShareProcessNamespace);
+    }
+
+    let planned: Vec<PlannedKey> = (FIRST_KEY_PORT..)
+        .zip(key_names)
+        .map(|(port, name)| PlannedKey {
+            facts: keys(&name),
+            name,
+            port,
+        })
+        .collect();
+
+    let service_account = [&spec.service_account_name, &spec.service_account]
+        .into_iter()
+        .flatten()
+        .find(|sa| !sa.is_empty())
+        .map_or("default", String::as_str);
+    for key in &planned {
+        if let Some(facts) = &key.facts
+            && !facts.service_accounts.is_empty()
+            && !facts
+                .service_accounts
+                .iter()
+                .any(|sa| sa == service_account)
+        {
+            return Err(Refusal::ServiceAccount {
+                key: key.name.clone(),
+                namespace: namespace.to_owned(),
+                service_account: service_account.to_owned(),
+            });
+        }
+    }
+
+    let wanted_sidecar = sidecar(settings, &planned);
+    let init = spec.init_containers.as_deref().unwrap_or_default();
+    let existing_sidecar = find_our_sidecar(spec, &wanted_sidecar)?;
+    let existing_volume = check_volumes(spec)?;
+    check_peers(spec, existing_sidecar, planned.len())?;
+    if spec
+        .security_context
+        .as_ref()
+        .and_then(|s| s.run_as_user)
+        .is_some_and(|uid| uid == SIDECAR_UID)
+    {
+        return Err(Refusal::SidecarUid {
+            field: "spec.securityContext.runAsUser".to_owned(),
+        });
+    }
+
+    let warnings = planned
+        .iter()
+        .filter_map(|key| waiting_warning(key, namespace))
+        .collect();
+
+    // After mesh sidecars (so the broker is reachable through them), before the first
+    // regular init container (so it may use the key).
+    let insert_at = init
+        .iter()
+        .position(|c| !is_native_sidecar(c))
+        .unwrap_or(init.len());
+    let first_init_with_env = existing_sidecar.map_or(insert_at, |at| at + 1);
+
+    let mut edited = pod.clone();
+    let edited_spec = edited.spec.get_or_insert_with(PodSpec::default);
+    if !existing_volume {
+        edited_spec
+            .volumes
+            .get_or_insert_with(Vec::new)
+            .push(token_volume());
+    }
+    let app_env = application_env(&planned);
+    for c in &mut edited_spec.containers {
+        add_missing_env(c, &app_env);
+    }
+    if let Some(init) = edited_spec.init_containers.as_mut() {
+        for c in init.iter_mut().skip(first_init_with_env) {
+            add_missing_env(c, &app_env);
+        }
+    }
+    let init_containers_absent = edited_spec.init_containers.is_none();
+
+    let to_json = |p: &Pod| serde_json::to_value(p).map_err(|e| Refusal::Internal(e.to_string()));
+    let mut patch = json_patch::diff(&to_json(pod)?, &to_json(&edited)?);
+    if existing_sidecar.is_none() {
+        // One explicit insert, after the diff's operations (which use the original indices):
+        // a diff of the shifted array would rewrite every later init container field by field.
+        let sidecar_json =
+            serde_json::to_value(&wanted_sidecar).map_err(|e| Refusal::Internal(e.to_string()))?;
+        let (path, value) = if init_containers_absent {
+            (
+                PointerBuf::from_tokens(["spec", "initContainers"]),
+                serde_json::Value::Array(vec![sidecar_json]),
+            )
+        } else {
+            (
+                PointerBuf::from_tokens(["spec", "initContainers", &insert_at.to_string()]),
+                sidecar_json,
+            )
+        };
+        patch
+            .0
+            .push(PatchOperation::Add(AddOperation { path, value }));
+    }
+    Ok(Mutation { patch, warnings })
+}
+
+/// A named key and the port the sidecar serves it on.
+struct PlannedKey {
+    name: String,
+    port: u16,
+    facts: Option<KeyFacts>,
+}
+
+impl PlannedKey {
+    fn provider(&self) -> Option<ProviderKind> {
+        self.facts.as_ref().map(|f| f.provider)
+    }
+}
+
+fn is_native_sidecar(c: &Container) -> bool {
+    c.restart_policy.as_deref() == Some("Always")
+}
+
+/// The index of our sidecar among the init containers, if the pod already has it (a second
+/// pass). Any other container by that name is refused.
+fn find_our_sidecar(spec: &PodSpec, wanted: &Container) -> Result<Option<usize>, Refusal> {
+    let mut found = None;
+    for (i, c) in spec.init_containers.iter().flatten().enumerate() {
+        if c.name != SIDECAR_NAME {
+            continue;
+        }
+        let field = format!("spec.initContainers[{i}]");
+        if found.is_some() {
+            return Err(Refusal::SidecarNameTaken { field });
+        }
+        if let Some(differs) = sidecar_difference(c, wanted) {
+            return Err(Refusal::SidecarDiffers { field, differs });
+        }
+        found = Some(i);
+    }
+    for (i, c) in spec.containers.iter().enumerate() {
+        if c.name == SIDECAR_NAME {
+            return Err(Refusal::SidecarNameTaken {
+                field: format!("spec.containers[{i}].name"),
+            });
+        }
+    }
+    for (i, c) in spec.ephemeral_containers.iter().flatten().enumerate() {
+        if c.name == SIDECAR_NAME {
+            return Err(Refusal::SidecarNameTaken {
+                field: format!("spec.ephemeralContainers[{i}].name"),
+            });
+        }
+    }
+    Ok(found)
+}
+
+/// The first field that decides what the sidecar runs, sees or exposes in which `found`
+/// differs from `wanted`. Never the whole container: the API server fills defaults
+/// (terminationMessagePath, imagePullPolicy, resource requests) between passes.
+fn sidecar_difference(found: &Container, wanted: &Container) -> Option<&'static str> {
+    let probe_eq = |a: &Option<Probe>, b: &Option<Probe>| {
+        a.as_ref().map(with_probe_defaults) == b.as_ref().map(with_probe_defaults)
+    };
+    [
+        ("image", found.image == wanted.image),
+        ("command", found.command == wanted.command),
+        ("args", found.args == wanted.args),
+        ("env", found.env == wanted.env),
+        ("envFrom", found.env_from == wanted.env_from),
+        ("volumeMounts", found.volume_mounts == wanted.volume_mounts),
+        (
+            "volumeDevices",
+            found.volume_devices == wanted.volume_devices,
+        ),
+        ("ports", found.ports == wanted.ports),
+        (
+            "securityContext",
+            found.security_context == wanted.security_context,
+        ),
+        (
+            "restartPolicy",
+            found.restart_policy == wanted.restart_policy,
+        ),
+        (
+            "restartPolicyRules",
+            found.restart_policy_rules == wanted.restart_policy_rules,
+        ),
+        ("workingDir", found.working_dir == wanted.working_dir),
+        // A hook or an exec probe runs commands inside the sidecar, next to its token.
+        ("lifecycle", found.lifecycle == wanted.lifecycle),
+        (
+            "startupProbe",
+            probe_eq(&found.startup_probe, &wanted.startup_probe),
+        ),
+        (
+            "livenessProbe",
+            probe_eq(&found.liveness_probe, &wanted.liveness_probe),
+        ),
+        (
+            "readinessProbe",
+            probe_eq(&found.readiness_probe, &wanted.readiness_probe),
+        ),
+    ]
+    .into_iter()
+    .find(|(_, same)| !same)
+    .map(|(field, _)| field)
+}
+
+/// `probe` with the API server's defaults filled in.
+fn with_probe_defaults(probe: &Probe) -> Probe {
+    let mut p = probe.clone();
+    p.timeout_seconds.get_or_insert(1);
+    p.period_seconds.get_or_insert(10);
+    p.success_threshold.get_or_insert(1);
+    p.failure_threshold.get_or_insert(3);
+    p.initial_delay_seconds.get_or_insert(0);
+    if let Some(get) = p.http_get.as_mut() {
+        get.scheme.get_or_insert_with(|| "HTTP".to_owned());
+    }
+    p
+}
+
+/// Whether the pod already has our token volume. Any other volume by that name, or one that
+/// projects a broker token, is refused: a pod must not hold its own broker token.
+fn check_volumes(spec: &PodSpec) -> Result<bool, Refusal> {
+    let mut found = false;
+    for (i, v) in spec.volumes.iter().flatten().enumerate() {
+        let field = format!("spec.volumes[{i}]");
+        if v.name == TOKEN_VOLUME {
+            if found || !is_our_token_volume(v) {
+                return Err(Refusal::TokenVolumeNameTaken { field });
+            }
+            found = true;
+        } else if projects_broker_token(v) {
+            return Err(Refusal::BrokerToken {
+                field,
+                volume: v.name.clone(),
+            });
+        }
+    }
+    Ok(found)
+}
+
+fn is_our_token_volume(v: &Volume) -> bool {
+    let mut v = v.clone();
+    if let Some(p) = v.projected.as_mut() {
+        p.default_mode.get_or_insert(DEFAULT_MODE);
+    }
+    v == token_volume()
+}
+
+fn projects_broker_token(v: &Volume) -> bool {
+    v.projected
+        .iter()
+        .flat_map(|p| p.sources.iter().flatten())
+        .filter_map(|s| s.service_account_token.as_ref())
+        .any(|t| t.audience.as_deref() == Some(TOKEN_AUDIENCE))
+}
+
+/// The parts of any container other than our sidecar that could reach its token, its ports
+/// or its user.
+struct Peer<'a> {
+    field: String,
+    name: &'a str,
+    ports: &'a [ContainerPort],
+    mounts: &'a [VolumeMount],
+    env: &'a [EnvVar],
+    security: Option<&'a SecurityContext>,
+}
+
+impl<'a> Peer<'a> {
+    fn of(field: String, c: &'a Container) -> Self {
+        Peer {
+            field,
+            name: &c.name,
+            ports: c.ports.as_deref().unwrap_or_default(),
+            mounts: c.volume_mounts.as_deref().unwrap_or_default(),
+            env: c.env.as_deref().unwrap_or_default(),
+            security: c.security_context.as_ref(),
+        }
+    }
+}
+
+fn check_peers(
+    spec: &PodSpec,
+    our_sidecar: Option<usize>,
+    key_count: usize,
+) -> Result<(), Refusal> {
+    let mut peers: Vec<Peer> = Vec::new();
+    for (i, c) in spec.containers.iter().enumerate() {
+        peers.push(Peer::of(format!("spec.containers[{i}]"), c));
+    }
+    for (i, c) in spec.init_containers.iter().flatten().enumerate() {
+        if Some(i) != our_sidecar {
+            peers.push(Peer::of(format!("spec.initContainers[{i}]"), c));
+        }
+    }
+    for (i, c) in spec.ephemeral_containers.iter().flatten().enumerate() {
+        let field = format!("spec.ephemeralContainers[{i}]");
+        if c.target_container_name.as_deref() == Some(SIDECAR_NAME) {
+            return Err(Refusal::SidecarTargeted {
+                field: format!("{field}.targetContainerName"),
+                container: c.name.clone(),
+            });
+        }
+        peers.push(Peer {
+            field,
+            name: &c.name,
+            ports: c.ports.as_deref().unwrap_or_default(),
+            mounts: c.volume_mounts.as_deref().unwrap_or_default(),
+            env: c.env.as_deref().unwrap_or_default(),
+            security: c.security_context.as_ref(),
+        });
+    }
+
+    let key_ports = (FIRST_KEY_PORT..).take(key_count);
+    let taken: BTreeSet<i32> = std::iter::once(ADMIN_PORT)
+        .chain(key_ports)
+        .map(i32::from)
+        .collect();
+    for p in &peers {
+        for (j, m) in p.mounts.iter().enumerate() {
+            if m.name == TOKEN_VOLUME {
+                return Err(Refusal::TokenVolumeUsed {
+                    field: format!("{}.volumeMounts[{j}]", p.field),
+                    container: p.name.to_owned(),
+                });
+            }
+        }
+        for (j, e) in p.env.iter().enumerate() {
+            let from_token_volume = e
+                .value_from
+                .as_ref()
+                .and_then(|f| f.file_key_ref.as_ref())
+                .is_some_and(|f| f.volume_name == TOKEN_VOLUME);
+            if from_token_volume {
+                return Err(Refusal::TokenVolumeUsed {
+                    field: format!("{}.env[{j}].valueFrom.fileKeyRef", p.field),
+                    container: p.name.to_owned(),
+                });
+            }
+        }
+        for (j, port) in p.ports.iter().enumerate() {
+            let clash = [
+                ("containerPort", Some(port.container_port)),
+                ("hostPort", port.host_port),
+            ]
+            .into_iter()
+            .find_map(|(what, n)| n.filter(|n| taken.contains(n)).map(|n| (what, n)));
+            if let Some((what, n)) = clash {
+                return Err(Refusal::PortTaken {
+                    field: format!("{}.ports[{j}].{what}", p.field),
+                    container: p.name.to_owned(),
+                    port: n,
+                });
+            }
+        }
+        if p.security.and_then(|s| s.run_as_user) == Some(SIDECAR_UID) {
+            return Err(Refusal::SidecarUid {
+                field: format!("{}.securityContext.runAsUser", p.field),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The admission warning for a key the sidecar will have to wait for, if any.
+fn waiting_warning(key: &PlannedKey, namespace: &str) -> Option<String> {
+    let (name, ns) = (shown(&key.name), shown(namespace));
+    match &key.facts {
+        None => Some(format!(
+            "ProviderKey {name} does not exist yet in namespace {ns}; the sidecar waits for it"
+        )),
+        Some(KeyFacts {
+            state: KeyState::NotReady { reason },
+            ..
+        }) => Some(format!(
+            "ProviderKey {name} in namespace {ns} is not Ready ({}); the sidecar waits for it",
+            shown(reason)
+        )),
+        Some(KeyFacts {
+            state: KeyState::Deleting,
+            ..
+        }) => Some(format!(
+            "ProviderKey {name} in namespace {ns} is being deleted; the sidecar will not get its key"
+        )),
+        Some(KeyFacts {
+            state: KeyState::Ready,
+            ..
+        }) => None,
+    }
+}
+
+/// Outside text, quoted with control characters escaped and cut to a readable length.
+fn shown(text: &str) -> String {
+    let mut cut: String = text.chars().take(MAX_SHOWN_CHARS).collect();
+    if cut.len() < text.len() {
+        cut.push('…');
+    }
+    format!("{cut:?}")
+}
+
+fn local_url(port: u16, provider: Option<ProviderKind>) -> String {
+    let openai_shaped = matches!(
+        provider,
+        Some(ProviderKind::OpenAI | ProviderKind::OpenAICompatible)
+    );
+    let suffix = if openai_shaped { "/v1" } else { "" };
+    format!("http://127.0.0.1:{port}{suffix}")
+}
+
+fn plain_env(name: &str, value: String) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value),
+        value_from: None,
+    }
+}
+
+/// The variables every application container gets (see the module documentation).
+fn application_env(keys: &[PlannedKey]) -> Vec<EnvVar> {
+    let mut env: Vec<EnvVar> = keys
+        .iter()
+        .map(|k| plain_env(&base_url_var(&k.name), local_url(k.port, k.provider())))
+        .collect();
+    let first_of = |kind: ProviderKind| keys.iter().find(|k| k.provider() == Some(kind));
+    let openai =
+        first_of(ProviderKind::OpenAI).or_else(|| first_of(ProviderKind::OpenAICompatible));
+    let families: [(Option<&PlannedKey>, &str, Option<&str>); 5] = [
+        (
+            first_of(ProviderKind::Anthropic),
+            "ANTHROPIC_BASE_URL",
+            Some("ANTHROPIC_API_KEY"),
+        ),
+        (openai, "OPENAI_BASE_URL", Some("OPENAI_API_KEY")),
+        (
+            first_of(ProviderKind::Google),
+            "GOOGLE_GEMINI_BASE_URL",
+            Some("GEMINI_API_KEY"),
+        ),
+        (
+            first_of(ProviderKind::Azure),
+            "AZURE_OPENAI_ENDPOINT",
+            Some("AZURE_OPENAI_API_KEY"),
+        ),
+        (
+            first_of(ProviderKind::Vertex),
+            "GOOGLE_VERTEX_BASE_URL",
+            None,
+        ),
+    ];
+    for (key, url_var, key_var) in families {
+        let Some(key) = key else { continue };
+        env.push(plain_env(url_var, local_url(key.port, key.provider())));
+        if let Some(key_var) = key_var {
+            env.push(plain_env(key_var, PLACEHOLDER_KEY.to_owned()));
+        }
+    }
+    env
+}
+
+/// Appends each of `vars` the container does not set itself; a second pass adds nothing.
+fn add_missing_env(c: &mut Container, vars: &[EnvVar]) {
+    let missing: Vec<EnvVar> = vars
+        .iter()
+        .filter(|v| !c.env.iter().flatten().any(|e| e.name == v.name))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        c.env.get_or_insert_with(Vec::new).extend(missing);
+    }
+}
+
+fn field_env(name: &str, field_path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                api_version: Some("v1".to_owned()),
+                field_path: field_path.to_owned(),
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+fn http_probe(path: &str, period: i32, failure_threshold: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::Int(i32::from(ADMIN_PORT)),
+            scheme: Some("HTTP".to_owned()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failure_threshold),
+        timeout_seconds: Some(1),
+        success_threshold: Some(1),
+        ..Default::default()
+    }
+}
+
+fn tcp_port(port: u16, name: Option<&str>) -> ContainerPort {
+    ContainerPort {
+        container_port: i32::from(port),
+        name: name.map(str::to_owned),
+        protocol: Some("TCP".to_owned()),
+        ..Default::default()
+    }
+}
+
+/// The native sidecar serving `keys`.
+fn sidecar(settings: &InjectSettings, keys: &[PlannedKey]) -> Container {
+    let mut args = vec![
+        "proxy".to_owned(),
+        format!("--admin-addr=0.0.0.0:{ADMIN_PORT}"),
+        format!("--broker-url={}", settings.broker_url),
+    ];
+    args.extend(keys.iter().map(|k| format!("--key={}={}", k.name, k.port)));
+    let mut ports = vec![tcp_port(ADMIN_PORT, Some(ADMIN_PORT_NAME))];
+    ports.extend(keys.iter().map(|k| tcp_port(k.port, None)));
+    Container {
+        name: SIDECAR_NAME.to_owned(),
+        image: Some(settings.proxy_image.clone()),
+        image_pull_policy: Some(settings.pull_policy.clone()),
+        args: Some(args),
+        env: Some(vec![
+            plain_env("BYOK_BROKER_CA", settings.broker_ca_pem.clone()),
+            field_env("POD_NAME", "metadata.name"),
+            field_env("POD_NAMESPACE", "metadata.namespace"),
+        ]),
+        ports: Some(ports),
+        resources: Some(settings.resources.clone()),
+        restart_policy: Some("Always".to_owned()),
+        startup_probe: Some(http_probe(
+            "/readyz",
+            STARTUP_PERIOD_SECONDS,
+            STARTUP_FAILURE_THRESHOLD,
+        )),
+        liveness_probe: Some(http_probe("/livez", 10, 3)),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(SIDECAR_UID),
+            run_as_group: Some(SIDECAR_UID),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                add: None,
+                drop: Some(vec!["ALL".to_owned()]),
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_owned(),
+                localhost_profile: None,
+            }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: TOKEN_VOLUME.to_owned(),
+            mount_path: TOKEN_DIR.to_owned(),
+            read_only: Some(true),
+            ..Default::default()
+        }]),
+        termination_message_path: Some(TERMINATION_MESSAGE_PATH.to_owned()),
+        termination_message_policy: Some("File".to_owned()),
+        ..Default::default()
+    }
+}
+
+/// The projected broker token only the sidecar mounts.
+fn token_volume() -> Volume {
+    Volume {
+        name: TOKEN_VOLUME.to_owned(),
+        projected: Some(ProjectedVolumeSource {
+            default_mode: Some(DEFAULT_MODE),
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(TOKEN_AUDIENCE.to_owned()),
+                    expiration_seconds: Some(TOKEN_EXPIRY_SECONDS),
+                    path: TOKEN_FILE.to_owned(),
+                    user: None,
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    const NS: &str = "team";
+
+    fn settings() -> InjectSettings {
+        InjectSettings {
+            proxy_image: "ghcr.io/byok/proxy:1.0".to_owned(),
+            pull_policy: "IfNotPresent".to_owned(),
+            resources: ResourceRequirements {
+                limits: Some(BTreeMap::from([(
+                    "memory".to_owned(),
+                    Quantity("64Mi".to_owned()),
+                )])),
+                ..Default::default()
+            },
+            broker_url: "https://broker.byok-system.svc:8443".to_owned(),
+            broker_ca_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+                .to_owned(),
+            native_sidecars: true,
+        }
+    }
+
+    fn ready(provider: ProviderKind) -> KeyFacts {
+        KeyFacts {
+            provider,
+            state: KeyState::Ready,
+            service_accounts: Vec::new(),
+        }
+    }
+
+    /// A lookup over `(name, facts)`.
+    fn lookup(entries: Vec<(&str, KeyFacts)>) -> impl Fn(&str) -> Option<KeyFacts> {
+        let map: BTreeMap<String, KeyFacts> = entries
+            .into_iter()
+            .map(|(n, f)| (n.to_owned(), f))
+            .collect();
+        move |name| map.get(name).cloned()
+    }
+
+    fn standard_keys() -> impl Fn(&str) -> Option<KeyFacts> {
+        lookup(vec![
+            ("team-anthropic", ready(ProviderKind::Anthropic)),
+            ("team-openai", ready(ProviderKind::OpenAI)),
+            ("openai-2", ready(ProviderKind::OpenAI)),
+            ("compat", ready(ProviderKind::OpenAICompatible)),
+            ("gem", ready(ProviderKind::Google)),
+            ("az", ready(ProviderKind::Azure)),
+            ("vx", ready(ProviderKind::Vertex)),
+        ])
+    }
+
+    /// An opted-in pod naming `keys`, with one application container; `spec` is merged in.
+    fn pod_with(keys: &str, spec: serde_json::Value) -> Pod {
+        let mut value = json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "app",
+                "namespace": NS,
+                "labels": {"byok.dev/inject": "true"},
+                "annotations": {"byok.dev/provider-keys": keys},
+            },
+            "spec": {"containers": [{"name": "app", "image": "app:1"}]},
+        });
+        if let (Some(base), Some(extra)) = (value["spec"].as_object_mut(), spec.as_object()) {
+            for (k, v) in extra {
+                base.insert(k.clone(), v.clone());
+            }
+        }
+        serde_json::from_value(value).expect("test pod")
+    }
+
+    fn pod(keys: &str) -> Pod {
+        pod_with(keys, json!({}))
+    }
+
+    fn run(pod: &Pod, keys: &dyn Fn(&str) -> Option<KeyFacts>) -> Result<Mutation, Refusal> {
+        mutate(pod, NS, keys, &settings())
+    }
+
+    fn apply(pod: &Pod, m: &Mutation) -> Pod {
+        let mut value = serde_json::to_value(pod).expect("pod json");
+        json_patch::patch(&mut value, &m.patch).expect("the patch applies");
+        serde_json::from_value(value).expect("a pod again")
+    }
+
+    fn injected(pod: &Pod, keys: &dyn Fn(&str) -> Option<KeyFacts>) -> Pod {
+        let m = run(pod, keys).expect("admitted");
+        apply(pod, &m)
+    }
+
+    fn spec(pod: &Pod) -> &PodSpec {
+        pod.spec.as_ref().expect("spec")
+    }
+
+    fn init(pod: &Pod) -> &[Container] {
+        spec(pod).init_containers.as_deref().unwrap_or_default()
+    }
+
+    fn env_of(c: &Container) -> BTreeMap<&str, Option<&str>> {
+        c.env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.as_str(), e.value.as_deref()))
+            .collect()
+    }
+
+    fn value<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
+        c.env
+            .iter()
+            .flatten()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.as_deref())
+    }
+
+    fn refusal(pod: &Pod) -> String {
+        run(pod, &standard_keys()).expect_err("refused").to_string()
+    }
+
+    fn assert_second_pass_empty(after: &Pod, keys: &dyn Fn(&str) -> Option<KeyFacts>) {
+        let again = run(after, keys).expect("second pass admitted");
+        assert!(again.patch.is_empty(), "second pass: {}", again.patch);
+    }
+
+    #[test]
+    fn injects_one_sidecar_with_everything_it_needs() {
+        let before = pod("team-anthropic");
+        let m = run(&before, &standard_keys()).expect("admitted");
+        assert!(m.warnings.is_empty(), "{:?}", m.warnings);
+        let after = apply(&before, &m);
+
+        let sidecars: Vec<&Container> = init(&after)
+            .iter()
+            .filter(|c| c.name == SIDECAR_NAME)
+            .collect();
+        assert_eq!(sidecars.len(), 1);
+        let s = sidecars[0];
+        assert_eq!(s.image.as_deref(), Some("ghcr.io/byok/proxy:1.0"));
+        assert_eq!(s.image_pull_policy.as_deref(), Some("IfNotPresent"));
+        assert_eq!(s.restart_policy.as_deref(), Some("Always"));
+        assert_eq!(s.resources.as_ref(), Some(&settings().resources));
+        assert_eq!(
+            s.args.as_deref().unwrap_or_default(),
+            [
+                "proxy",
+                "--admin-addr=0.0.0.0:15090",
+                "--broker-url=https://broker.byok-system.svc:8443",
+                "--key=team-anthropic=15100",
+            ]
+        );
+        let env = s.env.as_deref().unwrap_or_default();
+        assert_eq!(env[0].name, "BYOK_BROKER_CA");
+        assert_eq!(
+            env[0].value.as_deref(),
+            Some(settings().broker_ca_pem.as_str())
+        );
+        for (var, path) in [
+            ("POD_NAME", "metadata.name"),
+            ("POD_NAMESPACE", "metadata.namespace"),
+        ] {
+            let field = env
+                .iter()
+                .find(|e| e.name == var)
+                .and_then(|e| e.value_from.as_ref())
+                .and_then(|f| f.field_ref.as_ref())
+                .expect(var);
+            assert_eq!(field.field_path, path);
+            assert_eq!(field.api_version.as_deref(), Some("v1"));
+        }
+        let ports: Vec<(i32, Option<&str>, Option<&str>)> = s
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| (p.container_port, p.name.as_deref(), p.protocol.as_deref()))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                (15090, Some("byok-admin"), Some("TCP")),
+                (15100, None, Some("TCP"))
+            ]
+        );
+
+        let startup = s.startup_probe.as_ref().expect("startup probe");
+        let get = startup.http_get.as_ref().expect("httpGet");
+        assert_eq!(get.path.as_deref(), Some("/readyz"));
+        assert_eq!(get.port, IntOrString::Int(15090));
+        assert_eq!(startup.period_seconds, Some(1));
+        assert_eq!(startup.timeout_seconds, Some(1));
+        assert_eq!(startup.failure_threshold, Some(1800));
+        let liveness = s.liveness_probe.as_ref().expect("liveness probe");
+        let get = liveness.http_get.as_ref().expect("httpGet");
+        assert_eq!(get.path.as_deref(), Some("/livez"));
+        assert_eq!(get.port, IntOrString::Int(15090));
+        assert_eq!(
+            (liveness.period_seconds, liveness.failure_threshold),
+            (Some(10), Some(3))
+        );
+
+        let sc = s.security_context.as_ref().expect("securityContext");
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.run_as_user, Some(SIDECAR_UID));
+        assert_eq!(sc.run_as_group, Some(SIDECAR_UID));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            sc.capabilities.as_ref().and_then(|c| c.drop.as_deref()),
+            Some(&["ALL".to_owned()][..])
+        );
+        assert_eq!(
+            sc.seccomp_profile.as_ref().map(|p| p.type_.as_str()),
+            Some("RuntimeDefault")
+        );
+        let mounts = s.volume_mounts.as_deref().unwrap_or_default();
+        assert_eq!(mounts.len(), 1);
+        assert_eq!(
+            (
+                mounts[0].name.as_str(),
+                mounts[0].mount_path.as_str(),
+                mounts[0].read_only
+            ),
+            (TOKEN_VOLUME, TOKEN_DIR, Some(true))
+        );
+
+        let volumes = spec(&after).volumes.as_deref().unwrap_or_default();
+        assert_eq!(volumes.len(), 1);
+        let token = volumes[0]
+            .projected
+            .as_ref()
+            .and_then(|p| p.sources.as_ref())
+            .and_then(|s| s.first())
+            .and_then(|s| s.service_account_token.as_ref())
+            .expect("projected token");
+        assert_eq!(volumes[0].name, TOKEN_VOLUME);
+        assert_eq!(token.audience.as_deref(), Some("byok.dev"));
+        assert_eq!(token.expiration_seconds, Some(TOKEN_EXPIRY_SECONDS));
+        assert_eq!(token.path, "token");
+
+        let app = &spec(&after).containers[0];
+        assert_eq!(
+            env_of(app),
+            BTreeMap::from([
+                (
+                    "BYOK_TEAM_ANTHROPIC_BASE_URL",
+                    Some("http://127.0.0.1:15100")
+                ),
+                ("ANTHROPIC_BASE_URL", Some("http://127.0.0.1:15100")),
+                ("ANTHROPIC_API_KEY", Some("byok-proxy")),
+            ])
+        );
+        // The sidecar gets none of the application's variables.
+        assert_eq!(value(s, "ANTHROPIC_BASE_URL"), None);
+    }
+
+    #[test]
+    fn generate_name_pod_without_name_or_namespace() {
+        let mut before = pod("team-openai");
+        before.metadata.name = None;
+        before.metadata.namespace = None;
+        before.metadata.generate_name = Some("app-".to_owned());
+        let keys = standard_keys();
+        let after = injected(&before, &keys);
+        assert_eq!(init(&after)[0].name, SIDECAR_NAME);
+        assert_eq!(
+            value(&spec(&after).containers[0], "OPENAI_BASE_URL"),
+            Some("http://127.0.0.1:15100/v1")
+        );
+        assert_second_pass_empty(&after, &keys);
+    }
+
+    #[test]
+    fn two_keys_of_one_provider() {
+        let keys = standard_keys();
+        let after = injected(&pod("team-openai, openai-2"), &keys);
+        let app = &spec(&after).containers[0];
+        assert_eq!(
+            env_of(app),
+            BTreeMap::from([
+                (
+                    "BYOK_TEAM_OPENAI_BASE_URL",
+                    Some("http://127.0.0.1:15100/v1")
+                ),
+                ("BYOK_OPENAI_2_BASE_URL", Some("http://127.0.0.1:15101/v1")),
+                ("OPENAI_BASE_URL", Some("http://127.0.0.1:15100/v1")),
+                ("OPENAI_API_KEY", Some("byok-proxy")),
+            ])
+        );
+        let s = &init(&after)[0];
+        let args = s.args.as_deref().unwrap_or_default();
+        assert!(args.contains(&"--key=team-openai=15100".to_owned()));
+        assert!(args.contains(&"--key=openai-2=15101".to_owned()));
+        assert_eq!(s.ports.as_ref().map(Vec::len), Some(3));
+    }
+
+    #[test]
+    fn every_provider_gets_its_variables() {
+        let keys = standard_keys();
+        let after = injected(&pod("team-anthropic,compat,team-openai,gem,az,vx"), &keys);
+        let env = env_of(&spec(&after).containers[0]);
+        let expected = [
+            ("BYOK_TEAM_ANTHROPIC_BASE_URL", "http://127.0.0.1:15100"),
+            ("BYOK_COMPAT_BASE_URL", "http://127.0.0.1:15101/v1"),
+            ("BYOK_TEAM_OPENAI_BASE_URL", "http://127.0.0.1:15102/v1"),
+            ("BYOK_GEM_BASE_URL", "http://127.0.0.1:15103"),
+            ("BYOK_AZ_BASE_URL", "http://127.0.0.1:15104"),
+            ("BYOK_VX_BASE_URL", "http://127.0.0.1:15105"),
+            ("ANTHROPIC_BASE_URL", "http://127.0.0.1:15100"),
+            ("ANTHROPIC_API_KEY", "byok-proxy"),
+            // openai wins over an earlier openai-compatible key.
+            ("OPENAI_BASE_URL", "http://127.0.0.1:15102/v1"),
+            ("OPENAI_API_KEY", "byok-proxy"),
+            ("GOOGLE_GEMINI_BASE_URL", "http://127.0.0.1:15103"),
+            ("GEMINI_API_KEY", "byok-proxy"),
+            ("AZURE_OPENAI_ENDPOINT", "http://127.0.0.1:15104"),
+            ("AZURE_OPENAI_API_KEY", "byok-proxy"),
+            ("GOOGLE_VERTEX_BASE_URL", "http://127.0.0.1:15105"),
+        ];
+        assert_eq!(
+            env,
+            expected
+                .iter()
+                .map(|(k, v)| (*k, Some(*v)))
+                .collect::<BTreeMap<_, _>>()
+        );
+        assert_second_pass_empty(&after, &keys);
+    }
+
+    #[test]
+    fn openai_compatible_stands_in_for_openai() {
+        let after = injected(&pod("gem,compat"), &standard_keys());
+        let app = &spec(&after).containers[0];
+        assert_eq!(
+            value(app, "OPENAI_BASE_URL"),
+            Some("http://127.0.0.1:15101/v1")
+        );
+        assert_eq!(value(app, "OPENAI_API_KEY"), Some("byok-proxy"));
+    }
+
+    #[test]
+    fn lands_after_mesh_sidecars_and_before_regular_init_containers() {
+        let before = pod_with(
+            "team-anthropic",
+            json!({
+                "initContainers": [
+                    {"name": "istio-proxy", "image": "istio:1", "restartPolicy": "Always"},
+                    {"name": "migrate", "image": "app:1"},
+                    {"name": "log-shipper", "image": "ship:1", "restartPolicy": "Always"},
+                ],
+            }),
+        );
+        let keys = standard_keys();
+        let m = run(&before, &keys).expect("admitted");
+        let after = apply(&before, &m);
+        let names: Vec<&str> = init(&after).iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["istio-proxy", SIDECAR_NAME, "migrate", "log-shipper"]
+        );
+        let [mesh, _, migrate, shipper] = init(&after) else {
+            panic!("four init containers")
+        };
+        assert_eq!(mesh.env, None, "the mesh sidecar starts before ours");
+        assert_eq!(
+            value(migrate, "ANTHROPIC_BASE_URL"),
+            Some("http://127.0.0.1:15100")
+        );
+        assert_eq!(
+            value(shipper, "ANTHROPIC_BASE_URL"),
+            Some("http://127.0.0.1:15100")
+        );
+        // The existing init containers are not rewritten: one insert, plus env and volume.
+        let rewritten = m
+            .patch
+            .iter()
+            .filter(|op| op.path().to_string().ends_with("/name"))
+            .count();
+        assert_eq!(rewritten, 0, "{}", m.patch);
+        assert_second_pass_empty(&after, &keys);
+    }
+
+    #[test]
+    fn only_native_sidecars_go_first() {
+        let before = pod_with(
+            "gem",
+            json!({"initContainers": [{"name": "setup", "image": "app:1"}]}),
+        );
+        let after = injected(&before, &standard_keys());
+        let names: Vec<&str> = init(&after).iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, [SIDECAR_NAME, "setup"]);
+        let before = pod_with(
+            "gem",
+            json!({"initContainers": [{"name": "mesh", "image": "m:1", "restartPolicy": "Always"}]}),
+        );
+        let after = injected(&before, &standard_keys());
+        let names: Vec<&str> = init(&after).iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["mesh", SIDECAR_NAME]);
+    }
+
+    #[test]
+    fn second_pass_is_empty_even_after_api_server_defaulting() {
+        let keys = standard_keys();
+        let before = pod_with(
+            "team-anthropic,team-openai",
+            json!({
+                "initContainers": [{"name": "migrate", "image": "app:1"}],
+                "volumes": [{"name": "data", "emptyDir": {}}],
+            }),
+        );
+        let after = injected(&before, &keys);
+        assert_second_pass_empty(&after, &keys);
+
+        // What the API server fills in between passes, on our sidecar and volume; and the
+        // reverse (an explicit default dropped) must not matter either.
+        let mut defaulted = after.clone();
+        let spec = defaulted.spec.as_mut().expect("spec");
+        let sidecar = spec
+            .init_containers
+            .iter_mut()
+            .flatten()
+            .find(|c| c.name == SIDECAR_NAME)
+            .expect("sidecar");
+        sidecar.termination_message_path = Some("/dev/termination-log".to_owned());
+        sidecar.termination_message_policy = Some("File".to_owned());
+        sidecar.image_pull_policy = Some("IfNotPresent".to_owned());
+        if let Some(r) = sidecar.resources.as_mut() {
+            r.requests = r.limits.clone();
+        }
+        if let Some(p) = sidecar.startup_probe.as_mut() {
+            p.success_threshold = None;
+            p.initial_delay_seconds = Some(0);
+        }
+        if let Some(p) = sidecar.liveness_probe.as_mut() {
+            p.timeout_seconds = None;
+            if let Some(get) = p.http_get.as_mut() {
+                get.scheme = None;
+            }
+        }
+        for v in spec.volumes.iter_mut().flatten() {
+            if let Some(p) = v.projected.as_mut() {
+                p.default_mode = None;
+            }
+        }
+        for c in &mut spec.containers {
+            c.termination_message_path = Some("/dev/termination-log".to_owned());
+            c.image_pull_policy = Some("IfNotPresent".to_owned());
+        }
+        assert_second_pass_empty(&defaulted, &keys);
+    }
+
+    #[test]
+    fn a_variable_the_user_sets_is_left_alone() {
+        let before = pod_with(
+            "team-openai",
+            json!({"containers": [{
+                "name": "app",
+                "image": "app:1",
+                "env": [
+                    {"name": "OPENAI_BASE_URL", "value": "http://my-gateway/v1"},
+                    {"name": "OPENAI_API_KEY", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
+                ],
+            }]}),
+        );
+        let keys = standard_keys();
+        let after = injected(&before, &keys);
+        let env = spec(&after).containers[0]
+            .env
+            .as_deref()
+            .unwrap_or_default();
+        let names: Vec<&str> = env.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "OPENAI_BASE_URL",
+                "OPENAI_API_KEY",
+                "BYOK_TEAM_OPENAI_BASE_URL"
+            ]
+        );
+        assert_eq!(env[0].value.as_deref(), Some("http://my-gateway/v1"));
+        assert!(env[1].value_from.is_some());
+        assert_second_pass_empty(&after, &keys);
+    }
+
+    #[test]
+    fn pods_that_did_not_opt_in_are_untouched() {
+        let mut p = pod("team-openai");
+        p.metadata.labels = None;
+        let m = run(&p, &standard_keys()).expect("admitted");
+        assert_eq!(m, Mutation::default());
+        p.metadata.labels = Some(BTreeMap::from([(
+            names::INJECT_LABEL.to_owned(),
+            "false".to_owned(),
+        )]));
+        // Not opted in: nothing is checked, not even the annotation or hostNetwork.
+        p.spec.as_mut().expect("spec").host_network = Some(true);
+        let m = mutate(
+            &p,
+            NS,
+            &standard_keys(),
+            &InjectSettings {
+                native_sidecars: false,
+                ..settings()
+            },
+        )
+        .expect("admitted");
+        assert_eq!(m, Mutation::default());
+    }
+
+    #[test]
+    fn missing_not_ready_and_deleting_keys_are_admitted_with_warnings() {
+        let keys = lookup(vec![
+            ("ok", ready(ProviderKind::Anthropic)),
+            (
+                "slow",
+                KeyFacts {
+                    state: KeyState::NotReady {
+                        reason: "ProviderUnavailable".to_owned(),
+                    },
+                    ..ready(ProviderKind::Google)
+                },
+            ),
+            (
+                "going",
+                KeyFacts {
+                    state: KeyState::Deleting,
+                    ..ready(ProviderKind::OpenAI)
+                },
+            ),
+        ]);
+        let before = pod("ok,ghost,slow,going");
+        let m = run(&before, &keys).expect("admitted");
+        assert_eq!(
+            m.warnings,
+            [
+                "ProviderKey \"ghost\" does not exist yet in namespace \"team\"; the sidecar waits for it",
+                "ProviderKey \"slow\" in namespace \"team\" is not Ready (\"ProviderUnavailable\"); the sidecar waits for it",
+                "ProviderKey \"going\" in namespace \"team\" is being deleted; the sidecar will not get its key",
+            ]
+        );
+        let after = apply(&before, &m);
+        let args = init(&after)[0].args.clone().unwrap_or_default();
+        assert!(args.contains(&"--key=ghost=15101".to_owned()), "{args:?}");
+        let env = env_of(&spec(&after).containers[0]);
+        // A missing key's provider is unknown: only its own variable, without a suffix.
+        assert_eq!(
+            env.get("BYOK_GHOST_BASE_URL"),
+            Some(&Some("http://127.0.0.1:15101"))
+        );
+        assert_eq!(
+            env.get("GOOGLE_GEMINI_BASE_URL"),
+            Some(&Some("http://127.0.0.1:15102"))
+        );
+        assert_eq!(
+            env.get("OPENAI_BASE_URL"),
+            Some(&Some("http://127.0.0.1:15103/v1"))
+        );
+        assert_eq!(env.len(), 4 + 2 + 2 + 2);
+        let again = run(&after, &keys).expect("second pass admitted");
+        assert!(again.patch.is_empty(), "{}", again.patch);
+    }
+
+    #[test]
+    fn a_warning_never_carries_raw_control_characters_or_long_text() {
+        let keys = lookup(vec![(
+            "k",
+            KeyFacts {
+                state: KeyState::NotReady {
+                    reason: format!("bad\nline{}", "x".repeat(500)),
+                },
+                ..ready(ProviderKind::Anthropic)
+            },
+        )]);
+        let m = run(&pod("k"), &keys).expect("admitted");
+        assert!(!m.warnings[0].contains('\n'), "{:?}", m.warnings);
+        assert!(m.warnings[0].len() < 200, "{:?}", m.warnings);
+    }
+
+    #[test]
+    fn refuses_shared_host_and_process_namespaces() {
+        let msg = refusal(&pod_with("gem", json!({"hostNetwork": true})));
+        assert!(msg.contains("spec.hostNetwork"), "{msg}");
+        let msg = refusal(&pod_with("gem", json!({"shareProcessNamespace": true})));
+        assert!(msg.contains("spec.shareProcessNamespace"), "{msg}");
+        let msg = refusal(&pod_with("gem", json!({"hostPID": true})));
+        assert!(msg.contains("spec.hostPID"), "{msg}");
+        // false is fine.
+        let p = pod_with(
+            "gem",
+            json!({"hostNetwork": false, "shareProcessNamespace": false, "hostPID": false}),
+        );
+        assert!(run(&p, &standard_keys()).is_ok());
+    }
+
+    #[test]
+    fn refuses_a_missing_or_malformed_annotation() {
+        let mut p = pod("gem");
+        p.metadata.annotations = None;
+        let msg = refusal(&p);
+        assert!(
+            msg.contains("no annotation byok.dev/provider-keys"),
+            "{msg}"
+        );
+
+        let too_many: Vec<String> = (0..17).map(|i| format!("k{i}")).collect();
+        let long = "a".repeat(64);
+        for (annotation, expected) in [
+            ("", "names no ProviderKey"),
+            ("  ", "names no ProviderKey"),
+            ("A", "\"A\" is not a ProviderKey name"),
+            ("a,,b", "item 2 is empty"),
+            ("a,b,", "item 3 is empty"),
+            ("a, b ,a", "\"a\" is listed twice"),
+            (
+                too_many.join(",").as_str(),
+                "names 17 ProviderKeys; at most 16",
+            ),
+            (long.as_str(), "64 characters long; at most 63"),
+            ("-a", "\"-a\" is not a ProviderKey name"),
+            ("a..b", "\"a..b\" is not a ProviderKey name"),
+            ("a_b", "\"a_b\" is not a ProviderKey name"),
+            (
+                "a-b,a.b",
+                "\"a-b\" and \"a.b\" would share the variable BYOK_A_B_BASE_URL",
+            ),
+        ] {
+            let msg = refusal(&pod(annotation));
+            assert!(
+                msg.starts_with("annotation byok.dev/provider-keys: "),
+                "{msg}"
+            );
+            assert!(msg.contains(expected), "{annotation:?}: {msg}");
+        }
+    }
+
+    #[test]
+    fn parses_key_names() {
+        assert_eq!(
+            parse_key_names(" team-anthropic ,b.c,x1"),
+            Ok(vec![
+                "team-anthropic".to_owned(),
+                "b.c".to_owned(),
+                "x1".to_owned()
+            ])
+        );
+        let sixteen: Vec<String> = (0..16).map(|i| format!("k{i}")).collect();
+        assert_eq!(parse_key_names(&sixteen.join(",")), Ok(sixteen));
+        assert!(parse_key_names(&"a".repeat(63)).is_ok());
+        // A long bad item is cut in the message.
+        let msg = parse_key_names(&"A".repeat(5000)).expect_err("bad");
+        assert!(msg.len() < 300, "{msg}");
+    }
+
+    #[test]
+    fn base_url_variable_names() {
+        assert_eq!(base_url_var("team-openai"), "BYOK_TEAM_OPENAI_BASE_URL");
+        assert_eq!(base_url_var("a.b-c9"), "BYOK_A_B_C9_BASE_URL");
+    }
+
+    #[test]
+    fn refuses_when_native_sidecars_are_unavailable() {
+        let err = mutate(
+            &pod("gem"),
+            NS,
+            &standard_keys(),
+            &InjectSettings {
+                native_sidecars: false,
+                ..settings()
+            },
+        )
+        .expect_err("refused");
+        assert_eq!(err, Refusal::NativeSidecarsUnavailable);
+        assert!(err.to_string().contains("native sidecars"), "{err}");
+    }
+
+    #[test]
+    fn refuses_containers_named_like_the_sidecar() {
+        let user = json!({"name": "byok-proxy", "image": "evil:1"});
+        let msg = refusal(&pod_with(
+            "gem",
+            json!({"containers": [{"name": "app", "image": "a"}, user]}),
+        ));
+        assert!(msg.contains("spec.containers[1].name"), "{msg}");
+        assert!(msg.contains("reserved"), "{msg}");
+        let msg = refusal(&pod_with("gem", json!({"initContainers": [user]})));
+        assert!(msg.contains("spec.initContainers[0]"), "{msg}");
+        assert!(msg.contains("image differs"), "{msg}");
+        let msg = refusal(&pod_with("gem", json!({"ephemeralContainers": [user]})));
+        assert!(msg.contains("spec.ephemeralContainers[0].name"), "{msg}");
+    }
+
+    #[test]
+    fn refuses_a_copy_of_the_sidecar_with_a_hook_or_more_env() {
+        let keys = standard_keys();
+        let after = injected(&pod("gem"), &keys);
+        let tamper = |f: &dyn Fn(&mut Container)| {
+            let mut p = after.clone();
+            for c in p
+                .spec
+                .as_mut()
+                .expect("spec")
+                .init_containers
+                .iter_mut()
+                .flatten()
+            {
+                f(c);
+            }
+            run(&p, &keys).expect_err("refused").to_string()
+        };
+        let msg = tamper(&|c| {
+            c.lifecycle = Some(Default::default());
+        });
+        assert!(msg.contains("lifecycle differs"), "{msg}");
+        let msg = tamper(&|c| {
+            c.env
+                .get_or_insert_with(Vec::new)
+                .push(plain_env("HTTPS_PROXY", "http://evil".to_owned()));
+        });
+        assert!(msg.contains("env differs"), "{msg}");
+        let msg = tamper(&|c| {
+            if let Some(p) = c.liveness_probe.as_mut() {
+                p.exec = Some(Default::default());
+            }
+        });
+        assert!(msg.contains("livenessProbe differs"), "{msg}");
+        let msg = tamper(&|c| c.args = Some(vec!["proxy".to_owned()]));
+        assert!(msg.contains("args differs"), "{msg}");
+    }
+
+    #[test]
+    fn refuses_other_containers_on_the_token_volume() {
+        let msg = refusal(&pod_with(
+            "gem",
+            json!({"containers": [{
+                "name": "app",
+                "image": "a",
+                "volumeMounts": [{"name": "data", "mountPath": "/d"}, {"name": "byok-token", "mountPath": "/t"}],
+            }]}),
+        ));
+        assert!(msg.contains("spec.containers[0].volumeMounts[1]"), "{msg}");
+        assert!(msg.contains("\"app\""), "{msg}");
+
+        // Also after injection: the volume exists and is ours, the mount is still refused.
+        let keys = standard_keys();
+        let mut after = injected(&pod("gem"), &keys);
+        after.spec.as_mut().expect("spec").containers[0].volume_mounts = Some(vec![VolumeMount {
+            name: TOKEN_VOLUME.to_owned(),
+            mount_path: "/steal".to_owned(),
+            ..Default::default()
+        }]);
+        let msg = run(&after, &keys).expect_err("refused").to_string();
+        assert!(msg.contains("byok-token"), "{msg}");
+
+        let msg = refusal(&pod_with(
+            "gem",
+            json!({"initContainers": [{
+                "name": "init",
+                "image": "a",
+                "env": [{"name": "T", "valueFrom": {"fileKeyRef": {"volumeName": "byok-token", "path": "token", "key": "x"}}}],
+            }]}),
+        ));
+        assert!(
+            msg.contains("spec.initContainers[0].env[0].valueFrom.fileKeyRef"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn refuses_a_user_volume_named_byok_token_or_projecting_a_broker_token() {
+        let msg = refusal(&pod_with(
+            "gem",
+            json!({"volumes": [{"name": "byok-token", "emptyDir": {}}]}),
+        ));
+        assert!(msg.contains("spec.volumes[0]"), "{msg}");
+        assert!(msg.contains("reserved"), "{msg}");
+
+        let msg = refusal(&pod_with(
+            "gem",
+            json!({"volumes": [
+                {"name": "data", "emptyDir": {}},
+                {"name": "mine", "projected": {"sources": [
+                    {"configMap": {"name": "c"}},
+                    {"serviceAccountToken": {"audience": "byok.dev", "path": "t"}},
+                ]}},
+            ]}),
+        ));
+        assert!(msg.contains("spec.volumes[1]"), "{msg}");
+        assert!(msg.contains("\"mine\""), "{msg}");
+        assert!(msg.contains("audience \"byok.dev\""), "{msg}");
+
+        // A token for another audience is the user's business.
+        let p = pod_with(
+            "gem",
+            json!({"volumes": [{"name": "vault", "projected": {"sources": [
+                {"serviceAccountToken": {"audience": "vault", "path": "t"}},
+            ]}}]}),
+        );
+        assert!(run(&p, &standard_keys()).is_ok());
+    }
+
+    #[test]
+    fn refuses_the_sidecars_ports() {
+        let msg = refusal(&pod_with(
+            "gem",
+            json!({"containers": [{"name": "app", "image": "a", "ports": [{"containerPort": 8080}, {"containerPort": 15100}]}]}),
+        ));
+        assert!(
+            msg.contains("spec.containers[0].ports[1].containerPort"),
+            "{msg}"
+        );
+        assert!(msg.contains("15100"), "{msg}");
+        let msg = refusal(&pod_with(
+            "gem",
+            json!({"initContainers": [{"name": "i", "image": "a", "ports": [{"containerPort": 80, "hostPort": 15090}]}]}),
+        ));
+        assert!(
+            msg.contains("spec.initContainers[0].ports[0].hostPort"),
+            "{msg}"
+        );
+        // A port past this pod's keys is free.
+        let p = pod_with(
+            "gem",
+            json!({"containers": [{"name": "app", "image": "a", "ports": [{"containerPort": 15101}]}]}),
+        );
+        assert!(run(&p, &standard_keys()).is_ok());
+    }
+
+    #[test]
+    fn refuses_the_sidecars_user() {
+        let msg = refusal(&pod_with(
+            "gem",
+            json!({"securityContext": {"runAsUser": 15532}}),
+        ));
+        assert!(msg.contains("spec.securityContext.runAsUser"), "{msg}");
+        let msg = refusal(&pod_with(
+            "gem",
+            json!({"containers": [{"name": "app", "image": "a", "securityContext": {"runAsUser": 15532}}]}),
+        ));
+        assert!(
+            msg.contains("spec.containers[0].securityContext.runAsUser"),
+            "{msg}"
+        );
+        assert!(msg.contains("15532"), "{msg}");
+    }
+
+    #[test]
+    fn refuses_an_ephemeral_container_targeting_the_sidecar() {
+        let msg = refusal(&pod_with(
+            "gem",
+            json!({"ephemeralContainers": [{"name": "debug", "image": "busybox", "targetContainerName": "byok-proxy"}]}),
+        ));
+        assert!(
+            msg.contains("spec.ephemeralContainers[0].targetContainerName"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn refuses_a_service_account_outside_the_consumers() {
+        let keys = lookup(vec![
+            ("open", ready(ProviderKind::Google)),
+            (
+                "guarded",
+                KeyFacts {
+                    service_accounts: vec!["agent".to_owned()],
+                    ..ready(ProviderKind::Anthropic)
+                },
+            ),
+        ]);
+        let err = run(&pod("open,guarded"), &keys).expect_err("refused");
+        assert_eq!(
+            err.to_string(),
+            "ProviderKey \"guarded\" in namespace \"team\" does not admit service account \"default\" \
+             (spec.consumers.serviceAccounts); run the pod as one it lists"
+        );
+        let p = pod_with("open,guarded", json!({"serviceAccountName": "agent"}));
+        assert!(run(&p, &keys).is_ok());
+        let p = pod_with("open,guarded", json!({"serviceAccountName": "other"}));
+        let msg = run(&p, &keys).expect_err("refused").to_string();
+        assert!(msg.contains("\"other\""), "{msg}");
+    }
+
+    #[test]
+    fn never_panics_on_thin_pods() {
+        let keys = standard_keys();
+        let mut p = pod("gem");
+        p.spec = None;
+        let m = run(&p, &keys).expect("admitted");
+        let after = apply(&p, &m);
+        assert_eq!(init(&after)[0].name, SIDECAR_NAME);
+        assert_second_pass_empty(&after, &keys);
+
+        let p = pod_with("gem", json!({"containers": []}));
+        let after = injected(&p, &keys);
+        assert_eq!(init(&after).len(), 1);
+        assert_second_pass_empty(&after, &keys);
+    }
+
+    fn key_name() -> impl Strategy<Value = String> {
+        "[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?(\\.[a-z0-9]{1,10}){0,2}"
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics(s in "\\PC{0,200}") {
+            if let Ok(names) = parse_key_names(&s) {
+                prop_assert!(!names.is_empty() && names.len() <= MAX_KEYS);
+            }
+        }
+
+        #[test]
+        fn parse_never_panics_on_near_misses(s in "[a-zA-Z0-9.,_ -]{0,120}") {
+            if let Ok(names) = parse_key_names(&s) {
+                prop_assert!(!names.is_empty() && names.len() <= MAX_KEYS);
+                for n in &names {
+                    prop_assert!(n.len() <= 63 && !n.contains(' ') && !n.contains(','));
+                }
+            }
+        }
+
+        #[test]
+        fn valid_lists_parse_back(names in proptest::collection::btree_set(key_name(), 1..=MAX_KEYS)) {
+            let names: Vec<String> = names.into_iter().collect();
+            let vars: BTreeSet<String> = names.iter().map(|n| base_url_var(n)).collect();
+            prop_assume!(vars.len() == names.len());
+            prop_assert_eq!(parse_key_names(&names.join(" , ")), Ok(names));
+        }
+    }
+}
