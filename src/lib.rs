@@ -15,7 +15,7 @@ pub mod metrics;
 pub mod names;
 pub mod providers;
 pub mod reason;
-pub mod status;
 pub mod serving;
+pub mod status;
 pub mod telemetry;
 pub mod webhook;
