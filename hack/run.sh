@@ -48,6 +48,7 @@ target/debug/byok-operator controller --operator-namespace byok-system \
   --provider-endpoint "anthropic=$fake/anthropic" --provider-endpoint "openai=$fake/openai/v1" \
   --provider-endpoint "google=$fake/google" --provider-endpoint "vertex=$fake/vertex" \
   --provider-endpoint "vertex-token=$fake/vertex-token/token" --admin-addr 127.0.0.1:18080 \
+  --webhook-addr 127.0.0.1:19443 --broker-addr 127.0.0.1:19444 --broker-url https://127.0.0.1:19444 \
   >"$run_dir/operator.log" 2>&1 &
 pids+=($!)
 

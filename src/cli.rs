@@ -208,7 +208,9 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 }
 
 /// `requests.cpu=10m,limits.memory=64Mi` into ResourceRequirements.
-pub fn parse_resources(s: &str) -> Result<k8s_openapi::api::core::v1::ResourceRequirements, String> {
+pub fn parse_resources(
+    s: &str,
+) -> Result<k8s_openapi::api::core::v1::ResourceRequirements, String> {
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
     let mut out = k8s_openapi::api::core::v1::ResourceRequirements::default();
     for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
@@ -218,9 +220,13 @@ pub fn parse_resources(s: &str) -> Result<k8s_openapi::api::core::v1::ResourceRe
         let value = value.trim();
         let quantity_ok = !value.is_empty()
             && value.len() <= 32
-            && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.');
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.');
         if !quantity_ok || !value.as_bytes()[0].is_ascii_digit() {
-            return Err(format!("{item:?}: {value:?} is not a quantity such as 10m or 64Mi"));
+            return Err(format!(
+                "{item:?}: {value:?} is not a quantity such as 10m or 64Mi"
+            ));
         }
         let (target, resource) = match name.trim() {
             "requests.cpu" => (&mut out.requests, "cpu"),
@@ -273,18 +279,20 @@ impl ServeArgs {
                 ];
                 if let Some(host) = broker_url.host_str() {
                     // An IPv6 host comes bracketed in a URL, not in a SAN.
-                    sans.push(host.trim_start_matches('[').trim_end_matches(']').to_string());
+                    sans.push(
+                        host.trim_start_matches('[')
+                            .trim_end_matches(']')
+                            .to_string(),
+                    );
                 }
                 sans.extend(self.extra_sans.iter().cloned());
                 sans.sort();
                 sans.dedup();
-                crate::serve::TlsSource::Own(crate::serving::certs::CertSettings {
-                    namespace: operator_namespace.to_string(),
+                crate::serve::TlsSource::Own(crate::serving::CertSettings {
                     secret_name: self.cert_secret.clone(),
-                    sans,
                     serving_validity: self.serving_cert_validity,
                     renew_before: self.serving_cert_renew_before,
-                    ..crate::serving::certs::CertSettings::default()
+                    ..crate::serving::CertSettings::new(operator_namespace, sans)
                 })
             }
         };

@@ -17,7 +17,7 @@ use crate::broker::{Broker, EgressPolicy};
 use crate::controller::Context;
 use crate::controller::watches::Watches;
 use crate::metrics::Ready;
-use crate::serving::certs;
+use crate::serving::{self as certs, Bundle, ReloadableCert};
 use crate::webhook::handler::Injector;
 use crate::webhook::patch::InjectSettings;
 
@@ -94,7 +94,7 @@ pub async fn start(
         }
         TlsSource::Dir(dir) => (certs::load_dir(dir)?, Some(dir.clone())),
     };
-    let reloadable = Arc::new(certs::ReloadableCert::new(&bundle)?);
+    let reloadable = Arc::new(ReloadableCert::new(&bundle)?);
     let tls = certs::server_config(reloadable.clone());
 
     let native_sidecars = native_sidecars_survive(&client, &config.operator_namespace).await;
@@ -131,26 +131,21 @@ pub async fn start(
                 api,
                 settings.clone(),
                 reloadable.clone(),
-                certs::DEFAULT_CHECK_EVERY,
-                move |bundle: &certs::Bundle| {
+                move |bundle: &Bundle| {
                     injector.set_broker_ca(&bundle.ca_pem);
                     if let Some(name) = webhook_configuration.clone() {
-                        tokio::spawn(keep_ca_bundle(
-                            client.clone(),
-                            name,
-                            bundle.ca_pem.clone(),
-                        ));
+                        tokio::spawn(keep_ca_bundle(client.clone(), name, bundle.ca_pem.clone()));
                     }
                 },
             )));
         }
         (TlsSource::Dir(_), Some(dir)) => {
-            let injector = injector.clone();
-            tasks.push(tokio::spawn(certs::watch_dir(
+            // The CA sidecars trust is the one read at start-up: cert-manager renews the
+            // serving certificate, its CA changes only with a restart of the operator.
+            tasks.push(tokio::spawn(certs::keep_dir_current(
                 dir,
                 reloadable.clone(),
-                certs::DEFAULT_CHECK_EVERY,
-                move |bundle: &certs::Bundle| injector.set_broker_ca(&bundle.ca_pem),
+                certs::certs::DEFAULT_CHECK_EVERY,
             )));
         }
         (TlsSource::Dir(_), None) => {}
@@ -171,7 +166,11 @@ pub async fn start(
     .workers(config.workers)
     .disable_signals()
     .bind_rustls_0_23(config.webhook_addr, tls.clone())?;
-    let webhook_addr = webhook.addrs().first().copied().unwrap_or(config.webhook_addr);
+    let webhook_addr = webhook
+        .addrs()
+        .first()
+        .copied()
+        .unwrap_or(config.webhook_addr);
     let webhook = webhook.run();
 
     let broker_data = web::Data::new(broker);
@@ -183,7 +182,11 @@ pub async fn start(
     .workers(config.workers)
     .disable_signals()
     .bind_rustls_0_23(config.broker_addr, tls)?;
-    let broker_addr = broker.addrs().first().copied().unwrap_or(config.broker_addr);
+    let broker_addr = broker
+        .addrs()
+        .first()
+        .copied()
+        .unwrap_or(config.broker_addr);
     let broker = broker.run();
 
     let handles = vec![webhook.handle(), broker.handle()];
@@ -233,7 +236,16 @@ async fn native_sidecars_survive(client: &kube::Client, namespace: &str) -> bool
         Err(_) => return true,
     };
     let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    match api.create(&PostParams { dry_run: true, ..Default::default() }, &pod).await {
+    match api
+        .create(
+            &PostParams {
+                dry_run: true,
+                ..Default::default()
+            },
+            &pod,
+        )
+        .await
+    {
         Ok(created) => {
             let survived = created
                 .spec
@@ -242,7 +254,9 @@ async fn native_sidecars_survive(client: &kube::Client, namespace: &str) -> bool
                 .and_then(|c| c.restart_policy)
                 .is_some_and(|p| p == "Always");
             if !survived {
-                tracing::error!("this cluster drops restartPolicy on init containers (native sidecars are off, Kubernetes < 1.29?): opted-in pods will be refused");
+                tracing::error!(
+                    "this cluster drops restartPolicy on init containers (native sidecars are off, Kubernetes < 1.29?): opted-in pods will be refused"
+                );
             }
             survived
         }

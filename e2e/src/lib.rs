@@ -6,3 +6,4 @@ pub mod envtest;
 pub mod fake_provider;
 pub mod operator;
 pub mod pki;
+pub mod serving;

@@ -107,6 +107,13 @@ impl RunningController {
     /// requests, say); the CRD must be installed already.
     pub fn start_with_client(client: Client, config: controller::Config) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
+        // Logs for `RUST_LOG=... cargo test -- --nocapture` (off unless RUST_LOG is set).
+        if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
         let task = tokio::spawn(controller::run(client, config, std::future::pending()));
         Self { task }
     }
@@ -301,7 +308,7 @@ pub async fn operator_service_account_token(env: &TestEnv) -> anyhow::Result<Str
         ))
     };
     let mut cluster_role: ClusterRole = serde_saphyr::from_str(&read("cluster_role.yaml")?)?;
-    let mut role: Role = serde_saphyr::from_str(&read("leader_election_role.yaml")?)?;
+    let mut role: Role = serde_saphyr::from_str(&read("operator_namespace_role.yaml")?)?;
     let unique = format!("byok-operator-{}", env.namespace);
     cluster_role.metadata.name = Some(unique.clone());
     role.metadata.namespace = None;
@@ -367,4 +374,12 @@ pub async fn operator_service_account_token(env: &TestEnv) -> anyhow::Result<Str
         .status
         .and_then(|s| s.token)
         .context("TokenRequest returned no token")
+}
+
+/// A loopback port free right now (the OS picks it; another process could take it before
+/// it is bound again, which on a test machine does not happen in practice).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }

@@ -71,6 +71,18 @@ async fn no_key_material_reaches_logs_events_status_or_errors() -> anyhow::Resul
     ])
     .arg("--extra-ca-file")
     .arg(&ca);
+    // Every replica serves the webhook and the broker, with the operator's own CA.
+    let broker_port = byok_e2e::operator::free_port()?;
+    cmd.args([
+        "--webhook-addr",
+        &format!("127.0.0.1:{}", byok_e2e::operator::free_port()?),
+        "--broker-addr",
+        &format!("127.0.0.1:{broker_port}"),
+        "--broker-url",
+        &format!("https://127.0.0.1:{broker_port}"),
+        "--admin-addr",
+        &format!("127.0.0.1:{}", byok_e2e::operator::free_port()?),
+    ]);
     for p in [
         ProviderKind::Anthropic,
         ProviderKind::OpenAI,

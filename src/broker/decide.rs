@@ -134,7 +134,9 @@ impl Denial {
             Denial::KeyNotFound => "the ProviderKey does not exist (yet); waiting for it".into(),
             Denial::KeyDeleting => "the ProviderKey is being deleted".into(),
             Denial::KeyNotReady { reason } => {
-                format!("the ProviderKey has no key in service (Ready is not True: {reason}); waiting for it")
+                format!(
+                    "the ProviderKey has no key in service (Ready is not True: {reason}); waiting for it"
+                )
             }
         }
     }
@@ -267,7 +269,13 @@ mod tests {
     #[test]
     fn the_right_pod_gets_a_ready_key() {
         let k = pk(Some("True"), &[]);
-        let d = authorize(&caller(), "team", "k", Some(&pod(&["k"])), KeyFacts::Present(&k));
+        let d = authorize(
+            &caller(),
+            "team",
+            "k",
+            Some(&pod(&["k"])),
+            KeyFacts::Present(&k),
+        );
         assert_eq!(d, Decision::Serve);
     }
 
@@ -305,14 +313,23 @@ mod tests {
             opted_in: false,
             ..pod(&["k"])
         };
-        assert_eq!(deny(Some(&unlabelled)), Decision::Deny(Denial::PodNotOptedIn));
+        assert_eq!(
+            deny(Some(&unlabelled)),
+            Decision::Deny(Denial::PodNotOptedIn)
+        );
         assert_eq!(
             deny(Some(&pod(&["other"]))),
             Decision::Deny(Denial::KeyNotListed)
         );
         // A key the pod did not list is refused alike whether it exists or not.
         assert_eq!(
-            authorize(&caller(), "team", "k", Some(&pod(&["x"])), KeyFacts::Missing),
+            authorize(
+                &caller(),
+                "team",
+                "k",
+                Some(&pod(&["x"])),
+                KeyFacts::Missing
+            ),
             Decision::Deny(Denial::KeyNotListed)
         );
     }

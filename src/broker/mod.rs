@@ -298,7 +298,11 @@ impl Broker {
             Err(e) => {
                 tracing::warn!(error = %e, "TokenReview failed");
                 self.ctx.metrics.broker_answer("review_failed");
-                return error_json(503, "ReviewFailed", "the token could not be reviewed; retry");
+                return error_json(
+                    503,
+                    "ReviewFailed",
+                    "the token could not be reviewed; retry",
+                );
             }
         };
         // Only a caller of this namespace gets as far as a lookup.
@@ -317,7 +321,10 @@ impl Broker {
             Some(Err(_)) => KeyFacts::Unreadable,
             Some(Ok(pk)) => KeyFacts::Present(pk),
         };
-        let pk = match (decide::authorize(&caller, namespace, name, pod.as_ref(), key), key) {
+        let pk = match (
+            decide::authorize(&caller, namespace, name, pod.as_ref(), key),
+            key,
+        ) {
             (Decision::Serve, KeyFacts::Present(pk)) => pk,
             (Decision::Deny(denial), _) => {
                 if denial.is_waiting() {
@@ -356,7 +363,8 @@ impl Broker {
         if_none_match: Option<&str>,
     ) -> Result<HttpResponse, Unavailable> {
         let opened = self.key_in_service(pk, ns).await?;
-        let params = crate::controller::reconcile::provider_params(&pk.spec).map_err(Unavailable)?;
+        let params =
+            crate::controller::reconcile::provider_params(&pk.spec).map_err(Unavailable)?;
         let kind = pk.spec.provider;
         let base = self
             .ctx
@@ -370,11 +378,7 @@ impl Broker {
                 "the destination changed since the key was verified".into(),
             ));
         }
-        let key_version = pk
-            .status
-            .as_ref()
-            .and_then(|s| s.key_version)
-            .unwrap_or(1);
+        let key_version = pk.status.as_ref().and_then(|s| s.key_version).unwrap_or(1);
         let vertex = if kind == ProviderKind::Vertex {
             let oref = ObjectRef::<Secret>::new(&names::managed_secret_name(name)).within(ns);
             Some(self.vertex_token(oref, &opened).await?)
@@ -395,9 +399,7 @@ impl Broker {
                 value: &token.token,
                 expires_at: token.expires_at.to_string(),
             },
-            None => Credential::ApiKey {
-                value: &opened.key,
-            },
+            None => Credential::ApiKey { value: &opened.key },
         };
         let grant = Grant {
             namespace: ns,
@@ -419,7 +421,8 @@ impl Broker {
         };
         // Room up front: a growing Vec would leave unwiped copies of the key behind.
         let mut body = secrecy::zeroize::Zeroizing::new(Vec::with_capacity(
-            8192 + opened.key.expose_secret().len() + self.egress.extra_ca_pem.as_ref().map_or(0, String::len),
+            8192 + opened.key.expose_secret().len()
+                + self.egress.extra_ca_pem.as_ref().map_or(0, String::len),
         ));
         serde_json::to_writer(&mut *body, &grant)
             .map_err(|_| Unavailable("encoding the answer failed".into()))?;
@@ -474,8 +477,8 @@ fn etag(pk: &ProviderKey, opened: &OpenedKey, vertex: Option<&VertexAccessToken>
 }
 
 fn error_json(status: u16, reason: &str, message: &str) -> HttpResponse {
-    let status =
-        actix_web::http::StatusCode::from_u16(status).unwrap_or(actix_web::http::StatusCode::FORBIDDEN);
+    let status = actix_web::http::StatusCode::from_u16(status)
+        .unwrap_or(actix_web::http::StatusCode::FORBIDDEN);
     HttpResponse::build(status)
         .content_type("application/json")
         .json(serde_json::json!({"error": {"reason": reason, "message": message}}))

@@ -76,7 +76,10 @@ pub fn identity(meta: &mut ObjectMeta) {
 pub fn strip_pod(pod: &mut kube::api::PartialObjectMeta<k8s_openapi::api::core::v1::Pod>) {
     let full = std::mem::take(&mut pod.metadata);
     let keep = |map: Option<BTreeMap<String, String>>, key: &str| {
-        map.and_then(|m| m.get(key).map(|v| BTreeMap::from([(key.to_string(), v.clone())])))
+        map.and_then(|m| {
+            m.get(key)
+                .map(|v| BTreeMap::from([(key.to_string(), v.clone())]))
+        })
     };
     pod.metadata = ObjectMeta {
         name: full.name,

@@ -440,9 +440,9 @@ pub async fn run(
         None => None,
     };
     {
-        let (watches, ctx, metrics) = (watches.clone(), ctx.clone(), metrics.clone());
+        let (watches, metrics) = (watches.clone(), metrics.clone());
         tokio::spawn(async move {
-            watches.ready(&ctx).await;
+            watches.ready().await;
             metrics.set_ready(crate::metrics::Ready::Caches, true);
         });
     }
@@ -486,13 +486,9 @@ async fn reconcile_while_leading(
 ) {
     let metrics = ctx.metrics.clone();
     let store = watches.providerkeys.clone();
-    let ready_store = store.clone();
-    let all_at_start = futures::stream::once(async move {
-        let _ = ready_store.wait_until_ready().await;
-    });
-    let changed = |rx: futures::channel::mpsc::UnboundedReceiver<Secret>| {
-        rx.map(Ok::<_, watcher::Error>)
-    };
+    let all_at_start = futures::stream::once(watches.providerkeys_ready());
+    let changed =
+        |rx: futures::channel::mpsc::UnboundedReceiver<Secret>| rx.map(Ok::<_, watcher::Error>);
     let controller = Controller::for_stream(
         watches
             .providerkey_changes

@@ -10,11 +10,12 @@ use std::sync::{Arc, Mutex};
 use futures::channel::mpsc;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::Resource;
 use kube::api::{Api, PartialObjectMeta};
 use kube::core::DeserializeGuard;
 use kube::runtime::reflector::{self, Store};
-use kube::Resource;
 use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::{Context, cache, keyring};
@@ -61,6 +62,9 @@ pub struct Watches {
     pub source_changes: Arc<Fanout<Secret>>,
     pub managed_changes: Arc<Fanout<Secret>>,
     pub keyring_changes: Arc<Fanout<()>>,
+    /// True once each cache has listed: sources, managed, ProviderKeys, pods (if watched).
+    ready: Vec<watch::Receiver<bool>>,
+    providerkeys_ready: watch::Receiver<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -103,7 +107,8 @@ impl Watches {
         let mut tasks = Vec::new();
 
         let secrets: Api<Secret> = api(&client, watch_namespace);
-        tasks.push(drive(
+        let mut ready = Vec::new();
+        let (task, sources_ready) = drive(
             "source Secrets",
             reflector::reflector(
                 sources,
@@ -113,11 +118,12 @@ impl Watches {
                 )
                 .default_backoff()
                 .modify(cache::strip_source),
-            )
-            .touched_objects(),
+            ),
             Some(source_changes.clone()),
-        ));
-        tasks.push(drive(
+            true,
+        );
+        tasks.push(task);
+        let (task, managed_ready) = drive(
             "managed Secrets",
             reflector::reflector(
                 managed,
@@ -127,22 +133,19 @@ impl Watches {
                 )
                 .default_backoff()
                 .modify(cache::strip_managed),
-            )
-            .touched_objects(),
+            ),
             Some(managed_changes.clone()),
-        ));
+            true,
+        );
+        tasks.push(task);
+        ready.extend([sources_ready.clone(), managed_ready.clone()]);
 
         // The ProviderKey watch starts once the Secret caches are filled: no decision (the
         // controller's, the webhook's, the broker's) reads a Secret cache still filling.
         let (providerkeys, pk_writer) = reflector::store::<DeserializeGuard<ProviderKey>>();
         let pks: Api<DeserializeGuard<ProviderKey>> = api(&client, watch_namespace);
-        let (sources_ready, managed_ready) = (ctx.sources.clone(), ctx.managed.clone());
         let pk_stream = futures::stream::once(async move {
-            // Only a dropped writer ends these early, and then the process is stopping.
-            let _ = tokio::join!(
-                sources_ready.wait_until_ready(),
-                managed_ready.wait_until_ready()
-            );
+            tokio::join!(until_ready(sources_ready), until_ready(managed_ready));
             reflector::reflector(
                 pk_writer,
                 watcher(pks, watcher::Config::default().any_semantic())
@@ -150,13 +153,16 @@ impl Watches {
                     .modify(|guard| cache::identity(guard.meta_mut())),
             )
         })
-        .flatten()
-        .applied_objects();
-        tasks.push(drive(
+        .flatten();
+        // Deletes need no reconcile: the finalizer turns a delete into an update first.
+        let (task, providerkeys_ready) = drive(
             "ProviderKeys",
             pk_stream,
             Some(providerkey_changes.clone()),
-        ));
+            false,
+        );
+        tasks.push(task);
+        ready.push(providerkeys_ready.clone());
 
         let keyring_fanout = keyring_changes.clone();
         let keyring_stream = keyring::changes(keyring_api, ctx, keyring_ref);
@@ -174,17 +180,19 @@ impl Watches {
                 None => Api::all(client.clone()),
             };
             let selector = format!("{}={}", names::INJECT_LABEL, names::INJECT_VALUE);
-            tasks.push(drive(
+            let (task, pods_ready) = drive::<PartialObjectMeta<Pod>, _>(
                 "pods",
                 reflector::reflector(
                     writer,
                     watcher(pods, watcher::Config::default().labels(&selector))
                         .default_backoff()
                         .modify(cache::strip_pod),
-                )
-                .touched_objects(),
+                ),
                 None,
-            ));
+                false,
+            );
+            tasks.push(task);
+            ready.push(pods_ready);
             store
         });
 
@@ -195,41 +203,66 @@ impl Watches {
             source_changes,
             managed_changes,
             keyring_changes,
+            ready,
+            providerkeys_ready,
             tasks,
         }
     }
 
     /// Waits until every cache has listed once.
-    pub async fn ready(&self, ctx: &Context) {
-        let _ = tokio::join!(
-            ctx.sources.wait_until_ready(),
-            ctx.managed.wait_until_ready(),
-            self.providerkeys.wait_until_ready(),
-        );
-        if let Some(pods) = &self.pods {
-            let _ = pods.wait_until_ready().await;
-        }
+    pub async fn ready(&self) {
+        futures::future::join_all(self.ready.iter().cloned().map(until_ready)).await;
+    }
+
+    /// Waits until the ProviderKey cache has listed once.
+    pub fn providerkeys_ready(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        until_ready(self.providerkeys_ready.clone())
     }
 }
 
 /// Runs one watch for the life of the process: errors are retried (with the watcher's
-/// backoff) and logged, changes go to `fanout`.
-fn drive<K, S>(what: &'static str, stream: S, fanout: Option<Arc<Fanout<K>>>) -> JoinHandle<()>
+/// backoff) and logged, changed objects go to `fanout` (deleted ones only with `deletes`),
+/// and `ready` turns true once the first list is in the cache.
+///
+/// Our own flag, not `Store::wait_until_ready`: that one wakes a single waiter, and here the
+/// controller, the ProviderKey watch and `/readyz` all wait.
+fn drive<K, S>(
+    what: &'static str,
+    stream: S,
+    fanout: Option<Arc<Fanout<K>>>,
+    deletes: bool,
+) -> (JoinHandle<()>, watch::Receiver<bool>)
 where
-    K: Clone + Send + 'static,
-    S: Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+    K: Clone + Send + Sync + 'static,
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
 {
-    tokio::spawn(async move {
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let task = tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(item) = stream.next().await {
             match item {
-                Ok(obj) => {
+                Ok(watcher::Event::InitDone) => {
+                    ready_tx.send_replace(true);
+                }
+                Ok(watcher::Event::Apply(obj) | watcher::Event::InitApply(obj)) => {
                     if let Some(fanout) = &fanout {
                         fanout.publish(&obj);
                     }
                 }
+                Ok(watcher::Event::Delete(obj)) => {
+                    if let (Some(fanout), true) = (&fanout, deletes) {
+                        fanout.publish(&obj);
+                    }
+                }
+                Ok(watcher::Event::Init) => {}
                 Err(e) => tracing::warn!(watch = what, error = %e, "watch failed; retrying"),
             }
         }
-    })
+    });
+    (task, ready_rx)
+}
+
+/// Waits until `ready` turns true (or its watch is gone).
+pub async fn until_ready(mut ready: watch::Receiver<bool>) {
+    let _ = ready.wait_for(|r| *r).await;
 }

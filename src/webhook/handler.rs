@@ -95,7 +95,10 @@ impl Injector {
     }
 
     /// The answer to one review: `Err` is a malformed review (HTTP 400).
-    pub fn review(&self, body: &[u8]) -> Result<(AdmissionReview<DynamicObject>, &'static str), String> {
+    pub fn review(
+        &self,
+        body: &[u8],
+    ) -> Result<(AdmissionReview<DynamicObject>, &'static str), String> {
         let review: AdmissionReview<Pod> = serde_json::from_slice(body)
             .map_err(|e| format!("the body is not an AdmissionReview of a Pod: {e}"))?;
         let request: AdmissionRequest<Pod> = review

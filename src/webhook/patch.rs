@@ -110,7 +110,8 @@ pub enum KeyState {
 /// What the cache knows about one ProviderKey.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyFacts {
-    pub provider: ProviderKind,
+    /// `None`: the ProviderKey exists but cannot be read (only its own variable is set).
+    pub provider: Option<ProviderKind>,
     pub state: KeyState,
     /// `spec.consumers.serviceAccounts`; empty admits any.
     pub service_accounts: Vec<String>,
@@ -434,7 +435,7 @@ struct PlannedKey {
 
 impl PlannedKey {
     fn provider(&self) -> Option<ProviderKind> {
-        self.facts.as_ref().map(|f| f.provider)
+        self.facts.as_ref().and_then(|f| f.provider)
     }
 }
 
@@ -939,7 +940,7 @@ mod tests {
 
     fn ready(provider: ProviderKind) -> KeyFacts {
         KeyFacts {
-            provider,
+            provider: Some(provider),
             state: KeyState::Ready,
             service_accounts: Vec::new(),
         }

@@ -1,0 +1,270 @@
+//! Tests of what every replica serves: the operator (in this process) with its webhook and
+//! broker on loopback ports, the API server calling the webhook by `url` + `caBundle` (the
+//! operator sets the caBundle itself), and sidecar-style callers of the broker with real
+//! pod-bound ServiceAccount tokens.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use byok_operator::controller;
+use byok_operator::names;
+use byok_operator::serve::{ProxyOptions, ServeConfig, TlsSource};
+use byok_operator::serving::CertSettings;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
+use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+
+use crate::envtest::TestEnv;
+use crate::fake_provider::FakeProvider;
+use crate::operator::{RunningController, WAIT, dev_config, free_port};
+
+/// The sidecar image the tests' webhook injects (never pulled: no kubelet here).
+pub const TEST_PROXY_IMAGE: &str = "byok.dev/test/byok-operator:e2e";
+
+/// The serving part of a test operator: loopback ports, own CA in the test namespace,
+/// the test's own webhook configuration.
+pub fn serve_config(env: &TestEnv, webhook_configuration: &str) -> anyhow::Result<ServeConfig> {
+    let broker_port = free_port()?;
+    Ok(ServeConfig {
+        webhook_addr: format!("127.0.0.1:{}", free_port()?).parse()?,
+        broker_addr: format!("127.0.0.1:{broker_port}").parse()?,
+        broker_url: format!("https://127.0.0.1:{broker_port}"),
+        tls: TlsSource::Own(CertSettings::new(
+            env.namespace.clone(),
+            vec!["127.0.0.1".into(), "localhost".into()],
+        )),
+        webhook_configuration: Some(webhook_configuration.to_string()),
+        proxy: ProxyOptions {
+            image: TEST_PROXY_IMAGE.into(),
+            pull_policy: "IfNotPresent".into(),
+            resources: byok_operator::cli::parse_resources(
+                "requests.cpu=10m,requests.memory=16Mi,limits.memory=64Mi",
+            )
+            .map_err(anyhow::Error::msg)?,
+        },
+        key_lease: Duration::from_secs(300),
+        egress: Default::default(),
+        operator_namespace: env.namespace.clone(),
+        workers: 1,
+    })
+}
+
+/// A MutatingWebhookConfiguration as in `config/webhook/`, but calling the test operator
+/// by URL and scoped to the test namespace (tests run side by side on one API server).
+/// No caBundle: the operator sets it.
+pub fn webhook_configuration(
+    name: &str,
+    namespace: &str,
+    url: &str,
+) -> anyhow::Result<MutatingWebhookConfiguration> {
+    Ok(serde_json::from_value(serde_json::json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [{
+            "name": "inject.byok.dev",
+            "admissionReviewVersions": ["v1"],
+            "clientConfig": {"url": url},
+            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"], "scope": "Namespaced"}],
+            "objectSelector": {"matchLabels": {names::INJECT_LABEL: names::INJECT_VALUE}},
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+            "failurePolicy": "Fail",
+            "reinvocationPolicy": "IfNeeded",
+            "sideEffects": "None",
+            "timeoutSeconds": 5,
+        }]
+    }))?)
+}
+
+/// An operator serving the webhook and the broker for one test namespace, with the API
+/// server's webhook pointed at it. Dropping it stops the operator and removes the
+/// (cluster-scoped) webhook configuration.
+pub struct ServingOperator {
+    pub controller: RunningController,
+    pub config: ServeConfig,
+    pub webhook_configuration: String,
+    pub metrics: std::sync::Arc<byok_operator::metrics::Metrics>,
+    client: kube::Client,
+}
+
+impl ServingOperator {
+    pub async fn start(env: &TestEnv, fake: &FakeProvider) -> anyhow::Result<Self> {
+        Self::start_with(env, fake, |_| {}).await
+    }
+
+    /// Starts with a changed configuration; waits until the API server calls the webhook.
+    pub async fn start_with(
+        env: &TestEnv,
+        fake: &FakeProvider,
+        change: impl FnOnce(&mut controller::Config),
+    ) -> anyhow::Result<Self> {
+        let name = format!("byok-{}", env.namespace);
+        let serve = serve_config(env, &name)?;
+        let url = format!("https://{}/mutate", serve.webhook_addr);
+        let mwc = webhook_configuration(&name, &env.namespace, &url)?;
+        let mwcs: Api<MutatingWebhookConfiguration> = Api::all(env.client.clone());
+        mwcs.create(&PostParams::default(), &mwc).await?;
+        let mut config = dev_config(env, fake)?;
+        config.serving = Some(serve.clone());
+        change(&mut config);
+        let metrics = config.metrics.clone();
+        let controller = RunningController::start(env, config).await?;
+        let op = Self {
+            controller,
+            config: serve,
+            webhook_configuration: name,
+            metrics,
+            client: env.client.clone(),
+        };
+        op.wait_webhook_called(env).await?;
+        Ok(op)
+    }
+
+    /// The CA sidecars trust, from the operator's certificate Secret.
+    pub async fn ca_pem(&self, env: &TestEnv) -> anyhow::Result<String> {
+        let secret = env
+            .api::<Secret>()
+            .get(byok_operator::serving::certs::DEFAULT_SECRET_NAME)
+            .await?;
+        let ca = secret
+            .data
+            .and_then(|d| d.get("ca.crt").cloned())
+            .context("no ca.crt")?;
+        Ok(String::from_utf8(ca.0)?)
+    }
+
+    /// Polls with dry-run pod creations until the API server gets through to the webhook
+    /// (the caBundle is set by the operator after it starts).
+    async fn wait_webhook_called(&self, env: &TestEnv) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let pod = opted_in_pod("probe-", &["no-such-key"]);
+        let mut last = String::new();
+        while tokio::time::Instant::now() < deadline {
+            match env
+                .api::<Pod>()
+                .create(
+                    &PostParams {
+                        dry_run: true,
+                        ..Default::default()
+                    },
+                    &pod,
+                )
+                .await
+            {
+                Ok(created) if has_sidecar(&created) => return Ok(()),
+                Ok(_) => last = "admitted without a sidecar".into(),
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        anyhow::bail!("the API server never reached the webhook: {last}")
+    }
+
+    /// An HTTP client that trusts the operator's CA.
+    pub async fn https_client(&self, env: &TestEnv) -> anyhow::Result<reqwest::Client> {
+        let ca = self.ca_pem(env).await?;
+        Ok(reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(ca.as_bytes())?])
+            .build()?)
+    }
+
+    pub fn broker_url(&self) -> &str {
+        &self.config.broker_url
+    }
+
+    pub fn webhook_url(&self) -> String {
+        format!("https://{}/mutate", self.config.webhook_addr)
+    }
+}
+
+impl Drop for ServingOperator {
+    fn drop(&mut self) {
+        let (client, name) = (self.client.clone(), self.webhook_configuration.clone());
+        // Best effort: the test namespace's selector keeps a leftover harmless.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = Api::<MutatingWebhookConfiguration>::all(client)
+                    .delete(&name, &DeleteParams::default())
+                    .await;
+            });
+        }
+    }
+}
+
+/// A pod that opts in to injection with these keys, from `generateName`.
+pub fn opted_in_pod(generate_name: &str, keys: &[&str]) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "generateName": generate_name,
+            "labels": {names::INJECT_LABEL: names::INJECT_VALUE},
+            "annotations": {names::PROVIDER_KEYS_ANNOTATION: keys.join(",")},
+        },
+        "spec": {"containers": [{"name": "app", "image": "busybox"}]},
+    }))
+    .unwrap_or_default()
+}
+
+pub fn has_sidecar(pod: &Pod) -> bool {
+    sidecars(pod) == 1
+}
+
+/// How many injected sidecars the pod has.
+pub fn sidecars(pod: &Pod) -> usize {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.init_containers.as_ref())
+        .map_or(0, |c| {
+            c.iter()
+                .filter(|c| c.name == byok_operator::webhook::patch::SIDECAR_NAME)
+                .count()
+        })
+}
+
+/// A token like the one the kubelet projects into the sidecar: for `service_account`,
+/// bound to `pod`, for `audience`.
+pub async fn pod_token(
+    env: &TestEnv,
+    service_account: &str,
+    pod: &Pod,
+    audience: &str,
+) -> anyhow::Result<String> {
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec![audience.to_string()]),
+            expiration_seconds: Some(600),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: pod.metadata.name.clone(),
+                uid: pod.metadata.uid.clone(),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let issued = env
+        .api::<ServiceAccount>()
+        .create_token_request(service_account, &PostParams::default(), &request)
+        .await?;
+    issued
+        .status
+        .and_then(|s| s.token)
+        .context("TokenRequest returned no token")
+}
+
+/// Creates a ServiceAccount in the test namespace.
+pub async fn service_account(env: &TestEnv, name: &str) -> anyhow::Result<()> {
+    let sa = ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    env.api::<ServiceAccount>()
+        .create(&PostParams::default(), &sa)
+        .await?;
+    Ok(())
+}
