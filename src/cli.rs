@@ -25,7 +25,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the controller (reconcile loop with leader election).
-    Controller(ControllerArgs),
+    Controller(Box<ControllerArgs>),
     /// Run the sidecar proxy that adds the provider's auth header on 127.0.0.1 (not yet).
     Proxy,
     /// Verify one key with a live call to its provider and print the result.
@@ -387,7 +387,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             print!("{}", crate::crdgen::crd_yaml()?);
             Ok(())
         }
-        Command::Controller(args) => runtime.block_on(controller(args)),
+        Command::Controller(args) => runtime.block_on(controller(*args)),
         Command::Verify(args) => return runtime.block_on(verify(args)),
         Command::Keyring(command) => runtime.block_on(async {
             let (KeyringCommand::Rotate(target) | KeyringCommand::Init(target)) = &command;

@@ -232,6 +232,11 @@ impl Metrics {
         self.leader.set(i64::from(leading));
     }
 
+    /// Whether this replica reconciles now.
+    pub fn is_leader(&self) -> bool {
+        self.leader.get() == 1
+    }
+
     pub fn admission(&self, result: &'static str, took: Duration) {
         self.admissions
             .get_or_create(&vec![("result", result)])

@@ -25,9 +25,12 @@ const REFUSAL_TTL: Duration = Duration::from_secs(10);
 /// Reviews remembered before the cache starts over.
 const MAX_ENTRIES: usize = 65_536;
 
+/// A review's answer and until when it is trusted, by SHA-256 of the token.
+type ReviewCache = HashMap<[u8; 32], (Instant, Result<Caller, Denial>)>;
+
 pub struct TokenReviews {
     api: Api<TokenReview>,
-    cache: Mutex<HashMap<[u8; 32], (Instant, Result<Caller, Denial>)>>,
+    cache: Mutex<ReviewCache>,
 }
 
 impl TokenReviews {

@@ -47,6 +47,13 @@ use crate::providers::ProviderKind;
 pub const SIDECAR_NAME: &str = "byok-proxy";
 /// The pod volume holding the sidecar's projected ServiceAccount token; reserved.
 pub const TOKEN_VOLUME: &str = "byok-token";
+/// An empty volume the sidecar mounts where Kubernetes would put the pod's API token: the
+/// ServiceAccount admission plugin skips containers that already have a mount there. The
+/// sidecar needs no API access, and without this the plugin (re-run after our patch) would
+/// add its mount and make the sidecar look tampered with on reinvocation.
+pub const NO_API_TOKEN_VOLUME: &str = "byok-no-api-token";
+/// Where the ServiceAccount admission plugin mounts the API token.
+pub const API_TOKEN_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 /// Where the sidecar mounts [`TOKEN_VOLUME`]; the token is `TOKEN_DIR/TOKEN_FILE`.
 pub const TOKEN_DIR: &str = "/var/run/secrets/byok.dev/token";
 /// The token's file name inside [`TOKEN_DIR`].
@@ -385,10 +392,11 @@ pub fn mutate(
     let mut edited = pod.clone();
     let edited_spec = edited.spec.get_or_insert_with(PodSpec::default);
     if !existing_volume {
-        edited_spec
-            .volumes
-            .get_or_insert_with(Vec::new)
-            .push(token_volume());
+        let volumes = edited_spec.volumes.get_or_insert_with(Vec::new);
+        volumes.push(token_volume());
+        if !volumes.iter().any(|v| v.name == NO_API_TOKEN_VOLUME) {
+            volumes.push(no_api_token_volume());
+        }
     }
     let app_env = application_env(&planned);
     for c in &mut edited_spec.containers {
@@ -554,6 +562,10 @@ fn check_volumes(spec: &PodSpec) -> Result<bool, Refusal> {
                 return Err(Refusal::TokenVolumeNameTaken { field });
             }
             found = true;
+        } else if v.name == NO_API_TOKEN_VOLUME {
+            if *v != no_api_token_volume() {
+                return Err(Refusal::TokenVolumeNameTaken { field });
+            }
         } else if projects_broker_token(v) {
             return Err(Refusal::BrokerToken {
                 field,
@@ -878,14 +890,31 @@ fn sidecar(settings: &InjectSettings, keys: &[PlannedKey]) -> Container {
             }),
             ..Default::default()
         }),
-        volume_mounts: Some(vec![VolumeMount {
-            name: TOKEN_VOLUME.to_owned(),
-            mount_path: TOKEN_DIR.to_owned(),
-            read_only: Some(true),
-            ..Default::default()
-        }]),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: TOKEN_VOLUME.to_owned(),
+                mount_path: TOKEN_DIR.to_owned(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: NO_API_TOKEN_VOLUME.to_owned(),
+                mount_path: API_TOKEN_DIR.to_owned(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+        ]),
         termination_message_path: Some(TERMINATION_MESSAGE_PATH.to_owned()),
         termination_message_policy: Some("File".to_owned()),
+        ..Default::default()
+    }
+}
+
+/// See [`NO_API_TOKEN_VOLUME`].
+fn no_api_token_volume() -> Volume {
+    Volume {
+        name: NO_API_TOKEN_VOLUME.to_owned(),
+        empty_dir: Some(Default::default()),
         ..Default::default()
     }
 }
@@ -1130,7 +1159,12 @@ mod tests {
             Some("RuntimeDefault")
         );
         let mounts = s.volume_mounts.as_deref().unwrap_or_default();
-        assert_eq!(mounts.len(), 1);
+        assert_eq!(mounts.len(), 2);
+        // An empty mount where the API token would go: the sidecar holds no API token.
+        assert_eq!(
+            (mounts[1].name.as_str(), mounts[1].mount_path.as_str()),
+            (NO_API_TOKEN_VOLUME, API_TOKEN_DIR)
+        );
         assert_eq!(
             (
                 mounts[0].name.as_str(),
@@ -1141,7 +1175,8 @@ mod tests {
         );
 
         let volumes = spec(&after).volumes.as_deref().unwrap_or_default();
-        assert_eq!(volumes.len(), 1);
+        assert_eq!(volumes.len(), 2);
+        assert_eq!(volumes[1].name, NO_API_TOKEN_VOLUME);
         let token = volumes[0]
             .projected
             .as_ref()

@@ -1,0 +1,542 @@
+//! The admission webhook, called by the real kube-apiserver over TLS (registered by `url`,
+//! its `caBundle` set by the operator), and what every replica serves.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use byok_e2e::envtest::TestEnv;
+use byok_e2e::fake_provider::{FakeProvider, FakeProviderConfig};
+use byok_e2e::operator::*;
+use byok_e2e::serving::*;
+use byok_operator::providers::ProviderKind;
+use byok_operator::serve::TlsSource;
+use byok_operator::webhook::patch::{SIDECAR_NAME, TOKEN_VOLUME};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Container, Pod};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+
+fn env_of(c: &Container) -> std::collections::BTreeMap<String, String> {
+    c.env
+        .iter()
+        .flatten()
+        .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+        .collect()
+}
+
+fn init_names(pod: &Pod) -> Vec<String> {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.init_containers.as_ref())
+        .map(|c| c.iter().map(|c| c.name.clone()).collect())
+        .unwrap_or_default()
+}
+
+fn container<'a>(pod: &'a Pod, name: &str) -> anyhow::Result<&'a Container> {
+    let spec = pod.spec.as_ref().context("no spec")?;
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .find(|c| c.name == name)
+        .with_context(|| format!("no container {name}"))
+}
+
+async fn ready_key(env: &TestEnv, fake: &FakeProvider, name: &str) -> anyhow::Result<String> {
+    let key = random_key("sk-ant-api03-");
+    fake.add_valid_key(ProviderKind::Anthropic, &key);
+    put_secret(env, &format!("{name}-raw"), &[("api-key", &key)]).await?;
+    create_pk(
+        env,
+        name,
+        serde_json::json!({"provider": "anthropic", "secretRef": {"name": format!("{name}-raw")}}),
+    )
+    .await?;
+    wait_pk(env, name, "Ready", |pk| {
+        is_condition(pk, "Ready", "True", "Valid")
+    })
+    .await?;
+    Ok(key)
+}
+
+async fn create(env: &TestEnv, pod: &Pod) -> Result<Pod, kube::Error> {
+    env.api::<Pod>().create(&PostParams::default(), pod).await
+}
+
+/// Sends `pod` through the webhook once more, as the API server would on reinvocation, and
+/// returns the patch it answers with (`None`: no patch).
+async fn second_pass(
+    op: &ServingOperator,
+    env: &TestEnv,
+    pod: &Pod,
+) -> anyhow::Result<Option<String>> {
+    let review = serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "00000000-0000-0000-0000-000000000001",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": env.namespace,
+            "operation": "CREATE",
+            "userInfo": {"username": "e2e"},
+            "object": pod,
+            "dryRun": false,
+        }
+    });
+    let http = op.https_client(env).await?;
+    let answer: serde_json::Value = http
+        .post(op.webhook_url())
+        .json(&review)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    anyhow::ensure!(
+        answer["response"]["allowed"] == true,
+        "second pass refused: {answer}"
+    );
+    Ok(answer["response"]["patch"].as_str().map(str::to_string))
+}
+
+#[tokio::test]
+async fn an_opted_in_pod_gets_exactly_one_sidecar_and_its_variables() -> anyhow::Result<()> {
+    let env = TestEnv::new("inject").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let op = ServingOperator::start(&env, &fake).await?;
+    ready_key(&env, &fake, "team-a").await?;
+    ready_key(&env, &fake, "team-b").await?;
+
+    // One key, from generateName.
+    let pod = create(&env, &opted_in_pod("one-", &["team-a"])).await?;
+    assert!(
+        pod.metadata
+            .name
+            .as_deref()
+            .is_some_and(|n| n.starts_with("one-"))
+    );
+    assert_eq!(init_names(&pod), [SIDECAR_NAME]);
+    let sidecar = container(&pod, SIDECAR_NAME)?;
+    assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
+    assert_eq!(sidecar.image.as_deref(), Some(TEST_PROXY_IMAGE));
+    let sc = sidecar
+        .security_context
+        .as_ref()
+        .context("sidecar securityContext")?;
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert!(sidecar.startup_probe.is_some(), "startup probe on /readyz");
+    assert!(
+        sidecar
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.name == TOKEN_VOLUME),
+        "the sidecar mounts its token"
+    );
+    let app = container(&pod, "app")?;
+    assert!(
+        !app.volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.name == TOKEN_VOLUME),
+        "the app never mounts the token"
+    );
+    let vars = env_of(app);
+    assert_eq!(vars["ANTHROPIC_BASE_URL"], "http://127.0.0.1:15100");
+    assert_eq!(vars["ANTHROPIC_API_KEY"], "byok-proxy");
+    assert_eq!(vars["BYOK_TEAM_A_BASE_URL"], "http://127.0.0.1:15100");
+    let volume = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_ref())
+        .and_then(|v| v.iter().find(|v| v.name == TOKEN_VOLUME))
+        .context("token volume")?;
+    let token = volume
+        .projected
+        .as_ref()
+        .and_then(|p| p.sources.as_ref())
+        .and_then(|s| s.iter().find_map(|s| s.service_account_token.clone()))
+        .context("projected token")?;
+    assert_eq!(token.audience.as_deref(), Some("byok.dev"));
+    assert_eq!(token.expiration_seconds, Some(600));
+    // A second pass (reinvocation) changes nothing.
+    let again = second_pass(&op, &env, &pod).await?;
+    assert!(
+        again.is_none() || again.as_deref() == Some("W10="),
+        "second pass patched: {again:?}"
+    );
+
+    // Two keys of one provider: both reachable, the SDK variable points at the first.
+    let pod = create(&env, &opted_in_pod("two-", &["team-a", "team-b"])).await?;
+    assert_eq!(sidecars(&pod), 1);
+    let vars = env_of(container(&pod, "app")?);
+    assert_eq!(vars["ANTHROPIC_BASE_URL"], "http://127.0.0.1:15100");
+    assert_eq!(vars["BYOK_TEAM_A_BASE_URL"], "http://127.0.0.1:15100");
+    assert_eq!(vars["BYOK_TEAM_B_BASE_URL"], "http://127.0.0.1:15101");
+
+    // A mesh's native sidecar stays first; a regular init container after ours gets the
+    // variables, the mesh sidecar does not; a variable the user set is left alone.
+    let mut meshed = opted_in_pod("mesh-", &["team-a"]);
+    let spec = meshed.spec.get_or_insert_with(Default::default);
+    spec.init_containers = Some(serde_json::from_value(serde_json::json!([
+        {"name": "istio-proxy", "image": "istio/proxyv2", "restartPolicy": "Always"},
+        {"name": "migrate", "image": "busybox"},
+    ]))?);
+    spec.containers[0].env = Some(serde_json::from_value(serde_json::json!([
+        {"name": "ANTHROPIC_BASE_URL", "value": "https://my.gateway"}
+    ]))?);
+    let pod = create(&env, &meshed).await?;
+    assert_eq!(init_names(&pod), ["istio-proxy", SIDECAR_NAME, "migrate"]);
+    assert!(!env_of(container(&pod, "istio-proxy")?).contains_key("ANTHROPIC_BASE_URL"));
+    assert_eq!(
+        env_of(container(&pod, "migrate")?)["ANTHROPIC_BASE_URL"],
+        "http://127.0.0.1:15100"
+    );
+    assert_eq!(
+        env_of(container(&pod, "app")?)["ANTHROPIC_BASE_URL"],
+        "https://my.gateway"
+    );
+
+    // No label: untouched.
+    let mut plain = opted_in_pod("plain-", &["team-a"]);
+    plain.metadata.labels = None;
+    let pod = create(&env, &plain).await?;
+    assert_eq!(sidecars(&pod), 0);
+    assert!(!env_of(container(&pod, "app")?).contains_key("ANTHROPIC_BASE_URL"));
+
+    assert!(op.metrics.admissions("injected") >= 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn refusals_name_the_problem() -> anyhow::Result<()> {
+    let env = TestEnv::new("refuse").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let op = ServingOperator::start(&env, &fake).await?;
+    ready_key(&env, &fake, "team-a").await?;
+    let restricted = random_key("sk-ant-api03-");
+    fake.add_valid_key(ProviderKind::Anthropic, &restricted);
+    put_secret(&env, "batch-raw", &[("api-key", &restricted)]).await?;
+    create_pk(
+        &env,
+        "batch-only",
+        serde_json::json!({"provider": "anthropic", "secretRef": {"name": "batch-raw"},
+                           "consumers": {"serviceAccounts": ["batch"]}}),
+    )
+    .await?;
+
+    let with = |f: &dyn Fn(&mut serde_json::Value)| -> anyhow::Result<Pod> {
+        let mut v = serde_json::to_value(opted_in_pod("bad-", &["team-a"]))?;
+        f(&mut v);
+        Ok(serde_json::from_value(v)?)
+    };
+    let cases: Vec<(&str, Pod, &str)> = vec![
+        (
+            "hostNetwork",
+            with(&|v| v["spec"]["hostNetwork"] = true.into())?,
+            "hostNetwork",
+        ),
+        (
+            "shareProcessNamespace",
+            with(&|v| v["spec"]["shareProcessNamespace"] = true.into())?,
+            "shareProcessNamespace",
+        ),
+        (
+            "a container named like the sidecar",
+            with(&|v| v["spec"]["containers"][0]["name"] = SIDECAR_NAME.into())?,
+            "reserved",
+        ),
+        (
+            "a container mounting the token volume",
+            with(&|v| {
+                v["spec"]["volumes"] = serde_json::json!([{"name": TOKEN_VOLUME, "emptyDir": {}}]);
+                v["spec"]["containers"][0]["volumeMounts"] =
+                    serde_json::json!([{"name": TOKEN_VOLUME, "mountPath": "/t"}]);
+            })?,
+            TOKEN_VOLUME,
+        ),
+        (
+            "a malformed annotation",
+            with(&|v| v["metadata"]["annotations"]["byok.dev/provider-keys"] = "Team_A,".into())?,
+            "byok.dev/provider-keys",
+        ),
+        (
+            "a service account outside consumers",
+            opted_in_pod("sa-", &["batch-only"]),
+            "batch-only",
+        ),
+    ];
+    for (what, pod, needle) in cases {
+        match create(&env, &pod).await {
+            Ok(_) => anyhow::bail!("{what}: admitted"),
+            Err(kube::Error::Api(status)) => {
+                assert!(
+                    status.message.contains("denied the request")
+                        && status.message.contains(needle),
+                    "{what}: {}",
+                    status.message
+                );
+            }
+            Err(e) => anyhow::bail!("{what}: {e}"),
+        }
+    }
+    assert!(op.metrics.admissions("refused") >= 6);
+
+    // A malformed review is a 400, never a panic; the webhook keeps serving.
+    let http = op.https_client(&env).await?;
+    for body in [
+        b"not json".to_vec(),
+        br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#.to_vec(),
+        br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":7}}"#
+            .to_vec(),
+    ] {
+        let answer = http
+            .post(op.webhook_url())
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await?;
+        assert_eq!(answer.status(), 400);
+    }
+    assert!(op.metrics.admissions("malformed") >= 3);
+    create(&env, &opted_in_pod("after-", &["team-a"])).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_missing_or_unready_key_is_admitted_with_a_warning() -> anyhow::Result<()> {
+    let env = TestEnv::new("warn").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let _op = ServingOperator::start(&env, &fake).await?;
+    put_secret(&env, "bad-raw", &[("api-key", "sk-ant-api03-not-accepted")]).await?;
+    create_pk(
+        &env,
+        "unready",
+        serde_json::json!({"provider": "anthropic", "secretRef": {"name": "bad-raw"}}),
+    )
+    .await?;
+    wait_pk(&env, "unready", "Ready=False", |pk| {
+        byok_e2e::operator::condition(pk, "Ready").is_some_and(|(s, _, _)| s == "False")
+    })
+    .await?;
+
+    // Create through the raw API to read the admission warnings the API server passes on.
+    let pod = opted_in_pod("waits-", &["not-yet", "unready"]);
+    let request = http::Request::post(format!("/api/v1/namespaces/{}/pods", env.namespace))
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&pod)?)?;
+    let response = env
+        .client
+        .send(request.map(kube::client::Body::from))
+        .await?;
+    assert_eq!(response.status(), 201, "the pod is admitted");
+    let warnings: Vec<String> = response
+        .headers()
+        .get_all("warning")
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_string))
+        .collect();
+    let joined = warnings.join("\n");
+    assert!(joined.contains("not-yet"), "warnings: {joined}");
+    assert!(joined.contains("unready"), "warnings: {joined}");
+    Ok(())
+}
+
+/// The serving certificate a TLS server presents now (DER).
+async fn presented_cert(addr: std::net::SocketAddr, ca_pem: &str) -> anyhow::Result<Vec<u8>> {
+    use rustls_pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert?)?;
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut sock = std::net::TcpStream::connect(addr)?;
+        let mut conn = rustls::ClientConnection::new(
+            std::sync::Arc::new(config),
+            rustls_pki_types::ServerName::try_from("127.0.0.1")?.to_owned(),
+        )?;
+        let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+        tls.write_all(b"GET /livez HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")?;
+        tls.flush()?;
+        let der = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .context("no peer certificate")?
+            .to_vec();
+        anyhow::Ok(der)
+    })
+    .await?
+}
+
+#[tokio::test]
+async fn serving_certificate_rotation_keeps_pods_admitted_and_sidecars_trusting()
+-> anyhow::Result<()> {
+    let env = TestEnv::new("rotate-cert").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let op = ServingOperator::start_with(&env, &fake, |config| {
+        if let Some(serving) = config.serving.as_mut()
+            && let TlsSource::Own(settings) = &mut serving.tls
+        {
+            settings.serving_validity = Duration::from_secs(12);
+            settings.renew_before = Duration::from_secs(8);
+            settings.check_every = Duration::from_millis(500);
+        }
+    })
+    .await?;
+    ready_key(&env, &fake, "team-a").await?;
+    let early = create(&env, &opted_in_pod("early-", &["team-a"])).await?;
+    let sidecar_ca = container(&early, SIDECAR_NAME)?
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "BYOK_BROKER_CA")
+        .and_then(|e| e.value.clone())
+        .context("the sidecar gets the broker CA")?;
+    let first = presented_cert(op.config.webhook_addr, &sidecar_ca).await?;
+
+    // Keep creating pods while the serving certificate is renewed (every ~4 s) at least twice.
+    let mut seen = vec![first];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    let mut created = 0;
+    while seen.len() < 3 {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the serving certificate was not renewed twice in time"
+        );
+        let pod = create(&env, &opted_in_pod("during-", &["team-a"])).await?;
+        assert_eq!(sidecars(&pod), 1);
+        created += 1;
+        let now = presented_cert(op.config.webhook_addr, &sidecar_ca).await?;
+        if seen.last() != Some(&now) {
+            seen.push(now);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(created >= 3);
+    // The CA did not change: a sidecar configured before the renewals still reaches the
+    // broker (TLS with only that CA; the 401 proves the handshake succeeded).
+    let http = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(sidecar_ca.as_bytes())?])
+        .build()?;
+    let answer = http
+        .get(format!(
+            "{}/v1/keys/{}/team-a",
+            op.broker_url(),
+            env.namespace
+        ))
+        .send()
+        .await?;
+    assert_eq!(answer.status(), 401);
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_replicas_share_one_ca_both_serve_and_one_reconciles() -> anyhow::Result<()> {
+    let env = TestEnv::new("replicas").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    install_crds(&env.client).await?;
+    let name = format!("byok-{}", env.namespace);
+    let replica = |identity: &str| -> anyhow::Result<byok_operator::controller::Config> {
+        let mut config = dev_config(&env, &fake)?;
+        config.serving = Some(serve_config(&env, &name)?);
+        if let Some(leader) = config.leader.as_mut() {
+            leader.identity = identity.to_string();
+        }
+        Ok(config)
+    };
+    let (a, b) = (replica("replica-a")?, replica("replica-b")?);
+    let (a_serve, b_serve) = (a.serving.clone(), b.serving.clone());
+    let (a_metrics, b_metrics) = (a.metrics.clone(), b.metrics.clone());
+    let url = format!(
+        "https://{}/mutate",
+        a_serve.as_ref().context("serving")?.webhook_addr
+    );
+    Api::<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>::all(
+        env.client.clone(),
+    )
+    .create(
+        &PostParams::default(),
+        &webhook_configuration(&name, &env.namespace, &url)?,
+    )
+    .await?;
+    // Both start at once on a fresh install: one CA between them.
+    let (ra, rb) = tokio::join!(
+        RunningController::start(&env, a),
+        RunningController::start(&env, b)
+    );
+    let (ra, rb) = (ra?, rb?);
+    let ready = |m: &byok_operator::metrics::Metrics| m.is_ready();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !(ready(&a_metrics) && ready(&b_metrics)) {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "replicas not ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let leaders = || usize::from(a_metrics.is_leader()) + usize::from(b_metrics.is_leader());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while leaders() == 0 {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(leaders(), 1, "exactly one replica reconciles");
+
+    // Both serve with certificates of the one CA in the Secret.
+    let secret = env
+        .api::<k8s_openapi::api::core::v1::Secret>()
+        .get(byok_operator::serving::certs::DEFAULT_SECRET_NAME)
+        .await?;
+    let ca = String::from_utf8(
+        secret
+            .data
+            .and_then(|d| d.get("ca.crt").cloned())
+            .context("ca.crt")?
+            .0,
+    )?;
+    for serve in [&a_serve, &b_serve] {
+        let serve = serve.as_ref().context("serving")?;
+        presented_cert(serve.webhook_addr, &ca).await?;
+        presented_cert(serve.broker_addr, &ca).await?;
+    }
+    ready_key(&env, &fake, "team-a").await?;
+
+    // The leader loses its lease (another holder takes it): it stops reconciling, but the
+    // process goes on and keeps serving.
+    let (leader_metrics, leader_serve) = if a_metrics.is_leader() {
+        (&a_metrics, &a_serve)
+    } else {
+        (&b_metrics, &b_serve)
+    };
+    let now = jiff::Timestamp::now();
+    Api::<Lease>::namespaced(env.client.clone(), &env.namespace)
+        .patch(
+            "byok-operator",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {
+                "holderIdentity": "someone-else",
+                "renewTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(now),
+                "leaseDurationSeconds": 600,
+            }})),
+        )
+        .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while leader_metrics.is_leader() {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the leader did not notice it lost the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        ra.is_running() && rb.is_running(),
+        "losing the lease stops reconciling, not the process"
+    );
+    assert_eq!(leaders(), 0);
+    let leader_serve = leader_serve.as_ref().context("serving")?;
+    presented_cert(leader_serve.webhook_addr, &ca).await?;
+    let pod = create(&env, &opted_in_pod("still-", &["team-a"])).await?;
+    assert_eq!(sidecars(&pod), 1);
+    Ok(())
+}
