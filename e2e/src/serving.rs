@@ -50,31 +50,34 @@ pub fn serve_config(env: &TestEnv, webhook_configuration: &str) -> anyhow::Resul
     })
 }
 
-/// A MutatingWebhookConfiguration as in `config/webhook/`, but calling the test operator
-/// by URL and scoped to the test namespace (tests run side by side on one API server).
+/// The MutatingWebhookConfiguration shipped in `config/webhook/`, pointed at the test
+/// operator by `url` and scoped to the test namespace (tests run side by side on one API
+/// server). Everything else (selectors, failure policy, reinvocation, timeout) is the file's.
 /// No caBundle: the operator sets it.
 pub fn webhook_configuration(
     name: &str,
     namespace: &str,
     url: &str,
 ) -> anyhow::Result<MutatingWebhookConfiguration> {
-    Ok(serde_json::from_value(serde_json::json!({
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": name},
-        "webhooks": [{
-            "name": "inject.byok.dev",
-            "admissionReviewVersions": ["v1"],
-            "clientConfig": {"url": url},
-            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"], "scope": "Namespaced"}],
-            "objectSelector": {"matchLabels": {names::INJECT_LABEL: names::INJECT_VALUE}},
-            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
-            "failurePolicy": "Fail",
-            "reinvocationPolicy": "IfNeeded",
-            "sideEffects": "None",
-            "timeoutSeconds": 5,
-        }]
-    }))?)
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../config/webhook/mutating_webhook_configuration.yaml"
+    );
+    let mut mwc: MutatingWebhookConfiguration =
+        serde_saphyr::from_str(&std::fs::read_to_string(path)?)?;
+    mwc.metadata.name = Some(name.to_string());
+    for webhook in mwc.webhooks.iter_mut().flatten() {
+        anyhow::ensure!(
+            webhook.client_config.ca_bundle.is_none(),
+            "config/webhook must not render a caBundle"
+        );
+        webhook.client_config.service = None;
+        webhook.client_config.url = Some(url.to_string());
+        webhook.namespace_selector = Some(serde_json::from_value(serde_json::json!(
+            {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
+        ))?);
+    }
+    Ok(mwc)
 }
 
 /// An operator serving the webhook and the broker for one test namespace, with the API
