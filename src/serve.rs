@@ -114,28 +114,29 @@ pub async fn start(
     // Keep the certificate (and the caBundle) current.
     match (&config.tls, resolver) {
         (TlsSource::Own(settings), _) => {
+            let (ca_tx, ca_rx) = tokio::sync::watch::channel(bundle.ca_pem.clone());
             if let Some(name) = &config.webhook_configuration {
                 tasks.push(tokio::spawn(keep_ca_bundle(
                     client.clone(),
                     name.clone(),
-                    bundle.ca_pem.clone(),
+                    ca_rx,
                 )));
             }
             let api: Api<Secret> = Api::namespaced(client.clone(), &settings.namespace);
-            let (injector, client, webhook_configuration) = (
-                injector.clone(),
-                client.clone(),
-                config.webhook_configuration.clone(),
-            );
+            let injector = injector.clone();
             tasks.push(tokio::spawn(certs::keep_current(
                 api,
                 settings.clone(),
                 reloadable.clone(),
                 move |bundle: &Bundle| {
                     injector.set_broker_ca(&bundle.ca_pem);
-                    if let Some(name) = webhook_configuration.clone() {
-                        tokio::spawn(keep_ca_bundle(client.clone(), name, bundle.ca_pem.clone()));
-                    }
+                    ca_tx.send_if_modified(|ca| {
+                        let changed = *ca != bundle.ca_pem;
+                        if changed {
+                            ca.clone_from(&bundle.ca_pem);
+                        }
+                        changed
+                    });
                 },
             )));
         }
@@ -202,19 +203,51 @@ pub async fn start(
     })
 }
 
-/// Keeps trying to set the caBundle until it is set (the configuration may be applied
-/// after the operator starts).
-async fn keep_ca_bundle(client: kube::Client, name: String, ca_pem: String) {
-    let mut delay = Duration::from_secs(1);
+/// Keeps the caBundle of the named configuration equal to the current CA: watches that one
+/// object (so one applied after the operator starts, or re-created by an upgrade, gets it at
+/// once) and follows CA changes. Writes only when it differs.
+async fn keep_ca_bundle(
+    client: kube::Client,
+    name: String,
+    mut ca: tokio::sync::watch::Receiver<String>,
+) {
+    use futures::StreamExt;
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let mut changes = std::pin::pin!(
+        watcher(
+            api,
+            watcher::Config::default().fields(&format!("metadata.name={name}"))
+        )
+        .default_backoff()
+        .applied_objects()
+    );
+    let mut current: Option<MutatingWebhookConfiguration> = None;
     loop {
-        match certs::apply_ca_bundle(&client, &name, &ca_pem).await {
-            Ok(()) => return,
-            Err(e) => {
-                tracing::warn!(webhook_configuration = %name, error = %e, retry_in = ?delay, "setting the webhook caBundle failed");
+        tokio::select! {
+            next = changes.next() => match next {
+                Some(Ok(mwc)) => current = Some(mwc),
+                Some(Err(e)) => {
+                    tracing::warn!(webhook_configuration = %name, error = %e, "watching the webhook configuration");
+                    continue;
+                }
+                None => return,
+            },
+            changed = ca.changed() => {
+                if changed.is_err() {
+                    return;
+                }
             }
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(60));
+        let ca_pem = ca.borrow().clone();
+        let Some(mwc) = &current else { continue };
+        if certs::ca_bundle::ca_bundle_patch(mwc, &ca_pem).is_none() {
+            continue;
+        }
+        if let Err(e) = certs::apply_ca_bundle(&client, &name, &ca_pem).await {
+            tracing::warn!(webhook_configuration = %name, error = %e, "setting the webhook caBundle failed; retrying on the next change");
+        }
     }
 }
 
