@@ -231,12 +231,15 @@ impl Broker {
         {
             return Ok(token.clone());
         }
-        let token = self
+        let minted = self
             .ctx
             .verifier
-            .vertex_access_token(&opened.key)
+            .credential(ProviderKind::Vertex, &opened.key)
             .await
             .map_err(|v| Unavailable(format!("minting a Vertex access token failed: {v}")))?;
+        let crate::providers::Credential::AccessToken(token) = minted else {
+            return Err(Unavailable("Vertex gave no access token".into()));
+        };
         if tokens.len() >= MEMO_MAX && !tokens.contains_key(&oref) {
             tokens.clear();
         }

@@ -233,6 +233,16 @@ impl Endpoints {
     }
 }
 
+/// What goes in a provider's auth header: the API key itself, or for Vertex a short-lived
+/// access token minted from the service-account key. Verification and the key broker both
+/// get it through [`Verifier::credential`], so a sidecar is handed exactly what was verified
+/// to work, never the service-account private key.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    ApiKey(SecretString),
+    AccessToken(vertex::VertexAccessToken),
+}
+
 /// Verifies keys with a live call. One per process; cheap to share behind an `Arc`.
 #[derive(Debug, Clone)]
 pub struct Verifier {
@@ -251,6 +261,21 @@ impl Verifier {
             endpoints,
             allow_private,
             limiter: Default::default(),
+        }
+    }
+
+    /// The credential for `key` (see [`Credential`]): the key itself, or for Vertex an access
+    /// token from the token endpoint (one call, counted by the per-host limiter).
+    pub async fn credential(
+        &self,
+        kind: ProviderKind,
+        key: &SecretString,
+    ) -> Result<Credential, Verification> {
+        match kind {
+            ProviderKind::Vertex => Ok(Credential::AccessToken(
+                self.vertex_access_token(key).await?,
+            )),
+            _ => Ok(Credential::ApiKey(key.clone())),
         }
     }
 
