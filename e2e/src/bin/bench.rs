@@ -2,18 +2,32 @@
 //! fake provider, side by side with the aims. Prints figures; asserts nothing about speed (the
 //! machines are shared and noisy).
 //!
-//! Sections:
-//! 1. apply -> Ready, one key at a time;
-//! 2. scale: `BENCH_KEYS` ProviderKeys (default 10,000) across 100 namespaces: time to all
+//! Sections (names for `BENCH_SECTIONS`):
+//! 1. `latency`: apply -> Ready, one key at a time;
+//! 2. `scale`: `BENCH_KEYS` ProviderKeys (default 10,000) across 100 namespaces: time to all
 //!    Ready, peak verification calls per second against the per-host limit, calls per new
 //!    key, operator memory at rest and peak;
-//! 3. steady state: API requests per reconcile when nothing changed;
-//! 4. spec change -> status, p50/p99;
-//! 5. a restart: verification calls in the first minute, API requests it cost.
+//! 3. `steady`: API requests per reconcile when nothing changed;
+//! 4. `spec`: spec change -> status, p50/p99;
+//! 5. `restart`: a restart: verification calls in the first minute, API requests it cost;
+//! 6. `webhook`: a second operator process serving its webhook (registered by `url` for a
+//!    namespace of its own, one anthropic ProviderKey Ready); `BENCH_PODS` opted-in pod
+//!    creations beside as many identical pods without the inject label (8 in flight,
+//!    interleaved), p50/p99 as the API server client sees them, and the handler's own time
+//!    from `byok_webhook_admission_duration_seconds`;
+//! 7. `broker`: one admitted pod with a token bound to it; `GET /v1/keys/...` from
+//!    `BENCH_BROKER_CONCURRENCY` tasks for `BENCH_BROKER_SECONDS`, full answers (200), then
+//!    as long again with `If-None-Match` (304): requests per second, p50/p99, and the API
+//!    requests the operator made meanwhile.
+//!
+//! `BENCH_SECTIONS` (comma list, default all) picks sections by name; `steady`, `spec` and
+//! `restart` measure the keys `scale` creates, so any of them runs `scale` too. Sections 1-5
+//! share one operator process, 6-7 another.
 //!
 //! Environment: `BENCH_KEYS`, `BENCH_NAMESPACES` (100), `BENCH_VERIFY_RATE` (100 calls/s per
 //! host), `BENCH_VERIFY_CONCURRENCY` (16), `BENCH_UNRELATED_SECRETS` (1000 Secrets of 4 KiB
-//! that are not key sources), `BENCH_RESTART_WINDOW` (60 s).
+//! that are not key sources), `BENCH_RESTART_WINDOW` (60 s), `BENCH_PODS` (300),
+//! `BENCH_BROKER_SECONDS` (10), `BENCH_BROKER_CONCURRENCY` (16), `BENCH_SECTIONS`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,13 +40,15 @@ use anyhow::Context;
 use byok_e2e::envtest::{TestEnv, shared};
 use byok_e2e::fake_provider::{FakeProvider, FakeProviderConfig};
 use byok_e2e::operator::*;
+use byok_e2e::serving::{has_sidecar, opted_in_pod, pod_token, webhook_configuration};
 use byok_operator::crd::ProviderKey;
 use byok_operator::names;
 use byok_operator::providers::ProviderKind;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 
 /// Requests the bench itself keeps in flight. kube-rs has no client-side QPS limit, so what
 /// bounds the figures is the API server (and etcd) on this machine, not the bench.
@@ -68,6 +84,7 @@ impl Operator {
         dir: &Path,
         operator_ns: &str,
         fake: &FakeProvider,
+        extra_args: &[String],
     ) -> anyhow::Result<Self> {
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
         let rate: f64 = env_or("BENCH_VERIFY_RATE", 100.0);
@@ -83,6 +100,7 @@ impl Operator {
                 "--provider-endpoint",
                 &format!("openai={}", fake.base_url(ProviderKind::OpenAI)),
             ])
+            .args(extra_args)
             .env("KUBECONFIG", dir.join("kubeconfig"))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -149,10 +167,28 @@ impl Operator {
         last.0
     }
 
-    fn stop(mut self) {
+    fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Operator {
+    /// Also on an early return with an error: no operator outlives the bench.
+    fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Loopback ports of their own for the webhook and the broker, which every replica serves
+/// (the defaults, 0.0.0.0:9443 and :9444, may be taken on a shared machine).
+fn serve_ports() -> anyhow::Result<Vec<String>> {
+    Ok(vec![
+        "--webhook-addr".into(),
+        format!("127.0.0.1:{}", free_port()?),
+        "--broker-addr".into(),
+        format!("127.0.0.1:{}", free_port()?),
+    ])
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -252,13 +288,102 @@ async fn main() -> anyhow::Result<()> {
     let unrelated: usize = env_or("BENCH_UNRELATED_SECRETS", 1000);
     let restart_window = Duration::from_secs(env_or("BENCH_RESTART_WINDOW", 60));
     let rate: f64 = env_or("BENCH_VERIFY_RATE", 100.0);
+    let sections = Sections::from_env()?;
+    let scale_on = ["scale", "steady", "spec", "restart"]
+        .iter()
+        .any(|s| sections.on(s));
+    let first_operator = scale_on || sections.on("latency");
 
     let env = TestEnv::new("bench").await?;
     install_crds(&env.client).await?;
+    let fake = Arc::new(FakeProvider::start(FakeProviderConfig::default()).await?);
+    let dir: PathBuf = std::env::temp_dir().join(format!("byok-bench-{}", env.namespace));
+    std::fs::create_dir_all(&dir)?;
+    shared().write_kubeconfig(&dir.join("kubeconfig"))?;
+    std::fs::write(dir.join("ca.pem"), fake.ca_pem())?;
+    if first_operator {
+        sections_1_to_5(
+            &env,
+            &fake,
+            &dir,
+            &binary,
+            &sections,
+            Knobs {
+                count: if scale_on { count } else { 0 },
+                namespaces,
+                unrelated,
+                restart_window,
+                rate,
+            },
+        )
+        .await?;
+    }
+    if sections.on("webhook") || sections.on("broker") {
+        serving_sections(&fake, &dir, &binary, &sections).await?;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// `BENCH_SECTIONS`: which sections run (all when unset or empty).
+struct Sections(Option<Vec<String>>);
+
+impl Sections {
+    const NAMES: [&str; 7] = [
+        "latency", "scale", "steady", "spec", "restart", "webhook", "broker",
+    ];
+
+    fn from_env() -> anyhow::Result<Self> {
+        let list: Vec<String> = std::env::var("BENCH_SECTIONS")
+            .unwrap_or_default()
+            .split(',')
+            .map(|s| s.trim().to_lowercase())
+            .filter(|s| !s.is_empty())
+            .collect();
+        for name in &list {
+            anyhow::ensure!(
+                Self::NAMES.contains(&name.as_str()),
+                "BENCH_SECTIONS: unknown section {name:?}; sections: {}",
+                Self::NAMES.join(",")
+            );
+        }
+        Ok(Sections((!list.is_empty()).then_some(list)))
+    }
+
+    fn on(&self, name: &str) -> bool {
+        self.0.as_ref().is_none_or(|l| l.iter().any(|s| s == name))
+    }
+}
+
+struct Knobs {
+    count: usize,
+    namespaces: usize,
+    unrelated: usize,
+    restart_window: Duration,
+    rate: f64,
+}
+
+/// Sections 1-5, on one operator process watching every namespace.
+async fn sections_1_to_5(
+    env: &TestEnv,
+    fake: &Arc<FakeProvider>,
+    dir: &Path,
+    binary: &str,
+    sections: &Sections,
+    knobs: Knobs,
+) -> anyhow::Result<()> {
+    let Knobs {
+        count,
+        namespaces,
+        unrelated,
+        restart_window,
+        rate,
+    } = knobs;
+    let scale_on = count > 0;
     let filler = "x".repeat(4096);
     futures::stream::iter(0..unrelated)
         .map(|i| {
-            let (env, filler) = (&env, &filler);
+            let filler = &filler;
             async move {
                 put_secret_labelled(env, &format!("unrelated-{i}"), &[("data", filler)], &[]).await
             }
@@ -266,27 +391,22 @@ async fn main() -> anyhow::Result<()> {
         .buffer_unordered(BENCH_CONCURRENCY)
         .try_collect::<Vec<_>>()
         .await?;
-    let fake = Arc::new(FakeProvider::start(FakeProviderConfig::default()).await?);
-    let dir: PathBuf = std::env::temp_dir().join(format!("byok-bench-{}", env.namespace));
-    std::fs::create_dir_all(&dir)?;
-    shared().write_kubeconfig(&dir.join("kubeconfig"))?;
-    std::fs::write(dir.join("ca.pem"), fake.ca_pem())?;
-    let operator = Operator::start(&binary, &dir, &env.namespace, &fake)?;
+    let operator = Operator::start(binary, dir, &env.namespace, fake, &serve_ports()?)?;
 
     // 1. apply -> Ready, one key at a time.
     let mut latencies = Vec::new();
-    for i in 0..15 {
+    for i in 0..if sections.on("latency") { 15 } else { 0 } {
         let key = random_key("sk-proj-");
         fake.add_valid_key(ProviderKind::OpenAI, &key);
-        put_secret(&env, &format!("lat-{i}"), &[("api-key", &key)]).await?;
+        put_secret(env, &format!("lat-{i}"), &[("api-key", &key)]).await?;
         let started = Instant::now();
         create_pk(
-            &env,
+            env,
             &format!("lat-{i}"),
             serde_json::json!({"provider": "openai", "secretRef": {"name": format!("lat-{i}")}}),
         )
         .await?;
-        wait_pk(&env, &format!("lat-{i}"), "Ready", |pk| {
+        wait_pk(env, &format!("lat-{i}"), "Ready", |pk| {
             is_condition(pk, "Ready", "True", "Valid")
         })
         .await?;
@@ -294,14 +414,13 @@ async fn main() -> anyhow::Result<()> {
     }
     latencies.sort();
     let idle_rss = proc_kib(operator.pid(), "VmRSS:");
-
     // 2. Scale: `count` keys across `namespaces` namespaces, created as fast as the API server
     //    takes them.
     let ns_names: Vec<String> = (0..namespaces)
         .map(|i| format!("{}-s{i}", env.namespace))
         .collect();
     let ns_api: Api<Namespace> = Api::all(env.client.clone());
-    for ns in &ns_names {
+    for ns in ns_names.iter().filter(|_| scale_on) {
         let obj = Namespace {
             metadata: ObjectMeta {
                 name: Some(ns.clone()),
@@ -317,7 +436,7 @@ async fn main() -> anyhow::Result<()> {
     let calls_before = fake.total_requests();
     let api_before = operator.api_requests().await;
     let rec_before = operator.reconciliations().await;
-    let sampler = CallRate::start(&fake);
+    let sampler = CallRate::start(fake);
     let started = Instant::now();
     futures::stream::iter(keys.iter())
         .map(|(ns, name)| {
@@ -379,7 +498,11 @@ async fn main() -> anyhow::Result<()> {
 
     // 3. Steady state: a change that asks nothing of the operator (a label) on up to 1,000
     //    keys; every reconcile it causes should be answered from the caches.
-    let relabel = count.min(1000);
+    let relabel = if sections.on("steady") {
+        count.min(1000)
+    } else {
+        0
+    };
     let api0 = operator.api_requests().await;
     let rec0 = operator.reconciliations().await;
     let calls0 = fake.total_requests();
@@ -416,7 +539,11 @@ async fn main() -> anyhow::Result<()> {
 
     // 4. Spec change -> status: one key at a time, time until the status reports the new
     //    generation (includes one verification call to the local fake provider).
-    let changes = count.min(200);
+    let changes = if sections.on("spec") {
+        count.min(200)
+    } else {
+        0
+    };
     let mut spec_latencies = Vec::new();
     let verify_seconds_before = operator
         .counter("byok_verification_duration_seconds_sum", |_| true)
@@ -459,77 +586,608 @@ async fn main() -> anyhow::Result<()> {
 
     // 5. Restart: a new process with every key Ready and none due.
     operator.stop();
-    let calls_at_restart = fake.total_requests();
-    let restarted = Instant::now();
-    let operator = Operator::start(&binary, &dir, &env.namespace, &fake)?;
-    let mut reconciled_all = None;
-    while restarted.elapsed() < restart_window {
-        if reconciled_all.is_none() && operator.reconciliations().await >= total as f64 {
-            reconciled_all = Some(restarted.elapsed());
+    let mut restart = None;
+    if sections.on("restart") {
+        let calls_at_restart = fake.total_requests();
+        let restarted = Instant::now();
+        let operator = Operator::start(binary, dir, &env.namespace, fake, &serve_ports()?)?;
+        let mut reconciled_all = None;
+        while restarted.elapsed() < restart_window {
+            if reconciled_all.is_none() && operator.reconciliations().await >= total as f64 {
+                reconciled_all = Some(restarted.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await; // polling interval
         }
-        tokio::time::sleep(Duration::from_millis(250)).await; // polling interval
+        let restart_calls = fake.total_requests() - calls_at_restart;
+        let restart_api = operator.api_requests().await;
+        let restart_rss = proc_kib(operator.pid(), "VmRSS:");
+        let restart_peak = proc_kib(operator.pid(), "VmHWM:");
+        operator.stop();
+        restart = Some((
+            restart_calls,
+            reconciled_all,
+            restart_api,
+            restart_rss,
+            restart_peak,
+        ));
     }
-    let restart_calls = fake.total_requests() - calls_at_restart;
-    let restart_api = operator.api_requests().await;
-    let restart_rss = proc_kib(operator.pid(), "VmRSS:");
-    let restart_peak = proc_kib(operator.pid(), "VmHWM:");
-    operator.stop();
 
     let p = |d: &[Duration], q| ms(percentile(d, q));
     println!(
         "byok-operator bench: {total} ProviderKeys, {namespaces} namespaces, {unrelated} unrelated 4 KiB Secrets"
     );
+    if sections.on("latency") {
+        println!(
+            "  apply -> Ready, one key at a time ({}): median {:.0} ms, min {:.0} ms, max {:.0} ms",
+            latencies.len(),
+            p(&latencies, 0.5),
+            p(&latencies, 0.0),
+            p(&latencies, 1.0)
+        );
+    }
+    if scale_on {
+        println!(
+            "  scale: {count} keys created in {:.1} s ({:.0}/s, {BENCH_CONCURRENCY} requests in flight, no client-side QPS limit); all Ready after {:.1} s",
+            created.as_secs_f64(),
+            count as f64 / created.as_secs_f64().max(0.001),
+            all_ready.as_secs_f64()
+        );
+        println!(
+            "  verification calls: {:.2} per new key (aim 1); peak {peak_calls}/s seen by the provider, limit {rate} calls per host in any one-second window",
+            new_key_calls as f64 / count.max(1) as f64
+        );
+        println!(
+            "  while applying: {:.1} API requests per new key, {:.1} reconciles per new key",
+            scale_api / count.max(1) as f64,
+            scale_recs / count.max(1) as f64
+        );
+        println!(
+            "  operator memory: {} MiB RSS at rest with {total} keys (aim <= 64), peak {} MiB; {} MiB with {} keys",
+            rest_rss / 1024,
+            peak_rss / 1024,
+            idle_rss / 1024,
+            latencies.len()
+        );
+    }
+    if sections.on("steady") {
+        println!(
+            "  steady state: {:.0} reconciles after relabelling {relabel} keys: {:.3} API requests per reconcile (aim 0), {steady_calls} verification calls",
+            steady_recs,
+            steady_api / steady_recs.max(1.0)
+        );
+    }
+    if sections.on("spec") {
+        println!(
+            "  spec change -> status ({changes} changes, one verification each, {provider_ms:.1} ms of it at the provider on average): p50 {:.0} ms, p99 {:.0} ms (aim p99 <= 1000 ms), max {:.0} ms",
+            p(&spec_latencies, 0.5),
+            p(&spec_latencies, 0.99),
+            p(&spec_latencies, 1.0)
+        );
+    }
+    if let Some((restart_calls, reconciled_all, restart_api, restart_rss, restart_peak)) = restart {
+        println!(
+            "  restart: {restart_calls} verification calls in the first {} s (aim 0); every key reconciled after {}; {:.0} API requests ({:.2} per key: one GET of each managed Secret to open its envelope, plus lists and the keyring); {} MiB RSS, peak {} MiB",
+            restart_window.as_secs(),
+            reconciled_all.map_or("(not within the window)".to_string(), |d| format!(
+                "{:.1} s",
+                d.as_secs_f64()
+            )),
+            restart_api,
+            restart_api / total.max(1) as f64,
+            restart_rss / 1024,
+            restart_peak / 1024
+        );
+    }
+    Ok(())
+}
+
+/// A Prometheus histogram read from `/metrics`: cumulative bucket counts by upper bound.
+#[derive(Debug, Default, Clone)]
+struct Histogram {
+    buckets: Vec<(f64, f64)>,
+    sum: f64,
+    count: f64,
+}
+
+impl Histogram {
+    fn parse(metrics: &str, name: &str) -> Self {
+        let value = |l: &str| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+        let mut h = Histogram::default();
+        for line in metrics.lines().filter(|l| !l.starts_with('#')) {
+            if let Some(rest) = line.strip_prefix(&format!("{name}_bucket{{")) {
+                let le = rest
+                    .split("le=\"")
+                    .nth(1)
+                    .and_then(|v| v.split('"').next())
+                    .map(|v| match v {
+                        "+Inf" => Some(f64::INFINITY),
+                        v => v.parse().ok(),
+                    });
+                if let (Some(Some(le)), Some(n)) = (le, value(line)) {
+                    h.buckets.push((le, n));
+                }
+            } else if line.starts_with(&format!("{name}_sum ")) {
+                h.sum = value(line).unwrap_or(0.0);
+            } else if line.starts_with(&format!("{name}_count ")) {
+                h.count = value(line).unwrap_or(0.0);
+            }
+        }
+        h.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        h
+    }
+
+    /// What was observed after `before`.
+    fn since(&self, before: &Histogram) -> Histogram {
+        Histogram {
+            buckets: self
+                .buckets
+                .iter()
+                .map(|(le, n)| {
+                    let was = before
+                        .buckets
+                        .iter()
+                        .find(|(l, _)| l == le)
+                        .map_or(0.0, |b| b.1);
+                    (*le, n - was)
+                })
+                .collect(),
+            sum: self.sum - before.sum,
+            count: self.count - before.count,
+        }
+    }
+
+    /// The quantile `q`: (estimate by linear interpolation inside its bucket, the bucket's
+    /// upper bound), in seconds.
+    fn quantile(&self, q: f64) -> (f64, f64) {
+        let target = q * self.count;
+        let (mut lower, mut below) = (0.0, 0.0);
+        for &(le, n) in &self.buckets {
+            if n >= target && n > 0.0 {
+                if le.is_infinite() {
+                    return (lower, le);
+                }
+                let within = if n > below {
+                    (target - below) / (n - below)
+                } else {
+                    1.0
+                };
+                return (lower + (le - lower) * within.clamp(0.0, 1.0), le);
+            }
+            (lower, below) = (le, n);
+        }
+        (0.0, 0.0)
+    }
+}
+
+/// `byok_kube_api_requests_total` by series (verb and resource).
+fn api_series(metrics: &str) -> std::collections::BTreeMap<String, f64> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("byok_kube_api_requests_total{"))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let labels = series.strip_prefix("byok_kube_api_requests_total")?;
+            Some((labels.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The API requests between two scrapes: the total and the series that moved.
+fn api_delta(before: &str, after: &str) -> (f64, String) {
+    let (before, after) = (api_series(before), api_series(after));
+    let mut total = 0.0;
+    let mut moved = Vec::new();
+    for (series, n) in &after {
+        let d = n - before.get(series).copied().unwrap_or(0.0);
+        if d > 0.0 {
+            total += d;
+            moved.push(format!("{series} {d}"));
+        }
+    }
+    (total, moved.join(", "))
+}
+
+/// What many concurrent callers of the broker saw.
+struct Hammered {
+    latencies: Vec<Duration>,
+    elapsed: Duration,
+    unexpected: usize,
+    first_unexpected: Option<String>,
+    version: Option<reqwest::Version>,
+}
+
+impl Hammered {
+    fn rps(&self) -> f64 {
+        self.latencies.len() as f64 / self.elapsed.as_secs_f64().max(0.001)
+    }
+}
+
+/// `concurrency` tasks asking `url` back to back for `duration`; answers other than
+/// `expect` are counted apart.
+async fn hammer(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    if_none_match: Option<&str>,
+    expect: reqwest::StatusCode,
+    duration: Duration,
+    concurrency: usize,
+) -> Hammered {
+    let started = Instant::now();
+    let until = started + duration;
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (http, url, token) = (http.clone(), url.to_string(), token.to_string());
+            let if_none_match = if_none_match.map(str::to_string);
+            tokio::spawn(async move {
+                let mut seen = Hammered {
+                    latencies: Vec::new(),
+                    elapsed: Duration::ZERO,
+                    unexpected: 0,
+                    first_unexpected: None,
+                    version: None,
+                };
+                while Instant::now() < until {
+                    let mut request = http.get(&url).bearer_auth(&token);
+                    if let Some(etag) = &if_none_match {
+                        request = request.header(reqwest::header::IF_NONE_MATCH, etag);
+                    }
+                    let sent = Instant::now();
+                    let answer = match request.send().await {
+                        Ok(r) => {
+                            let (status, version) = (r.status(), r.version());
+                            r.bytes().await.map(|_| (status, version))
+                        }
+                        Err(e) => Err(e),
+                    };
+                    let took = sent.elapsed();
+                    match answer {
+                        Ok((status, version)) if status == expect => {
+                            seen.latencies.push(took);
+                            seen.version = Some(version);
+                        }
+                        other => {
+                            seen.unexpected += 1;
+                            if seen.first_unexpected.is_none() {
+                                seen.first_unexpected = Some(match other {
+                                    Ok((status, _)) => status.to_string(),
+                                    Err(e) => e.to_string(),
+                                });
+                            }
+                        }
+                    }
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut all = Hammered {
+        latencies: Vec::new(),
+        elapsed: Duration::ZERO,
+        unexpected: 0,
+        first_unexpected: None,
+        version: None,
+    };
+    for task in futures::future::join_all(tasks).await {
+        match task {
+            Ok(seen) => {
+                all.latencies.extend(seen.latencies);
+                all.unexpected += seen.unexpected;
+                all.first_unexpected = all.first_unexpected.or(seen.first_unexpected);
+                all.version = all.version.or(seen.version);
+            }
+            Err(e) => {
+                all.unexpected += 1;
+                all.first_unexpected.get_or_insert(e.to_string());
+            }
+        }
+    }
+    all.elapsed = started.elapsed();
+    all.latencies.sort();
+    all
+}
+
+/// A pod of the serving sections: `opted_in_pod`, with the inject label or without it, and
+/// with `automountServiceAccountToken: false`. With the token automounted, the API server's
+/// ServiceAccount plugin adds its `kube-api-access-*` mount to the injected sidecar after the
+/// webhook ran; the webhook, called again (`reinvocationPolicy: IfNeeded`), then refuses its
+/// own sidecar ("volumeMounts differs"), so opted-in pods are not admitted at all.
+fn bench_pod(generate_name: &str, key: &str, opted_in: bool) -> Pod {
+    let mut pod = opted_in_pod(generate_name, &[key]);
+    if !opted_in {
+        pod.metadata.labels = None;
+    }
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.automount_service_account_token = Some(false);
+    }
+    pod
+}
+
+/// Pod creations the webhook section keeps in flight.
+const POD_CONCURRENCY: usize = 8;
+
+/// Sections 6 and 7: a second operator process that serves its webhook (registered by
+/// `url`, for a namespace of its own) and its key broker on loopback ports.
+async fn serving_sections(
+    fake: &Arc<FakeProvider>,
+    dir: &Path,
+    binary: &str,
+    sections: &Sections,
+) -> anyhow::Result<()> {
+    let env = TestEnv::new("bench-serve").await?;
+    let webhook_port = free_port()?;
+    let broker_port = free_port()?;
+    let broker_url = format!("https://127.0.0.1:{broker_port}");
+    let mwc_name = format!("byok-{}", env.namespace);
+    let mwcs: Api<MutatingWebhookConfiguration> = Api::all(env.client.clone());
+    mwcs.create(
+        &PostParams::default(),
+        &webhook_configuration(
+            &mwc_name,
+            &env.namespace,
+            &format!("https://127.0.0.1:{webhook_port}/mutate"),
+        )?,
+    )
+    .await?;
+    let args: Vec<String> = vec![
+        "--namespace".into(),
+        env.namespace.clone(),
+        "--no-leader-election".into(),
+        "--webhook-addr".into(),
+        format!("127.0.0.1:{webhook_port}"),
+        "--broker-addr".into(),
+        format!("127.0.0.1:{broker_port}"),
+        "--broker-url".into(),
+        broker_url.clone(),
+        "--webhook-configuration".into(),
+        mwc_name.clone(),
+        "--provider-endpoint".into(),
+        format!("anthropic={}", fake.base_url(ProviderKind::Anthropic)),
+    ];
+    let operator = Operator::start(binary, dir, &env.namespace, fake, &args)?;
+    let measured = measure_serving(&env, fake, &operator, &broker_url, sections).await;
+    operator.stop();
+    // The webhook fails closed: leave no configuration that calls a stopped operator.
+    let _ = mwcs.delete(&mwc_name, &DeleteParams::default()).await;
+    measured
+}
+
+async fn measure_serving(
+    env: &TestEnv,
+    fake: &Arc<FakeProvider>,
+    operator: &Operator,
+    broker_url: &str,
+    sections: &Sections,
+) -> anyhow::Result<()> {
+    const KEY: &str = "bench-key";
+    let key = random_key("sk-ant-api03-");
+    fake.add_valid_key(ProviderKind::Anthropic, &key);
+    put_secret(env, KEY, &[("api-key", &key)]).await?;
+    create_pk(
+        env,
+        KEY,
+        serde_json::json!({"provider": "anthropic", "secretRef": {"name": KEY}}),
+    )
+    .await?;
+    wait_pk(env, KEY, "Ready", |pk| {
+        is_condition(pk, "Ready", "True", "Valid")
+    })
+    .await?;
+    // The operator sets the caBundle after it starts: dry runs until the API server gets
+    // through to the webhook (and the webhook's cache has the key Ready).
+    let pods = env.api::<Pod>();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let dry = PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        let last = match pods.create(&dry, &bench_pod("probe-", KEY, true)).await {
+            Ok(created) if has_sidecar(&created) => break,
+            Ok(_) => "admitted without a sidecar".to_string(),
+            Err(e) => e.to_string(),
+        };
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the API server never reached the webhook: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await; // polling interval
+    }
     println!(
-        "  apply -> Ready, one key at a time ({}): median {:.0} ms, min {:.0} ms, max {:.0} ms",
-        latencies.len(),
-        p(&latencies, 0.5),
-        p(&latencies, 0.0),
-        p(&latencies, 1.0)
+        "byok-operator bench: serving (webhook and key broker), namespace {}",
+        env.namespace
     );
+    // The pods below opt out of the token automount (see `bench_pod`); say whether a pod
+    // that does not is admitted.
+    let default_pod = opted_in_pod("automount-", &[KEY]);
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
     println!(
-        "  scale: {count} keys created in {:.1} s ({:.0}/s, {BENCH_CONCURRENCY} requests in flight, no client-side QPS limit); all Ready after {:.1} s",
-        created.as_secs_f64(),
-        count as f64 / created.as_secs_f64().max(0.001),
-        all_ready.as_secs_f64()
+        "  (an opted-in pod with the ServiceAccount token automounted, the default: {}; the pods below set automountServiceAccountToken: false)",
+        match pods.create(&dry, &default_pod).await {
+            Ok(created) if has_sidecar(&created) => "admitted with the sidecar".to_string(),
+            Ok(_) => "admitted WITHOUT the sidecar".to_string(),
+            Err(kube::Error::Api(status)) => format!("REFUSED: {}", status.message),
+            Err(e) => format!("failed: {e}"),
+        }
     );
-    println!(
-        "  verification calls: {:.2} per new key (aim 1); peak {peak_calls}/s seen by the provider, limit {rate} calls per host in any one-second window",
-        new_key_calls as f64 / count.max(1) as f64
-    );
-    println!(
-        "  while applying: {:.1} API requests per new key, {:.1} reconciles per new key",
-        scale_api / count.max(1) as f64,
-        scale_recs / count.max(1) as f64
-    );
-    println!(
-        "  operator memory: {} MiB RSS at rest with {total} keys (aim <= 64), peak {} MiB; {} MiB with 15 keys",
-        rest_rss / 1024,
-        peak_rss / 1024,
-        idle_rss / 1024
-    );
-    println!(
-        "  steady state: {:.0} reconciles after relabelling {relabel} keys: {:.3} API requests per reconcile (aim 0), {steady_calls} verification calls",
-        steady_recs,
-        steady_api / steady_recs.max(1.0)
-    );
-    println!(
-        "  spec change -> status ({changes} changes, one verification each, {provider_ms:.1} ms of it at the provider on average): p50 {:.0} ms, p99 {:.0} ms (aim p99 <= 1000 ms), max {:.0} ms",
-        p(&spec_latencies, 0.5),
-        p(&spec_latencies, 0.99),
-        p(&spec_latencies, 1.0)
-    );
-    println!(
-        "  restart: {restart_calls} verification calls in the first {} s (aim 0); every key reconciled after {}; {:.0} API requests ({:.2} per key: one GET of each managed Secret to open its envelope, plus lists and the keyring); {} MiB RSS, peak {} MiB",
-        restart_window.as_secs(),
-        reconciled_all.map_or("(not within the window)".to_string(), |d| format!(
-            "{:.1} s",
-            d.as_secs_f64()
-        )),
-        restart_api,
-        restart_api / total.max(1) as f64,
-        restart_rss / 1024,
-        restart_peak / 1024
-    );
-    let _ = std::fs::remove_dir_all(&dir);
+
+    // 6. Webhook: opted-in pods beside identical pods the webhook is not called for.
+    if sections.on("webhook") {
+        let count: usize = env_or("BENCH_PODS", 300);
+        let before = operator.metrics().await;
+        let timed: Vec<(bool, Duration)> =
+            futures::stream::iter((0..2 * count).map(|i| i % 2 == 0))
+                .map(|opted_in| {
+                    let pods = &pods;
+                    async move {
+                        let pod = if opted_in {
+                            bench_pod("bench-in-", KEY, true)
+                        } else {
+                            bench_pod("bench-plain-", KEY, false)
+                        };
+                        let started = Instant::now();
+                        let created = pods.create(&PostParams::default(), &pod).await?;
+                        let took = started.elapsed();
+                        anyhow::ensure!(
+                            has_sidecar(&created) == opted_in,
+                            "pod {:?}: opted in {opted_in}, sidecar {}",
+                            created.metadata.name,
+                            has_sidecar(&created)
+                        );
+                        Ok((opted_in, took))
+                    }
+                })
+                .buffer_unordered(POD_CONCURRENCY)
+                .try_collect()
+                .await?;
+        let after = operator.metrics().await;
+        let split = |want: bool| {
+            let mut d: Vec<Duration> = timed
+                .iter()
+                .filter(|(o, _)| *o == want)
+                .map(|(_, d)| *d)
+                .collect();
+            d.sort();
+            d
+        };
+        let (with, without) = (split(true), split(false));
+        let handler = Histogram::parse(&after, "byok_webhook_admission_duration_seconds").since(
+            &Histogram::parse(&before, "byok_webhook_admission_duration_seconds"),
+        );
+        let p = |d: &[Duration], q| ms(percentile(d, q));
+        let (h50, h50_le) = handler.quantile(0.5);
+        let (h99, h99_le) = handler.quantile(0.99);
+        println!(
+            "  webhook: {count} opted-in pod creations beside {count} without the inject label ({POD_CONCURRENCY} in flight, interleaved), as the API server client sees them:"
+        );
+        println!(
+            "    opted in: p50 {:.1} ms, p99 {:.1} ms (aim p99 < 25 ms), max {:.1} ms",
+            p(&with, 0.5),
+            p(&with, 0.99),
+            p(&with, 1.0)
+        );
+        println!(
+            "    not opted in: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; the webhook's cost: p50 +{:.1} ms, p99 +{:.1} ms",
+            p(&without, 0.5),
+            p(&without, 0.99),
+            p(&without, 1.0),
+            p(&with, 0.5) - p(&without, 0.5),
+            p(&with, 0.99) - p(&without, 0.99)
+        );
+        println!(
+            "    handler ({} admissions, from byok_webhook_admission_duration_seconds): mean {:.3} ms, p50 ~{:.3} ms (bucket <= {:.1} ms), p99 ~{:.3} ms (bucket <= {:.1} ms) (aim p99 < 2 ms)",
+            handler.count,
+            handler.sum * 1000.0 / handler.count.max(1.0),
+            h50 * 1000.0,
+            h50_le * 1000.0,
+            h99 * 1000.0,
+            h99_le * 1000.0
+        );
+        // Pods on no node go at once, without a kubelet.
+        pods.delete_collection(&DeleteParams::default(), &ListParams::default())
+            .await?;
+    }
+
+    // 7. Broker: one admitted pod, a token bound to it, many callers.
+    if sections.on("broker") {
+        let seconds = Duration::from_secs(env_or("BENCH_BROKER_SECONDS", 10));
+        let concurrency: usize = env_or("BENCH_BROKER_CONCURRENCY", 16).max(1);
+        let pod = pods
+            .create(
+                &PostParams::default(),
+                &bench_pod("bench-broker-", KEY, true),
+            )
+            .await?;
+        anyhow::ensure!(has_sidecar(&pod), "the broker's pod was not injected");
+        let token = pod_token(env, "default", &pod, names::TOKEN_AUDIENCE).await?;
+        let ca = env
+            .api::<Secret>()
+            .get(byok_operator::serving::certs::DEFAULT_SECRET_NAME)
+            .await?
+            .data
+            .and_then(|d| d.get("ca.crt").cloned())
+            .context("the operator's certificate Secret has no ca.crt")?;
+        let http = reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(&ca.0)?])
+            .pool_max_idle_per_host(concurrency)
+            .build()?;
+        let url = format!("{broker_url}/v1/keys/{}/{KEY}", env.namespace);
+        // Until the pod cache has the pod: this also warms the TokenReview cache.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let etag = loop {
+            let r = http.get(&url).bearer_auth(&token).send().await?;
+            let (status, etag) = (
+                r.status(),
+                r.headers()
+                    .get(reqwest::header::ETAG)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
+            );
+            let body = r.text().await.unwrap_or_default();
+            if status == reqwest::StatusCode::OK {
+                break etag.context("a 200 without an ETag")?;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the broker never served the key: {status} {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await; // polling interval
+        };
+        let m0 = operator.metrics().await;
+        let full = hammer(
+            &http,
+            &url,
+            &token,
+            None,
+            reqwest::StatusCode::OK,
+            seconds,
+            concurrency,
+        )
+        .await;
+        let m1 = operator.metrics().await;
+        let conditional = hammer(
+            &http,
+            &url,
+            &token,
+            Some(&etag),
+            reqwest::StatusCode::NOT_MODIFIED,
+            seconds,
+            concurrency,
+        )
+        .await;
+        let m2 = operator.metrics().await;
+        println!(
+            "  broker: one pod, one token (TokenReview cache warm), {concurrency} callers, {} s each (the callers share the machine with the operator and the API server):",
+            seconds.as_secs()
+        );
+        for (what, run, (api, moved)) in [
+            ("full answers (200)", &full, api_delta(&m0, &m1)),
+            ("If-None-Match (304)", &conditional, api_delta(&m1, &m2)),
+        ] {
+            println!(
+                "    {what}: {:.0} requests/s over {:?}, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {} other answers{}; API requests by the operator meanwhile: {api} ({:.5} per request, aim ~0){}",
+                run.rps(),
+                run.version.unwrap_or_default(),
+                ms(percentile(&run.latencies, 0.5)),
+                ms(percentile(&run.latencies, 0.99)),
+                ms(percentile(&run.latencies, 1.0)),
+                run.unexpected,
+                run.first_unexpected
+                    .as_ref()
+                    .map_or(String::new(), |e| format!(" (first: {e})")),
+                api / run.latencies.len().max(1) as f64,
+                if moved.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {moved}")
+                }
+            );
+        }
+        pods.delete_collection(&DeleteParams::default(), &ListParams::default())
+            .await?;
+    }
     Ok(())
 }
