@@ -887,18 +887,12 @@ async fn hammer(
     all
 }
 
-/// A pod of the serving sections: `opted_in_pod`, with the inject label or without it, and
-/// with `automountServiceAccountToken: false`. With the token automounted, the API server's
-/// ServiceAccount plugin adds its `kube-api-access-*` mount to the injected sidecar after the
-/// webhook ran; the webhook, called again (`reinvocationPolicy: IfNeeded`), then refuses its
-/// own sidecar ("volumeMounts differs"), so opted-in pods are not admitted at all.
+/// A pod of the serving sections: `opted_in_pod`, with the inject label or without it (the
+/// ServiceAccount token automounted, as by default).
 fn bench_pod(generate_name: &str, key: &str, opted_in: bool) -> Pod {
     let mut pod = opted_in_pod(generate_name, &[key]);
     if !opted_in {
         pod.metadata.labels = None;
-    }
-    if let Some(spec) = pod.spec.as_mut() {
-        spec.automount_service_account_token = Some(false);
     }
     pod
 }
@@ -996,22 +990,6 @@ async fn measure_serving(
     println!(
         "byok-operator bench: serving (webhook and key broker), namespace {}",
         env.namespace
-    );
-    // The pods below opt out of the token automount (see `bench_pod`); say whether a pod
-    // that does not is admitted.
-    let default_pod = opted_in_pod("automount-", &[KEY]);
-    let dry = PostParams {
-        dry_run: true,
-        ..Default::default()
-    };
-    println!(
-        "  (an opted-in pod with the ServiceAccount token automounted, the default: {}; the pods below set automountServiceAccountToken: false)",
-        match pods.create(&dry, &default_pod).await {
-            Ok(created) if has_sidecar(&created) => "admitted with the sidecar".to_string(),
-            Ok(_) => "admitted WITHOUT the sidecar".to_string(),
-            Err(kube::Error::Api(status)) => format!("REFUSED: {}", status.message),
-            Err(e) => format!("failed: {e}"),
-        }
     );
 
     // 6. Webhook: opted-in pods beside identical pods the webhook is not called for.
