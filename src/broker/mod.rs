@@ -77,6 +77,10 @@ struct OpenedKey {
     key: SecretString,
     origin: Option<String>,
     fingerprint: String,
+    /// The version the managed Secret records for this envelope: read with the key, so a
+    /// grant never labels one key with another's version (the ProviderKey's status is
+    /// written after the Secret and reaches this replica through another watch).
+    key_version: i64,
 }
 
 /// The broker's answer, as the proxy reads it.
@@ -207,6 +211,13 @@ impl Broker {
             key,
             origin: sealed.origin,
             fingerprint: sealed.fingerprint,
+            key_version: secret
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(names::annotations::KEY_VERSION))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1),
         };
         let mut memo = self.opened.lock().unwrap_or_else(|p| p.into_inner());
         if memo.len() >= MEMO_MAX && !memo.contains_key(&oref) {
@@ -381,7 +392,7 @@ impl Broker {
                 "the destination changed since the key was verified".into(),
             ));
         }
-        let key_version = pk.status.as_ref().and_then(|s| s.key_version).unwrap_or(1);
+        let key_version = opened.key_version;
         let vertex = if kind == ProviderKind::Vertex {
             let oref = ObjectRef::<Secret>::new(&names::managed_secret_name(name)).within(ns);
             Some(self.vertex_token(oref, &opened).await?)
@@ -465,11 +476,7 @@ fn etag(pk: &ProviderKey, opened: &OpenedKey, vertex: Option<&VertexAccessToken>
     for part in [
         pk.metadata.uid.as_deref().unwrap_or_default(),
         &pk.metadata.generation.unwrap_or_default().to_string(),
-        &pk.status
-            .as_ref()
-            .and_then(|s| s.key_version)
-            .unwrap_or_default()
-            .to_string(),
+        &opened.key_version.to_string(),
         &opened.digest,
         &vertex.map(|t| t.expires_at.to_string()).unwrap_or_default(),
     ] {

@@ -1,0 +1,768 @@
+//! The key broker against the real kube-apiserver: pods admitted through the operator's own
+//! webhook, real pod-bound TokenRequest tokens, TokenReview by the API server, and the
+//! operator's pod and ProviderKey caches. Each test has its own namespace and operator.
+//!
+//! Caches lag the API server: every answer that depends on a cache having seen a change is
+//! polled for with a deadline, and every refusal is checked after the same request path has
+//! been seen to succeed (or after a later-created pod was served, so the cache is past it).
+
+use std::time::Duration;
+
+use byok_e2e::envtest::TestEnv;
+use byok_e2e::fake_provider::{
+    FakeProvider, FakeProviderConfig, TEST_SA_PRIVATE_KEY_PEM, test_service_account_json,
+};
+use byok_e2e::operator::*;
+use byok_e2e::serving::{ServingOperator, has_sidecar, opted_in_pod, pod_token, service_account};
+use byok_operator::names;
+use byok_operator::providers::ProviderKind;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use tokio::time::Instant;
+
+/// How long a cache may take to catch up with a change the test just made.
+const CACHE_WAIT: Duration = Duration::from_secs(20);
+/// DESIGN.md: a new keyVersion and a revocation reach the broker within 10 s.
+const CHANGE_WAIT: Duration = Duration::from_secs(10);
+/// Between two attempts of a poll.
+const POLL_EVERY: Duration = Duration::from_millis(10);
+
+/// One broker answer.
+struct Answer {
+    status: u16,
+    etag: Option<String>,
+    lease: Option<String>,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_default()
+    }
+
+    fn reason(&self) -> String {
+        self.json()["error"]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// For failure messages: never the body of a grant (it holds the key).
+    fn describe(&self) -> String {
+        if self.status == 200 {
+            let j = self.json();
+            format!(
+                "200 keyVersion={} provider={}",
+                j["keyVersion"], j["provider"]
+            )
+        } else {
+            format!("{} {}", self.status, String::from_utf8_lossy(&self.body))
+        }
+    }
+}
+
+/// A sidecar-like caller of one operator's broker.
+struct Sidecar {
+    http: reqwest::Client,
+    url: String,
+}
+
+impl Sidecar {
+    async fn new(op: &ServingOperator, env: &TestEnv) -> anyhow::Result<Self> {
+        Ok(Self {
+            http: op.https_client(env).await?,
+            url: op.broker_url().to_string(),
+        })
+    }
+
+    async fn ask(
+        &self,
+        namespace: &str,
+        name: &str,
+        token: Option<&str>,
+        etag: Option<&str>,
+    ) -> anyhow::Result<Answer> {
+        let mut req = self
+            .http
+            .get(format!("{}/v1/keys/{namespace}/{name}", self.url))
+            .timeout(Duration::from_secs(10));
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(etag) = etag {
+            req = req.header("if-none-match", etag);
+        }
+        let resp = req.send().await?;
+        let header = |n: &str| {
+            resp.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let (status, etag, lease) = (
+            resp.status().as_u16(),
+            header("etag"),
+            header("x-byok-lease-seconds"),
+        );
+        let body = resp.bytes().await?.to_vec();
+        Ok(Answer {
+            status,
+            etag,
+            lease,
+            body,
+        })
+    }
+
+    /// Asks until `ok` holds or `within` passes.
+    async fn ask_until(
+        &self,
+        (namespace, name): (&str, &str),
+        token: Option<&str>,
+        etag: Option<&str>,
+        within: Duration,
+        what: &str,
+        ok: impl Fn(&Answer) -> bool,
+    ) -> anyhow::Result<Answer> {
+        let deadline = Instant::now() + within;
+        loop {
+            let answer = self.ask(namespace, name, token, etag).await?;
+            if ok(&answer) {
+                return Ok(answer);
+            }
+            if Instant::now() >= deadline {
+                anyhow::bail!(
+                    "{namespace}/{name}: not {what} within {within:?}; last answer: {}",
+                    answer.describe()
+                );
+            }
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+    }
+}
+
+/// The fingerprint the operator gives a key (as in `status.fingerprint`).
+fn fingerprint_of(key: &str) -> String {
+    use sha2::Digest;
+    format!(
+        "sha256:{}",
+        &hex::encode(sha2::Sha256::digest(key.as_bytes()))[..16]
+    )
+}
+
+/// Creates a pod through the API server (so the webhook sees it) and returns it as stored.
+async fn create_pod(env: &TestEnv, pod: &Pod) -> anyhow::Result<Pod> {
+    Ok(env.api::<Pod>().create(&PostParams::default(), pod).await?)
+}
+
+/// An opted-in pod running as `service_account`.
+fn opted_in_pod_as(generate_name: &str, keys: &[&str], service_account: &str) -> Pod {
+    let mut pod = opted_in_pod(generate_name, keys);
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.service_account_name = Some(service_account.into());
+    }
+    pod
+}
+
+/// A pod that lists keys but does not carry the inject label: the webhook never sees it.
+fn unlabelled_pod(generate_name: &str, keys: &[&str]) -> Pod {
+    let mut pod = opted_in_pod(generate_name, keys);
+    pod.metadata.labels = None;
+    pod
+}
+
+/// A Ready anthropic ProviderKey `name` with the key `key`.
+async fn ready_anthropic(
+    env: &TestEnv,
+    fake: &FakeProvider,
+    name: &str,
+    key: &str,
+    extra: serde_json::Value,
+) -> anyhow::Result<byok_operator::crd::ProviderKey> {
+    fake.add_valid_key(ProviderKind::Anthropic, key);
+    let source = format!("{name}-raw");
+    put_secret(env, &source, &[("api-key", key)]).await?;
+    let mut spec = serde_json::json!({"provider": "anthropic", "secretRef": {"name": source}});
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        spec[k] = v.clone();
+    }
+    create_pk(env, name, spec).await?;
+    wait_pk(env, name, "Ready", |pk| {
+        is_condition(pk, "Ready", "True", "Valid")
+    })
+    .await
+}
+
+/// Waits until the API server no longer has the pod (unscheduled pods go at once).
+async fn delete_pod(env: &TestEnv, name: &str) -> anyhow::Result<()> {
+    let pods = env.api::<Pod>();
+    pods.delete(name, &DeleteParams::default()).await?;
+    let deadline = Instant::now() + CACHE_WAIT;
+    while pods.get_opt(name).await?.is_some() {
+        anyhow::ensure!(Instant::now() < deadline, "pod {name} was not deleted");
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+    Ok(())
+}
+
+/// 1, 2, 3 and 9: the pod that lists the key gets it (and 304 while nothing changed); a pod
+/// of another namespace, a pod that did not list it, a pod that did not opt in, a token for
+/// another audience and no token are refused, alike where they must not tell anything apart;
+/// the operator counted each answer.
+#[tokio::test]
+async fn the_pod_that_lists_a_key_gets_it_and_nobody_else_does() -> anyhow::Result<()> {
+    let env = TestEnv::new("broker-grant").await?;
+    let other = TestEnv::new("broker-other").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let op = ServingOperator::start(&env, &fake).await?;
+    let sidecar = Sidecar::new(&op, &env).await?;
+    let ns = env.namespace.as_str();
+
+    let key = random_key("sk-ant-api03-");
+    let pk = ready_anthropic(&env, &fake, "team", &key, serde_json::json!({})).await?;
+    let fingerprint = pk.status.and_then(|s| s.fingerprint).unwrap_or_default();
+
+    // Created before the pod that gets the key: once the broker serves that one, its pod
+    // cache (a watch, in resourceVersion order) has seen these too.
+    let lists_other = create_pod(&env, &opted_in_pod("lists-other-", &["something-else"])).await?;
+    let unlabelled = create_pod(&env, &unlabelled_pod("unlabelled-", &["team"])).await?;
+    assert!(
+        !has_sidecar(&unlabelled),
+        "a pod without the label is not injected"
+    );
+    let pod = create_pod(&env, &opted_in_pod("app-", &["team"])).await?;
+    assert!(has_sidecar(&pod), "the webhook injected the sidecar");
+    let token = pod_token(&env, "default", &pod, names::TOKEN_AUDIENCE).await?;
+
+    // 1. The right pod gets the key.
+    let granted = sidecar
+        .ask_until(
+            (ns, "team"),
+            Some(&token),
+            None,
+            CACHE_WAIT,
+            "granted",
+            |a| a.status == 200,
+        )
+        .await?;
+    let grant = granted.json();
+    assert_eq!(grant["credential"]["type"], "apiKey");
+    assert!(
+        grant["credential"]["value"] == key.as_str(),
+        "the grant carries the raw key"
+    );
+    assert_eq!(grant["provider"], "anthropic");
+    assert_eq!(grant["keyVersion"], 1);
+    assert_eq!(grant["fingerprint"], fingerprint.as_str());
+    assert_eq!(fingerprint, fingerprint_of(&key));
+    assert_eq!(grant["namespace"], ns);
+    assert_eq!(grant["providerKey"], "team");
+    assert_eq!(grant["origin"], fake.origin().as_str());
+    assert!(
+        grant["baseURL"]
+            .as_str()
+            .is_some_and(|u| u.starts_with(&fake.origin())),
+        "baseURL {} is the fake's",
+        grant["baseURL"]
+    );
+    assert!(granted.lease.is_some(), "a grant carries a lease");
+    let etag = granted.etag.clone().expect("a grant has an ETag");
+
+    let again = sidecar.ask(ns, "team", Some(&token), Some(&etag)).await?;
+    assert_eq!(again.status, 304, "{}", again.describe());
+    assert!(again.body.is_empty(), "a 304 carries no body");
+    assert!(
+        again
+            .lease
+            .as_deref()
+            .is_some_and(|l| l.parse::<u64>().is_ok_and(|s| s > 0)),
+        "a 304 renews the lease: {:?}",
+        again.lease
+    );
+    assert_eq!(again.etag.as_deref(), Some(etag.as_str()));
+    let stale = sidecar
+        .ask(ns, "team", Some(&token), Some("\"not-the-etag\""))
+        .await?;
+    assert_eq!(stale.status, 200, "another ETag gets the grant");
+
+    // 2. Another namespace: 403, and the same bytes whether the key exists or not.
+    let foreign = create_pod(&other, &opted_in_pod("foreign-", &["team"])).await?;
+    let foreign_token = pod_token(&other, "default", &foreign, names::TOKEN_AUDIENCE).await?;
+    let across = sidecar.ask(ns, "team", Some(&foreign_token), None).await?;
+    let across_missing = sidecar
+        .ask(ns, "no-such-key", Some(&foreign_token), None)
+        .await?;
+    assert_eq!(across.status, 403, "{}", across.describe());
+    assert_eq!(
+        across.body, across_missing.body,
+        "no oracle across namespaces"
+    );
+    assert_eq!(across_missing.status, 403);
+    assert_eq!(across.reason(), "Forbidden");
+    assert!(
+        !String::from_utf8_lossy(&across.body).contains(&key),
+        "no key in a refusal"
+    );
+
+    // 3. A pod that did not list the key, a pod that did not opt in: 403, the same bytes.
+    let token_other = pod_token(&env, "default", &lists_other, names::TOKEN_AUDIENCE).await?;
+    let not_listed = sidecar.ask(ns, "team", Some(&token_other), None).await?;
+    assert_eq!(not_listed.status, 403, "{}", not_listed.describe());
+    assert_eq!(not_listed.body, across.body, "not listed: the same refusal");
+    // The right pod asking for a name it did not list (that does not exist): the same.
+    let unlisted_missing = sidecar.ask(ns, "no-such-key", Some(&token), None).await?;
+    assert_eq!(
+        unlisted_missing.status,
+        403,
+        "{}",
+        unlisted_missing.describe()
+    );
+    assert_eq!(
+        unlisted_missing.body, across.body,
+        "no oracle within the namespace"
+    );
+    let token_unlabelled = pod_token(&env, "default", &unlabelled, names::TOKEN_AUDIENCE).await?;
+    let not_opted_in = sidecar
+        .ask(ns, "team", Some(&token_unlabelled), None)
+        .await?;
+    assert_eq!(not_opted_in.status, 403, "{}", not_opted_in.describe());
+    assert_eq!(
+        not_opted_in.body, across.body,
+        "not opted in: the same refusal"
+    );
+
+    // Tokens for another audience (the API server's default, or anything else): 401.
+    for audience in [None, Some("other")] {
+        let wrong = match audience {
+            Some(a) => pod_token(&env, "default", &pod, a).await?,
+            None => default_audience_token(&env, &pod).await?,
+        };
+        let answer = sidecar.ask(ns, "team", Some(&wrong), None).await?;
+        assert_eq!(
+            answer.status,
+            401,
+            "audience {audience:?}: {}",
+            answer.describe()
+        );
+    }
+    // No token, or not a bearer token: 401.
+    let none = sidecar.ask(ns, "team", None, None).await?;
+    assert_eq!(none.status, 401, "{}", none.describe());
+    assert_eq!(none.reason(), "Unauthenticated");
+    let garbage = sidecar.ask(ns, "team", Some("not-a-jwt"), None).await?;
+    assert_eq!(garbage.status, 401, "{}", garbage.describe());
+
+    // 9. Every answer was counted by what it was.
+    let m = &op.metrics;
+    assert_eq!(
+        m.broker_answers("granted"),
+        2,
+        "the first grant and the one for a stale ETag"
+    );
+    assert_eq!(m.broker_answers("not_modified"), 1);
+    assert_eq!(m.broker_answers("other_namespace"), 2);
+    assert_eq!(m.broker_answers("key_not_listed"), 2);
+    // The unlabelled pod is not in the (opted-in only) pod cache; polls before the good pod
+    // reached the cache were counted as pod_not_found too.
+    assert!(m.broker_answers("pod_not_opted_in") + m.broker_answers("pod_not_found") >= 1);
+    // Two wrong audiences and a garbage token: the API server does not authenticate them.
+    assert_eq!(
+        m.broker_answers("unauthenticated") + m.broker_answers("wrong_audience"),
+        4,
+        "three refused tokens and no token"
+    );
+    let encoded = m.encode();
+    assert!(
+        encoded.contains("broker_answers") && encoded.contains("result=\"granted\""),
+        "exposed on /metrics:\n{encoded}"
+    );
+    Ok(())
+}
+
+/// A token bound to `pod` without an audience: the API server's own (its issuer).
+async fn default_audience_token(env: &TestEnv, pod: &Pod) -> anyhow::Result<String> {
+    use k8s_openapi::api::authentication::v1::{
+        BoundObjectReference, TokenRequest, TokenRequestSpec,
+    };
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            expiration_seconds: Some(600),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: pod.metadata.name.clone(),
+                uid: pod.metadata.uid.clone(),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let issued = env
+        .api::<ServiceAccount>()
+        .create_token_request("default", &PostParams::default(), &request)
+        .await?;
+    issued
+        .status
+        .and_then(|s| s.token)
+        .ok_or_else(|| anyhow::anyhow!("TokenRequest returned no token"))
+}
+
+/// 4. A deleted pod is refused once the cache sees it, though its token's review is cached;
+/// a pod recreated under the same name (a new uid) does not make the old token good again.
+#[tokio::test]
+async fn a_deleted_or_recreated_pod_loses_the_key() -> anyhow::Result<()> {
+    let env = TestEnv::new("broker-pods").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let op = ServingOperator::start(&env, &fake).await?;
+    let sidecar = Sidecar::new(&op, &env).await?;
+    let ns = env.namespace.as_str();
+    let key = random_key("sk-ant-api03-");
+    ready_anthropic(&env, &fake, "team", &key, serde_json::json!({})).await?;
+
+    let mut named = opted_in_pod("", &["team"]);
+    named.metadata.generate_name = None;
+    named.metadata.name = Some("worker".into());
+    let first = create_pod(&env, &named).await?;
+    let old_token = pod_token(&env, "default", &first, names::TOKEN_AUDIENCE).await?;
+    sidecar
+        .ask_until(
+            (ns, "team"),
+            Some(&old_token),
+            None,
+            CACHE_WAIT,
+            "granted",
+            |a| a.status == 200,
+        )
+        .await?;
+
+    delete_pod(&env, "worker").await?;
+    let gone = sidecar
+        .ask_until(
+            (ns, "team"),
+            Some(&old_token),
+            None,
+            CACHE_WAIT,
+            "refused",
+            |a| a.status != 200,
+        )
+        .await?;
+    assert_eq!(
+        gone.status,
+        403,
+        "the review is cached, the pod cache decides: {}",
+        gone.describe()
+    );
+    assert_eq!(gone.reason(), "Forbidden");
+
+    let second = create_pod(&env, &named).await?;
+    assert_ne!(second.metadata.uid, first.metadata.uid, "a new pod");
+    let new_token = pod_token(&env, "default", &second, names::TOKEN_AUDIENCE).await?;
+    // Once the new pod is served, the cache has it: the old token's refusal is not lag.
+    sidecar
+        .ask_until(
+            (ns, "team"),
+            Some(&new_token),
+            None,
+            CACHE_WAIT,
+            "granted",
+            |a| a.status == 200,
+        )
+        .await?;
+    let old = sidecar.ask(ns, "team", Some(&old_token), None).await?;
+    assert!(
+        old.status == 403 || old.status == 401,
+        "the old pod's token is refused: {}",
+        old.describe()
+    );
+    assert_ne!(old.status, 200);
+    assert!(op.metrics.broker_answers("pod_not_found") >= 2);
+    Ok(())
+}
+
+/// 5. `consumers` narrowed after a pod was admitted: the pod's ServiceAccount decides.
+#[tokio::test]
+async fn consumers_added_after_admission_are_enforced() -> anyhow::Result<()> {
+    let env = TestEnv::new("broker-consumers").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let op = ServingOperator::start(&env, &fake).await?;
+    let sidecar = Sidecar::new(&op, &env).await?;
+    let ns = env.namespace.as_str();
+    service_account(&env, "app").await?;
+    service_account(&env, "batch").await?;
+    let key = random_key("sk-ant-api03-");
+    ready_anthropic(&env, &fake, "team", &key, serde_json::json!({})).await?;
+
+    let app = create_pod(&env, &opted_in_pod_as("app-", &["team"], "app")).await?;
+    assert!(has_sidecar(&app));
+    let app_token = pod_token(&env, "app", &app, names::TOKEN_AUDIENCE).await?;
+    sidecar
+        .ask_until(
+            (ns, "team"),
+            Some(&app_token),
+            None,
+            CACHE_WAIT,
+            "granted",
+            |a| a.status == 200,
+        )
+        .await?;
+
+    let patch = serde_json::json!({"spec": {"consumers": {"serviceAccounts": ["batch"]}}});
+    env.api::<byok_operator::crd::ProviderKey>()
+        .patch("team", &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    let refused = sidecar
+        .ask_until(
+            (ns, "team"),
+            Some(&app_token),
+            None,
+            CACHE_WAIT,
+            "refused",
+            |a| a.status != 200,
+        )
+        .await?;
+    assert_eq!(refused.status, 403, "{}", refused.describe());
+    assert_eq!(refused.reason(), "ServiceAccountNotAllowed");
+    assert!(!String::from_utf8_lossy(&refused.body).contains(&key));
+
+    let batch = create_pod(&env, &opted_in_pod_as("batch-", &["team"], "batch")).await?;
+    let batch_token = pod_token(&env, "batch", &batch, names::TOKEN_AUDIENCE).await?;
+    let granted = sidecar
+        .ask_until(
+            (ns, "team"),
+            Some(&batch_token),
+            None,
+            CACHE_WAIT,
+            "granted",
+            |a| a.status == 200,
+        )
+        .await?;
+    assert!(granted.json()["credential"]["value"] == key.as_str());
+    assert!(op.metrics.broker_answers("service_account_not_consumer") >= 1);
+    Ok(())
+}
+
+/// The Warning Events on `pod` with reason WaitingForProviderKey.
+async fn waiting_events(env: &TestEnv, pod: &Pod) -> anyhow::Result<Vec<Event>> {
+    let uid = pod.metadata.uid.clone();
+    Ok(env
+        .api::<Event>()
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.regarding.as_ref().is_some_and(|r| {
+                r.uid == uid && r.kind.as_deref() == Some("Pod") && r.name == pod.metadata.name
+            }) && e.reason.as_deref() == Some("WaitingForProviderKey")
+        })
+        .collect())
+}
+
+/// 6 and 7. A pod that waits for a key that does not exist yet gets 404 and a Warning Event,
+/// then the key once it is created; a rotated source reaches it as keyVersion 2 within 10 s
+/// (the old ETag no longer matches), and a deleted ProviderKey is 404 within 10 s.
+#[tokio::test]
+async fn a_waiting_pod_gets_its_key_then_rotations_and_the_deletion() -> anyhow::Result<()> {
+    let env = TestEnv::new("broker-lifecycle").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let op = ServingOperator::start(&env, &fake).await?;
+    let sidecar = Sidecar::new(&op, &env).await?;
+    let ns = env.namespace.as_str();
+
+    // 6. The key does not exist yet: admitted (GitOps order), 404 and a Warning Event.
+    let pod = create_pod(&env, &opted_in_pod("early-", &["later"])).await?;
+    assert!(has_sidecar(&pod), "admitted while the key does not exist");
+    let token = pod_token(&env, "default", &pod, names::TOKEN_AUDIENCE).await?;
+    let missing = sidecar
+        .ask_until((ns, "later"), Some(&token), None, CACHE_WAIT, "404", |a| {
+            a.status == 404
+        })
+        .await?;
+    assert_eq!(missing.reason(), "ProviderKeyNotFound");
+    let deadline = Instant::now() + CACHE_WAIT;
+    let event = loop {
+        if let Some(e) = waiting_events(&env, &pod).await?.into_iter().next() {
+            break e;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no WaitingForProviderKey Event on the pod"
+        );
+        tokio::time::sleep(POLL_EVERY).await;
+    };
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert!(
+        event.note.as_deref().is_some_and(|n| n.contains("later")),
+        "the Event names the key: {:?}",
+        event.note
+    );
+    // Asked again: still one Event (once per period), not one per request.
+    sidecar.ask(ns, "later", Some(&token), None).await?;
+    assert_eq!(
+        waiting_events(&env, &pod)
+            .await?
+            .iter()
+            .map(|e| e.series.as_ref().map_or(1, |s| s.count))
+            .sum::<i32>(),
+        1,
+        "one Event while waiting"
+    );
+
+    let first_key = random_key("sk-ant-api03-");
+    ready_anthropic(&env, &fake, "later", &first_key, serde_json::json!({})).await?;
+    let granted = sidecar
+        .ask_until(
+            (ns, "later"),
+            Some(&token),
+            None,
+            CACHE_WAIT,
+            "granted",
+            |a| a.status == 200,
+        )
+        .await?;
+    assert!(granted.json()["credential"]["value"] == first_key.as_str());
+    assert_eq!(granted.json()["keyVersion"], 1);
+    let old_etag = granted.etag.clone().expect("ETag");
+
+    // 7. Rotation: the source Secret gets a second valid key.
+    let second_key = random_key("sk-ant-api03-");
+    fake.add_valid_key(ProviderKind::Anthropic, &second_key);
+    let started = Instant::now();
+    put_secret(&env, "later-raw", &[("api-key", &second_key)]).await?;
+    // Every grant on the way is one whole key: its version and fingerprint go with it.
+    let mixed = std::sync::Mutex::new(Vec::<String>::new());
+    let rotated = sidecar
+        .ask_until(
+            (ns, "later"),
+            Some(&token),
+            None,
+            CHANGE_WAIT,
+            "keyVersion 2 with the new key",
+            |a| {
+                if a.status != 200 {
+                    return false;
+                }
+                let j = a.json();
+                let value = j["credential"]["value"].as_str().unwrap_or_default();
+                let expected = match value {
+                    v if v == first_key => 1,
+                    v if v == second_key => 2,
+                    _ => 0,
+                };
+                if j["keyVersion"] != expected || j["fingerprint"] != fingerprint_of(value).as_str()
+                {
+                    mixed.lock().unwrap().push(format!(
+                        "keyVersion {} with key #{expected}, fingerprint {}",
+                        j["keyVersion"], j["fingerprint"]
+                    ));
+                }
+                expected == 2 && j["keyVersion"] == 2
+            },
+        )
+        .await?;
+    let mixed = mixed.into_inner().unwrap();
+    assert!(mixed.is_empty(), "grants that mix two keys: {mixed:?}");
+    eprintln!("rotation reached the broker in {:?}", started.elapsed());
+    assert_ne!(rotated.etag.as_deref(), Some(old_etag.as_str()));
+    let with_old = sidecar
+        .ask(ns, "later", Some(&token), Some(&old_etag))
+        .await?;
+    assert_eq!(
+        with_old.status,
+        200,
+        "the old ETag no longer gives 304: {}",
+        with_old.describe()
+    );
+    assert!(with_old.json()["credential"]["value"] == second_key.as_str());
+
+    // Deletion: 404 within 10 s.
+    let started = Instant::now();
+    env.api::<byok_operator::crd::ProviderKey>()
+        .delete("later", &DeleteParams::default())
+        .await?;
+    let deleted = sidecar
+        .ask_until((ns, "later"), Some(&token), None, CHANGE_WAIT, "404", |a| {
+            a.status == 404
+        })
+        .await?;
+    eprintln!("deletion reached the broker in {:?}", started.elapsed());
+    assert!(
+        ["ProviderKeyDeleting", "ProviderKeyNotFound"].contains(&deleted.reason().as_str()),
+        "{}",
+        deleted.describe()
+    );
+    assert!(op.metrics.broker_answers("key_not_found") >= 1);
+    assert!(op.metrics.broker_answers("granted") >= 3);
+    Ok(())
+}
+
+/// 8. Vertex: the broker hands out a short-lived access token, never the service account.
+#[tokio::test]
+async fn vertex_gets_an_access_token_never_the_private_key() -> anyhow::Result<()> {
+    let env = TestEnv::new("broker-vertex").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let op = ServingOperator::start(&env, &fake).await?;
+    let sidecar = Sidecar::new(&op, &env).await?;
+    let ns = env.namespace.as_str();
+    let sa_json =
+        test_service_account_json("byok@demo-project.iam.gserviceaccount.com", "demo-project");
+    fake.add_service_account_json(&sa_json)?;
+    put_secret(&env, "vertex-raw", &[("api-key", &sa_json)]).await?;
+    create_pk(
+        &env,
+        "gemini",
+        serde_json::json!({"provider": "vertex", "secretRef": {"name": "vertex-raw"},
+                           "vertex": {"location": "us-central1"}}),
+    )
+    .await?;
+    wait_pk(&env, "gemini", "Ready", |pk| {
+        is_condition(pk, "Ready", "True", "Valid")
+    })
+    .await?;
+
+    let pod = create_pod(&env, &opted_in_pod("vertex-", &["gemini"])).await?;
+    let token = pod_token(&env, "default", &pod, names::TOKEN_AUDIENCE).await?;
+    let granted = sidecar
+        .ask_until(
+            (ns, "gemini"),
+            Some(&token),
+            None,
+            CACHE_WAIT,
+            "granted",
+            |a| a.status == 200,
+        )
+        .await?;
+    let grant = granted.json();
+    assert_eq!(grant["provider"], "vertex");
+    assert_eq!(grant["credential"]["type"], "accessToken");
+    let value = grant["credential"]["value"].as_str().unwrap_or_default();
+    assert!(!value.is_empty(), "an access token");
+    assert_ne!(value, sa_json, "not the service account JSON");
+    let expires: jiff::Timestamp = grant["credential"]["expiresAt"]
+        .as_str()
+        .unwrap_or_default()
+        .parse()?;
+    assert!(expires > jiff::Timestamp::now(), "expires in the future");
+
+    let body = String::from_utf8_lossy(&granted.body);
+    // A line from the middle of the PEM body: distinctive, and present in any encoding of it.
+    let fragment = TEST_SA_PRIVATE_KEY_PEM
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .nth(3)
+        .expect("a PEM body line");
+    assert!(fragment.len() >= 40);
+    for needle in [fragment, "private_key", "PRIVATE KEY", "client_email"] {
+        assert!(
+            !body.contains(needle),
+            "the grant must not contain {needle:?}"
+        );
+    }
+    // The same token again (cached until shortly before it expires), and 304 by ETag.
+    let etag = granted.etag.clone().expect("ETag");
+    let again = sidecar.ask(ns, "gemini", Some(&token), Some(&etag)).await?;
+    assert_eq!(again.status, 304, "{}", again.describe());
+    assert_eq!(op.metrics.broker_answers("not_modified"), 1);
+    Ok(())
+}
