@@ -226,7 +226,7 @@ pub fn sidecars(pod: &Pod) -> usize {
 }
 
 /// A token like the one the kubelet projects into the sidecar: for `service_account`,
-/// bound to `pod`, for `audience`.
+/// bound to `pod`, for `audience` (empty: the API server's own audience).
 pub async fn pod_token(
     env: &TestEnv,
     service_account: &str,
@@ -235,7 +235,7 @@ pub async fn pod_token(
 ) -> anyhow::Result<String> {
     let request = TokenRequest {
         spec: Some(TokenRequestSpec {
-            audiences: Some(vec![audience.to_string()]),
+            audiences: (!audience.is_empty()).then(|| vec![audience.to_string()]),
             expiration_seconds: Some(600),
             bound_object_ref: Some(BoundObjectReference {
                 api_version: Some("v1".into()),

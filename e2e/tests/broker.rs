@@ -335,7 +335,7 @@ async fn the_pod_that_lists_a_key_gets_it_and_nobody_else_does() -> anyhow::Resu
     for audience in [None, Some("other")] {
         let wrong = match audience {
             Some(a) => pod_token(&env, "default", &pod, a).await?,
-            None => default_audience_token(&env, &pod).await?,
+            None => pod_token(&env, "default", &pod, "").await?,
         };
         let answer = sidecar.ask(ns, "team", Some(&wrong), None).await?;
         assert_eq!(
@@ -377,35 +377,6 @@ async fn the_pod_that_lists_a_key_gets_it_and_nobody_else_does() -> anyhow::Resu
         "exposed on /metrics:\n{encoded}"
     );
     Ok(())
-}
-
-/// A token bound to `pod` without an audience: the API server's own (its issuer).
-async fn default_audience_token(env: &TestEnv, pod: &Pod) -> anyhow::Result<String> {
-    use k8s_openapi::api::authentication::v1::{
-        BoundObjectReference, TokenRequest, TokenRequestSpec,
-    };
-    use k8s_openapi::api::core::v1::ServiceAccount;
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            expiration_seconds: Some(600),
-            bound_object_ref: Some(BoundObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Pod".into()),
-                name: pod.metadata.name.clone(),
-                uid: pod.metadata.uid.clone(),
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let issued = env
-        .api::<ServiceAccount>()
-        .create_token_request("default", &PostParams::default(), &request)
-        .await?;
-    issued
-        .status
-        .and_then(|s| s.token)
-        .ok_or_else(|| anyhow::anyhow!("TokenRequest returned no token"))
 }
 
 /// 4. A deleted pod is refused once the cache sees it, though its token's review is cached;
