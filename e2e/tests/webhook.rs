@@ -105,6 +105,18 @@ async fn an_opted_in_pod_gets_exactly_one_sidecar_and_its_variables() -> anyhow:
     ready_key(&env, &fake, "team-a").await?;
     ready_key(&env, &fake, "team-b").await?;
 
+    // No API call on the admission path: what the webhook reads comes from caches.
+    let reads = |m: &byok_operator::metrics::Metrics| {
+        [
+            ("get", "providerkeys"),
+            ("list", "providerkeys"),
+            ("get", "pods"),
+            ("list", "pods"),
+        ]
+        .map(|(verb, resource)| m.api_requests(verb, resource))
+    };
+    let before = reads(&op.metrics);
+
     // One key, from generateName.
     let pod = create(&env, &opted_in_pod("one-", &["team-a"])).await?;
     assert!(
@@ -205,6 +217,7 @@ async fn an_opted_in_pod_gets_exactly_one_sidecar_and_its_variables() -> anyhow:
     assert!(!env_of(container(&pod, "app")?).contains_key("ANTHROPIC_BASE_URL"));
 
     assert!(op.metrics.admissions("injected") >= 3);
+    assert_eq!(reads(&op.metrics), before, "the webhook made API calls");
     Ok(())
 }
 
