@@ -67,6 +67,11 @@ pub fn key_source_selector() -> String {
     format!("{KEY_SOURCE_LABEL}={KEY_SOURCE_VALUE}")
 }
 
+/// The labels of every object the operator creates: `app.kubernetes.io/managed-by`.
+pub fn managed_by_labels() -> std::collections::BTreeMap<String, String> {
+    [(MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string())].into()
+}
+
 /// `app.kubernetes.io/managed-by=byok-operator`, as a label selector.
 pub fn managed_by_selector() -> String {
     format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")

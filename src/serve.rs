@@ -61,9 +61,6 @@ pub struct ServeConfig {
 pub struct Serving {
     handles: Vec<actix_web::dev::ServerHandle>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    /// Where the webhook listens (the port the OS chose when asked for port 0).
-    pub webhook_addr: SocketAddr,
-    pub broker_addr: SocketAddr,
 }
 
 impl Drop for Serving {
@@ -195,12 +192,7 @@ pub async fn start(
     tokio::spawn(broker);
     ctx.metrics.set_ready(Ready::Certificate, true);
     tracing::info!(webhook = %webhook_addr, broker = %broker_addr, native_sidecars, "serving the webhook and the key broker");
-    Ok(Serving {
-        handles,
-        tasks,
-        webhook_addr,
-        broker_addr,
-    })
+    Ok(Serving { handles, tasks })
 }
 
 /// Keeps the caBundle of the named configuration equal to the current CA: watches that one

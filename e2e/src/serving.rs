@@ -271,3 +271,27 @@ pub async fn service_account(env: &TestEnv, name: &str) -> anyhow::Result<()> {
         .await?;
     Ok(())
 }
+
+/// A Ready anthropic ProviderKey `name` holding `key` (accepted by the fake provider), its
+/// spec extended with `extra` (e.g. `consumers`).
+pub async fn ready_anthropic(
+    env: &TestEnv,
+    fake: &FakeProvider,
+    name: &str,
+    key: &str,
+    extra: serde_json::Value,
+) -> anyhow::Result<byok_operator::crd::ProviderKey> {
+    use crate::operator::{create_pk, is_condition, put_secret, wait_pk};
+    fake.add_valid_key(byok_operator::providers::ProviderKind::Anthropic, key);
+    let source = format!("{name}-raw");
+    put_secret(env, &source, &[("api-key", key)]).await?;
+    let mut spec = serde_json::json!({"provider": "anthropic", "secretRef": {"name": source}});
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        spec[k] = v.clone();
+    }
+    create_pk(env, name, spec).await?;
+    wait_pk(env, name, "Ready", |pk| {
+        is_condition(pk, "Ready", "True", "Valid")
+    })
+    .await
+}

@@ -13,7 +13,9 @@ use byok_e2e::fake_provider::{
     FakeProvider, FakeProviderConfig, TEST_SA_PRIVATE_KEY_PEM, test_service_account_json,
 };
 use byok_e2e::operator::*;
-use byok_e2e::serving::{ServingOperator, has_sidecar, opted_in_pod, pod_token, service_account};
+use byok_e2e::serving::{
+    ServingOperator, has_sidecar, opted_in_pod, pod_token, ready_anthropic, service_account,
+};
 use byok_operator::names;
 use byok_operator::providers::ProviderKind;
 use k8s_openapi::api::core::v1::Pod;
@@ -169,28 +171,6 @@ fn unlabelled_pod(generate_name: &str, keys: &[&str]) -> Pod {
     let mut pod = opted_in_pod(generate_name, keys);
     pod.metadata.labels = None;
     pod
-}
-
-/// A Ready anthropic ProviderKey `name` with the key `key`.
-async fn ready_anthropic(
-    env: &TestEnv,
-    fake: &FakeProvider,
-    name: &str,
-    key: &str,
-    extra: serde_json::Value,
-) -> anyhow::Result<byok_operator::crd::ProviderKey> {
-    fake.add_valid_key(ProviderKind::Anthropic, key);
-    let source = format!("{name}-raw");
-    put_secret(env, &source, &[("api-key", key)]).await?;
-    let mut spec = serde_json::json!({"provider": "anthropic", "secretRef": {"name": source}});
-    for (k, v) in extra.as_object().into_iter().flatten() {
-        spec[k] = v.clone();
-    }
-    create_pk(env, name, spec).await?;
-    wait_pk(env, name, "Ready", |pk| {
-        is_condition(pk, "Ready", "True", "Valid")
-    })
-    .await
 }
 
 /// Waits until the API server no longer has the pod (unscheduled pods go at once).

@@ -40,21 +40,10 @@ fn container<'a>(pod: &'a Pod, name: &str) -> anyhow::Result<&'a Container> {
         .with_context(|| format!("no container {name}"))
 }
 
-async fn ready_key(env: &TestEnv, fake: &FakeProvider, name: &str) -> anyhow::Result<String> {
+async fn ready_key(env: &TestEnv, fake: &FakeProvider, name: &str) -> anyhow::Result<()> {
     let key = random_key("sk-ant-api03-");
-    fake.add_valid_key(ProviderKind::Anthropic, &key);
-    put_secret(env, &format!("{name}-raw"), &[("api-key", &key)]).await?;
-    create_pk(
-        env,
-        name,
-        serde_json::json!({"provider": "anthropic", "secretRef": {"name": format!("{name}-raw")}}),
-    )
-    .await?;
-    wait_pk(env, name, "Ready", |pk| {
-        is_condition(pk, "Ready", "True", "Valid")
-    })
-    .await?;
-    Ok(key)
+    ready_anthropic(env, fake, name, &key, serde_json::json!({})).await?;
+    Ok(())
 }
 
 async fn create(env: &TestEnv, pod: &Pod) -> Result<Pod, kube::Error> {

@@ -64,11 +64,15 @@ pub struct Broker {
     /// Keys opened from managed Secrets, by Secret, with the digest of the envelope they came
     /// from: a GET and a decryption once per change of the key, not per request.
     opened: Mutex<HashMap<ObjectRef<Secret>, OpenedKey>>,
-    /// Vertex access tokens, by managed Secret, until shortly before they expire.
-    vertex_tokens: tokio::sync::Mutex<HashMap<ObjectRef<Secret>, (String, VertexAccessToken)>>,
+    /// Vertex access tokens, by managed Secret, until shortly before they expire. One lock
+    /// per key: a slow token endpoint holds up the proxies of that key only.
+    vertex_tokens: Mutex<HashMap<ObjectRef<Secret>, Arc<VertexSlot>>>,
     /// Waiting pods already told so: (pod uid, key, reason) -> when.
     waiting_told: Mutex<HashMap<(String, String, &'static str), Instant>>,
 }
+
+/// The last token minted for one key, and the envelope digest it was minted from.
+type VertexSlot = tokio::sync::Mutex<Option<(String, VertexAccessToken)>>;
 
 #[derive(Clone)]
 struct OpenedKey {
@@ -146,7 +150,7 @@ impl Broker {
             lease,
             egress,
             opened: Mutex::default(),
-            vertex_tokens: tokio::sync::Mutex::default(),
+            vertex_tokens: Mutex::default(),
             waiting_told: Mutex::default(),
         }
     }
@@ -233,10 +237,17 @@ impl Broker {
         oref: ObjectRef<Secret>,
         opened: &OpenedKey,
     ) -> Result<VertexAccessToken, Unavailable> {
-        // One mint at a time per broker: proxies asking together share the result.
-        let mut tokens = self.vertex_tokens.lock().await;
+        let slot = {
+            let mut slots = self.vertex_tokens.lock().unwrap_or_else(|p| p.into_inner());
+            if slots.len() >= MEMO_MAX && !slots.contains_key(&oref) {
+                slots.clear();
+            }
+            slots.entry(oref).or_default().clone()
+        };
+        // One mint at a time per key: proxies of that key asking together share the result.
+        let mut cached = slot.lock().await;
         let margin = jiff::SignedDuration::try_from(VERTEX_TOKEN_MARGIN).unwrap_or_default();
-        if let Some((digest, token)) = tokens.get(&oref)
+        if let Some((digest, token)) = cached.as_ref()
             && *digest == opened.digest
             && token.expires_at > jiff::Timestamp::now() + margin
         {
@@ -251,10 +262,7 @@ impl Broker {
         let crate::providers::Credential::AccessToken(token) = minted else {
             return Err(Unavailable("Vertex gave no access token".into()));
         };
-        if tokens.len() >= MEMO_MAX && !tokens.contains_key(&oref) {
-            tokens.clear();
-        }
-        tokens.insert(oref, (opened.digest.clone(), token.clone()));
+        *cached = Some((opened.digest.clone(), token.clone()));
         Ok(token)
     }
 
@@ -320,16 +328,15 @@ impl Broker {
             }
         };
         // Only a caller of this namespace gets as far as a lookup.
-        let pod = (caller.namespace == namespace)
-            .then(|| self.pod_facts(namespace, &caller.pod_name))
-            .flatten();
-        let guard = (caller.namespace == namespace)
-            .then(|| {
-                self.watches
-                    .providerkeys
-                    .get(&ObjectRef::new(name).within(namespace))
-            })
-            .flatten();
+        let (pod, guard) = if caller.namespace == namespace {
+            let pk = ObjectRef::new(name).within(namespace);
+            (
+                self.pod_facts(namespace, &caller.pod_name),
+                self.watches.providerkeys.get(&pk),
+            )
+        } else {
+            (None, None)
+        };
         let key = match guard.as_deref().map(|g| g.0.as_ref()) {
             None => KeyFacts::Missing,
             Some(Err(_)) => KeyFacts::Unreadable,

@@ -49,13 +49,7 @@ fn to_secret(name: &str, keyring: &Keyring, resource_version: Option<String>) ->
         metadata: ObjectMeta {
             name: Some(name.to_string()),
             resource_version,
-            labels: Some(
-                [(
-                    names::MANAGED_BY_LABEL.to_string(),
-                    names::MANAGED_BY_VALUE.to_string(),
-                )]
-                .into(),
-            ),
+            labels: Some(names::managed_by_labels()),
             ..Default::default()
         },
         type_: Some(SECRET_TYPE.into()),

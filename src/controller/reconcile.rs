@@ -955,13 +955,11 @@ fn managed_secret(
         metadata: ObjectMeta {
             name: Some(name.to_string()),
             namespace: pk.namespace(),
-            labels: Some(BTreeMap::from([
-                (
-                    names::MANAGED_BY_LABEL.to_string(),
-                    names::MANAGED_BY_VALUE.to_string(),
-                ),
-                (names::PROVIDERKEY_LABEL.to_string(), pk.name_any()),
-            ])),
+            labels: Some({
+                let mut labels = names::managed_by_labels();
+                labels.insert(names::PROVIDERKEY_LABEL.to_string(), pk.name_any());
+                labels
+            }),
             annotations: Some(annotations),
             owner_references: Some(vec![owner]),
             ..Default::default()

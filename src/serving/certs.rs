@@ -486,13 +486,7 @@ fn new_secret(settings: &CertSettings, data: BTreeMap<String, ByteString>) -> Se
         metadata: ObjectMeta {
             name: Some(settings.secret_name.clone()),
             namespace: Some(settings.namespace.clone()),
-            labels: Some(
-                [(
-                    names::MANAGED_BY_LABEL.to_string(),
-                    names::MANAGED_BY_VALUE.to_string(),
-                )]
-                .into(),
-            ),
+            labels: Some(names::managed_by_labels()),
             ..Default::default()
         },
         type_: Some(SECRET_TYPE.into()),
