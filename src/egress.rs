@@ -328,7 +328,8 @@ impl Resolve for FilteringResolver {
     }
 }
 
-fn filter_addrs(
+/// Drops every address [`forbidden_ip`] names; fails with [`AddressRejected`] when none is left.
+pub fn filter_addrs(
     host: &str,
     addrs: Vec<SocketAddr>,
 ) -> Result<Vec<SocketAddr>, Box<dyn std::error::Error + Send + Sync>> {

@@ -15,6 +15,7 @@ pub mod interval;
 pub mod metrics;
 pub mod names;
 pub mod providers;
+pub mod proxy;
 pub mod reason;
 pub mod serve;
 pub mod serving;

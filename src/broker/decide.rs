@@ -62,10 +62,19 @@ pub enum Denial {
     PodNotFound,
     PodNotOptedIn,
     KeyNotListed,
-    ServiceAccountNotConsumer { service_account: String },
+    ServiceAccountNotConsumer {
+        service_account: String,
+    },
     KeyNotFound,
     KeyDeleting,
-    KeyNotReady { reason: String },
+    KeyNotReady {
+        reason: String,
+    },
+    /// The key is Ready but the operator cannot hand it out right now (keyring, Secret read,
+    /// Vertex token mint): a sidecar keeps the key it has until its lease ends.
+    KeyUnavailable {
+        reason: String,
+    },
 }
 
 impl Denial {
@@ -73,7 +82,7 @@ impl Denial {
         match self {
             Denial::Unauthenticated | Denial::WrongAudience | Denial::NotPodBound => 401,
             Denial::KeyNotFound | Denial::KeyDeleting => 404,
-            Denial::KeyNotReady { .. } => 503,
+            Denial::KeyNotReady { .. } | Denial::KeyUnavailable { .. } => 503,
             _ => 403,
         }
     }
@@ -91,6 +100,7 @@ impl Denial {
             Denial::KeyNotFound => "ProviderKeyNotFound",
             Denial::KeyDeleting => "ProviderKeyDeleting",
             Denial::KeyNotReady { .. } => "KeyNotReady",
+            Denial::KeyUnavailable { .. } => "KeyUnavailable",
         }
     }
 
@@ -108,6 +118,7 @@ impl Denial {
             Denial::KeyNotFound => "key_not_found",
             Denial::KeyDeleting => "key_deleting",
             Denial::KeyNotReady { .. } => "key_not_ready",
+            Denial::KeyUnavailable { .. } => "key_unavailable",
         }
     }
 
@@ -138,13 +149,19 @@ impl Denial {
                     "the ProviderKey has no key in service (Ready is not True: {reason}); waiting for it"
                 )
             }
+            Denial::KeyUnavailable { reason } => {
+                format!("the key cannot be served right now ({reason}); retry")
+            }
         }
     }
 
     /// Whether the pod is waiting for its key, which the broker says on the pod as a
     /// Warning Event.
     pub fn is_waiting(&self) -> bool {
-        matches!(self, Denial::KeyNotFound | Denial::KeyNotReady { .. })
+        matches!(
+            self,
+            Denial::KeyNotFound | Denial::KeyNotReady { .. } | Denial::KeyUnavailable { .. }
+        )
     }
 }
 

@@ -369,7 +369,7 @@ impl Broker {
                 response
             }
             Err(Unavailable(why)) => {
-                let denial = Denial::KeyNotReady { reason: why };
+                let denial = Denial::KeyUnavailable { reason: why };
                 self.tell_waiting(&caller, name, &denial).await;
                 self.refuse(Some(&caller), namespace, name, &denial)
             }

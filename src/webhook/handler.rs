@@ -68,6 +68,7 @@ impl Injector {
                         reason: "the ProviderKey cannot be read (see its status)".into(),
                     },
                     service_accounts: Vec::new(),
+                    azure_api_version: None,
                 });
             }
         };
@@ -91,6 +92,14 @@ impl Injector {
                 .as_ref()
                 .map(|c| c.service_accounts.clone())
                 .unwrap_or_default(),
+            azure_api_version: (pk.spec.provider == crate::providers::ProviderKind::Azure).then(
+                || {
+                    pk.spec.azure.as_ref().map_or_else(
+                        || crate::crd::DEFAULT_AZURE_API_VERSION.to_owned(),
+                        |a| a.api_version.clone(),
+                    )
+                },
+            ),
         })
     }
 

@@ -22,7 +22,7 @@
 //! | anthropic                | `ANTHROPIC_BASE_URL=http://127.0.0.1:<port>`, `ANTHROPIC_API_KEY=byok-proxy` |
 //! | openai (else the first openai-compatible) | `OPENAI_BASE_URL=http://127.0.0.1:<port>/v1`, `OPENAI_API_KEY=byok-proxy` |
 //! | google                   | `GOOGLE_GEMINI_BASE_URL=http://127.0.0.1:<port>`, `GEMINI_API_KEY=byok-proxy` |
-//! | azure                    | `AZURE_OPENAI_ENDPOINT=http://127.0.0.1:<port>`, `AZURE_OPENAI_API_KEY=byok-proxy` |
+//! | azure                    | `AZURE_OPENAI_ENDPOINT=http://127.0.0.1:<port>`, `AZURE_OPENAI_API_KEY=byok-proxy`, `OPENAI_API_VERSION=<spec.azure.apiVersion>` |
 //! | vertex                   | `GOOGLE_VERTEX_BASE_URL=http://127.0.0.1:<port>`                 |
 //!
 //! A variable the container already sets in `env` is left alone. The API-key variables hold
@@ -122,6 +122,9 @@ pub struct KeyFacts {
     pub state: KeyState,
     /// `spec.consumers.serviceAccounts`; empty admits any.
     pub service_accounts: Vec<String>,
+    /// `spec.azure.apiVersion` of an Azure key: the official SDKs refuse to start without
+    /// `OPENAI_API_VERSION`.
+    pub azure_api_version: Option<String>,
 }
 
 /// The admission answer for a pod that is let in.
@@ -790,6 +793,14 @@ fn application_env(keys: &[PlannedKey]) -> Vec<EnvVar> {
         if let Some(key_var) = key_var {
             env.push(plain_env(key_var, PLACEHOLDER_KEY.to_owned()));
         }
+        if let Some(version) = key
+            .facts
+            .as_ref()
+            .and_then(|f| f.azure_api_version.clone())
+            .filter(|_| url_var == "AZURE_OPENAI_ENDPOINT")
+        {
+            env.push(plain_env("OPENAI_API_VERSION", version));
+        }
     }
     env
 }
@@ -972,6 +983,7 @@ mod tests {
             provider: Some(provider),
             state: KeyState::Ready,
             service_accounts: Vec::new(),
+            azure_api_version: (provider == ProviderKind::Azure).then(|| "2024-10-21".to_owned()),
         }
     }
 
@@ -1266,6 +1278,8 @@ mod tests {
             ("GEMINI_API_KEY", "byok-proxy"),
             ("AZURE_OPENAI_ENDPOINT", "http://127.0.0.1:15104"),
             ("AZURE_OPENAI_API_KEY", "byok-proxy"),
+            // The openai SDKs' Azure clients refuse to start without it.
+            ("OPENAI_API_VERSION", "2024-10-21"),
             ("GOOGLE_VERTEX_BASE_URL", "http://127.0.0.1:15105"),
         ];
         assert_eq!(
@@ -1814,6 +1828,7 @@ mod tests {
                 "guarded",
                 KeyFacts {
                     service_accounts: vec!["agent".to_owned()],
+                    azure_api_version: None,
                     ..ready(ProviderKind::Anthropic)
                 },
             ),

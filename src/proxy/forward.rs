@@ -1,0 +1,480 @@
+//! One request through the proxy: check, rewrite, forward, stream back.
+//!
+//! Request and response bodies are streamed frame by frame (an SSE event reaches the
+//! application as soon as it arrives); only a JSON body whose model must be checked or
+//! filled is read first, up to a cap. Dropping the response (the application went away)
+//! drops the upstream request with it, which closes its HTTP/1 connection or resets its
+//! HTTP/2 stream: the provider stops generating.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, Uri, Version};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+
+use super::answers::{Refusal, error_response};
+use super::keys::KeySlot;
+use super::metrics::{ErrorLabels, KeyLabel, ProxyMetrics, RequestLabels};
+use super::models::Check;
+use super::routes;
+use super::upstream::{self, Body, BoxError};
+
+/// What every listener shares.
+pub struct Shared {
+    pub metrics: Arc<ProxyMetrics>,
+    /// The cap on a body read for its model.
+    pub max_inspected_body: u64,
+    pub access_log: bool,
+    /// Requests whose response has not ended yet, for the drain.
+    pub in_flight: AtomicU64,
+}
+
+/// Client headers that carry credentials: never forwarded.
+const CLIENT_CREDENTIALS: [&str; 5] = [
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "x-goog-api-key",
+    "proxy-authorization",
+];
+
+/// Hop-by-hop headers (RFC 9110 section 7.6.1), plus `host`, which hyper sets from the URI.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+    "host",
+];
+
+/// Removes hop-by-hop headers, those named by `Connection` included.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// The query without `key` parameters (Gemini accepts its key there), and with Azure's
+/// `api-version` added when the client sent none.
+fn upstream_query(
+    query: Option<&str>,
+    azure_api_version: Option<&str>,
+    deployment_path: bool,
+) -> Option<String> {
+    let mut parts: Vec<&str> = query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter(|p| {
+            let name = p.split_once('=').map_or(*p, |(n, _)| n);
+            !name.eq_ignore_ascii_case("key") && !name.eq_ignore_ascii_case("%6bey")
+        })
+        .collect();
+    let added;
+    if let Some(version) = azure_api_version.filter(|_| deployment_path)
+        && !parts.iter().any(|p| p.starts_with("api-version="))
+    {
+        added = format!(
+            "api-version={}",
+            url::form_urlencoded::byte_serialize(version.as_bytes()).collect::<String>()
+        );
+        parts.push(&added);
+    }
+    (!parts.is_empty()).then(|| parts.join("&"))
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| {
+            let m = m.trim();
+            m.eq_ignore_ascii_case("application/json") || m.to_ascii_lowercase().ends_with("+json")
+        })
+}
+
+pub type OutBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+fn full(bytes: Bytes) -> OutBody {
+    Full::new(bytes).map_err(|e| match e {}).boxed_unsync()
+}
+
+/// The access log and metrics of one request, written when its response ends (or is
+/// dropped half-way).
+struct Done {
+    shared: Arc<Shared>,
+    key: Arc<str>,
+    method: Method,
+    path: String,
+    status: u16,
+    model: Option<String>,
+    key_version: i64,
+    start: Instant,
+    upstream_latency: Option<std::time::Duration>,
+}
+
+impl Done {
+    fn finish(self, bytes: u64, outcome: &'static str) {
+        let key = KeyLabel {
+            key: self.key.to_string(),
+        };
+        let m = &self.shared.metrics;
+        m.requests
+            .get_or_create(&RequestLabels {
+                key: key.key.clone(),
+                code: self.status,
+            })
+            .inc();
+        let elapsed = self.start.elapsed();
+        m.duration
+            .get_or_create(&key)
+            .observe(elapsed.as_secs_f64());
+        if let Some(l) = self.upstream_latency {
+            m.upstream_latency
+                .get_or_create(&key)
+                .observe(l.as_secs_f64());
+        }
+        m.response_bytes.get_or_create(&key).inc_by(bytes);
+        m.in_flight.dec();
+        self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.shared.access_log {
+            tracing::info!(
+                target: "byok_proxy::access",
+                key = %self.key,
+                method = %self.method,
+                path = %self.path,
+                status = self.status,
+                upstream_ms = self.upstream_latency.map(|l| l.as_secs_f64() * 1000.0),
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                bytes,
+                model = self.model.as_deref(),
+                key_version = self.key_version,
+                outcome,
+                "request"
+            );
+        }
+    }
+}
+
+/// The provider's response body, counted; the access log is written at its end.
+struct Tracked {
+    inner: Incoming,
+    bytes: u64,
+    done: Option<Done>,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes += data.len() as u64;
+                }
+            }
+            Poll::Ready(None) => {
+                let bytes = self.bytes;
+                if let Some(done) = self.done.take() {
+                    done.finish(bytes, "complete");
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                let bytes = self.bytes;
+                if let Some(done) = self.done.take() {
+                    done.finish(bytes, "upstream_error");
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled.map(|o| o.map(|r| r.map_err(BoxError::from)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            done.finish(self.bytes, "client_closed");
+        }
+    }
+}
+
+/// Serves one request for `slot`'s key. Never fails: every problem is an HTTP answer.
+pub async fn handle(
+    slot: Arc<KeySlot>,
+    key: Arc<str>,
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<OutBody>, Infallible> {
+    let start = Instant::now();
+    shared.metrics.in_flight.inc();
+    shared.in_flight.fetch_add(1, Ordering::Relaxed);
+    let mut done = Done {
+        shared: shared.clone(),
+        key,
+        method: req.method().clone(),
+        path: req.uri().path().to_owned(),
+        status: 0,
+        model: None,
+        key_version: 0,
+        start,
+        upstream_latency: None,
+    };
+    match forward(&slot, &shared, req, &mut done).await {
+        Ok(res) => {
+            let (parts, body) = res.into_parts();
+            done.status = parts.status.as_u16();
+            let body = Tracked {
+                inner: body,
+                bytes: 0,
+                done: Some(done),
+            };
+            let mut res = Response::from_parts(parts, body.boxed_unsync());
+            strip_hop_by_hop(res.headers_mut());
+            *res.version_mut() = Version::HTTP_11;
+            Ok(res)
+        }
+        Err(refusal) => {
+            let res = error_response(slot.provider(), &refusal);
+            done.status = res.status().as_u16();
+            let bytes = res.body().len() as u64;
+            done.finish(bytes, "refused");
+            Ok(res.map(full))
+        }
+    }
+}
+
+async fn forward(
+    slot: &KeySlot,
+    shared: &Shared,
+    req: Request<Incoming>,
+    done: &mut Done,
+) -> Result<Response<Incoming>, Refusal> {
+    let live = slot.current(Instant::now())?;
+    done.key_version = live.key_version;
+    if req.headers().contains_key(header::UPGRADE) || req.method() == Method::CONNECT {
+        return Err(Refusal::Upgrade);
+    }
+    let route = routes::route(
+        live.provider,
+        req.method(),
+        &live.base_path,
+        req.uri().path(),
+    )
+    .map_err(|e| Refusal::BadRequest(e.to_string()))?;
+    if let routes::ModelAt::Path(model) = &route.model_at {
+        done.model = Some(model.clone());
+    }
+    let deployment_path = req.uri().path().starts_with("/openai/deployments/");
+    let query = upstream_query(
+        req.uri().query(),
+        live.azure_api_version.as_deref(),
+        deployment_path,
+    );
+    let uri = match &query {
+        Some(q) => format!("{}{}?{q}", live.origin, route.upstream_path),
+        None => format!("{}{}", live.origin, route.upstream_path),
+    };
+    let uri: Uri = uri
+        .parse()
+        .map_err(|_| Refusal::BadRequest("the request path is not a valid URI path".into()))?;
+
+    let (mut parts, body) = req.into_parts();
+    let json = is_json(&parts.headers);
+    let check = live
+        .models
+        .check(&route.model_at, json && parts.method == Method::POST);
+    let body: Body = match check {
+        Check::Refuse(refusal) => return Err(refusal),
+        Check::Forward => body.map_err(BoxError::from).boxed_unsync(),
+        Check::ReadBody => {
+            let cap = shared.max_inspected_body;
+            if body.size_hint().lower() > cap {
+                return Err(Refusal::TooLarge(cap));
+            }
+            let bytes = Limited::new(body, usize::try_from(cap).unwrap_or(usize::MAX))
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        Refusal::TooLarge(cap)
+                    } else {
+                        Refusal::BadRequest("the request body could not be read".into())
+                    }
+                })?
+                .to_bytes();
+            let (rewritten, model) = live.models.apply(&route.model_at, &bytes)?;
+            done.model = model;
+            let bytes = match rewritten {
+                Some(new) => {
+                    parts.headers.remove(header::CONTENT_LENGTH);
+                    let new = Bytes::from(new);
+                    if let Ok(v) = HeaderValue::from_str(&new.len().to_string()) {
+                        parts.headers.insert(header::CONTENT_LENGTH, v);
+                    }
+                    new
+                }
+                None => bytes,
+            };
+            Full::new(bytes).map_err(|e| match e {}).boxed_unsync()
+        }
+    };
+
+    strip_hop_by_hop(&mut parts.headers);
+    for name in CLIENT_CREDENTIALS {
+        parts.headers.remove(name);
+    }
+    parts
+        .headers
+        .insert(live.auth_name.clone(), live.auth_value.clone());
+    parts.uri = uri;
+    parts.version = Version::HTTP_11;
+    let upstream_req = Request::from_parts(parts, body);
+
+    let Some(client) = live.upstream.as_ref() else {
+        return Err(Refusal::KeyUnavailable(
+            "no connection pool for the key".into(),
+        ));
+    };
+    let sent = Instant::now();
+    match client.request(upstream_req).await {
+        Ok(res) => {
+            done.upstream_latency = Some(sent.elapsed());
+            Ok(res)
+        }
+        Err(e) => {
+            let kind = if upstream::rejected_address(&e).is_some() {
+                "egress"
+            } else if e.is_connect() {
+                "connect"
+            } else {
+                "request"
+            };
+            shared
+                .metrics
+                .upstream_errors
+                .get_or_create(&ErrorLabels {
+                    key: slot.name.clone(),
+                    kind,
+                })
+                .inc();
+            let message = match upstream::rejected_address(&e) {
+                Some(rejected) => format!(
+                    "the provider's address is refused by the egress policy ({})",
+                    rejected.class
+                ),
+                None if e.is_connect() => "the provider could not be reached".to_owned(),
+                None => "the provider's connection failed".to_owned(),
+            };
+            tracing::warn!(key = %slot.name, kind, error = %error_chain(&e), "upstream request failed");
+            Err(Refusal::Upstream(message))
+        }
+    }
+}
+
+/// An error and its sources on one line (hyper's own message is terse).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_loses_keys_and_gains_an_azure_version() {
+        assert_eq!(
+            upstream_query(Some("alt=sse&key=AIza"), None, false).as_deref(),
+            Some("alt=sse")
+        );
+        assert_eq!(upstream_query(Some("KEY=x&%6Bey=y"), None, false), None);
+        assert_eq!(
+            upstream_query(Some("keys=1"), None, false).as_deref(),
+            Some("keys=1")
+        );
+        assert_eq!(
+            upstream_query(None, Some("2024-10-21"), true).as_deref(),
+            Some("api-version=2024-10-21")
+        );
+        assert_eq!(
+            upstream_query(Some("api-version=2025-01-01"), Some("2024-10-21"), true).as_deref(),
+            Some("api-version=2025-01-01")
+        );
+        assert_eq!(upstream_query(None, Some("2024-10-21"), false), None);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_including_those_connection_names() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:15100"));
+        h.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("anthropic-version"));
+    }
+
+    #[test]
+    fn json_content_types() {
+        let mut h = HeaderMap::new();
+        assert!(!is_json(&h));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("Application/JSON; charset=utf-8"),
+        );
+        assert!(is_json(&h));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("multipart/form-data; boundary=x"),
+        );
+        assert!(!is_json(&h));
+    }
+}

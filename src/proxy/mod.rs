@@ -1,0 +1,337 @@
+//! `byok-operator proxy`: the sidecar every opted-in pod runs (see `docs/proxy.md`).
+//!
+//! One loopback listener per key (HTTP/1.1 and h2c), each forwarding only to its key's
+//! verified origin with the provider's auth header set and every client credential removed;
+//! an admin listener for the kubelet's probes and Prometheus. Keys come from the operator's
+//! broker ([`refresh`]) and are never written to disk, a log or an error.
+//!
+//! Layout: [`routes`] (the path table, pure), [`models`] (defaultModel/allowedModels, pure),
+//! [`answers`] (the proxy's own errors in each provider's shape, pure), [`grant`] and
+//! [`keys`] (what the broker sent and whether it may be used now), [`refresh`] (the broker
+//! client), [`upstream`] (the pool to providers, egress policy), [`forward`] (the hot path).
+
+pub mod answers;
+pub mod forward;
+pub mod grant;
+pub mod keys;
+pub mod metrics;
+pub mod models;
+pub mod refresh;
+pub mod routes;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use forward::Shared;
+use keys::KeySlot;
+
+/// Everything `byok-operator proxy` is started with.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub admin_addr: SocketAddr,
+    pub broker_url: String,
+    pub broker_ca_pem: String,
+    pub namespace: String,
+    pub token_file: PathBuf,
+    /// (key name, loopback port).
+    pub keys: Vec<(String, u16)>,
+    /// Where the key listeners bind (loopback).
+    pub listen_ip: std::net::IpAddr,
+    pub max_inspected_body: u64,
+    pub drain_timeout: Duration,
+    pub access_log: bool,
+}
+
+/// Parses `NAME=PORT`.
+pub fn parse_key_arg(arg: &str) -> Result<(String, u16), String> {
+    let (name, port) = arg
+        .split_once('=')
+        .ok_or_else(|| format!("--key {arg:?}: expected NAME=PORT"))?;
+    crate::webhook::patch::parse_key_names(name)
+        .ok()
+        .filter(|names| names.len() == 1)
+        .ok_or_else(|| format!("--key {arg:?}: {name:?} is not a ProviderKey name"))?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("--key {arg:?}: {port:?} is not a port"))?;
+    Ok((name.to_owned(), port))
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<forward::OutBody> {
+    let mut res = Response::new(
+        Full::new(body.into())
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+    );
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    res
+}
+
+/// `/livez`, `/readyz` (every key loaded and current; the body names those that are not)
+/// and `/metrics`.
+fn admin(
+    req: &Request<Incoming>,
+    slots: &[Arc<KeySlot>],
+    metrics: &metrics::ProxyMetrics,
+) -> Response<forward::OutBody> {
+    match req.uri().path() {
+        "/livez" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => {
+            let now = Instant::now();
+            let missing: Vec<String> = slots
+                .iter()
+                .filter_map(|s| {
+                    s.current(now)
+                        .err()
+                        .map(|e| format!("{}: {}\n", s.name, e.message()))
+                })
+                .collect();
+            if missing.is_empty() {
+                text(StatusCode::OK, "ok\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, missing.concat())
+            }
+        }
+        "/metrics" => {
+            let mut res = text(StatusCode::OK, metrics.encode());
+            res.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            res
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Runs the proxy until SIGTERM or SIGINT, then drains.
+pub async fn run(cfg: ProxyConfig) -> anyhow::Result<()> {
+    let started = Instant::now();
+    anyhow::ensure!(!cfg.keys.is_empty(), "no --key given");
+    anyhow::ensure!(
+        !cfg.namespace.is_empty(),
+        "the pod namespace is unknown (POD_NAMESPACE)"
+    );
+    let broker = Arc::new(refresh::BrokerClient::new(
+        &cfg.broker_url,
+        &cfg.broker_ca_pem,
+        cfg.namespace.clone(),
+        cfg.token_file.clone(),
+    )?);
+    let metrics = Arc::new(metrics::ProxyMetrics::default());
+    let pools = Arc::new(upstream::Pools::default());
+    let shared = Arc::new(Shared {
+        metrics: metrics.clone(),
+        max_inspected_body: cfg.max_inspected_body,
+        access_log: cfg.access_log,
+        in_flight: AtomicU64::new(0),
+    });
+
+    // Bind everything first: a port in use is a start-up error, not a half-working proxy.
+    let mut listeners = Vec::new();
+    let mut slots = Vec::new();
+    for (name, port) in &cfg.keys {
+        let addr = SocketAddr::new(cfg.listen_ip, *port);
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("listening on {addr} for key {name}: {e}"))?;
+        let slot = Arc::new(KeySlot::new(name.clone(), *port));
+        slots.push(slot.clone());
+        listeners.push((listener, slot));
+    }
+    let admin_listener = TcpListener::bind(cfg.admin_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("listening on {} (admin): {e}", cfg.admin_addr))?;
+
+    for slot in &slots {
+        tokio::spawn(refresh::keep_current(
+            slot.clone(),
+            broker.clone(),
+            pools.clone(),
+            metrics.clone(),
+            cfg.namespace.clone(),
+        ));
+    }
+    {
+        let slots = slots.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = admin_listener.accept().await else {
+                    continue;
+                };
+                let slots = slots.clone();
+                let metrics = metrics.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        let res = admin(&req, &slots, &metrics);
+                        async move { Ok::<_, std::convert::Infallible>(res) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+    }
+    {
+        let slots = slots.clone();
+        tokio::spawn(async move {
+            loop {
+                let now = Instant::now();
+                if slots.iter().all(|s| s.current(now).is_ok()) {
+                    tracing::info!(
+                        keys = slots.len(),
+                        ready_ms = started.elapsed().as_secs_f64() * 1000.0,
+                        "ready: every key is loaded"
+                    );
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+    }
+
+    let graceful = Arc::new(GracefulShutdown::new());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut accepting = Vec::new();
+    for (listener, slot) in listeners {
+        accepting.push(tokio::spawn(accept_loop(
+            listener,
+            slot,
+            shared.clone(),
+            graceful.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    tracing::info!(
+        keys = ?cfg.keys.iter().map(|(n, p)| format!("{n}={p}")).collect::<Vec<_>>(),
+        admin = %cfg.admin_addr,
+        "byok proxy listening"
+    );
+
+    shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    for task in accepting {
+        let _ = task.await;
+    }
+    let open = shared.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(
+        in_flight = open,
+        grace_s = cfg.drain_timeout.as_secs(),
+        "draining"
+    );
+    let Ok(graceful) = Arc::try_unwrap(graceful) else {
+        anyhow::bail!("an accept loop outlived the shutdown");
+    };
+    match tokio::time::timeout(cfg.drain_timeout, graceful.shutdown()).await {
+        Ok(()) => tracing::info!("drained; exiting"),
+        Err(_) => tracing::warn!("the drain grace period ended with requests in flight; exiting"),
+    }
+    Ok(())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    slot: Arc<KeySlot>,
+    shared: Arc<Shared>,
+    graceful: Arc<GracefulShutdown>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let key: Arc<str> = Arc::from(slot.name.as_str());
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.changed() => return,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(key = %slot.name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let slot = slot.clone();
+        let shared = shared.clone();
+        let key = key.clone();
+        let service =
+            service_fn(move |req| forward::handle(slot.clone(), key.clone(), shared.clone(), req));
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = tokio::signal::ctrl_c() => {},
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_arguments() {
+        assert_eq!(
+            parse_key_arg("team-claude=15100"),
+            Ok(("team-claude".into(), 15100))
+        );
+        for bad in [
+            "x",
+            "x=",
+            "=15100",
+            "Bad_Name=15100",
+            "a=0",
+            "a=70000",
+            "a,b=15100",
+        ] {
+            assert!(parse_key_arg(bad).is_err(), "{bad}");
+        }
+    }
+}

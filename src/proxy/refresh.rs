@@ -1,0 +1,372 @@
+//! Keeping each key current: ask the broker, with the pod's projected token (read again on
+//! every request: the kubelet rotates it), until it grants the key; then poll with the ETag.
+//!
+//! | broker answer | the proxy |
+//! |---|---|
+//! | 200 | checks the grant ([`Live::from_grant`]) and serves it from now; the lease restarts |
+//! | 304 | the key it has is confirmed; the lease restarts |
+//! | 403, 404, 503 `KeyNotReady`: the key is deleted, revoked, not Ready or not this pod's | drops the key at once: 503 to the application |
+//! | 401, 503 otherwise, 5xx, no answer | keeps the key it has until its lease ends, then 503 |
+//!
+//! Before the first grant every answer is retried, with exponential backoff from 100 ms to
+//! the broker's poll period, with jitter.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use super::grant::{Grant, Live};
+use super::keys::KeySlot;
+use super::metrics::{KeyLabel, ProxyMetrics};
+use super::upstream::Pools;
+
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+/// The longest wait between tries before a grant, and the poll period before the broker
+/// named one.
+const DEFAULT_POLL: Duration = Duration::from_secs(5);
+const BROKER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How the proxy reaches the broker.
+pub struct BrokerClient {
+    http: reqwest::Client,
+    /// `https://host:port` without a trailing slash.
+    base: String,
+    namespace: String,
+    token_file: PathBuf,
+}
+
+/// What one broker request came to.
+#[derive(Debug)]
+pub enum Answer {
+    Granted {
+        grant: Box<Grant>,
+        etag: Option<String>,
+    },
+    NotModified {
+        lease: Option<Duration>,
+    },
+    /// The key is not to be served (final) or not yet/not now (`final_ == false`).
+    Denied {
+        status: u16,
+        reason: String,
+        message: String,
+        final_: bool,
+    },
+    /// No usable answer (network, TLS, token file, garbage).
+    Failed(String),
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    message: String,
+}
+
+/// Whether a refusal means the key must not be used any more.
+pub fn is_final(status: u16, reason: &str) -> bool {
+    match status {
+        403 | 404 => true,
+        503 => reason == "KeyNotReady",
+        _ => false,
+    }
+}
+
+impl BrokerClient {
+    pub fn new(
+        base: &str,
+        ca_pem: &str,
+        namespace: String,
+        token_file: PathBuf,
+    ) -> anyhow::Result<Self> {
+        let certs = reqwest::Certificate::from_pem_bundle(ca_pem.as_bytes())
+            .map_err(|e| anyhow::anyhow!("the broker CA (BYOK_BROKER_CA) is not valid PEM: {e}"))?;
+        anyhow::ensure!(
+            !certs.is_empty(),
+            "the broker CA (BYOK_BROKER_CA) holds no certificate"
+        );
+        let base = base.trim_end_matches('/').to_owned();
+        anyhow::ensure!(base.starts_with("https://"), "--broker-url must be https");
+        let http = reqwest::Client::builder()
+            .tls_certs_only(certs)
+            .https_only(true)
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(BROKER_TIMEOUT)
+            .timeout(BROKER_TIMEOUT)
+            .user_agent(concat!("byok-proxy/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            http,
+            base,
+            namespace,
+            token_file,
+        })
+    }
+
+    fn token(&self) -> Result<SecretString, String> {
+        let raw = std::fs::read_to_string(&self.token_file)
+            .map_err(|e| format!("reading the pod token {}: {e}", self.token_file.display()))?;
+        let token = raw.trim();
+        if token.is_empty() {
+            return Err(format!(
+                "the pod token {} is empty",
+                self.token_file.display()
+            ));
+        }
+        Ok(SecretString::from(token.to_owned()))
+    }
+
+    /// Asks for `key`, conditionally on `etag`.
+    pub async fn fetch(&self, key: &str, etag: Option<&str>) -> Answer {
+        let token = match self.token() {
+            Ok(t) => t,
+            Err(e) => return Answer::Failed(e),
+        };
+        let url = format!("{}/v1/keys/{}/{key}", self.base, self.namespace);
+        let mut req = self.http.get(&url).bearer_auth(token.expose_secret());
+        if let Some(etag) = etag {
+            req = req.header(reqwest::header::IF_NONE_MATCH, etag);
+        }
+        let res = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                return Answer::Failed(format!(
+                    "the key broker did not answer: {}",
+                    without_url(&e)
+                ));
+            }
+        };
+        let status = res.status().as_u16();
+        let header_secs = |name: &str| {
+            res.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(Duration::from_secs)
+        };
+        let lease = header_secs("x-byok-lease-seconds");
+        let etag = res
+            .headers()
+            .get(reqwest::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        match status {
+            304 => Answer::NotModified { lease },
+            200 => {
+                let body = match res.bytes().await {
+                    Ok(b) => secrecy::zeroize::Zeroizing::new(b.to_vec()),
+                    Err(e) => {
+                        return Answer::Failed(format!(
+                            "reading the broker's answer: {}",
+                            without_url(&e)
+                        ));
+                    }
+                };
+                match serde_json::from_slice::<Grant>(&body) {
+                    Ok(grant) => Answer::Granted {
+                        grant: Box::new(grant),
+                        etag,
+                    },
+                    // serde's message may quote the input: say where, not what.
+                    Err(e) => Answer::Failed(format!(
+                        "the broker's answer is not a grant (line {}, column {})",
+                        e.line(),
+                        e.column()
+                    )),
+                }
+            }
+            _ => {
+                let body: Option<ErrorBody> = res.json().await.ok();
+                let (reason, message) = body
+                    .map(|b| (b.error.reason, b.error.message))
+                    .unwrap_or_default();
+                Answer::Denied {
+                    status,
+                    final_: is_final(status, &reason),
+                    reason,
+                    message,
+                }
+            }
+        }
+    }
+}
+
+/// reqwest's error text with the URL left out (it is not secret, but it is noise).
+fn without_url(e: &reqwest::Error) -> String {
+    let mut out = e.without_url_ref().to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+trait WithoutUrlRef {
+    fn without_url_ref(&self) -> String;
+}
+
+impl WithoutUrlRef for reqwest::Error {
+    fn without_url_ref(&self) -> String {
+        let text = self.to_string();
+        match self.url() {
+            Some(url) => text.replace(&format!(" for url ({url})"), ""),
+            None => text,
+        }
+    }
+}
+
+/// `base` with ±20 % jitter.
+fn jittered(base: Duration) -> Duration {
+    let factor = rand::rng().random_range(0.8..1.2);
+    base.mul_f64(factor)
+}
+
+/// Keeps `slot` current until the process ends.
+pub async fn keep_current(
+    slot: Arc<KeySlot>,
+    broker: Arc<BrokerClient>,
+    pools: Arc<Pools>,
+    metrics: Arc<ProxyMetrics>,
+    namespace: String,
+) {
+    let label = KeyLabel {
+        key: slot.name.clone(),
+    };
+    let mut retry = FIRST_RETRY;
+    let mut poll = DEFAULT_POLL;
+    loop {
+        let answer = broker.fetch(&slot.name, slot.etag().as_deref()).await;
+        let now = Instant::now();
+        let loaded = slot.live().is_some();
+        let wait = match answer {
+            Answer::Granted { grant, etag } => {
+                let checked =
+                    Live::from_grant(*grant, &namespace, &slot.name, now).and_then(|mut live| {
+                        live.upstream = Some(pools.get(&live.egress).map_err(|e| e.to_string())?);
+                        Ok(live)
+                    });
+                match checked {
+                    Ok(live) => {
+                        let version = live.key_version;
+                        let fingerprint = live.fingerprint.clone();
+                        poll = live.poll;
+                        let before = slot.granted(live, etag, now);
+                        metrics.refresh(&slot.name, "updated");
+                        metrics.key_version.get_or_create(&label).set(version);
+                        match before {
+                            None => {
+                                tracing::info!(key = %slot.name, key_version = version, %fingerprint, "key loaded")
+                            }
+                            Some(v) if v != version => {
+                                tracing::info!(key = %slot.name, key_version = version, previous = v, %fingerprint, "key rotated")
+                            }
+                            Some(_) => tracing::debug!(key = %slot.name, "grant renewed"),
+                        }
+                        retry = FIRST_RETRY;
+                        poll
+                    }
+                    Err(why) => {
+                        metrics.refresh(&slot.name, "refused");
+                        tracing::error!(key = %slot.name, error = %why, "the broker's grant was refused; the key is not served");
+                        slot.close(format!("the grant was refused: {why}"));
+                        backoff(&mut retry, poll)
+                    }
+                }
+            }
+            Answer::NotModified { lease } => {
+                metrics.refresh(&slot.name, "unchanged");
+                slot.confirmed(lease, now);
+                retry = FIRST_RETRY;
+                poll
+            }
+            Answer::Denied {
+                status,
+                reason,
+                message,
+                final_,
+            } => {
+                let why = format!("the key broker answered {status} {reason}: {message}");
+                if final_ && loaded {
+                    metrics.refresh(&slot.name, "closed");
+                    tracing::warn!(key = %slot.name, status, %reason, %message, "the key is no longer served; dropped");
+                    slot.close(why);
+                } else {
+                    metrics.refresh(&slot.name, if loaded { "failed" } else { "waiting" });
+                    tracing::info!(key = %slot.name, status, %reason, %message, "the key broker refused the key for now");
+                    slot.waiting(why);
+                }
+                if loaded && !final_ {
+                    poll
+                } else {
+                    backoff(&mut retry, poll)
+                }
+            }
+            Answer::Failed(why) => {
+                metrics.refresh(&slot.name, "failed");
+                tracing::warn!(key = %slot.name, error = %why, "asking the key broker failed");
+                slot.waiting(why);
+                if loaded {
+                    poll
+                } else {
+                    backoff(&mut retry, poll)
+                }
+            }
+        };
+        metrics
+            .key_ready
+            .get_or_create(&label)
+            .set(i64::from(slot.current(Instant::now()).is_ok()));
+        if slot.live().is_none() {
+            metrics.key_version.get_or_create(&label).set(0);
+        }
+        tokio::time::sleep(jittered(wait)).await;
+    }
+}
+
+/// The next retry delay: doubles up to `ceiling`.
+fn backoff(retry: &mut Duration, ceiling: Duration) -> Duration {
+    let now = (*retry).min(ceiling);
+    *retry = (*retry * 2).min(ceiling);
+    now
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn which_refusals_drop_a_key() {
+        assert!(is_final(404, "ProviderKeyNotFound"));
+        assert!(is_final(404, "ProviderKeyDeleting"));
+        assert!(is_final(403, "Forbidden"));
+        assert!(is_final(503, "KeyNotReady"));
+        assert!(!is_final(503, "KeyUnavailable"));
+        assert!(!is_final(503, "ReviewFailed"));
+        assert!(!is_final(401, "Unauthenticated"));
+        assert!(!is_final(500, "Internal"));
+    }
+
+    #[test]
+    fn retries_back_off_to_the_poll_period() {
+        let mut r = FIRST_RETRY;
+        let waits: Vec<u128> = (0..8)
+            .map(|_| backoff(&mut r, Duration::from_secs(5)).as_millis())
+            .collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        let j = jittered(Duration::from_secs(5));
+        assert!(j >= Duration::from_secs(4) && j <= Duration::from_secs(6));
+    }
+}

@@ -1,0 +1,488 @@
+//! The path table: where a request path the application's SDK sends goes upstream, and where
+//! its model is named. Pure: no IO, no key material.
+//!
+//! The webhook gives each SDK a local base URL shaped like the provider's own default (see
+//! `docs/proxy.md`), so the SDK sends the provider's real paths. Upstream, the key's verified
+//! base URL (`baseURL` in the grant) takes the place of the local one:
+//!
+//! | provider | SDK variable | request path | upstream |
+//! |---|---|---|---|
+//! | anthropic | `http://127.0.0.1:P` | `/v1/messages` | `{base}/v1/messages` |
+//! | openai, openai-compatible | `http://127.0.0.1:P/v1` | `/v1/chat/completions` | `{base}/chat/completions` (the base holds the version) |
+//! | google | `http://127.0.0.1:P` | `/v1beta/models/M:generateContent` | `{base}/v1beta/models/M:generateContent` |
+//! | azure | `http://127.0.0.1:P` | `/openai/deployments/D/chat/completions` | `{base}/openai/deployments/D/chat/completions` |
+//! | vertex | `http://127.0.0.1:P` | `/v1/projects/P/locations/L/publishers/google/models/M:generateContent` | `{base}/v1/projects/...` |
+//!
+//! For the OpenAI shapes a request path without the leading `/v1` is accepted too (a key
+//! whose provider the webhook did not know yet got a base URL without it), so neither form
+//! ends up at `/v1/v1/...`.
+
+use crate::providers::ProviderKind;
+
+/// Where a request's model is, for `defaultModel` and `allowedModels`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelAt {
+    /// The JSON body's `model` field.
+    Body,
+    /// Anthropic message batches: `requests[].params.model`.
+    BatchRequests,
+    /// In the path (Gemini and Vertex models, Azure deployments).
+    Path(String),
+    /// A read-only listing or lookup (models, results of checked batches): no model is
+    /// spent, so it is served whatever `allowedModels` says.
+    ReadOnly,
+    /// Anything else: refused when `allowedModels` is set, since its model cannot be checked.
+    Unchecked,
+}
+
+/// A request path that is refused before anything is forwarded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("the request path must start with '/'")]
+    NotAbsolute,
+    #[error("the request path must not contain '.' or '..' segments, encoded or not")]
+    DotSegment,
+    #[error("the request path must not contain empty segments ('//') or backslashes")]
+    EmptySegment,
+    #[error("the request path must not contain an encoded '/' or '\\'")]
+    EncodedSlash,
+}
+
+/// The route of one request: the path to send upstream and where its model is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub upstream_path: String,
+    pub model_at: ModelAt,
+}
+
+/// Maps `path` (as the SDK sent it, without the query) onto `base_path` (the verified base
+/// URL's path, without a trailing slash) and classifies it.
+pub fn route(
+    provider: ProviderKind,
+    method: &http::Method,
+    base_path: &str,
+    path: &str,
+) -> Result<Route, PathError> {
+    check_path(path)?;
+    let api_path = match provider {
+        ProviderKind::OpenAI | ProviderKind::OpenAICompatible => strip_version(path),
+        _ => path,
+    };
+    let upstream_path = if api_path == "/" && !base_path.is_empty() {
+        base_path.to_owned()
+    } else {
+        format!("{base_path}{api_path}")
+    };
+    Ok(Route {
+        upstream_path,
+        model_at: model_at(provider, method, api_path),
+    })
+}
+
+/// `/v1/x` -> `/x`, `/v1` -> `/`; anything else unchanged.
+fn strip_version(path: &str) -> &str {
+    match path.strip_prefix("/v1") {
+        Some("") => "/",
+        Some(rest) if rest.starts_with('/') => rest,
+        _ => path,
+    }
+}
+
+fn check_path(path: &str) -> Result<(), PathError> {
+    if !path.starts_with('/') {
+        return Err(PathError::NotAbsolute);
+    }
+    if path.contains('\\') {
+        return Err(PathError::EmptySegment);
+    }
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") {
+        return Err(PathError::EncodedSlash);
+    }
+    for segment in path[1..].split('/') {
+        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+        if decoded == "." || decoded == ".." {
+            return Err(PathError::DotSegment);
+        }
+    }
+    // One trailing slash is the only empty segment allowed.
+    let inner = path.strip_suffix('/').unwrap_or(path);
+    if !inner.is_empty() && inner[1..].split('/').any(str::is_empty) {
+        return Err(PathError::EmptySegment);
+    }
+    Ok(())
+}
+
+/// Segments of `path` after the leading `/`.
+fn segments(path: &str) -> Vec<&str> {
+    path.trim_start_matches('/')
+        .trim_end_matches('/')
+        .split('/')
+        .collect()
+}
+
+fn model_at(provider: ProviderKind, method: &http::Method, api_path: &str) -> ModelAt {
+    let post = method == http::Method::POST;
+    let get = method == http::Method::GET;
+    let s = segments(api_path);
+    match provider {
+        ProviderKind::Anthropic => anthropic(post, get, &s),
+        ProviderKind::OpenAI | ProviderKind::OpenAICompatible => openai(post, get, &s),
+        ProviderKind::Google => gemini(post, get, &s),
+        ProviderKind::Vertex => vertex(post, get, &s),
+        ProviderKind::Azure => azure(post, get, &s),
+    }
+}
+
+fn anthropic(post: bool, get: bool, s: &[&str]) -> ModelAt {
+    match s {
+        ["v1", "messages"] | ["v1", "messages", "count_tokens"] if post => ModelAt::Body,
+        ["v1", "messages", "batches"] if post => ModelAt::BatchRequests,
+        ["v1", "messages", "batches", ..] if get => ModelAt::ReadOnly,
+        ["v1", "models", ..] if get => ModelAt::ReadOnly,
+        _ => ModelAt::Unchecked,
+    }
+}
+
+/// OpenAI endpoints whose JSON body names the model (paths after the version).
+const OPENAI_BODY_MODEL: [&[&str]; 8] = [
+    &["chat", "completions"],
+    &["completions"],
+    &["responses"],
+    &["embeddings"],
+    &["moderations"],
+    &["images", "generations"],
+    &["audio", "speech"],
+    &["responses", "input_tokens"],
+];
+
+fn openai(post: bool, get: bool, s: &[&str]) -> ModelAt {
+    if post && OPENAI_BODY_MODEL.contains(&s) {
+        return ModelAt::Body;
+    }
+    match s {
+        ["models", ..] if get => ModelAt::ReadOnly,
+        // Polling a stored or background response the key created.
+        ["responses", _id] if get => ModelAt::ReadOnly,
+        _ => ModelAt::Unchecked,
+    }
+}
+
+/// Gemini and Vertex methods on a model resource that generate or count with it.
+const MODEL_METHODS: [&str; 9] = [
+    "generateContent",
+    "streamGenerateContent",
+    "countTokens",
+    "embedContent",
+    "batchEmbedContents",
+    "predict",
+    "rawPredict",
+    "streamRawPredict",
+    "computeTokens",
+];
+
+/// `gemini-2.5-flash:generateContent` -> the model, if the method is one of ours.
+fn model_method(segment: &str) -> Option<&str> {
+    let (model, method) = segment.rsplit_once(':')?;
+    (MODEL_METHODS.contains(&method) && !model.is_empty()).then_some(model)
+}
+
+fn is_version(v: &str) -> bool {
+    matches!(v, "v1" | "v1beta" | "v1alpha" | "v1beta1")
+}
+
+fn gemini(post: bool, get: bool, s: &[&str]) -> ModelAt {
+    match s {
+        [v, "models", m] if post && is_version(v) => match model_method(m) {
+            Some(model) => ModelAt::Path(model.to_owned()),
+            None => ModelAt::Unchecked,
+        },
+        [v, "models", ..] if get && is_version(v) => ModelAt::ReadOnly,
+        _ => ModelAt::Unchecked,
+    }
+}
+
+fn vertex(post: bool, get: bool, s: &[&str]) -> ModelAt {
+    match s {
+        [
+            v,
+            "projects",
+            _,
+            "locations",
+            _,
+            "publishers",
+            _,
+            "models",
+            m,
+        ] if post && is_version(v) => match model_method(m) {
+            Some(model) => ModelAt::Path(model.to_owned()),
+            None => ModelAt::Unchecked,
+        },
+        // Vertex's OpenAI-compatible endpoint names the model in the body.
+        [
+            v,
+            "projects",
+            _,
+            "locations",
+            _,
+            "endpoints",
+            "openapi",
+            "chat",
+            "completions",
+        ] if post && is_version(v) => ModelAt::Body,
+        [v, "publishers", _, "models", ..] if get && is_version(v) => ModelAt::ReadOnly,
+        _ => ModelAt::Unchecked,
+    }
+}
+
+/// Azure deployment operations that generate with the deployment's model.
+const AZURE_DEPLOYMENT_OPS: [&[&str]; 6] = [
+    &["chat", "completions"],
+    &["completions"],
+    &["embeddings"],
+    &["images", "generations"],
+    &["audio", "speech"],
+    &["responses"],
+];
+
+fn azure(post: bool, get: bool, s: &[&str]) -> ModelAt {
+    match s {
+        ["openai", "deployments", deployment, op @ ..]
+            if post && !deployment.is_empty() && AZURE_DEPLOYMENT_OPS.contains(&op) =>
+        {
+            ModelAt::Path((*deployment).to_owned())
+        }
+        // The v1 API: OpenAI's paths under /openai/v1, the deployment in the body's model.
+        ["openai", "v1", rest @ ..] => openai(post, get, rest),
+        // The Responses API of the classic SDK clients: no deployment in the path.
+        ["openai", "responses"] if post => ModelAt::Body,
+        ["openai", "responses", _id] if get => ModelAt::ReadOnly,
+        ["openai", "models", ..] if get => ModelAt::ReadOnly,
+        _ => ModelAt::Unchecked,
+    }
+}
+
+/// Whether `model` is one of `allowed` (empty: all). Gemini's `models/` prefix and a Vertex
+/// publisher prefix (`google/`) are ignored on both sides.
+pub fn model_allowed(allowed: &[String], model: &str) -> bool {
+    allowed.is_empty() || allowed.iter().any(|a| bare(a) == bare(model))
+}
+
+fn bare(model: &str) -> &str {
+    let model = model.strip_prefix("models/").unwrap_or(model);
+    match model.split_once('/') {
+        Some((_publisher, name)) if !name.is_empty() && !name.contains('/') => name,
+        _ => model,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ProviderKind::*;
+    use http::Method;
+
+    fn up(p: ProviderKind, base: &str, path: &str) -> String {
+        route(p, &Method::POST, base, path)
+            .expect("routed")
+            .upstream_path
+    }
+
+    /// The paths the official SDKs send (current and older releases) with the variables
+    /// the webhook sets, against the base URLs a Ready key can have.
+    #[test]
+    fn path_table_never_doubles_a_version() {
+        // anthropic: SDK base has no /v1, the provider base has none either.
+        assert_eq!(up(Anthropic, "", "/v1/messages"), "/v1/messages");
+        assert_eq!(
+            up(Anthropic, "/anthropic", "/v1/messages"),
+            "/anthropic/v1/messages"
+        );
+        // openai: the SDK variable ends in /v1, the base too.
+        assert_eq!(
+            up(OpenAI, "/v1", "/v1/chat/completions"),
+            "/v1/chat/completions"
+        );
+        assert_eq!(
+            up(OpenAI, "/v1", "/chat/completions"),
+            "/v1/chat/completions"
+        );
+        assert_eq!(
+            up(OpenAI, "/openai/v1", "/v1/responses"),
+            "/openai/v1/responses"
+        );
+        assert_eq!(
+            up(OpenAICompatible, "/api/v2", "/v1/chat/completions"),
+            "/api/v2/chat/completions"
+        );
+        // google-genai calls /v1beta by default and /v1 when asked: both pass through.
+        assert_eq!(
+            up(
+                Google,
+                "",
+                "/v1beta/models/gemini-2.5-flash:generateContent"
+            ),
+            "/v1beta/models/gemini-2.5-flash:generateContent"
+        );
+        assert_eq!(
+            up(
+                Google,
+                "/google",
+                "/v1/models/gemini-2.5-flash:streamGenerateContent"
+            ),
+            "/google/v1/models/gemini-2.5-flash:streamGenerateContent"
+        );
+        // azure: the classic deployment path and the v1 API, below the resource endpoint.
+        assert_eq!(
+            up(Azure, "", "/openai/deployments/gpt4o/chat/completions"),
+            "/openai/deployments/gpt4o/chat/completions"
+        );
+        assert_eq!(
+            up(Azure, "/azure", "/openai/v1/responses"),
+            "/azure/openai/v1/responses"
+        );
+        assert_eq!(
+            up(
+                Vertex,
+                "",
+                "/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.5-flash:generateContent"
+            ),
+            "/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.5-flash:generateContent"
+        );
+        assert_eq!(up(OpenAI, "/v1", "/v1"), "/v1");
+        assert_eq!(up(OpenAI, "/v1", "/v10/x"), "/v1/v10/x");
+    }
+
+    #[test]
+    fn paths_that_could_climb_out_of_the_base_are_refused() {
+        for bad in [
+            "/v1/../admin",
+            "/v1/%2e%2e/admin",
+            "/v1/%2E./admin",
+            "/./v1/messages",
+            "/v1//messages",
+            "/v1/messages%2f..%2fx",
+            "/v1\\..\\x",
+            "v1/messages",
+            "",
+        ] {
+            assert!(
+                route(Anthropic, &Method::POST, "/anthropic", bad).is_err(),
+                "{bad:?} was routed"
+            );
+        }
+        assert!(route(Anthropic, &Method::GET, "", "/v1/models/").is_ok());
+        assert!(route(Anthropic, &Method::GET, "", "/").is_ok());
+    }
+
+    fn at(p: ProviderKind, m: Method, path: &str) -> ModelAt {
+        route(p, &m, "/base", path).expect("routed").model_at
+    }
+
+    #[test]
+    fn models_are_found_where_each_provider_puts_them() {
+        assert_eq!(at(Anthropic, Method::POST, "/v1/messages"), ModelAt::Body);
+        assert_eq!(
+            at(Anthropic, Method::POST, "/v1/messages/count_tokens"),
+            ModelAt::Body
+        );
+        assert_eq!(
+            at(Anthropic, Method::POST, "/v1/messages/batches"),
+            ModelAt::BatchRequests
+        );
+        assert_eq!(
+            at(OpenAI, Method::POST, "/v1/chat/completions"),
+            ModelAt::Body
+        );
+        assert_eq!(at(OpenAI, Method::POST, "/responses"), ModelAt::Body);
+        assert_eq!(
+            at(OpenAICompatible, Method::POST, "/v1/embeddings"),
+            ModelAt::Body
+        );
+        assert_eq!(
+            at(
+                Google,
+                Method::POST,
+                "/v1beta/models/gemini-2.5-flash:streamGenerateContent"
+            ),
+            ModelAt::Path("gemini-2.5-flash".into())
+        );
+        assert_eq!(
+            at(
+                Vertex,
+                Method::POST,
+                "/v1/projects/p/locations/l/publishers/google/models/gemini-2.5-pro:generateContent"
+            ),
+            ModelAt::Path("gemini-2.5-pro".into())
+        );
+        assert_eq!(
+            at(
+                Azure,
+                Method::POST,
+                "/openai/deployments/prod-4o/chat/completions"
+            ),
+            ModelAt::Path("prod-4o".into())
+        );
+        assert_eq!(
+            at(Azure, Method::POST, "/openai/v1/chat/completions"),
+            ModelAt::Body
+        );
+        assert_eq!(at(Azure, Method::POST, "/openai/responses"), ModelAt::Body);
+        assert_eq!(
+            at(Azure, Method::POST, "/openai/deployments/d/embeddings"),
+            ModelAt::Path("d".into())
+        );
+        // google-genai's Vertex client calls v1beta1.
+        assert_eq!(
+            at(
+                Vertex,
+                Method::POST,
+                "/v1beta1/projects/p/locations/us-central1/publishers/google/models/gemini-2.5-flash:streamGenerateContent"
+            ),
+            ModelAt::Path("gemini-2.5-flash".into())
+        );
+    }
+
+    #[test]
+    fn every_other_endpoint_is_unchecked() {
+        for (p, m, path) in [
+            (OpenAI, Method::POST, "/v1/batches"),
+            (OpenAI, Method::POST, "/v1/files"),
+            (OpenAI, Method::POST, "/v1/audio/transcriptions"),
+            (OpenAI, Method::POST, "/v1/fine_tuning/jobs"),
+            (OpenAI, Method::DELETE, "/v1/models/ft-x"),
+            (Anthropic, Method::POST, "/v1/complete"),
+            (Anthropic, Method::POST, "/v1/files"),
+            (Google, Method::POST, "/v1beta/cachedContents"),
+            (
+                Google,
+                Method::POST,
+                "/v1beta/tunedModels/x:generateContent",
+            ),
+            (Google, Method::POST, "/v1beta/models/gemini:unknownMethod"),
+            (Azure, Method::POST, "/openai/deployments/d/fine_tunes"),
+            (
+                Vertex,
+                Method::POST,
+                "/v1/projects/p/locations/l/endpoints/123:predict",
+            ),
+        ] {
+            assert_eq!(at(p, m.clone(), path), ModelAt::Unchecked, "{p} {m} {path}");
+        }
+        assert_eq!(at(OpenAI, Method::GET, "/v1/models"), ModelAt::ReadOnly);
+        assert_eq!(at(Google, Method::GET, "/v1beta/models"), ModelAt::ReadOnly);
+    }
+
+    #[test]
+    fn allowed_models_ignore_prefixes_only() {
+        let allowed = vec!["gemini-2.5-flash".to_owned(), "models/gpt-4o".to_owned()];
+        assert!(model_allowed(&allowed, "gemini-2.5-flash"));
+        assert!(model_allowed(&allowed, "models/gemini-2.5-flash"));
+        assert!(model_allowed(&allowed, "google/gemini-2.5-flash"));
+        assert!(model_allowed(&allowed, "gpt-4o"));
+        assert!(!model_allowed(&allowed, "gpt-4o-mini"));
+        assert!(!model_allowed(&allowed, "gemini-2.5-flash-lite"));
+        assert!(!model_allowed(&allowed, "a/b/gemini-2.5-flash"));
+        assert!(model_allowed(&[], "anything"));
+    }
+}
