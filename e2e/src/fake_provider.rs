@@ -1,17 +1,18 @@
-//! A fake LLM provider for tests and `make run`: one HTTPS server that speaks each provider's
-//! real wire protocol for the key-verification call, with each provider under its own path
-//! prefix. The contract it implements, and what it checks, is `docs/providers.md` ("The fake
-//! provider"); change the two together.
+//! A fake LLM provider for tests, benchmarks and `make run`: one HTTPS server that speaks
+//! each provider's real wire protocol, for the key-verification call and for generation
+//! (plain and streamed), with each provider under its own path prefix. The contract it
+//! implements, and what it checks, is `docs/providers.md` ("The fake provider"); change the
+//! two together.
 //!
-//! | provider | base URL (what the operator is given) |
-//! |---|---|
-//! | anthropic | `https://127.0.0.1:PORT/anthropic` |
-//! | openai | `https://127.0.0.1:PORT/openai/v1` |
-//! | google (Gemini) | `https://127.0.0.1:PORT/google` |
-//! | azure | `https://127.0.0.1:PORT/azure` |
-//! | openai-compatible | `https://127.0.0.1:PORT/compat/v1` |
-//! | vertex (aiplatform) | `https://127.0.0.1:PORT/vertex` |
-//! | vertex token URL | `https://127.0.0.1:PORT/vertex-token/token` |
+//! | provider | base URL (what the operator is given) | generation endpoints (under the prefix) |
+//! |---|---|---|
+//! | anthropic | `https://127.0.0.1:PORT/anthropic` | `POST /v1/messages`, `POST /v1/messages/count_tokens` |
+//! | openai | `https://127.0.0.1:PORT/openai/v1` | `POST /v1/chat/completions`, `POST /v1/responses`, `POST /v1/embeddings` |
+//! | google (Gemini) | `https://127.0.0.1:PORT/google` | `POST /{v1beta,v1}/models/{model}:{generateContent,streamGenerateContent,countTokens,embedContent}` |
+//! | azure | `https://127.0.0.1:PORT/azure` | `POST /openai/deployments/{deployment}/chat/completions?api-version=…`, `POST /openai/v1/chat/completions` |
+//! | openai-compatible | `https://127.0.0.1:PORT/compat/v1` | as openai |
+//! | vertex (aiplatform) | `https://127.0.0.1:PORT/vertex` | `POST /{v1,v1beta1}/projects/{p}/locations/{l}/publishers/google/models/{model}:{generateContent,streamGenerateContent,countTokens}` |
+//! | vertex token URL | `https://127.0.0.1:PORT/vertex-token/token` | |
 //!
 //! # Runtime
 //!
@@ -28,34 +29,60 @@
 //! the TLS handshake ([`FakeProvider::connections`]), so "zero connections" really means no
 //! TCP connection was made, even one whose handshake then failed. (actix-web itself listens on
 //! a second, internal loopback port; connections made to that port directly are not counted.)
+//! actix-web runs with `TCP_NODELAY` and without half-closed connections, so that streamed
+//! events leave one by one and a client that hangs up mid-stream is noticed at once.
 //!
 //! # Modes
 //!
-//! A [`FakeMode`] other than `Normal` decides the answer of every verification endpoint of
-//! that provider before the request's credentials are looked at (the test asked for that
-//! answer); unmatched paths still get the provider's 404. For vertex, `Unauthorized` and
-//! `GeminiKeyInvalid` fail the token endpoint (401 `invalid_client`); the rate-limit and server
-//! modes let the token exchange succeed and fail the models call; `Slow` delays both.
+//! A [`FakeMode`] other than `Normal` decides the answer of every verification and generation
+//! endpoint of that provider before the request's credentials are looked at (the test asked
+//! for that answer); unmatched paths still get the provider's 404. A failure mode never starts
+//! a stream: the error is the whole (JSON) answer. For vertex, `Unauthorized` and
+//! `GeminiKeyInvalid` fail the token endpoint (401 `invalid_client`) and the aiplatform calls
+//! (401 `UNAUTHENTICATED`); the rate-limit and server modes let the token exchange succeed and
+//! fail the aiplatform calls; `Slow` delays them all.
+//!
+//! # Streams
+//!
+//! A streamed answer (`"stream": true`, or Gemini's `:streamGenerateContent`) follows
+//! [`FakeProvider::set_stream_plan`]: N delta events whose text is `chunk-0`, `chunk-1`, …,
+//! with the plan's interval between consecutive deltas, each handed to actix as its own chunk
+//! of the response body (no buffering). Each stream gets a [`StreamRecord`]: when every delta
+//! was handed over, whether the last event went out (`completed`), and whether the body was
+//! dropped before that (`cancelled`: the client went away). [`FakeProvider::open_streams`]
+//! counts the streams in progress.
+//!
+//! # Recording
+//!
+//! Every request is counted and recorded by one middleware as a [`RecordedRequest`]: header
+//! and query parameter *names*, never a value; generation handlers add the model, the
+//! credential's [`FakeProvider::key_id`], the body size and the stream flag. The request log
+//! and the stream log keep the newest [`LOG_CAP`] entries each;
+//! [`FakeProvider::set_recording`]`(false)` turns both off for benchmarks (counters go on).
+//! Non-streamed answers are formatted straight into one string, with no sleep and no
+//! per-request JSON tree, so the fake can serve as a throughput benchmark's upstream.
 //!
 //! # Extending
 //!
-//! Each provider is a module with a `routes` function that configures its scope; add further
-//! endpoints (Anthropic `POST /v1/messages`, OpenAI `/chat/completions`) there. Every request
-//! is counted and recorded by one middleware, and [`FakeMode`] failures are rendered by each
-//! provider's `mode_error`.
+//! Each provider is a module with a `scope` function that configures its routes; add further
+//! endpoints there. [`FakeMode`] failures are rendered by each provider's `mode_error`;
+//! generation handlers report what they learnt with `note_request` / `note_key`, and stream
+//! with `stream::respond`.
 
 mod anthropic;
 mod azure;
 mod google;
 mod openai;
+mod stream;
 mod vertex;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use actix_web::HttpMessage as _;
 use actix_web::dev::Service as _;
 use actix_web::http::StatusCode;
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
@@ -66,16 +93,25 @@ use rand::distr::Alphanumeric;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 use crate::pki::TestCa;
 
+pub use stream::StreamRecord;
 pub use vertex::{
     TEST_SA_KEY_ID, TEST_SA_PRIVATE_KEY_PEM, TEST_SA_PUBLIC_KEY_PEM, test_service_account_json,
 };
 
 /// Path of the Vertex token endpoint; a JWT's `aud` must be a URL with this path.
 pub const VERTEX_TOKEN_PATH: &str = "/vertex-token/token";
+
+/// At most this many entries are kept in the request log and in the stream log each; older
+/// ones are dropped first.
+pub const LOG_CAP: usize = 100_000;
+
+/// Request bodies up to this size are accepted (actix's default is 256 KiB).
+pub const MAX_BODY_BYTES: usize = 128 << 20;
 
 /// Header names recorded in [`RecordedRequest::auth_headers`] when present.
 pub const AUTH_HEADER_NAMES: [&str; 5] = [
@@ -104,7 +140,7 @@ impl Default for FakeProviderConfig {
     }
 }
 
-/// How a provider answers its verification endpoints.
+/// How a provider answers its verification and generation endpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FakeMode {
     /// Real behaviour: valid keys get 200, others the provider's real rejection.
@@ -174,6 +210,18 @@ pub struct RecordedRequest {
     pub header_names: Vec<String>,
     /// The status answered; `None` while in flight or if the client went away first.
     pub status: Option<u16>,
+    /// The model a generation request named: the body's `model`; for Gemini and Vertex the
+    /// `{model}` of `models/{model}:method` in the path; for Azure's deployments API the
+    /// deployment. `None` for other requests.
+    pub model: Option<String>,
+    /// Which credential authenticated a generation request: [`FakeProvider::key_id`] of the
+    /// key (vertex: of the service-account JSON, or the public-key PEM, it was registered
+    /// with). `None` when it was not authenticated, and for verification requests.
+    pub key_id: Option<String>,
+    /// Size of the request body a generation endpoint received (0 for other requests).
+    pub body_bytes: u64,
+    /// Whether the request asked for a streamed answer.
+    pub stream: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -184,12 +232,53 @@ pub(crate) struct ServiceAccount {
     pub(crate) key_id: Option<String>,
     /// `project_id`, when registered from a JSON key: other projects get 403.
     pub(crate) project: Option<String>,
+    /// [`FakeProvider::key_id`] of the JSON key or PEM it was registered with.
+    pub(crate) credential_id: String,
 }
 
 #[derive(Debug, Clone)]
 pub(crate) struct IssuedToken {
     pub(crate) client_email: String,
     pub(crate) expires: std::time::Instant,
+    /// The issuing account's `credential_id`.
+    pub(crate) credential_id: String,
+}
+
+/// A bounded log whose entries keep their id (position since the start) when old ones are
+/// dropped.
+pub(crate) struct Log<T> {
+    entries: VecDeque<T>,
+    /// Id of `entries[0]`.
+    first: u64,
+}
+
+impl<T> Default for Log<T> {
+    fn default() -> Self {
+        Self {
+            entries: VecDeque::new(),
+            first: 0,
+        }
+    }
+}
+
+impl<T: Clone> Log<T> {
+    pub(crate) fn push(&mut self, entry: T) -> u64 {
+        if self.entries.len() >= LOG_CAP {
+            self.entries.pop_front();
+            self.first += 1;
+        }
+        self.entries.push_back(entry);
+        self.first + self.entries.len() as u64 - 1
+    }
+
+    pub(crate) fn get_mut(&mut self, id: u64) -> Option<&mut T> {
+        let index = usize::try_from(id.checked_sub(self.first)?).ok()?;
+        self.entries.get_mut(index)
+    }
+
+    fn to_vec(&self) -> Vec<T> {
+        self.entries.iter().cloned().collect()
+    }
 }
 
 /// State shared by the handle, the forwarder and the actix worker.
@@ -201,7 +290,15 @@ pub(crate) struct Shared {
     requests: Mutex<HashMap<ProviderKind, u64>>,
     total: AtomicU64,
     connections: AtomicU64,
-    log: Mutex<Vec<RecordedRequest>>,
+    log: Mutex<Log<RecordedRequest>>,
+    /// Whether requests and streams are logged ([`FakeProvider::set_recording`]).
+    recording: AtomicBool,
+    pub(crate) streams: Mutex<Log<StreamRecord>>,
+    pub(crate) open_streams: AtomicUsize,
+    /// (delta events, interval) of every streamed answer.
+    stream_plan: Mutex<(usize, Duration)>,
+    /// Source of response ids.
+    next_id: AtomicU64,
     /// Forwarder's outbound address (actix's peer) -> the real client address.
     peers: Mutex<HashMap<SocketAddr, SocketAddr>>,
     /// `https://127.0.0.1:PORT/vertex-token/token`.
@@ -219,6 +316,19 @@ impl Shared {
 
     pub(crate) fn mode(&self, kind: ProviderKind) -> FakeMode {
         lock(&self.modes).get(&kind).copied().unwrap_or_default()
+    }
+
+    pub(crate) fn recording(&self) -> bool {
+        self.recording.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn stream_plan(&self) -> (usize, Duration) {
+        *lock(&self.stream_plan)
+    }
+
+    /// A fresh number for response ids.
+    pub(crate) fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Applies the provider's mode: sleeps for `Slow`, and returns the forced answer for
@@ -298,6 +408,11 @@ impl FakeProvider {
             total: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             log: Mutex::default(),
+            recording: AtomicBool::new(true),
+            streams: Mutex::default(),
+            open_streams: AtomicUsize::new(0),
+            stream_plan: Mutex::new(DEFAULT_STREAM_PLAN),
+            next_id: AtomicU64::new(1),
             peers: Mutex::default(),
             token_url: format!("https://{}{VERTEX_TOKEN_PATH}", url_authority(addr)),
         });
@@ -396,6 +511,7 @@ impl FakeProvider {
                 public_key,
                 key_id: None,
                 project: None,
+                credential_id: FakeProvider::key_id(public_key_pem),
             },
         );
         Ok(())
@@ -445,9 +561,46 @@ impl FakeProvider {
         self.shared.connections.load(Ordering::SeqCst)
     }
 
-    /// Every request so far except the admin API's, oldest first.
+    /// Every request so far except the admin API's, oldest first (the newest [`LOG_CAP`],
+    /// and only while recording is on).
     pub fn requests_log(&self) -> Vec<RecordedRequest> {
-        lock(&self.shared.log).clone()
+        lock(&self.shared.log).to_vec()
+    }
+
+    /// How [`RecordedRequest::key_id`] names a credential: the first 12 hex digits of the
+    /// SHA-256 of `value` (for vertex: of the service-account JSON or public-key PEM it was
+    /// registered with).
+    pub fn key_id(value: &str) -> String {
+        let digest: [u8; 32] = Sha256::digest(value.as_bytes()).into();
+        let mut id = hex::encode(&digest[..6]);
+        id.truncate(12);
+        id
+    }
+
+    /// Turns the request log and the stream log on or off (on by default). Off, a request
+    /// costs a few atomic increments, for benchmarks; counters keep counting, and
+    /// [`Self::open_streams`] stays exact.
+    pub fn set_recording(&self, on: bool) {
+        self.shared.recording.store(on, Ordering::Relaxed);
+    }
+
+    /// Shapes every streamed answer from now on: `events` delta events (the text of delta `i`
+    /// is `chunk-{i}`), with `interval` between consecutive deltas. The events before the
+    /// first delta (e.g. Anthropic's `message_start`) are sent at once, the ones after the
+    /// last delta right after it. Default: 3 deltas, no delay.
+    pub fn set_stream_plan(&self, events: usize, interval: Duration) {
+        *lock(&self.shared.stream_plan) = (events, interval);
+    }
+
+    /// Every streamed answer so far, oldest first (the newest [`LOG_CAP`], and only while
+    /// recording is on).
+    pub fn streams(&self) -> Vec<StreamRecord> {
+        lock(&self.shared.streams).to_vec()
+    }
+
+    /// Streamed answers currently in progress (started and neither finished nor abandoned).
+    pub fn open_streams(&self) -> usize {
+        self.shared.open_streams.load(Ordering::SeqCst)
     }
 
     /// Stops the server and waits until it has shut down.
@@ -468,6 +621,9 @@ impl Drop for FakeProvider {
         }
     }
 }
+
+/// Default of [`FakeProvider::set_stream_plan`].
+const DEFAULT_STREAM_PLAN: (usize, Duration) = (3, Duration::ZERO);
 
 fn base_path(kind: ProviderKind) -> &'static str {
     match kind {
@@ -551,16 +707,24 @@ fn serve(
             let record_shared = app_shared.clone();
             App::new()
                 .app_data(web::Data::from(app_shared.clone()))
+                .app_data(web::PayloadConfig::new(MAX_BODY_BYTES))
                 .wrap_fn(move |req, srv| {
                     let entry = start_record(&record_shared, req.request());
                     let fut = srv.call(req);
                     let shared = record_shared.clone();
                     async move {
                         let res = fut.await?;
-                        if let Some(i) = entry
-                            && let Some(r) = lock(&shared.log).get_mut(i)
-                        {
-                            r.status = Some(res.status().as_u16());
+                        if let Some(id) = entry {
+                            let exchange = res.request().extensions_mut().remove::<Exchange>();
+                            if let Some(r) = lock(&shared.log).get_mut(id) {
+                                r.status = Some(res.status().as_u16());
+                                if let Some(x) = exchange {
+                                    r.model = x.model;
+                                    r.key_id = x.key_id;
+                                    r.body_bytes = x.body_bytes;
+                                    r.stream = x.stream;
+                                }
+                            }
                         }
                         Ok(res)
                     }
@@ -568,6 +732,12 @@ fn serve(
                 .configure(routes)
         })
         .workers(1)
+        // Each streamed event goes out at once (Nagle plus the forwarder's delayed ACK would
+        // hold the second write of a connection for ~40 ms).
+        .tcp_nodelay(true)
+        // A client that closes its end mid-stream is gone: without this actix would keep
+        // streaming into the half-closed connection the forwarder leaves behind.
+        .h1_allow_half_closed(false)
         .disable_signals()
         .shutdown_timeout(1)
         .listen_rustls_0_23(internal, tls);
@@ -659,8 +829,9 @@ fn routes(cfg: &mut web::ServiceConfig) {
         }));
 }
 
-/// Counts and logs a request; returns its log index (`None` for the admin API).
-fn start_record(shared: &Shared, req: &HttpRequest) -> Option<usize> {
+/// Counts and logs a request; returns its log id (`None` for the admin API, or when not
+/// recording).
+fn start_record(shared: &Shared, req: &HttpRequest) -> Option<u64> {
     let path = req.path();
     if path == "/__fake" || path.starts_with("/__fake/") {
         return None;
@@ -669,6 +840,9 @@ fn start_record(shared: &Shared, req: &HttpRequest) -> Option<usize> {
     shared.total.fetch_add(1, Ordering::SeqCst);
     if let Some(kind) = provider {
         *lock(&shared.requests).entry(kind).or_default() += 1;
+    }
+    if !shared.recording() {
+        return None;
     }
     let query_names = req
         .query_string()
@@ -688,8 +862,7 @@ fn start_record(shared: &Shared, req: &HttpRequest) -> Option<usize> {
         .filter(|n| req.headers().contains_key(**n))
         .map(|n| n.to_string())
         .collect();
-    let mut log = lock(&shared.log);
-    log.push(RecordedRequest {
+    let id = lock(&shared.log).push(RecordedRequest {
         provider,
         method: req.method().as_str().to_owned(),
         path: path.to_owned(),
@@ -697,8 +870,107 @@ fn start_record(shared: &Shared, req: &HttpRequest) -> Option<usize> {
         auth_headers,
         header_names,
         status: None,
+        model: None,
+        key_id: None,
+        body_bytes: 0,
+        stream: false,
     });
-    Some(log.len() - 1)
+    Some(id)
+}
+
+/// What a generation handler learnt about its request, for [`RecordedRequest`]; left in the
+/// request's extensions for the recording middleware.
+#[derive(Debug, Default)]
+pub(crate) struct Exchange {
+    model: Option<String>,
+    key_id: Option<String>,
+    body_bytes: u64,
+    stream: bool,
+}
+
+/// Notes a generation request's model, body size and stream flag (when recording).
+pub(crate) fn note_request(
+    shared: &Shared,
+    req: &HttpRequest,
+    model: Option<&str>,
+    body_bytes: usize,
+    stream: bool,
+) {
+    if !shared.recording() {
+        return;
+    }
+    let mut ext = req.extensions_mut();
+    let x = ext.get_or_insert_with(Exchange::default);
+    x.model = model.map(str::to_owned);
+    x.body_bytes = body_bytes as u64;
+    x.stream = stream;
+}
+
+/// Notes which credential authenticated a generation request (when recording); `id` is
+/// only called then.
+pub(crate) fn note_key(shared: &Shared, req: &HttpRequest, id: impl FnOnce() -> String) {
+    if !shared.recording() {
+        return;
+    }
+    req.extensions_mut()
+        .get_or_insert_with(Exchange::default)
+        .key_id = Some(id());
+}
+
+/// The fields of a generation request body the fake looks at; everything else is skipped
+/// without being kept.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct BodyProbe {
+    #[serde(default)]
+    pub(crate) model: Option<serde_json::Value>,
+    #[serde(default)]
+    pub(crate) stream: Option<serde_json::Value>,
+}
+
+impl BodyProbe {
+    /// The body's fields, or `None` if it is not a JSON object.
+    pub(crate) fn parse(body: &[u8]) -> Option<BodyProbe> {
+        serde_json::from_slice(body).ok()
+    }
+
+    /// `model`, if it is a non-empty string.
+    pub(crate) fn model(&self) -> Option<&str> {
+        self.model
+            .as_ref()
+            .and_then(serde_json::Value::as_str)
+            .filter(|m| !m.is_empty())
+    }
+
+    pub(crate) fn stream(&self) -> bool {
+        matches!(self.stream, Some(serde_json::Value::Bool(true)))
+    }
+}
+
+/// A rough token count for `bytes` of input, as the fake reports usage.
+pub(crate) fn estimate_tokens(bytes: usize) -> u64 {
+    (bytes as u64).div_ceil(4).max(1)
+}
+
+/// `s` as a JSON string literal.
+pub(crate) fn json_str(s: &str) -> String {
+    serde_json::Value::from(s).to_string()
+}
+
+/// The answer text of a non-streamed generation request.
+pub(crate) const FAKE_TEXT: &str = "Hello from the fake provider.";
+
+/// A JSON body that is already serialized (the cheap path of non-streamed answers).
+pub(crate) fn raw_json_response(code: u16, body: String) -> HttpResponse {
+    HttpResponse::build(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .content_type("application/json")
+        .body(body)
+}
+
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 // ---- shared helpers for the provider modules ----

@@ -7,3 +7,4 @@ pub mod fake_provider;
 pub mod operator;
 pub mod pki;
 pub mod serving;
+pub mod sidecar;

@@ -109,6 +109,12 @@ impl ServingOperator {
         let mwcs: Api<MutatingWebhookConfiguration> = Api::all(env.client.clone());
         mwcs.create(&PostParams::default(), &mwc).await?;
         let mut config = dev_config(env, fake)?;
+        let mut serve = serve;
+        // What `--insecure-allow-private-base-urls` and `--extra-ca-file` pass to sidecars.
+        serve.egress = byok_operator::broker::EgressPolicy {
+            allow_private_addresses: true,
+            extra_ca_pem: Some(fake.ca_pem()),
+        };
         config.serving = Some(serve.clone());
         change(&mut config);
         let metrics = config.metrics.clone();

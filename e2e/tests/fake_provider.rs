@@ -1027,3 +1027,897 @@ async fn binary_serves_and_stops_on_sigterm() {
     assert!(status.success(), "{status:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---- generation endpoints ----
+
+/// Splits an SSE body into (event name, data) pairs; CRLF and LF framing alike.
+fn sse_events(text: &str) -> Vec<(Option<String>, String)> {
+    let text = text.replace("\r\n", "\n");
+    text.split("\n\n")
+        .filter(|block| !block.trim().is_empty())
+        .map(|block| {
+            let mut event = None;
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event: ") {
+                    event = Some(v.to_owned());
+                } else if let Some(v) = line.strip_prefix("data: ") {
+                    data.push_str(v);
+                }
+            }
+            (event, data)
+        })
+        .collect()
+}
+
+/// The `data:` payloads of an SSE body, parsed (`[DONE]` kept as a string).
+fn sse_data(text: &str) -> Vec<Value> {
+    sse_events(text)
+        .into_iter()
+        .map(|(_, d)| serde_json::from_str(&d).unwrap_or(Value::String(d)))
+        .collect()
+}
+
+/// Sends and returns (status, content-type, body text).
+async fn send_text(req: reqwest::RequestBuilder) -> (u16, String, String) {
+    let res = req.send().await.expect("request failed");
+    let status = res.status().as_u16();
+    let ct = res
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (status, ct, res.text().await.unwrap())
+}
+
+/// Waits (polling, with a deadline) until `cond` holds.
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A generation request to `kind` (not vertex) for `model`, authenticated with `key` the
+/// way that provider expects; `stream` asks for a streamed answer.
+fn generate_request(
+    client: &reqwest::Client,
+    fake: &FakeProvider,
+    kind: ProviderKind,
+    key: &str,
+    model: &str,
+    stream: bool,
+) -> reqwest::RequestBuilder {
+    let base = fake.base_url(kind);
+    let chat = json!({
+        "model": model,
+        "messages": [{ "role": "user", "content": "hi" }],
+        "stream": stream,
+    });
+    match kind {
+        ProviderKind::Anthropic => client
+            .post(format!("{base}/v1/messages"))
+            .header("x-api-key", key)
+            .header("anthropic-version", "2023-06-01")
+            .json(&json!({
+                "model": model,
+                "max_tokens": 16,
+                "messages": [{ "role": "user", "content": "hi" }],
+                "stream": stream,
+            })),
+        ProviderKind::OpenAI | ProviderKind::OpenAICompatible => client
+            .post(format!("{base}/chat/completions"))
+            .bearer_auth(key)
+            .json(&chat),
+        ProviderKind::Google => {
+            let method = if stream {
+                "streamGenerateContent?alt=sse"
+            } else {
+                "generateContent"
+            };
+            client
+                .post(format!("{base}/v1beta/models/{model}:{method}"))
+                .header("x-goog-api-key", key)
+                .json(&json!({ "contents": [{ "role": "user", "parts": [{ "text": "hi" }] }] }))
+        }
+        ProviderKind::Azure => client
+            .post(format!(
+                "{base}/openai/deployments/{model}/chat/completions?api-version=2024-10-21"
+            ))
+            .header("api-key", key)
+            .json(&chat),
+        ProviderKind::Vertex => unreachable!("vertex has its own flow"),
+    }
+}
+
+/// The delta texts of a streamed answer of `kind`, in order.
+fn delta_texts(kind: ProviderKind, body: &str) -> Vec<String> {
+    let data = sse_data(body);
+    let texts = data.iter().filter_map(|d| match kind {
+        ProviderKind::Anthropic => (d["type"] == "content_block_delta")
+            .then(|| d["delta"]["text"].as_str().unwrap().to_owned()),
+        ProviderKind::OpenAI | ProviderKind::OpenAICompatible | ProviderKind::Azure => d["choices"]
+            [0]["delta"]["content"]
+            .as_str()
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned),
+        ProviderKind::Google | ProviderKind::Vertex => {
+            d["candidates"][0]["content"]["parts"][0]["text"]
+                .as_str()
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned)
+        }
+    });
+    texts.collect()
+}
+
+fn chunks(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("chunk-{i}")).collect()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn anthropic_messages() {
+    let fake = start().await;
+    let c = client(&fake);
+    let base = fake.base_url(ProviderKind::Anthropic);
+    let kind = ProviderKind::Anthropic;
+
+    let ok = send(generate_request(
+        &c,
+        &fake,
+        kind,
+        ANTHROPIC_KEY,
+        "claude-x",
+        false,
+    ))
+    .await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    assert_eq!(ok.body["type"], "message");
+    assert_eq!(ok.body["role"], "assistant");
+    assert_eq!(ok.body["model"], "claude-x");
+    assert_eq!(ok.body["content"][0]["type"], "text");
+    assert!(ok.body["content"][0]["text"].is_string());
+    assert_eq!(ok.body["stop_reason"], "end_turn");
+    assert!(ok.body["usage"]["input_tokens"].as_u64().unwrap() > 0);
+    assert!(ok.body["id"].as_str().unwrap().starts_with("msg_"));
+    assert!(ok.headers.contains_key("request-id"));
+    let r = fake.requests_log().pop().unwrap();
+    assert_eq!(r.path, "/anthropic/v1/messages");
+    assert_eq!(r.model.as_deref(), Some("claude-x"));
+    assert_eq!(r.key_id, Some(FakeProvider::key_id(ANTHROPIC_KEY)));
+    assert!(r.body_bytes > 20);
+    assert!(!r.stream);
+    assert_eq!(r.auth_headers, ["x-api-key"]);
+    assert_eq!(r.status, Some(200));
+
+    let counted = send(
+        c.post(format!("{base}/v1/messages/count_tokens"))
+            .header("x-api-key", ANTHROPIC_KEY)
+            .header("anthropic-version", "2023-06-01")
+            .json(&json!({ "model": "claude-x", "messages": [] })),
+    )
+    .await;
+    assert_eq!(counted.status, 200);
+    assert!(counted.body["input_tokens"].as_u64().unwrap() > 0);
+
+    // A second key: key_id tells which one was used.
+    let other = "sk-ant-api03-rotated-0002";
+    fake.add_valid_key(kind, other);
+    send(generate_request(&c, &fake, kind, other, "claude-x", false)).await;
+    let r = fake.requests_log().pop().unwrap();
+    assert_eq!(r.key_id, Some(FakeProvider::key_id(other)));
+    assert_ne!(r.key_id, Some(FakeProvider::key_id(ANTHROPIC_KEY)));
+
+    let bad = send(generate_request(
+        &c,
+        &fake,
+        kind,
+        "sk-ant-nope",
+        "claude-x",
+        false,
+    ))
+    .await;
+    assert_eq!(bad.status, 401);
+    assert_eq!(bad.body["error"]["type"], "authentication_error");
+    let r = fake.requests_log().pop().unwrap();
+    assert_eq!(r.key_id, None, "not authenticated");
+    assert_eq!(r.model.as_deref(), Some("claude-x"));
+
+    let bearer = send(
+        c.post(format!("{base}/v1/messages"))
+            .bearer_auth(ANTHROPIC_KEY)
+            .header("anthropic-version", "2023-06-01")
+            .json(&json!({ "model": "claude-x", "messages": [] })),
+    )
+    .await;
+    assert_eq!(bearer.status, 401);
+    assert_eq!(bearer.body["error"]["type"], "authentication_error");
+    assert_eq!(
+        fake.requests_log().pop().unwrap().auth_headers,
+        ["authorization"],
+        "the x-api-key header never arrived"
+    );
+
+    let no_version = send(
+        c.post(format!("{base}/v1/messages"))
+            .header("x-api-key", ANTHROPIC_KEY)
+            .json(&json!({ "model": "claude-x", "messages": [] })),
+    )
+    .await;
+    assert_eq!(no_version.status, 400);
+    assert_eq!(no_version.body["error"]["type"], "invalid_request_error");
+
+    let no_model = send(
+        c.post(format!("{base}/v1/messages"))
+            .header("x-api-key", ANTHROPIC_KEY)
+            .header("anthropic-version", "2023-06-01")
+            .json(&json!({ "messages": [] })),
+    )
+    .await;
+    assert_eq!(no_model.status, 400);
+    assert_eq!(no_model.body["error"]["type"], "invalid_request_error");
+    assert_eq!(no_model.body["error"]["message"], "model: Field required");
+
+    // Streamed: Anthropic's event framing, with the planned number of deltas.
+    fake.set_stream_plan(4, Duration::ZERO);
+    let (status, ct, text) = send_text(generate_request(
+        &c,
+        &fake,
+        kind,
+        ANTHROPIC_KEY,
+        "claude-x",
+        true,
+    ))
+    .await;
+    assert_eq!(status, 200);
+    assert!(ct.starts_with("text/event-stream"), "{ct}");
+    let events = sse_events(&text);
+    let names: Vec<&str> = events.iter().map(|(e, _)| e.as_deref().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "message_start",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop",
+        ]
+    );
+    for (name, data) in &events {
+        let data: Value = serde_json::from_str(data).unwrap();
+        assert_eq!(data["type"], name.as_deref().unwrap(), "data.type = event");
+    }
+    assert_eq!(delta_texts(kind, &text), chunks(4));
+    let start: Value = serde_json::from_str(&events[0].1).unwrap();
+    assert_eq!(start["message"]["model"], "claude-x");
+    let r = fake.requests_log().pop().unwrap();
+    assert!(r.stream);
+    let s = fake.streams().pop().unwrap();
+    assert_eq!(s.provider, kind);
+    assert_eq!(s.path, "/anthropic/v1/messages");
+    assert_eq!(s.sent.len(), 4);
+    assert!(s.completed && !s.cancelled);
+    assert_eq!(fake.open_streams(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_and_compatible_generation() {
+    let fake = start().await;
+    let c = client(&fake);
+    fake.set_stream_plan(3, Duration::ZERO);
+    for (kind, key, other_key) in [
+        (ProviderKind::OpenAI, OPENAI_KEY, COMPAT_KEY),
+        (ProviderKind::OpenAICompatible, COMPAT_KEY, OPENAI_KEY),
+    ] {
+        let base = fake.base_url(kind);
+        let ok = send(generate_request(&c, &fake, kind, key, "gpt-x", false)).await;
+        assert_eq!(ok.status, 200, "{kind}: {}", ok.body);
+        assert_eq!(ok.body["object"], "chat.completion");
+        assert_eq!(ok.body["model"], "gpt-x");
+        assert_eq!(ok.body["choices"][0]["message"]["role"], "assistant");
+        assert_eq!(ok.body["choices"][0]["finish_reason"], "stop");
+        assert!(ok.body["usage"]["total_tokens"].as_u64().unwrap() > 0);
+        let r = fake.requests_log().pop().unwrap();
+        assert_eq!(r.provider, Some(kind));
+        assert_eq!(r.model.as_deref(), Some("gpt-x"));
+        assert_eq!(r.key_id, Some(FakeProvider::key_id(key)));
+        assert_eq!(r.auth_headers, ["authorization"]);
+
+        // Another provider's key, no key, and no model.
+        let bad = send(generate_request(&c, &fake, kind, other_key, "gpt-x", false)).await;
+        assert_eq!(bad.status, 401, "{kind}");
+        assert_eq!(bad.body["error"]["code"], "invalid_api_key");
+        let none = send(
+            c.post(format!("{base}/chat/completions"))
+                .json(&json!({ "model": "gpt-x", "messages": [] })),
+        )
+        .await;
+        assert_eq!(none.status, 401);
+        assert_eq!(none.body["error"]["type"], "invalid_request_error");
+        assert!(fake.requests_log().pop().unwrap().auth_headers.is_empty());
+        let no_model = send(
+            c.post(format!("{base}/chat/completions"))
+                .bearer_auth(key)
+                .json(&json!({ "messages": [] })),
+        )
+        .await;
+        assert_eq!(no_model.status, 400);
+        assert_eq!(
+            no_model.body["error"]["message"],
+            "you must provide a model parameter"
+        );
+
+        // Chat stream: chunks, then `data: [DONE]`.
+        let (status, ct, text) =
+            send_text(generate_request(&c, &fake, kind, key, "gpt-x", true)).await;
+        assert_eq!(status, 200);
+        assert!(ct.starts_with("text/event-stream"), "{ct}");
+        let data = sse_data(&text);
+        assert_eq!(data.last().unwrap(), "[DONE]");
+        assert!(sse_events(&text).iter().all(|(e, _)| e.is_none()));
+        for chunk in &data[..data.len() - 1] {
+            assert_eq!(chunk["object"], "chat.completion.chunk");
+            assert_eq!(chunk["model"], "gpt-x");
+        }
+        assert_eq!(data[data.len() - 2]["choices"][0]["finish_reason"], "stop");
+        assert_eq!(delta_texts(kind, &text), chunks(3));
+
+        // Responses API, plain and streamed.
+        let resp = send(
+            c.post(format!("{base}/responses"))
+                .bearer_auth(key)
+                .json(&json!({ "model": "gpt-r", "input": "hi" })),
+        )
+        .await;
+        assert_eq!(resp.status, 200, "{}", resp.body);
+        assert_eq!(resp.body["object"], "response");
+        assert_eq!(resp.body["status"], "completed");
+        assert_eq!(resp.body["model"], "gpt-r");
+        assert_eq!(resp.body["output"][0]["content"][0]["type"], "output_text");
+        let (status, ct, text) = send_text(
+            c.post(format!("{base}/responses"))
+                .bearer_auth(key)
+                .json(&json!({ "model": "gpt-r", "input": "hi", "stream": true })),
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert!(ct.starts_with("text/event-stream"));
+        let events = sse_events(&text);
+        let names: Vec<&str> = events.iter().map(|(e, _)| e.as_deref().unwrap()).collect();
+        assert_eq!(names.first(), Some(&"response.created"));
+        assert_eq!(names.last(), Some(&"response.completed"));
+        let deltas: Vec<String> = events
+            .iter()
+            .filter(|(e, _)| e.as_deref() == Some("response.output_text.delta"))
+            .map(|(_, d)| {
+                serde_json::from_str::<Value>(d).unwrap()["delta"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(deltas, chunks(3));
+        let seqs: Vec<u64> = events
+            .iter()
+            .map(|(_, d)| {
+                serde_json::from_str::<Value>(d).unwrap()["sequence_number"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+        let completed: Value = serde_json::from_str(&events.last().unwrap().1).unwrap();
+        assert_eq!(completed["response"]["status"], "completed");
+        assert_eq!(
+            completed["response"]["output"][0]["content"][0]["text"],
+            "chunk-0chunk-1chunk-2"
+        );
+
+        // Embeddings.
+        let emb = send(
+            c.post(format!("{base}/embeddings"))
+                .bearer_auth(key)
+                .json(&json!({ "model": "text-embedding-3-small", "input": ["a", "b"] })),
+        )
+        .await;
+        assert_eq!(emb.status, 200, "{}", emb.body);
+        assert_eq!(emb.body["object"], "list");
+        assert_eq!(emb.body["data"].as_array().unwrap().len(), 2);
+        assert_eq!(emb.body["data"][1]["object"], "embedding");
+        assert!(emb.body["data"][0]["embedding"].is_array());
+        assert_eq!(emb.body["model"], "text-embedding-3-small");
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn google_generation() {
+    let fake = start().await;
+    let c = client(&fake);
+    let base = fake.base_url(ProviderKind::Google);
+    let kind = ProviderKind::Google;
+    let body = json!({ "contents": [{ "role": "user", "parts": [{ "text": "hi" }] }] });
+
+    let ok = send(generate_request(
+        &c, &fake, kind, GOOGLE_KEY, "gemini-x", false,
+    ))
+    .await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    assert_eq!(ok.body["candidates"][0]["content"]["role"], "model");
+    assert!(ok.body["candidates"][0]["content"]["parts"][0]["text"].is_string());
+    assert_eq!(ok.body["candidates"][0]["finishReason"], "STOP");
+    assert_eq!(ok.body["modelVersion"], "gemini-x");
+    assert!(
+        ok.body["usageMetadata"]["totalTokenCount"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    let r = fake.requests_log().pop().unwrap();
+    assert_eq!(r.path, "/google/v1beta/models/gemini-x:generateContent");
+    assert_eq!(r.model.as_deref(), Some("gemini-x"));
+    assert_eq!(r.key_id, Some(FakeProvider::key_id(GOOGLE_KEY)));
+    assert_eq!(r.auth_headers, ["x-goog-api-key"]);
+
+    // The key as a query parameter, on v1; only its name is recorded.
+    let q = send(
+        c.post(format!(
+            "{base}/v1/models/gemini-x:generateContent?key={GOOGLE_KEY}"
+        ))
+        .json(&body),
+    )
+    .await;
+    assert_eq!(q.status, 200, "{}", q.body);
+    let r = fake.requests_log().pop().unwrap();
+    assert_eq!(r.query_names, ["key"]);
+    assert!(r.auth_headers.is_empty());
+    assert_eq!(r.key_id, Some(FakeProvider::key_id(GOOGLE_KEY)));
+    assert!(!format!("{r:?}").contains(GOOGLE_KEY));
+
+    let bad = send(generate_request(
+        &c, &fake, kind, "AIzaNope", "gemini-x", false,
+    ))
+    .await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.body["error"]["details"][0]["reason"], "API_KEY_INVALID");
+    let bad = send(
+        c.post(format!(
+            "{base}/v1beta/models/gemini-x:generateContent?key=AIzaNope"
+        ))
+        .json(&body),
+    )
+    .await;
+    assert_eq!(bad.body["error"]["details"][0]["reason"], "API_KEY_INVALID");
+    let anonymous = send(
+        c.post(format!("{base}/v1beta/models/gemini-x:generateContent"))
+            .json(&body),
+    )
+    .await;
+    assert_eq!(anonymous.status, 403);
+    assert_eq!(anonymous.body["error"]["status"], "PERMISSION_DENIED");
+    let bearer = send(
+        c.post(format!("{base}/v1beta/models/gemini-x:generateContent"))
+            .bearer_auth(GOOGLE_KEY)
+            .json(&body),
+    )
+    .await;
+    assert_eq!(bearer.status, 401);
+    assert_eq!(bearer.body["error"]["status"], "UNAUTHENTICATED");
+    let unknown = send(
+        c.post(format!("{base}/v1beta/models/gemini-x:doSomething"))
+            .header("x-goog-api-key", GOOGLE_KEY)
+            .json(&body),
+    )
+    .await;
+    assert_eq!(unknown.status, 404);
+
+    // Streamed with alt=sse: `data:` events; without: one JSON array.
+    fake.set_stream_plan(3, Duration::ZERO);
+    let (status, ct, text) = send_text(generate_request(
+        &c, &fake, kind, GOOGLE_KEY, "gemini-x", true,
+    ))
+    .await;
+    assert_eq!(status, 200);
+    assert!(ct.starts_with("text/event-stream"), "{ct}");
+    assert_eq!(delta_texts(kind, &text), chunks(3));
+    let data = sse_data(&text);
+    assert_eq!(data.len(), 3);
+    assert_eq!(data[2]["candidates"][0]["finishReason"], "STOP");
+    assert!(fake.requests_log().pop().unwrap().stream);
+
+    let (status, ct, text) = send_text(
+        c.post(format!(
+            "{base}/v1beta/models/gemini-x:streamGenerateContent"
+        ))
+        .header("x-goog-api-key", GOOGLE_KEY)
+        .json(&body),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(ct.starts_with("application/json"), "{ct}");
+    let array: Vec<Value> = serde_json::from_str(&text).unwrap();
+    let texts: Vec<&str> = array
+        .iter()
+        .map(|r| {
+            r["candidates"][0]["content"]["parts"][0]["text"]
+                .as_str()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(texts, chunks(3));
+    assert_eq!(fake.streams().len(), 2);
+
+    let count = send(
+        c.post(format!("{base}/v1beta/models/gemini-x:countTokens"))
+            .header("x-goog-api-key", GOOGLE_KEY)
+            .json(&body),
+    )
+    .await;
+    assert_eq!(count.status, 200);
+    assert!(count.body["totalTokens"].as_u64().unwrap() > 0);
+    let embed = send(
+        c.post(format!(
+            "{base}/v1beta/models/text-embedding-004:embedContent"
+        ))
+        .header("x-goog-api-key", GOOGLE_KEY)
+        .json(&json!({ "content": { "parts": [{ "text": "hi" }] } })),
+    )
+    .await;
+    assert_eq!(embed.status, 200);
+    assert!(embed.body["embedding"]["values"].is_array());
+    assert_eq!(
+        fake.requests_log().pop().unwrap().model.as_deref(),
+        Some("text-embedding-004")
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn azure_generation() {
+    let fake = start().await;
+    let c = client(&fake);
+    let base = fake.base_url(ProviderKind::Azure);
+    let kind = ProviderKind::Azure;
+    let body = json!({ "messages": [{ "role": "user", "content": "hi" }] });
+
+    let ok = send(generate_request(
+        &c, &fake, kind, AZURE_KEY, "my-gpt4o", false,
+    ))
+    .await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    assert_eq!(ok.body["object"], "chat.completion");
+    assert_eq!(ok.body["model"], "my-gpt4o");
+    let r = fake.requests_log().pop().unwrap();
+    assert_eq!(r.model.as_deref(), Some("my-gpt4o"), "the deployment");
+    assert_eq!(r.key_id, Some(FakeProvider::key_id(AZURE_KEY)));
+    assert_eq!(r.auth_headers, ["api-key"]);
+
+    let not_found = json!({ "error": { "code": "404", "message": "Resource not found" } });
+    let no_version = send(
+        c.post(format!(
+            "{base}/openai/deployments/my-gpt4o/chat/completions"
+        ))
+        .header("api-key", AZURE_KEY)
+        .json(&body),
+    )
+    .await;
+    assert_eq!(no_version.status, 404);
+    assert_eq!(no_version.body, not_found);
+    let bad_version = send(
+        c.post(format!(
+            "{base}/openai/deployments/my-gpt4o/chat/completions?api-version=latest"
+        ))
+        .header("api-key", AZURE_KEY)
+        .json(&body),
+    )
+    .await;
+    assert_eq!(bad_version.status, 400);
+    assert_eq!(bad_version.body["error"]["code"], "BadRequest");
+    let bad = send(generate_request(&c, &fake, kind, "nope", "my-gpt4o", false)).await;
+    assert_eq!(bad.status, 401);
+    assert_eq!(bad.body["error"]["code"], "401");
+    let bearer = send(
+        c.post(format!(
+            "{base}/openai/deployments/my-gpt4o/chat/completions?api-version=2024-10-21"
+        ))
+        .bearer_auth(AZURE_KEY)
+        .json(&body),
+    )
+    .await;
+    assert_eq!(bearer.status, 401, "deployments take api-key only");
+
+    // The v1 API: model in the body; api-key or Bearer.
+    for req in [
+        c.post(format!("{base}/openai/v1/chat/completions"))
+            .header("api-key", AZURE_KEY),
+        c.post(format!("{base}/openai/v1/chat/completions"))
+            .bearer_auth(AZURE_KEY),
+    ] {
+        let a = send(req.json(&json!({ "model": "gpt-4o", "messages": [] }))).await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        assert_eq!(a.body["model"], "gpt-4o");
+        let r = fake.requests_log().pop().unwrap();
+        assert_eq!(r.model.as_deref(), Some("gpt-4o"));
+        assert_eq!(r.key_id, Some(FakeProvider::key_id(AZURE_KEY)));
+    }
+    let no_model = send(
+        c.post(format!("{base}/openai/v1/chat/completions"))
+            .header("api-key", AZURE_KEY)
+            .json(&body),
+    )
+    .await;
+    assert_eq!(no_model.status, 400);
+    let no_key = send(
+        c.post(format!("{base}/openai/v1/chat/completions"))
+            .json(&body),
+    )
+    .await;
+    assert_eq!(no_key.status, 401);
+
+    fake.set_stream_plan(2, Duration::ZERO);
+    let (status, ct, text) = send_text(generate_request(
+        &c, &fake, kind, AZURE_KEY, "my-gpt4o", true,
+    ))
+    .await;
+    assert_eq!(status, 200);
+    assert!(ct.starts_with("text/event-stream"));
+    assert_eq!(sse_data(&text).last().unwrap(), "[DONE]");
+    assert_eq!(delta_texts(kind, &text), chunks(2));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn vertex_generation() {
+    let fake = start().await;
+    let c = client(&fake);
+    let token = vertex_token(&c, &fake).await;
+    let url = |project: &str, version: &str, method: &str| {
+        format!(
+            "{}/{version}/projects/{project}/locations/us-central1/publishers/google/models/gemini-v:{method}",
+            fake.base_url(ProviderKind::Vertex)
+        )
+    };
+    let body = json!({ "contents": [{ "role": "user", "parts": [{ "text": "hi" }] }] });
+
+    for version in ["v1", "v1beta1"] {
+        let ok = send(
+            c.post(url(SA_PROJECT, version, "generateContent"))
+                .bearer_auth(&token)
+                .json(&body),
+        )
+        .await;
+        assert_eq!(ok.status, 200, "{}", ok.body);
+        assert_eq!(ok.body["candidates"][0]["finishReason"], "STOP");
+        assert_eq!(ok.body["modelVersion"], "gemini-v");
+        let r = fake.requests_log().pop().unwrap();
+        assert_eq!(r.model.as_deref(), Some("gemini-v"));
+        assert_eq!(
+            r.key_id,
+            Some(FakeProvider::key_id(&test_service_account_json(
+                SA_EMAIL, SA_PROJECT
+            )))
+        );
+        assert_eq!(r.auth_headers, ["authorization"]);
+    }
+
+    fake.set_stream_plan(3, Duration::ZERO);
+    let (status, ct, text) = send_text(
+        c.post(url(SA_PROJECT, "v1", "streamGenerateContent?alt=sse"))
+            .bearer_auth(&token)
+            .json(&body),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(ct.starts_with("text/event-stream"));
+    assert_eq!(delta_texts(ProviderKind::Vertex, &text), chunks(3));
+    assert_eq!(fake.streams().pop().unwrap().provider, ProviderKind::Vertex);
+
+    let none = send(c.post(url(SA_PROJECT, "v1", "generateContent")).json(&body)).await;
+    assert_eq!(none.status, 401);
+    assert_eq!(none.body["error"]["status"], "UNAUTHENTICATED");
+    let made_up = send(
+        c.post(url(SA_PROJECT, "v1", "generateContent"))
+            .bearer_auth("ya29.made-up")
+            .json(&body),
+    )
+    .await;
+    assert_eq!(made_up.status, 401);
+    // A Gemini API key is not a Vertex credential.
+    let api_key = send(
+        c.post(url(SA_PROJECT, "v1", "generateContent"))
+            .header("x-goog-api-key", GOOGLE_KEY)
+            .json(&body),
+    )
+    .await;
+    assert_eq!(api_key.status, 401);
+    let elsewhere = send(
+        c.post(url("someone-elses", "v1", "generateContent"))
+            .bearer_auth(&token)
+            .json(&body),
+    )
+    .await;
+    assert_eq!(elsewhere.status, 403);
+    assert_eq!(
+        elsewhere.body["error"]["details"][0]["metadata"]["permission"],
+        "aiplatform.endpoints.predict"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn stream_events_are_spaced_by_the_plan() {
+    let fake = start().await;
+    let c = client(&fake);
+    let interval = Duration::from_millis(60);
+    fake.set_stream_plan(5, interval);
+    for (i, (kind, key)) in KEYED.into_iter().enumerate() {
+        let started = Instant::now();
+        let mut res = generate_request(&c, &fake, kind, key, "m", true)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{kind}");
+        // Each delta arrives on its own: the client sees chunk-0 long before the end.
+        let mut text = String::new();
+        let mut arrivals = Vec::new();
+        while let Some(bytes) = res.chunk().await.unwrap() {
+            text.push_str(std::str::from_utf8(&bytes).unwrap());
+            arrivals.push((Instant::now(), text.matches("chunk-").count()));
+        }
+        assert_eq!(delta_texts(kind, &text), chunks(5), "{kind}");
+        let first = arrivals.iter().find(|(_, n)| *n >= 1).unwrap().0;
+        let last = arrivals.last().unwrap().0;
+        let sent = fake.streams()[i].sent.clone();
+        assert!(
+            last - first >= interval * 4 - Duration::from_millis(5),
+            "{kind}: {:?} sent {:?}",
+            arrivals
+                .iter()
+                .map(|(t, n)| (*t - started, *n))
+                .collect::<Vec<_>>(),
+            sent.iter().map(|t| *t - started).collect::<Vec<_>>()
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+
+        let streams = fake.streams();
+        assert_eq!(streams.len(), i + 1);
+        let s = &streams[i];
+        assert_eq!(s.provider, kind);
+        assert!(s.completed && !s.cancelled, "{kind}: {s:?}");
+        assert_eq!(s.sent.len(), 5);
+        for pair in s.sent.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(
+                gap >= interval - Duration::from_millis(2)
+                    && gap < interval + Duration::from_secs(2),
+                "{kind}: gap {gap:?}"
+            );
+        }
+    }
+    assert_eq!(fake.open_streams(), 0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn client_going_away_cancels_the_stream() {
+    let fake = start().await;
+    let c = client(&fake);
+    fake.set_stream_plan(1000, Duration::from_millis(20));
+    for (i, (kind, key)) in KEYED.into_iter().enumerate() {
+        let mut res = generate_request(&c, &fake, kind, key, "m", true)
+            .send()
+            .await
+            .unwrap();
+        let mut text = String::new();
+        while !text.contains("chunk-1") {
+            let bytes = res.chunk().await.unwrap().expect("more of the stream");
+            text.push_str(std::str::from_utf8(&bytes).unwrap());
+        }
+        assert_eq!(fake.open_streams(), 1, "{kind}");
+        drop(res);
+        eventually("the stream to be cancelled", || {
+            fake.streams().get(i).is_some_and(|s| s.cancelled)
+        })
+        .await;
+        let s = &fake.streams()[i];
+        assert!(!s.completed, "{kind}");
+        assert!(
+            s.sent.len() >= 2 && s.sent.len() < 1000,
+            "{kind}: {}",
+            s.sent.len()
+        );
+        assert_eq!(fake.open_streams(), 0, "{kind}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modes_apply_to_generation_too() {
+    let fake = start().await;
+    let c = client(&fake);
+    for mode in [
+        FakeMode::Unauthorized,
+        FakeMode::GeminiKeyInvalid,
+        FakeMode::RateLimited,
+        FakeMode::InsufficientQuota,
+        FakeMode::ServerError,
+        FakeMode::Overloaded,
+    ] {
+        fake.set_mode(mode);
+        for stream in [false, true] {
+            for (kind, key) in KEYED {
+                let (status, token, retry_after) = expected(kind, mode);
+                let a = send(generate_request(&c, &fake, kind, key, "m", stream)).await;
+                assert_eq!(a.status, status, "{kind} {mode:?}: {}", a.body);
+                assert_eq!(error_token(kind, &a.body), token, "{kind} {mode:?}");
+                assert_eq!(
+                    a.headers.get("retry-after").map(|v| v.to_str().unwrap()),
+                    retry_after.then_some("1"),
+                    "{kind} {mode:?}"
+                );
+            }
+        }
+    }
+    assert!(fake.streams().is_empty(), "no stream was started");
+
+    let delay = Duration::from_millis(100);
+    fake.set_mode(FakeMode::Slow(delay));
+    for (kind, key) in KEYED {
+        let started = Instant::now();
+        let a = send(generate_request(&c, &fake, kind, key, "m", false)).await;
+        assert_eq!(a.status, 200, "{kind}");
+        assert!(started.elapsed() >= delay);
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn large_bodies_and_recording_off() {
+    let fake = start().await;
+    let c = client(&fake);
+    let big = "x".repeat(65 << 20);
+    let body = format!(r#"{{"model":"gpt-big","messages":[{{"role":"user","content":"{big}"}}]}}"#);
+    let len = body.len() as u64;
+    let a = send(
+        c.post(format!(
+            "{}/chat/completions",
+            fake.base_url(ProviderKind::OpenAI)
+        ))
+        .bearer_auth(OPENAI_KEY)
+        .header("content-type", "application/json")
+        .body(body),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    let r = fake.requests_log().pop().unwrap();
+    assert_eq!(r.body_bytes, len);
+    assert_eq!(r.model.as_deref(), Some("gpt-big"));
+
+    fake.set_recording(false);
+    let before = fake.requests_log().len();
+    for stream in [false, true] {
+        let a = send(generate_request(
+            &c,
+            &fake,
+            ProviderKind::OpenAI,
+            OPENAI_KEY,
+            "m",
+            stream,
+        ))
+        .await;
+        assert_eq!(a.status, 200);
+    }
+    assert_eq!(fake.requests_log().len(), before);
+    assert!(fake.streams().is_empty());
+    assert_eq!(fake.total_requests(), 3, "still counted");
+    assert_eq!(fake.open_streams(), 0);
+    fake.set_recording(true);
+    send(generate_request(
+        &c,
+        &fake,
+        ProviderKind::OpenAI,
+        OPENAI_KEY,
+        "m",
+        false,
+    ))
+    .await;
+    assert_eq!(fake.requests_log().len(), before + 1);
+}

@@ -16,7 +16,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, Uri, Version};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 
 use super::answers::{Refusal, error_response};
@@ -323,21 +323,7 @@ async fn forward(
         Check::Refuse(refusal) => return Err(refusal),
         Check::Forward => body.map_err(BoxError::from).boxed_unsync(),
         Check::ReadBody => {
-            let cap = shared.max_inspected_body;
-            if body.size_hint().lower() > cap {
-                return Err(Refusal::TooLarge(cap));
-            }
-            let bytes = Limited::new(body, usize::try_from(cap).unwrap_or(usize::MAX))
-                .collect()
-                .await
-                .map_err(|e| {
-                    if e.is::<http_body_util::LengthLimitError>() {
-                        Refusal::TooLarge(cap)
-                    } else {
-                        Refusal::BadRequest("the request body could not be read".into())
-                    }
-                })?
-                .to_bytes();
+            let bytes = read_capped(body, shared.max_inspected_body).await?;
             let (rewritten, model) = live.models.apply(&route.model_at, &bytes)?;
             done.model = model;
             let bytes = match rewritten {
@@ -405,6 +391,38 @@ async fn forward(
             Err(Refusal::Upstream(message))
         }
     }
+}
+
+/// The most a refused oversized body is read (and dropped) so that the client, which is
+/// still sending it, sees the 413 instead of a reset connection.
+const DRAIN_MAX: u64 = 256 * 1024 * 1024;
+
+/// Reads a body of at most `cap` bytes. A larger one is drained (up to [`DRAIN_MAX`]) and
+/// refused with 413.
+async fn read_capped(mut body: Incoming, cap: u64) -> Result<Bytes, Refusal> {
+    if body.size_hint().lower() > DRAIN_MAX {
+        return Err(Refusal::TooLarge(cap));
+    }
+    let mut buf = bytes::BytesMut::new();
+    let mut total: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|_| Refusal::BadRequest("the request body could not be read".into()))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        total += data.len() as u64;
+        if total > DRAIN_MAX {
+            break;
+        }
+        if total <= cap {
+            buf.extend_from_slice(&data);
+        }
+    }
+    if total > cap {
+        return Err(Refusal::TooLarge(cap));
+    }
+    Ok(buf.freeze())
 }
 
 /// An error and its sources on one line (hyper's own message is terse).

@@ -20,6 +20,8 @@ struct State {
     /// Before the first grant: what the broker last said.
     waiting: Option<String>,
     etag: Option<String>,
+    /// Kept after a key is dropped, for the shape of the proxy's own errors.
+    provider: Option<crate::providers::ProviderKind>,
 }
 
 /// A key of the pod, by name, with its local port.
@@ -80,7 +82,7 @@ impl KeySlot {
 
     /// The provider, once known (for the shape of the proxy's own errors).
     pub fn provider(&self) -> Option<crate::providers::ProviderKind> {
-        self.read().live.as_ref().map(|l| l.provider)
+        self.read().provider
     }
 
     pub fn etag(&self) -> Option<String> {
@@ -97,6 +99,7 @@ impl KeySlot {
         let mut s = self.write();
         let before = s.live.as_ref().map(|l| l.key_version);
         s.confirmed_until = Some(now + live.lease);
+        s.provider = Some(live.provider);
         s.live = Some(Arc::new(live));
         s.closed = None;
         s.waiting = None;
@@ -188,6 +191,10 @@ mod tests {
         slot.granted(live(None), None, t0);
         assert!(slot.close("the ProviderKey was deleted".into()));
         assert!(slot.live().is_none());
+        assert_eq!(
+            slot.provider(),
+            Some(crate::providers::ProviderKind::OpenAI)
+        );
         let err = slot.current(t0).expect_err("closed");
         assert!(err.message().contains("deleted"));
         assert_eq!(err.status(), 503);

@@ -1,11 +1,21 @@
-//! OpenAI API and OpenAI-compatible endpoints: `GET {base}/models` with `authorization:
-//! Bearer KEY`. One implementation serves both, under different prefixes.
+//! OpenAI API and OpenAI-compatible endpoints with `authorization: Bearer KEY`: `GET
+//! {base}/models` (verification), `POST {base}/chat/completions`, `POST {base}/responses`
+//! (each plain or `"stream": true`) and `POST {base}/embeddings`. One implementation serves
+//! both, under different prefixes; Azure reuses the chat completion rendering.
+
+use std::sync::Arc;
 
 use actix_web::{HttpRequest, HttpResponse, web};
+use base64::Engine;
 use byok_operator::providers::ProviderKind;
+use serde::Deserialize;
 use serde_json::json;
 
-use super::{FakeMode, Shared, bearer, json_response};
+use super::stream::{self, Events, sse};
+use super::{
+    BodyProbe, FAKE_TEXT, FakeMode, FakeProvider, Shared, bearer, estimate_tokens, json_response,
+    json_str, note_key, note_request, raw_json_response, unix_now,
+};
 
 /// Which of the two providers a scope serves.
 struct Flavor {
@@ -19,6 +29,21 @@ pub(super) fn scope(kind: ProviderKind, prefix: &'static str) -> actix_web::Scop
         .service(
             web::resource("/v1/models")
                 .route(web::get().to(list_models))
+                .default_service(web::to(not_found)),
+        )
+        .service(
+            web::resource("/v1/chat/completions")
+                .route(web::post().to(chat_completions))
+                .default_service(web::to(not_found)),
+        )
+        .service(
+            web::resource("/v1/responses")
+                .route(web::post().to(responses))
+                .default_service(web::to(not_found)),
+        )
+        .service(
+            web::resource("/v1/embeddings")
+                .route(web::post().to(embeddings))
                 .default_service(web::to(not_found)),
         )
         .default_service(web::to(not_found))
@@ -84,7 +109,7 @@ fn with_retry_after(mut res: HttpResponse) -> HttpResponse {
     res
 }
 
-fn mode_error(mode: FakeMode, key: Option<&str>) -> Option<HttpResponse> {
+pub(super) fn mode_error(mode: FakeMode, key: Option<&str>) -> Option<HttpResponse> {
     Some(match mode {
         FakeMode::Normal | FakeMode::Slow(_) => return None,
         FakeMode::Unauthorized | FakeMode::GeminiKeyInvalid => match key {
@@ -156,6 +181,334 @@ async fn list_models(
                 "created": 1721172741,
                 "owned_by": "system",
             }],
+        }),
+    )
+}
+
+/// OpenAI's answer to a body that is not a JSON object.
+pub(super) fn unparsable_body() -> HttpResponse {
+    error(
+        400,
+        "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON. If you have trouble figuring out how to fix this, please contact us through our help center at help.openai.com.)",
+        "invalid_request_error",
+        None,
+    )
+}
+
+/// OpenAI's answer to a body without `model`.
+pub(super) fn missing_model() -> HttpResponse {
+    error(
+        400,
+        "you must provide a model parameter",
+        "invalid_request_error",
+        None,
+    )
+}
+
+/// Mode, key and body checks shared by the generation endpoints: (model, stream), or the
+/// answer to send.
+async fn check_generation(
+    req: &HttpRequest,
+    shared: &Shared,
+    kind: ProviderKind,
+    body: &[u8],
+) -> Result<(String, bool), HttpResponse> {
+    let probe = BodyProbe::parse(body);
+    let model = probe.as_ref().and_then(BodyProbe::model);
+    let streamed = probe.as_ref().is_some_and(BodyProbe::stream);
+    note_request(shared, req, model, body.len(), streamed);
+    let key = bearer(req);
+    if let Some(res) = shared.apply_mode(kind, |mode| mode_error(mode, key)).await {
+        return Err(res);
+    }
+    let Some(key) = key else {
+        return Err(missing_key());
+    };
+    if !shared.key_is_valid(kind, key) {
+        return Err(invalid_key(key));
+    }
+    note_key(shared, req, || FakeProvider::key_id(key));
+    let Some(probe) = &probe else {
+        return Err(unparsable_body());
+    };
+    let Some(model) = probe.model() else {
+        return Err(missing_model());
+    };
+    Ok((model.to_owned(), streamed))
+}
+
+/// A chat completion (plain or streamed) for `model`: OpenAI's shapes, shared with Azure.
+pub(super) fn chat_completion(
+    shared: &Arc<Shared>,
+    kind: ProviderKind,
+    path: &str,
+    model: &str,
+    body_len: usize,
+    streamed: bool,
+) -> HttpResponse {
+    let id = format!("chatcmpl-fake{:016x}", shared.next_id());
+    let model = json_str(model);
+    let created = unix_now();
+    let prompt = estimate_tokens(body_len);
+    if !streamed {
+        return raw_json_response(
+            200,
+            format!(
+                r#"{{"id":"{id}","object":"chat.completion","created":{created},"model":{model},"choices":[{{"index":0,"message":{{"role":"assistant","content":"{FAKE_TEXT}","refusal":null,"annotations":[]}},"logprobs":null,"finish_reason":"stop"}}],"usage":{{"prompt_tokens":{prompt},"completion_tokens":8,"total_tokens":{}}},"system_fingerprint":"fp_fake"}}"#,
+                prompt + 8
+            ),
+        );
+    }
+    let (count, interval) = shared.stream_plan();
+    let chunk = |delta: &str, finish: &str| {
+        sse(
+            None,
+            &format!(
+                r#"{{"id":"{id}","object":"chat.completion.chunk","created":{created},"model":{model},"system_fingerprint":"fp_fake","choices":[{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":{finish}}}]}}"#
+            ),
+        )
+    };
+    let before = vec![chunk(
+        r#"{"role":"assistant","content":"","refusal":null}"#,
+        "null",
+    )];
+    let after = vec![chunk("{}", r#""stop""#), sse(None, "[DONE]")];
+    let events = Events::new(
+        before,
+        count,
+        |i| chunk(&format!(r#"{{"content":"chunk-{i}"}}"#), "null"),
+        after,
+    );
+    stream::respond(
+        shared,
+        kind,
+        path,
+        "text/event-stream; charset=utf-8",
+        events,
+        interval,
+    )
+}
+
+async fn chat_completions(
+    req: HttpRequest,
+    shared: web::Data<Shared>,
+    flavor: web::Data<Flavor>,
+    body: web::Bytes,
+) -> HttpResponse {
+    match check_generation(&req, &shared, flavor.kind, &body).await {
+        Ok((model, streamed)) => chat_completion(
+            &shared.into_inner(),
+            flavor.kind,
+            req.path(),
+            &model,
+            body.len(),
+            streamed,
+        ),
+        Err(res) => res,
+    }
+}
+
+async fn responses(
+    req: HttpRequest,
+    shared: web::Data<Shared>,
+    flavor: web::Data<Flavor>,
+    body: web::Bytes,
+) -> HttpResponse {
+    let (model, streamed) = match check_generation(&req, &shared, flavor.kind, &body).await {
+        Ok(ok) => ok,
+        Err(res) => return res,
+    };
+    let n = shared.next_id();
+    let id = format!("resp_fake{n:016x}");
+    let item_id = format!("msg_fake{n:016x}");
+    let model = json_str(&model);
+    let created = unix_now();
+    let input = estimate_tokens(body.len());
+    // A Response object; `text` is the output text (already JSON), or `None` for none yet.
+    let response = |status: &str, text: Option<&str>, output_tokens: usize| {
+        let output = match text {
+            Some(text) => format!(
+                r#"[{{"id":"{item_id}","type":"message","status":"completed","role":"assistant","content":[{{"type":"output_text","text":{text},"annotations":[],"logprobs":[]}}]}}]"#
+            ),
+            None => "[]".to_owned(),
+        };
+        let usage = if text.is_some() {
+            format!(
+                r#"{{"input_tokens":{input},"input_tokens_details":{{"cached_tokens":0}},"output_tokens":{output_tokens},"output_tokens_details":{{"reasoning_tokens":0}},"total_tokens":{}}}"#,
+                input + output_tokens as u64
+            )
+        } else {
+            "null".to_owned()
+        };
+        format!(
+            r#"{{"id":"{id}","object":"response","created_at":{created},"status":"{status}","error":null,"incomplete_details":null,"model":{model},"output":{output},"parallel_tool_calls":true,"tool_choice":"auto","tools":[],"usage":{usage}}}"#
+        )
+    };
+    if !streamed {
+        return raw_json_response(200, response("completed", Some(&json_str(FAKE_TEXT)), 8));
+    }
+    let (count, interval) = shared.stream_plan();
+    let full_text = json_str(&(0..count).map(|i| format!("chunk-{i}")).collect::<String>());
+    // sequence_number: the framing before the deltas is 0..=3, delta i is 4 + i.
+    let event = |name: &str, seq: usize, rest: &str| {
+        sse(
+            Some(name),
+            &format!(r#"{{"type":"{name}","sequence_number":{seq},{rest}}}"#),
+        )
+    };
+    let in_progress = response("in_progress", None, 0);
+    let item = |status: &str, content: &str| {
+        format!(
+            r#"{{"id":"{item_id}","type":"message","status":"{status}","role":"assistant","content":{content}}}"#
+        )
+    };
+    let part = |text: &str| format!(r#"{{"type":"output_text","text":{text},"annotations":[]}}"#);
+    let empty_text = json_str("");
+    let before = vec![
+        event(
+            "response.created",
+            0,
+            &format!(r#""response":{in_progress}"#),
+        ),
+        event(
+            "response.in_progress",
+            1,
+            &format!(r#""response":{in_progress}"#),
+        ),
+        event(
+            "response.output_item.added",
+            2,
+            &format!(r#""output_index":0,"item":{}"#, item("in_progress", "[]")),
+        ),
+        event(
+            "response.content_part.added",
+            3,
+            &format!(
+                r#""item_id":"{item_id}","output_index":0,"content_index":0,"part":{}"#,
+                part(&empty_text)
+            ),
+        ),
+    ];
+    let done = 4 + count;
+    let after = vec![
+        event(
+            "response.output_text.done",
+            done,
+            &format!(
+                r#""item_id":"{item_id}","output_index":0,"content_index":0,"text":{full_text}"#
+            ),
+        ),
+        event(
+            "response.content_part.done",
+            done + 1,
+            &format!(
+                r#""item_id":"{item_id}","output_index":0,"content_index":0,"part":{}"#,
+                part(&full_text)
+            ),
+        ),
+        event(
+            "response.output_item.done",
+            done + 2,
+            &format!(
+                r#""output_index":0,"item":{}"#,
+                item("completed", &format!("[{}]", part(&full_text)))
+            ),
+        ),
+        event(
+            "response.completed",
+            done + 3,
+            &format!(
+                r#""response":{}"#,
+                response("completed", Some(&full_text), count)
+            ),
+        ),
+    ];
+    let events = Events::new(
+        before,
+        count,
+        |i| {
+            event(
+                "response.output_text.delta",
+                4 + i,
+                &format!(
+                    r#""item_id":"{item_id}","output_index":0,"content_index":0,"delta":"chunk-{i}","logprobs":[]"#
+                ),
+            )
+        },
+        after,
+    );
+    stream::respond(
+        &shared.into_inner(),
+        flavor.kind,
+        req.path(),
+        "text/event-stream; charset=utf-8",
+        events,
+        interval,
+    )
+}
+
+#[derive(Deserialize)]
+struct EmbeddingsRequest {
+    #[serde(default)]
+    input: Option<serde_json::Value>,
+    #[serde(default)]
+    dimensions: Option<u32>,
+    #[serde(default)]
+    encoding_format: Option<String>,
+}
+
+async fn embeddings(
+    req: HttpRequest,
+    shared: web::Data<Shared>,
+    flavor: web::Data<Flavor>,
+    body: web::Bytes,
+) -> HttpResponse {
+    let (model, _) = match check_generation(&req, &shared, flavor.kind, &body).await {
+        Ok(ok) => ok,
+        Err(res) => return res,
+    };
+    let Ok(request) = serde_json::from_slice::<EmbeddingsRequest>(&body) else {
+        return unparsable_body();
+    };
+    let inputs = match &request.input {
+        Some(serde_json::Value::String(_)) => 1,
+        Some(serde_json::Value::Array(items)) if !items.is_empty() => {
+            // An array of strings is a batch; an array of token ids is one input.
+            if items.iter().all(serde_json::Value::is_number) {
+                1
+            } else {
+                items.len()
+            }
+        }
+        _ => {
+            return error(
+                400,
+                "'input' is a required property",
+                "invalid_request_error",
+                None,
+            );
+        }
+    };
+    let dims = request.dimensions.unwrap_or(8).clamp(1, 4096) as usize;
+    // A fixed unit vector along the first axis.
+    let vector: Vec<f32> = (0..dims).map(|i| if i == 0 { 1.0 } else { 0.0 }).collect();
+    let embedding = if request.encoding_format.as_deref() == Some("base64") {
+        let bytes: Vec<u8> = vector.iter().flat_map(|f| f.to_le_bytes()).collect();
+        json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+    } else {
+        json!(vector)
+    };
+    let data: Vec<serde_json::Value> = (0..inputs)
+        .map(|index| json!({ "object": "embedding", "index": index, "embedding": embedding }))
+        .collect();
+    let tokens = estimate_tokens(body.len());
+    json_response(
+        200,
+        json!({
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
         }),
     )
 }

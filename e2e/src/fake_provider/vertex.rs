@@ -1,5 +1,8 @@
-//! Vertex AI: the OAuth 2.0 JWT-bearer token endpoint (`POST /vertex-token/token`) and the
-//! aiplatform models list (`GET /vertex/v1/projects/{project}/locations/{location}/models`).
+//! Vertex AI: the OAuth 2.0 JWT-bearer token endpoint (`POST /vertex-token/token`), the
+//! aiplatform models list (`GET /vertex/v1/projects/{project}/locations/{location}/models`),
+//! and Gemini on Vertex (`POST /vertex/{v1|v1beta1}/projects/{project}/locations/{location}/
+//! publishers/google/models/{model}:{generateContent|streamGenerateContent|countTokens}`),
+//! each with a bearer access token the token endpoint issued.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -14,8 +17,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    FakeMode, IssuedToken, ServiceAccount, Shared, VERTEX_TOKEN_PATH, bearer, google, header,
-    json_response, lock, random_alnum,
+    FakeMode, FakeProvider, IssuedToken, ServiceAccount, Shared, VERTEX_TOKEN_PATH, bearer, google,
+    header, json_response, lock, note_key, note_request, random_alnum,
 };
 
 const KIND: ProviderKind = ProviderKind::Vertex;
@@ -76,6 +79,7 @@ pub(super) fn parse_service_account_json(json: &str) -> anyhow::Result<(String, 
             public_key,
             key_id: sa.private_key_id,
             project: sa.project_id,
+            credential_id: FakeProvider::key_id(json),
         },
     ))
 }
@@ -252,13 +256,14 @@ async fn token_endpoint(
         );
     };
     match verify_assertion(&shared, assertion) {
-        Ok(client_email) => {
+        Ok((client_email, credential_id)) => {
             let token = format!("ya29.fake-{}", random_alnum(40));
             lock(&shared.tokens).insert(
                 token.clone(),
                 IssuedToken {
                     client_email,
                     expires: Instant::now() + TOKEN_LIFETIME,
+                    credential_id,
                 },
             );
             let mut res = json_response(
@@ -313,8 +318,9 @@ impl AssertionError {
     }
 }
 
-/// Checks a JWT-bearer assertion as Google's token endpoint does; returns its `iss`.
-fn verify_assertion(shared: &Shared, jwt: &str) -> Result<String, AssertionError> {
+/// Checks a JWT-bearer assertion as Google's token endpoint does; returns its `iss` and the
+/// account's `credential_id`.
+fn verify_assertion(shared: &Shared, jwt: &str) -> Result<(String, String), AssertionError> {
     use AssertionError::*;
     let mut parts = jwt.split('.');
     let (Some(h64), Some(c64), Some(s64), None) =
@@ -372,7 +378,7 @@ fn verify_assertion(shared: &Shared, jwt: &str) -> Result<String, AssertionError
     if !scope_ok {
         return Err(Scope);
     }
-    Ok(iss.to_owned())
+    Ok((iss.to_owned(), account.credential_id))
 }
 
 // ---- aiplatform ----
@@ -383,6 +389,13 @@ pub(super) fn scope() -> actix_web::Scope {
             web::resource("/v1/projects/{project}/locations/{location}/models")
                 .route(web::get().to(list_models))
                 .default_service(web::to(google::not_found)),
+        )
+        .service(
+            web::resource(
+                "/{version}/projects/{project}/locations/{location}/publishers/google/models/{model_method}",
+            )
+            .route(web::post().to(model_method))
+            .default_service(web::to(google::not_found)),
         )
         .default_service(web::to(google::not_found))
 }
@@ -403,41 +416,95 @@ async fn list_models(
         return res;
     }
     let (project, location) = path.into_inner();
-    let Some(token) = bearer(&req) else {
-        return google::error(
-            401,
-            "UNAUTHENTICATED",
-            "Request is missing required authentication credential. Expected OAuth 2 access token, login cookie or other valid authentication credential. See https://developers.google.com/identity/sign-in/web/devconsole-project.",
-            None,
-        );
-    };
-    let issued = lock(&shared.tokens).get(token).cloned();
-    let Some(issued) = issued.filter(|t| t.expires > Instant::now()) else {
-        return google::unauthenticated();
-    };
-    let account = lock(&shared.accounts).get(&issued.client_email).cloned();
-    let Some(account) = account else {
-        return google::unauthenticated();
-    };
-    if account.project.as_ref().is_some_and(|p| *p != project) {
-        return google::error(
-            403,
-            "PERMISSION_DENIED",
-            &format!(
-                "Permission 'aiplatform.models.list' denied on resource '//aiplatform.googleapis.com/projects/{project}/locations/{location}' (or it may not exist)."
-            ),
-            Some(json!([{
-                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
-                "reason": "IAM_PERMISSION_DENIED",
-                "domain": "aiplatform.googleapis.com",
-                "metadata": { "permission": "aiplatform.models.list" },
-            }])),
-        );
+    if let Err(res) = authenticate(&req, &shared, &project, "aiplatform.models.list", || {
+        format!("projects/{project}/locations/{location}")
+    }) {
+        return *res;
     }
     if let Some(res) = google::check_page_size(&req) {
         return res;
     }
     json_response(200, json!({ "models": [] }))
+}
+
+/// The bearer-token check of the aiplatform endpoints: the token's account's
+/// `credential_id`, or the 401 (no, unknown or expired token) or 403 (a project other than
+/// the account's, naming `permission` on `resource()`) to send.
+fn authenticate(
+    req: &HttpRequest,
+    shared: &Shared,
+    project: &str,
+    permission: &str,
+    resource: impl FnOnce() -> String,
+) -> Result<String, Box<HttpResponse>> {
+    let Some(token) = bearer(req) else {
+        return Err(Box::new(google::error(
+            401,
+            "UNAUTHENTICATED",
+            "Request is missing required authentication credential. Expected OAuth 2 access token, login cookie or other valid authentication credential. See https://developers.google.com/identity/sign-in/web/devconsole-project.",
+            None,
+        )));
+    };
+    let issued = lock(&shared.tokens).get(token).cloned();
+    let Some(issued) = issued.filter(|t| t.expires > Instant::now()) else {
+        return Err(Box::new(google::unauthenticated()));
+    };
+    let account = lock(&shared.accounts).get(&issued.client_email).cloned();
+    let Some(account) = account else {
+        return Err(Box::new(google::unauthenticated()));
+    };
+    if account.project.as_ref().is_some_and(|p| p != project) {
+        return Err(Box::new(google::error(
+            403,
+            "PERMISSION_DENIED",
+            &format!(
+                "Permission '{permission}' denied on resource '//aiplatform.googleapis.com/{}' (or it may not exist).",
+                resource()
+            ),
+            Some(json!([{
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": "IAM_PERMISSION_DENIED",
+                "domain": "aiplatform.googleapis.com",
+                "metadata": { "permission": permission },
+            }])),
+        )));
+    }
+    Ok(issued.credential_id)
+}
+
+async fn model_method(
+    req: HttpRequest,
+    shared: web::Data<Shared>,
+    path: web::Path<(String, String, String, String)>,
+    body: web::Bytes,
+) -> HttpResponse {
+    let (version, project, location, model_method) = path.into_inner();
+    let Some((model, method)) = google::split_model_method(&model_method)
+        .filter(|(_, m)| *m != google::Method::EmbedContent)
+        .filter(|_| version == "v1" || version == "v1beta1")
+    else {
+        return google::not_found().await;
+    };
+    let streamed = method == google::Method::StreamGenerateContent;
+    note_request(&shared, &req, Some(model), body.len(), streamed);
+    if let Some(res) = shared.apply_mode(KIND, models_mode_error).await {
+        return res;
+    }
+    let credential_id = match authenticate(
+        &req,
+        &shared,
+        &project,
+        "aiplatform.endpoints.predict",
+        || format!("projects/{project}/locations/{location}/publishers/google/models/{model}"),
+    ) {
+        Ok(id) => id,
+        Err(res) => return *res,
+    };
+    note_key(&shared, &req, || credential_id);
+    if !google::is_json_object(&body) {
+        return google::invalid_json();
+    }
+    google::answer(&shared.into_inner(), KIND, &req, model, method, body.len())
 }
 
 #[cfg(test)]

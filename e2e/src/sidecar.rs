@@ -1,0 +1,231 @@
+//! The real `byok-operator proxy` binary, started exactly as the webhook's sidecar container
+//! says: its args and env from the admitted pod, with only the addresses a test process
+//! must change (the broker URL, the admin and key ports, the token file) replaced.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use k8s_openapi::api::core::v1::{Container, Pod};
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
+
+use crate::envtest::TestEnv;
+use crate::operator::{free_port, operator_binary};
+use crate::serving::{ServingOperator, pod_token};
+
+/// A running sidecar proxy process.
+pub struct Sidecar {
+    child: Child,
+    /// Key name -> loopback port.
+    pub ports: BTreeMap<String, u16>,
+    pub admin_port: u16,
+    output: Arc<Mutex<Vec<u8>>>,
+    token_file: std::path::PathBuf,
+}
+
+/// The injected sidecar container of an admitted pod.
+pub fn sidecar_container(pod: &Pod) -> anyhow::Result<Container> {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.init_containers.as_ref())
+        .and_then(|c| {
+            c.iter()
+                .find(|c| c.name == byok_operator::webhook::patch::SIDECAR_NAME)
+        })
+        .cloned()
+        .context("the pod has no byok-proxy sidecar")
+}
+
+impl Sidecar {
+    /// Starts the sidecar of `pod` (admitted through `op`'s webhook), with a real
+    /// TokenRequest token for `service_account` bound to the pod, audience byok.dev.
+    pub async fn start(
+        env: &TestEnv,
+        op: &ServingOperator,
+        pod: &Pod,
+        service_account: &str,
+    ) -> anyhow::Result<Sidecar> {
+        let token = pod_token(
+            env,
+            service_account,
+            pod,
+            byok_operator::names::TOKEN_AUDIENCE,
+        )
+        .await?;
+        Self::start_with_token(op, pod, &token, &[]).await
+    }
+
+    /// As [`Sidecar::start`] with a token of the caller's and extra arguments.
+    pub async fn start_with_token(
+        op: &ServingOperator,
+        pod: &Pod,
+        token: &str,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Sidecar> {
+        let container = sidecar_container(pod)?;
+        let token_file = std::env::temp_dir().join(format!(
+            "byok-token-{}-{}",
+            std::process::id(),
+            crate::operator::random_key("t")
+        ));
+        std::fs::write(&token_file, token)?;
+
+        let mut ports = BTreeMap::new();
+        let admin_port = free_port()?;
+        let mut args = Vec::new();
+        for arg in container.args.iter().flatten() {
+            if let Some(key) = arg.strip_prefix("--key=") {
+                let (name, _) = key.split_once('=').context("--key without a port")?;
+                let port = free_port()?;
+                ports.insert(name.to_owned(), port);
+                args.push(format!("--key={name}={port}"));
+            } else if arg.starts_with("--broker-url=") {
+                args.push(format!("--broker-url={}", op.broker_url()));
+            } else if arg.starts_with("--admin-addr=") {
+                args.push(format!("--admin-addr=127.0.0.1:{admin_port}"));
+            } else {
+                args.push(arg.clone());
+            }
+        }
+        args.extend(extra_args.iter().map(|a| (*a).to_owned()));
+        let mut cmd = Command::new(operator_binary()?);
+        cmd.args(&args)
+            .env_clear()
+            .env("BYOK_TOKEN_FILE", &token_file)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let meta = &pod.metadata;
+        for var in container.env.iter().flatten() {
+            let value = match (&var.value, &var.value_from) {
+                (Some(v), _) => v.clone(),
+                (None, Some(from)) => {
+                    match from.field_ref.as_ref().map(|f| f.field_path.as_str()) {
+                        Some("metadata.name") => meta.name.clone().unwrap_or_default(),
+                        Some("metadata.namespace") => meta.namespace.clone().unwrap_or_default(),
+                        other => anyhow::bail!("the sidecar env {} reads {other:?}", var.name),
+                    }
+                }
+                (None, None) => String::new(),
+            };
+            cmd.env(&var.name, value);
+        }
+        let mut child = cmd.spawn().context("starting byok-operator proxy")?;
+        let output = Arc::new(Mutex::new(Vec::new()));
+        for pipe in [
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let output = output.clone();
+            tokio::spawn(async move {
+                let mut pipe = pipe;
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = pipe.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    output
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+        Ok(Sidecar {
+            child,
+            ports,
+            admin_port,
+            output,
+            token_file,
+        })
+    }
+
+    /// `http://127.0.0.1:PORT` of a key.
+    pub fn url(&self, key: &str) -> String {
+        format!(
+            "http://127.0.0.1:{}",
+            self.ports.get(key).copied().unwrap_or(0)
+        )
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    /// Everything the process wrote to stdout and stderr so far.
+    pub fn output(&self) -> String {
+        String::from_utf8_lossy(&self.output.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+    }
+
+    /// Polls `/readyz` until 200 or `within` passes.
+    pub async fn wait_ready(&mut self, within: Duration) -> anyhow::Result<Duration> {
+        let start = tokio::time::Instant::now();
+        let client = reqwest::Client::new();
+        let mut last = String::new();
+        while start.elapsed() < within {
+            if let Some(status) = self.child.try_wait()? {
+                anyhow::bail!("the proxy exited ({status}): {}", self.output());
+            }
+            match client.get(self.admin_url("/readyz")).send().await {
+                Ok(r) if r.status() == 200 => return Ok(start.elapsed()),
+                Ok(r) => last = r.text().await.unwrap_or_default(),
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        anyhow::bail!(
+            "the proxy was not ready within {within:?}: {last}\n{}",
+            self.output()
+        )
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) -> anyhow::Result<()> {
+        let pid = self.child.id().context("the proxy has exited")?;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        Ok(())
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait_exit(
+        &mut self,
+        within: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .context("the proxy did not exit")?
+            .map_err(Into::into)
+    }
+
+    /// Replaces the token file (the kubelet rotating the projected token).
+    pub fn write_token(&self, token: &str) -> anyhow::Result<()> {
+        std::fs::write(&self.token_file, token)?;
+        Ok(())
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.token_file);
+    }
+}

@@ -1,0 +1,655 @@
+//! The sidecar proxy, end to end: the real `byok-operator proxy` binary started exactly as the
+//! webhook's sidecar container says (args and env from the admitted pod; only the broker
+//! address, the ports and the token file are the test's), with a real TokenRequest token,
+//! against the operator's broker and the fake provider speaking each provider's protocol.
+
+use std::time::Duration;
+
+use byok_e2e::envtest::TestEnv;
+use byok_e2e::fake_provider::{FakeProvider, FakeProviderConfig, test_service_account_json};
+use byok_e2e::operator::*;
+use byok_e2e::serving::{ServingOperator, opted_in_pod, ready_anthropic};
+use byok_e2e::sidecar::Sidecar;
+use byok_operator::providers::ProviderKind;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, PostParams};
+use serde_json::json;
+use tokio::time::Instant;
+
+/// Start-up includes the broker's caches seeing the new pod.
+const READY_WAIT: Duration = Duration::from_secs(30);
+/// DESIGN.md: a new keyVersion is used, and a revocation answered, within 10 s.
+const CHANGE_WAIT: Duration = Duration::from_secs(10);
+/// What a client sends to get past SDK checks; the proxy must never forward it.
+const CLIENT_SECRET: &str = "client-held-secret-0123456789";
+
+async fn create_pod(env: &TestEnv, pod: &Pod) -> anyhow::Result<Pod> {
+    Ok(env.api::<Pod>().create(&PostParams::default(), pod).await?)
+}
+
+/// A client request with every credential header an SDK might send.
+fn with_client_credentials(req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    req.header("authorization", format!("Bearer {CLIENT_SECRET}"))
+        .header("x-api-key", CLIENT_SECRET)
+        .header("api-key", CLIENT_SECRET)
+        .header("x-goog-api-key", CLIENT_SECRET)
+        .header("proxy-authorization", format!("Basic {CLIENT_SECRET}"))
+}
+
+fn anthropic_message(model: Option<&str>, stream: bool) -> serde_json::Value {
+    let mut body = json!({
+        "max_tokens": 32,
+        "messages": [{"role": "user", "content": "hello"}],
+        "stream": stream,
+    });
+    if let Some(m) = model {
+        body["model"] = json!(m);
+    }
+    body
+}
+
+/// Puts a key-source Secret and a ProviderKey, and waits for Ready.
+async fn ready_key(
+    env: &TestEnv,
+    name: &str,
+    key: &str,
+    spec: serde_json::Value,
+) -> anyhow::Result<()> {
+    let source = format!("{name}-raw");
+    put_secret(env, &source, &[("api-key", key)]).await?;
+    let mut spec = spec;
+    spec["secretRef"] = json!({"name": source});
+    create_pk(env, name, spec).await?;
+    wait_pk(env, name, "Ready", |pk| {
+        is_condition(pk, "Ready", "True", "Valid")
+    })
+    .await?;
+    Ok(())
+}
+
+/// The proxy's logs and metrics hold none of `secrets`.
+async fn assert_nothing_leaked(sidecar: &Sidecar, secrets: &[&str]) -> anyhow::Result<()> {
+    let metrics = reqwest::get(sidecar.admin_url("/metrics"))
+        .await?
+        .text()
+        .await?;
+    let output = sidecar.output();
+    assert!(
+        output.contains("byok_proxy::access"),
+        "access log lines: {output}"
+    );
+    for secret in secrets {
+        assert!(!output.contains(secret), "the proxy's output holds a key");
+        assert!(!metrics.contains(secret), "the proxy's metrics hold a key");
+    }
+    Ok(())
+}
+
+/// Each of the six providers gets its own auth header with the real key, never the
+/// client's; the SDKs' paths map onto the verified base URL; Gemini's `?key=` goes; only the
+/// fake provider's origin is ever dialled.
+#[tokio::test]
+async fn six_providers_get_their_own_auth_and_never_the_clients() -> anyhow::Result<()> {
+    let env = TestEnv::new("proxy-six").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let decoy = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let op = ServingOperator::start(&env, &fake).await?;
+
+    let keys: Vec<(ProviderKind, &str, String)> = vec![
+        (ProviderKind::Anthropic, "claude", random_key("sk-ant-")),
+        (ProviderKind::OpenAI, "gpt", random_key("sk-proj-")),
+        (
+            ProviderKind::OpenAICompatible,
+            "compat",
+            random_key("sk-c-"),
+        ),
+        (ProviderKind::Google, "gemini", random_key("AIza")),
+        (ProviderKind::Azure, "azure", random_key("az")),
+    ];
+    for (kind, name, key) in &keys {
+        fake.add_valid_key(*kind, key);
+        let spec = match kind {
+            ProviderKind::Azure | ProviderKind::OpenAICompatible => {
+                json!({"provider": kind.to_string(), "baseURL": fake.base_url(*kind)})
+            }
+            _ => json!({"provider": kind.to_string()}),
+        };
+        ready_key(&env, name, key, spec).await?;
+    }
+    let sa_json =
+        test_service_account_json("byok@demo-project.iam.gserviceaccount.com", "demo-project");
+    fake.add_service_account_json(&sa_json)?;
+    ready_key(
+        &env,
+        "vertex",
+        &sa_json,
+        json!({"provider": "vertex", "vertex": {"location": "us-central1"}}),
+    )
+    .await?;
+
+    let pod = create_pod(
+        &env,
+        &opted_in_pod(
+            "six-",
+            &["claude", "gpt", "compat", "gemini", "azure", "vertex"],
+        ),
+    )
+    .await?;
+    let mut sidecar = Sidecar::start(&env, &op, &pod, "default").await?;
+    let ready_in = sidecar.wait_ready(READY_WAIT).await?;
+    eprintln!("six keys ready in {ready_in:?}");
+
+    let http = reqwest::Client::new();
+    let chat = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
+    let gemini = json!({"contents": [{"role": "user", "parts": [{"text": "hi"}]}]});
+    // (key, path the SDK sends, body, the header the provider must get, recorded path)
+    let calls: Vec<(&str, &str, serde_json::Value, &str, &str)> = vec![
+        (
+            "claude",
+            "/v1/messages",
+            anthropic_message(Some("claude-sonnet-4-5"), false),
+            "x-api-key",
+            "/anthropic/v1/messages",
+        ),
+        (
+            "gpt",
+            "/v1/chat/completions",
+            chat.clone(),
+            "authorization",
+            "/openai/v1/chat/completions",
+        ),
+        (
+            "gpt",
+            "/v1/responses",
+            json!({"model": "gpt-4o-mini", "input": "hi"}),
+            "authorization",
+            "/openai/v1/responses",
+        ),
+        (
+            "compat",
+            "/v1/chat/completions",
+            chat.clone(),
+            "authorization",
+            "/compat/v1/chat/completions",
+        ),
+        (
+            "gemini",
+            "/v1beta/models/gemini-2.5-flash:generateContent?key=leaked",
+            gemini.clone(),
+            "x-goog-api-key",
+            "/google/v1beta/models/gemini-2.5-flash:generateContent",
+        ),
+        (
+            "gemini",
+            "/v1/models/gemini-2.5-flash:generateContent",
+            gemini.clone(),
+            "x-goog-api-key",
+            "/google/v1/models/gemini-2.5-flash:generateContent",
+        ),
+        (
+            "azure",
+            "/openai/deployments/gpt-4o/chat/completions",
+            chat.clone(),
+            "api-key",
+            "/azure/openai/deployments/gpt-4o/chat/completions",
+        ),
+        (
+            "vertex",
+            "/v1beta1/projects/demo-project/locations/us-central1/publishers/google/models/gemini-2.5-flash:generateContent",
+            gemini.clone(),
+            "authorization",
+            "/vertex/v1beta1/projects/demo-project/locations/us-central1/publishers/google/models/gemini-2.5-flash:generateContent",
+        ),
+    ];
+    for (key, path, body, header, recorded_path) in &calls {
+        let before = fake.requests_log().len();
+        let res = with_client_credentials(
+            http.post(format!("{}{path}", sidecar.url(key)))
+                .header("anthropic-version", "2023-06-01")
+                // An SDK or an attacker naming another host: the proxy ignores it.
+                .header("host", decoy.addr().to_string()),
+        )
+        .json(body)
+        .send()
+        .await?;
+        let status = res.status().as_u16();
+        let text = res.text().await?;
+        assert_eq!(status, 200, "{key} {path}: {text}");
+        let log = fake.requests_log();
+        let seen = log[before..]
+            .iter()
+            .find(|r| r.path == *recorded_path)
+            .unwrap_or_else(|| {
+                panic!(
+                    "{key}: the fake provider never saw {recorded_path}: {:?}",
+                    &log[before..]
+                )
+            });
+        assert_eq!(
+            seen.auth_headers,
+            vec![header.to_string()],
+            "{key} {path}: only the provider's own header"
+        );
+        assert!(
+            !seen.query_names.iter().any(|q| q == "key"),
+            "{key}: ?key= was forwarded"
+        );
+        if *key == "azure" {
+            assert!(
+                seen.query_names.iter().any(|q| q == "api-version"),
+                "azure: api-version added"
+            );
+        }
+        let expected_key = if *key == "vertex" {
+            None
+        } else {
+            keys.iter()
+                .find(|(_, n, _)| n == key)
+                .map(|(_, _, k)| FakeProvider::key_id(k))
+        };
+        if let Some(id) = expected_key {
+            assert_eq!(
+                seen.key_id.as_deref(),
+                Some(id.as_str()),
+                "{key}: the key used"
+            );
+        } else {
+            assert!(
+                seen.key_id.is_some(),
+                "vertex: authenticated by an access token"
+            );
+        }
+    }
+    assert_eq!(
+        decoy.connections(),
+        0,
+        "a host other than the verified origin was dialled"
+    );
+
+    let mut secrets: Vec<&str> = keys.iter().map(|(_, _, k)| k.as_str()).collect();
+    secrets.push(CLIENT_SECRET);
+    assert_nothing_leaked(&sidecar, &secrets).await?;
+    Ok(())
+}
+
+/// SSE reaches the client event by event, as the provider sends; a client that goes away
+/// cancels the provider's stream.
+#[tokio::test]
+async fn sse_arrives_event_by_event_and_a_disconnect_cancels_upstream() -> anyhow::Result<()> {
+    let env = TestEnv::new("proxy-sse").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let op = ServingOperator::start(&env, &fake).await?;
+    let key = random_key("sk-ant-");
+    ready_anthropic(&env, &fake, "claude", &key, json!({})).await?;
+    let pod = create_pod(&env, &opted_in_pod("sse-", &["claude"])).await?;
+    let mut sidecar = Sidecar::start(&env, &op, &pod, "default").await?;
+    sidecar.wait_ready(READY_WAIT).await?;
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/messages", sidecar.url("claude"));
+
+    const EVENTS: usize = 6;
+    const INTERVAL: Duration = Duration::from_millis(250);
+    fake.set_stream_plan(EVENTS, INTERVAL);
+    let mut res = http
+        .post(&url)
+        .header("anthropic-version", "2023-06-01")
+        .json(&anthropic_message(Some("claude-sonnet-4-5"), true))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 200);
+    assert!(
+        res.headers()["content-type"]
+            .to_str()?
+            .starts_with("text/event-stream")
+    );
+    let mut seen = String::new();
+    let mut arrived: Vec<Instant> = Vec::new();
+    while let Some(chunk) = res.chunk().await? {
+        let at = Instant::now();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+        while seen.contains(&format!("chunk-{}", arrived.len())) {
+            arrived.push(at);
+        }
+    }
+    assert_eq!(arrived.len(), EVENTS, "every delta arrived: {seen}");
+    assert!(seen.contains("message_stop"), "the stream ended properly");
+    let record = fake
+        .streams()
+        .into_iter()
+        .rev()
+        .find(|s| s.completed)
+        .expect("the fake's stream record");
+    assert_eq!(record.sent.len(), EVENTS);
+    for (i, (sent, got)) in record.sent.iter().zip(&arrived).enumerate() {
+        let sent = Instant::from_std(*sent);
+        let delay = got.saturating_duration_since(sent);
+        // Generous: the machine is shared. Buffering would show as a delay near the whole
+        // stream's length (1.5 s).
+        assert!(
+            delay < Duration::from_millis(200),
+            "event {i} arrived {delay:?} after it was sent"
+        );
+    }
+    assert!(
+        arrived[0] < Instant::from_std(record.sent[EVENTS - 1]),
+        "the first event arrived before the last was sent"
+    );
+
+    // A client that goes away half-way cancels the provider's stream.
+    fake.set_stream_plan(100, Duration::from_millis(100));
+    let streams_before = fake.streams().len();
+    let mut res = http
+        .post(&url)
+        .header("anthropic-version", "2023-06-01")
+        .json(&anthropic_message(Some("claude-sonnet-4-5"), true))
+        .send()
+        .await?;
+    let mut first = String::new();
+    while !first.contains("chunk-0") {
+        let chunk = res.chunk().await?.expect("a first event");
+        first.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    drop(res);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let streams = fake.streams();
+        if let Some(s) = streams.get(streams_before)
+            && s.cancelled
+        {
+            assert!(!s.completed);
+            assert!(s.sent.len() < 100);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the provider's stream was not cancelled: {:?}",
+            streams.get(streams_before)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_nothing_leaked(&sidecar, &[&key]).await?;
+    Ok(())
+}
+
+/// defaultModel fills a request without a model; allowedModels refuses other models and every
+/// endpoint whose model it cannot check, in Anthropic's error shape; an oversized body to
+/// check gets 413; WebSocket upgrades are refused.
+#[tokio::test]
+async fn default_and_allowed_models() -> anyhow::Result<()> {
+    let env = TestEnv::new("proxy-models").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let op = ServingOperator::start(&env, &fake).await?;
+    let key = random_key("sk-ant-");
+    ready_anthropic(
+        &env,
+        &fake,
+        "claude",
+        &key,
+        json!({"defaultModel": "claude-haiku-4-5", "allowedModels": ["claude-haiku-4-5", "claude-sonnet-4-5"]}),
+    )
+    .await?;
+    let pod = create_pod(&env, &opted_in_pod("models-", &["claude"])).await?;
+    let mut sidecar = Sidecar::start(&env, &op, &pod, "default").await?;
+    sidecar.wait_ready(READY_WAIT).await?;
+    let http = reqwest::Client::new();
+    let url = |p: &str| format!("{}{p}", sidecar.url("claude"));
+    let post = |p: &str, body: serde_json::Value| {
+        http.post(url(p))
+            .header("anthropic-version", "2023-06-01")
+            .json(&body)
+            .send()
+    };
+
+    let res = post("/v1/messages", anthropic_message(None, false)).await?;
+    assert_eq!(res.status(), 200, "{}", res.text().await?);
+    let last = fake.requests_log().pop().expect("a request");
+    assert_eq!(
+        last.model.as_deref(),
+        Some("claude-haiku-4-5"),
+        "defaultModel filled in"
+    );
+
+    let res = post(
+        "/v1/messages",
+        anthropic_message(Some("claude-sonnet-4-5"), false),
+    )
+    .await?;
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        fake.requests_log().pop().and_then(|r| r.model).as_deref(),
+        Some("claude-sonnet-4-5")
+    );
+
+    let seen_before = fake.total_requests();
+    let res = post(
+        "/v1/messages",
+        anthropic_message(Some("claude-opus-4-1"), false),
+    )
+    .await?;
+    assert_eq!(res.status(), 403);
+    let body: serde_json::Value = res.json().await?;
+    assert_eq!(body["type"], "error");
+    assert_eq!(body["error"]["type"], "permission_error");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("claude-opus-4-1")
+    );
+
+    // An endpoint whose model cannot be checked.
+    let res = post(
+        "/v1/complete",
+        json!({"model": "claude-haiku-4-5", "prompt": "x"}),
+    )
+    .await?;
+    assert_eq!(res.status(), 403);
+    // A JSON body past the cap (32 MiB).
+    let big = "x".repeat(33 * 1024 * 1024);
+    let res = post(
+        "/v1/messages",
+        json!({"model": "claude-haiku-4-5", "pad": big}),
+    )
+    .await?;
+    assert_eq!(res.status(), 413);
+    let body: serde_json::Value = res.json().await?;
+    assert_eq!(body["error"]["type"], "request_too_large");
+    // A WebSocket upgrade (realtime APIs).
+    let res = http
+        .get(url("/v1/messages"))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .send()
+        .await?;
+    assert_eq!(res.status(), 400);
+    assert!(res.text().await?.contains("WebSocket"));
+    assert_eq!(
+        fake.total_requests(),
+        seen_before,
+        "no refused request reached the provider"
+    );
+
+    // Listing models is served (no model is spent).
+    let res = http
+        .get(url("/v1/models"))
+        .header("anthropic-version", "2023-06-01")
+        .send()
+        .await?;
+    assert_eq!(res.status(), 200);
+    Ok(())
+}
+
+/// A rotated source Secret's key is in use within 10 s with no request failing on the
+/// way; a deleted ProviderKey is answered 503 within 10 s.
+#[tokio::test]
+async fn rotation_fails_no_request_and_revocation_is_quick() -> anyhow::Result<()> {
+    let env = TestEnv::new("proxy-rotate").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let op = ServingOperator::start(&env, &fake).await?;
+    let old = random_key("sk-ant-old-");
+    let new = random_key("sk-ant-new-");
+    ready_anthropic(&env, &fake, "claude", &old, json!({})).await?;
+    let pod = create_pod(&env, &opted_in_pod("rotate-", &["claude"])).await?;
+    let mut sidecar = Sidecar::start(&env, &op, &pod, "default").await?;
+    sidecar.wait_ready(READY_WAIT).await?;
+    let url = format!("{}/v1/messages", sidecar.url("claude"));
+
+    // A steady request loop for the whole rotation.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let looper = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut statuses = Vec::new();
+            while !*stop_rx.borrow() {
+                let status = http
+                    .post(&url)
+                    .header("anthropic-version", "2023-06-01")
+                    .json(&anthropic_message(Some("claude-sonnet-4-5"), false))
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0);
+                statuses.push(status);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            statuses
+        })
+    };
+    fake.add_valid_key(ProviderKind::Anthropic, &new);
+    let rotated_at = Instant::now();
+    put_secret(&env, "claude-raw", &[("api-key", &new)]).await?;
+    let new_id = FakeProvider::key_id(&new);
+    loop {
+        if fake
+            .requests_log()
+            .iter()
+            .any(|r| r.key_id.as_deref() == Some(new_id.as_str()))
+        {
+            break;
+        }
+        assert!(
+            rotated_at.elapsed() < CHANGE_WAIT,
+            "the new key was not used within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "the new key was in use {:?} after the Secret changed",
+        rotated_at.elapsed()
+    );
+    // Some more requests on the new key, then stop.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = stop_tx.send(true);
+    let statuses = looper.await?;
+    assert!(statuses.len() > 20, "the loop ran: {}", statuses.len());
+    let failed: Vec<&u16> = statuses.iter().filter(|s| **s != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "requests failed during the rotation: {failed:?}"
+    );
+    let old_id = FakeProvider::key_id(&old);
+    let last = fake.requests_log().pop().expect("requests");
+    assert_ne!(
+        last.key_id.as_deref(),
+        Some(old_id.as_str()),
+        "the old key is no longer used"
+    );
+
+    // Deleting the ProviderKey: 503 within 10 s.
+    env.api::<byok_operator::crd::ProviderKey>()
+        .delete("claude", &DeleteParams::default())
+        .await?;
+    let deleted_at = Instant::now();
+    let http = reqwest::Client::new();
+    loop {
+        let res = http
+            .post(&url)
+            .header("anthropic-version", "2023-06-01")
+            .json(&anthropic_message(Some("claude-sonnet-4-5"), false))
+            .send()
+            .await?;
+        if res.status() == 503 {
+            let body: serde_json::Value = res.json().await?;
+            assert_eq!(body["type"], "error", "Anthropic's error shape: {body}");
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("no longer served"),
+                "{body}"
+            );
+            break;
+        }
+        assert!(
+            deleted_at.elapsed() < CHANGE_WAIT,
+            "still {} 10 s after the deletion",
+            res.status()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("revoked {:?} after the deletion", deleted_at.elapsed());
+    assert_nothing_leaked(&sidecar, &[&old, &new]).await?;
+    Ok(())
+}
+
+/// SIGTERM lets a stream in flight finish, refuses new connections, and exits 0.
+#[tokio::test]
+async fn sigterm_drains_a_stream_in_flight() -> anyhow::Result<()> {
+    let env = TestEnv::new("proxy-drain").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let op = ServingOperator::start(&env, &fake).await?;
+    let key = random_key("sk-ant-");
+    ready_anthropic(&env, &fake, "claude", &key, json!({})).await?;
+    let pod = create_pod(&env, &opted_in_pod("drain-", &["claude"])).await?;
+    let mut sidecar = Sidecar::start(&env, &op, &pod, "default").await?;
+    sidecar.wait_ready(READY_WAIT).await?;
+    let url = format!("{}/v1/messages", sidecar.url("claude"));
+
+    const EVENTS: usize = 8;
+    fake.set_stream_plan(EVENTS, Duration::from_millis(200));
+    let http = reqwest::Client::new();
+    let mut res = http
+        .post(&url)
+        .header("anthropic-version", "2023-06-01")
+        .json(&anthropic_message(Some("claude-sonnet-4-5"), true))
+        .send()
+        .await?;
+    let mut seen = String::new();
+    while !seen.contains("chunk-0") {
+        let chunk = res.chunk().await?.expect("a first event");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    sidecar.terminate()?;
+    // New connections are refused once the listener is closed.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let fresh = reqwest::Client::new();
+        if fresh.get(&url).send().await.is_err() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the proxy still accepts connections after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    while let Some(chunk) = res.chunk().await? {
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    for i in 0..EVENTS {
+        assert!(
+            seen.contains(&format!("chunk-{i}")),
+            "event {i} missing after SIGTERM: {seen}"
+        );
+    }
+    assert!(seen.contains("message_stop"));
+    let status = sidecar.wait_exit(Duration::from_secs(10)).await?;
+    assert!(
+        status.success(),
+        "exit status {status}: {}",
+        sidecar.output()
+    );
+    assert!(sidecar.output().contains("drained"));
+    Ok(())
+}
