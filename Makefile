@@ -46,6 +46,10 @@ test: lint testbins ## Everything CI runs: lint, unit tests, integration tests o
 
 .PHONY: bench
 bench: testbins ## Scale and speed figures beside their aims: BENCH_KEYS ProviderKeys (10,000) on the real API server (release build)
+	@# The proxy section compares with wrk and nginx (Debian: wrk, nginx-light).
+	@command -v wrk >/dev/null && command -v nginx >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq wrk nginx-light; } || \
+	  echo "make bench: install wrk and nginx-light for the proxy section" >&2
 	$(CARGO) build --release --bin byok-operator
 	$(CARGO) run --release -p byok-e2e --bin bench -- $${BENCH_KEYS:-10000} target/release/byok-operator
 

@@ -16,6 +16,16 @@ use crate::envtest::TestEnv;
 use crate::operator::{free_port, operator_binary};
 use crate::serving::{ServingOperator, pod_token};
 
+/// How to start a sidecar beyond what its pod says.
+#[derive(Debug, Default, Clone)]
+pub struct Options {
+    /// The binary (default: the debug build next to the tests).
+    pub binary: Option<std::path::PathBuf>,
+    /// Send stdout and stderr to this file instead of memory.
+    pub output_file: Option<std::path::PathBuf>,
+    pub extra_args: Vec<String>,
+}
+
 /// A running sidecar proxy process.
 pub struct Sidecar {
     child: Child,
@@ -23,6 +33,7 @@ pub struct Sidecar {
     pub ports: BTreeMap<String, u16>,
     pub admin_port: u16,
     output: Arc<Mutex<Vec<u8>>>,
+    output_file: Option<std::path::PathBuf>,
     token_file: std::path::PathBuf,
 }
 
@@ -55,15 +66,15 @@ impl Sidecar {
             byok_operator::names::TOKEN_AUDIENCE,
         )
         .await?;
-        Self::start_with_token(op, pod, &token, &[]).await
+        Self::launch(op.broker_url(), pod, &token, Options::default()).await
     }
 
-    /// As [`Sidecar::start`] with a token of the caller's and extra arguments.
-    pub async fn start_with_token(
-        op: &ServingOperator,
+    /// Starts the sidecar of `pod` against the broker at `broker_url` with `token`.
+    pub async fn launch(
+        broker_url: &str,
         pod: &Pod,
         token: &str,
-        extra_args: &[&str],
+        options: Options,
     ) -> anyhow::Result<Sidecar> {
         let container = sidecar_container(pod)?;
         let token_file = std::env::temp_dir().join(format!(
@@ -83,23 +94,34 @@ impl Sidecar {
                 ports.insert(name.to_owned(), port);
                 args.push(format!("--key={name}={port}"));
             } else if arg.starts_with("--broker-url=") {
-                args.push(format!("--broker-url={}", op.broker_url()));
+                args.push(format!("--broker-url={broker_url}"));
             } else if arg.starts_with("--admin-addr=") {
                 args.push(format!("--admin-addr=127.0.0.1:{admin_port}"));
             } else {
                 args.push(arg.clone());
             }
         }
-        args.extend(extra_args.iter().map(|a| (*a).to_owned()));
-        let mut cmd = Command::new(operator_binary()?);
+        args.extend(options.extra_args.iter().cloned());
+        let binary = match &options.binary {
+            Some(b) => b.clone(),
+            None => operator_binary()?,
+        };
+        let mut cmd = Command::new(binary);
         cmd.args(&args)
             .env_clear()
             .env("BYOK_TOKEN_FILE", &token_file)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
             .kill_on_drop(true);
+        match &options.output_file {
+            Some(path) => {
+                let file = std::fs::File::create(path)?;
+                cmd.stdout(file.try_clone()?).stderr(file);
+            }
+            None => {
+                cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+            }
+        }
         let meta = &pod.metadata;
         for var in container.env.iter().flatten() {
             let value = match (&var.value, &var.value_from) {
@@ -150,6 +172,7 @@ impl Sidecar {
             ports,
             admin_port,
             output,
+            output_file: options.output_file.clone(),
             token_file,
         })
     }
@@ -168,7 +191,15 @@ impl Sidecar {
 
     /// Everything the process wrote to stdout and stderr so far.
     pub fn output(&self) -> String {
+        if let Some(path) = &self.output_file {
+            return std::fs::read_to_string(path).unwrap_or_default();
+        }
         String::from_utf8_lossy(&self.output.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// Polls `/readyz` until 200 or `within` passes.

@@ -469,13 +469,22 @@ async fn default_and_allowed_models() -> anyhow::Result<()> {
         "no refused request reached the provider"
     );
 
-    // Listing models is served (no model is spent).
+    // Listing models is served (no model is spent), over h2c (prior knowledge) too.
     let res = http
         .get(url("/v1/models"))
         .header("anthropic-version", "2023-06-01")
         .send()
         .await?;
     assert_eq!(res.status(), 200);
+    let h2c = reqwest::Client::builder().http2_prior_knowledge().build()?;
+    let res = h2c
+        .post(url("/v1/messages"))
+        .header("anthropic-version", "2023-06-01")
+        .json(&anthropic_message(None, false))
+        .send()
+        .await?;
+    assert_eq!(res.version(), reqwest::Version::HTTP_2);
+    assert_eq!(res.status(), 200, "{}", res.text().await?);
     Ok(())
 }
 

@@ -15,6 +15,10 @@
 //!    creations beside as many identical pods without the inject label (8 in flight,
 //!    interleaved), p50/p99 as the API server client sees them, and the handler's own time
 //!    from `byok_webhook_admission_duration_seconds`;
+//! 8. `proxy`: the sidecar proxy (see `bench_proxy/mod.rs`): requests per second and added
+//!    latency at 1, 16 and 64 connections beside nginx and a direct call, SSE at
+//!    `BENCH_PROXY_STREAMS` (256) streams, RSS, CPU per request, start to ready; needs `wrk`
+//!    and `nginx` (Debian: wrk, nginx-light); `BENCH_PROXY_SECONDS` (5) per run.
 //! 7. `broker`: one admitted pod with a token bound to it; `GET /v1/keys/...` from
 //!    `BENCH_BROKER_CONCURRENCY` tasks for `BENCH_BROKER_SECONDS`, full answers (200), then
 //!    as long again with `If-None-Match` (304): requests per second, p50/p99, and the API
@@ -28,6 +32,9 @@
 //! host), `BENCH_VERIFY_CONCURRENCY` (16), `BENCH_UNRELATED_SECRETS` (1000 Secrets of 4 KiB
 //! that are not key sources), `BENCH_RESTART_WINDOW` (60 s), `BENCH_PODS` (300),
 //! `BENCH_BROKER_SECONDS` (10), `BENCH_BROKER_CONCURRENCY` (16), `BENCH_SECTIONS`.
+
+#[path = "bench_proxy/mod.rs"]
+mod bench_proxy;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -318,7 +325,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?;
     }
-    if sections.on("webhook") || sections.on("broker") {
+    if sections.on("webhook") || sections.on("broker") || sections.on("proxy") {
         serving_sections(&fake, &dir, &binary, &sections).await?;
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -329,8 +336,8 @@ async fn main() -> anyhow::Result<()> {
 struct Sections(Option<Vec<String>>);
 
 impl Sections {
-    const NAMES: [&str; 7] = [
-        "latency", "scale", "steady", "spec", "restart", "webhook", "broker",
+    const NAMES: [&str; 8] = [
+        "latency", "scale", "steady", "spec", "restart", "webhook", "broker", "proxy",
     ];
 
     fn from_env() -> anyhow::Result<Self> {
@@ -939,7 +946,7 @@ async fn serving_sections(
         format!("anthropic={}", fake.base_url(ProviderKind::Anthropic)),
     ];
     let operator = Operator::start(binary, dir, &env.namespace, fake, &args)?;
-    let measured = measure_serving(&env, fake, &operator, &broker_url, sections).await;
+    let measured = measure_serving(&env, fake, &operator, &broker_url, sections, binary, dir).await;
     operator.stop();
     // The webhook fails closed: leave no configuration that calls a stopped operator.
     let _ = mwcs.delete(&mwc_name, &DeleteParams::default()).await;
@@ -952,6 +959,8 @@ async fn measure_serving(
     operator: &Operator,
     broker_url: &str,
     sections: &Sections,
+    binary: &str,
+    dir: &Path,
 ) -> anyhow::Result<()> {
     const KEY: &str = "bench-key";
     let key = random_key("sk-ant-api03-");
@@ -1166,6 +1175,9 @@ async fn measure_serving(
         }
         pods.delete_collection(&DeleteParams::default(), &ListParams::default())
             .await?;
+    }
+    if sections.on("proxy") {
+        bench_proxy::run(env, fake, broker_url, KEY, &key, Path::new(binary), dir).await?;
     }
     Ok(())
 }
