@@ -98,6 +98,16 @@ pub struct EgressArgs {
     #[arg(long, value_name = "PATH")]
     pub extra_ca_file: Option<PathBuf>,
 
+    /// Reach providers through this HTTP proxy (`http://[user:password@]host:port`, CONNECT):
+    /// the operator's verification calls and every sidecar's requests.
+    #[arg(
+        long,
+        env = "BYOK_EGRESS_PROXY",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub egress_proxy: Option<String>,
+
     /// Replace a provider's default endpoint: `PROVIDER=URL` (repeatable). Providers:
     /// anthropic, openai, google, vertex, and vertex-token (the OAuth token URL).
     #[arg(long, value_name = "PROVIDER=URL")]
@@ -127,9 +137,20 @@ impl EgressArgs {
         if !self.provider_endpoint.is_empty() {
             tracing::warn!(overrides = ?self.provider_endpoint, "--provider-endpoint: provider endpoints replaced");
         }
+        let proxy = self
+            .egress_proxy
+            .as_deref()
+            .filter(|p| !p.is_empty())
+            .map(crate::egress::EgressProxy::parse)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!(e))?;
+        if let Some(p) = &proxy {
+            tracing::info!(proxy = %p.authority(), "provider calls go through the egress proxy");
+        }
         let egress = EgressConfig {
             allow_private: self.insecure_allow_private_base_urls,
             extra_ca_pem,
+            proxy,
             ..Default::default()
         };
         Ok((egress, endpoints))
@@ -366,6 +387,13 @@ impl ServeArgs {
             egress: crate::broker::EgressPolicy {
                 allow_private_addresses: egress.insecure_allow_private_base_urls,
                 extra_ca_pem,
+                proxy: egress
+                    .egress_proxy
+                    .as_deref()
+                    .filter(|p| !p.is_empty())
+                    .map(crate::egress::EgressProxy::parse)
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!(e))?,
             },
             operator_namespace: operator_namespace.to_string(),
             workers: self.serve_workers.max(1),
@@ -542,7 +570,7 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<u8> {
     let key = read_key(&args.key_file)
         .map_err(|e| anyhow::anyhow!("reading {}: {e}", args.key_file.display()))?;
     let http = crate::egress::http_client(&egress)?;
-    let verifier = Verifier::new(http, endpoints, egress.allow_private);
+    let verifier = Verifier::new(http, endpoints, egress.allow_private).with_egress(&egress);
     let params = ProviderParams {
         base_url: args.base_url,
         azure_api_version: Some(args.azure_api_version),

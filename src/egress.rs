@@ -247,6 +247,8 @@ pub struct EgressConfig {
     pub extra_ca_pem: Option<Vec<u8>>,
     /// The DNS resolver to wrap; `None` is the system resolver. Tests inject one.
     pub resolver: Option<Arc<dyn Resolve>>,
+    /// `--egress-proxy`: reach providers through this HTTP proxy (CONNECT).
+    pub proxy: Option<EgressProxy>,
     /// Total timeout of one request (connect, TLS, headers and body).
     pub timeout: Duration,
 }
@@ -257,6 +259,7 @@ impl Default for EgressConfig {
             allow_private: false,
             extra_ca_pem: None,
             resolver: None,
+            proxy: None,
             timeout: Duration::from_secs(10),
         }
     }
@@ -268,19 +271,20 @@ impl std::fmt::Debug for EgressConfig {
             .field("allow_private", &self.allow_private)
             .field("extra_ca_pem", &self.extra_ca_pem.as_ref().map(|p| p.len()))
             .field("resolver", &self.resolver.as_ref().map(|_| "custom"))
+            .field("proxy", &self.proxy)
             .field("timeout", &self.timeout)
             .finish()
     }
 }
 
-/// Builds the one HTTP client for provider calls: redirects off, https only, no proxy,
+/// Builds the one HTTP client for provider calls: redirects off, https only, no proxy but
+/// `--egress-proxy`,
 /// connect timeout 5s, total timeout `cfg.timeout`, the extra CA trusted in addition to the
 /// normal roots, and (unless `allow_private`) a resolver that drops forbidden addresses.
 pub fn http_client(cfg: &EgressConfig) -> anyhow::Result<reqwest::Client> {
     let mut builder = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .https_only(true)
-        .no_proxy()
         .referer(false)
         .connect_timeout(CONNECT_TIMEOUT.min(cfg.timeout))
         .timeout(cfg.timeout)
@@ -293,7 +297,20 @@ pub fn http_client(cfg: &EgressConfig) -> anyhow::Result<reqwest::Client> {
         }
         builder = builder.tls_certs_merge(certs);
     }
-    if cfg.allow_private {
+    builder = match &cfg.proxy {
+        // The proxy resolves the provider's name itself: the address filter runs before
+        // the request instead ([`check_target`]), and the resolver here only finds the
+        // proxy, which may well have a private address.
+        Some(proxy) => {
+            let mut p = reqwest::Proxy::all(proxy.url.as_str())?;
+            if let Some((user, pass)) = proxy.credentials() {
+                p = p.basic_auth(&user, &pass);
+            }
+            builder.proxy(p)
+        }
+        None => builder.no_proxy(),
+    };
+    if cfg.allow_private || cfg.proxy.is_some() {
         tracing::warn!(
             "INSECURE: private, loopback and metadata base URLs are allowed for provider calls \
              (--insecure-allow-private-base-urls); never use this in production"
@@ -307,6 +324,137 @@ pub fn http_client(cfg: &EgressConfig) -> anyhow::Result<reqwest::Client> {
         }));
     }
     Ok(builder.build()?)
+}
+
+/// An admin-set HTTP proxy that provider calls go through (`CONNECT host:443`): the operator's
+/// verification calls and, passed down by the broker, every sidecar's.
+#[derive(Clone)]
+pub struct EgressProxy {
+    /// `http://host:port`, without credentials.
+    pub url: Url,
+    /// `user:password` from the URL, for `Proxy-Authorization: Basic`.
+    userinfo: Option<secrecy::SecretString>,
+}
+
+impl std::fmt::Debug for EgressProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EgressProxy")
+            .field("url", &self.url.as_str())
+            .field("credentials", &self.userinfo.as_ref().map(|_| "redacted"))
+            .finish()
+    }
+}
+
+impl EgressProxy {
+    /// Parses `http://[user:password@]host:port`. Messages never echo the URL.
+    pub fn parse(text: &str) -> Result<EgressProxy, String> {
+        let mut url = Url::parse(text).map_err(|e| format!("--egress-proxy is not a URL: {e}"))?;
+        if url.scheme() != "http" {
+            return Err(format!(
+                "--egress-proxy must be http://host:port (the tunnel to the provider is TLS end to end), not {:?}",
+                url.scheme()
+            ));
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err("--egress-proxy has no host".into());
+        }
+        if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+            return Err("--egress-proxy must have no path, query or fragment".into());
+        }
+        let userinfo = (!url.username().is_empty()).then(|| {
+            let user = percent_decode(url.username());
+            let pass = percent_decode(url.password().unwrap_or_default());
+            secrecy::SecretString::from(format!("{user}:{pass}"))
+        });
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        Ok(EgressProxy { url, userinfo })
+    }
+
+    /// `(user, password)`, if the URL had them.
+    pub fn credentials(&self) -> Option<(String, String)> {
+        use secrecy::ExposeSecret;
+        let text = self.userinfo.as_ref()?.expose_secret();
+        let (u, p) = text.split_once(':')?;
+        Some((u.to_owned(), p.to_owned()))
+    }
+
+    /// `host:port` of the proxy.
+    pub fn authority(&self) -> String {
+        let host = self.url.host_str().unwrap_or_default();
+        let port = self.url.port_or_known_default().unwrap_or(80);
+        if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        }
+    }
+
+    /// The URL as the broker passes it to sidecars (credentials included).
+    pub fn to_url_with_credentials(&self) -> String {
+        let mut url = self.url.clone();
+        if let Some((user, pass)) = self.credentials() {
+            let _ = url.set_username(&user);
+            let _ = url.set_password(Some(&pass));
+        }
+        url.to_string()
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={s}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+/// Before a request through an egress proxy: the addresses the provider's name resolves to
+/// here must pass the policy (the proxy resolves it again: its own policy must block
+/// internal destinations too). A name this resolver cannot resolve is left to the proxy;
+/// clusters that reach providers only through a proxy often cannot.
+pub async fn check_target(
+    host: &str,
+    resolver: Option<&Arc<dyn Resolve>>,
+) -> Result<(), AddressRejected> {
+    if let Ok(ip) = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+    {
+        return match forbidden_ip(ip) {
+            Some(class) => Err(AddressRejected {
+                host: host.to_owned(),
+                class,
+            }),
+            None => Ok(()),
+        };
+    }
+    let addrs: Vec<SocketAddr> = match resolver {
+        Some(r) => match r
+            .resolve(
+                <Name as std::str::FromStr>::from_str(host).map_err(|_| AddressRejected {
+                    host: host.to_owned(),
+                    class: "invalid name",
+                })?,
+            )
+            .await
+        {
+            Ok(addrs) => addrs.collect(),
+            Err(_) => return Ok(()),
+        },
+        None => match tokio::net::lookup_host((host, 443)).await {
+            Ok(addrs) => addrs.collect(),
+            Err(_) => return Ok(()),
+        },
+    };
+    match filter_addrs(host, addrs) {
+        Ok(_) => Ok(()),
+        Err(e) => match e.downcast::<AddressRejected>() {
+            Ok(rejected) => Err(*rejected),
+            // No address at all: left to the proxy.
+            Err(_) => Ok(()),
+        },
+    }
 }
 
 /// Wraps a resolver and drops every address [`forbidden_ip`] names.
@@ -788,5 +936,51 @@ mod tests {
             assert_eq!(rejected_address(&err).map(|r| r.class), Some(class));
             assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
         }
+    }
+
+    #[test]
+    fn egress_proxy_urls() {
+        let p = EgressProxy::parse("http://ops:p%40ss@proxy.corp:3128").expect("parsed");
+        assert_eq!(p.authority(), "proxy.corp:3128");
+        assert_eq!(p.credentials(), Some(("ops".into(), "p@ss".into())));
+        assert!(!format!("{p:?}").contains("p@ss"));
+        assert!(!p.url.as_str().contains("ops"));
+        assert!(
+            EgressProxy::parse("http://proxy.corp:3128")
+                .expect("parsed")
+                .credentials()
+                .is_none()
+        );
+        for bad in [
+            "https://proxy:3128",
+            "socks5://proxy:1080",
+            "http://proxy:3128/path",
+            "proxy:3128",
+            "http://:3128",
+        ] {
+            let err = EgressProxy::parse(bad).expect_err(bad);
+            assert!(!err.contains("p@ss"));
+        }
+    }
+
+    #[tokio::test]
+    async fn targets_behind_a_proxy_are_checked_before_the_connect() {
+        let resolver = |addrs: Vec<SocketAddr>| -> Arc<dyn Resolve> {
+            Arc::new(FixedResolver {
+                addrs,
+                calls: Arc::default(),
+            })
+        };
+        let private = resolver(vec!["10.1.2.3:443".parse().expect("addr")]);
+        let rejected = check_target("provider.test", Some(&private))
+            .await
+            .expect_err("refused");
+        assert_eq!(rejected.class, "private");
+        let public = resolver(vec!["8.8.8.8:443".parse().expect("addr")]);
+        assert!(check_target("provider.test", Some(&public)).await.is_ok());
+        // A name only the proxy can resolve is left to it.
+        let nothing = resolver(Vec::new());
+        assert!(check_target("provider.test", Some(&nothing)).await.is_ok());
+        assert!(check_target("169.254.169.254", None).await.is_err());
     }
 }

@@ -5,6 +5,7 @@ use clap::Parser;
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
     let cli = byok_operator::cli::Cli::parse();
-    byok_operator::telemetry::init(&cli.log)?;
+    // Flushes the log writer when main returns.
+    let _log_guard = byok_operator::telemetry::init(&cli.log)?;
     byok_operator::cli::run(cli).map(std::process::ExitCode::from)
 }

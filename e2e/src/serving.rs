@@ -114,6 +114,7 @@ impl ServingOperator {
         serve.egress = byok_operator::broker::EgressPolicy {
             allow_private_addresses: true,
             extra_ca_pem: Some(fake.ca_pem()),
+            proxy: None,
         };
         config.serving = Some(serve.clone());
         change(&mut config);

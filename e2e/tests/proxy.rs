@@ -662,3 +662,49 @@ async fn sigterm_drains_a_stream_in_flight() -> anyhow::Result<()> {
     assert!(sidecar.output().contains("drained"));
     Ok(())
 }
+
+/// With the operator's egress proxy, the key's verification and the sidecar's calls both go
+/// through `CONNECT` to the provider, and still reach it with the right key.
+#[tokio::test]
+async fn an_egress_proxy_carries_verification_and_sidecar_calls() -> anyhow::Result<()> {
+    let env = TestEnv::new("proxy-egress").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let tunnel = byok_e2e::connect_proxy::ConnectProxy::start().await?;
+    let proxy =
+        byok_operator::egress::EgressProxy::parse(&tunnel.url()).map_err(anyhow::Error::msg)?;
+    let op = ServingOperator::start_with(&env, &fake, |config| {
+        config.egress.proxy = Some(proxy.clone());
+        if let Some(serving) = config.serving.as_mut() {
+            serving.egress.proxy = Some(proxy.clone());
+        }
+    })
+    .await?;
+    let key = random_key("sk-ant-");
+    ready_anthropic(&env, &fake, "claude", &key, json!({})).await?;
+    let provider = fake.addr().to_string();
+    let verified_through = tunnel.tunnels();
+    assert!(
+        verified_through.contains(&provider),
+        "the verification did not go through the proxy: {verified_through:?}"
+    );
+
+    let pod = create_pod(&env, &opted_in_pod("egress-", &["claude"])).await?;
+    let mut sidecar = Sidecar::start(&env, &op, &pod, "default").await?;
+    sidecar.wait_ready(READY_WAIT).await?;
+    let before = tunnel.tunnels().len();
+    let res = reqwest::Client::new()
+        .post(format!("{}/v1/messages", sidecar.url("claude")))
+        .header("anthropic-version", "2023-06-01")
+        .json(&anthropic_message(Some("claude-sonnet-4-5"), false))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 200, "{}", res.text().await?);
+    let after = tunnel.tunnels();
+    assert!(
+        after[before..].contains(&provider),
+        "the sidecar did not go through the proxy: {after:?}"
+    );
+    let seen = fake.requests_log().pop().expect("a request");
+    assert_eq!(seen.key_id, Some(FakeProvider::key_id(&key)));
+    Ok(())
+}

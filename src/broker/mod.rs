@@ -53,6 +53,23 @@ pub struct EgressPolicy {
     /// `--extra-ca-file`, PEM (development only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub extra_ca_pem: Option<String>,
+    /// `--egress-proxy`, credentials included (the grant is a secret answer anyway).
+    #[serde(
+        rename = "proxyURL",
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "proxy_url"
+    )]
+    pub proxy: Option<crate::egress::EgressProxy>,
+}
+
+fn proxy_url<S: serde::Serializer>(
+    proxy: &Option<crate::egress::EgressProxy>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match proxy {
+        Some(p) => s.serialize_str(&p.to_url_with_credentials()),
+        None => s.serialize_none(),
+    }
 }
 
 pub struct Broker {

@@ -370,10 +370,12 @@ pub async fn run(
     let shutdown = shutdown.boxed().shared();
     let http = crate::egress::http_client(&config.egress)?;
     let (concurrency, rate) = config.verify_limits;
-    let verifier =
-        Verifier::new(http, config.endpoints.clone(), config.egress.allow_private).with_limiter(
-            crate::providers::limiter::HostLimiter::new(concurrency, rate),
-        );
+    let verifier = Verifier::new(http, config.endpoints.clone(), config.egress.allow_private)
+        .with_egress(&config.egress)
+        .with_limiter(crate::providers::limiter::HostLimiter::new(
+            concurrency,
+            rate,
+        ));
     let keyring_api: Api<Secret> = Api::namespaced(client.clone(), &config.operator_namespace);
 
     // The admin server comes first: liveness holds while caches fill and leadership waits.

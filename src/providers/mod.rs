@@ -250,6 +250,18 @@ pub struct Verifier {
     endpoints: Endpoints,
     allow_private: bool,
     limiter: std::sync::Arc<limiter::HostLimiter>,
+    /// Through an egress proxy: the resolver the target is checked with before each call.
+    proxied: Option<ProxiedTargets>,
+}
+
+/// The resolver targets are checked with before a call through an egress proxy.
+#[derive(Clone)]
+struct ProxiedTargets(Option<std::sync::Arc<dyn reqwest::dns::Resolve>>);
+
+impl std::fmt::Debug for ProxiedTargets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProxiedTargets")
+    }
 }
 
 impl Verifier {
@@ -261,7 +273,16 @@ impl Verifier {
             endpoints,
             allow_private,
             limiter: Default::default(),
+            proxied: None,
         }
+    }
+
+    /// Calls go through `cfg`'s egress proxy: check each target's addresses before it.
+    pub fn with_egress(mut self, cfg: &egress::EgressConfig) -> Self {
+        if cfg.proxy.is_some() && !cfg.allow_private {
+            self.proxied = Some(ProxiedTargets(cfg.resolver.clone()));
+        }
+        self
     }
 
     /// The credential for `key` (see [`Credential`]): the key itself, or for Vertex an access
@@ -376,6 +397,16 @@ impl Verifier {
         // Held until the body is read: the call is in flight until then. The start time was
         // reserved by the caller (the controller, see [`limiter`]).
         let _slot = self.limiter.slot(&host).await;
+        if let Some(ProxiedTargets(resolver)) = &self.proxied {
+            egress::check_target(&host, resolver.as_ref())
+                .await
+                .map_err(|rejected| {
+                    Verification::base_url_rejected(format!(
+                        "the address of {} is {}: refused by the egress policy, no connection attempted",
+                        rejected.host, rejected.class
+                    ))
+                })?;
+        }
         let mut response = self
             .http
             .execute(request)

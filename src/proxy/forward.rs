@@ -321,6 +321,17 @@ async fn forward(
         .check(&route.model_at, json && parts.method == Method::POST);
     let body: Body = match check {
         Check::Refuse(refusal) => return Err(refusal),
+        // A small body of known length has (almost always) arrived with the head: sent
+        // whole, the provider gets head and body in one write instead of two.
+        Check::Forward
+            if body
+                .size_hint()
+                .exact()
+                .is_some_and(|n| n > 0 && n <= WHOLE_BODY_MAX) =>
+        {
+            let bytes = read_capped(body, WHOLE_BODY_MAX).await?;
+            Full::new(bytes).map_err(|e| match e {}).boxed_unsync()
+        }
         Check::Forward => body.map_err(BoxError::from).boxed_unsync(),
         Check::ReadBody => {
             let bytes = read_capped(body, shared.max_inspected_body).await?;
@@ -392,6 +403,9 @@ async fn forward(
         }
     }
 }
+
+/// Bodies up to this size with a `content-length` are sent upstream in one piece.
+const WHOLE_BODY_MAX: u64 = 64 * 1024;
 
 /// The most a refused oversized body is read (and dropped) so that the client, which is
 /// still sending it, sees the 413 instead of a reset connection.

@@ -58,6 +58,20 @@ pub struct Egress {
     pub allow_private_addresses: bool,
     #[serde(default)]
     pub extra_ca_pem: Option<String>,
+    /// The operator's `--egress-proxy` (`http://[user:password@]host:port`).
+    #[serde(default, rename = "proxyURL")]
+    pub proxy_url: Option<ProxyUrl>,
+}
+
+/// A proxy URL that may hold credentials: `Debug` shows none of it.
+#[derive(Clone, PartialEq, Eq, Hash, Deserialize)]
+#[serde(transparent)]
+pub struct ProxyUrl(pub String);
+
+impl std::fmt::Debug for ProxyUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProxyUrl(redacted)")
+    }
 }
 
 /// A key in service: everything the hot path needs, decided once per grant.

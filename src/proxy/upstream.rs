@@ -2,11 +2,14 @@
 //! provider offers it (ALPN), with the egress policy the broker sent applied to every address
 //! dialled. One pool per distinct policy (in practice one per process).
 //!
-//! The policy is enforced in the resolver: hyper dials exactly the addresses it returns, so
-//! a name that resolves (or re-resolves, DNS rebinding) to a loopback, private, link-local or
-//! metadata address is never connected to. A raw IP host never reaches a resolver; the grant
-//! check ([`super::grant::Live::from_grant`]) refuses those unless the policy allows private
-//! addresses.
+//! The policy is enforced where connections are opened ([`Dial`]): the name is resolved, the
+//! addresses the policy refuses are dropped, and only what is left is dialled, so a name that
+//! resolves (or re-resolves, DNS rebinding) to a loopback, private, link-local or metadata
+//! address is never connected to. Raw IP hosts are judged the same way (and refused earlier,
+//! by [`super::grant::Live::from_grant`], unless the policy allows private addresses).
+//!
+//! With the operator's `--egress-proxy` the same check runs on the target before the
+//! `CONNECT`; a name this resolver cannot resolve is left to the proxy.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -17,65 +20,187 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::Uri;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::connect::dns::Name;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
+use std::net::IpAddr;
+use tokio::net::TcpStream;
 
 use super::grant::Egress;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Every body the proxy sends: the client's, streamed, or one it rewrote.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
-pub type Client = hyper_util::client::legacy::Client<HttpsConnector<HttpConnector<Resolver>>, Body>;
+pub type Client = hyper_util::client::legacy::Client<HttpsConnector<Dial>, Body>;
 
-/// Connect timeout to a provider (TCP and TLS).
+/// Connect timeout to a provider or the egress proxy (TCP, and CONNECT).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an idle pooled connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(90);
+/// The longest answer to CONNECT read from an egress proxy.
+const MAX_CONNECT_RESPONSE: usize = 8 * 1024;
 
 /// Fixed answers instead of DNS (tests).
 pub type FixedHosts = Arc<HashMap<String, Vec<SocketAddr>>>;
 
-/// The system resolver, with forbidden addresses dropped unless the policy allows them.
+/// The egress proxy sidecars tunnel through (`CONNECT host:port`).
 #[derive(Clone)]
-pub struct Resolver {
-    filter: bool,
-    fixed: Option<FixedHosts>,
+struct TunnelVia {
+    /// `host:port` of the proxy.
+    authority: String,
+    /// `Proxy-Authorization` value, marked sensitive.
+    authorization: Option<http::HeaderValue>,
 }
 
-type Resolving =
-    Pin<Box<dyn Future<Output = Result<std::vec::IntoIter<SocketAddr>, BoxError>> + Send>>;
+/// Opens TCP connections to providers: resolves the name, drops the addresses the policy
+/// refuses, and dials what is left, directly or through the egress proxy.
+#[derive(Clone)]
+pub struct Dial {
+    filter: bool,
+    fixed: Option<FixedHosts>,
+    via: Option<TunnelVia>,
+}
 
-impl tower::Service<Name> for Resolver {
-    type Response = std::vec::IntoIter<SocketAddr>;
+type Dialling = Pin<Box<dyn Future<Output = Result<TokioIo<TcpStream>, BoxError>> + Send>>;
+
+impl Dial {
+    async fn resolve(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+        if let Ok(ip) = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
+            return Ok(vec![SocketAddr::new(ip, port)]);
+        }
+        match &self.fixed {
+            Some(map) => Ok(map.get(host).cloned().unwrap_or_default()),
+            None => Ok(tokio::net::lookup_host((host, port)).await?.collect()),
+        }
+    }
+
+    async fn dial(self, uri: Uri) -> Result<TokioIo<TcpStream>, BoxError> {
+        let host = uri.host().ok_or("the request has no host")?.to_owned();
+        let port = uri.port_u16().unwrap_or(443);
+        let target = match self.resolve(&host, port).await {
+            Ok(addrs) if self.filter => Some(crate::egress::filter_addrs(&host, addrs)?),
+            Ok(addrs) => Some(addrs),
+            // Through a proxy, a name only the proxy can resolve is its to judge.
+            Err(_) if self.via.is_some() => None,
+            Err(e) => return Err(e.into()),
+        };
+        let stream = match &self.via {
+            None => connect_any(&target.unwrap_or_default()).await?,
+            Some(via) => {
+                let (proxy_host, proxy_port) = split_authority(&via.authority)?;
+                let proxies = self.resolve_unfiltered(&proxy_host, proxy_port).await?;
+                let mut stream = connect_any(&proxies).await?;
+                let authority = if host.contains(':') && !host.starts_with('[') {
+                    format!("[{host}]:{port}")
+                } else {
+                    format!("{host}:{port}")
+                };
+                tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    tunnel(&mut stream, &authority, via.authorization.as_ref()),
+                )
+                .await
+                .map_err(|_| "the egress proxy did not answer CONNECT in time")??;
+                stream
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        Ok(TokioIo::new(stream))
+    }
+
+    async fn resolve_unfiltered(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+        if let Ok(ip) = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
+            return Ok(vec![SocketAddr::new(ip, port)]);
+        }
+        Ok(tokio::net::lookup_host((host, port)).await?.collect())
+    }
+}
+
+impl tower::Service<Uri> for Dial {
+    type Response = TokioIo<TcpStream>;
     type Error = BoxError;
-    type Future = Resolving;
+    type Future = Dialling;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, name: Name) -> Resolving {
-        let filter = self.filter;
-        let fixed = self.fixed.clone();
-        Box::pin(async move {
-            let host = name.as_str().to_owned();
-            let addrs: Vec<SocketAddr> = match fixed {
-                Some(map) => map.get(&host).cloned().unwrap_or_default(),
-                None => tokio::net::lookup_host((host.as_str(), 0)).await?.collect(),
-            };
-            let addrs = if filter {
-                crate::egress::filter_addrs(&host, addrs)?
-            } else {
-                addrs
-            };
-            Ok(addrs.into_iter())
-        })
+    fn call(&mut self, uri: Uri) -> Dialling {
+        Box::pin(self.clone().dial(uri))
     }
+}
+
+fn split_authority(authority: &str) -> Result<(String, u16), BoxError> {
+    let (host, port) = authority
+        .rsplit_once(':')
+        .ok_or("the egress proxy has no port")?;
+    Ok((
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+        port.parse()?,
+    ))
+}
+
+/// Connects to the first address that answers, each within the connect timeout.
+async fn connect_any(addrs: &[SocketAddr]) -> Result<TcpStream, BoxError> {
+    let mut last: Option<BoxError> = None;
+    for addr in addrs {
+        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(e)) => last = Some(e.into()),
+            Err(_) => last = Some("connect timed out".into()),
+        }
+    }
+    Err(last.unwrap_or_else(|| "no address to connect to".into()))
+}
+
+/// Asks the proxy for a tunnel to `authority`; Ok once it answered 2xx.
+async fn tunnel(
+    stream: &mut TcpStream,
+    authority: &str,
+    authorization: Option<&http::HeaderValue>,
+) -> Result<(), BoxError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut request = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n").into_bytes();
+    if let Some(auth) = authorization {
+        request.extend_from_slice(b"Proxy-Authorization: ");
+        request.extend_from_slice(auth.as_bytes());
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"\r\n");
+    stream.write_all(&request).await?;
+    let mut answer = Vec::with_capacity(256);
+    let mut byte = [0u8; 1];
+    // Byte by byte: nothing after the blank line may be consumed (it is the TLS handshake).
+    while !answer.ends_with(b"\r\n\r\n") {
+        if answer.len() >= MAX_CONNECT_RESPONSE {
+            return Err("the egress proxy's answer to CONNECT is too long".into());
+        }
+        if stream.read(&mut byte).await? == 0 {
+            return Err("the egress proxy closed the connection during CONNECT".into());
+        }
+        answer.push(byte[0]);
+    }
+    let status_line = String::from_utf8_lossy(&answer);
+    let status_line = status_line.lines().next().unwrap_or_default();
+    let code = status_line.split_whitespace().nth(1).unwrap_or_default();
+    if !code.starts_with('2') || code.len() != 3 {
+        let shown: String = status_line.chars().take(80).collect();
+        return Err(format!("the egress proxy refused the tunnel: {shown:?}").into());
+    }
+    Ok(())
 }
 
 /// The operating system's trust roots, read once.
@@ -117,20 +242,36 @@ pub fn build(egress: &Egress, fixed: Option<FixedHosts>) -> anyhow::Result<Clien
     .with_root_certificates(roots)
     .with_no_client_auth();
 
-    let mut http = HttpConnector::new_with_resolver(Resolver {
+    let via = match &egress.proxy_url {
+        None => None,
+        Some(url) => {
+            let proxy = crate::egress::EgressProxy::parse(&url.0).map_err(anyhow::Error::msg)?;
+            let authorization = proxy.credentials().map(|(user, pass)| {
+                use base64::Engine;
+                let token =
+                    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+                let mut v = http::HeaderValue::from_str(&format!("Basic {token}"))
+                    .unwrap_or_else(|_| http::HeaderValue::from_static(""));
+                v.set_sensitive(true);
+                v
+            });
+            Some(TunnelVia {
+                authority: proxy.authority(),
+                authorization,
+            })
+        }
+    };
+    let dial = Dial {
         filter: !egress.allow_private_addresses,
         fixed,
-    });
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-    http.set_keepalive(Some(Duration::from_secs(60)));
+        via,
+    };
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http);
+        .wrap_connector(dial);
     Ok(
         hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE)
@@ -211,5 +352,104 @@ mod tests {
         let rejected = rejected_address(&err).expect("refused by the policy");
         assert_eq!(rejected.host, "provider.test");
         assert!(!err.to_string().contains("169.254"));
+    }
+
+    /// A loopback stand-in for an egress proxy: records each request head, answers 403.
+    async fn refusing_proxy() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let seen = heads.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 512];
+                while !buf.ends_with(b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                seen.lock()
+                    .expect("lock")
+                    .push(String::from_utf8_lossy(&buf).into_owned());
+                let _ = s
+                    .write_all(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            }
+        });
+        (addr, heads)
+    }
+
+    fn post(uri: &str) -> http::Request<Body> {
+        http::Request::post(uri)
+            .body(
+                http_body_util::Empty::<Bytes>::new()
+                    .map_err(|e| match e {})
+                    .boxed_unsync(),
+            )
+            .expect("request")
+    }
+
+    #[tokio::test]
+    async fn the_egress_proxy_gets_a_connect_with_credentials() {
+        let (proxy, heads) = refusing_proxy().await;
+        // A public address the test never dials: the tunnel goes through the proxy.
+        let fixed: FixedHosts = Arc::new(HashMap::from([(
+            "provider.test".to_owned(),
+            vec!["8.8.8.8:443".parse().expect("addr")],
+        )]));
+        let egress = Egress {
+            proxy_url: Some(super::super::grant::ProxyUrl(format!(
+                "http://byok:s3cret@{proxy}"
+            ))),
+            ..Egress::default()
+        };
+        let client = build(&egress, Some(fixed)).expect("client");
+        let err = client
+            .request(post("https://provider.test/v1/messages"))
+            .await
+            .expect_err("refused");
+        let chain = format!("{:?}", err);
+        assert!(chain.contains("refused the tunnel"), "{chain}");
+        let heads = heads.lock().expect("lock").clone();
+        assert_eq!(heads.len(), 1, "{heads:?}");
+        assert!(
+            heads[0].starts_with("CONNECT provider.test:443 HTTP/1.1\r\n"),
+            "{}",
+            heads[0]
+        );
+        // base64("byok:s3cret")
+        assert!(
+            heads[0].contains("Proxy-Authorization: Basic YnlvazpzM2NyZXQ="),
+            "{}",
+            heads[0]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_forbidden_target_is_refused_before_the_connect() {
+        let (proxy, heads) = refusing_proxy().await;
+        let fixed: FixedHosts = Arc::new(HashMap::from([(
+            "provider.test".to_owned(),
+            vec!["10.0.0.7:443".parse().expect("addr")],
+        )]));
+        let egress = Egress {
+            proxy_url: Some(super::super::grant::ProxyUrl(format!("http://{proxy}"))),
+            ..Egress::default()
+        };
+        let client = build(&egress, Some(fixed)).expect("client");
+        let err = client
+            .request(post("https://provider.test/"))
+            .await
+            .expect_err("refused");
+        assert_eq!(rejected_address(&err).map(|r| r.class), Some("private"));
+        assert!(
+            heads.lock().expect("lock").is_empty(),
+            "the proxy was asked"
+        );
     }
 }

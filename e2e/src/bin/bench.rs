@@ -18,7 +18,8 @@
 //! 8. `proxy`: the sidecar proxy (see `bench_proxy/mod.rs`): requests per second and added
 //!    latency at 1, 16 and 64 connections beside nginx and a direct call, SSE at
 //!    `BENCH_PROXY_STREAMS` (256) streams, RSS, CPU per request, start to ready; needs `wrk`
-//!    and `nginx` (Debian: wrk, nginx-light); `BENCH_PROXY_SECONDS` (5) per run.
+//!    and `nginx` (Debian: wrk, nginx-light); `BENCH_PROXY_SECONDS` (5) per run;
+//!    `BENCH_PROXY_ARGS` adds proxy flags (e.g. `--no-access-log`).
 //! 7. `broker`: one admitted pod with a token bound to it; `GET /v1/keys/...` from
 //!    `BENCH_BROKER_CONCURRENCY` tasks for `BENCH_BROKER_SECONDS`, full answers (200), then
 //!    as long again with `If-None-Match` (304): requests per second, p50/p99, and the API

@@ -310,7 +310,12 @@ pub async fn run(
     let options = Options {
         binary: Some(PathBuf::from(binary)),
         output_file: Some(dir.join("proxy.log")),
-        extra_args: Vec::new(),
+        // e.g. "--no-access-log --workers=1", to see what they cost.
+        extra_args: std::env::var("BENCH_PROXY_ARGS")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect(),
     };
     // Start -> ready, five times (the pod is in the broker's cache after the first).
     let mut ready_ms = Vec::new();
@@ -326,6 +331,7 @@ pub async fn run(
     let mut sidecar = Sidecar::launch(broker_url, &pod, &token, options.clone()).await?;
     sidecar.wait_ready(Duration::from_secs(60)).await?;
     let ours_pid = sidecar.pid().context("the proxy exited")?;
+    println!("  byok-proxy pid {ours_pid}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let ours_idle = rss_mib(&[ours_pid]);
 
