@@ -26,6 +26,8 @@ pub fn init(args: &LogArgs) -> anyhow::Result<tracing_appender::non_blocking::Wo
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
+        // The default (128,000 lines) is preallocated: ~5 MiB of a sidecar's memory.
+        .buffered_lines_limit(4096)
         .thread_name("log-writer")
         .finish(std::io::stderr());
     if args.log_json {

@@ -9,3 +9,4 @@ pub mod operator;
 pub mod pki;
 pub mod serving;
 pub mod sidecar;
+pub mod stub_broker;

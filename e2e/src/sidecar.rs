@@ -24,6 +24,8 @@ pub struct Options {
     /// Send stdout and stderr to this file instead of memory.
     pub output_file: Option<std::path::PathBuf>,
     pub extra_args: Vec<String>,
+    /// Environment set after the pod's (e.g. another `BYOK_BROKER_CA`).
+    pub env: Vec<(String, String)>,
 }
 
 /// A running sidecar proxy process.
@@ -136,6 +138,9 @@ impl Sidecar {
                 (None, None) => String::new(),
             };
             cmd.env(&var.name, value);
+        }
+        for (name, value) in &options.env {
+            cmd.env(name, value);
         }
         let mut child = cmd.spawn().context("starting byok-operator proxy")?;
         let output = Arc::new(Mutex::new(Vec::new()));

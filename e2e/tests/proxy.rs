@@ -708,3 +708,99 @@ async fn an_egress_proxy_carries_verification_and_sidecar_calls() -> anyhow::Res
     assert_eq!(seen.key_id, Some(FakeProvider::key_id(&key)));
     Ok(())
 }
+
+/// A broker that stops answering: the proxy keeps serving the key it has until its lease
+/// ends, then answers 503; once the broker answers again, the key is back.
+#[tokio::test]
+async fn an_unreachable_broker_is_ridden_out_for_the_lease_then_fails_closed() -> anyhow::Result<()>
+{
+    const LEASE: Duration = Duration::from_secs(3);
+    let env = TestEnv::new("proxy-lease").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    // The operator admits the pod (the webhook writes the sidecar); the key comes from a stub.
+    let op = ServingOperator::start(&env, &fake).await?;
+    let key = random_key("sk-ant-");
+    fake.add_valid_key(ProviderKind::Anthropic, &key);
+    let broker = byok_e2e::stub_broker::StubBroker::start(json!({
+        "namespace": env.namespace, "providerKey": "claude", "provider": "anthropic",
+        "keyVersion": 1, "fingerprint": "sha256:0000",
+        "credential": {"type": "apiKey", "value": key},
+        "origin": fake.origin(), "baseURL": fake.base_url(ProviderKind::Anthropic),
+        "allowedModels": [],
+        "egress": {"allowPrivateAddresses": true, "extraCaPem": fake.ca_pem()},
+        "leaseSeconds": LEASE.as_secs(), "pollSeconds": 1
+    }))
+    .await?;
+    let pod = create_pod(&env, &opted_in_pod("lease-", &["claude"])).await?;
+    let options = byok_e2e::sidecar::Options {
+        env: vec![("BYOK_BROKER_CA".into(), broker.ca_pem.clone())],
+        ..Default::default()
+    };
+    let mut sidecar = Sidecar::launch(&broker.url(), &pod, "stub-token", options).await?;
+    sidecar.wait_ready(READY_WAIT).await?;
+    drop(op);
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/messages", sidecar.url("claude"));
+    let call = || async {
+        let res = http
+            .post(&url)
+            .header("anthropic-version", "2023-06-01")
+            .json(&anthropic_message(Some("claude-sonnet-4-5"), false))
+            .send()
+            .await?;
+        let status = res.status().as_u16();
+        anyhow::Ok((status, res.text().await?))
+    };
+    assert_eq!(call().await?.0, 200);
+
+    // The broker goes away right after it confirmed the key (the answer count moves).
+    let confirmed = broker.answered();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while broker.answered() == confirmed {
+        assert!(Instant::now() < deadline, "the proxy does not poll");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    broker.set_up(false);
+    let down_at = Instant::now();
+    let mut served_after_down = 0;
+    let failed_at = loop {
+        let (status, body) = call().await?;
+        match status {
+            200 => served_after_down += 1,
+            503 => {
+                assert!(body.contains("lease"), "{body}");
+                break down_at.elapsed();
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+        assert!(
+            down_at.elapsed() < LEASE * 3,
+            "still served {:?} after the broker went away",
+            down_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!(
+        "served {served_after_down} requests for {failed_at:?} without the broker (lease {LEASE:?})"
+    );
+    assert!(served_after_down > 0, "the key was dropped at once");
+    // The lease restarted at the last answer, before the broker went down.
+    assert!(
+        failed_at >= LEASE - Duration::from_millis(1500),
+        "failed closed after {failed_at:?}"
+    );
+
+    broker.set_up(true);
+    let back = Instant::now();
+    loop {
+        if call().await?.0 == 200 {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "the key did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}

@@ -316,6 +316,7 @@ pub async fn run(
             .split_whitespace()
             .map(str::to_owned)
             .collect(),
+        env: Vec::new(),
     };
     // Start -> ready, five times (the pod is in the broker's cache after the first).
     let mut ready_ms = Vec::new();
