@@ -42,6 +42,9 @@ test: lint testbins ## Everything CI runs: lint, unit tests, integration tests o
 	@# even wrong code cannot send a packet off this machine from there. Same target selection
 	@# as above, so nothing is rebuilt.
 	unshare --net sh -c 'ip link set lo up && BYOK_NETNS_ONLY=1 exec $(CARGO) test --offline --workspace --all-targets -q -- --ignored netns_' 2>&1 | tee -a target/test-output.log
+	@# Tests with real pods: a kubelet, containerd and their pods in network, mount and PID
+	@# namespaces of their own (hack/node-ns.sh), which leave nothing behind.
+	hack/node-ns.sh $(CARGO) test --offline --workspace --all-targets -q -- --ignored node_ 2>&1 | tee -a target/test-output.log
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "tests: %d passed, %d failed\n", p, f}' target/test-output.log
 
 .PHONY: bench

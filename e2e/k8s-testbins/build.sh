@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver and etcd from their Go modules (no downloads of release binaries are
+# Builds kube-apiserver, etcd and the kubelet from their Go modules (no downloads of release binaries are
 # possible here) and caches them under ${BYOK_TESTBINS_CACHE:-$HOME/.cache/byok-operator/k8s-testbins}/<kube>-<etcd>/.
 # Rebuilds only what is missing. Prints the cache directory on stdout; progress goes to stderr.
 set -euo pipefail
@@ -28,4 +28,7 @@ build kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver \
   "-X $kv.gitVersion=$KUBE_VERSION -X $kv.gitMajor=1 -X $kv.gitMinor=$minor -X $kv.gitTreeState=clean -X $kv.buildDate=$build_date \
    -X k8s.io/client-go/pkg/version.gitVersion=$KUBE_VERSION -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
 build etcd go.etcd.io/etcd/server/v3 ""
+# The node of the tests with real pods: the same module and version as the API server.
+build kubelet k8s.io/kubernetes/cmd/kubelet \
+  "-X $kv.gitVersion=$KUBE_VERSION -X $kv.gitMajor=1 -X $kv.gitMinor=$minor -X $kv.gitTreeState=clean -X $kv.buildDate=$build_date"
 echo "$out"

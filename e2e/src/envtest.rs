@@ -38,6 +38,8 @@ const CONTEXT_NAME: &str = "byok-envtest";
 pub struct Binaries {
     pub kube_apiserver: PathBuf,
     pub etcd: PathBuf,
+    /// Only the tests with a real node need it (see [`crate::node`]).
+    pub kubelet: Option<PathBuf>,
 }
 
 impl Binaries {
@@ -66,6 +68,7 @@ impl Binaries {
         let bins = Self {
             kube_apiserver: dir.join("kube-apiserver"),
             etcd: dir.join("etcd"),
+            kubelet: Some(dir.join("kubelet")).filter(|k| k.is_file()),
         };
         for bin in [&bins.kube_apiserver, &bins.etcd] {
             if !bin.is_file() {
@@ -345,7 +348,7 @@ fn stop(mut child: Child) {
     let _ = child.wait();
 }
 
-fn spawn(cmd: &mut Command, log: &Path) -> anyhow::Result<Child> {
+pub(crate) fn spawn(cmd: &mut Command, log: &Path) -> anyhow::Result<Child> {
     let log_file = fs::File::create(log)?;
     let parent = std::process::id();
     cmd.stdin(Stdio::null())

@@ -389,7 +389,13 @@ impl FakeProvider {
     /// Starts the server on its own thread and returns once it accepts connections.
     pub async fn start(cfg: FakeProviderConfig) -> anyhow::Result<FakeProvider> {
         let ca = TestCa::new("byok fake provider CA")?;
-        let leaf = ca.issue("byok fake provider", &["localhost", "127.0.0.1"])?;
+        // Plus the listen address when it is a specific one (a test node's address).
+        let listen_ip = cfg.listen.ip().to_string();
+        let mut sans = vec!["localhost", "127.0.0.1"];
+        if !cfg.listen.ip().is_unspecified() && !cfg.listen.ip().is_loopback() {
+            sans.push(&listen_ip);
+        }
+        let leaf = ca.issue("byok fake provider", &sans)?;
         let tls = server_tls_config(&leaf.cert_pem, &leaf.key_pem)?;
 
         let public = std::net::TcpListener::bind(cfg.listen)
@@ -453,7 +459,8 @@ impl FakeProvider {
         })
     }
 
-    /// PEM of the CA that issued the server certificate (SANs `localhost`, `127.0.0.1`).
+    /// PEM of the CA that issued the server certificate (SANs `localhost`, `127.0.0.1` and a
+    /// specific listen address).
     pub fn ca_pem(&self) -> String {
         self.ca_pem.clone()
     }

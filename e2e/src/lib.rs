@@ -5,6 +5,8 @@
 pub mod connect_proxy;
 pub mod envtest;
 pub mod fake_provider;
+pub mod node;
+pub mod oci;
 pub mod operator;
 pub mod pki;
 pub mod serving;

@@ -116,8 +116,12 @@ impl ServingOperator {
             extra_ca_pem: Some(fake.ca_pem()),
             proxy: None,
         };
-        config.serving = Some(serve.clone());
+        config.serving = Some(serve);
         change(&mut config);
+        let serve = config
+            .serving
+            .clone()
+            .context("the change removed serving")?;
         let metrics = config.metrics.clone();
         let controller = RunningController::start(env, config).await?;
         let op = Self {
@@ -129,6 +133,28 @@ impl ServingOperator {
         };
         op.wait_webhook_called(env).await?;
         Ok(op)
+    }
+
+    /// An operator whose broker pods on the test node reach on the node's address, and whose
+    /// webhook injects the locally imported sidecar image (never pulled).
+    pub async fn start_for_node(
+        env: &TestEnv,
+        fake: &FakeProvider,
+        node_ip: std::net::Ipv4Addr,
+    ) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        Self::start_with(env, fake, |config| {
+            if let Some(serve) = config.serving.as_mut() {
+                serve.broker_addr = std::net::SocketAddr::from((node_ip, port));
+                serve.broker_url = format!("https://{node_ip}:{port}");
+                serve.tls = TlsSource::Own(CertSettings::new(
+                    env.namespace.clone(),
+                    vec!["127.0.0.1".into(), "localhost".into(), node_ip.to_string()],
+                ));
+                serve.proxy.pull_policy = "Never".into();
+            }
+        })
+        .await
     }
 
     /// The CA sidecars trust, from the operator's certificate Secret.
