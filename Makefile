@@ -55,6 +55,11 @@ bench: testbins ## Scale and speed figures beside their aims: BENCH_KEYS Provide
 	  echo "make bench: install wrk and nginx-light for the proxy section" >&2
 	$(CARGO) build --release --bin byok-operator
 	$(CARGO) run --release -p byok-e2e --bin bench -- $${BENCH_KEYS:-10000} target/release/byok-operator
+	@# Section `pods`: real pods on a test node (hack/node-ns.sh), the sidecar image made from
+	@# the release binary.
+	@if [ -z "$${BENCH_SECTIONS:-}" ] || [[ ",$${BENCH_SECTIONS}," == *",pods,"* ]]; then \
+	  BYOK_SIDECAR_BINARY=$$PWD/target/release/byok-operator hack/node-ns.sh \
+	    $(CARGO) test -p byok-e2e --test pods -q -- --ignored --exact bench_pods_create_to_first_call --nocapture; fi
 
 .PHONY: cluster-up
 cluster-up: testbins ## Start a local control plane; KUBECONFIG=target/envtest/kubeconfig

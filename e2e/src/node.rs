@@ -128,7 +128,9 @@ impl Node {
                 .status()?
                 .success())
         })?;
+        eprintln!("test node: containerd up after {:?}", begin.elapsed());
         node.import_images()?;
+        eprintln!("test node: images imported after {:?}", begin.elapsed());
 
         let kubelet_dir = dir.join("kubelet");
         fs::create_dir_all(&kubelet_dir)?;
@@ -423,6 +425,12 @@ syncFrequency: 10s
 pub async fn node_env(prefix: &str) -> anyhow::Result<(TestEnv, &'static Node)> {
     let node = tokio::task::spawn_blocking(shared_node).await?;
     let env = TestEnv::new(prefix).await?;
+    add_root_ca(&env).await?;
+    Ok((env, node))
+}
+
+/// The `kube-root-ca.crt` ConfigMap the controller-manager would have put in the namespace.
+pub async fn add_root_ca(env: &TestEnv) -> anyhow::Result<()> {
     let cm = ConfigMap {
         metadata: ObjectMeta {
             name: Some("kube-root-ca.crt".into()),
@@ -434,5 +442,5 @@ pub async fn node_env(prefix: &str) -> anyhow::Result<(TestEnv, &'static Node)> 
     env.api::<ConfigMap>()
         .create(&PostParams::default(), &cm)
         .await?;
-    Ok((env, node))
+    Ok(())
 }

@@ -142,7 +142,16 @@ impl ServingOperator {
         fake: &FakeProvider,
         node_ip: std::net::Ipv4Addr,
     ) -> anyhow::Result<Self> {
-        let port = free_port()?;
+        Self::start_for_node_at(env, fake, node_ip, free_port()?).await
+    }
+
+    /// As [`Self::start_for_node`], with the broker on `port` (a restarted operator).
+    pub async fn start_for_node_at(
+        env: &TestEnv,
+        fake: &FakeProvider,
+        node_ip: std::net::Ipv4Addr,
+        port: u16,
+    ) -> anyhow::Result<Self> {
         Self::start_with(env, fake, |config| {
             if let Some(serve) = config.serving.as_mut() {
                 serve.broker_addr = std::net::SocketAddr::from((node_ip, port));

@@ -11,7 +11,7 @@ use std::time::Duration;
 use byok_e2e::envtest::TestEnv;
 use byok_e2e::fake_provider::{FakeProvider, FakeProviderConfig};
 use byok_e2e::node::{APP_IMAGE, NODE_NAME, Node, node_env};
-use byok_e2e::operator::random_key;
+use byok_e2e::operator::{create_pk, is_condition, put_secret, random_key, wait_pk};
 use byok_e2e::serving::{ServingOperator, ready_anthropic};
 use byok_operator::names;
 use byok_operator::providers::ProviderKind;
@@ -98,6 +98,149 @@ fn started_at(pod: &Pod, init: bool, container: &str) -> Option<jiff::Timestamp>
             .as_ref()
             .and_then(|t| t.started_at.as_ref()))?;
     time.0.to_string().parse().ok()
+}
+
+/// What every test here starts from: a namespace, the node, the fake provider on the node's
+/// address and an operator serving pods there.
+struct Setup {
+    env: TestEnv,
+    node: &'static Node,
+    fake: FakeProvider,
+    op: Option<ServingOperator>,
+}
+
+async fn setup(prefix: &str) -> anyhow::Result<Setup> {
+    let (env, node) = node_env(prefix).await?;
+    let fake = FakeProvider::start(FakeProviderConfig {
+        listen: (node.ip, 0).into(),
+        ..Default::default()
+    })
+    .await?;
+    let op = ServingOperator::start_for_node(&env, &fake, node.ip).await?;
+    Ok(Setup {
+        env,
+        node,
+        fake,
+        op: Some(op),
+    })
+}
+
+impl Setup {
+    async fn create(&self, pod: &Pod) -> anyhow::Result<String> {
+        let created = self
+            .env
+            .api::<Pod>()
+            .create(&PostParams::default(), pod)
+            .await?;
+        Ok(created.metadata.name.unwrap_or_default())
+    }
+
+    async fn pod(&self, name: &str) -> anyhow::Result<Pod> {
+        Ok(self.env.api::<Pod>().get(name).await?)
+    }
+
+    /// The app's output lines so far (the kubelet's log file, CRI prefix removed), with the
+    /// time the kubelet stamped on each.
+    async fn app_lines(&self, name: &str) -> anyhow::Result<Vec<(jiff::Timestamp, String)>> {
+        let pod = self.pod(name).await?;
+        Ok(cri_lines(&self.node.container_log(&pod, "app")))
+    }
+
+    /// Waits until the app has printed a line containing `needle`.
+    async fn wait_line(&self, name: &str, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self
+                .app_lines(name)
+                .await?
+                .iter()
+                .any(|(_, l)| l.contains(needle))
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let pod = self.pod(name).await?;
+                anyhow::bail!(
+                    "the app never printed {needle:?} in {timeout:?}; its log:\n{}\nsidecar log:\n{}\nstatus: {:?}",
+                    self.node.container_log(&pod, "app"),
+                    self.node.container_log(&pod, SIDECAR_NAME),
+                    pod.status
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Generation calls the fake provider answered for `kind`.
+    fn calls(&self, kind: ProviderKind) -> Vec<byok_e2e::fake_provider::RecordedRequest> {
+        self.fake
+            .requests_log()
+            .into_iter()
+            .filter(|r| r.provider == Some(kind) && r.key_id.is_some())
+            .collect()
+    }
+}
+
+/// Lines of a CRI container log: `<RFC 3339 time> <stream> <F|P> <text>`.
+fn cri_lines(log: &str) -> Vec<(jiff::Timestamp, String)> {
+    log.lines()
+        .filter_map(|line| {
+            let mut parts = line.splitn(4, ' ');
+            let time = parts.next()?.parse().ok()?;
+            let text = parts.nth(2).unwrap_or_default();
+            Some((time, text.to_owned()))
+        })
+        .collect()
+}
+
+/// A shell function `call` making one Messages API call through `$ANTHROPIC_BASE_URL`, and
+/// `openai_call` one Chat Completions call through `$OPENAI_BASE_URL`; both print the body.
+const CALLS: &str = r#"
+call() {
+  wget -q -O- --header 'content-type: application/json' --header 'anthropic-version: 2023-06-01' \
+    --post-data '{"model":"claude-sonnet-4-5","max_tokens":16,"messages":[{"role":"user","content":"hi"}]}' \
+    "$ANTHROPIC_BASE_URL/v1/messages"
+}
+openai_call() {
+  wget -q -O- --header 'content-type: application/json' \
+    --post-data '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}' \
+    "$OPENAI_BASE_URL/chat/completions"
+}
+"#;
+
+/// `call` every 100 ms for up to `seconds`, printing `OK` or `ERR <what wget said>`.
+fn calling_loop(seconds: u32) -> String {
+    format!(
+        r#"{CALLS}
+end=$(( $(date +%s) + {seconds} ))
+while [ $(date +%s) -lt $end ]; do
+  if call >/dev/null 2>/tmp/err; then echo OK; else echo "ERR $(cat /tmp/err)"; fi
+  sleep 0.1
+done"#
+    )
+}
+
+async fn ready_key(
+    env: &TestEnv,
+    fake: &FakeProvider,
+    name: &str,
+    provider: ProviderKind,
+    key: &str,
+) -> anyhow::Result<()> {
+    fake.add_valid_key(provider, key);
+    let source = format!("{name}-raw");
+    put_secret(env, &source, &[("api-key", key)]).await?;
+    create_pk(
+        env,
+        name,
+        json!({"provider": provider.to_string(), "secretRef": {"name": source}}),
+    )
+    .await?;
+    wait_pk(env, name, "Ready", |pk| {
+        is_condition(pk, "Ready", "True", "Valid")
+    })
+    .await?;
+    Ok(())
 }
 
 /// What the app script prints after its call, so the test can look for the key: its own
@@ -193,4 +336,443 @@ echo
     );
     drop(op);
     Ok(())
+}
+
+#[tokio::test]
+#[ignore = "needs a node: run under hack/node-ns.sh (make test does)"]
+async fn node_a_pod_with_two_providers_reaches_both_through_their_variables() -> anyhow::Result<()>
+{
+    let s = setup("pods-two").await?;
+    let (claude, gpt) = (random_key("sk-ant-"), random_key("sk-proj-"));
+    ready_key(&s.env, &s.fake, "claude", ProviderKind::Anthropic, &claude).await?;
+    ready_key(&s.env, &s.fake, "gpt", ProviderKind::OpenAI, &gpt).await?;
+    let script = format!("set -e\n{CALLS}\ncall; echo; openai_call; echo");
+    let name = s
+        .create(&app_pod("two-keys-", &["claude", "gpt"], &script))
+        .await?;
+    let (pod, log) = wait_done(&s.env, s.node, &name).await?;
+    assert_eq!(
+        pod.status.and_then(|st| st.phase).as_deref(),
+        Some("Succeeded"),
+        "{log}"
+    );
+    assert!(log.contains(r#""type":"message""#), "{log}");
+    assert!(log.contains(r#""object":"chat.completion""#), "{log}");
+    let anthropic = s.calls(ProviderKind::Anthropic);
+    let openai = s.calls(ProviderKind::OpenAI);
+    assert_eq!(anthropic.len(), 1, "{anthropic:?}");
+    assert_eq!(openai.len(), 1, "{openai:?}");
+    assert_eq!(anthropic[0].key_id, Some(FakeProvider::key_id(&claude)));
+    assert_eq!(openai[0].key_id, Some(FakeProvider::key_id(&gpt)));
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "needs a node: run under hack/node-ns.sh (make test does)"]
+async fn node_a_pod_created_before_its_key_is_ready_starts_once_it_is() -> anyhow::Result<()> {
+    let s = setup("pods-wait").await?;
+    let key = random_key("sk-ant-");
+    s.fake.add_valid_key(ProviderKind::Anthropic, &key);
+    // The ProviderKey exists, its Secret does not yet: not Ready.
+    create_pk(
+        &s.env,
+        "late",
+        json!({"provider": "anthropic", "secretRef": {"name": "late-raw"}}),
+    )
+    .await?;
+    let script = format!("set -e\n{CALLS}\ncall");
+    let name = s.create(&app_pod("waiting-", &["late"], &script)).await?;
+
+    // Meanwhile the pod says why it waits, and its app has not started.
+    let events: kube::Api<k8s_openapi::api::events::v1::Event> = s.env.api();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let warning = loop {
+        let found = events
+            .list(&Default::default())
+            .await?
+            .items
+            .into_iter()
+            .find(|e| {
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name.as_str())
+                    && e.reason.as_deref() == Some("WaitingForProviderKey")
+            });
+        if let Some(event) = found {
+            break event;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no Warning Event on the waiting pod"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(warning.type_.as_deref(), Some("Warning"));
+    let note = warning.note.unwrap_or_default();
+    assert!(note.contains("late"), "{note}");
+    tokio::time::sleep(Duration::from_secs(30)).await; // the wait the issue asks about
+    let pod = s.pod(&name).await?;
+    assert_eq!(
+        pod.status.as_ref().and_then(|st| st.phase.as_deref()),
+        Some("Pending")
+    );
+    assert!(
+        started_at(&pod, false, "app").is_none(),
+        "the app started without its key"
+    );
+
+    let became_ready = Instant::now();
+    put_secret(&s.env, "late-raw", &[("api-key", &key)]).await?;
+    let (pod, log) = wait_done(&s.env, s.node, &name).await?;
+    eprintln!("key Ready → pod done in {:?}", became_ready.elapsed());
+    assert_eq!(
+        pod.status.as_ref().and_then(|st| st.phase.as_deref()),
+        Some("Succeeded"),
+        "{log}"
+    );
+    let restarts = pod
+        .status
+        .as_ref()
+        .and_then(|st| st.init_container_statuses.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.name == SIDECAR_NAME))
+        .map(|c| c.restart_count);
+    assert_eq!(restarts, Some(0), "the sidecar waited without restarting");
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "needs a node: run under hack/node-ns.sh (make test does)"]
+async fn node_the_app_cannot_reach_the_sidecars_token_or_key() -> anyhow::Result<()> {
+    let s = setup("pods-isolate").await?;
+    let key = random_key("sk-ant-");
+    ready_key(&s.env, &s.fake, "claude", ProviderKind::Anthropic, &key).await?;
+
+    // The app cannot see the sidecar's processes (so not its environment, memory or files
+    // through /proc), and a pod that would share the PID namespace is refused.
+    let script = format!(
+        r#"{CALLS}
+call >/dev/null && echo CALLED
+for p in /proc/[0-9]*; do
+  [ "$(cat $p/comm 2>/dev/null)" = byok-operator ] || continue
+  echo "SIDECAR $p"
+  cat $p/environ >/dev/null 2>&1 && echo ENVIRON-READ
+  cat $p/root/var/run/secrets/byok.dev/token/token >/dev/null 2>&1 && echo TOKEN-READ
+  head -c 1 $p/mem >/dev/null 2>&1 && echo MEM-READ
+done
+echo DONE"#
+    );
+    let mut shared_pid = app_pod("shared-pid-", &["claude"], &script);
+    if let Some(spec) = shared_pid.spec.as_mut() {
+        spec.share_process_namespace = Some(true);
+    }
+    let refused = s
+        .env
+        .api::<Pod>()
+        .create(&PostParams::default(), &shared_pid)
+        .await;
+    let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        message.contains("shareProcessNamespace"),
+        "a pod sharing its PID namespace: {message}"
+    );
+    let name = s.create(&app_pod("look-", &["claude"], &script)).await?;
+    let (_, log) = wait_done(&s.env, s.node, &name).await?;
+    assert!(log.contains("CALLED") && log.contains("DONE"), "{log}");
+    for leak in ["SIDECAR", "ENVIRON-READ", "TOKEN-READ", "MEM-READ"] {
+        assert!(!log.contains(leak), "{leak}: {log}");
+    }
+    assert!(!log.contains(&key));
+
+    // Mounting the sidecar's token volume in the app is refused at admission.
+    let mut thief = app_pod("mount-thief-", &["claude"], "true");
+    if let Some(spec) = thief.spec.as_mut() {
+        spec.containers[0].volume_mounts = Some(vec![serde_json::from_value(json!({
+            "name": byok_operator::webhook::patch::TOKEN_VOLUME,
+            "mountPath": "/stolen",
+        }))?]);
+    }
+    let refused = s
+        .env
+        .api::<Pod>()
+        .create(&PostParams::default(), &thief)
+        .await;
+    let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        message.contains(byok_operator::webhook::patch::TOKEN_VOLUME),
+        "a pod mounting the sidecar's token volume: {message}"
+    );
+
+    // A pod that skips injection and projects its own byok.dev token, here or in another
+    // namespace, gets nothing from the broker with it.
+    let other = TestEnv::new("pods-forger").await?;
+    for env in [&s.env, &other] {
+        let own_token: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "generateName": "forger-",
+                "annotations": {names::PROVIDER_KEYS_ANNOTATION: "claude"},
+            },
+            "spec": {
+                "nodeName": NODE_NAME, "restartPolicy": "Never", "automountServiceAccountToken": false,
+                "containers": [{
+                    "name": "app", "image": APP_IMAGE, "imagePullPolicy": "Never",
+                    "command": ["/bin/sh", "-c", "cat /t/token; echo"],
+                    "volumeMounts": [{"name": "t", "mountPath": "/t"}],
+                }],
+                "volumes": [{"name": "t", "projected": {"sources": [{"serviceAccountToken": {
+                    "audience": byok_operator::names::TOKEN_AUDIENCE, "path": "token", "expirationSeconds": 600,
+                }}]}}],
+            },
+        }))?;
+        if env.namespace != s.env.namespace {
+            byok_e2e::node::add_root_ca(env).await?;
+        }
+        let created = env
+            .api::<Pod>()
+            .create(&PostParams::default(), &own_token)
+            .await?;
+        let forger = created.metadata.name.unwrap_or_default();
+        let (pod, log) = wait_done(env, s.node, &forger).await?;
+        assert_eq!(
+            pod.status.and_then(|st| st.phase).as_deref(),
+            Some("Succeeded"),
+            "{log}"
+        );
+        let token = cri_lines(&log)
+            .into_iter()
+            .map(|(_, l)| l)
+            .find(|l| l.starts_with("ey"))
+            .unwrap_or_default();
+        assert!(!token.is_empty(), "the forger printed no token: {log}");
+        let op = s.op.as_ref().expect("operator");
+        let res = op
+            .https_client(&s.env)
+            .await?
+            .get(format!(
+                "{}/v1/keys/{}/claude",
+                op.broker_url(),
+                s.env.namespace
+            ))
+            .bearer_auth(&token)
+            .send()
+            .await?;
+        let status = res.status().as_u16();
+        let body = res.text().await?;
+        assert!(
+            status == 403 || status == 404,
+            "broker answered {status} to a forger in {}: {body}",
+            env.namespace
+        );
+        assert!(!body.contains(&key), "the broker gave a forger the key");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "needs a node: run under hack/node-ns.sh (make test does)"]
+async fn node_rotation_serves_the_new_key_and_deletion_answers_503() -> anyhow::Result<()> {
+    let s = setup("pods-rotate").await?;
+    let (old, new) = (random_key("sk-ant-"), random_key("sk-ant-"));
+    ready_key(&s.env, &s.fake, "claude", ProviderKind::Anthropic, &old).await?;
+    let name = s
+        .create(&app_pod("looping-", &["claude"], &calling_loop(90)))
+        .await?;
+    s.wait_line(&name, "OK", POD_DONE).await?;
+
+    s.fake.add_valid_key(ProviderKind::Anthropic, &new);
+    let rotated = Instant::now();
+    put_secret(&s.env, "claude-raw", &[("api-key", &new)]).await?;
+    let new_id = FakeProvider::key_id(&new);
+    while !s
+        .calls(ProviderKind::Anthropic)
+        .iter()
+        .any(|c| c.key_id.as_ref() == Some(&new_id))
+    {
+        anyhow::ensure!(
+            rotated.elapsed() < Duration::from_secs(10),
+            "the new key was not used within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "new key in use {:?} after the Secret changed",
+        rotated.elapsed()
+    );
+    let lines = s.app_lines(&name).await?;
+    let failed: Vec<_> = lines.iter().filter(|(_, l)| l.starts_with("ERR")).collect();
+    assert!(
+        failed.is_empty(),
+        "requests failed during rotation: {failed:?}"
+    );
+
+    let deleted_at = jiff::Timestamp::now();
+    let deleted = Instant::now();
+    s.env
+        .api::<byok_operator::crd::ProviderKey>()
+        .delete("claude", &Default::default())
+        .await?;
+    s.wait_line(&name, "ERR", Duration::from_secs(15)).await?;
+    let lines = s.app_lines(&name).await?;
+    let (first_err_at, first_err) = lines
+        .iter()
+        .find(|(_, l)| l.starts_with("ERR"))
+        .cloned()
+        .unwrap_or_default();
+    eprintln!(
+        "503 {:?} after the delete (seen by the test after {:?})",
+        first_err_at.duration_since(deleted_at),
+        deleted.elapsed()
+    );
+    assert!(first_err.contains("503"), "{first_err}");
+    assert!(
+        first_err_at.duration_since(deleted_at) < jiff::SignedDuration::from_secs(10),
+        "first refusal {first_err_at}, deleted {deleted_at}"
+    );
+    s.env
+        .api::<Pod>()
+        .delete(&name, &Default::default())
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "needs a node: run under hack/node-ns.sh (make test does)"]
+async fn node_sidecars_keep_serving_while_the_operator_restarts() -> anyhow::Result<()> {
+    let mut s = setup("pods-restart").await?;
+    let key = random_key("sk-ant-");
+    ready_key(&s.env, &s.fake, "claude", ProviderKind::Anthropic, &key).await?;
+    let name = s
+        .create(&app_pod("through-restart-", &["claude"], &calling_loop(60)))
+        .await?;
+    s.wait_line(&name, "OK", POD_DONE).await?;
+
+    let op = s.op.take().expect("operator");
+    let port: u16 = op.config.broker_addr.port();
+    let webhook_configuration = op.webhook_configuration.clone();
+    drop(op);
+    // The old replica's webhook configuration goes first (the new one reuses its name).
+    let mwcs: kube::Api<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration> =
+        kube::Api::all(s.env.client.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while mwcs.get_opt(&webhook_configuration).await?.is_some() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the webhook configuration stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let served_before = s.calls(ProviderKind::Anthropic).len();
+    // Down for a few broker polls (5 s each).
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let served_down = s.calls(ProviderKind::Anthropic).len() - served_before;
+    s.op = Some(ServingOperator::start_for_node_at(&s.env, &s.fake, s.node.ip, port).await?);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+
+    let lines = s.app_lines(&name).await?;
+    let failed: Vec<_> = lines.iter().filter(|(_, l)| l.starts_with("ERR")).collect();
+    assert!(
+        failed.is_empty(),
+        "requests failed across the restart: {failed:?}"
+    );
+    assert!(
+        served_down > 10,
+        "only {served_down} calls while the operator was down"
+    );
+    s.env
+        .api::<Pod>()
+        .delete(&name, &Default::default())
+        .await?;
+    Ok(())
+}
+
+/// `make bench` (not `make test`): pod create → the app's first successful call, p50 and
+/// max over 20 pods created one after another, and the sidecar's RSS in a real pod.
+#[tokio::test]
+#[ignore = "a benchmark: make bench runs it under hack/node-ns.sh"]
+async fn bench_pods_create_to_first_call() -> anyhow::Result<()> {
+    const PODS: usize = 20;
+    let s = setup("bench-pods").await?;
+    let key = random_key("sk-ant-");
+    ready_key(&s.env, &s.fake, "claude", ProviderKind::Anthropic, &key).await?;
+    let script = format!("{CALLS}\ncall >/dev/null && echo OK");
+    let mut took = Vec::new();
+    for _ in 0..PODS {
+        let created_at = jiff::Timestamp::now();
+        let name = s.create(&app_pod("bench-", &["claude"], &script)).await?;
+        s.wait_line(&name, "OK", POD_DONE).await?;
+        let (at, _) = s
+            .app_lines(&name)
+            .await?
+            .into_iter()
+            .find(|(_, l)| l == "OK")
+            .unwrap_or_default();
+        took.push(at.duration_since(created_at).as_secs_f64() * 1000.0);
+        s.env
+            .api::<Pod>()
+            .delete(&name, &Default::default())
+            .await?;
+    }
+    took.sort_by(f64::total_cmp);
+
+    // The sidecar's memory in a pod that has served 1 call, then 500.
+    let name = s
+        .create(&app_pod(
+            "bench-rss-",
+            &["claude"],
+            &format!("{CALLS}\ncall >/dev/null && echo FIRST\nsleep 3\nfor i in $(seq 1 500); do call >/dev/null; done; echo MANY\nsleep 600"),
+        ))
+        .await?;
+    s.wait_line(&name, "FIRST", POD_DONE).await?;
+    let uid = s.pod(&name).await?.metadata.uid.unwrap_or_default();
+    let idle = sidecar_rss_kib(&uid)?;
+    s.wait_line(&name, "MANY", POD_DONE).await?;
+    let busy = sidecar_rss_kib(&uid)?;
+    s.env
+        .api::<Pod>()
+        .delete(&name, &Default::default())
+        .await?;
+
+    println!(
+        "pods on a real node ({PODS} pods, one after another; sidecar image from {})",
+        std::env::var("BYOK_SIDECAR_BINARY").unwrap_or_else(|_| "the debug build".into())
+    );
+    println!(
+        "  test node: nothing → Ready        {:>8.0} ms",
+        s.node.started_in.as_secs_f64() * 1000.0
+    );
+    println!(
+        "  pod create → app's first call    p50 {:>6.0} ms   max {:>6.0} ms",
+        took[PODS / 2],
+        took[PODS - 1]
+    );
+    println!(
+        "  sidecar RSS in the pod            after 1 call {:.1} MiB, after 500 more {:.1} MiB",
+        idle as f64 / 1024.0,
+        busy as f64 / 1024.0
+    );
+    Ok(())
+}
+
+/// VmRSS of the `byok-operator` process in the pod with this uid (the test runs in the
+/// node's PID namespace, which holds every container's processes).
+fn sidecar_rss_kib(pod_uid: &str) -> anyhow::Result<u64> {
+    let cgroup_uid = pod_uid.replace('-', "_");
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let dir = entry.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let cgroup = std::fs::read_to_string(dir.join("cgroup")).unwrap_or_default();
+        if comm.trim() != "byok-operator"
+            || !(cgroup.contains(pod_uid) || cgroup.contains(&cgroup_uid))
+        {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status"))?;
+        let rss = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok());
+        if let Some(rss) = rss {
+            return Ok(rss);
+        }
+    }
+    anyhow::bail!("no sidecar process of pod {pod_uid}")
 }

@@ -20,6 +20,9 @@
 //!    `BENCH_PROXY_STREAMS` (256) streams, RSS, CPU per request, start to ready; needs `wrk`
 //!    and `nginx` (Debian: wrk, nginx-light); `BENCH_PROXY_SECONDS` (5) per run;
 //!    `BENCH_PROXY_ARGS` adds proxy flags (e.g. `--no-access-log`).
+//! 9. `pods` (run by `make bench` under `hack/node-ns.sh`, see `e2e/tests/pods.rs`): pod
+//!    create → the app's first call through the sidecar on a real kubelet, p50 over 20 pods,
+//!    and the sidecar's RSS in a pod, the image made from the release binary.
 //! 7. `broker`: one admitted pod with a token bound to it; `GET /v1/keys/...` from
 //!    `BENCH_BROKER_CONCURRENCY` tasks for `BENCH_BROKER_SECONDS`, full answers (200), then
 //!    as long again with `If-None-Match` (304): requests per second, p50/p99, and the API
@@ -337,8 +340,9 @@ async fn main() -> anyhow::Result<()> {
 struct Sections(Option<Vec<String>>);
 
 impl Sections {
-    const NAMES: [&str; 8] = [
-        "latency", "scale", "steady", "spec", "restart", "webhook", "broker", "proxy",
+    /// `pods` runs from the Makefile (under `hack/node-ns.sh`), not in this binary.
+    const NAMES: [&str; 9] = [
+        "latency", "scale", "steady", "spec", "restart", "webhook", "broker", "proxy", "pods",
     ];
 
     fn from_env() -> anyhow::Result<Self> {
