@@ -44,7 +44,10 @@ test: lint testbins ## Everything CI runs: lint, unit tests, integration tests o
 	unshare --net sh -c 'ip link set lo up && BYOK_NETNS_ONLY=1 exec $(CARGO) test --offline --workspace --all-targets -q -- --ignored netns_' 2>&1 | tee -a target/test-output.log
 	@# Tests with real pods: a kubelet, containerd and their pods in network, mount and PID
 	@# namespaces of their own (hack/node-ns.sh), which leave nothing behind.
-	hack/node-ns.sh $(CARGO) test --offline --workspace --all-targets -q -- --ignored node_ 2>&1 | tee -a target/test-output.log
+	@# Their sidecar image is made from the release binary, as a real one would be.
+	$(CARGO) build --release --bin byok-operator
+	BYOK_SIDECAR_BINARY=$$PWD/target/release/byok-operator \
+	  hack/node-ns.sh $(CARGO) test --offline --workspace --all-targets -q -- --ignored node_ 2>&1 | tee -a target/test-output.log
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "tests: %d passed, %d failed\n", p, f}' target/test-output.log
 
 .PHONY: bench
