@@ -65,18 +65,26 @@ bench: testbins ## Scale and speed figures beside their aims: BENCH_KEYS Provide
 	    $(CARGO) test -p byok-e2e --test pods -q -- --ignored --exact bench_pods_create_to_first_call --nocapture; fi
 
 .PHONY: cluster-up
-cluster-up: testbins ## Start a local control plane; KUBECONFIG=target/envtest/kubeconfig
+cluster-up: testbins ## Start a local control plane; KUBECONFIG=target/envtest/kubeconfig; NODE=1 adds the tests' node
 	@if [ -f $(ENVTEST_DIR)/envtest.pid ] && kill -0 "$$(cat $(ENVTEST_DIR)/envtest.pid)" 2>/dev/null; then \
 	  echo "already running (pid $$(cat $(ENVTEST_DIR)/envtest.pid)); KUBECONFIG=$(ENVTEST_DIR)/kubeconfig"; exit 0; fi
 	$(CARGO) build -p byok-e2e --bin envtest
 	@mkdir -p $(ENVTEST_DIR); rm -f $(ENVTEST_DIR)/kubeconfig
-	@setsid nohup $(ENVTEST_BIN) $(ENVTEST_DIR) >$(ENVTEST_DIR)/envtest.log 2>&1 </dev/null & echo $$! >$(ENVTEST_DIR)/envtest.pid
+	@if [ "$(NODE)" = 1 ]; then \
+	  $(CARGO) build -q --bin byok-operator; \
+	  BYOK_SIDECAR_BINARY=$$PWD/target/debug/byok-operator \
+	  BYOK_NODE_NS_PIDFILE=$(ENVTEST_DIR)/netns.pid setsid nohup hack/node-ns.sh $(ENVTEST_BIN) $(ENVTEST_DIR) --node \
+	    >$(ENVTEST_DIR)/envtest.log 2>&1 </dev/null & echo $$! >$(ENVTEST_DIR)/envtest.pid; \
+	else setsid nohup $(ENVTEST_BIN) $(ENVTEST_DIR) >$(ENVTEST_DIR)/envtest.log 2>&1 </dev/null & echo $$! >$(ENVTEST_DIR)/envtest.pid; fi
 	@deadline=$$((SECONDS + $(CLUSTER_UP_TIMEOUT))); \
 	until [ -f $(ENVTEST_DIR)/kubeconfig ]; do \
 	  if ! kill -0 "$$(cat $(ENVTEST_DIR)/envtest.pid)" 2>/dev/null || [ $$SECONDS -ge $$deadline ]; then \
 	    echo "control plane did not start; $(ENVTEST_DIR)/envtest.log says:"; tail -n 40 $(ENVTEST_DIR)/envtest.log; exit 1; fi; \
 	  sleep 0.2; done
 	@echo "control plane up: export KUBECONFIG=$(ENVTEST_DIR)/kubeconfig"
+	@if [ "$(NODE)" = 1 ]; then \
+	  echo "node byok-node up; the cluster lives in its own network namespace, so run kubectl there:"; \
+	  echo "  nsenter -t $$(cat $(ENVTEST_DIR)/netns.pid) -n kubectl --kubeconfig $(ENVTEST_DIR)/kubeconfig get nodes"; fi
 
 .PHONY: cluster-down
 cluster-down: ## Stop the local control plane started by cluster-up
@@ -85,7 +93,7 @@ cluster-down: ## Stop the local control plane started by cluster-up
 	  deadline=$$((SECONDS + 30)); \
 	  while kill -0 "$$pid" 2>/dev/null; do \
 	    if [ $$SECONDS -ge $$deadline ]; then kill -9 "$$pid"; fi; sleep 0.2; done; \
-	  rm -f $(ENVTEST_DIR)/envtest.pid $(ENVTEST_DIR)/kubeconfig; echo "control plane stopped"; \
+	  rm -f $(ENVTEST_DIR)/envtest.pid $(ENVTEST_DIR)/netns.pid $(ENVTEST_DIR)/kubeconfig; echo "control plane stopped"; \
 	else echo "no control plane running"; fi
 
 .PHONY: clean

@@ -78,4 +78,6 @@ trap 'exit 130' INT
 setpriv --pdeathsig KILL unshare --net --mount --propagation private --pid --fork --kill-child --mount-proc \
   bash "$0" --inside "$@" <&0 &
 child=$!
+# unshare itself holds the new network and mount namespaces: `nsenter -t PID -n` enters them.
+[ -z "${BYOK_NODE_NS_PIDFILE:-}" ] || echo "$child" >"$BYOK_NODE_NS_PIDFILE"
 wait "$child"

@@ -95,7 +95,8 @@ pub fn shared_node() -> &'static Node {
 }
 
 impl Node {
-    fn start(cp: &ControlPlane) -> anyhow::Result<Node> {
+    /// Starts containerd and a kubelet for `cp` and waits until the node is Ready.
+    pub fn start(cp: &ControlPlane) -> anyhow::Result<Node> {
         let begin = Instant::now();
         let ip = node_ip()?;
         let bins = Binaries::locate()?;

@@ -1,5 +1,7 @@
 //! `make cluster-up`: starts the same local control plane the tests use and keeps it up until
-//! SIGINT or SIGTERM (`make cluster-down`), then stops etcd and kube-apiserver.
+//! SIGINT or SIGTERM (`make cluster-down`), then stops etcd and kube-apiserver. With `--node`
+//! (`make cluster-up NODE=1`, under `hack/node-ns.sh`) also the tests' node: containerd and a
+//! kubelet, with the test images imported.
 
 use std::path::PathBuf;
 
@@ -16,11 +18,20 @@ fn main() -> anyhow::Result<()> {
     let pid_file = dir.join("envtest.pid");
     std::fs::create_dir_all(&dir)?;
     let _ = std::fs::remove_file(&kubeconfig); // its appearance is the "ready" signal
-    std::fs::write(&pid_file, std::process::id().to_string())?;
+    let with_node = std::env::args().any(|a| a == "--node");
+    if !byok_e2e::node::in_node_namespace() {
+        // Under hack/node-ns.sh our pid is the namespace's; `make` records the script's.
+        std::fs::write(&pid_file, std::process::id().to_string())?;
+    }
 
     let bins = Binaries::locate()?;
     let control_plane =
         ControlPlane::start(&bins, &dir.join("run")).context("starting the control plane")?;
+    let node = if with_node {
+        Some(byok_e2e::node::Node::start(&control_plane).context("starting the node")?)
+    } else {
+        None
+    };
     control_plane.write_kubeconfig(&kubeconfig)?;
     eprintln!(
         "control plane ready at {}\n  export KUBECONFIG={}\nstop it with `make cluster-down`",
@@ -41,6 +52,7 @@ fn main() -> anyhow::Result<()> {
         anyhow::Ok(())
     })?;
     eprintln!("stopping the control plane");
+    drop(node);
     drop(control_plane);
     let _ = std::fs::remove_file(&kubeconfig);
     let _ = std::fs::remove_file(&pid_file);
