@@ -237,6 +237,19 @@ impl Keyring {
         ids
     }
 
+    /// Whether `other` holds the same keys under the same ids, with the same one active:
+    /// a re-read of an unchanged keyring Secret (a watch restarting, say) is no change.
+    #[must_use]
+    pub fn same_as(&self, other: &Keyring) -> bool {
+        self.active == other.active
+            && self.keys.len() == other.keys.len()
+            && self
+                .keys
+                .iter()
+                .zip(&other.keys)
+                .all(|((a, ka), (b, kb))| a == b && ka.0.expose_secret() == kb.0.expose_secret())
+    }
+
     /// Whether the keyring holds a key with this id.
     #[must_use]
     pub fn contains(&self, id: &str) -> bool {
@@ -678,6 +691,21 @@ mod tests {
         let decimal = format!("{:?}", &bytes[..bytes.len().min(8)]);
         let decimal = decimal.trim_start_matches('[').trim_end_matches(']');
         assert!(!haystack.contains(decimal), "{haystack} leaks {decimal}");
+    }
+
+    #[test]
+    fn a_re_read_keyring_is_the_same_and_a_rotated_or_other_one_is_not() {
+        let kr = Keyring::generate();
+        let re_read = Keyring::from_secret_data(&kr.to_secret_data()).expect("parses");
+        assert!(kr.same_as(&re_read));
+        assert!(
+            !kr.same_as(&Keyring::generate()),
+            "same ids, other key bytes"
+        );
+        let mut rotated = Keyring::from_secret_data(&kr.to_secret_data()).expect("parses");
+        rotated.rotate();
+        assert!(!kr.same_as(&rotated));
+        assert!(!rotated.same_as(&kr));
     }
 
     #[test]

@@ -805,6 +805,17 @@ async fn a_restart_calls_no_provider_and_a_steady_reconcile_sends_no_api_request
     let gets = metrics.api_requests("get", "secrets");
     assert_eq!(gets, 1 + 3, "the keyring, and one GET per managed Secret");
 
+    // The keyring Secret touched without a change to its keys (its watch delivers it again,
+    // as a restarted watch would) keeps every opened envelope.
+    env.api::<Secret>()
+        .patch(
+            DEFAULT_KEYRING_SECRET,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                serde_json::json!({"metadata": {"labels": {"touched": "yes"}}}),
+            ),
+        )
+        .await?;
     // A change that is not ours to act on (a label) reconciles the key from the caches alone.
     let done = metrics.reconciliations(true);
     env.api::<ProviderKey>()

@@ -170,12 +170,17 @@ impl Context {
     }
 
     fn set_keyring(&self, keyring: Option<Keyring>) {
-        *self.keyring.write().unwrap_or_else(|p| p.into_inner()) = keyring;
-        // What opens depends on the keyring's keys.
-        self.opened
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        let mut current = self.keyring.write().unwrap_or_else(|p| p.into_inner());
+        let unchanged = matches!((&*current, &keyring), (Some(a), Some(b)) if a.same_as(b));
+        *current = keyring;
+        // What opens depends on the keyring's keys. The watch delivers the unchanged Secret
+        // too (its first event may come after reconciles began): that keeps what was opened.
+        if !unchanged {
+            self.opened
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+        }
     }
 
     /// The envelope of this managed Secret opened before, if its digest is still `digest`.
