@@ -419,31 +419,39 @@ fn remove_stale_runs(root: &Path) {
 pub fn shared() -> &'static ControlPlane {
     static SHARED: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
     let started = SHARED.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let owner = std::thread::Builder::new()
-            .name("envtest-owner".into())
-            .spawn(move || {
-                let root = test_runs_root();
-                remove_stale_runs(&root);
-                let run_dir = root.join(format!("{}-{}", std::process::id(), random_token()));
-                let started =
-                    Binaries::locate().and_then(|bins| ControlPlane::start(&bins, &run_dir));
-                let _ = tx.send(started.map_err(|e| format!("{e:#}")));
-                // Stay alive: the children's death signal is tied to this thread.
-                loop {
-                    std::thread::park();
-                }
-            });
-        match owner {
-            Ok(_) => rx
-                .recv()
-                .unwrap_or_else(|_| Err("envtest owner thread died".into())),
-            Err(e) => Err(format!("spawning the envtest owner thread: {e}")),
-        }
+        start_on_owner_thread("envtest-owner", || {
+            let root = test_runs_root();
+            remove_stale_runs(&root);
+            let run_dir = root.join(format!("{}-{}", std::process::id(), random_token()));
+            Binaries::locate().and_then(|bins| ControlPlane::start(&bins, &run_dir))
+        })
     });
     match started {
         Ok(cp) => cp,
         Err(e) => panic!("the local control plane did not start: {e}"),
+    }
+}
+
+/// Runs `start` on a thread that then lives as long as the process: children spawned there
+/// with [`spawn`] get their death signal when that thread ends, so it must never end.
+pub(crate) fn start_on_owner_thread<T: Send + 'static>(
+    name: &str,
+    start: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> Result<T, String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let owner = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let _ = tx.send(start().map_err(|e| format!("{e:#}")));
+            loop {
+                std::thread::park();
+            }
+        });
+    match owner {
+        Ok(_) => rx
+            .recv()
+            .unwrap_or_else(|_| Err(format!("{name} thread died"))),
+        Err(e) => Err(format!("spawning the {name} thread: {e}")),
     }
 }
 

@@ -17,7 +17,9 @@ use anyhow::{Context as _, bail};
 use k8s_openapi::api::core::v1::{ConfigMap, Node as KubeNode, Pod};
 use kube::api::{Api, ObjectMeta, PostParams};
 
-use crate::envtest::{Binaries, ControlPlane, TestEnv, shared, spawn, write_kubeconfig};
+use crate::envtest::{
+    Binaries, ControlPlane, TestEnv, shared, spawn, start_on_owner_thread, write_kubeconfig,
+};
 use crate::oci::{self, Entry, Image};
 use crate::serving::TEST_PROXY_IMAGE;
 
@@ -69,25 +71,8 @@ impl std::fmt::Debug for Node {
 /// The node shared by every test of this test binary, started on first use.
 pub fn shared_node() -> &'static Node {
     static NODE: OnceLock<Result<Node, String>> = OnceLock::new();
-    let started = NODE.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let owner = std::thread::Builder::new()
-            .name("node-owner".into())
-            .spawn(move || {
-                let started = Node::start(shared());
-                let _ = tx.send(started.map_err(|e| format!("{e:#}")));
-                // The children's death signal is tied to this thread: stay alive.
-                loop {
-                    std::thread::park();
-                }
-            });
-        match owner {
-            Ok(_) => rx
-                .recv()
-                .unwrap_or_else(|_| Err("node owner thread died".into())),
-            Err(e) => Err(format!("spawning the node owner thread: {e}")),
-        }
-    });
+    let started =
+        NODE.get_or_init(|| start_on_owner_thread("node-owner", || Node::start(shared())));
     match started {
         Ok(node) => node,
         Err(e) => panic!("the test node did not start: {e}"),

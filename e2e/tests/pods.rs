@@ -146,6 +146,13 @@ impl Setup {
         Ok(cri_lines(&self.node.container_log(&pod, "app")))
     }
 
+    /// The `ERR` lines of a [`calling_loop`].
+    async fn failed_calls(&self, name: &str) -> anyhow::Result<Vec<(jiff::Timestamp, String)>> {
+        let mut lines = self.app_lines(name).await?;
+        lines.retain(|(_, l)| l.starts_with("ERR"));
+        Ok(lines)
+    }
+
     /// Waits until the app has printed a line containing `needle`.
     async fn wait_line(&self, name: &str, needle: &str, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
@@ -596,8 +603,7 @@ async fn node_rotation_serves_the_new_key_and_deletion_answers_503() -> anyhow::
         "new key in use {:?} after the Secret changed",
         rotated.elapsed()
     );
-    let lines = s.app_lines(&name).await?;
-    let failed: Vec<_> = lines.iter().filter(|(_, l)| l.starts_with("ERR")).collect();
+    let failed = s.failed_calls(&name).await?;
     assert!(
         failed.is_empty(),
         "requests failed during rotation: {failed:?}"
@@ -663,11 +669,24 @@ async fn node_sidecars_keep_serving_while_the_operator_restarts() -> anyhow::Res
     // Down for a few broker polls (5 s each).
     tokio::time::sleep(Duration::from_secs(12)).await;
     let served_down = s.calls(ProviderKind::Anthropic).len() - served_before;
-    s.op = Some(ServingOperator::start_for_node_at(&s.env, &s.fake, s.node.ip, port).await?);
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    let op = ServingOperator::start_for_node_at(&s.env, &s.fake, s.node.ip, port).await?;
+    // The sidecar finds the restarted broker (it confirms the key it has), and goes on.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while op.metrics.broker_answers("not_modified") + op.metrics.broker_answers("granted") == 0 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the sidecar never polled the restarted broker"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let served_after = s.calls(ProviderKind::Anthropic).len();
+    while s.calls(ProviderKind::Anthropic).len() < served_after + 10 {
+        anyhow::ensure!(Instant::now() < deadline, "calls stopped after the restart");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.op = Some(op);
 
-    let lines = s.app_lines(&name).await?;
-    let failed: Vec<_> = lines.iter().filter(|(_, l)| l.starts_with("ERR")).collect();
+    let failed = s.failed_calls(&name).await?;
     assert!(
         failed.is_empty(),
         "requests failed across the restart: {failed:?}"
