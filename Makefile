@@ -62,7 +62,7 @@ bench: testbins ## Scale and speed figures beside their aims: BENCH_KEYS Provide
 	@# the release binary.
 	@if [ -z "$${BENCH_SECTIONS:-}" ] || [[ ",$${BENCH_SECTIONS}," == *",pods,"* ]]; then \
 	  BYOK_SIDECAR_BINARY=$$PWD/target/release/byok-operator hack/node-ns.sh \
-	    $(CARGO) test -p byok-e2e --test pods -q -- --ignored --exact bench_pods_create_to_first_call --nocapture; fi
+	    $(CARGO) test --offline -p byok-e2e --test pods -q -- --ignored --exact bench_pods_create_to_first_call --nocapture; fi
 
 .PHONY: cluster-up
 cluster-up: testbins ## Start a local control plane; KUBECONFIG=target/envtest/kubeconfig; NODE=1 adds the tests' node

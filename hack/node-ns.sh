@@ -25,17 +25,23 @@ if [ "${1:-}" = "--inside" ]; then
   for dir in /run /var/lib /var/log; do
     mount -t tmpfs -o mode=755 byok-node "$dir"
   done
-  ln -sfn /run/lock /var/lock 2>/dev/null || true
-  mkdir -p /run/lock
-  export BYOK_NODE_NS=1 BYOK_NODE_IP="$NODE_IP"
+  mkdir -p /run/lock /run/byok-tmp
+  # Temporary files too (the control plane's etcd data and keys) stay in the namespace.
+  export BYOK_NODE_NS=1 BYOK_NODE_IP="$NODE_IP" TMPDIR=/run/byok-tmp
   exec "$@"
 fi
 
 [ $# -gt 0 ] || { echo "usage: $0 COMMAND [ARG...]" >&2; exit 2; }
 [ "$(id -u)" = 0 ] || { echo "$0: a node needs root (namespaces, mounts, cgroups)" >&2; exit 1; }
 
-# Sysctls are global; the kubelet sets these three (kernel defaults it "protects").
-sysctls=(vm.overcommit_memory kernel.panic kernel.panic_on_oops)
+# One node at a time: two kubelets would share the host's kubepods cgroups and each would
+# remove the other's pods as orphans. The lock is on this script (nothing to clean up).
+exec 9<"$0"
+flock -n 9 || { echo "$0: another test node is running (make cluster-down?)" >&2; exit 1; }
+
+# Sysctls are global; the kubelet sets these (the kernel tunables it "protects").
+sysctls=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops
+  kernel.keys.root_maxkeys kernel.keys.root_maxbytes)
 saved=()
 for name in "${sysctls[@]}"; do saved+=("$name=$(sysctl -n "$name")"); done
 
@@ -51,8 +57,10 @@ existing_cgroups=$(cgroup_dirs | sort)
 
 restore() {
   local status=$?
-  trap - EXIT INT TERM
+  # A second signal must not cut the restore short.
+  trap '' INT TERM PIPE
   if [ -n "${child:-}" ]; then kill -KILL "$child" 2>/dev/null || true; wait "$child" 2>/dev/null || true; fi
+  for kv in "${saved[@]}"; do sysctl -qw "$kv" || echo "$0: could not restore $kv" >&2; done
   # With the namespace's init gone the kernel kills everything inside; the cgroups empty a
   # moment later. Remove only what this run created, deepest first.
   local deadline=$((SECONDS + 10)) left
@@ -64,7 +72,6 @@ restore() {
     if [ $SECONDS -ge $deadline ]; then echo "$0: cgroups left behind: $left" >&2; break; fi
     sleep 0.2
   done
-  for kv in "${saved[@]}"; do sysctl -qw "$kv" || echo "$0: could not restore $kv" >&2; done
   exit "$status"
 }
 trap restore EXIT
@@ -80,4 +87,7 @@ setpriv --pdeathsig KILL unshare --net --mount --propagation private --pid --for
 child=$!
 # unshare itself holds the new network and mount namespaces: `nsenter -t PID -n` enters them.
 [ -z "${BYOK_NODE_NS_PIDFILE:-}" ] || echo "$child" >"$BYOK_NODE_NS_PIDFILE"
-wait "$child"
+rc=0
+wait "$child" || rc=$?
+child= # reaped: its pid may be reused
+exit "$rc"

@@ -23,6 +23,7 @@ pub struct Metrics {
     secret_writes: Family<Labels, Counter>,
     reconcile_errors: Family<Labels, Counter>,
     keyring_available: Family<Vec<(&'static str, String)>, Gauge>,
+    keyring_loads: Counter,
     api_requests: Family<Labels, Counter>,
     leader: Gauge,
     admissions: Family<Labels, Counter>,
@@ -90,6 +91,12 @@ impl Default for Metrics {
             "1 while the operator keyring Secret (label secret, namespace/name) is loaded; 0 while it is missing or unusable",
             keyring_available.clone(),
         );
+        let keyring_loads = Counter::default();
+        registry.register(
+            "keyring_loads",
+            "Times the operator keyring Secret was read from its watch, changed or not",
+            keyring_loads.clone(),
+        );
         let api_requests = Family::<Labels, Counter>::default();
         registry.register(
             "kube_api_requests",
@@ -129,6 +136,7 @@ impl Default for Metrics {
             api_requests,
             reconcile_errors,
             keyring_available,
+            keyring_loads,
             verifications,
             verification_seconds,
             reconciliations,
@@ -179,6 +187,15 @@ impl Metrics {
             .set(i64::from(available));
         // Without the keyring no envelope opens: the broker cannot serve.
         self.set_ready(Ready::Keyring, available);
+    }
+
+    /// The keyring Secret was read and parsed (see [`Self::keyring_loads`]).
+    pub fn keyring_loaded(&self) {
+        self.keyring_loads.inc();
+    }
+
+    pub fn keyring_loads(&self) -> u64 {
+        self.keyring_loads.get()
     }
 
     pub fn secret_written(&self, kind: &'static str) {

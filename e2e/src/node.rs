@@ -31,7 +31,8 @@ const NODE_DIR: &str = "/var/lib/byok-node";
 const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
 /// The pods' subnet on the node's CNI bridge.
 pub const POD_SUBNET: &str = "10.202.0.0/24";
-/// Cold start of containerd and a kubelet to a Ready node (measured: about 7 s).
+/// Start of containerd and a kubelet to a Ready node (measured: 2–5 s; more when the
+/// sidecar binary must be built first).
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Whether this process runs where a node can be started (see `hack/node-ns.sh`).

@@ -807,6 +807,7 @@ async fn a_restart_calls_no_provider_and_a_steady_reconcile_sends_no_api_request
 
     // The keyring Secret touched without a change to its keys (its watch delivers it again,
     // as a restarted watch would) keeps every opened envelope.
+    let loads = metrics.keyring_loads();
     env.api::<Secret>()
         .patch(
             DEFAULT_KEYRING_SECRET,
@@ -816,6 +817,13 @@ async fn a_restart_calls_no_provider_and_a_steady_reconcile_sends_no_api_request
             ),
         )
         .await?;
+    while metrics.keyring_loads() == loads {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the keyring watch did not see the touch"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await; // polling interval
+    }
     // A change that is not ours to act on (a label) reconciles the key from the caches alone.
     let done = metrics.reconciliations(true);
     env.api::<ProviderKey>()

@@ -251,6 +251,7 @@ pub fn changes(
                     let changed = before.as_deref() != Some(keyring.active_id());
                     ctx.set_keyring(Some(keyring));
                     ctx.metrics.set_keyring_available(&keyring_label, true);
+                    ctx.metrics.keyring_loaded();
                     if changed && before.is_none() {
                         tracing::info!(secret = %keyring_ref.name.clone().unwrap_or_default(), "the operator keyring is available again");
                     }
