@@ -86,8 +86,7 @@ pub async fn start(
     let (bundle, resolver) = match &config.tls {
         TlsSource::Own(settings) => {
             let api: Api<Secret> = Api::namespaced(client.clone(), &settings.namespace);
-            let bundle = certs::ensure(&api, settings).await?;
-            (bundle, None)
+            (ensure_with_retries(&api, settings).await?, None)
         }
         TlsSource::Dir(dir) => (certs::load_dir(dir)?, Some(dir.clone())),
     };
@@ -247,6 +246,30 @@ async fn keep_ca_bundle(
 /// on): a server-side dry run of a pod in the operator's namespace, once at start-up. An
 /// API server that cannot be asked counts as a yes, with a warning: refusing every pod
 /// for a failed check would be worse than a sidecar that a too-old cluster drops.
+/// [`certs::ensure`], riding out API errors for a while: a freshly started API server (or
+/// one that is briefly unreachable) should delay serving, not end the process.
+async fn ensure_with_retries(
+    api: &Api<Secret>,
+    settings: &crate::serving::CertSettings,
+) -> Result<certs::Bundle, certs::CertError> {
+    let mut delay = std::time::Duration::from_millis(250);
+    let mut attempt = 1;
+    loop {
+        match certs::ensure(api, settings).await {
+            Err(e @ certs::CertError::Api { .. }) if attempt < ENSURE_ATTEMPTS => {
+                tracing::warn!(error = %e, attempt, "loading the serving certificate; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// About 30 s of retries (0.25 s doubling to 5 s).
+const ENSURE_ATTEMPTS: u32 = 10;
+
 async fn native_sidecars_survive(client: &kube::Client, namespace: &str) -> bool {
     let pod: Pod = match serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",

@@ -118,6 +118,16 @@ impl RunningController {
         Self { task }
     }
 
+    /// How the controller ended, once it has (`None` while it runs).
+    pub fn ended(&mut self) -> Option<String> {
+        use futures::FutureExt as _;
+        match (&mut self.task).now_or_never()? {
+            Ok(Ok(())) => Some("returned".into()),
+            Ok(Err(e)) => Some(format!("failed: {e:#}")),
+            Err(e) => Some(format!("panicked or was cancelled: {e}")),
+        }
+    }
+
     /// False once the controller returned or panicked.
     pub fn is_running(&self) -> bool {
         !self.task.is_finished()

@@ -124,7 +124,7 @@ impl ServingOperator {
             .context("the change removed serving")?;
         let metrics = config.metrics.clone();
         let controller = RunningController::start(env, config).await?;
-        let op = Self {
+        let mut op = Self {
             controller,
             config: serve,
             webhook_configuration: name,
@@ -181,11 +181,14 @@ impl ServingOperator {
 
     /// Polls with dry-run pod creations until the API server gets through to the webhook
     /// (the caBundle is set by the operator after it starts).
-    async fn wait_webhook_called(&self, env: &TestEnv) -> anyhow::Result<()> {
+    async fn wait_webhook_called(&mut self, env: &TestEnv) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + WAIT;
         let pod = opted_in_pod("probe-", &["no-such-key"]);
         let mut last = String::new();
         while tokio::time::Instant::now() < deadline {
+            if let Some(how) = self.controller.ended() {
+                anyhow::bail!("the operator stopped before serving: {how}");
+            }
             match env
                 .api::<Pod>()
                 .create(
