@@ -137,13 +137,7 @@ impl EgressArgs {
         if !self.provider_endpoint.is_empty() {
             tracing::warn!(overrides = ?self.provider_endpoint, "--provider-endpoint: provider endpoints replaced");
         }
-        let proxy = self
-            .egress_proxy
-            .as_deref()
-            .filter(|p| !p.is_empty())
-            .map(crate::egress::EgressProxy::parse)
-            .transpose()
-            .map_err(|e| anyhow::anyhow!(e))?;
+        let proxy = self.egress_proxy()?;
         if let Some(p) = &proxy {
             tracing::info!(proxy = %p.authority(), "provider calls go through the egress proxy");
         }
@@ -154,6 +148,16 @@ impl EgressArgs {
             ..Default::default()
         };
         Ok((egress, endpoints))
+    }
+
+    /// `--egress-proxy`, parsed (an empty value is none).
+    fn egress_proxy(&self) -> anyhow::Result<Option<crate::egress::EgressProxy>> {
+        self.egress_proxy
+            .as_deref()
+            .filter(|p| !p.is_empty())
+            .map(crate::egress::EgressProxy::parse)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!(e))
     }
 }
 
@@ -387,13 +391,7 @@ impl ServeArgs {
             egress: crate::broker::EgressPolicy {
                 allow_private_addresses: egress.insecure_allow_private_base_urls,
                 extra_ca_pem,
-                proxy: egress
-                    .egress_proxy
-                    .as_deref()
-                    .filter(|p| !p.is_empty())
-                    .map(crate::egress::EgressProxy::parse)
-                    .transpose()
-                    .map_err(|e| anyhow::anyhow!(e))?,
+                proxy: egress.egress_proxy()?,
             },
             operator_namespace: operator_namespace.to_string(),
             workers: self.serve_workers.max(1),

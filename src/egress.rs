@@ -311,10 +311,12 @@ pub fn http_client(cfg: &EgressConfig) -> anyhow::Result<reqwest::Client> {
         None => builder.no_proxy(),
     };
     if cfg.allow_private || cfg.proxy.is_some() {
-        tracing::warn!(
-            "INSECURE: private, loopback and metadata base URLs are allowed for provider calls \
-             (--insecure-allow-private-base-urls); never use this in production"
-        );
+        if cfg.allow_private {
+            tracing::warn!(
+                "INSECURE: private, loopback and metadata base URLs are allowed for provider calls \
+                 (--insecure-allow-private-base-urls); never use this in production"
+            );
+        }
         if let Some(resolver) = &cfg.resolver {
             builder = builder.dns_resolver(resolver.clone());
         }
@@ -379,15 +381,20 @@ impl EgressProxy {
         Some((u.to_owned(), p.to_owned()))
     }
 
+    /// The proxy's host (brackets removed from an IPv6 address) and port.
+    pub fn host_port(&self) -> (String, u16) {
+        let host = self.url.host_str().unwrap_or_default();
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        (
+            host.to_owned(),
+            self.url.port_or_known_default().unwrap_or(80),
+        )
+    }
+
     /// `host:port` of the proxy.
     pub fn authority(&self) -> String {
-        let host = self.url.host_str().unwrap_or_default();
-        let port = self.url.port_or_known_default().unwrap_or(80);
-        if host.contains(':') && !host.starts_with('[') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
-        }
+        let (host, port) = self.host_port();
+        authority(&host, port)
     }
 
     /// The URL as the broker passes it to sidecars (credentials included).
@@ -399,6 +406,23 @@ impl EgressProxy {
         }
         url.to_string()
     }
+}
+
+/// `host:port`, an IPv6 address in brackets (as in a URL or a CONNECT request).
+pub fn authority(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// The address a URL host names literally (`[::1]` included), if it is one.
+pub fn ip_literal(host: &str) -> Option<IpAddr> {
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .ok()
 }
 
 fn percent_decode(s: &str) -> String {
@@ -416,11 +440,7 @@ pub async fn check_target(
     host: &str,
     resolver: Option<&Arc<dyn Resolve>>,
 ) -> Result<(), AddressRejected> {
-    if let Ok(ip) = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse::<IpAddr>()
-    {
+    if let Some(ip) = ip_literal(host) {
         return match forbidden_ip(ip) {
             Some(class) => Err(AddressRejected {
                 host: host.to_owned(),

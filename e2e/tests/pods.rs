@@ -146,6 +146,14 @@ impl Setup {
         Ok(cri_lines(&self.node.container_log(&pod, "app")))
     }
 
+    async fn delete(&self, name: &str) -> anyhow::Result<()> {
+        self.env
+            .api::<Pod>()
+            .delete(name, &Default::default())
+            .await?;
+        Ok(())
+    }
+
     /// The `ERR` lines of a [`calling_loop`].
     async fn failed_calls(&self, name: &str) -> anyhow::Result<Vec<(jiff::Timestamp, String)>> {
         let mut lines = self.app_lines(name).await?;
@@ -262,34 +270,15 @@ echo '--- mounted'; cat /proc/self/mountinfo
 #[tokio::test]
 #[ignore = "needs a node: run under hack/node-ns.sh (make test does)"]
 async fn node_an_injected_pod_calls_its_provider_and_completes() -> anyhow::Result<()> {
-    let (env, node) = node_env("pods-one").await?;
-    let fake = FakeProvider::start(FakeProviderConfig {
-        listen: (node.ip, 0).into(),
-        ..Default::default()
-    })
-    .await?;
-    let op = ServingOperator::start_for_node(&env, &fake, node.ip).await?;
+    let s = setup("pods-one").await?;
+    let (env, node, fake) = (&s.env, s.node, &s.fake);
     let key = random_key("sk-ant-");
-    ready_anthropic(&env, &fake, "claude", &key, json!({})).await?;
+    ready_anthropic(env, fake, "claude", &key, json!({})).await?;
 
     // One call, no retry: the app must only start once its key is loaded.
-    let script = format!(
-        r#"set -e
-wget -q -O- --header 'content-type: application/json' --header 'anthropic-version: 2023-06-01' \
-  --post-data '{{"model":"claude-sonnet-4-5","max_tokens":16,"messages":[{{"role":"user","content":"hi"}}]}}' \
-  "$ANTHROPIC_BASE_URL/v1/messages"
-echo
-{LOOK_AROUND}"#
-    );
-    let created = env
-        .api::<Pod>()
-        .create(
-            &PostParams::default(),
-            &app_pod("one-key-", &["claude"], &script),
-        )
-        .await?;
-    let name = created.metadata.name.clone().unwrap_or_default();
-    let (pod, log) = wait_done(&env, node, &name).await?;
+    let script = format!("set -e\n{CALLS}\ncall\necho\n{LOOK_AROUND}");
+    let name = s.create(&app_pod("one-key-", &["claude"], &script)).await?;
+    let (pod, log) = wait_done(env, node, &name).await?;
     let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
     assert_eq!(
         phase.as_deref(),
@@ -341,7 +330,6 @@ echo
         !log.contains("byok.dev/token"),
         "the app sees the sidecar's token mount"
     );
-    drop(op);
     Ok(())
 }
 
@@ -632,10 +620,7 @@ async fn node_rotation_serves_the_new_key_and_deletion_answers_503() -> anyhow::
         first_err_at.duration_since(deleted_at) < jiff::SignedDuration::from_secs(10),
         "first refusal {first_err_at}, deleted {deleted_at}"
     );
-    s.env
-        .api::<Pod>()
-        .delete(&name, &Default::default())
-        .await?;
+    s.delete(&name).await?;
     Ok(())
 }
 
@@ -695,10 +680,7 @@ async fn node_sidecars_keep_serving_while_the_operator_restarts() -> anyhow::Res
         served_down > 10,
         "only {served_down} calls while the operator was down"
     );
-    s.env
-        .api::<Pod>()
-        .delete(&name, &Default::default())
-        .await?;
+    s.delete(&name).await?;
     Ok(())
 }
 
@@ -724,10 +706,7 @@ async fn bench_pods_create_to_first_call() -> anyhow::Result<()> {
             .find(|(_, l)| l == "OK")
             .unwrap_or_default();
         took.push(at.duration_since(created_at).as_secs_f64() * 1000.0);
-        s.env
-            .api::<Pod>()
-            .delete(&name, &Default::default())
-            .await?;
+        s.delete(&name).await?;
     }
     took.sort_by(f64::total_cmp);
 
@@ -744,10 +723,7 @@ async fn bench_pods_create_to_first_call() -> anyhow::Result<()> {
     let idle = sidecar_rss_kib(&uid)?;
     s.wait_line(&name, "MANY", POD_DONE).await?;
     let busy = sidecar_rss_kib(&uid)?;
-    s.env
-        .api::<Pod>()
-        .delete(&name, &Default::default())
-        .await?;
+    s.delete(&name).await?;
 
     println!(
         "pods on a real node ({PODS} pods, one after another; sidecar image from {})",

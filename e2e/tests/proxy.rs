@@ -67,6 +67,35 @@ async fn ready_key(
     Ok(())
 }
 
+/// The common start of the one-key tests: a namespace, the fake provider, a serving
+/// operator, a Ready anthropic ProviderKey `claude` holding `key`, and the sidecar of a pod
+/// (`{prefix}-…`) that opts in to it, ready; `url` is its Messages endpoint.
+struct OneKey {
+    env: TestEnv,
+    fake: FakeProvider,
+    op: ServingOperator,
+    sidecar: Sidecar,
+    url: String,
+}
+
+async fn one_anthropic_key(prefix: &str, key: &str) -> anyhow::Result<OneKey> {
+    let env = TestEnv::new(&format!("proxy-{prefix}")).await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let op = ServingOperator::start(&env, &fake).await?;
+    ready_anthropic(&env, &fake, "claude", key, json!({})).await?;
+    let pod = create_pod(&env, &opted_in_pod(&format!("{prefix}-"), &["claude"])).await?;
+    let mut sidecar = Sidecar::start(&env, &op, &pod, "default").await?;
+    sidecar.wait_ready(READY_WAIT).await?;
+    let url = format!("{}/v1/messages", sidecar.url("claude"));
+    Ok(OneKey {
+        env,
+        fake,
+        op,
+        sidecar,
+        url,
+    })
+}
+
 /// The proxy's logs and metrics hold none of `secrets`.
 async fn assert_nothing_leaked(sidecar: &Sidecar, secrets: &[&str]) -> anyhow::Result<()> {
     let metrics = reqwest::get(sidecar.admin_url("/metrics"))
@@ -276,16 +305,16 @@ async fn six_providers_get_their_own_auth_and_never_the_clients() -> anyhow::Res
 /// cancels the provider's stream.
 #[tokio::test]
 async fn sse_arrives_event_by_event_and_a_disconnect_cancels_upstream() -> anyhow::Result<()> {
-    let env = TestEnv::new("proxy-sse").await?;
-    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
-    let op = ServingOperator::start(&env, &fake).await?;
     let key = random_key("sk-ant-");
-    ready_anthropic(&env, &fake, "claude", &key, json!({})).await?;
-    let pod = create_pod(&env, &opted_in_pod("sse-", &["claude"])).await?;
-    let mut sidecar = Sidecar::start(&env, &op, &pod, "default").await?;
-    sidecar.wait_ready(READY_WAIT).await?;
+    // Every part stays bound: dropping the operator would stop the broker.
+    let OneKey {
+        env: _env,
+        fake,
+        op: _op,
+        sidecar,
+        url,
+    } = one_anthropic_key("sse", &key).await?;
     let http = reqwest::Client::new();
-    let url = format!("{}/v1/messages", sidecar.url("claude"));
 
     const EVENTS: usize = 6;
     const INTERVAL: Duration = Duration::from_millis(250);
@@ -492,16 +521,15 @@ async fn default_and_allowed_models() -> anyhow::Result<()> {
 /// way; a deleted ProviderKey is answered 503 within 10 s.
 #[tokio::test]
 async fn rotation_fails_no_request_and_revocation_is_quick() -> anyhow::Result<()> {
-    let env = TestEnv::new("proxy-rotate").await?;
-    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
-    let op = ServingOperator::start(&env, &fake).await?;
     let old = random_key("sk-ant-old-");
     let new = random_key("sk-ant-new-");
-    ready_anthropic(&env, &fake, "claude", &old, json!({})).await?;
-    let pod = create_pod(&env, &opted_in_pod("rotate-", &["claude"])).await?;
-    let mut sidecar = Sidecar::start(&env, &op, &pod, "default").await?;
-    sidecar.wait_ready(READY_WAIT).await?;
-    let url = format!("{}/v1/messages", sidecar.url("claude"));
+    let OneKey {
+        env,
+        fake,
+        op: _op,
+        sidecar,
+        url,
+    } = one_anthropic_key("rotate", &old).await?;
 
     // A steady request loop for the whole rotation.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -605,15 +633,14 @@ async fn rotation_fails_no_request_and_revocation_is_quick() -> anyhow::Result<(
 /// SIGTERM lets a stream in flight finish, refuses new connections, and exits 0.
 #[tokio::test]
 async fn sigterm_drains_a_stream_in_flight() -> anyhow::Result<()> {
-    let env = TestEnv::new("proxy-drain").await?;
-    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
-    let op = ServingOperator::start(&env, &fake).await?;
     let key = random_key("sk-ant-");
-    ready_anthropic(&env, &fake, "claude", &key, json!({})).await?;
-    let pod = create_pod(&env, &opted_in_pod("drain-", &["claude"])).await?;
-    let mut sidecar = Sidecar::start(&env, &op, &pod, "default").await?;
-    sidecar.wait_ready(READY_WAIT).await?;
-    let url = format!("{}/v1/messages", sidecar.url("claude"));
+    let OneKey {
+        env: _env,
+        fake,
+        op: _op,
+        mut sidecar,
+        url,
+    } = one_anthropic_key("drain", &key).await?;
 
     const EVENTS: usize = 8;
     fake.set_stream_plan(EVENTS, Duration::from_millis(200));

@@ -417,7 +417,10 @@ async fn read_capped(mut body: Incoming, cap: u64) -> Result<Bytes, Refusal> {
     if body.size_hint().lower() > DRAIN_MAX {
         return Err(Refusal::TooLarge(cap));
     }
-    let mut buf = bytes::BytesMut::new();
+    // Sized once from what the client announced, up to what a small body needs: an
+    // announced length is not a promise, and must not reserve memory for it.
+    let announced = body.size_hint().lower().min(cap).min(WHOLE_BODY_MAX);
+    let mut buf = bytes::BytesMut::with_capacity(usize::try_from(announced).unwrap_or(0));
     let mut total: u64 = 0;
     while let Some(frame) = body.frame().await {
         let frame =

@@ -26,7 +26,6 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use std::net::IpAddr;
 use tokio::net::TcpStream;
 
 use super::grant::Egress;
@@ -49,8 +48,8 @@ pub type FixedHosts = Arc<HashMap<String, Vec<SocketAddr>>>;
 /// The egress proxy sidecars tunnel through (`CONNECT host:port`).
 #[derive(Clone)]
 struct TunnelVia {
-    /// `host:port` of the proxy.
-    authority: String,
+    host: String,
+    port: u16,
     /// `Proxy-Authorization` value, marked sensitive.
     authorization: Option<http::HeaderValue>,
 }
@@ -68,11 +67,7 @@ type Dialling = Pin<Box<dyn Future<Output = Result<TokioIo<TcpStream>, BoxError>
 
 impl Dial {
     async fn resolve(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
-        if let Ok(ip) = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-        {
+        if let Some(ip) = crate::egress::ip_literal(host) {
             return Ok(vec![SocketAddr::new(ip, port)]);
         }
         match &self.fixed {
@@ -94,14 +89,10 @@ impl Dial {
         let stream = match &self.via {
             None => connect_any(&target.unwrap_or_default()).await?,
             Some(via) => {
-                let (proxy_host, proxy_port) = split_authority(&via.authority)?;
-                let proxies = self.resolve_unfiltered(&proxy_host, proxy_port).await?;
+                // The proxy itself is the admin's choice: its address is not filtered.
+                let proxies = self.resolve(&via.host, via.port).await?;
                 let mut stream = connect_any(&proxies).await?;
-                let authority = if host.contains(':') && !host.starts_with('[') {
-                    format!("[{host}]:{port}")
-                } else {
-                    format!("{host}:{port}")
-                };
+                let authority = crate::egress::authority(&host, port);
                 tokio::time::timeout(
                     CONNECT_TIMEOUT,
                     tunnel(&mut stream, &authority, via.authorization.as_ref()),
@@ -113,17 +104,6 @@ impl Dial {
         };
         let _ = stream.set_nodelay(true);
         Ok(TokioIo::new(stream))
-    }
-
-    async fn resolve_unfiltered(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
-        if let Ok(ip) = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-        {
-            return Ok(vec![SocketAddr::new(ip, port)]);
-        }
-        Ok(tokio::net::lookup_host((host, port)).await?.collect())
     }
 }
 
@@ -139,18 +119,6 @@ impl tower::Service<Uri> for Dial {
     fn call(&mut self, uri: Uri) -> Dialling {
         Box::pin(self.clone().dial(uri))
     }
-}
-
-fn split_authority(authority: &str) -> Result<(String, u16), BoxError> {
-    let (host, port) = authority
-        .rsplit_once(':')
-        .ok_or("the egress proxy has no port")?;
-    Ok((
-        host.trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned(),
-        port.parse()?,
-    ))
 }
 
 /// Connects to the first address that answers, each within the connect timeout.
@@ -255,8 +223,10 @@ pub fn build(egress: &Egress, fixed: Option<FixedHosts>) -> anyhow::Result<Clien
                 v.set_sensitive(true);
                 v
             });
+            let (host, port) = proxy.host_port();
             Some(TunnelVia {
-                authority: proxy.authority(),
+                host,
+                port,
                 authorization,
             })
         }
