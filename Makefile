@@ -25,6 +25,10 @@ build: ## Build the byok-operator binary
 crds: ## Regenerate crds/ from the Rust types (a unit test fails when they drift)
 	$(CARGO) run -q --bin byok-operator -- crd > crds/byok.dev_providerkeys.yaml
 
+.PHONY: docs
+docs: ## Regenerate docs/api.md from the CRD (a unit test fails when it drifts)
+	$(CARGO) run -q --bin byok-operator -- api-docs > docs/api.md
+
 .PHONY: testbins
 testbins: ## Build (or reuse from ~/.cache) kube-apiserver and etcd for the local control plane
 	@bash e2e/k8s-testbins/build.sh >/dev/null

@@ -33,6 +33,9 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Print the CustomResourceDefinition YAML (the source of `crds/`).
     Crd,
+    /// Print the API reference Markdown (the source of `docs/api.md`).
+    #[command(hide = true)]
+    ApiDocs,
     /// Manage the operator keyring.
     #[command(subcommand)]
     Keyring(KeyringCommand),
@@ -169,6 +172,11 @@ pub struct ControllerArgs {
 
     #[command(flatten)]
     pub keyring: KeyringTarget,
+
+    /// Never create the keyring Secret: it is provided (e.g. restored from backup, or
+    /// managed by a secret store). Missing, it is reported and ProviderKeys wait for it.
+    #[arg(long)]
+    pub no_create_keyring: bool,
 
     /// Run without leader election (only for a single replica).
     #[arg(long)]
@@ -462,6 +470,10 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             print!("{}", crate::crdgen::crd_yaml()?);
             Ok(())
         }
+        Command::ApiDocs => {
+            print!("{}", crate::apidoc::markdown()?);
+            Ok(())
+        }
         Command::Controller(args) => runtime()?.block_on(controller(*args)),
         Command::Verify(args) => return runtime()?.block_on(verify(args)),
         Command::Keyring(command) => runtime()?.block_on(async {
@@ -534,6 +546,7 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         watch_namespace: args.namespace,
         operator_namespace: args.keyring.operator_namespace,
         keyring_secret: args.keyring.keyring_secret,
+        create_keyring: !args.no_create_keyring,
         egress,
         endpoints,
         leader,

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod apidoc;
 pub mod broker;
 pub mod cli;
 pub mod controller;

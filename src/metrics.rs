@@ -26,6 +26,7 @@ pub struct Metrics {
     keyring_loads: Counter,
     api_requests: Family<Labels, Counter>,
     leader: Gauge,
+    crd_schema_current: Gauge,
     admissions: Family<Labels, Counter>,
     admission_seconds: Histogram,
     broker_answers: Family<Labels, Counter>,
@@ -103,6 +104,12 @@ impl Default for Metrics {
             "Requests the operator sent to the Kubernetes API server, by verb and resource",
             api_requests.clone(),
         );
+        let crd_schema_current = Gauge::default();
+        registry.register(
+            "crd_schema_current",
+            "1 when the installed ProviderKey CRD carries this build's schema digest; while 0 the leader does not reconcile",
+            crd_schema_current.clone(),
+        );
         let leader = Gauge::default();
         registry.register(
             "leader",
@@ -130,6 +137,7 @@ impl Default for Metrics {
         Self {
             registry,
             leader,
+            crd_schema_current,
             admissions,
             admission_seconds,
             broker_answers,
@@ -243,6 +251,10 @@ impl Metrics {
         .filter(|(part, _)| bits & (*part as u8) != 0)
         .map(|(_, why)| why)
         .collect()
+    }
+
+    pub fn set_crd_schema_current(&self, current: bool) {
+        self.crd_schema_current.set(i64::from(current));
     }
 
     pub fn set_leader(&self, leading: bool) {

@@ -21,6 +21,7 @@ go_directive=$(sed -n 's/^go \(.*\)$/\1/p' "$upstream")
   echo "tool ("
   echo "	go.etcd.io/etcd/server/v3"
   echo "	k8s.io/kubernetes/cmd/kube-apiserver"
+  echo "	k8s.io/kubernetes/cmd/kubectl"
   echo "	k8s.io/kubernetes/cmd/kubelet"
   echo ")"
   echo

@@ -13,9 +13,9 @@ use byok_operator::providers::{Endpoints, ProviderKind};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::wait::{await_condition, conditions};
-use kube::{Client, CustomResourceExt};
 use tokio::sync::OnceCell;
 
 use crate::envtest::TestEnv;
@@ -30,7 +30,7 @@ pub async fn install_crds(client: &Client) -> anyhow::Result<()> {
     INSTALLED
         .get_or_try_init(|| async {
             let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-            let crd = ProviderKey::crd();
+            let crd = byok_operator::crdgen::crd();
             let name = crd.metadata.name.clone().unwrap_or_default();
             crds.patch(
                 &name,
@@ -66,6 +66,7 @@ pub fn dev_config(env: &TestEnv, fake: &FakeProvider) -> anyhow::Result<controll
         watch_namespace: Some(env.namespace.clone()),
         operator_namespace: env.namespace.clone(),
         keyring_secret: controller::keyring::DEFAULT_KEYRING_SECRET.into(),
+        create_keyring: true,
         egress: EgressConfig {
             allow_private: true,
             extra_ca_pem: Some(fake.ca_pem().into_bytes()),

@@ -101,6 +101,7 @@ async fn counting_client(log: RequestLog) -> anyhow::Result<kube::Client> {
 /// The CRD as an older release shipped it: `verification.interval` any string or integer,
 /// and no immutability rules.
 fn looser_crd() -> anyhow::Result<serde_json::Value> {
+    // ProviderKey::crd(): no schema digest annotation, as a release before the check had.
     let mut crd = serde_json::to_value(ProviderKey::crd())?;
     let spec = &mut crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
     spec["properties"]["verification"]["properties"]["interval"] =
@@ -143,7 +144,7 @@ async fn install_crd(client: &kube::Client, crd: &serde_json::Value) -> anyhow::
 }
 
 async fn strict_crd(client: &kube::Client) -> anyhow::Result<()> {
-    install_crd(client, &serde_json::to_value(ProviderKey::crd())?).await
+    install_crd(client, &serde_json::to_value(byok_operator::crdgen::crd())?).await
 }
 
 fn ready_reason(pk: &ProviderKey) -> Option<(String, String)> {

@@ -50,6 +50,9 @@ fn to_secret(name: &str, keyring: &Keyring, resource_version: Option<String>) ->
             name: Some(name.to_string()),
             resource_version,
             labels: Some(names::managed_by_labels()),
+            // Not a Helm object, but one adopted into a release later must survive an
+            // uninstall: it is the only copy of the operator keys.
+            annotations: Some([("helm.sh/resource-policy".to_string(), "keep".to_string())].into()),
             ..Default::default()
         },
         type_: Some(SECRET_TYPE.into()),
@@ -58,13 +61,14 @@ fn to_secret(name: &str, keyring: &Keyring, resource_version: Option<String>) ->
     }
 }
 
-/// Loads the keyring. When it does not exist it is created only if no managed Secret exists
-/// in `managed_scope` (a first install); otherwise `None`: the operator runs, and every
-/// ProviderKey says `KeyringUnavailable` until the Secret is restored.
+/// Loads the keyring. When it does not exist it is created only if `create` and no managed
+/// Secret exists in `managed_scope` (a first install); otherwise `None`: the operator runs,
+/// and every ProviderKey says `KeyringUnavailable` until the Secret is restored or provided.
 pub async fn load_or_init(
     api: &Api<Secret>,
     managed_scope: &Api<Secret>,
     name: &str,
+    create: bool,
 ) -> Result<Option<Keyring>, KeyringError> {
     let ns = api.namespace().unwrap_or_default().to_string();
     let err = |source| KeyringError::Api {
@@ -74,6 +78,15 @@ pub async fn load_or_init(
     };
     if let Some(existing) = api.get_opt(name).await.map_err(err)? {
         return Ok(usable(&ns, name, &existing));
+    }
+    if !create {
+        tracing::error!(
+            namespace = %ns,
+            secret = name,
+            "the operator keyring Secret does not exist and was to be provided (--no-create-keyring); \
+             create it (byok-operator keyring init, or restore it from backup)"
+        );
+        return Ok(None);
     }
     let managed = managed_scope
         .list_metadata(

@@ -2,6 +2,7 @@
 //! reconcile pipeline is in [`reconcile`], its pure decisions in [`plan`].
 
 pub mod cache;
+pub mod crd_check;
 pub mod events;
 pub mod keyring;
 pub mod leader;
@@ -328,6 +329,9 @@ pub struct Config {
     /// Where the keyring Secret and the leader Lease live.
     pub operator_namespace: String,
     pub keyring_secret: String,
+    /// Create the keyring Secret on a first install. Off when it is provided (an existing
+    /// Secret named at install): a missing one is then reported, never generated.
+    pub create_keyring: bool,
     pub egress: EgressConfig,
     pub endpoints: Endpoints,
     /// `None` runs without leader election (a single replica, or tests).
@@ -407,7 +411,13 @@ pub async fn run(
         std::env::var("POD_NAME").unwrap_or_else(|_| "byok-operator".into()),
     );
     let keyring_ref = keyring::reference(&config.operator_namespace, &config.keyring_secret);
-    let keyring = keyring::load_or_init(&keyring_api, &secrets, &config.keyring_secret).await?;
+    let keyring = keyring::load_or_init(
+        &keyring_api,
+        &secrets,
+        &config.keyring_secret,
+        config.create_keyring,
+    )
+    .await?;
     metrics.set_keyring_available(&keyring::metric_label(&keyring_ref), keyring.is_some());
     if keyring.is_none() {
         keyring::report_missing(&recorder, &keyring_ref).await;
@@ -452,6 +462,13 @@ pub async fn run(
             watches.ready().await;
             metrics.set_ready(crate::metrics::Ready::Caches, true);
         });
+    }
+
+    // Serving has started: the keys in service stay available while a stale CRD blocks
+    // reconciling.
+    tokio::select! {
+        () = crd_check::wait_until_current(&client, &recorder, &metrics) => {}
+        () = shutdown.clone() => return Ok(()),
     }
 
     let leases: Api<Lease> = Api::namespaced(client.clone(), &config.operator_namespace);
