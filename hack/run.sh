@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make run`: the embedded default. Local control plane + CRDs + fake provider + operator (dev
-# flags) + config/samples, then `kubectl get pk -A -o wide`. Stays up until Ctrl-C, then cleans up.
+# flags) + hack/demo (samples tuned to the fake provider), then `kubectl get pk -A -o wide`. Stays up until Ctrl-C, then cleans up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v kubectl >/dev/null || { echo "make run needs kubectl on PATH" >&2; exit 1; }
@@ -52,8 +52,8 @@ target/debug/byok-operator controller --operator-namespace byok-system \
   >"$run_dir/operator.log" 2>&1 &
 pids+=($!)
 
-kubectl apply -f config/samples/namespace.yaml >/dev/null
-kubectl apply -f config/samples/ >/dev/null
+kubectl apply -f hack/demo/namespace.yaml >/dev/null
+kubectl apply -f hack/demo/ >/dev/null
 echo "waiting for every sample ProviderKey to report Ready..."
 deadline=$((SECONDS + 60))
 while kubectl get pk -A -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"|"}{end}' | grep -qE '(^|\|)\|'; do

@@ -732,23 +732,97 @@ mod tests {
         }
     }
 
-    /// Every metric the operator and the sidecar register has a row in `docs/metrics.md`.
+    /// The operator's metrics, every family with a sample: an empty family encodes nothing,
+    /// not even its `# TYPE` line.
+    fn operator_exposition() -> String {
+        let m = crate::metrics::Metrics::default();
+        let took = std::time::Duration::from_millis(5);
+        m.verification(crate::providers::ProviderKind::OpenAI, Reason::Valid, took);
+        m.reconciled(true);
+        m.reconcile_error("Conflict");
+        m.set_keyring_available("byok-system/byok-operator-keyring", true);
+        m.keyring_loaded();
+        m.secret_written("put");
+        m.api_request("get", "secrets");
+        m.set_leader(true);
+        m.admission("injected", took);
+        m.broker_answer("granted");
+        m.encode()
+    }
+
+    /// The sidecar's metrics, every family with a sample.
+    fn proxy_exposition() -> String {
+        use crate::proxy::metrics::{ErrorLabels, KeyLabel, ProxyMetrics, RequestLabels};
+        let m = ProxyMetrics::default();
+        let key = KeyLabel { key: "k".into() };
+        m.requests
+            .get_or_create(&RequestLabels {
+                key: "k".into(),
+                code: 200,
+            })
+            .inc();
+        m.duration.get_or_create(&key).observe(0.1);
+        m.upstream_latency.get_or_create(&key).observe(0.1);
+        m.response_bytes.get_or_create(&key).inc();
+        m.upstream_errors
+            .get_or_create(&ErrorLabels {
+                key: "k".into(),
+                kind: "connect",
+            })
+            .inc();
+        m.refresh("k", "updated");
+        m.key_version.get_or_create(&key).set(1);
+        m.key_ready.get_or_create(&key).set(1);
+        m.encode()
+    }
+
+    /// The names registered in a metrics module's source, with its registry's prefix: the
+    /// families the expositions above do not fill in (a new one, say) are still found.
+    fn registered(source: &str) -> Vec<String> {
+        let literal = |rest: &str| -> Option<String> {
+            let rest = rest.trim_start().strip_prefix('"')?;
+            Some(rest[..rest.find('"')?].to_string())
+        };
+        let prefixes: Vec<String> = source
+            .match_indices("Registry::with_prefix(")
+            .filter_map(|(i, m)| literal(&source[i + m.len()..]))
+            .collect();
+        assert_eq!(prefixes.len(), 1, "one prefixed registry per module");
+        source
+            .match_indices(".register")
+            .filter_map(|(i, _)| {
+                let rest = &source[i..];
+                literal(&rest[rest.find('(')? + 1..])
+            })
+            .map(|name| format!("{}_{name}", prefixes[0]))
+            .collect()
+    }
+
+    /// Every metric the operator and the sidecar register has a row in `docs/metrics.md`,
+    /// with its type.
     #[test]
     fn every_metric_is_in_the_metrics_reference() {
         let page = include_str!("../docs/metrics.md");
-        let mut names = metric_names(&crate::metrics::Metrics::default().encode());
-        let operator = names.len();
-        names.extend(metric_names(
-            &crate::proxy::metrics::ProxyMetrics::default().encode(),
-        ));
+        let operator = metric_names(&operator_exposition());
+        let proxy = metric_names(&proxy_exposition());
         assert!(
-            operator > 5 && names.len() > operator,
-            "too few metrics found: {names:?}"
+            operator.len() > 10 && proxy.len() > 5,
+            "too few metrics found: {operator:?} {proxy:?}"
         );
-        for (name, kind) in names {
+        for (name, kind) in operator.iter().chain(&proxy) {
             assert!(
                 page.contains(&format!("| `{name}` | {kind} |")),
                 "docs/metrics.md has no row `| `{name}` | {kind} |`"
+            );
+        }
+        let mut sources = registered(include_str!("metrics.rs"));
+        sources.extend(registered(include_str!("proxy/metrics.rs")));
+        assert!(sources.len() >= operator.len() + proxy.len(), "{sources:?}");
+        for name in sources {
+            assert!(
+                page.contains(&format!("| `{name}` |"))
+                    || page.contains(&format!("| `{name}_total` |")),
+                "docs/metrics.md has no row for {name}"
             );
         }
     }

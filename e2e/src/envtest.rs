@@ -40,6 +40,9 @@ pub struct Binaries {
     pub etcd: PathBuf,
     /// Only the tests with a real node need it (see [`crate::node`]).
     pub kubelet: Option<PathBuf>,
+    /// The directory holding them, with `helm`, `kubectl` and published third-party CRDs
+    /// (`crds/`) for the chart checks.
+    pub dir: PathBuf,
 }
 
 impl Binaries {
@@ -69,6 +72,7 @@ impl Binaries {
             kube_apiserver: dir.join("kube-apiserver"),
             etcd: dir.join("etcd"),
             kubelet: Some(dir.join("kubelet")).filter(|k| k.is_file()),
+            dir,
         };
         for bin in [&bins.kube_apiserver, &bins.etcd] {
             if !bin.is_file() {

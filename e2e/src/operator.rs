@@ -302,89 +302,18 @@ pub fn operator_binary() -> anyhow::Result<std::path::PathBuf> {
     Ok(dir.join("byok-operator"))
 }
 
-/// Gives a ServiceAccount in the test's namespace exactly the RBAC in `config/rbac/` (the
-/// ClusterRole bound cluster-wide, the leader-election Role in the test namespace, which
-/// stands in for the operator's namespace) and returns a token for it.
+/// A ServiceAccount in the test's namespace with exactly the chart's RBAC for an operator that
+/// lives in and watches that namespace (`watchNamespaces`), named `byok-operator` as in the
+/// default install (the webhook configuration rule names it); returns its token. Cluster-wide
+/// names are the default install's: one such operator per test binary.
 pub async fn operator_service_account_token(env: &TestEnv) -> anyhow::Result<String> {
-    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-    use k8s_openapi::api::core::v1::ServiceAccount;
-    use k8s_openapi::api::rbac::v1::{
-        ClusterRole, ClusterRoleBinding, Role, RoleBinding, RoleRef, Subject,
-    };
-
-    let read = |file: &str| {
-        std::fs::read_to_string(format!(
-            "{}/../config/rbac/{file}",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-    };
-    let mut cluster_role: ClusterRole = serde_saphyr::from_str(&read("cluster_role.yaml")?)?;
-    let mut role: Role = serde_saphyr::from_str(&read("operator_namespace_role.yaml")?)?;
-    let unique = format!("byok-operator-{}", env.namespace);
-    cluster_role.metadata.name = Some(unique.clone());
-    role.metadata.namespace = None;
-    let pp = PostParams::default();
-    let sa = ServiceAccount {
-        metadata: ObjectMeta {
-            name: Some("byok-operator".into()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    env.api::<ServiceAccount>().create(&pp, &sa).await?;
-    Api::<ClusterRole>::all(env.client.clone())
-        .create(&pp, &cluster_role)
-        .await?;
-    env.api::<Role>().create(&pp, &role).await?;
-    let subject = Subject {
-        kind: "ServiceAccount".into(),
-        name: "byok-operator".into(),
-        namespace: Some(env.namespace.clone()),
-        ..Default::default()
-    };
-    let binding = ClusterRoleBinding {
-        metadata: ObjectMeta {
-            name: Some(unique.clone()),
-            ..Default::default()
-        },
-        role_ref: RoleRef {
-            api_group: Some("rbac.authorization.k8s.io".into()),
-            kind: "ClusterRole".into(),
-            name: unique,
-        },
-        subjects: Some(vec![subject.clone()]),
-    };
-    Api::<ClusterRoleBinding>::all(env.client.clone())
-        .create(&pp, &binding)
-        .await?;
-    let role_binding = RoleBinding {
-        metadata: ObjectMeta {
-            name: role.metadata.name.clone(),
-            ..Default::default()
-        },
-        role_ref: RoleRef {
-            api_group: Some("rbac.authorization.k8s.io".into()),
-            kind: "Role".into(),
-            name: role.metadata.name.clone().unwrap_or_default(),
-        },
-        subjects: Some(vec![subject]),
-    };
-    env.api::<RoleBinding>().create(&pp, &role_binding).await?;
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            expiration_seconds: Some(3600),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let issued = env
-        .api::<ServiceAccount>()
-        .create_token_request("byok-operator", &pp, &request)
-        .await?;
-    issued
-        .status
-        .and_then(|s| s.token)
-        .context("TokenRequest returned no token")
+    let sets = [
+        "fullnameOverride=byok-operator".to_string(),
+        format!("watchNamespaces={{{}}}", env.namespace),
+    ];
+    crate::manifests::chart_service_account_token(env, "byok-operator", &sets)
+        .await
+        .map(|(token, _)| token)
 }
 
 /// A loopback port free right now (the OS picks it; another process could take it before

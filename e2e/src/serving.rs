@@ -50,7 +50,7 @@ pub fn serve_config(env: &TestEnv, webhook_configuration: &str) -> anyhow::Resul
     })
 }
 
-/// The MutatingWebhookConfiguration shipped in `config/webhook/`, pointed at the test
+/// The MutatingWebhookConfiguration the chart renders by default (`config/base/`), pointed at the test
 /// operator by `url` and scoped to the test namespace (tests run side by side on one API
 /// server). Everything else (selectors, failure policy, reinvocation, timeout) is the file's.
 /// No caBundle: the operator sets it.
@@ -61,7 +61,7 @@ pub fn webhook_configuration(
 ) -> anyhow::Result<MutatingWebhookConfiguration> {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../config/webhook/mutating_webhook_configuration.yaml"
+        "/../config/base/mutatingwebhookconfiguration.yaml"
     );
     let mut mwc: MutatingWebhookConfiguration =
         serde_saphyr::from_str(&std::fs::read_to_string(path)?)?;
@@ -69,7 +69,7 @@ pub fn webhook_configuration(
     for webhook in mwc.webhooks.iter_mut().flatten() {
         anyhow::ensure!(
             webhook.client_config.ca_bundle.is_none(),
-            "config/webhook must not render a caBundle"
+            "the chart must not render a caBundle"
         );
         webhook.client_config.service = None;
         webhook.client_config.url = Some(url.to_string());
@@ -339,4 +339,75 @@ pub async fn ready_anthropic(
         is_condition(pk, "Ready", "True", "Valid")
     })
     .await
+}
+
+/// Registers `mwc` (pointed at the operator's webhook by url), creates an opted-in pod asking
+/// for `key.0` and fetches that key from the broker with a token bound to the pod; the answer
+/// must hold `key.1`, and `other` (a key the pod did not ask for) must be refused. The broker's
+/// CA comes from the operator's certificate Secret `tls_secret`. Returns the broker's answer.
+pub async fn broker_serves(
+    env: &TestEnv,
+    mwc: MutatingWebhookConfiguration,
+    tls_secret: &str,
+    broker_port: u16,
+    key: (&str, &str),
+    other: &str,
+) -> anyhow::Result<String> {
+    let (key_name, expected) = key;
+    kube::Api::<MutatingWebhookConfiguration>::all(env.client.clone())
+        .create(&kube::api::PostParams::default(), &mwc)
+        .await?;
+    let deadline = std::time::Instant::now() + WAIT;
+    let pod = loop {
+        match env
+            .api::<Pod>()
+            .create(
+                &kube::api::PostParams::default(),
+                &opted_in_pod("served-", &[key_name]),
+            )
+            .await
+        {
+            Ok(pod) if has_sidecar(&pod) => break pod,
+            Ok(_) | Err(_) => {}
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the API server never got through to the webhook"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await; // polling interval
+    };
+    let ca = env
+        .api::<Secret>()
+        .get(tls_secret)
+        .await?
+        .data
+        .and_then(|d| d.get("ca.crt").cloned())
+        .context("ca.crt")?;
+    let http = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&ca.0)?])
+        .build()?;
+    let token = pod_token(env, "default", &pod, "byok.dev").await?;
+    let url = |name: &str| {
+        format!(
+            "https://127.0.0.1:{broker_port}/v1/keys/{}/{name}",
+            env.namespace
+        )
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let answer = http.get(url(key_name)).bearer_auth(&token).send().await?;
+        if answer.status() == 200 {
+            let body = answer.text().await?;
+            anyhow::ensure!(body.contains(expected), "the broker served another key");
+            let refused = http.get(url(other)).bearer_auth(&token).send().await?;
+            anyhow::ensure!(refused.status() == 403, "{}", refused.status());
+            return Ok(body);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the broker never served the key: {}",
+            answer.status()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await; // polling interval
+    }
 }

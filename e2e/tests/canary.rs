@@ -1,12 +1,11 @@
 //! Canary: the real `byok-operator controller` binary, at trace-level logging, goes through the
 //! life of several keys (valid, invalid, rotated, rejected rotation, operator-key rotation,
-//! deletion), as a ServiceAccount holding only the RBAC in `config/rbac/`. Not one fragment of any test key may appear in its logs, in an Event, in a
+//! deletion), as a ServiceAccount holding only the Helm chart's RBAC. Not one fragment of any test key may appear in its logs, in an Event, in a
 //! status, or in an error message.
 
 use std::io::Read;
 use std::process::{Child, Command, Stdio};
 
-use anyhow::Context as _;
 use base64::Engine;
 use byok_e2e::envtest::{TestEnv, shared};
 use byok_e2e::fake_provider::{FakeProvider, FakeProviderConfig};
@@ -41,85 +40,6 @@ fn fragments(key: &str, prefix: &str) -> Vec<String> {
     out
 }
 
-/// Registers the shipped webhook configuration (as `byok-operator`, the name the RBAC allows)
-/// by url, creates an opted-in pod and fetches its key from the broker with a token bound to
-/// it. Returns the broker's answer, which must hold `expected`.
-async fn broker_serves(
-    env: &TestEnv,
-    webhook_port: u16,
-    broker_port: u16,
-    expected: &str,
-) -> anyhow::Result<String> {
-    use byok_e2e::serving::{has_sidecar, opted_in_pod, pod_token, webhook_configuration};
-    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-    use k8s_openapi::api::core::v1::Pod;
-    let mut mwc = webhook_configuration(
-        "byok-operator",
-        &env.namespace,
-        &format!("https://127.0.0.1:{webhook_port}/mutate"),
-    )?;
-    mwc.metadata.name = Some("byok-operator".into());
-    kube::Api::<MutatingWebhookConfiguration>::all(env.client.clone())
-        .create(&kube::api::PostParams::default(), &mwc)
-        .await?;
-    let deadline = std::time::Instant::now() + WAIT;
-    let pod = loop {
-        match env
-            .api::<Pod>()
-            .create(
-                &kube::api::PostParams::default(),
-                &opted_in_pod("canary-", &["anthropic"]),
-            )
-            .await
-        {
-            Ok(pod) if has_sidecar(&pod) => break pod,
-            Ok(_) | Err(_) => {}
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "the API server never got through to the webhook"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await; // polling interval
-    };
-    let ca = env
-        .api::<Secret>()
-        .get("byok-operator-tls")
-        .await?
-        .data
-        .and_then(|d| d.get("ca.crt").cloned())
-        .context("ca.crt")?;
-    let http = reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(&ca.0)?])
-        .build()?;
-    let token = pod_token(env, "default", &pod, "byok.dev").await?;
-    let url = format!(
-        "https://127.0.0.1:{broker_port}/v1/keys/{}/anthropic",
-        env.namespace
-    );
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let answer = http.get(&url).bearer_auth(&token).send().await?;
-        if answer.status() == 200 {
-            let body = answer.text().await?;
-            anyhow::ensure!(body.contains(expected), "the broker served another key");
-            // A key the pod did not list, and a missing one: refused, with an Event.
-            let other = format!(
-                "https://127.0.0.1:{broker_port}/v1/keys/{}/openai",
-                env.namespace
-            );
-            let refused = http.get(&other).bearer_auth(&token).send().await?;
-            anyhow::ensure!(refused.status() == 403, "{}", refused.status());
-            return Ok(body);
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "the broker never served the key: {}",
-            answer.status()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await; // polling interval
-    }
-}
-
 #[tokio::test]
 async fn no_key_material_reaches_logs_events_status_or_errors() -> anyhow::Result<()> {
     let env = TestEnv::new("canary").await?;
@@ -128,7 +48,7 @@ async fn no_key_material_reaches_logs_events_status_or_errors() -> anyhow::Resul
     let dir = std::env::temp_dir().join(format!("byok-canary-{}", env.namespace));
     std::fs::create_dir_all(&dir)?;
     let kubeconfig = dir.join("kubeconfig");
-    // The operator runs as a ServiceAccount with exactly the RBAC in config/rbac/.
+    // The operator runs as a ServiceAccount with exactly the chart's RBAC.
     let token = operator_service_account_token(&env).await?;
     byok_e2e::envtest::write_kubeconfig(&shared().kubeconfig_for_token(&token), &kubeconfig)?;
     let ca = dir.join("fake-ca.pem");
@@ -225,8 +145,21 @@ async fn no_key_material_reaches_logs_events_status_or_errors() -> anyhow::Resul
     })
     .await?;
     // The key in service, through the webhook and the broker (the operator sets the
-    // webhook's caBundle itself, with exactly the RBAC in config/rbac/).
-    let served = broker_serves(&env, webhook_port, broker_port, &rotated).await?;
+    // webhook's caBundle itself, with exactly the chart's RBAC).
+    let mwc = byok_e2e::serving::webhook_configuration(
+        "byok-operator",
+        &env.namespace,
+        &format!("https://127.0.0.1:{webhook_port}/mutate"),
+    )?;
+    let served = byok_e2e::serving::broker_serves(
+        &env,
+        mwc,
+        "byok-operator-tls",
+        broker_port,
+        ("anthropic", &rotated),
+        "openai",
+    )
+    .await?;
     put_secret(&env, "anthropic-raw", &[("api-key", &rejected)]).await?;
     wait_pk(&env, "anthropic", "rejected", |pk| {
         is_condition(pk, "Ready", "True", "PendingKeyRejected")

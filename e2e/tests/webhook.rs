@@ -542,39 +542,3 @@ async fn two_replicas_share_one_ca_both_serve_and_one_reconciles() -> anyhow::Re
     assert_eq!(sidecars(&pod), 1);
     Ok(())
 }
-
-#[tokio::test]
-async fn the_shipped_webhook_manifests_are_accepted_by_the_api_server() -> anyhow::Result<()> {
-    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-    use k8s_openapi::api::core::v1::Service;
-    let env = TestEnv::new("manifests").await?;
-    let read = |file: &str| {
-        std::fs::read_to_string(format!(
-            "{}/../config/webhook/{file}",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-    };
-    let dry_run = PostParams {
-        dry_run: true,
-        ..Default::default()
-    };
-    let mwc: MutatingWebhookConfiguration =
-        serde_saphyr::from_str(&read("mutating_webhook_configuration.yaml")?)?;
-    let webhook = mwc
-        .webhooks
-        .as_ref()
-        .and_then(|w| w.first())
-        .context("a webhook")?;
-    assert_eq!(webhook.failure_policy.as_deref(), Some("Fail"));
-    assert_eq!(webhook.reinvocation_policy.as_deref(), Some("IfNeeded"));
-    assert!(webhook.timeout_seconds.is_some_and(|t| t <= 5));
-    assert_eq!(webhook.side_effects, "None");
-    assert!(webhook.client_config.ca_bundle.is_none());
-    Api::<MutatingWebhookConfiguration>::all(env.client.clone())
-        .create(&dry_run, &mwc)
-        .await?;
-    let mut service: Service = serde_saphyr::from_str(&read("service.yaml")?)?;
-    service.metadata.namespace = Some(env.namespace.clone());
-    env.api::<Service>().create(&dry_run, &service).await?;
-    Ok(())
-}
