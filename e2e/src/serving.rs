@@ -344,11 +344,12 @@ pub async fn ready_anthropic(
 /// Registers `mwc` (pointed at the operator's webhook by url), creates an opted-in pod asking
 /// for `key.0` and fetches that key from the broker with a token bound to the pod; the answer
 /// must hold `key.1`, and `other` (a key the pod did not ask for) must be refused. The broker's
-/// CA comes from the operator's certificate Secret `tls_secret`. Returns the broker's answer.
+/// CA comes from the operator's certificate Secret `tls_secret` (namespace, name). Returns the
+/// broker's answer.
 pub async fn broker_serves(
     env: &TestEnv,
     mwc: MutatingWebhookConfiguration,
-    tls_secret: &str,
+    tls_secret: (&str, &str),
     broker_port: u16,
     key: (&str, &str),
     other: &str,
@@ -376,9 +377,8 @@ pub async fn broker_serves(
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await; // polling interval
     };
-    let ca = env
-        .api::<Secret>()
-        .get(tls_secret)
+    let ca = Api::<Secret>::namespaced(env.client.clone(), tls_secret.0)
+        .get(tls_secret.1)
         .await?
         .data
         .and_then(|d| d.get("ca.crt").cloned())

@@ -154,7 +154,7 @@ async fn no_key_material_reaches_logs_events_status_or_errors() -> anyhow::Resul
     let served = byok_e2e::serving::broker_serves(
         &env,
         mwc,
-        "byok-operator-tls",
+        (&env.namespace, "byok-operator-tls"),
         broker_port,
         ("anthropic", &rotated),
         "openai",

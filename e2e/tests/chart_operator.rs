@@ -1,0 +1,151 @@
+//! The operator as the chart runs it: the real binary with the arguments of the chart's
+//! Deployment (default values), as the chart's ServiceAccount holding exactly the chart's
+//! RBAC, behind the chart's webhook configuration. Only what a test machine cannot have is
+//! changed: loopback listen addresses instead of a pod IP and a Service, and the fake
+//! provider's endpoints. It goes through the happy path of the controller and the webhook:
+//! a key verified and encrypted, the caBundle set, a pod injected, the key served to it.
+
+use std::process::{Child, Command, Stdio};
+
+use anyhow::Context as _;
+use byok_e2e::envtest::{TestEnv, shared};
+use byok_e2e::fake_provider::{FakeProvider, FakeProviderConfig};
+use byok_e2e::manifests::{chart_service_account_token, one};
+use byok_e2e::operator::*;
+use byok_operator::providers::ProviderKind;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::coordination::v1::Lease;
+
+struct Operator(Child);
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The chart's args with the listen addresses moved to loopback ports.
+fn local_args(chart_args: &[String], ports: (u16, u16, u16)) -> Vec<String> {
+    let (admin, webhook, broker) = ports;
+    let mut args: Vec<String> = chart_args
+        .iter()
+        .filter(|a| {
+            !["--admin-addr=", "--webhook-addr=", "--broker-addr="]
+                .iter()
+                .any(|flag| a.starts_with(flag))
+        })
+        .cloned()
+        .collect();
+    args.extend([
+        format!("--admin-addr=127.0.0.1:{admin}"),
+        format!("--webhook-addr=127.0.0.1:{webhook}"),
+        format!("--broker-addr=127.0.0.1:{broker}"),
+        // Sidecars would use the Service's DNS name; here the broker is on loopback.
+        format!("--broker-url=https://127.0.0.1:{broker}"),
+    ]);
+    args
+}
+
+#[tokio::test]
+async fn the_operator_runs_with_the_charts_arguments_and_rbac() -> anyhow::Result<()> {
+    let operator_ns = TestEnv::new("chart-op").await?;
+    let tenant = TestEnv::new("chart-tenant").await?;
+    install_crds(&operator_ns.client).await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let release = "chart";
+    let (token, rendered) = chart_service_account_token(&operator_ns, release, &[]).await?;
+    let fullname = format!("{release}-byok-operator");
+
+    let deployment = one(&rendered, "Deployment")?;
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let chart_args: Vec<String> = container["args"]
+        .as_array()
+        .context("args")?
+        .iter()
+        .filter_map(|a| a.as_str().map(String::from))
+        .collect();
+    let (admin, webhook, broker) = (free_port()?, free_port()?, free_port()?);
+    let dir = std::env::temp_dir().join(format!("byok-chart-{}", operator_ns.namespace));
+    std::fs::create_dir_all(&dir)?;
+    let kubeconfig = dir.join("kubeconfig");
+    byok_e2e::envtest::write_kubeconfig(&shared().kubeconfig_for_token(&token), &kubeconfig)?;
+    let ca = dir.join("fake-ca.pem");
+    std::fs::write(&ca, fake.ca_pem())?;
+    let log = dir.join("operator.log");
+
+    let mut cmd = Command::new(operator_binary()?);
+    cmd.args(local_args(&chart_args, (admin, webhook, broker)))
+        .args(["--insecure-allow-private-base-urls", "--extra-ca-file"])
+        .arg(&ca);
+    for p in [ProviderKind::Anthropic, ProviderKind::OpenAI] {
+        cmd.args(["--provider-endpoint", &format!("{p}={}", fake.base_url(p))]);
+    }
+    // The Deployment's environment: the downward API gives the namespace and pod name.
+    cmd.env("KUBECONFIG", &kubeconfig)
+        .env("POD_NAMESPACE", &operator_ns.namespace)
+        .env("POD_NAME", format!("{fullname}-7d9f-abcde"))
+        .env("BYOK_LOG", "info")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?);
+    let _operator = Operator(cmd.spawn()?);
+
+    // The controller: a key verified, encrypted and put in service.
+    let key = random_key("sk-ant-api03-");
+    fake.add_valid_key(ProviderKind::Anthropic, &key);
+    put_secret(&tenant, "anthropic-raw", &[("api-key", &key)]).await?;
+    create_pk(
+        &tenant,
+        "anthropic",
+        serde_json::json!({"provider": "anthropic", "secretRef": {"name": "anthropic-raw"}}),
+    )
+    .await?;
+    wait_pk(&tenant, "anthropic", "Ready", |pk| {
+        is_condition(pk, "Ready", "True", "Valid")
+    })
+    .await
+    .with_context(|| format!("operator log: {}", log.display()))?;
+
+    // Leader election with the chart's Lease name.
+    let lease = operator_ns.api::<Lease>().get(&fullname).await?;
+    assert!(
+        lease
+            .spec
+            .and_then(|s| s.holder_identity)
+            .is_some_and(|h| h.starts_with(&fullname)),
+        "the chart's replica holds the chart's Lease"
+    );
+
+    // The webhook, through the chart's own configuration (only its clientConfig points at
+    // loopback): the operator sets its caBundle, a pod is injected, the broker serves the key.
+    let mut mwc: MutatingWebhookConfiguration =
+        serde_json::from_value(one(&rendered, "MutatingWebhookConfiguration")?.clone())?;
+    for hook in mwc.webhooks.iter_mut().flatten() {
+        hook.client_config.service = None;
+        hook.client_config.url = Some(format!("https://127.0.0.1:{webhook}/mutate"));
+    }
+    let served = byok_e2e::serving::broker_serves(
+        &tenant,
+        mwc,
+        (&operator_ns.namespace, &format!("{fullname}-tls")),
+        broker,
+        ("anthropic", &key),
+        "openai",
+    )
+    .await
+    .with_context(|| format!("operator log: {}", log.display()))?;
+    assert!(served.contains(&key));
+
+    // The keyring the chart names, generated on this first install.
+    let keyring = operator_ns
+        .api::<k8s_openapi::api::core::v1::Secret>()
+        .get(&format!("{fullname}-keyring"))
+        .await?;
+    assert_eq!(
+        keyring.metadata.annotations.unwrap_or_default()["helm.sh/resource-policy"],
+        "keep"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
