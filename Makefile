@@ -22,15 +22,32 @@ build: ## Build the byok-operator binary
 	$(CARGO) build --bin byok-operator
 
 .PHONY: crds
-crds: ## Regenerate crds/ from the Rust types (a unit test fails when they drift)
+crds: ## Regenerate crds/ from the Rust types (a unit test fails when they drift), then make manifests
 	$(CARGO) run -q --bin byok-operator -- crd > crds/byok.dev_providerkeys.yaml
+	bash hack/manifests.sh
+
+.PHONY: manifests
+manifests: testbins ## Regenerate config/base, config/crd and the chart's crds/ from the chart and crds/ (a test fails on drift)
+	bash hack/manifests.sh
+
+# The image's binary (Dockerfile): static, musl, no libc needed at run time.
+STATIC_TARGET := x86_64-unknown-linux-musl
+STATIC_BINARY := target/$(STATIC_TARGET)/release/byok-operator
+
+.PHONY: static
+static: ## Build the static binary of the image (needs musl-tools and the rustup target x86_64-unknown-linux-musl)
+	CC_x86_64_unknown_linux_musl=musl-gcc $(CARGO) build --release --locked --target $(STATIC_TARGET) --bin byok-operator
+
+.PHONY: image
+image: ## Build the container image (docker or podman): byok-operator:dev
+	$${CONTAINER_TOOL:-docker} build -t byok-operator:dev .
 
 .PHONY: docs
 docs: ## Regenerate docs/api.md from the CRD (a unit test fails when it drifts)
 	$(CARGO) run -q --bin byok-operator -- api-docs > docs/api.md
 
 .PHONY: testbins
-testbins: ## Build (or reuse from ~/.cache) kube-apiserver and etcd for the local control plane
+testbins: ## Build (or reuse from ~/.cache) kube-apiserver, etcd, kubelet, kubectl and helm from their Go modules
 	@bash e2e/k8s-testbins/build.sh >/dev/null
 
 .PHONY: lint
@@ -48,9 +65,10 @@ test: lint testbins ## Everything CI runs: lint, unit tests, integration tests o
 	unshare --net sh -c 'ip link set lo up && BYOK_NETNS_ONLY=1 exec $(CARGO) test --offline --workspace --all-targets -q -- --ignored netns_' 2>&1 | tee -a target/test-output.log
 	@# Tests with real pods: a kubelet, containerd and their pods in network, mount and PID
 	@# namespaces of their own (hack/node-ns.sh), which leave nothing behind.
-	@# Their sidecar image is made from the release binary, as a real one would be.
-	$(CARGO) build --release --bin byok-operator
-	BYOK_SIDECAR_BINARY=$$PWD/target/release/byok-operator \
+	@# Their sidecar image is made from the image's static binary (make static), which must run.
+	$(MAKE) --no-print-directory static
+	BYOK_STATIC_BINARY=$$PWD/$(STATIC_BINARY) $(CARGO) test --offline -p byok-e2e --test image -q -- --ignored image_ 2>&1 | tee -a target/test-output.log
+	BYOK_SIDECAR_BINARY=$$PWD/$(STATIC_BINARY) \
 	  hack/node-ns.sh $(CARGO) test --offline --workspace --all-targets -q -- --ignored node_ 2>&1 | tee -a target/test-output.log
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "tests: %d passed, %d failed\n", p, f}' target/test-output.log
 

@@ -826,4 +826,67 @@ mod tests {
             );
         }
     }
+
+    /// The README and docs/ stand alone: every Markdown link points into this repository, at
+    /// a file that exists (users clone only this repository).
+    #[test]
+    fn docs_link_only_to_files_in_this_repository() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut pages = vec![root.join("README.md"), root.join("config/README.md")];
+        for dir in ["docs", "config/argocd"] {
+            for entry in std::fs::read_dir(root.join(dir)).expect("docs/") {
+                let path = entry.expect("entry").path();
+                if path.extension().is_some_and(|e| e == "md") {
+                    pages.push(path);
+                }
+            }
+        }
+        for page in pages {
+            let text = std::fs::read_to_string(&page).expect("page");
+            let dir = page.parent().expect("a directory");
+            // Prose only: code blocks and spans hold patterns and commands, not links.
+            let mut in_fence = false;
+            let prose: String = text
+                .lines()
+                .filter(|line| {
+                    if line.trim_start().starts_with("```") {
+                        in_fence = !in_fence;
+                        return false;
+                    }
+                    !in_fence
+                })
+                .map(|line| {
+                    line.split('`')
+                        .step_by(2)
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            let mut rest = prose.as_str();
+            while let Some(at) = rest.find("](") {
+                rest = &rest[at + 2..];
+                let Some(end) = rest.find(')') else { break };
+                let target = &rest[..end];
+                assert!(
+                    !target.contains("://") && !target.starts_with("mailto:"),
+                    "{}: link outside the repository: {target}",
+                    page.display()
+                );
+                let file = target.split('#').next().unwrap_or_default();
+                if !file.is_empty() {
+                    assert!(
+                        dir.join(file).exists(),
+                        "{}: broken link to {file}",
+                        page.display()
+                    );
+                }
+            }
+            assert!(
+                !prose.contains("<http"),
+                "{}: an autolink outside the repository",
+                page.display()
+            );
+        }
+    }
 }

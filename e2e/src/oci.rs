@@ -169,13 +169,52 @@ pub fn busybox_entries(busybox: &Path) -> anyhow::Result<Vec<Entry>> {
     Ok(entries)
 }
 
-/// A program and the shared libraries `ldd` says it loads, at their own paths.
+/// Whether an ELF executable is static: it names no program interpreter (`PT_INTERP`), so
+/// it needs no dynamic loader and no libraries (a static-pie still has `PT_DYNAMIC`).
+pub fn is_static_elf(bytes: &[u8]) -> anyhow::Result<bool> {
+    const PT_INTERP: u32 = 3;
+    anyhow::ensure!(
+        bytes.len() > 64 && bytes.starts_with(b"\x7fELF") && bytes[4] == 2 && bytes[5] == 1,
+        "not a little-endian ELF64 file"
+    );
+    let u16_at = |at: usize| -> Option<u16> {
+        Some(u16::from_le_bytes(bytes.get(at..at + 2)?.try_into().ok()?))
+    };
+    let phoff = bytes
+        .get(0x20..0x28)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .and_then(|o| usize::try_from(o).ok());
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (phoff, u16_at(0x36), u16_at(0x38)) else {
+        anyhow::bail!("truncated ELF header");
+    };
+    for i in 0..usize::from(phnum) {
+        let at = phoff + i * usize::from(phentsize);
+        let p_type = bytes
+            .get(at..at + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+            .ok_or_else(|| anyhow::anyhow!("truncated program headers"))?;
+        if p_type == PT_INTERP {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// A program and the shared libraries `ldd` says it loads, at their own paths (none for a
+/// static program, such as the image's musl build).
 pub fn program_entries(program: &Path, install_as: &str) -> anyhow::Result<Vec<Entry>> {
+    let contents = std::fs::read(program)?;
+    let is_static = is_static_elf(&contents)?;
     let mut entries = vec![Entry::File {
         path: install_as.trim_start_matches('/').into(),
         mode: 0o755,
-        contents: std::fs::read(program)?,
+        contents,
     }];
+    if is_static {
+        return Ok(entries);
+    }
     let ldd = std::process::Command::new("ldd").arg(program).output()?;
     anyhow::ensure!(ldd.status.success(), "ldd {} failed", program.display());
     let mut dirs = std::collections::BTreeSet::new();

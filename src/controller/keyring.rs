@@ -100,7 +100,7 @@ pub async fn load_or_init(
         tracing::error!(
             namespace = %ns,
             secret = name,
-            "the operator keyring Secret is missing but encrypted keys exist; it is not              re-created (the keys could not be decrypted). Restore it from backup"
+            "the operator keyring Secret is missing but encrypted keys exist; it is not re-created (the keys could not be decrypted). Restore it from backup"
         );
         return Ok(None);
     }
@@ -170,7 +170,7 @@ pub async fn report_missing(recorder: &super::events::Publisher, keyring: &Objec
         type_: EventType::Warning,
         reason: crate::reason::Reason::KeyringUnavailable.as_str().into(),
         note: Some(format!(
-            "the operator keyring Secret {}/{} is missing or unusable while encrypted keys              exist; it is not re-created. Restore it from backup",
+            "the operator keyring Secret {}/{} is missing or unusable while encrypted keys exist; it is not re-created. Restore it from backup",
             keyring.namespace.as_deref().unwrap_or_default(),
             keyring.name.as_deref().unwrap_or_default()
         )),
