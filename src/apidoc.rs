@@ -855,12 +855,7 @@ mod tests {
                     }
                     !in_fence
                 })
-                .map(|line| {
-                    line.split('`')
-                        .step_by(2)
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                })
+                .map(|line| line.split('`').step_by(2).collect::<Vec<_>>().join(" "))
                 .collect::<Vec<_>>()
                 .join("\n");
             let mut rest = prose.as_str();

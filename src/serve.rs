@@ -153,6 +153,7 @@ pub async fn start(
         watches,
         config.key_lease,
         config.egress.clone(),
+        config.proxy.image.clone(),
     ));
     let injector_data = web::Data::new(injector);
     let webhook = HttpServer::new(move || {

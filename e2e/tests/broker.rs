@@ -717,3 +717,125 @@ async fn vertex_gets_an_access_token_never_the_private_key() -> anyhow::Result<(
     assert_eq!(op.metrics.broker_answers("not_modified"), 1);
     Ok(())
 }
+
+/// The key goes to the injected sidecar only, never to a container of the application: a pod
+/// created without the label (the webhook never saw it) with a byok.dev token of its own and
+/// labelled afterwards, a sidecar whose image was swapped after admission, and an ephemeral
+/// container mounting the sidecar's token are all refused like any other stranger.
+#[tokio::test]
+async fn only_the_injected_sidecar_gets_the_key() -> anyhow::Result<()> {
+    use kube::api::{Patch, PatchParams};
+    let env = TestEnv::new("broker-past").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let op = ServingOperator::start(&env, &fake).await?;
+    let sidecar = Sidecar::new(&op, &env).await?;
+    let ns = env.namespace.as_str();
+    let key = random_key("sk-ant-api03-");
+    ready_anthropic(&env, &fake, "team", &key, serde_json::json!({})).await?;
+    let pods = env.api::<Pod>();
+
+    // The control: an injected pod gets the key.
+    let good = create_pod(&env, &opted_in_pod("good-", &["team"])).await?;
+    let debugged = create_pod(&env, &opted_in_pod("debugged-", &["team"])).await?;
+    assert!(has_sidecar(&good) && has_sidecar(&debugged));
+    for pod in [&good, &debugged] {
+        let token = pod_token(&env, "default", pod, names::TOKEN_AUDIENCE).await?;
+        sidecar
+            .ask_until(
+                (ns, "team"),
+                Some(&token),
+                None,
+                CACHE_WAIT,
+                "granted",
+                |a| a.status == 200,
+            )
+            .await?;
+    }
+
+    // Past the webhook: no label at creation, its own token volume mounted by the app, then
+    // labelled (labels and annotations can change; containers and volumes cannot).
+    let mut sneaky: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"generateName": "sneaky-",
+            "annotations": {(names::PROVIDER_KEYS_ANNOTATION): "team"}},
+        "spec": {
+            "containers": [{"name": "app", "image": "busybox",
+                "volumeMounts": [{"name": "stolen", "mountPath": "/stolen"}]}],
+            "volumes": [{"name": "stolen", "projected": {"sources": [{"serviceAccountToken":
+                {"audience": names::TOKEN_AUDIENCE, "path": "token"}}]}}]
+        }
+    }))?;
+    sneaky = create_pod(&env, &sneaky).await?;
+    assert!(!has_sidecar(&sneaky), "the webhook never saw it");
+    let name = sneaky.metadata.name.clone().unwrap_or_default();
+    pods.patch(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"metadata": {"labels": {(names::INJECT_LABEL): names::INJECT_VALUE}}})),
+    )
+    .await?;
+    let token = pod_token(&env, "default", &sneaky, names::TOKEN_AUDIENCE).await?;
+    // Every answer is a refusal; wait until one came from the labelled pod in the cache.
+    let deadline = Instant::now() + CACHE_WAIT;
+    while op.metrics.broker_answers("pod_not_injected") == 0 {
+        let answer = sidecar.ask(ns, "team", Some(&token), None).await?;
+        assert_eq!(answer.status, 403, "{}", answer.describe());
+        assert!(
+            Instant::now() < deadline,
+            "the labelled pod was never judged"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await; // polling interval
+    }
+
+    // The sidecar's image swapped after admission (the kubelet would restart it as that image).
+    let good_name = good.metadata.name.clone().unwrap_or_default();
+    pods.patch(
+        &good_name,
+        &PatchParams::default(),
+        &Patch::Strategic(serde_json::json!({"spec": {"initContainers": [
+            {"name": byok_operator::webhook::patch::SIDECAR_NAME, "image": "evil.example/steal:1"}]}})),
+    )
+    .await?;
+    let token = pod_token(&env, "default", &good, names::TOKEN_AUDIENCE).await?;
+    let refused = sidecar
+        .ask_until(
+            (ns, "team"),
+            Some(&token),
+            None,
+            CACHE_WAIT,
+            "refused",
+            |a| a.status == 403,
+        )
+        .await?;
+    assert_eq!(refused.reason(), "Forbidden");
+
+    // An ephemeral container (kubectl debug) mounting the sidecar's token.
+    let debugged_name = debugged.metadata.name.clone().unwrap_or_default();
+    pods.patch_subresource(
+        "ephemeralcontainers",
+        &debugged_name,
+        &PatchParams::default(),
+        &Patch::Strategic(serde_json::json!({"spec": {"ephemeralContainers": [{
+            "name": "debug", "image": "busybox",
+            "volumeMounts": [{"name": byok_operator::webhook::patch::TOKEN_VOLUME,
+                "mountPath": "/stolen"}]}]}})),
+    )
+    .await?;
+    let token = pod_token(&env, "default", &debugged, names::TOKEN_AUDIENCE).await?;
+    sidecar
+        .ask_until(
+            (ns, "team"),
+            Some(&token),
+            None,
+            CACHE_WAIT,
+            "refused",
+            |a| a.status == 403,
+        )
+        .await?;
+    assert!(op.metrics.broker_answers("pod_not_injected") >= 3);
+    assert_eq!(
+        op.metrics.broker_answers("granted"),
+        2,
+        "only the two injected pods, before"
+    );
+    Ok(())
+}

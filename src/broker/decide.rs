@@ -7,6 +7,7 @@
 //! |--------------------------------------------------|-----------------------------|
 //! | in another namespace than the caller's pod       | 403, whether it exists or not |
 //! | not listed in the pod's annotation, or the pod is gone, recreated, not opted in | 403 |
+//! | the token is not the injected sidecar's alone (pod created past the webhook, sidecar image swapped, ephemeral container) | 403 |
 //! | does not exist                                   | 404 `ProviderKeyNotFound`, Warning Event on the pod |
 //! | being deleted                                    | 404 `ProviderKeyDeleting`   |
 //! | `consumers` set and the pod's ServiceAccount not in it | 403                   |
@@ -30,6 +31,10 @@ pub struct Caller {
 pub struct PodFacts {
     pub uid: String,
     pub opted_in: bool,
+    /// Its `byok.dev` token is readable only by the sidecar the webhook injected (see
+    /// `webhook::patch::token_held_only_by_sidecar`): the key goes to that proxy, never to
+    /// an application container.
+    pub injected: bool,
     pub deleting: bool,
     /// The names in its `byok.dev/provider-keys` annotation (empty when malformed: the
     /// webhook refused such pods, so only a pod edited afterwards can have one).
@@ -61,6 +66,7 @@ pub enum Denial {
     OtherNamespace,
     PodNotFound,
     PodNotOptedIn,
+    PodNotInjected,
     KeyNotListed,
     ServiceAccountNotConsumer {
         service_account: String,
@@ -94,7 +100,10 @@ impl Denial {
             Denial::NotPodBound => "NotPodBound",
             // One word for every refusal across namespaces and about other pods' keys:
             // the answer must not tell what exists.
-            Denial::OtherNamespace | Denial::PodNotFound | Denial::PodNotOptedIn => "Forbidden",
+            Denial::OtherNamespace
+            | Denial::PodNotFound
+            | Denial::PodNotOptedIn
+            | Denial::PodNotInjected => "Forbidden",
             Denial::KeyNotListed => "Forbidden",
             Denial::ServiceAccountNotConsumer { .. } => "ServiceAccountNotAllowed",
             Denial::KeyNotFound => "ProviderKeyNotFound",
@@ -113,6 +122,7 @@ impl Denial {
             Denial::OtherNamespace => "other_namespace",
             Denial::PodNotFound => "pod_not_found",
             Denial::PodNotOptedIn => "pod_not_opted_in",
+            Denial::PodNotInjected => "pod_not_injected",
             Denial::KeyNotListed => "key_not_listed",
             Denial::ServiceAccountNotConsumer { .. } => "service_account_not_consumer",
             Denial::KeyNotFound => "key_not_found",
@@ -133,8 +143,9 @@ impl Denial {
             Denial::OtherNamespace
             | Denial::PodNotFound
             | Denial::PodNotOptedIn
+            | Denial::PodNotInjected
             | Denial::KeyNotListed => format!(
-                "forbidden: a pod gets only the ProviderKeys of its own namespace that it lists in {} and while it carries {}={}",
+                "forbidden: a pod gets only the ProviderKeys of its own namespace that it lists in {}, while it carries {}={}, and only through the sidecar the webhook injected",
                 names::PROVIDER_KEYS_ANNOTATION,
                 names::INJECT_LABEL,
                 names::INJECT_VALUE
@@ -183,6 +194,9 @@ pub fn authorize(
     };
     if !pod.opted_in {
         return Deny(Denial::PodNotOptedIn);
+    }
+    if !pod.injected {
+        return Deny(Denial::PodNotInjected);
     }
     if !pod.keys.iter().any(|k| k == name) {
         return Deny(Denial::KeyNotListed);
@@ -263,6 +277,7 @@ mod tests {
         PodFacts {
             uid: "u1".into(),
             opted_in: true,
+            injected: true,
             deleting: false,
             keys: keys.iter().map(|k| k.to_string()).collect(),
         }
@@ -334,6 +349,21 @@ mod tests {
             deny(Some(&unlabelled)),
             Decision::Deny(Denial::PodNotOptedIn)
         );
+        // Labelled, listing the key, but its token is not the injected sidecar's alone.
+        let past_the_webhook = PodFacts {
+            injected: false,
+            ..pod(&["k"])
+        };
+        let refused = deny(Some(&past_the_webhook));
+        assert_eq!(refused, Decision::Deny(Denial::PodNotInjected));
+        if let Decision::Deny(d) = refused {
+            assert_eq!((d.status(), d.reason()), (403, "Forbidden"));
+            assert_eq!(
+                d.message(),
+                Denial::KeyNotListed.message(),
+                "one refusal for all"
+            );
+        }
         assert_eq!(
             deny(Some(&pod(&["other"]))),
             Decision::Deny(Denial::KeyNotListed)

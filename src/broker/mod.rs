@@ -78,6 +78,9 @@ pub struct Broker {
     tokens: tokens::TokenReviews,
     lease: Duration,
     egress: EgressPolicy,
+    /// The sidecar image the webhook injects: a pod's token must be held by a container of
+    /// its repository only.
+    proxy_image: String,
     /// Keys opened from managed Secrets, by Secret, with the digest of the envelope they came
     /// from: a GET and a decryption once per change of the key, not per request.
     opened: Mutex<HashMap<ObjectRef<Secret>, OpenedKey>>,
@@ -158,6 +161,7 @@ impl Broker {
         watches: Arc<Watches>,
         lease: Duration,
         egress: EgressPolicy,
+        proxy_image: String,
     ) -> Self {
         let tokens = tokens::TokenReviews::new(ctx.client.clone());
         Self {
@@ -166,6 +170,7 @@ impl Broker {
             tokens,
             lease,
             egress,
+            proxy_image,
             opened: Mutex::default(),
             vertex_tokens: Mutex::default(),
             waiting_told: Mutex::default(),
@@ -179,6 +184,9 @@ impl Broker {
         Some(PodFacts {
             uid: meta.uid.clone().unwrap_or_default(),
             opted_in: names::opts_in(meta.labels.as_ref()),
+            injected: pod.spec.as_ref().is_some_and(|spec| {
+                crate::webhook::patch::token_held_only_by_sidecar(spec, &self.proxy_image)
+            }),
             deleting: meta.deletion_timestamp.is_some(),
             keys: meta
                 .annotations

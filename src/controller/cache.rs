@@ -73,7 +73,10 @@ pub fn identity(meta: &mut ObjectMeta) {
 
 /// Rewrites an opted-in pod to what the broker checks: name, namespace, uid, deletion, the
 /// inject label and the provider-keys annotation.
-pub fn strip_pod(pod: &mut kube::api::PartialObjectMeta<k8s_openapi::api::core::v1::Pod>) {
+pub fn strip_pod(pod: &mut k8s_openapi::api::core::v1::Pod) {
+    use k8s_openapi::api::core::v1::{
+        Container, EphemeralContainer, PodSpec, ProjectedVolumeSource, Volume, VolumeMount,
+    };
     let full = std::mem::take(&mut pod.metadata);
     let keep = |map: Option<BTreeMap<String, String>>, key: &str| {
         map.and_then(|m| {
@@ -91,6 +94,59 @@ pub fn strip_pod(pod: &mut kube::api::PartialObjectMeta<k8s_openapi::api::core::
         annotations: keep(full.annotations, names::PROVIDER_KEYS_ANNOTATION),
         ..ObjectMeta::default()
     };
+    // Of the spec, what shows who can read a byok.dev token: each container's name, image and
+    // mounted volume names, and the projected token sources of each volume.
+    let mounts = |m: Option<Vec<VolumeMount>>| {
+        m.map(|m| {
+            m.into_iter()
+                .map(|m| VolumeMount {
+                    name: m.name,
+                    ..VolumeMount::default()
+                })
+                .collect()
+        })
+    };
+    let container = |c: Container| Container {
+        name: c.name,
+        image: c.image,
+        volume_mounts: mounts(c.volume_mounts),
+        ..Container::default()
+    };
+    let spec = pod.spec.take().unwrap_or_default();
+    pod.spec = Some(PodSpec {
+        containers: spec.containers.into_iter().map(container).collect(),
+        init_containers: spec
+            .init_containers
+            .map(|c| c.into_iter().map(container).collect()),
+        ephemeral_containers: spec.ephemeral_containers.map(|c| {
+            c.into_iter()
+                .map(|c| EphemeralContainer {
+                    name: c.name,
+                    image: c.image,
+                    volume_mounts: mounts(c.volume_mounts),
+                    ..EphemeralContainer::default()
+                })
+                .collect()
+        }),
+        volumes: spec.volumes.map(|v| {
+            v.into_iter()
+                .map(|v| Volume {
+                    name: v.name,
+                    projected: v.projected.map(|p| ProjectedVolumeSource {
+                        sources: p.sources.map(|s| {
+                            s.into_iter()
+                                .filter(|s| s.service_account_token.is_some())
+                                .collect()
+                        }),
+                        ..ProjectedVolumeSource::default()
+                    }),
+                    ..Volume::default()
+                })
+                .collect()
+        }),
+        ..PodSpec::default()
+    });
+    pod.status = None;
 }
 
 /// Rewrites a source Secret to its identity, whether it is labelled as a key source, and one

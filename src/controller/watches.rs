@@ -11,7 +11,7 @@ use futures::channel::mpsc;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::Resource;
-use kube::api::{Api, PartialObjectMeta};
+use kube::api::Api;
 use kube::core::DeserializeGuard;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -57,7 +57,7 @@ pub struct Watches {
     pub providerkeys: Store<DeserializeGuard<ProviderKey>>,
     /// Opted-in pods (label `byok.dev/inject: "true"`), metadata only; `None` when this
     /// replica does not serve the broker.
-    pub pods: Option<Store<PartialObjectMeta<Pod>>>,
+    pub pods: Option<Store<Pod>>,
     pub providerkey_changes: Arc<Fanout<DeserializeGuard<ProviderKey>>>,
     pub source_changes: Arc<Fanout<Secret>>,
     pub managed_changes: Arc<Fanout<Secret>>,
@@ -174,13 +174,15 @@ impl Watches {
         }));
 
         let pods = watch_pods.then(|| {
-            let (store, writer) = reflector::store::<PartialObjectMeta<Pod>>();
-            let pods: Api<PartialObjectMeta<Pod>> = match watch_namespace {
+            // Whole pods (opted-in ones only), stripped to what the broker checks: the
+            // metadata and who in the pod can read a byok.dev token.
+            let (store, writer) = reflector::store::<Pod>();
+            let pods: Api<Pod> = match watch_namespace {
                 Some(ns) => Api::namespaced(client.clone(), ns),
                 None => Api::all(client.clone()),
             };
             let selector = format!("{}={}", names::INJECT_LABEL, names::INJECT_VALUE);
-            let (task, pods_ready) = drive::<PartialObjectMeta<Pod>, _>(
+            let (task, pods_ready) = drive::<Pod, _>(
                 "pods",
                 reflector::reflector(
                     writer,

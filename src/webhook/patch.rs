@@ -951,6 +951,75 @@ fn token_volume() -> Volume {
     }
 }
 
+/// Whether the only container that can read a `byok.dev` token in `spec` is the sidecar this
+/// webhook injects, from the repository of `proxy_image` (any tag or digest: pods injected
+/// before an operator upgrade keep theirs).
+///
+/// The broker serves a pod only when this holds. Containers, their mounts and the pod's
+/// volumes cannot change after creation, so it proves the pod went through this webhook as
+/// created: a pod made without the inject label (the webhook never saw it) with its own token
+/// volume, then labelled, fails; so does a sidecar whose image was swapped later (images are
+/// the one mutable part) and an ephemeral container mounting the token.
+pub fn token_held_only_by_sidecar(spec: &PodSpec, proxy_image: &str) -> bool {
+    let token_volumes: BTreeSet<&str> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .filter(|v| {
+            v.projected
+                .as_ref()
+                .and_then(|p| p.sources.as_ref())
+                .is_some_and(|sources| {
+                    sources.iter().any(|s| {
+                        s.service_account_token
+                            .as_ref()
+                            .is_some_and(|t| t.audience.as_deref() == Some(TOKEN_AUDIENCE))
+                    })
+                })
+        })
+        .map(|v| v.name.as_str())
+        .collect();
+    if token_volumes != BTreeSet::from([TOKEN_VOLUME]) {
+        return false;
+    }
+    let mounts_token = |mounts: &Option<Vec<k8s_openapi::api::core::v1::VolumeMount>>| {
+        mounts
+            .iter()
+            .flatten()
+            .any(|m| token_volumes.contains(m.name.as_str()))
+    };
+    let mut holders = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+        .filter(|c| mounts_token(&c.volume_mounts))
+        .map(|c| (c.name.as_str(), c.image.as_deref().unwrap_or_default()));
+    let ephemeral_holds_it = spec
+        .ephemeral_containers
+        .iter()
+        .flatten()
+        .any(|c| mounts_token(&c.volume_mounts));
+    let (Some((name, image)), None) = (holders.next(), holders.next()) else {
+        return false;
+    };
+    name == SIDECAR_NAME
+        && !ephemeral_holds_it
+        && image_repository(image) == image_repository(proxy_image)
+}
+
+/// `registry/name` of an image reference, without its tag or digest.
+fn image_repository(image: &str) -> &str {
+    let without_digest = image.split('@').next().unwrap_or(image);
+    // A tag is after the last `:` that comes after the last `/` (a registry port is not a tag).
+    match without_digest.rfind(':') {
+        Some(colon) if without_digest.rfind('/').is_none_or(|slash| colon > slash) => {
+            &without_digest[..colon]
+        }
+        _ => without_digest,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1891,5 +1960,113 @@ mod tests {
             prop_assume!(vars.len() == names.len());
             prop_assert_eq!(parse_key_names(&names.join(" , ")), Ok(names));
         }
+    }
+
+    #[test]
+    fn only_a_pod_injected_as_created_holds_its_token_as_the_sidecar() {
+        let image = settings().proxy_image;
+        let good = injected(&pod("team-anthropic"), &standard_keys());
+        assert!(token_held_only_by_sidecar(spec(&good), &image));
+        // After an operator upgrade the image's tag changes, not its repository.
+        assert!(token_held_only_by_sidecar(
+            spec(&good),
+            "ghcr.io/byok/proxy:2.0"
+        ));
+        assert!(token_held_only_by_sidecar(
+            spec(&good),
+            "ghcr.io/byok/proxy@sha256:0000000000000000000000000000000000000000000000000000000000000000"
+        ));
+
+        // Never seen by the webhook: its own token volume, mounted by the application.
+        let own = pod_with(
+            "team-anthropic",
+            json!({
+                "containers": [{"name": "app", "image": "app:1",
+                    "volumeMounts": [{"name": "t", "mountPath": "/t"}]}],
+                "volumes": [{"name": "t", "projected": {"sources": [
+                    {"serviceAccountToken": {"audience": "byok.dev", "path": "token"}}]}}],
+            }),
+        );
+        assert!(!token_held_only_by_sidecar(spec(&own), &image));
+        // ... or copying the sidecar's names by hand, with the application mounting the token.
+        let mut copied = good.clone();
+        let spec_mut = copied.spec.as_mut().expect("spec");
+        spec_mut.containers[0].volume_mounts = Some(vec![VolumeMount {
+            name: TOKEN_VOLUME.into(),
+            mount_path: "/t".into(),
+            ..Default::default()
+        }]);
+        assert!(!token_held_only_by_sidecar(spec(&copied), &image));
+
+        // The sidecar's image swapped after creation.
+        let mut swapped = good.clone();
+        let sidecar = swapped
+            .spec
+            .as_mut()
+            .and_then(|s| s.init_containers.as_mut())
+            .and_then(|c| c.iter_mut().find(|c| c.name == SIDECAR_NAME))
+            .expect("sidecar");
+        sidecar.image = Some("evil.example/ghcr.io/byok/proxy:1.0".into());
+        assert!(!token_held_only_by_sidecar(spec(&swapped), &image));
+        assert!(!token_held_only_by_sidecar(
+            spec(&good),
+            "registry:5000/byok/proxy:1.0"
+        ));
+
+        // An ephemeral container (kubectl debug) mounting the token.
+        let mut debugged = good.clone();
+        debugged.spec.as_mut().expect("spec").ephemeral_containers =
+            Some(vec![k8s_openapi::api::core::v1::EphemeralContainer {
+                name: "debug".into(),
+                image: Some("busybox".into()),
+                volume_mounts: Some(vec![VolumeMount {
+                    name: TOKEN_VOLUME.into(),
+                    mount_path: "/t".into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }]);
+        assert!(!token_held_only_by_sidecar(spec(&debugged), &image));
+
+        // A second byok.dev token volume beside the sidecar's.
+        let mut second = good.clone();
+        let volumes = second
+            .spec
+            .as_mut()
+            .and_then(|s| s.volumes.as_mut())
+            .expect("volumes");
+        let mut extra = volumes
+            .iter()
+            .find(|v| v.name == TOKEN_VOLUME)
+            .expect("token volume")
+            .clone();
+        extra.name = "another".into();
+        volumes.push(extra);
+        assert!(!token_held_only_by_sidecar(spec(&second), &image));
+    }
+
+    #[test]
+    fn image_repositories_ignore_tags_digests_and_keep_registry_ports() {
+        assert_eq!(
+            image_repository("ghcr.io/byok/proxy:1.0"),
+            "ghcr.io/byok/proxy"
+        );
+        assert_eq!(
+            image_repository("ghcr.io/byok/proxy@sha256:ab"),
+            "ghcr.io/byok/proxy"
+        );
+        assert_eq!(
+            image_repository("ghcr.io/byok/proxy:1.0@sha256:ab"),
+            "ghcr.io/byok/proxy"
+        );
+        assert_eq!(
+            image_repository("registry:5000/byok/proxy"),
+            "registry:5000/byok/proxy"
+        );
+        assert_eq!(
+            image_repository("registry:5000/byok/proxy:2"),
+            "registry:5000/byok/proxy"
+        );
+        assert_eq!(image_repository("byok-operator"), "byok-operator");
     }
 }
