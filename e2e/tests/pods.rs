@@ -669,6 +669,20 @@ async fn node_sidecars_keep_serving_while_the_operator_restarts() -> anyhow::Res
         anyhow::ensure!(Instant::now() < deadline, "calls stopped after the restart");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A replica that had not listed its pods yet once said "no such pod", and the sidecar
+    // dropped its key: answers that drop a key must not come from a restart.
+    for dropping in [
+        "pod_not_found",
+        "pod_not_injected",
+        "key_not_found",
+        "key_not_ready",
+    ] {
+        assert_eq!(
+            op.metrics.broker_answers(dropping),
+            0,
+            "the restarted broker answered {dropping}"
+        );
+    }
     s.op = Some(op);
 
     let failed = s.failed_calls(&name).await?;

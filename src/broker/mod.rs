@@ -352,6 +352,15 @@ impl Broker {
                 );
             }
         };
+        // A replica just started has not listed its pods and keys yet: "no such pod" would make
+        // a sidecar drop a key it holds. This answer is transient: it keeps the key until its
+        // lease ends.
+        if !self.watches.is_ready() {
+            let denial = Denial::KeyUnavailable {
+                reason: "the operator is starting: its caches are still filling".into(),
+            };
+            return self.refuse(Some(&caller), namespace, name, &denial);
+        }
         // Only a caller of this namespace gets as far as a lookup.
         let (pod, guard) = if caller.namespace == namespace {
             let pk = ObjectRef::new(name).within(namespace);

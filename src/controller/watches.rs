@@ -211,6 +211,11 @@ impl Watches {
         }
     }
 
+    /// Whether every cache has listed once.
+    pub fn is_ready(&self) -> bool {
+        self.ready.iter().all(|r| *r.borrow())
+    }
+
     /// Waits until every cache has listed once.
     pub async fn ready(&self) {
         futures::future::join_all(self.ready.iter().cloned().map(until_ready)).await;
