@@ -28,25 +28,27 @@ pub const WAIT: Duration = Duration::from_secs(60);
 pub async fn install_crds(client: &Client) -> anyhow::Result<()> {
     static INSTALLED: OnceCell<()> = OnceCell::const_new();
     INSTALLED
-        .get_or_try_init(|| async {
-            let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-            let crd = byok_operator::crdgen::crd();
-            let name = crd.metadata.name.clone().unwrap_or_default();
-            crds.patch(
-                &name,
-                &PatchParams::apply("byok-e2e").force(),
-                &Patch::Apply(&crd),
-            )
-            .await?;
-            tokio::time::timeout(
-                WAIT,
-                await_condition(crds, &name, conditions::is_crd_established()),
-            )
-            .await
-            .context("CRD not established in time")??;
-            anyhow::Ok(())
-        })
+        .get_or_try_init(|| async { apply_crd(client, &byok_operator::crdgen::crd()).await })
         .await?;
+    Ok(())
+}
+
+/// Server-side applies `crd` (taking over its fields) and waits until it is Established.
+pub async fn apply_crd(client: &Client, crd: &CustomResourceDefinition) -> anyhow::Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let name = crd.metadata.name.clone().unwrap_or_default();
+    crds.patch(
+        &name,
+        &PatchParams::apply("byok-e2e").force(),
+        &Patch::Apply(crd),
+    )
+    .await?;
+    tokio::time::timeout(
+        WAIT,
+        await_condition(crds, &name, conditions::is_crd_established()),
+    )
+    .await
+    .context("CRD not established in time")??;
     Ok(())
 }
 

@@ -5,7 +5,6 @@
 //!
 //! Its own test binary: it changes the cluster-wide CRD, which other tests rely on.
 
-use anyhow::Context as _;
 use byok_e2e::envtest::TestEnv;
 use byok_e2e::fake_provider::{FakeProvider, FakeProviderConfig};
 use byok_e2e::operator::*;
@@ -13,37 +12,23 @@ use byok_operator::controller::crd_check::CRD_OUT_OF_DATE;
 use byok_operator::crdgen::{SCHEMA_DIGEST_ANNOTATION, crd};
 use byok_operator::providers::ProviderKind;
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ListParams, Patch, PatchParams};
-use kube::runtime::wait::{await_condition, conditions};
+use kube::api::{Api, ListParams};
 
-async fn apply_crd(client: &kube::Client, digest: &str) -> anyhow::Result<()> {
+/// The current CRD, carrying `digest` as its schema digest.
+async fn apply_crd_with_digest(client: &kube::Client, digest: &str) -> anyhow::Result<()> {
     let mut crd = crd();
     crd.metadata
         .annotations
         .get_or_insert_with(Default::default)
         .insert(SCHEMA_DIGEST_ANNOTATION.into(), digest.into());
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let name = crd.metadata.name.clone().context("name")?;
-    api.patch(
-        &name,
-        &PatchParams::apply("byok-e2e").force(),
-        &Patch::Apply(&crd),
-    )
-    .await?;
-    tokio::time::timeout(
-        WAIT,
-        await_condition(api, &name, conditions::is_crd_established()),
-    )
-    .await??;
-    Ok(())
+    apply_crd(client, &crd).await
 }
 
 #[tokio::test]
 async fn an_older_crd_stops_reconciling_until_the_current_one_is_applied() -> anyhow::Result<()> {
     let env = TestEnv::new("crd-schema").await?;
     // The CRD of an older release: same served shape, another digest.
-    apply_crd(&env.client, "sha256:from-an-older-release").await?;
+    apply_crd_with_digest(&env.client, "sha256:from-an-older-release").await?;
     let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
     let key = random_key("sk-ant-api03-");
     fake.add_valid_key(ProviderKind::Anthropic, &key);
@@ -101,7 +86,7 @@ async fn an_older_crd_stops_reconciling_until_the_current_one_is_applied() -> an
     );
 
     // The upgrade step the docs give: apply the current CRD. Reconciling resumes by itself.
-    apply_crd(&env.client, &byok_operator::crdgen::expected_digest()).await?;
+    apply_crd_with_digest(&env.client, &byok_operator::crdgen::expected_digest()).await?;
     wait_pk(&env, "anthropic", "Ready", |pk| {
         is_condition(pk, "Ready", "True", "Valid")
     })

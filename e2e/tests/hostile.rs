@@ -20,10 +20,8 @@ use byok_operator::providers::ProviderKind;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, DynamicObject};
-use kube::runtime::wait::{await_condition, conditions};
 use kube::{CustomResourceExt, ResourceExt};
 
 /// Log lines of the in-process controller, at trace level.
@@ -124,23 +122,7 @@ fn looser_crd() -> anyhow::Result<serde_json::Value> {
 }
 
 async fn install_crd(client: &kube::Client, crd: &serde_json::Value) -> anyhow::Result<()> {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let name = crd["metadata"]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    crds.patch(
-        &name,
-        &PatchParams::apply("byok-e2e").force(),
-        &Patch::Apply(crd),
-    )
-    .await?;
-    tokio::time::timeout(
-        WAIT,
-        await_condition(crds, &name, conditions::is_crd_established()),
-    )
-    .await??;
-    Ok(())
+    apply_crd(client, &serde_json::from_value(crd.clone())?).await
 }
 
 async fn strict_crd(client: &kube::Client) -> anyhow::Result<()> {
