@@ -153,7 +153,7 @@ pub async fn start(
         watches,
         config.key_lease,
         config.egress.clone(),
-        config.proxy.image.clone(),
+        injector.clone(),
     ));
     let injector_data = web::Data::new(injector);
     let webhook = HttpServer::new(move || {

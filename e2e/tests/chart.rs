@@ -26,6 +26,7 @@ fn variants() -> Vec<(&'static str, Vec<String>)> {
             vec![
                 "certManager.enabled=true".into(),
                 "metrics.serviceMonitor.enabled=true".into(),
+                "certificates.extraSANs={byok.example.com,10.0.0.7}".into(),
             ],
         ),
         (
@@ -34,6 +35,7 @@ fn variants() -> Vec<(&'static str, Vec<String>)> {
                 "certManager.enabled=true".into(),
                 "certManager.issuerRef.name=corp-ca".into(),
                 "certManager.issuerRef.kind=ClusterIssuer".into(),
+                "certificates.extraSANs={byok.example.com,10.0.0.7}".into(),
             ],
         ),
         (
@@ -196,6 +198,13 @@ fn the_chart_lints_and_each_variant_renders_what_it_promises() -> anyhow::Result
                 );
                 let dns = certificate["spec"]["dnsNames"].to_string();
                 assert!(dns.contains("r-byok-operator.byok-system.svc"), "{dns}");
+                // IP SANs where they match addresses.
+                let ips = certificate["spec"]["ipAddresses"].to_string();
+                assert!(
+                    ips.contains("10.0.0.7") && !dns.contains("10.0.0.7"),
+                    "{ips} {dns}"
+                );
+                assert!(dns.contains("byok.example.com"), "{dns}");
             }
             _ => {
                 assert!(!cert_manager);
@@ -239,6 +248,18 @@ fn the_chart_lints_and_each_variant_renders_what_it_promises() -> anyhow::Result
             args.contains(&"--no-leader-election".to_string()),
             name == "single"
         );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_long_release_name_still_gives_valid_object_names() -> anyhow::Result<()> {
+    let release = "a".repeat(53);
+    let sets = ["certManager.enabled=true".to_string()];
+    for object in objects(&render_chart(&release, "byok-system", &sets)?)? {
+        let name = object["metadata"]["name"].as_str().context("name")?;
+        // Services (DNS labels) are the strictest: 63 characters.
+        assert!(name.len() <= 63, "{} {name} is too long", object["kind"]);
     }
     Ok(())
 }
@@ -293,6 +314,7 @@ fn values_that_cannot_work_are_refused_by_the_chart() -> anyhow::Result<()> {
             "metrics.service.enabled",
         ),
         (vec!["no.such.value=1"], "additional properties"),
+        (vec!["watchNamespaces={byok-system}"], "release namespace"),
     ] {
         let sets: Vec<String> = sets.into_iter().map(String::from).collect();
         let refused = render_chart("r", "byok-system", &sets)

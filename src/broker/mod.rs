@@ -78,9 +78,8 @@ pub struct Broker {
     tokens: tokens::TokenReviews,
     lease: Duration,
     egress: EgressPolicy,
-    /// The sidecar image the webhook injects: a pod's token must be held by a container of
-    /// its repository only.
-    proxy_image: String,
+    /// What the webhook injects: a pod's token must be held by that sidecar alone.
+    injector: Arc<crate::webhook::handler::Injector>,
     /// Keys opened from managed Secrets, by Secret, with the digest of the envelope they came
     /// from: a GET and a decryption once per change of the key, not per request.
     opened: Mutex<HashMap<ObjectRef<Secret>, OpenedKey>>,
@@ -161,7 +160,7 @@ impl Broker {
         watches: Arc<Watches>,
         lease: Duration,
         egress: EgressPolicy,
-        proxy_image: String,
+        injector: Arc<crate::webhook::handler::Injector>,
     ) -> Self {
         let tokens = tokens::TokenReviews::new(ctx.client.clone());
         Self {
@@ -170,7 +169,7 @@ impl Broker {
             tokens,
             lease,
             egress,
-            proxy_image,
+            injector,
             opened: Mutex::default(),
             vertex_tokens: Mutex::default(),
             waiting_told: Mutex::default(),
@@ -185,7 +184,7 @@ impl Broker {
             uid: meta.uid.clone().unwrap_or_default(),
             opted_in: names::opts_in(meta.labels.as_ref()),
             injected: pod.spec.as_ref().is_some_and(|spec| {
-                crate::webhook::patch::token_held_only_by_sidecar(spec, &self.proxy_image)
+                crate::webhook::patch::token_held_only_by_sidecar(spec, &self.injector.settings())
             }),
             deleting: meta.deletion_timestamp.is_some(),
             keys: meta

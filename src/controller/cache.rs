@@ -94,8 +94,11 @@ pub fn strip_pod(pod: &mut k8s_openapi::api::core::v1::Pod) {
         annotations: keep(full.annotations, names::PROVIDER_KEYS_ANNOTATION),
         ..ObjectMeta::default()
     };
-    // Of the spec, what shows who can read a byok.dev token: each container's name, image and
-    // mounted volume names, and the projected token sources of each volume.
+    // Of the spec, what shows who can read a byok.dev token and where it may go (see
+    // `webhook::patch::token_held_only_by_sidecar`): each container's name, image and
+    // mounted volume names; all of the sidecar's run settings (application containers' env
+    // is not kept: it may hold values of their own); the projected token sources; whether
+    // process namespaces are shared.
     let mounts = |m: Option<Vec<VolumeMount>>| {
         m.map(|m| {
             m.into_iter()
@@ -106,14 +109,28 @@ pub fn strip_pod(pod: &mut k8s_openapi::api::core::v1::Pod) {
                 .collect()
         })
     };
-    let container = |c: Container| Container {
-        name: c.name,
-        image: c.image,
-        volume_mounts: mounts(c.volume_mounts),
-        ..Container::default()
+    let container = |c: Container| {
+        if c.name == crate::webhook::patch::SIDECAR_NAME {
+            Container {
+                volume_mounts: mounts(c.volume_mounts),
+                resources: None,
+                ports: None,
+                security_context: None,
+                ..c
+            }
+        } else {
+            Container {
+                name: c.name,
+                image: c.image,
+                volume_mounts: mounts(c.volume_mounts),
+                ..Container::default()
+            }
+        }
     };
     let spec = pod.spec.take().unwrap_or_default();
     pod.spec = Some(PodSpec {
+        share_process_namespace: spec.share_process_namespace,
+        host_pid: spec.host_pid,
         containers: spec.containers.into_iter().map(container).collect(),
         init_containers: spec
             .init_containers
@@ -123,6 +140,7 @@ pub fn strip_pod(pod: &mut k8s_openapi::api::core::v1::Pod) {
                 .map(|c| EphemeralContainer {
                     name: c.name,
                     image: c.image,
+                    target_container_name: c.target_container_name,
                     volume_mounts: mounts(c.volume_mounts),
                     ..EphemeralContainer::default()
                 })

@@ -50,8 +50,9 @@ pub fn judge(installed: Option<&CustomResourceDefinition>, expected: &str) -> Sc
 
 /// What a user reads in the log and the Event: what is wrong and the one command that fixes it.
 pub fn explain(state: &SchemaState, expected: &str) -> String {
-    let fix = "apply the CRDs of this release server-side (kubectl apply --server-side -f crds/, \
-               or the chart's crds/ directory); reconciling resumes by itself";
+    let fix = "apply the CRDs of this release server-side (kubectl apply --server-side \
+               --force-conflicts -f crds/, or the chart's crds/ directory); reconciling resumes \
+               by itself";
     match state {
         SchemaState::Current => "the installed ProviderKey CRD matches this operator".into(),
         SchemaState::Missing => format!(

@@ -128,6 +128,11 @@ fn admin(
 /// Runs the proxy until SIGTERM or SIGINT, then drains.
 pub async fn run(cfg: ProxyConfig) -> anyhow::Result<()> {
     let started = Instant::now();
+    // The key and the token live in this process: a debug container or any process of the
+    // same UID joining its PID namespace must not read its memory or /proc/<pid>/root.
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!(error = %e, "could not make the proxy non-dumpable");
+    }
     anyhow::ensure!(!cfg.keys.is_empty(), "no --key given");
     anyhow::ensure!(
         !cfg.namespace.is_empty(),

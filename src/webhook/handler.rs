@@ -48,7 +48,8 @@ impl Injector {
         }
     }
 
-    fn settings(&self) -> Arc<InjectSettings> {
+    /// What the webhook injects now (the broker checks pods against it too).
+    pub fn settings(&self) -> Arc<InjectSettings> {
         self.settings
             .read()
             .unwrap_or_else(|p| p.into_inner())

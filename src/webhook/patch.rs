@@ -951,16 +951,18 @@ fn token_volume() -> Volume {
     }
 }
 
-/// Whether the only container that can read a `byok.dev` token in `spec` is the sidecar this
-/// webhook injects, from the repository of `proxy_image` (any tag or digest: pods injected
-/// before an operator upgrade keep theirs).
+/// Whether the only thing in the pod that can read a `byok.dev` token is the sidecar this
+/// webhook injects, as it injects it now: the proxy image's repository (any tag or digest, so
+/// pods injected before an operator upgrade keep theirs), `proxy` with this broker's URL and
+/// the admin port, this broker's CA, no command, hook or exec probe of its own, in a pod that
+/// shares no process namespace.
 ///
-/// The broker serves a pod only when this holds. Containers, their mounts and the pod's
-/// volumes cannot change after creation, so it proves the pod went through this webhook as
-/// created: a pod made without the inject label (the webhook never saw it) with its own token
-/// volume, then labelled, fails; so does a sidecar whose image was swapped later (images are
-/// the one mutable part) and an ephemeral container mounting the token.
-pub fn token_held_only_by_sidecar(spec: &PodSpec, proxy_image: &str) -> bool {
+/// The broker serves a pod only when this holds. Containers, their args, env, mounts and the
+/// pod's volumes cannot change after creation, so it proves the token's holder is our proxy
+/// talking to our broker: a pod made without the inject label (the webhook never saw it) and
+/// labelled later fails, and so do a sidecar whose image was swapped (images are the one
+/// mutable part) and an ephemeral container mounting the token or targeting the sidecar.
+pub fn token_held_only_by_sidecar(spec: &PodSpec, settings: &InjectSettings) -> bool {
     let token_volumes: BTreeSet<&str> = spec
         .volumes
         .iter()
@@ -979,33 +981,77 @@ pub fn token_held_only_by_sidecar(spec: &PodSpec, proxy_image: &str) -> bool {
         })
         .map(|v| v.name.as_str())
         .collect();
-    if token_volumes != BTreeSet::from([TOKEN_VOLUME]) {
+    if token_volumes != BTreeSet::from([TOKEN_VOLUME])
+        || spec.share_process_namespace == Some(true)
+        || spec.host_pid == Some(true)
+    {
         return false;
     }
-    let mounts_token = |mounts: &Option<Vec<k8s_openapi::api::core::v1::VolumeMount>>| {
+    let mounts_token = |mounts: &Option<Vec<VolumeMount>>| {
         mounts
             .iter()
             .flatten()
             .any(|m| token_volumes.contains(m.name.as_str()))
     };
+    if spec
+        .containers
+        .iter()
+        .any(|c| mounts_token(&c.volume_mounts))
+    {
+        return false;
+    }
+    let ephemeral_reaches_it = spec.ephemeral_containers.iter().flatten().any(|c| {
+        mounts_token(&c.volume_mounts) || c.target_container_name.as_deref() == Some(SIDECAR_NAME)
+    });
+    if ephemeral_reaches_it {
+        return false;
+    }
     let mut holders = spec
         .init_containers
         .iter()
         .flatten()
-        .chain(spec.containers.iter())
-        .filter(|c| mounts_token(&c.volume_mounts))
-        .map(|c| (c.name.as_str(), c.image.as_deref().unwrap_or_default()));
-    let ephemeral_holds_it = spec
-        .ephemeral_containers
-        .iter()
-        .flatten()
-        .any(|c| mounts_token(&c.volume_mounts));
-    let (Some((name, image)), None) = (holders.next(), holders.next()) else {
+        .filter(|c| mounts_token(&c.volume_mounts));
+    let (Some(holder), None) = (holders.next(), holders.next()) else {
         return false;
     };
-    name == SIDECAR_NAME
-        && !ephemeral_holds_it
-        && image_repository(image) == image_repository(proxy_image)
+    holder.name == SIDECAR_NAME && runs_our_proxy(holder, settings)
+}
+
+/// Whether `c` runs the proxy the way [`sidecar`] has it talk to this broker: what it runs,
+/// where it sends its token and whom it trusts. Resources, pull policy and the image's tag may
+/// differ (settings change between releases).
+fn runs_our_proxy(c: &Container, settings: &InjectSettings) -> bool {
+    let args_ok = c.args.as_deref().is_some_and(|args| {
+        let (fixed, keys) = args.split_at(args.len().min(3));
+        fixed
+            == [
+                "proxy".to_owned(),
+                format!("--admin-addr=0.0.0.0:{ADMIN_PORT}"),
+                format!("--broker-url={}", settings.broker_url),
+            ]
+            && keys.iter().all(|k| k.starts_with("--key="))
+    });
+    let env_ok = c.env.as_deref()
+        == Some(
+            &[
+                plain_env("BYOK_BROKER_CA", settings.broker_ca_pem.clone()),
+                field_env("POD_NAME", "metadata.name"),
+                field_env("POD_NAMESPACE", "metadata.namespace"),
+            ][..],
+        );
+    let no_exec = [&c.startup_probe, &c.liveness_probe, &c.readiness_probe]
+        .iter()
+        .all(|p| p.as_ref().is_none_or(|p| p.exec.is_none()));
+    image_repository(c.image.as_deref().unwrap_or_default())
+        == image_repository(&settings.proxy_image)
+        && c.restart_policy.as_deref() == Some("Always")
+        && c.command.is_none()
+        && c.working_dir.is_none()
+        && c.lifecycle.is_none()
+        && c.env_from.as_ref().is_none_or(Vec::is_empty)
+        && args_ok
+        && env_ok
+        && no_exec
 }
 
 /// `registry/name` of an image reference, without its tag or digest.
@@ -1964,17 +2010,24 @@ mod tests {
 
     #[test]
     fn only_a_pod_injected_as_created_holds_its_token_as_the_sidecar() {
-        let image = settings().proxy_image;
+        let now = settings();
+        let holds = |pod: &Pod| token_held_only_by_sidecar(spec(pod), &now);
+        let with_image = |image: &str| InjectSettings {
+            proxy_image: image.into(),
+            ..settings()
+        };
         let good = injected(&pod("team-anthropic"), &standard_keys());
-        assert!(token_held_only_by_sidecar(spec(&good), &image));
+        assert!(holds(&good));
         // After an operator upgrade the image's tag changes, not its repository.
-        assert!(token_held_only_by_sidecar(
+        for image in [
+            "ghcr.io/byok/proxy:2.0",
+            "ghcr.io/byok/proxy@sha256:0000000000000000000000000000000000000000000000000000000000000000",
+        ] {
+            assert!(token_held_only_by_sidecar(spec(&good), &with_image(image)));
+        }
+        assert!(!token_held_only_by_sidecar(
             spec(&good),
-            "ghcr.io/byok/proxy:2.0"
-        ));
-        assert!(token_held_only_by_sidecar(
-            spec(&good),
-            "ghcr.io/byok/proxy@sha256:0000000000000000000000000000000000000000000000000000000000000000"
+            &with_image("registry:5000/byok/proxy:1.0")
         ));
 
         // Never seen by the webhook: its own token volume, mounted by the application.
@@ -1987,62 +2040,109 @@ mod tests {
                     {"serviceAccountToken": {"audience": "byok.dev", "path": "token"}}]}}],
             }),
         );
-        assert!(!token_held_only_by_sidecar(spec(&own), &image));
-        // ... or copying the sidecar's names by hand, with the application mounting the token.
-        let mut copied = good.clone();
-        let spec_mut = copied.spec.as_mut().expect("spec");
-        spec_mut.containers[0].volume_mounts = Some(vec![VolumeMount {
+        assert!(!holds(&own));
+
+        // The injected pod edited by hand before creation, each way a token could get out.
+        let edited = |edit: &dyn Fn(&mut PodSpec)| {
+            let mut pod = good.clone();
+            edit(pod.spec.as_mut().expect("spec"));
+            holds(&pod)
+        };
+        let in_sidecar = |edit: &dyn Fn(&mut Container)| {
+            edited(&|s: &mut PodSpec| {
+                let sidecar = s
+                    .init_containers
+                    .as_mut()
+                    .and_then(|c| c.iter_mut().find(|c| c.name == SIDECAR_NAME))
+                    .expect("sidecar");
+                edit(sidecar);
+            })
+        };
+        let token_mount = || VolumeMount {
             name: TOKEN_VOLUME.into(),
             mount_path: "/t".into(),
             ..Default::default()
-        }]);
-        assert!(!token_held_only_by_sidecar(spec(&copied), &image));
-
-        // The sidecar's image swapped after creation.
-        let mut swapped = good.clone();
-        let sidecar = swapped
-            .spec
-            .as_mut()
-            .and_then(|s| s.init_containers.as_mut())
-            .and_then(|c| c.iter_mut().find(|c| c.name == SIDECAR_NAME))
-            .expect("sidecar");
-        sidecar.image = Some("evil.example/ghcr.io/byok/proxy:1.0".into());
-        assert!(!token_held_only_by_sidecar(spec(&swapped), &image));
-        assert!(!token_held_only_by_sidecar(
-            spec(&good),
-            "registry:5000/byok/proxy:1.0"
+        };
+        // The application mounting the token too.
+        assert!(!edited(
+            &|s| s.containers[0].volume_mounts = Some(vec![token_mount()])
         ));
-
-        // An ephemeral container (kubectl debug) mounting the token.
-        let mut debugged = good.clone();
-        debugged.spec.as_mut().expect("spec").ephemeral_containers =
-            Some(vec![k8s_openapi::api::core::v1::EphemeralContainer {
-                name: "debug".into(),
-                image: Some("busybox".into()),
-                volume_mounts: Some(vec![VolumeMount {
-                    name: TOKEN_VOLUME.into(),
-                    mount_path: "/t".into(),
-                    ..Default::default()
-                }]),
+        // Sharing a process namespace with the sidecar (its /proc/<pid>/root).
+        assert!(!edited(&|s| s.share_process_namespace = Some(true)));
+        assert!(!edited(&|s| s.host_pid = Some(true)));
+        // The genuine image, sending its token to another broker, or trusting another CA
+        // (hostAliases or dnsConfig could then point the real broker's name elsewhere).
+        assert!(!in_sidecar(&|c| {
+            if let Some(arg) = c.args.as_mut().and_then(|a| a.get_mut(2)) {
+                *arg = "--broker-url=https://evil.example".into();
+            }
+        }));
+        assert!(!in_sidecar(&|c| {
+            if let Some(var) = c.env.as_mut().and_then(|e| e.first_mut()) {
+                var.value = Some("-----BEGIN CERTIFICATE-----\nevil".into());
+            }
+        }));
+        assert!(!in_sidecar(&|c| c
+            .args
+            .get_or_insert_with(Vec::new)
+            .push("--token-file=/t".into())));
+        // Running something else in the sidecar, beside the token.
+        assert!(!in_sidecar(&|c| c.command = Some(vec!["/bin/sh".into()])));
+        assert!(!in_sidecar(&|c| c.working_dir = Some("/tmp".into())));
+        assert!(!in_sidecar(&|c| {
+            c.lifecycle = Some(k8s_openapi::api::core::v1::Lifecycle {
+                post_start: Some(Default::default()),
                 ..Default::default()
-            }]);
-        assert!(!token_held_only_by_sidecar(spec(&debugged), &image));
+            })
+        }));
+        assert!(!in_sidecar(&|c| {
+            if let Some(p) = c.liveness_probe.as_mut() {
+                p.exec = Some(Default::default());
+            }
+        }));
+        assert!(!in_sidecar(&|c| c.env_from = Some(vec![Default::default()])));
+        // The sidecar's image swapped after creation.
+        assert!(!in_sidecar(
+            &|c| c.image = Some("evil.example/ghcr.io/byok/proxy:1.0".into())
+        ));
+        // Resources and pull policy may change between releases.
+        assert!(in_sidecar(&|c| {
+            c.resources = None;
+            c.image_pull_policy = Some("Always".into());
+        }));
+
+        // Ephemeral containers (kubectl debug): mounting the token, or joining the sidecar's
+        // process namespace.
+        let debug = |target: Option<&str>, mount: bool| {
+            edited(&|s| {
+                s.ephemeral_containers =
+                    Some(vec![k8s_openapi::api::core::v1::EphemeralContainer {
+                        name: "debug".into(),
+                        image: Some("busybox".into()),
+                        target_container_name: target.map(String::from),
+                        volume_mounts: mount.then(|| vec![token_mount()]),
+                        ..Default::default()
+                    }]);
+            })
+        };
+        assert!(!debug(None, true));
+        assert!(!debug(Some(SIDECAR_NAME), false));
+        assert!(
+            debug(Some("app"), false),
+            "debugging the app leaves the token alone"
+        );
 
         // A second byok.dev token volume beside the sidecar's.
-        let mut second = good.clone();
-        let volumes = second
-            .spec
-            .as_mut()
-            .and_then(|s| s.volumes.as_mut())
-            .expect("volumes");
-        let mut extra = volumes
-            .iter()
-            .find(|v| v.name == TOKEN_VOLUME)
-            .expect("token volume")
-            .clone();
-        extra.name = "another".into();
-        volumes.push(extra);
-        assert!(!token_held_only_by_sidecar(spec(&second), &image));
+        assert!(!edited(&|s| {
+            let volumes = s.volumes.as_mut().expect("volumes");
+            let mut extra = volumes
+                .iter()
+                .find(|v| v.name == TOKEN_VOLUME)
+                .expect("token volume")
+                .clone();
+            extra.name = "another".into();
+            volumes.push(extra);
+        }));
     }
 
     #[test]

@@ -3,16 +3,17 @@
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
-{{/* The base of every object name. */}}
+{{/* The base of every object name: at most 52 characters, so that suffixed names
+     (-selfsigned, -metrics, -keyring) stay within 63. */}}
 {{- define "byok.fullname" -}}
 {{- if .Values.fullnameOverride -}}
-{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" -}}
 {{- else -}}
 {{- $name := default .Chart.Name .Values.nameOverride -}}
 {{- if contains $name .Release.Name -}}
-{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- .Release.Name | trunc 52 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
@@ -90,8 +91,9 @@ providerkeys.byok.dev
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get, list, watch, create, update, patch, delete]
-# The key broker's cache of opted-in pods (label byok.dev/inject=true, metadata only): a
-# sidecar's token names its pod, and the pod must still exist and ask for the key.
+# The key broker's cache of opted-in pods (label byok.dev/inject=true; kept: metadata and who
+# in the pod can read a byok.dev token): a sidecar's token names its pod, which must still
+# exist, ask for the key and hold the token in the injected sidecar only.
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch]
