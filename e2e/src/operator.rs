@@ -304,16 +304,19 @@ pub fn operator_binary() -> anyhow::Result<std::path::PathBuf> {
     Ok(dir.join("byok-operator"))
 }
 
-/// A ServiceAccount in the test's namespace with exactly the chart's RBAC for an operator that
-/// lives in and watches that namespace (`watchNamespaces`), named `byok-operator` as in the
+/// A ServiceAccount in `operator`'s namespace with exactly the chart's RBAC for an operator
+/// that lives there and watches `watched` (`watchNamespaces`), named `byok-operator` as in the
 /// default install (the webhook configuration rule names it); returns its token. Cluster-wide
 /// names are the default install's: one such operator per test binary.
-pub async fn operator_service_account_token(env: &TestEnv) -> anyhow::Result<String> {
+pub async fn operator_service_account_token(
+    operator: &TestEnv,
+    watched: &str,
+) -> anyhow::Result<String> {
     let sets = [
         "fullnameOverride=byok-operator".to_string(),
-        format!("watchNamespaces={{{}}}", env.namespace),
+        format!("watchNamespaces={{{watched}}}"),
     ];
-    crate::manifests::chart_service_account_token(env, "byok-operator", &sets)
+    crate::manifests::chart_service_account_token(operator, "byok-operator", &sets)
         .await
         .map(|(token, _)| token)
 }

@@ -43,13 +43,15 @@ fn fragments(key: &str, prefix: &str) -> Vec<String> {
 #[tokio::test]
 async fn no_key_material_reaches_logs_events_status_or_errors() -> anyhow::Result<()> {
     let env = TestEnv::new("canary").await?;
+    // The operator's own namespace (keyring, certificate, Lease), apart from the one it watches.
+    let op_ns = TestEnv::new("canary-op").await?;
     install_crds(&env.client).await?;
     let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
     let dir = std::env::temp_dir().join(format!("byok-canary-{}", env.namespace));
     std::fs::create_dir_all(&dir)?;
     let kubeconfig = dir.join("kubeconfig");
     // The operator runs as a ServiceAccount with exactly the chart's RBAC.
-    let token = operator_service_account_token(&env).await?;
+    let token = operator_service_account_token(&op_ns, &env.namespace).await?;
     byok_e2e::envtest::write_kubeconfig(&shared().kubeconfig_for_token(&token), &kubeconfig)?;
     let ca = dir.join("fake-ca.pem");
     std::fs::write(&ca, fake.ca_pem())?;
@@ -66,7 +68,7 @@ async fn no_key_material_reaches_logs_events_status_or_errors() -> anyhow::Resul
     ])
     .args([
         "--operator-namespace",
-        &env.namespace,
+        &op_ns.namespace,
         "--insecure-allow-private-base-urls",
     ])
     .arg("--extra-ca-file")
@@ -154,7 +156,7 @@ async fn no_key_material_reaches_logs_events_status_or_errors() -> anyhow::Resul
     let served = byok_e2e::serving::broker_serves(
         &env,
         mwc,
-        (&env.namespace, "byok-operator-tls"),
+        (&op_ns.namespace, "byok-operator-tls"),
         broker_port,
         ("anthropic", &rotated),
         "openai",
@@ -166,7 +168,7 @@ async fn no_key_material_reaches_logs_events_status_or_errors() -> anyhow::Resul
     })
     .await?;
     byok_operator::controller::keyring::rotate(
-        &env.api::<Secret>(),
+        &op_ns.api::<Secret>(),
         byok_operator::controller::keyring::DEFAULT_KEYRING_SECRET,
     )
     .await?;
@@ -201,7 +203,16 @@ async fn no_key_material_reaches_logs_events_status_or_errors() -> anyhow::Resul
         logs.lines().count() > 50,
         "trace logging produced too little to be a real canary"
     );
-    let events = serde_json::to_string(&events.list(&ListParams::default()).await?.items)?;
+    // Events of both namespaces (the keyring's go to the operator's).
+    let mut all_events = events.list(&ListParams::default()).await?.items;
+    all_events.extend(
+        op_ns
+            .api::<Event>()
+            .list(&ListParams::default())
+            .await?
+            .items,
+    );
+    let events = serde_json::to_string(&all_events)?;
     let statuses = serde_json::to_string(
         &env.api::<ProviderKey>()
             .list(&ListParams::default())
