@@ -321,6 +321,16 @@ pub async fn operator_service_account_token(
         .map(|(token, _)| token)
 }
 
+/// A `byok-operator` process a test started: killed (and reaped) when dropped.
+pub struct OperatorProcess(pub std::process::Child);
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A loopback port free right now (the OS picks it; another process could take it before
 /// it is bound again, which on a test machine does not happen in practice).
 pub fn free_port() -> anyhow::Result<u16> {

@@ -4,7 +4,7 @@
 //! status, or in an error message.
 
 use std::io::Read;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use base64::Engine;
 use byok_e2e::envtest::{TestEnv, shared};
@@ -15,15 +15,6 @@ use byok_operator::providers::ProviderKind;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams};
-
-struct Operator(Child);
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Every fragment of a key that must never be shown: the key itself, its secret part
 /// (after the recognisable prefix) in 8-character windows, and its base64 and hex forms.
@@ -97,7 +88,7 @@ async fn no_key_material_reaches_logs_events_status_or_errors() -> anyhow::Resul
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log_path)?);
-    let operator = Operator(cmd.spawn()?);
+    let operator = OperatorProcess(cmd.spawn()?);
 
     let good = random_key("sk-ant-api03-");
     let rotated = random_key("sk-ant-api03-");

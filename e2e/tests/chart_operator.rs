@@ -5,7 +5,7 @@
 //! provider's endpoints. It goes through the happy path of the controller and the webhook:
 //! a key verified and encrypted, the caBundle set, a pod injected, the key served to it.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use anyhow::Context as _;
 use byok_e2e::envtest::{TestEnv, shared};
@@ -15,15 +15,6 @@ use byok_e2e::operator::*;
 use byok_operator::providers::ProviderKind;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::coordination::v1::Lease;
-
-struct Operator(Child);
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The chart's args with the listen addresses moved to loopback ports.
 fn local_args(chart_args: &[String], ports: (u16, u16, u16)) -> Vec<String> {
@@ -89,7 +80,7 @@ async fn the_operator_runs_with_the_charts_arguments_and_rbac() -> anyhow::Resul
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log)?);
-    let _operator = Operator(cmd.spawn()?);
+    let _operator = OperatorProcess(cmd.spawn()?);
 
     // The controller: a key verified, encrypted and put in service.
     let key = random_key("sk-ant-api03-");

@@ -55,8 +55,9 @@ impl<K: Clone> Fanout<K> {
 /// The caches, and their changes for the controller.
 pub struct Watches {
     pub providerkeys: Store<DeserializeGuard<ProviderKey>>,
-    /// Opted-in pods (label `byok.dev/inject: "true"`), metadata only; `None` when this
-    /// replica does not serve the broker.
+    /// Opted-in pods (label `byok.dev/inject: "true"`), stripped to their metadata and who can
+    /// read their `byok.dev` token (`cache::strip_pod`); `None` when this replica does not
+    /// serve the broker.
     pub pods: Option<Store<Pod>>,
     pub providerkey_changes: Arc<Fanout<DeserializeGuard<ProviderKey>>>,
     pub source_changes: Arc<Fanout<Secret>>,

@@ -856,13 +856,27 @@ fn tcp_port(port: u16, name: Option<&str>) -> ContainerPort {
     }
 }
 
-/// The native sidecar serving `keys`.
-fn sidecar(settings: &InjectSettings, keys: &[PlannedKey]) -> Container {
-    let mut args = vec![
+/// The sidecar's arguments before its `--key=`s: what it runs and which broker it asks.
+fn proxy_args(settings: &InjectSettings) -> [String; 3] {
+    [
         "proxy".to_owned(),
         format!("--admin-addr=0.0.0.0:{ADMIN_PORT}"),
         format!("--broker-url={}", settings.broker_url),
-    ];
+    ]
+}
+
+/// The sidecar's whole environment: the broker's CA and the pod's identity.
+fn proxy_env(settings: &InjectSettings) -> Vec<EnvVar> {
+    vec![
+        plain_env("BYOK_BROKER_CA", settings.broker_ca_pem.clone()),
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+    ]
+}
+
+/// The native sidecar serving `keys`.
+fn sidecar(settings: &InjectSettings, keys: &[PlannedKey]) -> Container {
+    let mut args = proxy_args(settings).to_vec();
     args.extend(keys.iter().map(|k| format!("--key={}={}", k.name, k.port)));
     let mut ports = vec![tcp_port(ADMIN_PORT, Some(ADMIN_PORT_NAME))];
     ports.extend(keys.iter().map(|k| tcp_port(k.port, None)));
@@ -871,11 +885,7 @@ fn sidecar(settings: &InjectSettings, keys: &[PlannedKey]) -> Container {
         image: Some(settings.proxy_image.clone()),
         image_pull_policy: Some(settings.pull_policy.clone()),
         args: Some(args),
-        env: Some(vec![
-            plain_env("BYOK_BROKER_CA", settings.broker_ca_pem.clone()),
-            field_env("POD_NAME", "metadata.name"),
-            field_env("POD_NAMESPACE", "metadata.namespace"),
-        ]),
+        env: Some(proxy_env(settings)),
         ports: Some(ports),
         resources: Some(settings.resources.clone()),
         restart_policy: Some("Always".to_owned()),
@@ -1021,24 +1031,12 @@ pub fn token_held_only_by_sidecar(spec: &PodSpec, settings: &InjectSettings) -> 
 /// where it sends its token and whom it trusts. Resources, pull policy and the image's tag may
 /// differ (settings change between releases).
 fn runs_our_proxy(c: &Container, settings: &InjectSettings) -> bool {
+    let fixed = proxy_args(settings);
     let args_ok = c.args.as_deref().is_some_and(|args| {
-        let (fixed, keys) = args.split_at(args.len().min(3));
-        fixed
-            == [
-                "proxy".to_owned(),
-                format!("--admin-addr=0.0.0.0:{ADMIN_PORT}"),
-                format!("--broker-url={}", settings.broker_url),
-            ]
-            && keys.iter().all(|k| k.starts_with("--key="))
+        let (head, keys) = args.split_at(args.len().min(fixed.len()));
+        head == fixed && keys.iter().all(|k| k.starts_with("--key="))
     });
-    let env_ok = c.env.as_deref()
-        == Some(
-            &[
-                plain_env("BYOK_BROKER_CA", settings.broker_ca_pem.clone()),
-                field_env("POD_NAME", "metadata.name"),
-                field_env("POD_NAMESPACE", "metadata.namespace"),
-            ][..],
-        );
+    let env_ok = c.env.as_ref() == Some(&proxy_env(settings));
     let no_exec = [&c.startup_probe, &c.liveness_probe, &c.readiness_probe]
         .iter()
         .all(|p| p.as_ref().is_none_or(|p| p.exec.is_none()));
