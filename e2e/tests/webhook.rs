@@ -542,3 +542,142 @@ async fn two_replicas_share_one_ca_both_serve_and_one_reconciles() -> anyhow::Re
     assert_eq!(sidecars(&pod), 1);
     Ok(())
 }
+
+/// The CA the operator serves with (from its TLS Secret).
+async fn serving_ca(env: &TestEnv) -> anyhow::Result<String> {
+    let secret = env
+        .api::<k8s_openapi::api::core::v1::Secret>()
+        .get(byok_operator::serving::certs::DEFAULT_SECRET_NAME)
+        .await?;
+    Ok(String::from_utf8(
+        secret
+            .data
+            .and_then(|d| d.get("ca.crt").cloned())
+            .context("ca.crt")?
+            .0,
+    )?)
+}
+
+/// A review of a pod with `containers` containers asking for `keys` keys, as the API server
+/// sends it.
+fn big_review(namespace: &str, containers: usize, keys: usize) -> serde_json::Value {
+    let names: Vec<String> = (0..keys).map(|i| format!("key-{i}")).collect();
+    let mut pod = serde_json::to_value(opted_in_pod(
+        "big-",
+        &names.iter().map(String::as_str).collect::<Vec<_>>(),
+    ))
+    .unwrap_or_default();
+    pod["spec"]["containers"] = (0..containers)
+        .map(|i| serde_json::json!({"name": format!("c{i}"), "image": "busybox"}))
+        .collect();
+    serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "4f4bd9a5-5a5e-4d8c-9a0e-000000000019",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "name": "", "namespace": namespace, "operation": "CREATE",
+            "userInfo": {"username": "tenant"},
+            "object": pod, "oldObject": null, "dryRun": false,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"}
+        }
+    })
+}
+
+/// Issue 19, item 2, played by whoever can create a labelled pod or reach the webhook
+/// port: a pod spec that would inflate the answer (3,000 containers × 16 keys once gave an
+/// 18 MB response and +118 MiB of operator memory) is refused by the pre-scan with a small
+/// denial naming the limit, through the API server as well as posted directly; and while
+/// clients trickle bodies into the webhook, an ordinary pod is still admitted.
+#[tokio::test]
+async fn reviews_past_the_limits_are_refused_before_they_are_parsed() -> anyhow::Result<()> {
+    let env = TestEnv::new("prescan").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let op = ServingOperator::start(&env, &fake).await?;
+    ready_key(&env, &fake, "team-a").await?;
+    let ca = serving_ca(&env).await?;
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes())?)
+        .build()?;
+
+    let body = serde_json::to_vec(&big_review(&env.namespace, 3000, 16))?;
+    let res = http.post(op.webhook_url()).body(body.clone()).send().await?;
+    assert_eq!(res.status(), 200);
+    let answer = res.bytes().await?;
+    assert!(
+        answer.len() < 4096,
+        "the refusal is small: {} bytes",
+        answer.len()
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&answer)?;
+    assert_eq!(answer["response"]["allowed"], false, "{answer}");
+    assert_eq!(
+        answer["response"]["uid"],
+        "4f4bd9a5-5a5e-4d8c-9a0e-000000000019"
+    );
+    let message = answer["response"]["status"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(message.contains("3000 containers"), "{message}");
+    // Keys × containers past the bound, within the container limit.
+    let res = http
+        .post(op.webhook_url())
+        .body(serde_json::to_vec(&big_review(&env.namespace, 40, 16))?)
+        .send()
+        .await?;
+    let answer: serde_json::Value = res.json().await?;
+    assert_eq!(answer["response"]["allowed"], false, "{answer}");
+    assert!(
+        answer["response"]["status"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("640 variables"),
+        "{answer}"
+    );
+
+    // Through the API server, as a tenant sees it.
+    let mut pod = serde_json::to_value(opted_in_pod("many-", &["team-a"]))?;
+    pod["spec"]["containers"] = (0..101)
+        .map(|i| serde_json::json!({"name": format!("c{i}"), "image": "busybox"}))
+        .collect();
+    let err = create(&env, &serde_json::from_value(pod)?)
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("at most 100"), "{err}");
+
+    // Clients that trickle bodies in hold only what they sent: an ordinary pod is admitted
+    // meanwhile.
+    let addr = op.config.webhook_addr;
+    let mut tricklers = Vec::new();
+    for _ in 0..50 {
+        let http = http.clone();
+        let url = op.webhook_url();
+        let prefix = body[..64 * 1024].to_vec();
+        tricklers.push(tokio::spawn(async move {
+            let (mut tx, rx) = futures::channel::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+            let send = http
+                .post(url)
+                .header("content-length", (3 * 1024 * 1024).to_string())
+                .body(reqwest::Body::wrap_stream(rx))
+                .send();
+            let feed = async move {
+                use futures::SinkExt;
+                let _ = tx.send(Ok(prefix)).await;
+                // Never finish: the webhook gives up on the body.
+                std::future::pending::<()>().await;
+            };
+            tokio::select! { r = send => r.map(|r| r.status().as_u16()).ok(), () = feed => None }
+        }));
+    }
+    let pod = create(&env, &opted_in_pod("ordinary-", &["team-a"])).await?;
+    assert_eq!(sidecars(&pod), 1, "admitted and injected at {addr}");
+    // The webhook gave up on each trickled body (408) instead of holding it.
+    for t in tricklers {
+        if let Some(status) = tokio::time::timeout(Duration::from_secs(20), t).await?? {
+            assert_eq!(status, 408);
+        }
+    }
+    Ok(())
+}

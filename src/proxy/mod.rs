@@ -5,16 +5,19 @@
 //! an admin listener for the kubelet's probes and Prometheus. Keys come from the operator's
 //! broker ([`refresh`]) and are never written to disk, a log or an error.
 //!
-//! Layout: [`routes`] (the path table, pure), [`models`] (defaultModel/allowedModels, pure),
+//! Layout: [`routes`] (the path table, pure), [`endpoints`] (what a key never reaches, pure),
+//! [`models`] (defaultModel/allowedModels, pure) over [`inspect`] (one walk of a JSON body),
 //! [`answers`] (the proxy's own errors in each provider's shape, pure), [`grant`] and
 //! [`keys`] (what the broker sent and whether it may be used now), [`refresh`] (the broker
 //! client), [`upstream`] (the pool to providers, egress policy), [`forward`] (the hot path).
 
 pub mod answers;
+pub mod endpoints;
 pub mod forward;
 pub mod grant;
 pub mod keys;
 pub mod metrics;
+pub mod inspect;
 pub mod models;
 pub mod refresh;
 pub mod routes;
@@ -54,6 +57,9 @@ pub struct ProxyConfig {
     pub drain_timeout: Duration,
     pub access_log: bool,
 }
+
+/// How many bodies of the largest inspected size the proxy holds at once.
+const INSPECT_BUDGET_BODIES: u64 = 2;
 
 /// Parses `NAME=PORT`.
 pub fn parse_key_arg(arg: &str) -> Result<(String, u16), String> {
@@ -149,6 +155,9 @@ pub async fn run(cfg: ProxyConfig) -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
         metrics: metrics.clone(),
         max_inspected_body: cfg.max_inspected_body,
+        inspect_budget: forward::InspectBudget::new(
+            cfg.max_inspected_body.saturating_mul(INSPECT_BUDGET_BODIES),
+        ),
         access_log: cfg.access_log,
         in_flight: AtomicU64::new(0),
     });

@@ -211,11 +211,12 @@ fn vertex(post: bool, get: bool, s: &[&str]) -> ModelAt {
             "locations",
             _,
             "publishers",
-            _,
+            publisher,
             "models",
             m,
         ] if post && is_version(v) => match model_method(m) {
-            Some(model) => ModelAt::Path(model.to_owned()),
+            // The resource form: `normalise` makes it `M` for Google's models, `P/M` else.
+            Some(model) => ModelAt::Path(format!("publishers/{publisher}/models/{model}")),
             None => ModelAt::Unchecked,
         },
         // Vertex's OpenAI-compatible endpoint names the model in the body.
@@ -259,20 +260,6 @@ fn azure(post: bool, get: bool, s: &[&str]) -> ModelAt {
         ["openai", "responses", _id] if get => ModelAt::ReadOnly,
         ["openai", "models", ..] if get => ModelAt::ReadOnly,
         _ => ModelAt::Unchecked,
-    }
-}
-
-/// Whether `model` is one of `allowed` (empty: all). Gemini's `models/` prefix and a Vertex
-/// publisher prefix (`google/`) are ignored on both sides.
-pub fn model_allowed(allowed: &[String], model: &str) -> bool {
-    allowed.is_empty() || allowed.iter().any(|a| bare(a) == bare(model))
-}
-
-fn bare(model: &str) -> &str {
-    let model = model.strip_prefix("models/").unwrap_or(model);
-    match model.split_once('/') {
-        Some((_publisher, name)) if !name.is_empty() && !name.contains('/') => name,
-        _ => model,
     }
 }
 
@@ -413,7 +400,7 @@ mod tests {
                 Method::POST,
                 "/v1/projects/p/locations/l/publishers/google/models/gemini-2.5-pro:generateContent"
             ),
-            ModelAt::Path("gemini-2.5-pro".into())
+            ModelAt::Path("publishers/google/models/gemini-2.5-pro".into())
         );
         assert_eq!(
             at(
@@ -439,7 +426,7 @@ mod tests {
                 Method::POST,
                 "/v1beta1/projects/p/locations/us-central1/publishers/google/models/gemini-2.5-flash:streamGenerateContent"
             ),
-            ModelAt::Path("gemini-2.5-flash".into())
+            ModelAt::Path("publishers/google/models/gemini-2.5-flash".into())
         );
     }
 
@@ -471,18 +458,5 @@ mod tests {
         }
         assert_eq!(at(OpenAI, Method::GET, "/v1/models"), ModelAt::ReadOnly);
         assert_eq!(at(Google, Method::GET, "/v1beta/models"), ModelAt::ReadOnly);
-    }
-
-    #[test]
-    fn allowed_models_ignore_prefixes_only() {
-        let allowed = vec!["gemini-2.5-flash".to_owned(), "models/gpt-4o".to_owned()];
-        assert!(model_allowed(&allowed, "gemini-2.5-flash"));
-        assert!(model_allowed(&allowed, "models/gemini-2.5-flash"));
-        assert!(model_allowed(&allowed, "google/gemini-2.5-flash"));
-        assert!(model_allowed(&allowed, "gpt-4o"));
-        assert!(!model_allowed(&allowed, "gpt-4o-mini"));
-        assert!(!model_allowed(&allowed, "gemini-2.5-flash-lite"));
-        assert!(!model_allowed(&allowed, "a/b/gemini-2.5-flash"));
-        assert!(model_allowed(&[], "anything"));
     }
 }

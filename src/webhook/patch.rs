@@ -392,33 +392,87 @@ pub fn mutate(
         .unwrap_or(init.len());
     let first_init_with_env = existing_sidecar.map_or(insert_at, |at| at + 1);
 
-    let mut edited = pod.clone();
-    let edited_spec = edited.spec.get_or_insert_with(PodSpec::default);
+    // The patch is built from the changes alone (no copy of the pod, no diff of two): its
+    // size and cost follow what is added, not what the pod holds.
+    let mut patch = Patch(Vec::new());
+    let add = |patch: &mut json_patch::Patch, path: PointerBuf, value: serde_json::Value| {
+        patch
+            .0
+            .push(PatchOperation::Add(AddOperation { path, value }));
+    };
+    if pod.spec.is_none() {
+        add(
+            &mut patch,
+            PointerBuf::from_tokens(["spec"]),
+            serde_json::json!({}),
+        );
+    }
     if !existing_volume {
-        let volumes = edited_spec.volumes.get_or_insert_with(Vec::new);
-        volumes.push(token_volume());
-        if !volumes.iter().any(|v| v.name == NO_API_TOKEN_VOLUME) {
-            volumes.push(no_api_token_volume());
+        let mut new_volumes = vec![to_json(&token_volume())?];
+        if !spec
+            .volumes
+            .iter()
+            .flatten()
+            .any(|v| v.name == NO_API_TOKEN_VOLUME)
+        {
+            new_volumes.push(to_json(&no_api_token_volume())?);
+        }
+        if spec.volumes.is_none() {
+            add(
+                &mut patch,
+                PointerBuf::from_tokens(["spec", "volumes"]),
+                serde_json::Value::Array(new_volumes),
+            );
+        } else {
+            for v in new_volumes {
+                add(
+                    &mut patch,
+                    PointerBuf::from_tokens(["spec", "volumes", "-"]),
+                    v,
+                );
+            }
         }
     }
     let app_env = application_env(&planned);
-    for c in &mut edited_spec.containers {
-        add_missing_env(c, &app_env);
-    }
-    if let Some(init) = edited_spec.init_containers.as_mut() {
-        for c in init.iter_mut().skip(first_init_with_env) {
-            add_missing_env(c, &app_env);
+    let containers = spec.containers.iter().enumerate().map(|(i, c)| ("containers", i, c));
+    let inits = init
+        .iter()
+        .enumerate()
+        .skip(first_init_with_env)
+        .map(|(i, c)| ("initContainers", i, c));
+    for (list, i, c) in containers.chain(inits) {
+        let missing: Vec<&EnvVar> = app_env
+            .iter()
+            .filter(|v| !c.env.iter().flatten().any(|e| e.name == v.name))
+            .collect();
+        if missing.is_empty() {
+            continue;
+        }
+        let index = i.to_string();
+        if c.env.is_none() {
+            let all: Vec<serde_json::Value> =
+                missing.iter().map(|v| to_json(v)).collect::<Result<_, _>>()?;
+            add(
+                &mut patch,
+                PointerBuf::from_tokens(["spec", list, &index, "env"]),
+                serde_json::Value::Array(all),
+            );
+        } else {
+            for v in missing {
+                add(
+                    &mut patch,
+                    PointerBuf::from_tokens(["spec", list, &index, "env", "-"]),
+                    to_json(v)?,
+                );
+            }
         }
     }
-    let init_containers_absent = edited_spec.init_containers.is_none();
+    let init_containers_absent = spec.init_containers.is_none();
 
-    let to_json = |p: &Pod| serde_json::to_value(p).map_err(|e| Refusal::Internal(e.to_string()));
-    let mut patch = json_patch::diff(&to_json(pod)?, &to_json(&edited)?);
     if existing_sidecar.is_none() {
         // One explicit insert, after the diff's operations (which use the original indices):
         // a diff of the shifted array would rewrite every later init container field by field.
-        let sidecar_json =
-            serde_json::to_value(&wanted_sidecar).map_err(|e| Refusal::Internal(e.to_string()))?;
+        let sidecar_json = to_json(&wanted_sidecar)?;
         let (path, value) = if init_containers_absent {
             (
                 PointerBuf::from_tokens(["spec", "initContainers"]),
@@ -435,6 +489,10 @@ pub fn mutate(
             .push(PatchOperation::Add(AddOperation { path, value }));
     }
     Ok(Mutation { patch, warnings })
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<serde_json::Value, Refusal> {
+    serde_json::to_value(value).map_err(|e| Refusal::Internal(e.to_string()))
 }
 
 /// A named key and the port the sidecar serves it on.
@@ -803,18 +861,6 @@ fn application_env(keys: &[PlannedKey]) -> Vec<EnvVar> {
         }
     }
     env
-}
-
-/// Appends each of `vars` the container does not set itself; a second pass adds nothing.
-fn add_missing_env(c: &mut Container, vars: &[EnvVar]) {
-    let missing: Vec<EnvVar> = vars
-        .iter()
-        .filter(|v| !c.env.iter().flatten().any(|e| e.name == v.name))
-        .cloned()
-        .collect();
-    if !missing.is_empty() {
-        c.env.get_or_insert_with(Vec::new).extend(missing);
-    }
 }
 
 fn field_env(name: &str, field_path: &str) -> EnvVar {
