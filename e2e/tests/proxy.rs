@@ -988,8 +988,14 @@ async fn a_keys_policy_is_what_the_provider_receives() -> anyhow::Result<()> {
             .to_owned();
         let text = res.text().await?;
         assert_eq!(got, *status, "{key} {path} {body}: {text}");
-        assert!(!code.is_empty(), "{key} {path}: the sidecar's own answer: {text}");
-        assert!(text.contains("byok-proxy: "), "{key} {path}: a message: {text}");
+        assert!(
+            !code.is_empty(),
+            "{key} {path}: the sidecar's own answer: {text}"
+        );
+        assert!(
+            text.contains("byok-proxy: "),
+            "{key} {path}: a message: {text}"
+        );
     }
     assert_eq!(
         fake.total_requests(),
@@ -1033,7 +1039,11 @@ async fn a_keys_policy_is_what_the_provider_receives() -> anyhow::Result<()> {
         "allowCredentialMinting forwards the request"
     );
     let last = fake.requests_log().pop().expect("recorded");
-    assert!(last.path.ends_with("/realtime/client_secrets"), "{}", last.path);
+    assert!(
+        last.path.ends_with("/realtime/client_secrets"),
+        "{}",
+        last.path
+    );
 
     // Query credentials, however spelled, never reach the provider; other parameters do.
     let res = post(
@@ -1086,13 +1096,9 @@ async fn image_the_largest_inspected_bodies_fit_the_sidecars_memory() -> anyhow:
     )
     .await?;
     let pod = create_pod(&env, &opted_in_pod("bigbody-", &["claude"])).await?;
-    let token = byok_e2e::serving::pod_token(
-        &env,
-        "default",
-        &pod,
-        byok_operator::names::TOKEN_AUDIENCE,
-    )
-    .await?;
+    let token =
+        byok_e2e::serving::pod_token(&env, "default", &pod, byok_operator::names::TOKEN_AUDIENCE)
+            .await?;
     let mut sidecar = Sidecar::launch(
         op.broker_url(),
         &pod,

@@ -603,7 +603,11 @@ async fn reviews_past_the_limits_are_refused_before_they_are_parsed() -> anyhow:
         .build()?;
 
     let body = serde_json::to_vec(&big_review(&env.namespace, 3000, 16))?;
-    let res = http.post(op.webhook_url()).body(body.clone()).send().await?;
+    let res = http
+        .post(op.webhook_url())
+        .body(body.clone())
+        .send()
+        .await?;
     assert_eq!(res.status(), 200);
     let answer = res.bytes().await?;
     assert!(
@@ -656,7 +660,8 @@ async fn reviews_past_the_limits_are_refused_before_they_are_parsed() -> anyhow:
         let url = op.webhook_url();
         let prefix = body[..64 * 1024].to_vec();
         tricklers.push(tokio::spawn(async move {
-            let (mut tx, rx) = futures::channel::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+            let (mut tx, rx) =
+                futures::channel::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
             let send = http
                 .post(url)
                 .header("content-length", (3 * 1024 * 1024).to_string())

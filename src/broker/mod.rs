@@ -463,11 +463,11 @@ impl Broker {
         let vertex_project = match (&vertex, &params.vertex_project) {
             (None, _) => None,
             (Some(_), Some(p)) => Some(p.clone()),
-            (Some(_), None) => crate::providers::vertex::ServiceAccountKey::parse(
-                opened.key.expose_secret(),
-            )
-            .ok()
-            .and_then(|sa| sa.project_id),
+            (Some(_), None) => {
+                crate::providers::vertex::ServiceAccountKey::parse(opened.key.expose_secret())
+                    .ok()
+                    .and_then(|sa| sa.project_id)
+            }
         };
         let credential = match &vertex {
             Some(token) => Credential::AccessToken {

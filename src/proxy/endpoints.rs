@@ -184,11 +184,7 @@ const GEMINI: &[Rule] = &[
 ];
 
 const ANTHROPIC: &[Rule] = &[
-    rule(
-        &["organizations", "**"],
-        Class::Management,
-        "the Admin API",
-    ),
+    rule(&["organizations", "**"], Class::Management, "the Admin API"),
     rule(
         &["oauth", "**"],
         Class::Management,
@@ -263,9 +259,7 @@ fn normalised(path: &str) -> Vec<Cow<'_, str>> {
             let segment = segment.split(';').next().unwrap_or_default();
             let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
             match decoded {
-                Cow::Borrowed(s) if !s.bytes().any(|b| b.is_ascii_uppercase()) => {
-                    Cow::Borrowed(s)
-                }
+                Cow::Borrowed(s) if !s.bytes().any(|b| b.is_ascii_uppercase()) => Cow::Borrowed(s),
                 other => Cow::Owned(other.to_lowercase()),
             }
         })
@@ -369,7 +363,10 @@ mod tests {
             (Google, "/v1alpha/AUTH_TOKENS/"),
         ] {
             assert!(
-                matches!(denied(p, path, &default()), Some(Refused::MintsCredential(_))),
+                matches!(
+                    denied(p, path, &default()),
+                    Some(Refused::MintsCredential(_))
+                ),
                 "{p} {path}"
             );
             let allowing = EndpointPolicy {
@@ -438,11 +435,28 @@ mod tests {
         };
         let base = "/projects/my-proj/locations/us-central1";
         for (m, path) in [
-            (Method::POST, format!("/v1{base}/publishers/google/models/gemini-2.5-flash:generateContent")),
-            (Method::POST, format!("/v1beta1{base}/publishers/google/models/gemini-2.5-flash:streamGenerateContent")),
-            (Method::POST, format!("/v1{base}/publishers/anthropic/models/claude-sonnet-4-5:rawPredict")),
-            (Method::POST, format!("/v1{base}/publishers/anthropic/models/count-tokens:rawPredict")),
-            (Method::POST, format!("/v1beta1{base}/endpoints/openapi/chat/completions")),
+            (
+                Method::POST,
+                format!("/v1{base}/publishers/google/models/gemini-2.5-flash:generateContent"),
+            ),
+            (
+                Method::POST,
+                format!(
+                    "/v1beta1{base}/publishers/google/models/gemini-2.5-flash:streamGenerateContent"
+                ),
+            ),
+            (
+                Method::POST,
+                format!("/v1{base}/publishers/anthropic/models/claude-sonnet-4-5:rawPredict"),
+            ),
+            (
+                Method::POST,
+                format!("/v1{base}/publishers/anthropic/models/count-tokens:rawPredict"),
+            ),
+            (
+                Method::POST,
+                format!("/v1beta1{base}/endpoints/openapi/chat/completions"),
+            ),
             (Method::POST, format!("/v1{base}/endpoints/123:predict")),
             (Method::GET, format!("/v1{base}/publishers/google/models")),
         ] {
@@ -467,7 +481,12 @@ mod tests {
             );
         }
         assert_eq!(
-            check(Vertex, &Method::POST, &format!("/v1{base}/publishers/google/models/g:generateContent"), &default()),
+            check(
+                Vertex,
+                &Method::POST,
+                &format!("/v1{base}/publishers/google/models/g:generateContent"),
+                &default()
+            ),
             Err(Refused::NoVertexScope)
         );
     }

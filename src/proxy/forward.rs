@@ -23,8 +23,8 @@ use super::answers::{Refusal, error_response};
 use super::keys::KeySlot;
 use super::metrics::{ErrorLabels, KeyLabel, ProxyMetrics, RequestLabels};
 use super::models::Check;
-use super::{endpoints, routes};
 use super::upstream::{self, Body, BoxError};
+use super::{endpoints, routes};
 
 /// What every listener shares.
 pub struct Shared {
@@ -473,7 +473,9 @@ impl InspectBudget {
         bytes: u64,
         copy: bool,
     ) -> Result<tokio::sync::OwnedSemaphorePermit, Refusal> {
-        let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX).max(1);
+        let kib = u32::try_from(bytes.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .max(1);
         let kib = if copy { kib.saturating_mul(2) } else { kib };
         self.permits
             .clone()
@@ -555,7 +557,11 @@ mod tests {
             Some("alt=sse&k%2565y=e")
         );
         assert_eq!(
-            upstream_query(Some("api-key=x&api_key=y&oauth_token=z&key+=w"), None, false),
+            upstream_query(
+                Some("api-key=x&api_key=y&oauth_token=z&key+=w"),
+                None,
+                false
+            ),
             None
         );
         assert_eq!(

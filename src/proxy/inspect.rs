@@ -50,9 +50,7 @@ pub enum BodyError {
     CaseVariant(String),
     #[error("the request body has a member named {0:?}, which is reserved")]
     Reserved(String),
-    #[error(
-        "the request body has more than {MAX_OPEN_MEMBERS} members in open objects at once"
-    )]
+    #[error("the request body has more than {MAX_OPEN_MEMBERS} members in open objects at once")]
     TooManyMembers,
 }
 
@@ -287,8 +285,7 @@ fn model_member(body: &[u8], raw: &RawValue) -> Result<ModelMember, BodyError> {
     if first_byte(text.as_bytes()) != Some(b'{') {
         return Err(BodyError::NotAnObject);
     }
-    let obj: Obj<'_> =
-        serde_json::from_str(text).map_err(|e| BodyError::Invalid(e.to_string()))?;
+    let obj: Obj<'_> = serde_json::from_str(text).map_err(|e| BodyError::Invalid(e.to_string()))?;
     Ok(match obj.model {
         None => {
             let open_brace = start + text.find('{').unwrap_or(0);
@@ -371,7 +368,10 @@ pub fn fill_model(
         })
         .collect();
     edits.sort_by_key(|(r, _)| r.start);
-    let added: usize = edits.iter().map(|(r, t)| t.len().saturating_sub(r.len())).sum();
+    let added: usize = edits
+        .iter()
+        .map(|(r, t)| t.len().saturating_sub(r.len()))
+        .sum();
     let size = body.len().checked_add(added)?;
     if size > max {
         return None;
@@ -491,7 +491,10 @@ mod tests {
         );
         assert_eq!(top_model(br#"{"model":[1]}"#), Ok(ModelMember::NotAString));
         // Too large after filling.
-        assert_eq!(fill_model(b"{}", &[top_model(b"{}").expect("m")], "m", 5), None);
+        assert_eq!(
+            fill_model(b"{}", &[top_model(b"{}").expect("m")], "m", 5),
+            None
+        );
     }
 
     #[test]

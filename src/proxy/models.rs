@@ -200,11 +200,7 @@ mod tests {
 
     const MAX: u64 = 1 << 20;
 
-    fn policy_for(
-        provider: ProviderKind,
-        default: Option<&str>,
-        allowed: &[&str],
-    ) -> ModelPolicy {
+    fn policy_for(provider: ProviderKind, default: Option<&str>, allowed: &[&str]) -> ModelPolicy {
         ModelPolicy::new(
             provider,
             default.map(str::to_owned),
@@ -222,7 +218,8 @@ mod tests {
     }
 
     fn apply_raw(p: &ModelPolicy, body: &str) -> Result<Option<Vec<u8>>, Refusal> {
-        p.apply(&ModelAt::Body, body.as_bytes(), MAX).map(|(new, _)| new)
+        p.apply(&ModelAt::Body, body.as_bytes(), MAX)
+            .map(|(new, _)| new)
     }
 
     #[test]
@@ -325,11 +322,18 @@ mod tests {
         }
         // A nested model member names a model too.
         assert!(matches!(
-            apply_raw(&p, r#"{"model":"gpt-4o-mini","tools":[{"model":"gpt-4o"}]}"#),
+            apply_raw(
+                &p,
+                r#"{"model":"gpt-4o-mini","tools":[{"model":"gpt-4o"}]}"#
+            ),
             Err(Refusal::ModelNotAllowed(_))
         ));
         // On a gateway the vendor prefix picks the backend: exact comparison only.
-        let gw = policy_for(ProviderKind::OpenAICompatible, None, &["openai/gpt-4o-mini"]);
+        let gw = policy_for(
+            ProviderKind::OpenAICompatible,
+            None,
+            &["openai/gpt-4o-mini"],
+        );
         for model in [
             "azure/gpt-4o-mini",
             "expensive-backend/gpt-4o-mini",
@@ -358,7 +362,11 @@ mod tests {
         let g = policy_for(ProviderKind::Google, None, &["gemini-2.5-flash"]);
         assert!(g.allows("models/gemini-2.5-flash"));
         assert!(!g.allows("google/gemini-2.5-flash"));
-        let v = policy_for(ProviderKind::Vertex, None, &["gemini-2.5-flash", "anthropic/claude-x"]);
+        let v = policy_for(
+            ProviderKind::Vertex,
+            None,
+            &["gemini-2.5-flash", "anthropic/claude-x"],
+        );
         assert!(v.allows("google/gemini-2.5-flash"));
         assert!(v.allows("publishers/google/models/gemini-2.5-flash"));
         assert!(v.allows("publishers/anthropic/models/claude-x"));

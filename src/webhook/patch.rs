@@ -434,7 +434,11 @@ pub fn mutate(
         }
     }
     let app_env = application_env(&planned);
-    let containers = spec.containers.iter().enumerate().map(|(i, c)| ("containers", i, c));
+    let containers = spec
+        .containers
+        .iter()
+        .enumerate()
+        .map(|(i, c)| ("containers", i, c));
     let inits = init
         .iter()
         .enumerate()
@@ -451,7 +455,7 @@ pub fn mutate(
         let index = i.to_string();
         if c.env.is_none() {
             let all: Vec<serde_json::Value> =
-                missing.iter().map(|v| to_json(v)).collect::<Result<_, _>>()?;
+                missing.iter().map(to_json).collect::<Result<_, _>>()?;
             add(
                 &mut patch,
                 PointerBuf::from_tokens(["spec", list, &index, "env"]),

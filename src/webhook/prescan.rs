@@ -123,7 +123,10 @@ pub fn scan(body: &[u8]) -> Result<Shape, String> {
     Ok(Shape {
         uid: request.uid,
         containers: spec.as_ref().and_then(|s| s.containers).map_or(0, |c| c.0),
-        init_containers: spec.as_ref().and_then(|s| s.init_containers).map_or(0, |c| c.0),
+        init_containers: spec
+            .as_ref()
+            .and_then(|s| s.init_containers)
+            .map_or(0, |c| c.0),
         key_names: annotation.map(|(_, names)| names),
         annotation_bytes: annotation.map_or(0, |(bytes, _)| bytes),
     })
@@ -196,7 +199,9 @@ mod tests {
         let c: Vec<_> = (0..containers)
             .map(|i| json!({"name": format!("c{i}"), "image": "x", "env": [{"name": "A", "value": "b"}]}))
             .collect();
-        let ic: Vec<_> = (0..init).map(|i| json!({"name": format!("i{i}")})).collect();
+        let ic: Vec<_> = (0..init)
+            .map(|i| json!({"name": format!("i{i}")}))
+            .collect();
         json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
             "uid": "u1", "operation": "CREATE",
             "object": {"metadata": {"annotations": {"other": "x", PROVIDER_KEYS_ANNOTATION: annotation}},
@@ -237,7 +242,10 @@ mod tests {
             scan(&review(1, 0, &long)).expect("shape").check(),
             Err(Limit::Annotation(MAX_ANNOTATION_BYTES + 1))
         );
-        let keys = (0..16).map(|i| format!("k{i}")).collect::<Vec<_>>().join(",");
+        let keys = (0..16)
+            .map(|i| format!("k{i}"))
+            .collect::<Vec<_>>()
+            .join(",");
         let err = scan(&review(40, 0, &keys)).expect("shape").check();
         assert_eq!(
             err,
