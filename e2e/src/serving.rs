@@ -224,6 +224,57 @@ impl ServingOperator {
     pub fn webhook_url(&self) -> String {
         format!("https://{}/mutate", self.config.webhook_addr)
     }
+
+    /// Removes one webhook (e.g. `update.byok.dev`) from the configuration, as a cluster
+    /// whose chart lacks it would be, and waits until the API server stops calling it: a
+    /// labelling update passes.
+    pub async fn remove_webhook(&self, env: &TestEnv, webhook: &str) -> anyhow::Result<()> {
+        let api = Api::<MutatingWebhookConfiguration>::all(self.client.clone());
+        let mut mwc = api.get(&self.webhook_configuration).await?;
+        let before = mwc.webhooks.as_ref().map_or(0, Vec::len);
+        mwc.webhooks
+            .get_or_insert_with(Vec::new)
+            .retain(|w| w.name != webhook);
+        anyhow::ensure!(
+            mwc.webhooks.as_ref().map_or(0, Vec::len) + 1 == before,
+            "no webhook {webhook}"
+        );
+        api.replace(&self.webhook_configuration, &PostParams::default(), &mwc)
+            .await?;
+        // The API server reads configurations through an informer: probe with a dry-run
+        // update that the webhook would refuse (labelling a pod created without the label).
+        let pods = env.api::<Pod>();
+        let probe: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"generateName": "webhook-gone-"},
+            "spec": {"containers": [{"name": "app", "image": "busybox"}]}
+        }))?;
+        let probe = pods.create(&PostParams::default(), &probe).await?;
+        let name = probe.metadata.name.clone().unwrap_or_default();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let labelled = pods
+                .patch(
+                    &name,
+                    &kube::api::PatchParams {
+                        dry_run: true,
+                        ..Default::default()
+                    },
+                    &kube::api::Patch::Merge(serde_json::json!({"metadata": {"labels": {
+                        (names::INJECT_LABEL): names::INJECT_VALUE}}})),
+                )
+                .await;
+            if labelled.is_ok() {
+                break;
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the API server still calls {webhook}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await; // polling interval
+        }
+        pods.delete(&name, &DeleteParams::default()).await?;
+        Ok(())
+    }
 }
 
 impl Drop for ServingOperator {

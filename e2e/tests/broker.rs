@@ -767,12 +767,24 @@ async fn only_the_injected_sidecar_gets_the_key() -> anyhow::Result<()> {
     sneaky = create_pod(&env, &sneaky).await?;
     assert!(!has_sidecar(&sneaky), "the webhook never saw it");
     let name = sneaky.metadata.name.clone().unwrap_or_default();
-    pods.patch(
-        &name,
-        &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({"metadata": {"labels": {(names::INJECT_LABEL): names::INJECT_VALUE}}})),
-    )
-    .await?;
+    let label = Patch::Merge(
+        serde_json::json!({"metadata": {"labels": {(names::INJECT_LABEL): names::INJECT_VALUE}}}),
+    );
+    // Refused at the API server (update.byok.dev)...
+    let refused = pods
+        .patch(&name, &PatchParams::default(), &label)
+        .await
+        .expect_err("a late opt-in is refused");
+    assert!(
+        refused
+            .to_string()
+            .contains("can only be set when a pod is created"),
+        "{refused}"
+    );
+    // ...and by the broker where that webhook is missing (or was bypassed): the rest of
+    // this test runs without it.
+    op.remove_webhook(&env, "update.byok.dev").await?;
+    pods.patch(&name, &PatchParams::default(), &label).await?;
     let token = pod_token(&env, "default", &sneaky, names::TOKEN_AUDIENCE).await?;
     // Every answer is a refusal; wait until one came from the labelled pod in the cache.
     let deadline = Instant::now() + CACHE_WAIT;
@@ -786,7 +798,8 @@ async fn only_the_injected_sidecar_gets_the_key() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await; // polling interval
     }
 
-    // The sidecar's image swapped after admission (the kubelet would restart it as that image).
+    // The sidecar's image swapped after admission (the kubelet would restart it as that image;
+    // without update.byok.dev, removed above, the API server lets it through).
     let good_name = good.metadata.name.clone().unwrap_or_default();
     pods.patch(
         &good_name,
@@ -907,6 +920,10 @@ async fn a_hand_made_copy_of_the_sidecar_gets_no_key() -> anyhow::Result<()> {
             ],
         ),
     ];
+    // Labelling a pod after creation is refused at the API server (update.byok.dev, see
+    // `the_api_server_refuses_late_opt_in_image_swaps_and_exec`); here the broker is the
+    // last line, as in a cluster without that webhook.
+    op.remove_webhook(&env, "update.byok.dev").await?;
     for (what, change, extra_volumes) in variants {
         let mut copy = serde_json::to_value(&injected)?;
         if let Some(mounts) = change.get("volumeMounts+") {

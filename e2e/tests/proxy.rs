@@ -1132,14 +1132,22 @@ async fn image_the_largest_inspected_bodies_fit_the_sidecars_memory() -> anyhow:
             .body(body)
             .send()
     };
-    let results = futures::future::join_all((0..4).map(|_| send(body.clone()))).await;
+    // And one long string with escapes (the parser unescapes it into a copy).
+    let mut escaped = String::with_capacity(cap);
+    escaped.push_str(r#"{"max_tokens":1,"messages":[{"role":"user","content":""#);
+    while escaped.len() < cap - 4096 {
+        escaped.push_str(r#"a line of text\n\t\"quoted\" "#);
+    }
+    escaped.push_str(r#""}]}"#);
+    let bodies = [body.clone(), escaped.clone(), body.clone(), escaped];
+    let results = futures::future::join_all(bodies.into_iter().map(send)).await;
     for res in results {
         let res = res?;
         assert_eq!(res.status(), 200, "{}", res.text().await?);
     }
     let peak = proc_kib(pid, "VmHWM")?;
     eprintln!(
-        "sidecar memory: idle RSS {} KiB, peak {} KiB after 4 concurrent {} KiB bodies",
+        "sidecar memory: idle RSS {} KiB, peak {} KiB after 4 concurrent {} KiB bodies (2 with a long escaped string)",
         idle,
         peak,
         body.len() / 1024

@@ -686,3 +686,196 @@ async fn reviews_past_the_limits_are_refused_before_they_are_parsed() -> anyhow:
     }
     Ok(())
 }
+
+/// `POST pods/NAME/exec` (or `attach`) into `container`, as kubectl would start it; the
+/// API server's answer (admission runs before it would reach a node).
+async fn connect(
+    env: &TestEnv,
+    pod: &str,
+    sub: &str,
+    container: &str,
+) -> anyhow::Result<(u16, String)> {
+    let url = format!(
+        "/api/v1/namespaces/{}/pods/{pod}/{sub}?container={container}&stdout=true&command=id",
+        env.namespace
+    );
+    let req = http::Request::post(url).body(Vec::new())?;
+    match env.client.request_text(req).await {
+        Ok(text) => Ok((200, text)),
+        Err(kube::Error::Api(e)) => Ok((e.code, e.message)),
+        Err(e) => Ok((0, e.to_string())),
+    }
+}
+
+/// Issue 19, item 1, at the API server, played by a pod editor: labelling a pod the webhook
+/// never saw, changing its keys, swapping the sidecar's image, and exec or attach into the
+/// sidecar are refused with a message saying why; ordinary updates and exec into the
+/// application are not; with the operator unreachable, exec into the sidecar stays refused
+/// (failurePolicy Fail) and exec into the application is untouched (never sent to it).
+#[tokio::test]
+async fn the_api_server_refuses_late_opt_in_image_swaps_and_exec() -> anyhow::Result<()> {
+    use kube::api::{Patch, PatchParams};
+    let env = TestEnv::new("guard").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let op = ServingOperator::start(&env, &fake).await?;
+    ready_key(&env, &fake, "team-a").await?;
+    let pods = env.api::<Pod>();
+    let patch = |v: serde_json::Value| Patch::Merge(v);
+    let inject = byok_operator::names::INJECT_LABEL;
+    let keys = byok_operator::names::PROVIDER_KEYS_ANNOTATION;
+
+    // A pod created without the label, labelled afterwards.
+    let plain: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"generateName": "plain-", "annotations": {(keys): "team-a"}},
+        "spec": {"containers": [{"name": "app", "image": "busybox"}]}
+    }))?;
+    let plain = create(&env, &plain).await?;
+    let plain_name = plain.metadata.name.clone().unwrap_or_default();
+    let err = pods
+        .patch(
+            &plain_name,
+            &PatchParams::default(),
+            &patch(serde_json::json!({"metadata": {"labels": {(inject): "true"}}})),
+        )
+        .await
+        .expect_err("late opt-in refused");
+    assert!(
+        err.to_string()
+            .contains("can only be set when a pod is created"),
+        "{err}"
+    );
+
+    // An injected pod: its keys and its sidecar's image are fixed; the rest is not.
+    let pod = create(&env, &opted_in_pod("guarded-", &["team-a"])).await?;
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let err = pods
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &patch(serde_json::json!({"metadata": {"annotations": {(keys): "team-a,other"}}})),
+        )
+        .await
+        .expect_err("keys change refused");
+    assert!(
+        err.to_string().contains("cannot change after creation"),
+        "{err}"
+    );
+    let err = pods
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Strategic(serde_json::json!({"spec": {"initContainers": [
+                {"name": SIDECAR_NAME, "image": "evil.example/steal:1"}]}})),
+        )
+        .await
+        .expect_err("image swap refused");
+    assert!(
+        err.to_string().contains("image of the byok-proxy sidecar"),
+        "{err}"
+    );
+    pods.patch(
+        &name,
+        &PatchParams::default(),
+        &patch(serde_json::json!({"metadata": {"labels": {"team": "a"}, "annotations": {"note": "x"}}})),
+    )
+    .await?;
+    // Opting out is allowed (the broker then refuses the pod).
+    pods.patch(
+        &name,
+        &PatchParams::default(),
+        &patch(serde_json::json!({"metadata": {"labels": {(inject): null}}})),
+    )
+    .await?;
+
+    // exec and attach into the sidecar; exec into the application.
+    for sub in ["exec", "attach"] {
+        let (code, message) = connect(&env, &name, sub, SIDECAR_NAME).await?;
+        assert_eq!(code, 403, "{sub}: {message}");
+        assert!(
+            message.contains("into the byok-proxy container is refused"),
+            "{message}"
+        );
+    }
+    let (code, message) = connect(&env, &name, "exec", "app").await?;
+    assert!(
+        !message.contains("byok") && code != 403,
+        "exec into the app is not ours to refuse: {code} {message}"
+    );
+
+    // The operator unreachable: every webhook now points at a closed port.
+    let mwcs =
+        Api::<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>::all(
+            env.client.clone(),
+        );
+    let mut mwc = mwcs.get(&op.webhook_configuration).await?;
+    for w in mwc.webhooks.iter_mut().flatten() {
+        w.client_config.url = Some(format!("https://127.0.0.1:{}/mutate", free_port()?));
+    }
+    mwcs.replace(&op.webhook_configuration, &PostParams::default(), &mwc)
+        .await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (code, message) = connect(&env, &name, "exec", SIDECAR_NAME).await?;
+        if message.contains("failed calling webhook") {
+            assert_ne!(code, 200);
+            break;
+        }
+        assert!(
+            message.contains("is refused") && code == 403,
+            "exec into the sidecar got through: {code} {message}"
+        );
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the API server kept the old URL"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await; // polling interval
+    }
+    let (code, message) = connect(&env, &name, "exec", "app").await?;
+    assert!(
+        !message.contains("webhook") && code != 403,
+        "exec into the app must not depend on the operator: {code} {message}"
+    );
+    Ok(())
+}
+
+/// The opt-in port-forward refusal, as its webhook would be asked (the chart registers it
+/// with `webhook.refusePortForward`): the sidecar's ports are refused, others are not.
+#[tokio::test]
+async fn port_forward_to_the_sidecars_ports_is_refused_when_asked() -> anyhow::Result<()> {
+    let env = TestEnv::new("portfwd").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let op = ServingOperator::start(&env, &fake).await?;
+    let http = op.https_client(&env).await?;
+    let review = |ports: &[i64]| {
+        serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {
+                "uid": "pf-1", "operation": "CONNECT",
+                "kind": {"group": "", "version": "v1", "kind": "PodPortForwardOptions"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "subResource": "portforward", "name": "p", "namespace": env.namespace,
+                "userInfo": {"username": "dev"},
+                "object": {"apiVersion": "v1", "kind": "PodPortForwardOptions", "ports": ports}
+            }
+        })
+    };
+    for (ports, allowed) in [
+        (vec![15100], false),
+        (vec![8080, 15090], false),
+        (vec![8080], true),
+    ] {
+        let answer: serde_json::Value = http
+            .post(op.webhook_url())
+            .json(&review(&ports))
+            .send()
+            .await?
+            .json()
+            .await?;
+        assert_eq!(
+            answer["response"]["allowed"], allowed,
+            "{ports:?}: {answer}"
+        );
+        assert_eq!(answer["response"]["uid"], "pf-1");
+    }
+    Ok(())
+}

@@ -71,7 +71,7 @@ enum Class {
 /// segment ending in `:verb`, and `**` (last only) for any rest, none included.
 struct Rule {
     pattern: &'static [&'static str],
-    /// Only at the start of the path, after any of `openai`, `v1`, `api`.
+    /// Only at the start of the path, after any of `openai`, `v1`, `v2`, `api`.
     anchored: bool,
     class: Class,
     what: &'static str,
@@ -138,8 +138,40 @@ const OPENAI: &[Rule] = &[
     ),
 ];
 
-/// Key management of common OpenAI-compatible gateways (OpenRouter, LiteLLM).
+/// Key management and admin APIs of common OpenAI-compatible gateways (OpenRouter,
+/// LiteLLM). A gateway key in a sidecar should be a virtual key without admin rights; these
+/// rules are a second line.
 const GATEWAYS: &[Rule] = &[
+    Rule {
+        pattern: &["user", "**"],
+        anchored: true,
+        class: Class::Management,
+        what: "the gateway's user admin API",
+    },
+    Rule {
+        pattern: &["team", "**"],
+        anchored: true,
+        class: Class::Management,
+        what: "the gateway's team admin API",
+    },
+    Rule {
+        pattern: &["credentials", "**"],
+        anchored: true,
+        class: Class::Management,
+        what: "the gateway's credentials API",
+    },
+    Rule {
+        pattern: &["config", "**"],
+        anchored: true,
+        class: Class::Management,
+        what: "the gateway's configuration API",
+    },
+    Rule {
+        pattern: &["model", "**"],
+        anchored: true,
+        class: Class::Management,
+        what: "the gateway's model admin API",
+    },
     Rule {
         pattern: &["keys", "**"],
         anchored: true,
@@ -231,7 +263,8 @@ pub fn check(
     let segments: Vec<&str> = segments.iter().map(Cow::as_ref).collect();
     let rules: &[&[Rule]] = match provider {
         ProviderKind::OpenAI | ProviderKind::Azure => &[OPENAI],
-        ProviderKind::OpenAICompatible => &[OPENAI, GATEWAYS],
+        // A gateway may pass requests through to any provider (LiteLLM's `/gemini/...`).
+        ProviderKind::OpenAICompatible => &[OPENAI, GATEWAYS, GEMINI, ANTHROPIC],
         ProviderKind::Google => &[GEMINI],
         ProviderKind::Anthropic => &[ANTHROPIC],
         ProviderKind::Vertex => {
@@ -270,7 +303,7 @@ fn matches(rule: &Rule, segments: &[&str]) -> bool {
     if rule.anchored {
         let start = segments
             .iter()
-            .take_while(|s| matches!(**s, "openai" | "v1" | "api"))
+            .take_while(|s| matches!(**s, "openai" | "v1" | "v2" | "api"))
             .count();
         // Any of the skippable prefixes may itself be the rule's first segment.
         (0..=start).any(|at| matches_at(rule.pattern, &segments[at..]))
@@ -361,6 +394,7 @@ mod tests {
             (Google, "/v1alpha/auth_tokens"),
             (Google, "/v1beta/auth_tokens"),
             (Google, "/v1alpha/AUTH_TOKENS/"),
+            (OpenAICompatible, "/gemini/v1alpha/auth_tokens"),
         ] {
             assert!(
                 matches!(
@@ -392,6 +426,10 @@ mod tests {
             (Azure, "/openai/v1/organization/invites"),
             (OpenAICompatible, "/api/v1/keys"),
             (OpenAICompatible, "/key/generate"),
+            (OpenAICompatible, "/v2/key/info"),
+            (OpenAICompatible, "/user/new"),
+            (OpenAICompatible, "/model/new"),
+            (OpenAICompatible, "/gemini/v1beta/tunedModels/m/permissions"),
             (Anthropic, "/v1/organizations/api_keys"),
             (Anthropic, "/v1/organizations/workspaces/w/members"),
             (Anthropic, "/v1/oauth/token"),

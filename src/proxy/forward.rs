@@ -47,6 +47,14 @@ const CLIENT_CREDENTIALS: [&str; 5] = [
     "proxy-authorization",
 ];
 
+/// Headers some front ends (Google's among them) take as the method to run instead of the
+/// request's own: the endpoint rules judged the request's method, so they never go.
+const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
 /// Hop-by-hop headers (RFC 9110 section 7.6.1), plus `host`, which hyper sets from the URI.
 const HOP_BY_HOP: [&str; 9] = [
     "connection",
@@ -311,6 +319,22 @@ async fn forward(
     if req.headers().contains_key(header::UPGRADE) || req.method() == Method::CONNECT {
         return Err(Refusal::Upgrade);
     }
+    // TRACE would echo the request, the key's header included, back to the application.
+    if !matches!(
+        *req.method(),
+        Method::GET
+            | Method::POST
+            | Method::PUT
+            | Method::PATCH
+            | Method::DELETE
+            | Method::HEAD
+            | Method::OPTIONS
+    ) {
+        return Err(Refusal::BadRequest(format!(
+            "method {} is not forwarded",
+            req.method()
+        )));
+    }
     let route = routes::route(
         live.provider,
         req.method(),
@@ -397,8 +421,8 @@ async fn forward(
     };
 
     strip_hop_by_hop(&mut parts.headers);
-    for name in CLIENT_CREDENTIALS {
-        parts.headers.remove(name);
+    for name in CLIENT_CREDENTIALS.iter().chain(&METHOD_OVERRIDES) {
+        parts.headers.remove(*name);
     }
     parts
         .headers
@@ -449,7 +473,8 @@ async fn forward(
 }
 
 /// The memory that bodies read for their model may hold at once, in KiB permits: a
-/// request reserves its announced length (the cap when unknown), twice when a default
+/// request reserves twice its announced length (the cap when unknown: the body, and the
+/// parser's scratch copy of its longest string with escapes), three times when a default
 /// model may be spliced into a copy, and waits while others hold the rest. So a sidecar's
 /// memory stays bounded however many large requests its application sends together.
 pub struct InspectBudget {

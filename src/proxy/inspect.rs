@@ -8,8 +8,9 @@
 //! proxy read as `{"model": "allowed"}` could reach the provider as another model. So a
 //! body is refused when it holds duplicate member names (compared after unescaping) at any
 //! depth, a member whose name is a case variant of `model`, or a member name starting with
-//! `$serde_json::private::`. What passes is forwarded byte for byte (or with a model
-//! spliced in, see [`fill_model`]), never re-encoded.
+//! `$serde_json::private::`. Gateways read more models from `models` and `fallbacks`
+//! (OpenRouter, LiteLLM): their strings count as models too. What passes is forwarded byte
+//! for byte (or with a model spliced in, see [`fill_model`]), never re-encoded.
 //!
 //! Memory: the body is walked without building a tree. The names of the objects open at
 //! once are kept as 64-bit keyed hashes, at most [`MAX_OPEN_MEMBERS`] of them, so a body of
@@ -32,6 +33,8 @@ pub const MAX_OPEN_MEMBERS: usize = 100_000;
 
 /// The member name whose string values are models.
 const MODEL: &str = "model";
+/// The longest model name accepted (the CRD's `allowedModels` entries are at most 256).
+pub const MAX_MODEL_BYTES: usize = 256;
 
 /// Why a body is refused. Messages name the member, never a value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -52,6 +55,8 @@ pub enum BodyError {
     Reserved(String),
     #[error("the request body has more than {MAX_OPEN_MEMBERS} members in open objects at once")]
     TooManyMembers,
+    #[error("the request body names a model of {0} bytes; at most {MAX_MODEL_BYTES} are accepted")]
+    ModelTooLong(usize),
 }
 
 /// What a body names as models: every string value of a member named `model`, at any
@@ -119,9 +124,11 @@ impl<'de> DeserializeSeed<'de> for Walk<'_> {
     }
 }
 
-/// The value of a member named `model`: a string is a model; anything else is walked.
+/// The value of a member named `model` (or a model list): a string is a model; in a list,
+/// so is each string element; anything else is walked.
 struct ModelValue<'s> {
     walk: Walk<'s>,
+    list: bool,
 }
 
 impl<'de> DeserializeSeed<'de> for ModelValue<'_> {
@@ -137,14 +144,29 @@ impl<'de> Visitor<'de> for ModelValue<'_> {
         f.write_str("a JSON value")
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
-        self.walk.state.borrow_mut().models.push(v.to_owned());
+        let mut state = self.walk.state.borrow_mut();
+        if v.len() > MAX_MODEL_BYTES {
+            return Err(state.fail(BodyError::ModelTooLong(v.len())));
+        }
+        state.models.push(v.to_owned());
         Ok(())
     }
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
         self.walk.visit_map(map)
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<(), A::Error> {
-        self.walk.visit_seq(seq)
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        if !self.list {
+            return self.walk.visit_seq(seq);
+        }
+        // Each element of a model list: a string is a model, anything else is walked.
+        while seq
+            .next_element_seed(ModelValue {
+                walk: self.walk,
+                list: false,
+            })?
+            .is_some()
+        {}
+        Ok(())
     }
     fn visit_bool<E>(self, _: bool) -> Result<(), E> {
         Ok(())
@@ -163,28 +185,67 @@ impl<'de> Visitor<'de> for ModelValue<'_> {
     }
 }
 
-/// A member name, unescaped (borrowed from the body when it holds no escapes).
-struct Name<'de>(Cow<'de, str>);
+/// What a member's name makes of its value.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Member {
+    /// `model`: a string value is a model.
+    Model,
+    /// A gateway's model list (`models`, `fallbacks`): string values and string elements
+    /// are models too (OpenRouter and LiteLLM fall back to them).
+    ModelList,
+    Other,
+}
 
-impl<'de> Deserialize<'de> for Name<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Name<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a member name")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Name<'de>, E> {
-                Ok(Name(Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Name<'de>, E> {
-                Ok(Name(Cow::Owned(v.to_owned())))
-            }
-            fn visit_string<E>(self, v: String) -> Result<Name<'de>, E> {
-                Ok(Name(Cow::Owned(v)))
+/// The member names a gateway reads as more models to try.
+const MODEL_LISTS: [&str; 2] = ["models", "fallbacks"];
+
+/// A member name: checked where serde_json hands it over (no copy is made, however long),
+/// and remembered as a keyed hash in the object's `seen` set.
+struct NameSeed<'s, 'm> {
+    state: &'s RefCell<State>,
+    seen: &'m mut HashSet<u64>,
+}
+
+impl<'de> DeserializeSeed<'de> for NameSeed<'_, '_> {
+    type Value = Member;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Member, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for NameSeed<'_, '_> {
+    type Value = Member;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a member name")
+    }
+    fn visit_str<E: de::Error>(self, name: &str) -> Result<Member, E> {
+        let mut state = self.state.borrow_mut();
+        if name.starts_with("$serde_json::private::") {
+            return Err(state.fail(BodyError::Reserved(shown(name))));
+        }
+        let member = if name == MODEL {
+            Member::Model
+        } else if MODEL_LISTS.contains(&name) {
+            Member::ModelList
+        } else {
+            Member::Other
+        };
+        // Unicode lower-casing: Go's case-insensitive match also folds a few non-ASCII
+        // letters onto ASCII ones.
+        if member == Member::Other && name.len() <= 3 * "fallbacks".len() {
+            let lower = name.to_lowercase();
+            if lower == MODEL || MODEL_LISTS.contains(&lower.as_str()) {
+                return Err(state.fail(BodyError::CaseVariant(shown(name))));
             }
         }
-        d.deserialize_str(V)
+        if !self.seen.insert(state.hasher.hash_one(name)) {
+            return Err(state.fail(BodyError::Duplicate(shown(name))));
+        }
+        state.open_members += 1;
+        if state.open_members > MAX_OPEN_MEMBERS {
+            return Err(state.fail(BodyError::TooManyMembers));
+        }
+        Ok(member)
     }
 }
 
@@ -203,29 +264,20 @@ impl<'de> Visitor<'de> for Walk<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let mut seen: HashSet<u64> = HashSet::new();
         let result = (|| {
-            while let Some(Name(name)) = map.next_key::<Name<'de>>()? {
-                let mut state = self.state.borrow_mut();
-                if name.starts_with("$serde_json::private::") {
-                    return Err(state.fail(BodyError::Reserved(shown(&name))));
-                }
-                let is_model = name == MODEL;
-                // Unicode lower-casing: Go's case-insensitive match also folds a few
-                // non-ASCII letters onto ASCII ones.
-                if !is_model && name.len() <= 3 * MODEL.len() && name.to_lowercase() == MODEL {
-                    return Err(state.fail(BodyError::CaseVariant(shown(&name))));
-                }
-                if !seen.insert(state.hasher.hash_one(name.as_ref())) {
-                    return Err(state.fail(BodyError::Duplicate(shown(&name))));
-                }
-                state.open_members += 1;
-                if state.open_members > MAX_OPEN_MEMBERS {
-                    return Err(state.fail(BodyError::TooManyMembers));
-                }
-                drop(state);
-                if is_model {
-                    map.next_value_seed(ModelValue { walk: self })?;
-                } else {
-                    map.next_value_seed(self)?;
+            while let Some(member) = map.next_key_seed(NameSeed {
+                state: self.state,
+                seen: &mut seen,
+            })? {
+                match member {
+                    Member::Model => map.next_value_seed(ModelValue {
+                        walk: self,
+                        list: false,
+                    })?,
+                    Member::ModelList => map.next_value_seed(ModelValue {
+                        walk: self,
+                        list: true,
+                    })?,
+                    Member::Other => map.next_value_seed(self)?,
                 }
             }
             Ok(())
@@ -406,7 +458,21 @@ mod tests {
             models(r#"{"mod\u0065l":"gpt-4o\u002dmini"}"#),
             Ok(vec!["gpt-4o-mini".into()])
         );
-        assert_eq!(models(r#"{"models":"x","model_name":"y"}"#), Ok(vec![]));
+        assert_eq!(models(r#"{"model_name":"y","modelo":"z"}"#), Ok(vec![]));
+        // A gateway's fallback lists.
+        assert_eq!(
+            models(r#"{"model":"a","models":["b",{"model":"c"}],"fallbacks":["d"]}"#),
+            Ok(vec!["a".into(), "b".into(), "c".into(), "d".into()])
+        );
+        assert_eq!(
+            models(r#"{"Models":["b"]}"#),
+            Err(BodyError::CaseVariant("Models".into()))
+        );
+        let long = "m".repeat(MAX_MODEL_BYTES + 1);
+        assert_eq!(
+            models(&format!(r#"{{"model":"{long}"}}"#)),
+            Err(BodyError::ModelTooLong(MAX_MODEL_BYTES + 1))
+        );
     }
 
     #[test]

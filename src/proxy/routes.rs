@@ -46,6 +46,8 @@ pub enum PathError {
     EmptySegment,
     #[error("the request path must not contain an encoded '/' or '\\'")]
     EncodedSlash,
+    #[error("the request path must not contain {0}")]
+    Ambiguous(&'static str),
 }
 
 /// The route of one request: the path to send upstream and where its model is.
@@ -98,6 +100,30 @@ fn check_path(path: &str) -> Result<(), PathError> {
     let lower = path.to_ascii_lowercase();
     if lower.contains("%2f") || lower.contains("%5c") {
         return Err(PathError::EncodedSlash);
+    }
+    // What front ends decode differently (matrix parameters, double encoding, encoded
+    // control and non-ASCII bytes that may fold to ASCII) could hide an endpoint from the
+    // endpoint rules: no SDK path has any of it.
+    if path.contains(';') {
+        return Err(PathError::Ambiguous("';'"));
+    }
+    let bytes = path.as_bytes();
+    for (i, b) in bytes.iter().enumerate() {
+        if *b != b'%' {
+            continue;
+        }
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match hex {
+            None => return Err(PathError::Ambiguous("a '%' that starts no escape")),
+            Some(b'%') => return Err(PathError::Ambiguous("'%25' (double encoding)")),
+            Some(c) if !(0x20..0x7f).contains(&c) => {
+                return Err(PathError::Ambiguous("an encoded control or non-ASCII byte"));
+            }
+            Some(_) => {}
+        }
     }
     for segment in path[1..].split('/') {
         let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
@@ -350,6 +376,11 @@ mod tests {
             "/v1//messages",
             "/v1/messages%2f..%2fx",
             "/v1\\..\\x",
+            "/v1/realtime/;x/client_secrets",
+            "/v1/%2572ealtime/sessions",
+            "/v1/realt%C4%B1me/sessions",
+            "/v1/messages%00",
+            "/v1/messages%",
             "v1/messages",
             "",
         ] {

@@ -129,10 +129,39 @@ impl Injector {
     ) -> Result<(AdmissionReview<DynamicObject>, &'static str), String> {
         // Before anything is built from it: the limits, read off the raw JSON.
         let shape = super::prescan::scan(body)?;
+        // A refusal as the API server shows it: 403 Forbidden with our message.
+        let deny = |message: String| {
+            let mut response = AdmissionResponse::invalid(message);
+            response.uid = shape.uid.clone();
+            response.result.code = 403;
+            response.result.reason = "Forbidden".into();
+            response.into_review()
+        };
         if let Err(limit) = shape.check() {
-            let mut response = AdmissionResponse::invalid(limit.to_string());
-            response.uid = shape.uid;
-            return Ok((response.into_review(), "refused"));
+            return Ok((deny(limit.to_string()), "refused"));
+        }
+        let allow = || {
+            let mut response = AdmissionResponse::invalid("");
+            response.uid = shape.uid.clone();
+            response.allowed = true;
+            response.result = Default::default();
+            response.into_review()
+        };
+        // exec, attach, port-forward: decided from the options object alone.
+        if shape.operation == "CONNECT" {
+            if shape.resource != "/pods" {
+                return Ok((allow(), "untouched"));
+            }
+            return Ok(
+                match super::guard::connect(
+                    &shape.sub_resource,
+                    shape.container.as_deref(),
+                    &shape.ports,
+                ) {
+                    Ok(()) => (allow(), "untouched"),
+                    Err(refused) => (deny(refused.to_string()), "refused"),
+                },
+            );
         }
         let review: AdmissionReview<Pod> = serde_json::from_slice(body)
             .map_err(|e| format!("the body is not an AdmissionReview of a Pod: {e}"))?;
@@ -140,6 +169,18 @@ impl Injector {
             .try_into()
             .map_err(|e| format!("the AdmissionReview has no request: {e}"))?;
         let response = AdmissionResponse::from(&request);
+        let is_pod_update = request.operation == Operation::Update
+            && request.resource.group.is_empty()
+            && request.resource.resource == "pods"
+            && request.sub_resource.is_none();
+        if is_pod_update
+            && let (Some(old), Some(new)) = (request.old_object.as_ref(), request.object.as_ref())
+        {
+            return Ok(match super::guard::update(old, new) {
+                Ok(()) => (response.into_review(), "untouched"),
+                Err(refused) => (response.deny(refused.to_string()).into_review(), "refused"),
+            });
+        }
         let is_pod_create = request.operation == Operation::Create
             && request.resource.group.is_empty()
             && request.resource.resource == "pods"

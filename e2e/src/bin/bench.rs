@@ -1272,22 +1272,28 @@ async fn hostile_reviews(env: &TestEnv, operator: &Operator, url: &str) -> anyho
     let pid = operator.pid();
     let ns = &env.namespace;
     let max = byok_operator::webhook::handler::MAX_REVIEW_BYTES;
+    let volumes = |n: usize| {
+        let mut pod = hostile_pod(1, 1, 0);
+        pod["spec"]["volumes"] = (0..n).map(|_| serde_json::json!({"name": ""})).collect();
+        review_of(ns, pod)
+    };
     let shapes: Vec<(&str, Vec<u8>)> = vec![
         (
             "3,000 containers x 16 keys (refused)",
             review_of(ns, hostile_pod(16, 3000, 0)),
         ),
         (
-            "1 container, 3 MiB of env, 1 key",
+            "1 container, 3 MiB of env, 1 key (refused: values)",
             review_of(ns, hostile_pod(1, 1, max - 64 * 1024)),
         ),
+        ("260,000 empty volumes (refused)", volumes(260_000)),
         (
-            "100 containers, 3 MiB of env, 6 keys (refused)",
-            review_of(ns, hostile_pod(6, 100, max - 64 * 1024)),
+            "1 container, 9,500 env vars, 1 key (the largest admitted)",
+            review_of(ns, hostile_pod(1, 1, 9_500 * 48)),
         ),
         (
-            "32 containers, 3 MiB of env, 16 keys",
-            review_of(ns, hostile_pod(16, 32, max - 64 * 1024)),
+            "32 containers, 290 env vars each, 16 keys",
+            review_of(ns, hostile_pod(16, 32, 32 * 290 * 48)),
         ),
     ];
     println!(
@@ -1325,7 +1331,7 @@ async fn hostile_reviews(env: &TestEnv, operator: &Operator, url: &str) -> anyho
         let (http, url, body, stop) = (
             http.clone(),
             url.to_owned(),
-            shapes[3].1.clone(),
+            shapes[4].1.clone(),
             stop.clone(),
         );
         load.push(tokio::spawn(async move {
@@ -1338,7 +1344,7 @@ async fn hostile_reviews(env: &TestEnv, operator: &Operator, url: &str) -> anyho
         let (http, url, prefix) = (
             http.clone(),
             url.to_owned(),
-            shapes[3].1[..256 * 1024].to_vec(),
+            shapes[1].1[..256 * 1024].to_vec(),
         );
         load.push(tokio::spawn(async move {
             let (mut tx, rx) = futures::channel::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
