@@ -138,7 +138,7 @@ fn the_chart_lints_and_each_variant_renders_what_it_promises() -> anyhow::Result
                     webhook["objectSelector"]["matchLabels"]["byok.dev/inject"],
                     "true"
                 ),
-                Some("exec.byok.dev" | "portforward.byok.dev") => assert!(
+                Some("exec.byok.dev" | "portforward.byok.dev" | "token.byok.dev") => assert!(
                     webhook["matchConditions"]
                         .as_array()
                         .is_some_and(|c| !c.is_empty()),
@@ -161,7 +161,12 @@ fn the_chart_lints_and_each_variant_renders_what_it_promises() -> anyhow::Result
             .filter_map(|w| w["name"].as_str())
             .collect();
         let port_forward = sets.iter().any(|s| s == "webhook.refusePortForward=true");
-        let mut want = vec!["inject.byok.dev", "update.byok.dev", "exec.byok.dev"];
+        let mut want = vec![
+            "inject.byok.dev",
+            "update.byok.dev",
+            "exec.byok.dev",
+            "token.byok.dev",
+        ];
         if port_forward {
             want.push("portforward.byok.dev");
         }

@@ -879,3 +879,39 @@ async fn port_forward_to_the_sidecars_ports_is_refused_when_asked() -> anyhow::R
     }
     Ok(())
 }
+
+/// The optional refusal of `byok.dev` TokenRequests (token.byok.dev, on by default in the
+/// chart): someone allowed to create `serviceaccounts/token` asks for a token bound to an
+/// injected pod, which the broker would take as the sidecar's. Refused for them (with a
+/// message saying why); other audiences are not affected.
+#[tokio::test]
+async fn only_nodes_may_mint_broker_tokens() -> anyhow::Result<()> {
+    let env = TestEnv::new("tokenreq").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let op = ServingOperator::start(&env, &fake).await?;
+    ready_key(&env, &fake, "team-a").await?;
+    let pod = create(&env, &opted_in_pod("minted-", &["team-a"])).await?;
+    // Before: an admin (the test's identity) mints one.
+    pod_token(&env, "default", &pod, byok_operator::names::TOKEN_AUDIENCE).await?;
+    op.add_chart_webhook(&env, TOKEN_WEBHOOK).await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let refused = loop {
+        match pod_token(&env, "default", &pod, byok_operator::names::TOKEN_AUDIENCE).await {
+            Err(e) => break e.to_string(),
+            Ok(_) => {
+                anyhow::ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "byok.dev tokens are still minted"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await; // polling interval
+            }
+        }
+    };
+    assert!(
+        refused.contains("are for the kubelet to mount"),
+        "{refused}"
+    );
+    // Another audience is none of the webhook's business.
+    pod_token(&env, "default", &pod, "https://example.com/other").await?;
+    Ok(())
+}

@@ -38,6 +38,28 @@ pub enum Guarded {
         "port-forward to port {0} is refused: it is a port of the {SIDECAR_NAME} sidecar, which serves the pod's keys"
     )]
     PortForwardToSidecar(i64),
+    #[error(
+        "tokens for audience \"{}\" are for the kubelet to mount into the {SIDECAR_NAME} sidecar; with one, anyone could ask the key broker for the pod's keys",
+        names::TOKEN_AUDIENCE
+    )]
+    BrokerToken,
+}
+
+/// A TokenRequest (`serviceaccounts/token` CREATE) by `username` in `groups` for
+/// `audiences`: a `byok.dev` token is the kubelet's to mint (for the projected volume of an
+/// injected sidecar), nobody else's. So `serviceaccounts/token` create stops being key
+/// access.
+pub fn token_request(
+    username: &str,
+    groups: &[String],
+    audiences: &[String],
+) -> Result<(), Guarded> {
+    let for_broker = audiences.iter().any(|a| a == names::TOKEN_AUDIENCE);
+    let node = username.starts_with("system:node:") && groups.iter().any(|g| g == "system:nodes");
+    if for_broker && !node {
+        return Err(Guarded::BrokerToken);
+    }
+    Ok(())
 }
 
 /// A `CONNECT` to a pod's `subresource` (`exec`, `attach`, `portforward`).
@@ -154,6 +176,26 @@ mod tests {
         assert_eq!(update(&injected, &relabelled), Ok(()));
         assert_eq!(
             update(&pod(false, None, None), &pod(false, Some("x"), None)),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn only_nodes_mint_broker_tokens() {
+        let nodes = vec!["system:nodes".to_owned(), "system:authenticated".to_owned()];
+        let ours = vec![names::TOKEN_AUDIENCE.to_owned()];
+        assert_eq!(token_request("system:node:n1", &nodes, &ours), Ok(()));
+        assert_eq!(
+            token_request("alice", &["system:authenticated".to_owned()], &ours),
+            Err(Guarded::BrokerToken)
+        );
+        // A user named like a node but not in the nodes group.
+        assert_eq!(
+            token_request("system:node:n1", &[], &ours),
+            Err(Guarded::BrokerToken)
+        );
+        assert_eq!(
+            token_request("alice", &[], &["https://kubernetes.default.svc".to_owned()]),
             Ok(())
         );
     }

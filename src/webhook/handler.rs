@@ -147,6 +147,19 @@ impl Injector {
             response.result = Default::default();
             response.into_review()
         };
+        // Tokens for the broker: the kubelet's alone.
+        if shape.operation == "CREATE"
+            && shape.resource == "/serviceaccounts"
+            && shape.sub_resource == "token"
+        {
+            return Ok(
+                match super::guard::token_request(&shape.username, &shape.groups, &shape.audiences)
+                {
+                    Ok(()) => (allow(), "untouched"),
+                    Err(refused) => (deny(refused.to_string()), "refused"),
+                },
+            );
+        }
         // exec, attach, port-forward: decided from the options object alone.
         if shape.operation == "CONNECT" {
             if shape.resource != "/pods" {

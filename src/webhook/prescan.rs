@@ -36,6 +36,11 @@ pub struct Shape {
     /// (port-forward).
     pub container: Option<String>,
     pub ports: Vec<i64>,
+    /// Who asks, as the API server authenticated them.
+    pub username: String,
+    pub groups: Vec<String>,
+    /// Of a TokenRequest (`serviceaccounts/token`): the audiences asked for.
+    pub audiences: Vec<String>,
     pub containers: usize,
     pub init_containers: usize,
     /// Names in the provider-keys annotation (commas + 1), if it is there.
@@ -121,7 +126,16 @@ pub fn scan(body: &[u8]) -> Result<Shape, String> {
         #[serde(default)]
         sub_resource: Option<String>,
         #[serde(default)]
+        user_info: Option<UserInfo>,
+        #[serde(default)]
         object: Option<Object>,
+    }
+    #[derive(Deserialize)]
+    struct UserInfo {
+        #[serde(default)]
+        username: String,
+        #[serde(default)]
+        groups: Vec<String>,
     }
     #[derive(Deserialize)]
     struct Resource {
@@ -157,6 +171,9 @@ pub fn scan(body: &[u8]) -> Result<Shape, String> {
         ephemeral_containers: Option<Count>,
         #[serde(default)]
         volumes: Option<Count>,
+        /// Of a TokenRequest.
+        #[serde(default)]
+        audiences: Option<Vec<String>>,
     }
     let review: Review = serde_json::from_slice(body)
         .map_err(|e| format!("the body is not an AdmissionReview: {e}"))?;
@@ -185,6 +202,16 @@ pub fn scan(body: &[u8]) -> Result<Shape, String> {
         sub_resource: request.sub_resource.unwrap_or_default(),
         container: object.container,
         ports: object.ports.unwrap_or_default(),
+        username: request
+            .user_info
+            .as_ref()
+            .map(|u| u.username.clone())
+            .unwrap_or_default(),
+        groups: request.user_info.map(|u| u.groups).unwrap_or_default(),
+        audiences: spec
+            .as_ref()
+            .and_then(|s| s.audiences.clone())
+            .unwrap_or_default(),
         containers: spec.as_ref().and_then(|s| s.containers).map_or(0, |c| c.0),
         init_containers: spec
             .as_ref()
