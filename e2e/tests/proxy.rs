@@ -934,7 +934,9 @@ async fn a_keys_policy_is_what_the_provider_receives() -> anyhow::Result<()> {
         ("gpt", "/v1/realtime/transcription_sessions".into(), "{}".into(), 403),
         ("gpt", "/v1/Realtime/Client_Secrets/".into(), "{}".into(), 403),
         ("gpt", "/v1/realtime/client%5Fsecrets".into(), "{}".into(), 403),
-        ("gpt", "/v1/realtime;a=b/sessions".into(), "{}".into(), 403),
+        // Spellings front ends decode differently: refused as ambiguous paths.
+        ("gpt", "/v1/realtime;a=b/sessions".into(), "{}".into(), 400),
+        ("gpt", "/v1/%2572ealtime/sessions".into(), "{}".into(), 400),
         ("gpt", "/v1/chatkit/sessions".into(), "{}".into(), 403),
         ("gpt", "/v1/organization/admin_api_keys".into(), "{}".into(), 403),
         ("gpt-mint", "/v1/organization/projects/p/service_accounts".into(), "{}".into(), 403),
