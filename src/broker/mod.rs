@@ -10,6 +10,7 @@
 //! renews the lease: a proxy that cannot reach the broker stops using the key when it ends.
 
 pub mod decide;
+pub mod jwt;
 pub mod tokens;
 
 use std::collections::HashMap;
@@ -162,7 +163,7 @@ impl Broker {
         egress: EgressPolicy,
         injector: Arc<crate::webhook::handler::Injector>,
     ) -> Self {
-        let tokens = tokens::TokenReviews::new(ctx.client.clone());
+        let tokens = tokens::TokenReviews::new(ctx.client.clone(), ctx.metrics.clone());
         Self {
             ctx,
             watches,
@@ -338,43 +339,40 @@ impl Broker {
         let Some(token) = token else {
             return self.refuse(None, namespace, name, &Denial::Unauthenticated);
         };
-        let caller = match self.tokens.review(&token).await {
-            Ok(Ok(caller)) => caller,
-            Ok(Err(denial)) => return self.refuse(None, namespace, name, &denial),
-            Err(e) => {
-                tracing::warn!(error = %e, "TokenReview failed");
-                self.ctx.metrics.broker_answer("review_failed");
-                return error_json(
-                    503,
-                    "ReviewFailed",
-                    "the token could not be reviewed; retry",
-                );
+        // The pod check of the token's pre-check needs a listed pod cache.
+        let ready = self.watches.is_ready();
+        let pods: &(dyn Fn(&Caller) -> Option<PodFacts> + Sync) =
+            &|c: &Caller| self.pod_facts(&c.namespace, &c.pod_name);
+        let identity = self.tokens.identify(&token, ready.then_some(pods)).await;
+        let caller = match identity {
+            tokens::Identity::Known(caller) => caller,
+            tokens::Identity::Refused(denial) => {
+                return self.refuse(None, namespace, name, &denial);
+            }
+            tokens::Identity::Unreviewed { denial, verified } => {
+                // No review now (too busy, or the API server failed). A caller whose token's
+                // signature checked out still gets a final refusal when one is due: a flood
+                // must not keep a revoked key alive in its sidecars until their leases end.
+                let caller = verified.filter(|_| ready);
+                if let Some(caller) = &caller
+                    && let Some(final_) = self.final_refusal(caller, namespace, name)
+                {
+                    return self.refuse(Some(caller), namespace, name, &final_);
+                }
+                return self.refuse(caller.as_ref(), namespace, name, &denial);
             }
         };
         // A replica just started has not listed its pods and keys yet: "no such pod" would make
         // a sidecar drop a key it holds. This answer is transient: it keeps the key until its
         // lease ends.
-        if !self.watches.is_ready() {
+        if !ready {
             let denial = Denial::KeyUnavailable {
                 reason: "the operator is starting: its caches are still filling".into(),
             };
             return self.refuse(Some(&caller), namespace, name, &denial);
         }
-        // Only a caller of this namespace gets as far as a lookup.
-        let (pod, guard) = if caller.namespace == namespace {
-            let pk = ObjectRef::new(name).within(namespace);
-            (
-                self.pod_facts(namespace, &caller.pod_name),
-                self.watches.providerkeys.get(&pk),
-            )
-        } else {
-            (None, None)
-        };
-        let key = match guard.as_deref().map(|g| g.0.as_ref()) {
-            None => KeyFacts::Missing,
-            Some(Err(_)) => KeyFacts::Unreadable,
-            Some(Ok(pk)) => KeyFacts::Present(pk),
-        };
+        let (pod, guard) = self.lookup(&caller, namespace, name);
+        let key = key_facts(guard.as_deref());
         let pk = match (
             decide::authorize(&caller, namespace, name, pod.as_ref(), key),
             key,
@@ -406,6 +404,40 @@ impl Broker {
                 self.tell_waiting(&caller, name, &denial).await;
                 self.refuse(Some(&caller), namespace, name, &denial)
             }
+        }
+    }
+
+    /// The pod and the ProviderKey for a caller: only a caller of this namespace gets as far
+    /// as a lookup.
+    fn lookup(
+        &self,
+        caller: &Caller,
+        namespace: &str,
+        name: &str,
+    ) -> (Option<PodFacts>, Option<Arc<ProviderKeyEntry>>) {
+        if caller.namespace != namespace {
+            return (None, None);
+        }
+        let pk = ObjectRef::new(name).within(namespace);
+        (
+            self.pod_facts(namespace, &caller.pod_name),
+            self.watches.providerkeys.get(&pk),
+        )
+    }
+
+    /// The refusal a caller not reviewed right now gets when it would be final anyway (a
+    /// sidecar drops its key on it); `None` when it might be served.
+    fn final_refusal(&self, caller: &Caller, namespace: &str, name: &str) -> Option<Denial> {
+        let (pod, guard) = self.lookup(caller, namespace, name);
+        match decide::authorize(
+            caller,
+            namespace,
+            name,
+            pod.as_ref(),
+            key_facts(guard.as_deref()),
+        ) {
+            Decision::Deny(denial) if denial.is_final() => Some(denial),
+            _ => None,
         }
     }
 
@@ -505,7 +537,24 @@ impl Broker {
             result = denial.metric_label(),
             "key broker"
         );
-        error_json(denial.status(), denial.reason(), &denial.message())
+        let mut response = error_json(denial.status(), denial.reason(), &denial.message());
+        if let Some(seconds) = denial.retry_after()
+            && let Ok(value) = header::HeaderValue::from_str(&seconds.to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        response
+    }
+}
+
+/// What the broker's ProviderKey cache holds for one name.
+type ProviderKeyEntry = kube::core::DeserializeGuard<ProviderKey>;
+
+fn key_facts(entry: Option<&ProviderKeyEntry>) -> KeyFacts<'_> {
+    match entry.map(|g| g.0.as_ref()) {
+        None => KeyFacts::Missing,
+        Some(Err(_)) => KeyFacts::Unreadable,
+        Some(Ok(pk)) => KeyFacts::Present(pk),
     }
 }
 

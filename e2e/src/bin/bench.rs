@@ -27,6 +27,11 @@
 //!    `BENCH_BROKER_CONCURRENCY` tasks for `BENCH_BROKER_SECONDS`, full answers (200), then
 //!    as long again with `If-None-Match` (304): requests per second, p50/p99, and the API
 //!    requests the operator made meanwhile.
+//! 10. `forged`: a reviewed sidecar's p99 (`If-None-Match`, `BENCH_BROKER_CONCURRENCY`
+//!    callers) quiet, then during a flood of `BENCH_FORGED` (2,000) distinct forged tokens
+//!    (a real pod's token with the signature replaced) from 64 tasks, both for
+//!    `BENCH_BROKER_SECONDS`; the TokenReviews the flood cost (aim: none; p99 aim: at most
+//!    twice the quiet one).
 //!
 //! `BENCH_SECTIONS` (comma list, default all) picks sections by name; `steady`, `spec` and
 //! `restart` measure the keys `scale` creates, so any of them runs `scale` too. Sections 1-5
@@ -35,7 +40,8 @@
 //! Environment: `BENCH_KEYS`, `BENCH_NAMESPACES` (100), `BENCH_VERIFY_RATE` (100 calls/s per
 //! host), `BENCH_VERIFY_CONCURRENCY` (16), `BENCH_UNRELATED_SECRETS` (1000 Secrets of 4 KiB
 //! that are not key sources), `BENCH_RESTART_WINDOW` (60 s), `BENCH_PODS` (300),
-//! `BENCH_BROKER_SECONDS` (10), `BENCH_BROKER_CONCURRENCY` (16), `BENCH_SECTIONS`.
+//! `BENCH_BROKER_SECONDS` (10), `BENCH_BROKER_CONCURRENCY` (16), `BENCH_FORGED` (2000),
+//! `BENCH_SECTIONS`.
 
 #[path = "bench_proxy/mod.rs"]
 mod bench_proxy;
@@ -329,7 +335,10 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?;
     }
-    if sections.on("webhook") || sections.on("broker") || sections.on("proxy") {
+    if ["webhook", "broker", "forged", "proxy"]
+        .iter()
+        .any(|s| sections.on(s))
+    {
         serving_sections(&fake, &dir, &binary, &sections).await?;
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -341,8 +350,9 @@ struct Sections(Option<Vec<String>>);
 
 impl Sections {
     /// `pods` runs from the Makefile (under `hack/node-ns.sh`), not in this binary.
-    const NAMES: [&str; 9] = [
-        "latency", "scale", "steady", "spec", "restart", "webhook", "broker", "proxy", "pods",
+    const NAMES: [&str; 10] = [
+        "latency", "scale", "steady", "spec", "restart", "webhook", "broker", "forged", "proxy",
+        "pods",
     ];
 
     fn from_env() -> anyhow::Result<Self> {
@@ -1181,8 +1191,145 @@ async fn measure_serving(
         pods.delete_collection(&DeleteParams::default(), &ListParams::default())
             .await?;
     }
+    if sections.on("forged") {
+        forged_flood(env, operator, broker_url, KEY).await?;
+        pods.delete_collection(&DeleteParams::default(), &ListParams::default())
+            .await?;
+    }
     if sections.on("proxy") {
         bench_proxy::run(env, fake, broker_url, KEY, &key, Path::new(binary), dir).await?;
     }
+    Ok(())
+}
+
+/// Forged requests the `forged` section keeps in flight.
+const FORGED_CONCURRENCY: usize = 64;
+
+/// Section 10: a reviewed sidecar's latency, quiet and during a flood of forged tokens.
+async fn forged_flood(
+    env: &TestEnv,
+    operator: &Operator,
+    broker_url: &str,
+    key: &str,
+) -> anyhow::Result<()> {
+    let seconds = Duration::from_secs(env_or("BENCH_BROKER_SECONDS", 10));
+    let concurrency: usize = env_or("BENCH_BROKER_CONCURRENCY", 16).max(1);
+    let count: usize = env_or("BENCH_FORGED", 2000).max(1);
+    let pod = env
+        .api::<Pod>()
+        .create(
+            &PostParams::default(),
+            &bench_pod("bench-forged-", key, true),
+        )
+        .await?;
+    anyhow::ensure!(has_sidecar(&pod), "the pod was not injected");
+    let token = pod_token(env, "default", &pod, names::TOKEN_AUDIENCE).await?;
+    let ca = env
+        .api::<Secret>()
+        .get(byok_operator::serving::certs::DEFAULT_SECRET_NAME)
+        .await?
+        .data
+        .and_then(|d| d.get("ca.crt").cloned())
+        .context("the operator's certificate Secret has no ca.crt")?;
+    let client = || {
+        reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(&ca.0)?])
+            .pool_max_idle_per_host(FORGED_CONCURRENCY)
+            .build()
+    };
+    let (http, flood_http) = (client()?, client()?);
+    let url = format!("{broker_url}/v1/keys/{}/{key}", env.namespace);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let etag = loop {
+        let r = http.get(&url).bearer_auth(&token).send().await?;
+        let status = r.status();
+        let etag = r
+            .headers()
+            .get(reqwest::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        if status == reqwest::StatusCode::OK {
+            break etag.context("a 200 without an ETag")?;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the broker never served the key: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await; // polling interval
+    };
+    let reviews = || operator.counter("byok_broker_token_reviews_total", |_| true);
+    let conditional = |http| {
+        let (url, token, etag) = (url.clone(), token.clone(), etag.clone());
+        async move {
+            hammer(
+                &http,
+                &url,
+                &token,
+                Some(&etag),
+                reqwest::StatusCode::NOT_MODIFIED,
+                seconds,
+                concurrency,
+            )
+            .await
+        }
+    };
+    let quiet = conditional(http.clone()).await;
+
+    let forged = Arc::new(byok_e2e::forged::forged_tokens(&token, count)?);
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let reviews_before = reviews().await;
+    let flooders: Vec<_> = (0..FORGED_CONCURRENCY)
+        .map(|_| {
+            let (http, url, forged, stop, sent) = (
+                flood_http.clone(),
+                url.clone(),
+                forged.clone(),
+                stop.clone(),
+                sent.clone(),
+            );
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let i = sent.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(r) = http
+                        .get(&url)
+                        .bearer_auth(&forged[i % forged.len()])
+                        .send()
+                        .await
+                    {
+                        let _ = r.bytes().await;
+                    }
+                }
+            })
+        })
+        .collect();
+    let flooded = conditional(http.clone()).await;
+    stop.store(true, Ordering::Relaxed);
+    futures::future::join_all(flooders).await;
+    let forged_sent = sent.load(Ordering::Relaxed);
+    let reviews = reviews().await - reviews_before;
+    let p99 = |h: &Hammered| ms(percentile(&h.latencies, 0.99));
+    println!(
+        "  forged tokens: a reviewed sidecar ({concurrency} callers, If-None-Match), {} s quiet then {} s beside {FORGED_CONCURRENCY} tasks sending {count} distinct forged tokens (only the signature wrong):",
+        seconds.as_secs(),
+        seconds.as_secs()
+    );
+    for (what, run) in [("quiet", &quiet), ("during the flood", &flooded)] {
+        println!(
+            "    {what}: {:.0} requests/s, p50 {:.2} ms, p99 {:.2} ms; {} other answers{}",
+            run.rps(),
+            ms(percentile(&run.latencies, 0.5)),
+            p99(run),
+            run.unexpected,
+            run.first_unexpected
+                .as_ref()
+                .map_or(String::new(), |e| format!(" (first: {e})"))
+        );
+    }
+    println!(
+        "    p99 during the flood / quiet: {:.2} (aim <= 2); forged requests: {forged_sent} ({:.0}/s); TokenReviews they cost: {reviews} (aim 0, at most 1 %)",
+        p99(&flooded) / p99(&quiet).max(0.001),
+        forged_sent as f64 / seconds.as_secs_f64().max(0.001)
+    );
     Ok(())
 }
