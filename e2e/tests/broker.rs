@@ -311,7 +311,9 @@ async fn the_pod_that_lists_a_key_gets_it_and_nobody_else_does() -> anyhow::Resu
         "not opted in: the same refusal"
     );
 
-    // Tokens for another audience (the API server's default, or anything else): 401.
+    // Tokens for another audience (the API server's default, or anything else): 401, without
+    // a TokenReview.
+    let reviews_before = op.metrics.token_reviews("accepted") + op.metrics.token_reviews("refused");
     for audience in [None, Some("other")] {
         let wrong = match audience {
             Some(a) => pod_token(&env, "default", &pod, a).await?,
@@ -331,6 +333,12 @@ async fn the_pod_that_lists_a_key_gets_it_and_nobody_else_does() -> anyhow::Resu
     assert_eq!(none.reason(), "Unauthenticated");
     let garbage = sidecar.ask(ns, "team", Some("not-a-jwt"), None).await?;
     assert_eq!(garbage.status, 401, "{}", garbage.describe());
+    assert_eq!(garbage.reason(), "Unauthenticated");
+    assert_eq!(
+        op.metrics.token_reviews("accepted") + op.metrics.token_reviews("refused"),
+        reviews_before,
+        "refused before any TokenReview"
+    );
 
     // 9. Every answer was counted by what it was.
     let m = &op.metrics;
@@ -345,12 +353,10 @@ async fn the_pod_that_lists_a_key_gets_it_and_nobody_else_does() -> anyhow::Resu
     // The unlabelled pod is not in the (opted-in only) pod cache; polls before the good pod
     // reached the cache were counted as pod_not_found too.
     assert!(m.broker_answers("pod_not_opted_in") + m.broker_answers("pod_not_found") >= 1);
-    // Two wrong audiences and a garbage token: the API server does not authenticate them.
-    assert_eq!(
-        m.broker_answers("unauthenticated") + m.broker_answers("wrong_audience"),
-        4,
-        "three refused tokens and no token"
-    );
+    // Two wrong audiences and a garbage token, refused by the broker's own checks.
+    assert_eq!(m.broker_answers("wrong_audience"), 2);
+    assert_eq!(m.broker_answers("token_malformed"), 1);
+    assert_eq!(m.broker_answers("unauthenticated"), 1, "no token");
     let encoded = m.encode();
     assert!(
         encoded.contains("broker_answers") && encoded.contains("result=\"granted\""),
@@ -999,7 +1005,7 @@ async fn forged_tokens_cost_no_token_review() -> anyhow::Result<()> {
     let seen = flood.await?;
     let reviews = reviews() - reviews_before;
     eprintln!(
-        "flood: {} forged requests ({} distinct tokens), {during} of them while the new pod asked; TokenReviews meanwhile: {reviews} (the new pod's included); the new pod's key after {new_pod_took:?}",
+        "flood: {} forged requests ({} distinct tokens), {during} of them refused before the new pod had its key; TokenReviews meanwhile: {reviews} (the new pod's included); the new pod's key after {new_pod_took:?}",
         seen.sent, FORGED
     );
     assert!(seen.sent >= FORGED, "the flood sent {}", seen.sent);

@@ -220,10 +220,7 @@ pub fn authorize(
     key: KeyFacts<'_>,
 ) -> Decision {
     use Decision::Deny;
-    if caller.namespace != namespace {
-        return Deny(Denial::OtherNamespace);
-    }
-    let pod = match check_pod(caller, pod) {
+    let pod = match check_pod(caller, namespace, pod) {
         Ok(pod) => pod,
         Err(denial) => return Deny(denial),
     };
@@ -259,10 +256,19 @@ pub fn authorize(
     }
 }
 
-/// The pod the caller's token is bound to: in the pod cache with the token's uid (not a pod
-/// recreated under the same name), not being deleted, opted in. Also the token pre-check's
-/// ([`super::jwt::precheck`]), so a made-up token naming a pod is refused as a real one would be.
-pub fn check_pod<'a>(caller: &Caller, pod: Option<&'a PodFacts>) -> Result<&'a PodFacts, Denial> {
+/// The caller's namespace first (`pod` is not looked at for another one), then the pod its
+/// token is bound to: in the pod cache with the token's uid (not a pod recreated under the
+/// same name), not being deleted, opted in. Also the token pre-check's
+/// ([`super::jwt::precheck`]), so a made-up token naming a pod is refused as a real one
+/// would be, before any TokenReview.
+pub fn check_pod<'a>(
+    caller: &Caller,
+    namespace: &str,
+    pod: Option<&'a PodFacts>,
+) -> Result<&'a PodFacts, Denial> {
+    if caller.namespace != namespace {
+        return Err(Denial::OtherNamespace);
+    }
     let pod = pod
         .filter(|p| p.uid == caller.pod_uid && !p.deleting)
         .ok_or(Denial::PodNotFound)?;

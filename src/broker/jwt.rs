@@ -12,7 +12,7 @@
 //! | `exp` not past, `nbf` not ahead ([`LEEWAY`] for clock skew) | 401 `token_expired`, `token_not_yet_valid` |
 //! | `iss` is the API server's (when known) | 401 `token_wrong_issuer` |
 //! | the `kubernetes.io` claim names a pod (namespace, name, uid) and a ServiceAccount | 401 `not_pod_bound` |
-//! | that pod is in the pod cache with that uid, opted in | 403 as the broker's own pod checks ([`super::decide::check_pod`]) |
+//! | it is of the namespace asked for, that pod is in the pod cache with that uid, opted in | 403 as the broker's own checks ([`super::decide::check_pod`]) |
 //! | the signature verifies with the API server's key of that `kid` | 401 `token_unknown_key`, `token_bad_signature` |
 //!
 //! A token that passes all of them still goes to a TokenReview (revocation, a deleted bound
@@ -25,7 +25,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::signature;
 use serde::Deserialize;
 
-use super::decide::{Caller, Denial, PodFacts, check_pod};
+use super::decide::{Caller, Denial};
+#[cfg(test)]
+use super::decide::{PodFacts, check_pod};
 use crate::names;
 
 /// Kubernetes ServiceAccount tokens are about 1 KiB; a bound token with long names stays far
@@ -437,19 +439,23 @@ pub enum Precheck {
     Unverified(Caller),
 }
 
+/// The broker's checks of the caller the token names, against the namespace asked for and
+/// the pod cache ([`super::decide::check_pod`]).
+pub type PodCheck<'a> = &'a (dyn Fn(&Caller) -> Result<(), Denial> + Sync);
+
 /// Every local check, in order. `discovery`: the API server's issuer and keys, `None` when
-/// they could not be fetched. `pod`: the pod cache's facts about the pod the token names,
-/// `None` as the argument when the pod cache has not listed yet (the pod check is skipped).
+/// they could not be fetched. `pod_check`: `None` while the pod cache has not listed yet
+/// (the pod check is then skipped).
 pub fn precheck(
     token: &str,
     now: i64,
     discovery: Option<&Discovery>,
-    pod: Option<&dyn Fn(&Caller) -> Option<PodFacts>>,
+    pod_check: Option<PodCheck<'_>>,
 ) -> Result<Precheck, Denial> {
     let jwt = parse(token)?;
     let caller = check_claims(&jwt.claims, now, discovery.map(|d| d.issuer.as_str()))?;
-    if let Some(pod) = pod {
-        check_pod(&caller, pod(&caller).as_ref())?;
+    if let Some(pod_check) = pod_check {
+        pod_check(&caller)?;
     }
     let Some(discovery) = discovery else {
         return Ok(Precheck::Unverified(caller));
@@ -602,13 +608,11 @@ mod tests {
         discovery: Option<&Discovery>,
         pod: Option<PodFacts>,
     ) -> Result<Precheck, Denial> {
-        let lookup = move |c: &Caller| pod.clone().filter(|_| c.pod_name == "p");
-        precheck(
-            token,
-            NOW,
-            discovery,
-            Some(&lookup as &dyn Fn(&Caller) -> Option<PodFacts>),
-        )
+        let pod_check = move |c: &Caller| {
+            let facts = pod.clone().filter(|_| c.pod_name == "p");
+            check_pod(c, "team", facts.as_ref()).map(drop)
+        };
+        precheck(token, NOW, discovery, Some(&pod_check))
     }
 
     fn rejected(fault: TokenFault) -> Result<Precheck, Denial> {
@@ -776,6 +780,15 @@ mod tests {
                     "".into(),
                 )),
                 Err(Denial::NotPodBound),
+            ),
+            (
+                "a pod of another namespace than the one asked for",
+                s.es256(&with(
+                    &claims(),
+                    &["kubernetes.io", "namespace"],
+                    "other".into(),
+                )),
+                Err(Denial::OtherNamespace),
             ),
             (
                 "a pod the cache does not have",

@@ -339,11 +339,19 @@ impl Broker {
         let Some(token) = token else {
             return self.refuse(None, namespace, name, &Denial::Unauthenticated);
         };
-        // The pod check of the token's pre-check needs a listed pod cache.
+        // The token's pre-check refuses a caller of another namespace, or whose pod is not
+        // there, as `decide::authorize` would (it needs a listed pod cache).
         let ready = self.watches.is_ready();
-        let pods: &(dyn Fn(&Caller) -> Option<PodFacts> + Sync) =
-            &|c: &Caller| self.pod_facts(&c.namespace, &c.pod_name);
-        let identity = self.tokens.identify(&token, ready.then_some(pods)).await;
+        let pod_check: jwt::PodCheck<'_> = &|c: &Caller| {
+            let pod = (c.namespace == namespace)
+                .then(|| self.pod_facts(namespace, &c.pod_name))
+                .flatten();
+            decide::check_pod(c, namespace, pod.as_ref()).map(drop)
+        };
+        let identity = self
+            .tokens
+            .identify(&token, ready.then_some(pod_check))
+            .await;
         let caller = match identity {
             tokens::Identity::Known(caller) => caller,
             tokens::Identity::Refused(denial) => {

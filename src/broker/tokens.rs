@@ -23,8 +23,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use super::decide::{Caller, Denial, PodFacts, caller_from_user};
-use super::jwt::{self, Discovery, Precheck, TokenFault};
+use super::decide::{Caller, Denial, caller_from_user};
+use super::jwt::{self, Discovery, PodCheck, Precheck, TokenFault};
 use crate::metrics::Metrics;
 use crate::names;
 
@@ -90,19 +90,19 @@ impl TokenReviews {
         }
     }
 
-    /// The caller behind `token`. `pods`: the pod cache's facts about a pod, `None` while the
-    /// pod cache has not listed (the local pod check is then skipped).
+    /// The caller behind `token`. `pod_check`: the broker's checks of the caller's namespace
+    /// and pod, `None` while the pod cache has not listed (then skipped).
     pub async fn identify(
         &self,
         token: &SecretString,
-        pods: Option<&(dyn Fn(&Caller) -> Option<PodFacts> + Sync)>,
+        pod_check: Option<PodCheck<'_>>,
     ) -> Identity {
         let token = token.expose_secret();
         let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(cached) = self.cached(&hash) {
             return cached;
         }
-        let (caller, verified) = match self.precheck(token, pods).await {
+        let (caller, verified) = match self.precheck(token, pod_check).await {
             Ok(Precheck::Verified(caller)) => (caller, true),
             Ok(Precheck::Unverified(caller)) => (caller, false),
             Err(denial) => return Identity::Refused(denial),
@@ -177,11 +177,10 @@ impl TokenReviews {
     async fn precheck(
         &self,
         token: &str,
-        pods: Option<&(dyn Fn(&Caller) -> Option<PodFacts> + Sync)>,
+        pod_check: Option<PodCheck<'_>>,
     ) -> Result<Precheck, Denial> {
         let now = jiff::Timestamp::now().as_second();
-        let pods = pods.map(|p| p as &dyn Fn(&Caller) -> Option<PodFacts>);
-        let run = |doc: Option<&Discovery>| jwt::precheck(token, now, doc, pods);
+        let run = |doc: Option<&Discovery>| jwt::precheck(token, now, doc, pod_check);
         let mut found = self.discovery.current();
         if found.doc.is_none() {
             found = self.discovery.refresh().await;
