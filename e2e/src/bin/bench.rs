@@ -28,10 +28,10 @@
 //!    as long again with `If-None-Match` (304): requests per second, p50/p99, and the API
 //!    requests the operator made meanwhile.
 //! 10. `forged`: a reviewed sidecar's p99 (`If-None-Match`, `BENCH_BROKER_CONCURRENCY`
-//!    callers) quiet, then during a flood of `BENCH_FORGED` (2,000) distinct forged tokens
-//!    (a real pod's token with the signature replaced) from 64 tasks, both for
-//!    `BENCH_BROKER_SECONDS`; the TokenReviews the flood cost (aim: none; p99 aim: at most
-//!    twice the quiet one).
+//!     callers) quiet, then during a flood of `BENCH_FORGED` (2,000) distinct forged tokens
+//!     (a real pod's token with the signature replaced) from 64 tasks, both for
+//!     `BENCH_BROKER_SECONDS`; the TokenReviews the flood cost (aim: none; p99 aim: at most
+//!     twice the quiet one).
 //!
 //! `BENCH_SECTIONS` (comma list, default all) picks sections by name; `steady`, `spec` and
 //! `restart` measure the keys `scale` creates, so any of them runs `scale` too. Sections 1-5
