@@ -278,6 +278,18 @@ pub fn check_pod<'a>(
     Ok(pod)
 }
 
+/// The answer to a caller whose token cannot be reviewed right now (`transient`: `TooBusy`
+/// or `ReviewFailed`), given the decision made on the token's locally verified claims: a
+/// final refusal stays final (a flood of reviews must not keep a revoked key alive in a
+/// sidecar until its lease ends); anything else, `Serve` included, is `transient`. Never
+/// the key without a review.
+pub fn unreviewed(decision: Decision, transient: Denial) -> Denial {
+    match decision {
+        Decision::Deny(denial) if denial.is_final() => denial,
+        _ => transient,
+    }
+}
+
 /// `Ready`'s status and reason, for the generation the status describes.
 pub fn ready_condition(pk: &ProviderKey) -> Option<(bool, String)> {
     let status = pk.status.as_ref()?;
@@ -525,6 +537,26 @@ mod tests {
                 assert!(!d.message().contains(fault.metric_label()));
             }
         }
+    }
+
+    #[test]
+    fn an_unreviewed_caller_gets_final_refusals_never_the_key() {
+        let busy = || Denial::TooBusy;
+        assert_eq!(unreviewed(Decision::Serve, busy()), Denial::TooBusy);
+        for final_ in [
+            Denial::KeyNotFound,
+            Denial::KeyDeleting,
+            Denial::PodNotFound,
+            Denial::KeyNotListed,
+            Denial::KeyNotReady { reason: "r".into() },
+        ] {
+            assert_eq!(unreviewed(Decision::Deny(final_.clone()), busy()), final_);
+        }
+        let transient = Denial::KeyUnavailable { reason: "r".into() };
+        assert_eq!(
+            unreviewed(Decision::Deny(transient), Denial::ReviewFailed),
+            Denial::ReviewFailed
+        );
     }
 
     #[test]

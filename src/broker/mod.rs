@@ -361,13 +361,14 @@ impl Broker {
                 // No review now (too busy, or the API server failed). A caller whose token's
                 // signature checked out still gets a final refusal when one is due: a flood
                 // must not keep a revoked key alive in its sidecars until their leases end.
-                let caller = verified.filter(|_| ready);
-                if let Some(caller) = &caller
-                    && let Some(final_) = self.final_refusal(caller, namespace, name)
-                {
-                    return self.refuse(Some(caller), namespace, name, &final_);
-                }
-                return self.refuse(caller.as_ref(), namespace, name, &denial);
+                let Some(caller) = verified.filter(|_| ready) else {
+                    return self.refuse(None, namespace, name, &denial);
+                };
+                let (pod, guard) = self.lookup(&caller, namespace, name);
+                let key = key_facts(guard.as_deref());
+                let decision = decide::authorize(&caller, namespace, name, pod.as_ref(), key);
+                let answer = decide::unreviewed(decision, denial);
+                return self.refuse(Some(&caller), namespace, name, &answer);
             }
         };
         // A replica just started has not listed its pods and keys yet: "no such pod" would make
@@ -431,22 +432,6 @@ impl Broker {
             self.pod_facts(namespace, &caller.pod_name),
             self.watches.providerkeys.get(&pk),
         )
-    }
-
-    /// The refusal a caller not reviewed right now gets when it would be final anyway (a
-    /// sidecar drops its key on it); `None` when it might be served.
-    fn final_refusal(&self, caller: &Caller, namespace: &str, name: &str) -> Option<Denial> {
-        let (pod, guard) = self.lookup(caller, namespace, name);
-        match decide::authorize(
-            caller,
-            namespace,
-            name,
-            pod.as_ref(),
-            key_facts(guard.as_deref()),
-        ) {
-            Decision::Deny(denial) if denial.is_final() => Some(denial),
-            _ => None,
-        }
     }
 
     async fn grant(
