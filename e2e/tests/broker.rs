@@ -864,7 +864,7 @@ struct Flood {
 /// Made-up tokens carrying a real pod's claims (issuer, audience, expiry, `kid`, the pod's
 /// name and uid) cost the API server no TokenReview: at most 1 % of them reach it (none, in
 /// fact), each is refused 401, and meanwhile a reviewed sidecar keeps being served from the
-/// cache and a new pod gets its key within 5 s. (How fast the reviewed sidecar stays is
+/// cache (and refused at once when its key is deleted) and a new pod gets its key within 5 s. (How fast the reviewed sidecar stays is
 /// measured by `make bench`, section `forged`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_tokens_cost_no_token_review() -> anyhow::Result<()> {
@@ -1000,6 +1000,20 @@ async fn forged_tokens_cost_no_token_review() -> anyhow::Result<()> {
         .await?;
     let new_pod_took = asked.elapsed();
     let during = op.metrics.broker_answers("token_bad_signature") - bad_signatures_before;
+    // A revocation reaches the reviewed sidecar during the flood: the key deleted, 404.
+    env.api::<byok_operator::crd::ProviderKey>()
+        .delete("team", &DeleteParams::default())
+        .await?;
+    sidecar
+        .ask_until(
+            (ns, "team"),
+            Some(&token),
+            Some(&etag),
+            CHANGE_WAIT,
+            "refused once the key is deleted",
+            |a| a.status == 404,
+        )
+        .await?;
 
     stop.store(true, Ordering::Relaxed);
     let seen = flood.await?;

@@ -54,6 +54,12 @@ pub enum TokenFault {
 }
 
 impl TokenFault {
+    /// Whether no kubelet-projected token of this cluster can fail this way (a late clock
+    /// can make a real token look expired or not valid yet).
+    pub fn is_forgery(self) -> bool {
+        !matches!(self, TokenFault::Expired | TokenFault::NotYetValid)
+    }
+
     pub fn metric_label(self) -> &'static str {
         match self {
             TokenFault::Malformed => "token_malformed",

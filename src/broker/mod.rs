@@ -40,6 +40,10 @@ use decide::{Caller, Decision, Denial, KeyFacts, PodFacts};
 pub const POLL_HINT: Duration = Duration::from_secs(5);
 /// A Vertex access token is minted again when less than this is left of it.
 const VERTEX_TOKEN_MARGIN: Duration = Duration::from_secs(5 * 60);
+/// A token refused as made up ([`jwt::TokenFault::is_forgery`]) is answered after this long:
+/// a client sending them back to back gets a few answers per second per connection, and the
+/// CPU goes to the sidecars' requests. No real sidecar waits: its tokens are never refused so.
+const FORGED_TOKEN_DELAY: Duration = Duration::from_millis(250);
 /// A Warning Event about one pod waiting for one key, at most once per this period.
 const WAITING_EVENT_PERIOD: Duration = Duration::from_secs(10 * 60);
 const MEMO_MAX: usize = 65_536;
@@ -175,6 +179,22 @@ impl Broker {
             vertex_tokens: Mutex::default(),
             waiting_told: Mutex::default(),
         }
+    }
+
+    /// What the token pre-check's [`decide::check_pod`] reads of a pod (uid, label,
+    /// deletion), without the costlier sidecar and annotation checks `authorize` makes later:
+    /// a flood of forged tokens naming a real pod costs a lookup.
+    fn pod_presence(&self, namespace: &str, name: &str) -> Option<PodFacts> {
+        let pods = self.watches.pods.as_ref()?;
+        let pod = pods.get(&ObjectRef::new(name).within(namespace))?;
+        let meta = &pod.metadata;
+        Some(PodFacts {
+            uid: meta.uid.clone().unwrap_or_default(),
+            opted_in: names::opts_in(meta.labels.as_ref()),
+            injected: false,
+            deleting: meta.deletion_timestamp.is_some(),
+            keys: Vec::new(),
+        })
     }
 
     fn pod_facts(&self, namespace: &str, name: &str) -> Option<PodFacts> {
@@ -344,7 +364,7 @@ impl Broker {
         let ready = self.watches.is_ready();
         let pod_check: jwt::PodCheck<'_> = &|c: &Caller| {
             let pod = (c.namespace == namespace)
-                .then(|| self.pod_facts(namespace, &c.pod_name))
+                .then(|| self.pod_presence(namespace, &c.pod_name))
                 .flatten();
             decide::check_pod(c, namespace, pod.as_ref()).map(drop)
         };
@@ -355,6 +375,11 @@ impl Broker {
         let caller = match identity {
             tokens::Identity::Known(caller) => caller,
             tokens::Identity::Refused(denial) => {
+                if let Denial::TokenRejected(fault) = &denial
+                    && fault.is_forgery()
+                {
+                    tokio::time::sleep(FORGED_TOKEN_DELAY).await;
+                }
                 return self.refuse(None, namespace, name, &denial);
             }
             tokens::Identity::Unreviewed { denial, verified } => {
