@@ -1,5 +1,6 @@
 //! The key broker: a sidecar shows its projected ServiceAccount token (audience `byok.dev`);
-//! the broker learns from a TokenReview which pod it is, checks that pod against the pod
+//! the broker checks the token itself ([`jwt`]: a made-up one costs no API request), learns
+//! from a TokenReview ([`tokens`]) which pod it is, checks that pod against the pod
 //! cache and the ProviderKey against its cache ([`decide`]), and answers with the key and
 //! what the proxy needs to use it. See [`decide`] for when it serves.
 //!
@@ -40,9 +41,11 @@ use decide::{Caller, Decision, Denial, KeyFacts, PodFacts};
 pub const POLL_HINT: Duration = Duration::from_secs(5);
 /// A Vertex access token is minted again when less than this is left of it.
 const VERTEX_TOKEN_MARGIN: Duration = Duration::from_secs(5 * 60);
-/// A token refused as made up ([`jwt::TokenFault::is_forgery`]) is answered after this long:
-/// a client sending them back to back gets a few answers per second per connection, and the
-/// CPU goes to the sidecars' requests. No real sidecar waits: its tokens are never refused so.
+/// A token refused as made up ([`jwt::TokenFault::is_forgery`]) is answered after about this
+/// long (half to one and a half times it, at random, so that a flood's requests do not come
+/// back in step): a client sending them back to back gets a few answers per second per
+/// request in flight, and the CPU goes to the sidecars' requests. No real sidecar waits: its
+/// tokens are never refused so.
 const FORGED_TOKEN_DELAY: Duration = Duration::from_millis(250);
 /// A Warning Event about one pod waiting for one key, at most once per this period.
 const WAITING_EVENT_PERIOD: Duration = Duration::from_secs(10 * 60);
@@ -378,7 +381,8 @@ impl Broker {
                 if let Denial::TokenRejected(fault) = &denial
                     && fault.is_forgery()
                 {
-                    tokio::time::sleep(FORGED_TOKEN_DELAY).await;
+                    tokio::time::sleep(FORGED_TOKEN_DELAY.mul_f64(rand::random_range(0.5..1.5)))
+                        .await;
                 }
                 return self.refuse(None, namespace, name, &denial);
             }
