@@ -67,7 +67,7 @@ test: lint testbins ## Everything CI runs: lint, unit tests, integration tests o
 	@# namespaces of their own (hack/node-ns.sh), which leave nothing behind.
 	@# Their sidecar image is made from the image's static binary (make static), which must run.
 	$(MAKE) --no-print-directory static
-	BYOK_STATIC_BINARY=$$PWD/$(STATIC_BINARY) $(CARGO) test --offline -p byok-e2e --test image -q -- --ignored image_ 2>&1 | tee -a target/test-output.log
+	BYOK_STATIC_BINARY=$$PWD/$(STATIC_BINARY) $(CARGO) test --offline -p byok-e2e --test image --test proxy -q -- --ignored image_ 2>&1 | tee -a target/test-output.log
 	BYOK_SIDECAR_BINARY=$$PWD/$(STATIC_BINARY) \
 	  hack/node-ns.sh $(CARGO) test --offline --workspace --all-targets -q -- --ignored node_ 2>&1 | tee -a target/test-output.log
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "tests: %d passed, %d failed\n", p, f}' target/test-output.log

@@ -68,8 +68,9 @@ pub struct ProxyArgs {
     #[arg(long, env = "BYOK_TOKEN_FILE", default_value = concat!("/var/run/secrets/byok.dev/token", "/token"))]
     pub token_file: PathBuf,
 
-    /// The largest JSON body read to check or fill its model; larger bodies get 413.
-    #[arg(long, default_value_t = 32 * 1024 * 1024)]
+    /// The largest JSON body read to check or fill its model; larger bodies get 413. Bodies
+    /// read at once hold at most twice this, which must fit the sidecar's memory limit.
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
     pub max_inspected_body: u64,
 
     /// How long SIGTERM waits for requests in flight (streams included).

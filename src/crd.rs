@@ -134,6 +134,14 @@ pub struct ProviderKeySpec {
     #[schemars(length(max = 128), inner(length(min = 1, max = 256)))]
     pub allowed_models: Vec<String>,
 
+    /// Allow endpoints that mint ephemeral credentials (OpenAI and Azure realtime client
+    /// secrets and sessions, ChatKit sessions, Gemini ephemeral auth tokens) through the
+    /// sidecar. Off by default: such a credential works outside the pod and outlives the
+    /// key's revocation, so with this on, a pod using the key can hand a short-lived
+    /// credential to anything. Key and organisation management endpoints stay refused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_credential_minting: bool,
+
     /// How the key is re-verified over time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verification: Option<VerificationSpec>,

@@ -53,7 +53,7 @@ pub fn serve_config(env: &TestEnv, webhook_configuration: &str) -> anyhow::Resul
 /// The MutatingWebhookConfiguration the chart renders by default (`config/base/`), pointed at the test
 /// operator by `url` and scoped to the test namespace (tests run side by side on one API
 /// server). Everything else (selectors, failure policy, reinvocation, timeout) is the file's.
-/// No caBundle: the operator sets it.
+/// No caBundle: the operator sets it. Without [`TOKEN_WEBHOOK`] (see below).
 pub fn webhook_configuration(
     name: &str,
     namespace: &str,
@@ -66,6 +66,11 @@ pub fn webhook_configuration(
     let mut mwc: MutatingWebhookConfiguration =
         serde_saphyr::from_str(&std::fs::read_to_string(path)?)?;
     mwc.metadata.name = Some(name.to_string());
+    // The tests mint sidecar tokens themselves (as an admin, a TokenRequest), which this
+    // webhook refuses to all but nodes: it is added by the test of it alone.
+    mwc.webhooks
+        .get_or_insert_with(Vec::new)
+        .retain(|w| w.name != TOKEN_WEBHOOK);
     for webhook in mwc.webhooks.iter_mut().flatten() {
         anyhow::ensure!(
             webhook.client_config.ca_bundle.is_none(),
@@ -224,6 +229,90 @@ impl ServingOperator {
     pub fn webhook_url(&self) -> String {
         format!("https://{}/mutate", self.config.webhook_addr)
     }
+
+    /// Adds the chart's webhook `webhook` (one [`webhook_configuration`] leaves out) to this
+    /// operator's configuration, pointed and scoped like the others.
+    pub async fn add_chart_webhook(&self, env: &TestEnv, webhook: &str) -> anyhow::Result<()> {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../config/base/mutatingwebhookconfiguration.yaml"
+        );
+        let chart: MutatingWebhookConfiguration =
+            serde_saphyr::from_str(&std::fs::read_to_string(path)?)?;
+        let mut added = chart
+            .webhooks
+            .into_iter()
+            .flatten()
+            .find(|w| w.name == webhook)
+            .with_context(|| format!("the chart has no webhook {webhook}"))?;
+        let api = Api::<MutatingWebhookConfiguration>::all(self.client.clone());
+        let mut mwc = api.get(&self.webhook_configuration).await?;
+        let model = mwc
+            .webhooks
+            .as_ref()
+            .and_then(|w| w.first())
+            .cloned()
+            .context("no webhook to copy the target from")?;
+        added.client_config = model.client_config;
+        added.namespace_selector = Some(serde_json::from_value(serde_json::json!(
+            {"matchLabels": {"kubernetes.io/metadata.name": env.namespace}}
+        ))?);
+        mwc.webhooks.get_or_insert_with(Vec::new).push(added);
+        api.replace(&self.webhook_configuration, &PostParams::default(), &mwc)
+            .await?;
+        Ok(())
+    }
+
+    /// Removes one webhook (e.g. `update.byok.dev`) from the configuration, as a cluster
+    /// whose chart lacks it would be, and waits until the API server stops calling it: a
+    /// labelling update passes.
+    pub async fn remove_webhook(&self, env: &TestEnv, webhook: &str) -> anyhow::Result<()> {
+        let api = Api::<MutatingWebhookConfiguration>::all(self.client.clone());
+        let mut mwc = api.get(&self.webhook_configuration).await?;
+        let before = mwc.webhooks.as_ref().map_or(0, Vec::len);
+        mwc.webhooks
+            .get_or_insert_with(Vec::new)
+            .retain(|w| w.name != webhook);
+        anyhow::ensure!(
+            mwc.webhooks.as_ref().map_or(0, Vec::len) + 1 == before,
+            "no webhook {webhook}"
+        );
+        api.replace(&self.webhook_configuration, &PostParams::default(), &mwc)
+            .await?;
+        // The API server reads configurations through an informer: probe with a dry-run
+        // update that the webhook would refuse (labelling a pod created without the label).
+        let pods = env.api::<Pod>();
+        let probe: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"generateName": "webhook-gone-"},
+            "spec": {"containers": [{"name": "app", "image": "busybox"}]}
+        }))?;
+        let probe = pods.create(&PostParams::default(), &probe).await?;
+        let name = probe.metadata.name.clone().unwrap_or_default();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let labelled = pods
+                .patch(
+                    &name,
+                    &kube::api::PatchParams {
+                        dry_run: true,
+                        ..Default::default()
+                    },
+                    &kube::api::Patch::Merge(serde_json::json!({"metadata": {"labels": {
+                        (names::INJECT_LABEL): names::INJECT_VALUE}}})),
+                )
+                .await;
+            if labelled.is_ok() {
+                break;
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the API server still calls {webhook}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await; // polling interval
+        }
+        pods.delete(&name, &DeleteParams::default()).await?;
+        Ok(())
+    }
 }
 
 impl Drop for ServingOperator {
@@ -239,6 +328,9 @@ impl Drop for ServingOperator {
         }
     }
 }
+
+/// The webhook that refuses `byok.dev` TokenRequests from anyone but nodes.
+pub const TOKEN_WEBHOOK: &str = "token.byok.dev";
 
 /// A pod that opts in to injection with these keys, from `generateName`.
 pub fn opted_in_pod(generate_name: &str, keys: &[&str]) -> Pod {

@@ -773,12 +773,24 @@ async fn only_the_injected_sidecar_gets_the_key() -> anyhow::Result<()> {
     sneaky = create_pod(&env, &sneaky).await?;
     assert!(!has_sidecar(&sneaky), "the webhook never saw it");
     let name = sneaky.metadata.name.clone().unwrap_or_default();
-    pods.patch(
-        &name,
-        &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({"metadata": {"labels": {(names::INJECT_LABEL): names::INJECT_VALUE}}})),
-    )
-    .await?;
+    let label = Patch::Merge(
+        serde_json::json!({"metadata": {"labels": {(names::INJECT_LABEL): names::INJECT_VALUE}}}),
+    );
+    // Refused at the API server (update.byok.dev)...
+    let refused = pods
+        .patch(&name, &PatchParams::default(), &label)
+        .await
+        .expect_err("a late opt-in is refused");
+    assert!(
+        refused
+            .to_string()
+            .contains("can only be set when a pod is created"),
+        "{refused}"
+    );
+    // ...and by the broker where that webhook is missing (or was bypassed): the rest of
+    // this test runs without it.
+    op.remove_webhook(&env, "update.byok.dev").await?;
+    pods.patch(&name, &PatchParams::default(), &label).await?;
     let token = pod_token(&env, "default", &sneaky, names::TOKEN_AUDIENCE).await?;
     // Every answer is a refusal; wait until one came from the labelled pod in the cache.
     let deadline = Instant::now() + CACHE_WAIT;
@@ -792,7 +804,8 @@ async fn only_the_injected_sidecar_gets_the_key() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await; // polling interval
     }
 
-    // The sidecar's image swapped after admission (the kubelet would restart it as that image).
+    // The sidecar's image swapped after admission (the kubelet would restart it as that image;
+    // without update.byok.dev, removed above, the API server lets it through).
     let good_name = good.metadata.name.clone().unwrap_or_default();
     pods.patch(
         &good_name,
@@ -842,6 +855,132 @@ async fn only_the_injected_sidecar_gets_the_key() -> anyhow::Result<()> {
         op.metrics.broker_answers("granted"),
         2,
         "only the two injected pods, before"
+    );
+    Ok(())
+}
+
+/// Issue 19, item 1, as a pod editor would do it: a pod created *without* the inject label
+/// (the webhook never sees it) whose init container `byok-proxy` copies an injected sidecar
+/// exactly (image, args, env, the token and empty volumes) plus an emptyDir mounted with
+/// `subPath` over the binary's path, then labelled and annotated. Its pod-bound token once
+/// got 200 with the key; the broker now holds the token holder to the accepted shape, on
+/// the pod as stored, and refuses it. So does a pod past the webhook that reaches the node
+/// (a privileged container, a hostPath volume) around an otherwise perfect copy.
+#[tokio::test]
+async fn a_hand_made_copy_of_the_sidecar_gets_no_key() -> anyhow::Result<()> {
+    let env = TestEnv::new("broker-copy").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let op = ServingOperator::start(&env, &fake).await?;
+    let sidecar = Sidecar::new(&op, &env).await?;
+    let ns = env.namespace.as_str();
+    let key = random_key("sk-ant-api03-");
+    ready_anthropic(&env, &fake, "ant", &key, serde_json::json!({})).await?;
+    let pods = env.api::<Pod>();
+
+    // The model: an injected pod (it gets the key).
+    let good = create_pod(&env, &opted_in_pod("model-", &["ant"])).await?;
+    let token = pod_token(&env, "default", &good, names::TOKEN_AUDIENCE).await?;
+    sidecar
+        .ask_until(
+            (ns, "ant"),
+            Some(&token),
+            None,
+            CACHE_WAIT,
+            "granted",
+            |a| a.status == 200,
+        )
+        .await?;
+    let spec = good.spec.clone().unwrap_or_default();
+    let injected = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|c| c.name == byok_operator::webhook::patch::SIDECAR_NAME)
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("no sidecar"))?;
+    let volumes: Vec<serde_json::Value> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .filter(|v| v.name.starts_with("byok-"))
+        .map(serde_json::to_value)
+        .collect::<Result<_, _>>()?;
+
+    // (what is added to the exact copy, the volumes it needs)
+    let variants: Vec<(&str, serde_json::Value, Vec<serde_json::Value>)> = vec![
+        (
+            "an emptyDir over the binary",
+            serde_json::json!({"volumeMounts+": [{"name": "swap", "mountPath": "/byok-operator", "subPath": "byok-operator"}]}),
+            vec![serde_json::json!({"name": "swap", "emptyDir": {}})],
+        ),
+        (
+            "a privileged app container",
+            serde_json::json!({"app": {"securityContext": {"privileged": true}}}),
+            vec![],
+        ),
+        (
+            "a hostPath volume",
+            serde_json::json!({"app": {"volumeMounts": [{"name": "node", "mountPath": "/node"}]}}),
+            vec![
+                serde_json::json!({"name": "node", "hostPath": {"path": "/var/lib/kubelet/pods"}}),
+            ],
+        ),
+    ];
+    // Labelling a pod after creation is refused at the API server (update.byok.dev, see
+    // `the_api_server_refuses_late_opt_in_image_swaps_and_exec`); here the broker is the
+    // last line, as in a cluster without that webhook.
+    op.remove_webhook(&env, "update.byok.dev").await?;
+    for (what, change, extra_volumes) in variants {
+        let mut copy = serde_json::to_value(&injected)?;
+        if let Some(mounts) = change.get("volumeMounts+") {
+            for m in mounts.as_array().into_iter().flatten() {
+                copy["volumeMounts"]
+                    .as_array_mut()
+                    .ok_or_else(|| anyhow::anyhow!("mounts"))?
+                    .push(m.clone());
+            }
+        }
+        let mut app = serde_json::json!({"name": "app", "image": "busybox"});
+        if let Some(extra) = change.get("app").and_then(|a| a.as_object()) {
+            for (k, v) in extra {
+                app[k] = v.clone();
+            }
+        }
+        let mut all_volumes = volumes.clone();
+        all_volumes.extend(extra_volumes);
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"generateName": "copy-"},
+            "spec": {"initContainers": [copy], "containers": [app], "volumes": all_volumes}
+        }))?;
+        let pod = create_pod(&env, &pod).await?;
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        pods.patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {
+                "labels": {(names::INJECT_LABEL): names::INJECT_VALUE},
+                "annotations": {(names::PROVIDER_KEYS_ANNOTATION): "ant"}}})),
+        )
+        .await?;
+        let token = pod_token(&env, "default", &pod, names::TOKEN_AUDIENCE).await?;
+        // Every answer is a refusal; wait until the labelled pod was judged in the cache.
+        let before = op.metrics.broker_answers("pod_not_injected");
+        let deadline = Instant::now() + CACHE_WAIT;
+        while op.metrics.broker_answers("pod_not_injected") == before {
+            let answer = sidecar.ask(ns, "ant", Some(&token), None).await?;
+            assert_eq!(answer.status, 403, "{what}: {}", answer.describe());
+            assert!(
+                !String::from_utf8_lossy(&answer.body).contains(&key),
+                "{what}: the key"
+            );
+            anyhow::ensure!(Instant::now() < deadline, "{what}: never judged");
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+    }
+    assert_eq!(
+        op.metrics.broker_answers("granted"),
+        1,
+        "only the model pod"
     );
     Ok(())
 }

@@ -47,6 +47,7 @@ fn variants() -> Vec<(&'static str, Vec<String>)> {
             vec![
                 "networkPolicy.enabled=true".into(),
                 "priorityClassName=system-cluster-critical".into(),
+                "webhook.refusePortForward=true".into(),
             ],
         ),
         (
@@ -130,10 +131,21 @@ fn the_chart_lints_and_each_variant_renders_what_it_promises() -> anyhow::Result
             assert_eq!(webhook["failurePolicy"], "Fail", "{name}");
             assert_eq!(webhook["sideEffects"], "None", "{name}");
             assert!(webhook["timeoutSeconds"].as_i64().is_some_and(|t| t <= 5));
-            assert_eq!(
-                webhook["objectSelector"]["matchLabels"]["byok.dev/inject"],
-                "true"
-            );
+            // Pod webhooks see opted-in pods only; the CONNECT ones (whose object is the
+            // exec or port-forward options) only requests into the sidecar.
+            match webhook["name"].as_str() {
+                Some("inject.byok.dev" | "update.byok.dev") => assert_eq!(
+                    webhook["objectSelector"]["matchLabels"]["byok.dev/inject"],
+                    "true"
+                ),
+                Some("exec.byok.dev" | "portforward.byok.dev" | "token.byok.dev") => assert!(
+                    webhook["matchConditions"]
+                        .as_array()
+                        .is_some_and(|c| !c.is_empty()),
+                    "{name}: {webhook}"
+                ),
+                other => panic!("{name}: unexpected webhook {other:?}"),
+            }
             let excluded = &webhook["namespaceSelector"]["matchExpressions"][0]["values"];
             assert!(
                 excluded.as_array().is_some_and(
@@ -142,6 +154,23 @@ fn the_chart_lints_and_each_variant_renders_what_it_promises() -> anyhow::Result
                 "{name}: the webhook must skip kube-system and its own namespace: {excluded}"
             );
         }
+        let names: Vec<&str> = mwc["webhooks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|w| w["name"].as_str())
+            .collect();
+        let port_forward = sets.iter().any(|s| s == "webhook.refusePortForward=true");
+        let mut want = vec![
+            "inject.byok.dev",
+            "update.byok.dev",
+            "exec.byok.dev",
+            "token.byok.dev",
+        ];
+        if port_forward {
+            want.push("portforward.byok.dev");
+        }
+        assert_eq!(names, want, "{name}");
         // The restricted Pod Security profile, on every variant.
         let pod = &one(&rendered, "Deployment")?["spec"]["template"]["spec"];
         assert_eq!(pod["securityContext"]["runAsNonRoot"], true);

@@ -542,3 +542,376 @@ async fn two_replicas_share_one_ca_both_serve_and_one_reconciles() -> anyhow::Re
     assert_eq!(sidecars(&pod), 1);
     Ok(())
 }
+
+/// The CA the operator serves with (from its TLS Secret).
+async fn serving_ca(env: &TestEnv) -> anyhow::Result<String> {
+    let secret = env
+        .api::<k8s_openapi::api::core::v1::Secret>()
+        .get(byok_operator::serving::certs::DEFAULT_SECRET_NAME)
+        .await?;
+    Ok(String::from_utf8(
+        secret
+            .data
+            .and_then(|d| d.get("ca.crt").cloned())
+            .context("ca.crt")?
+            .0,
+    )?)
+}
+
+/// A review of a pod with `containers` containers asking for `keys` keys, as the API server
+/// sends it.
+fn big_review(namespace: &str, containers: usize, keys: usize) -> serde_json::Value {
+    let names: Vec<String> = (0..keys).map(|i| format!("key-{i}")).collect();
+    let mut pod = serde_json::to_value(opted_in_pod(
+        "big-",
+        &names.iter().map(String::as_str).collect::<Vec<_>>(),
+    ))
+    .unwrap_or_default();
+    pod["spec"]["containers"] = (0..containers)
+        .map(|i| serde_json::json!({"name": format!("c{i}"), "image": "busybox"}))
+        .collect();
+    serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "4f4bd9a5-5a5e-4d8c-9a0e-000000000019",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "name": "", "namespace": namespace, "operation": "CREATE",
+            "userInfo": {"username": "tenant"},
+            "object": pod, "oldObject": null, "dryRun": false,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"}
+        }
+    })
+}
+
+/// Issue 19, item 2, played by whoever can create a labelled pod or reach the webhook
+/// port: a pod spec that would inflate the answer (3,000 containers × 16 keys once gave an
+/// 18 MB response and +118 MiB of operator memory) is refused by the pre-scan with a small
+/// denial naming the limit, through the API server as well as posted directly; and while
+/// clients trickle bodies into the webhook, an ordinary pod is still admitted.
+#[tokio::test]
+async fn reviews_past_the_limits_are_refused_before_they_are_parsed() -> anyhow::Result<()> {
+    let env = TestEnv::new("prescan").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let op = ServingOperator::start(&env, &fake).await?;
+    ready_key(&env, &fake, "team-a").await?;
+    let ca = serving_ca(&env).await?;
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes())?)
+        .build()?;
+
+    let body = serde_json::to_vec(&big_review(&env.namespace, 3000, 16))?;
+    let res = http
+        .post(op.webhook_url())
+        .body(body.clone())
+        .send()
+        .await?;
+    assert_eq!(res.status(), 200);
+    let answer = res.bytes().await?;
+    assert!(
+        answer.len() < 4096,
+        "the refusal is small: {} bytes",
+        answer.len()
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&answer)?;
+    assert_eq!(answer["response"]["allowed"], false, "{answer}");
+    assert_eq!(
+        answer["response"]["uid"],
+        "4f4bd9a5-5a5e-4d8c-9a0e-000000000019"
+    );
+    let message = answer["response"]["status"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(message.contains("3000 containers"), "{message}");
+    // Keys × containers past the bound, within the container limit.
+    let res = http
+        .post(op.webhook_url())
+        .body(serde_json::to_vec(&big_review(&env.namespace, 40, 16))?)
+        .send()
+        .await?;
+    let answer: serde_json::Value = res.json().await?;
+    assert_eq!(answer["response"]["allowed"], false, "{answer}");
+    assert!(
+        answer["response"]["status"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("640 variables"),
+        "{answer}"
+    );
+
+    // Through the API server, as a tenant sees it.
+    let mut pod = serde_json::to_value(opted_in_pod("many-", &["team-a"]))?;
+    pod["spec"]["containers"] = (0..101)
+        .map(|i| serde_json::json!({"name": format!("c{i}"), "image": "busybox"}))
+        .collect();
+    let err = create(&env, &serde_json::from_value(pod)?)
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("at most 100"), "{err}");
+
+    // Clients that trickle bodies in hold only what they sent: an ordinary pod is admitted
+    // meanwhile.
+    let addr = op.config.webhook_addr;
+    let mut tricklers = Vec::new();
+    for _ in 0..50 {
+        let http = http.clone();
+        let url = op.webhook_url();
+        let prefix = body[..64 * 1024].to_vec();
+        tricklers.push(tokio::spawn(async move {
+            let (mut tx, rx) =
+                futures::channel::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+            let send = http
+                .post(url)
+                .header("content-length", (3 * 1024 * 1024).to_string())
+                .body(reqwest::Body::wrap_stream(rx))
+                .send();
+            let feed = async move {
+                use futures::SinkExt;
+                let _ = tx.send(Ok(prefix)).await;
+                // Never finish: the webhook gives up on the body.
+                std::future::pending::<()>().await;
+            };
+            tokio::select! { r = send => r.map(|r| r.status().as_u16()).ok(), () = feed => None }
+        }));
+    }
+    let pod = create(&env, &opted_in_pod("ordinary-", &["team-a"])).await?;
+    assert_eq!(sidecars(&pod), 1, "admitted and injected at {addr}");
+    // The webhook gave up on each trickled body (408) instead of holding it.
+    for t in tricklers {
+        if let Some(status) = tokio::time::timeout(Duration::from_secs(20), t).await?? {
+            assert_eq!(status, 408);
+        }
+    }
+    Ok(())
+}
+
+/// `POST pods/NAME/exec` (or `attach`) into `container`, as kubectl would start it; the
+/// API server's answer (admission runs before it would reach a node).
+async fn connect(
+    env: &TestEnv,
+    pod: &str,
+    sub: &str,
+    container: &str,
+) -> anyhow::Result<(u16, String)> {
+    let url = format!(
+        "/api/v1/namespaces/{}/pods/{pod}/{sub}?container={container}&stdout=true&command=id",
+        env.namespace
+    );
+    let req = http::Request::post(url).body(Vec::new())?;
+    match env.client.request_text(req).await {
+        Ok(text) => Ok((200, text)),
+        Err(kube::Error::Api(e)) => Ok((e.code, e.message)),
+        Err(e) => Ok((0, e.to_string())),
+    }
+}
+
+/// Issue 19, item 1, at the API server, played by a pod editor: labelling a pod the webhook
+/// never saw, changing its keys, swapping the sidecar's image, and exec or attach into the
+/// sidecar are refused with a message saying why; ordinary updates and exec into the
+/// application are not; with the operator unreachable, exec into the sidecar stays refused
+/// (failurePolicy Fail) and exec into the application is untouched (never sent to it).
+#[tokio::test]
+async fn the_api_server_refuses_late_opt_in_image_swaps_and_exec() -> anyhow::Result<()> {
+    use kube::api::{Patch, PatchParams};
+    let env = TestEnv::new("guard").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let op = ServingOperator::start(&env, &fake).await?;
+    ready_key(&env, &fake, "team-a").await?;
+    let pods = env.api::<Pod>();
+    let patch = |v: serde_json::Value| Patch::Merge(v);
+    let inject = byok_operator::names::INJECT_LABEL;
+    let keys = byok_operator::names::PROVIDER_KEYS_ANNOTATION;
+
+    // A pod created without the label, labelled afterwards.
+    let plain: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"generateName": "plain-", "annotations": {(keys): "team-a"}},
+        "spec": {"containers": [{"name": "app", "image": "busybox"}]}
+    }))?;
+    let plain = create(&env, &plain).await?;
+    let plain_name = plain.metadata.name.clone().unwrap_or_default();
+    let err = pods
+        .patch(
+            &plain_name,
+            &PatchParams::default(),
+            &patch(serde_json::json!({"metadata": {"labels": {(inject): "true"}}})),
+        )
+        .await
+        .expect_err("late opt-in refused");
+    assert!(
+        err.to_string()
+            .contains("can only be set when a pod is created"),
+        "{err}"
+    );
+
+    // An injected pod: its keys and its sidecar's image are fixed; the rest is not.
+    let pod = create(&env, &opted_in_pod("guarded-", &["team-a"])).await?;
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let err = pods
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &patch(serde_json::json!({"metadata": {"annotations": {(keys): "team-a,other"}}})),
+        )
+        .await
+        .expect_err("keys change refused");
+    assert!(
+        err.to_string().contains("cannot change after creation"),
+        "{err}"
+    );
+    let err = pods
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Strategic(serde_json::json!({"spec": {"initContainers": [
+                {"name": SIDECAR_NAME, "image": "evil.example/steal:1"}]}})),
+        )
+        .await
+        .expect_err("image swap refused");
+    assert!(
+        err.to_string().contains("image of the byok-proxy sidecar"),
+        "{err}"
+    );
+    pods.patch(
+        &name,
+        &PatchParams::default(),
+        &patch(serde_json::json!({"metadata": {"labels": {"team": "a"}, "annotations": {"note": "x"}}})),
+    )
+    .await?;
+    // Opting out is allowed (the broker then refuses the pod).
+    pods.patch(
+        &name,
+        &PatchParams::default(),
+        &patch(serde_json::json!({"metadata": {"labels": {(inject): null}}})),
+    )
+    .await?;
+
+    // exec and attach into the sidecar; exec into the application.
+    for sub in ["exec", "attach"] {
+        let (code, message) = connect(&env, &name, sub, SIDECAR_NAME).await?;
+        assert_eq!(code, 403, "{sub}: {message}");
+        assert!(
+            message.contains("into the byok-proxy container is refused"),
+            "{message}"
+        );
+    }
+    let (code, message) = connect(&env, &name, "exec", "app").await?;
+    assert!(
+        !message.contains("byok") && code != 403,
+        "exec into the app is not ours to refuse: {code} {message}"
+    );
+
+    // The operator unreachable: every webhook now points at a closed port.
+    let mwcs =
+        Api::<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>::all(
+            env.client.clone(),
+        );
+    let mut mwc = mwcs.get(&op.webhook_configuration).await?;
+    for w in mwc.webhooks.iter_mut().flatten() {
+        w.client_config.url = Some(format!("https://127.0.0.1:{}/mutate", free_port()?));
+    }
+    mwcs.replace(&op.webhook_configuration, &PostParams::default(), &mwc)
+        .await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (code, message) = connect(&env, &name, "exec", SIDECAR_NAME).await?;
+        if message.contains("failed calling webhook") {
+            assert_ne!(code, 200);
+            break;
+        }
+        assert!(
+            message.contains("is refused") && code == 403,
+            "exec into the sidecar got through: {code} {message}"
+        );
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the API server kept the old URL"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await; // polling interval
+    }
+    let (code, message) = connect(&env, &name, "exec", "app").await?;
+    assert!(
+        !message.contains("webhook") && code != 403,
+        "exec into the app must not depend on the operator: {code} {message}"
+    );
+    Ok(())
+}
+
+/// The opt-in port-forward refusal, as its webhook would be asked (the chart registers it
+/// with `webhook.refusePortForward`): the sidecar's ports are refused, others are not.
+#[tokio::test]
+async fn port_forward_to_the_sidecars_ports_is_refused_when_asked() -> anyhow::Result<()> {
+    let env = TestEnv::new("portfwd").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let op = ServingOperator::start(&env, &fake).await?;
+    let http = op.https_client(&env).await?;
+    let review = |ports: &[i64]| {
+        serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {
+                "uid": "pf-1", "operation": "CONNECT",
+                "kind": {"group": "", "version": "v1", "kind": "PodPortForwardOptions"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "subResource": "portforward", "name": "p", "namespace": env.namespace,
+                "userInfo": {"username": "dev"},
+                "object": {"apiVersion": "v1", "kind": "PodPortForwardOptions", "ports": ports}
+            }
+        })
+    };
+    for (ports, allowed) in [
+        (vec![15100], false),
+        (vec![8080, 15090], false),
+        (vec![8080], true),
+    ] {
+        let answer: serde_json::Value = http
+            .post(op.webhook_url())
+            .json(&review(&ports))
+            .send()
+            .await?
+            .json()
+            .await?;
+        assert_eq!(
+            answer["response"]["allowed"], allowed,
+            "{ports:?}: {answer}"
+        );
+        assert_eq!(answer["response"]["uid"], "pf-1");
+    }
+    Ok(())
+}
+
+/// The optional refusal of `byok.dev` TokenRequests (token.byok.dev, on by default in the
+/// chart): someone allowed to create `serviceaccounts/token` asks for a token bound to an
+/// injected pod, which the broker would take as the sidecar's. Refused for them (with a
+/// message saying why); other audiences are not affected.
+#[tokio::test]
+async fn only_nodes_may_mint_broker_tokens() -> anyhow::Result<()> {
+    let env = TestEnv::new("tokenreq").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let op = ServingOperator::start(&env, &fake).await?;
+    ready_key(&env, &fake, "team-a").await?;
+    let pod = create(&env, &opted_in_pod("minted-", &["team-a"])).await?;
+    // Before: an admin (the test's identity) mints one.
+    pod_token(&env, "default", &pod, byok_operator::names::TOKEN_AUDIENCE).await?;
+    op.add_chart_webhook(&env, TOKEN_WEBHOOK).await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let refused = loop {
+        match pod_token(&env, "default", &pod, byok_operator::names::TOKEN_AUDIENCE).await {
+            Err(e) => break e.to_string(),
+            Ok(_) => {
+                anyhow::ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "byok.dev tokens are still minted"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await; // polling interval
+            }
+        }
+    };
+    assert!(
+        refused.contains("are for the kubelet to mount"),
+        "{refused}"
+    );
+    // Another audience is none of the webhook's business.
+    pod_token(&env, "default", &pod, "https://example.com/other").await?;
+    Ok(())
+}

@@ -134,8 +134,19 @@ struct Grant<'a> {
     default_model: Option<&'a str>,
     allowed_models: &'a [String],
     egress: &'a EgressPolicy,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    allow_credential_minting: bool,
+    /// Vertex: where the key may be used (the proxy refuses every other aiplatform path).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vertex: Option<GrantVertex<'a>>,
     lease_seconds: u64,
     poll_seconds: u64,
+}
+
+#[derive(Serialize)]
+struct GrantVertex<'a> {
+    project: &'a str,
+    location: &'a str,
 }
 
 #[derive(Serialize)]
@@ -502,6 +513,16 @@ impl Broker {
                 .insert_header(("x-byok-poll-seconds", POLL_HINT.as_secs().to_string()))
                 .finish());
         }
+        // The project the verifier used: the spec's, else the service account's own.
+        let vertex_project = match (&vertex, &params.vertex_project) {
+            (None, _) => None,
+            (Some(_), Some(p)) => Some(p.clone()),
+            (Some(_), None) => {
+                crate::providers::vertex::ServiceAccountKey::parse(opened.key.expose_secret())
+                    .ok()
+                    .and_then(|sa| sa.project_id)
+            }
+        };
         let credential = match &vertex {
             Some(token) => Credential::AccessToken {
                 value: &token.token,
@@ -524,6 +545,14 @@ impl Broker {
             default_model: pk.spec.default_model.as_deref(),
             allowed_models: &pk.spec.allowed_models,
             egress: &self.egress,
+            allow_credential_minting: pk.spec.allow_credential_minting,
+            vertex: vertex_project
+                .as_deref()
+                .zip(pk.spec.vertex.as_ref())
+                .map(|(project, v)| GrantVertex {
+                    project,
+                    location: &v.location,
+                }),
             lease_seconds,
             poll_seconds: POLL_HINT.as_secs(),
         };

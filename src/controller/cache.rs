@@ -75,7 +75,8 @@ pub fn identity(meta: &mut ObjectMeta) {
 /// inject label and the provider-keys annotation.
 pub fn strip_pod(pod: &mut k8s_openapi::api::core::v1::Pod) {
     use k8s_openapi::api::core::v1::{
-        Container, EphemeralContainer, PodSpec, ProjectedVolumeSource, Volume, VolumeMount,
+        Container, EphemeralContainer, PodSecurityContext, PodSpec, ProjectedVolumeSource,
+        SecurityContext, Volume, VolumeProjection,
     };
     let full = std::mem::take(&mut pod.metadata);
     let keep = |map: Option<BTreeMap<String, String>>, key: &str| {
@@ -94,35 +95,33 @@ pub fn strip_pod(pod: &mut k8s_openapi::api::core::v1::Pod) {
         annotations: keep(full.annotations, names::PROVIDER_KEYS_ANNOTATION),
         ..ObjectMeta::default()
     };
-    // Of the spec, what shows who can read a byok.dev token and where it may go (see
-    // `webhook::patch::token_held_only_by_sidecar`): each container's name, image and
-    // mounted volume names; all of the sidecar's run settings (application containers' env
-    // is not kept: it may hold values of their own); the projected token sources; whether
-    // process namespaces are shared.
-    let mounts = |m: Option<Vec<VolumeMount>>| {
-        m.map(|m| {
-            m.into_iter()
-                .map(|m| VolumeMount {
-                    name: m.name,
-                    ..VolumeMount::default()
-                })
-                .collect()
+    // Of the spec, what shows who can read a byok.dev token, where it may go and whether the
+    // node can hand it to anyone (see `webhook::patch::token_held_only_by_sidecar` and
+    // `node_reach`): every container's name, image, whole volume mounts and the security
+    // settings that reach the node (privileged, runAsUser); all of the sidecar's run settings
+    // (application containers' env is not kept: it may hold values of their own); each
+    // volume's name, whether it is a hostPath or an emptyDir, and its projected token
+    // sources (other sources counted, not kept); the host namespaces.
+    let node_security = |s: Option<SecurityContext>| {
+        s.map(|s| SecurityContext {
+            privileged: s.privileged,
+            run_as_user: s.run_as_user,
+            ..SecurityContext::default()
         })
     };
     let container = |c: Container| {
         if c.name == crate::webhook::patch::SIDECAR_NAME {
             Container {
-                volume_mounts: mounts(c.volume_mounts),
                 resources: None,
                 ports: None,
-                security_context: None,
                 ..c
             }
         } else {
             Container {
                 name: c.name,
                 image: c.image,
-                volume_mounts: mounts(c.volume_mounts),
+                volume_mounts: c.volume_mounts,
+                security_context: node_security(c.security_context),
                 ..Container::default()
             }
         }
@@ -131,6 +130,12 @@ pub fn strip_pod(pod: &mut k8s_openapi::api::core::v1::Pod) {
     pod.spec = Some(PodSpec {
         share_process_namespace: spec.share_process_namespace,
         host_pid: spec.host_pid,
+        host_ipc: spec.host_ipc,
+        host_network: spec.host_network,
+        security_context: spec.security_context.map(|s| PodSecurityContext {
+            run_as_user: s.run_as_user,
+            ..PodSecurityContext::default()
+        }),
         containers: spec.containers.into_iter().map(container).collect(),
         init_containers: spec
             .init_containers
@@ -141,7 +146,8 @@ pub fn strip_pod(pod: &mut k8s_openapi::api::core::v1::Pod) {
                     name: c.name,
                     image: c.image,
                     target_container_name: c.target_container_name,
-                    volume_mounts: mounts(c.volume_mounts),
+                    volume_mounts: c.volume_mounts,
+                    security_context: node_security(c.security_context),
                     ..EphemeralContainer::default()
                 })
                 .collect()
@@ -150,10 +156,15 @@ pub fn strip_pod(pod: &mut k8s_openapi::api::core::v1::Pod) {
             v.into_iter()
                 .map(|v| Volume {
                     name: v.name,
+                    host_path: v.host_path,
+                    empty_dir: v.empty_dir,
                     projected: v.projected.map(|p| ProjectedVolumeSource {
                         sources: p.sources.map(|s| {
                             s.into_iter()
-                                .filter(|s| s.service_account_token.is_some())
+                                .map(|s| VolumeProjection {
+                                    service_account_token: s.service_account_token,
+                                    ..VolumeProjection::default()
+                                })
                                 .collect()
                         }),
                         ..ProjectedVolumeSource::default()

@@ -14,6 +14,8 @@ pub enum Refusal {
     KeyUnavailable(String),
     /// `allowedModels` says no, or the model cannot be checked: 403.
     ModelNotAllowed(String),
+    /// An endpoint the key never reaches through the sidecar (see [`super::endpoints`]): 403.
+    EndpointNotAllowed(String),
     /// The request is malformed for the proxy (path, body): 400.
     BadRequest(String),
     /// The body to inspect is larger than the cap: 413.
@@ -28,7 +30,7 @@ impl Refusal {
     pub fn status(&self) -> StatusCode {
         match self {
             Refusal::KeyUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Refusal::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
+            Refusal::ModelNotAllowed(_) | Refusal::EndpointNotAllowed(_) => StatusCode::FORBIDDEN,
             Refusal::BadRequest(_) | Refusal::Upgrade => StatusCode::BAD_REQUEST,
             Refusal::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::Upstream(_) => StatusCode::BAD_GATEWAY,
@@ -39,6 +41,7 @@ impl Refusal {
         let text = match self {
             Refusal::KeyUnavailable(m)
             | Refusal::ModelNotAllowed(m)
+            | Refusal::EndpointNotAllowed(m)
             | Refusal::BadRequest(m)
             | Refusal::Upstream(m) => m.clone(),
             Refusal::TooLarge(cap) => format!(
@@ -56,6 +59,7 @@ impl Refusal {
         match self {
             Refusal::KeyUnavailable(_) => "key_unavailable",
             Refusal::ModelNotAllowed(_) => "model_not_allowed",
+            Refusal::EndpointNotAllowed(_) => "endpoint_not_allowed",
             Refusal::BadRequest(_) => "invalid_request",
             Refusal::TooLarge(_) => "request_too_large",
             Refusal::Upgrade => "upgrade_not_supported",

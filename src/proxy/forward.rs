@@ -23,14 +23,16 @@ use super::answers::{Refusal, error_response};
 use super::keys::KeySlot;
 use super::metrics::{ErrorLabels, KeyLabel, ProxyMetrics, RequestLabels};
 use super::models::Check;
-use super::routes;
 use super::upstream::{self, Body, BoxError};
+use super::{endpoints, routes};
 
 /// What every listener shares.
 pub struct Shared {
     pub metrics: Arc<ProxyMetrics>,
     /// The cap on a body read for its model.
     pub max_inspected_body: u64,
+    /// The memory all bodies read for their model may hold at once.
+    pub inspect_budget: InspectBudget,
     pub access_log: bool,
     /// Requests whose response has not ended yet, for the drain.
     pub in_flight: AtomicU64,
@@ -43,6 +45,14 @@ const CLIENT_CREDENTIALS: [&str; 5] = [
     "api-key",
     "x-goog-api-key",
     "proxy-authorization",
+];
+
+/// Headers some front ends (Google's among them) take as the method to run instead of the
+/// request's own: the endpoint rules judged the request's method, so they never go.
+const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
 ];
 
 /// Hop-by-hop headers (RFC 9110 section 7.6.1), plus `host`, which hyper sets from the URI.
@@ -75,8 +85,31 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The query without `key` parameters (Gemini accepts its key there), and with Azure's
-/// `api-version` added when the client sent none.
+/// Query parameters that carry credentials at some provider (Google takes `key` and
+/// `access_token`; others take `api-key` and friends): never forwarded. Compared after
+/// percent-decoding and case folding, as the providers' front ends decode them.
+const QUERY_CREDENTIALS: [&str; 7] = [
+    "key",
+    "access_token",
+    "oauth_token",
+    "bearer_token",
+    "api-key",
+    "api_key",
+    "apikey",
+];
+
+fn is_query_credential(part: &str) -> bool {
+    let raw = part.split_once('=').map_or(part, |(n, _)| n);
+    let name: String = url::form_urlencoded::parse(raw.as_bytes())
+        .next()
+        .map(|(n, _)| n.into_owned())
+        .unwrap_or_default();
+    let name = name.trim().to_lowercase();
+    QUERY_CREDENTIALS.contains(&name.as_str())
+}
+
+/// The query without credential parameters, and with Azure's `api-version` added when the
+/// client sent none.
 fn upstream_query(
     query: Option<&str>,
     azure_api_version: Option<&str>,
@@ -85,11 +118,7 @@ fn upstream_query(
     let mut parts: Vec<&str> = query
         .unwrap_or_default()
         .split('&')
-        .filter(|p| !p.is_empty())
-        .filter(|p| {
-            let name = p.split_once('=').map_or(*p, |(n, _)| n);
-            !name.eq_ignore_ascii_case("key") && !name.eq_ignore_ascii_case("%6bey")
-        })
+        .filter(|p| !p.is_empty() && !is_query_credential(p))
         .collect();
     let added;
     if let Some(version) = azure_api_version.filter(|_| deployment_path)
@@ -290,6 +319,22 @@ async fn forward(
     if req.headers().contains_key(header::UPGRADE) || req.method() == Method::CONNECT {
         return Err(Refusal::Upgrade);
     }
+    // TRACE would echo the request, the key's header included, back to the application.
+    if !matches!(
+        *req.method(),
+        Method::GET
+            | Method::POST
+            | Method::PUT
+            | Method::PATCH
+            | Method::DELETE
+            | Method::HEAD
+            | Method::OPTIONS
+    ) {
+        return Err(Refusal::BadRequest(format!(
+            "method {} is not forwarded",
+            req.method()
+        )));
+    }
     let route = routes::route(
         live.provider,
         req.method(),
@@ -297,6 +342,13 @@ async fn forward(
         req.uri().path(),
     )
     .map_err(|e| Refusal::BadRequest(e.to_string()))?;
+    endpoints::check(
+        live.provider,
+        req.method(),
+        req.uri().path(),
+        &live.endpoints,
+    )
+    .map_err(|r| Refusal::EndpointNotAllowed(r.message()))?;
     if let routes::ModelAt::Path(model) = &route.model_at {
         done.model = Some(model.clone());
     }
@@ -334,8 +386,16 @@ async fn forward(
         }
         Check::Forward => body.map_err(BoxError::from).boxed_unsync(),
         Check::ReadBody => {
-            let bytes = read_capped(body, shared.max_inspected_body).await?;
-            let (rewritten, model) = live.models.apply(&route.model_at, &bytes)?;
+            // The memory of bodies read at once is bounded: a request waits for its share.
+            let cap = shared.max_inspected_body;
+            // A body of unknown length may grow to the cap.
+            let share = body.size_hint().exact().unwrap_or(cap).min(cap);
+            let budget = shared
+                .inspect_budget
+                .acquire(share, live.models.default_model.is_some())
+                .await?;
+            let bytes = read_capped(body, cap).await?;
+            let (rewritten, model) = live.models.apply(&route.model_at, &bytes, cap)?;
             done.model = model;
             let bytes = match rewritten {
                 Some(new) => {
@@ -348,13 +408,21 @@ async fn forward(
                 }
                 None => bytes,
             };
-            Full::new(bytes).map_err(|e| match e {}).boxed_unsync()
+            // The share is held until the body has gone upstream (or the request is
+            // dropped): the closure owns it, and goes with the body.
+            Full::new(bytes)
+                .map_frame(move |frame| {
+                    let _held = &budget;
+                    frame
+                })
+                .map_err(|e| match e {})
+                .boxed_unsync()
         }
     };
 
     strip_hop_by_hop(&mut parts.headers);
-    for name in CLIENT_CREDENTIALS {
-        parts.headers.remove(name);
+    for name in CLIENT_CREDENTIALS.iter().chain(&METHOD_OVERRIDES) {
+        parts.headers.remove(*name);
     }
     parts
         .headers
@@ -404,6 +472,44 @@ async fn forward(
     }
 }
 
+/// The memory that bodies read for their model may hold at once, in KiB permits: a
+/// request reserves twice its announced length (the cap when unknown: the body, and the
+/// parser's scratch copy of its longest string with escapes), three times when a default
+/// model may be spliced into a copy, and waits while others hold the rest. So a sidecar's
+/// memory stays bounded however many large requests its application sends together.
+pub struct InspectBudget {
+    permits: Arc<tokio::sync::Semaphore>,
+    total: u32,
+}
+
+impl InspectBudget {
+    pub fn new(bytes: u64) -> Self {
+        let total = u32::try_from(bytes.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .clamp(1, tokio::sync::Semaphore::MAX_PERMITS as u32);
+        InspectBudget {
+            permits: Arc::new(tokio::sync::Semaphore::new(total as usize)),
+            total,
+        }
+    }
+
+    async fn acquire(
+        &self,
+        bytes: u64,
+        copy: bool,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, Refusal> {
+        let kib = u32::try_from(bytes.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .max(1);
+        let kib = if copy { kib.saturating_mul(2) } else { kib };
+        self.permits
+            .clone()
+            .acquire_many_owned(kib.min(self.total))
+            .await
+            .map_err(|_| Refusal::KeyUnavailable("the proxy is shutting down".into()))
+    }
+}
+
 /// Bodies up to this size with a `content-length` are sent upstream in one piece.
 const WHOLE_BODY_MAX: u64 = 64 * 1024;
 
@@ -417,9 +523,9 @@ async fn read_capped(mut body: Incoming, cap: u64) -> Result<Bytes, Refusal> {
     if body.size_hint().lower() > DRAIN_MAX {
         return Err(Refusal::TooLarge(cap));
     }
-    // Sized once from what the client announced, up to what a small body needs: an
-    // announced length is not a promise, and must not reserve memory for it.
-    let announced = body.size_hint().lower().min(cap).min(WHOLE_BODY_MAX);
+    // Sized once from what the client announced (within the cap, which the budget has
+    // reserved), so a large body is not copied while its buffer doubles.
+    let announced = body.size_hint().lower().min(cap);
     let mut buf = bytes::BytesMut::with_capacity(usize::try_from(announced).unwrap_or(0));
     let mut total: u64 = 0;
     while let Some(frame) = body.frame().await {
@@ -465,6 +571,24 @@ mod tests {
             Some("alt=sse")
         );
         assert_eq!(upstream_query(Some("KEY=x&%6Bey=y"), None, false), None);
+        // Every spelling a front end decodes to a credential parameter goes.
+        assert_eq!(
+            upstream_query(
+                Some("k%65y=a&%4B%45%59=b&access_token=c&Access%5Ftoken=d&alt=sse&k%2565y=e"),
+                None,
+                false
+            )
+            .as_deref(),
+            Some("alt=sse&k%2565y=e")
+        );
+        assert_eq!(
+            upstream_query(
+                Some("api-key=x&api_key=y&oauth_token=z&key+=w"),
+                None,
+                false
+            ),
+            None
+        );
         assert_eq!(
             upstream_query(Some("keys=1"), None, false).as_deref(),
             Some("keys=1")

@@ -8,6 +8,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use url::Url;
 
+use super::endpoints::{EndpointPolicy, VertexScope};
 use super::models::ModelPolicy;
 use crate::providers::ProviderKind;
 
@@ -32,8 +33,22 @@ pub struct Grant {
     pub allowed_models: Vec<String>,
     #[serde(default)]
     pub egress: Egress,
+    /// `spec.allowCredentialMinting` (absent from older brokers: not allowed).
+    #[serde(default)]
+    pub allow_credential_minting: bool,
+    /// Vertex: the project and location the key serves (absent from older brokers: every
+    /// Vertex request is refused until the broker names them).
+    #[serde(default)]
+    pub vertex: Option<GrantVertex>,
     pub lease_seconds: u64,
     pub poll_seconds: u64,
+}
+
+/// Where a Vertex key may be used.
+#[derive(Debug, Clone, Deserialize)]
+pub struct GrantVertex {
+    pub project: String,
+    pub location: String,
 }
 
 /// The credential; `Debug` shows no value ([`SecretString`] redacts itself).
@@ -88,6 +103,7 @@ pub struct Live {
     pub auth_value: HeaderValue,
     pub azure_api_version: Option<String>,
     pub models: ModelPolicy,
+    pub endpoints: EndpointPolicy,
     /// When the credential itself stops working (Vertex access tokens).
     pub expires: Option<Instant>,
     pub egress: Egress,
@@ -177,9 +193,13 @@ impl Live {
             auth_name,
             auth_value,
             azure_api_version: grant.azure_api_version,
-            models: ModelPolicy {
-                default_model: grant.default_model,
-                allowed_models: grant.allowed_models,
+            models: ModelPolicy::new(grant.provider, grant.default_model, grant.allowed_models),
+            endpoints: EndpointPolicy {
+                allow_credential_minting: grant.allow_credential_minting,
+                vertex_scope: grant.vertex.map(|v| VertexScope {
+                    project: v.project,
+                    location: v.location,
+                }),
             },
             expires,
             egress: grant.egress,

@@ -149,7 +149,12 @@ mod tests {
             auth_name: http::header::AUTHORIZATION,
             auth_value: http::HeaderValue::from_static("Bearer x"),
             azure_api_version: None,
-            models: Default::default(),
+            models: crate::proxy::models::ModelPolicy::new(
+                crate::providers::ProviderKind::OpenAI,
+                None,
+                Vec::new(),
+            ),
+            endpoints: Default::default(),
             expires,
             egress: Egress::default(),
             lease: Duration::from_secs(300),

@@ -5,14 +5,17 @@
 //! an admin listener for the kubelet's probes and Prometheus. Keys come from the operator's
 //! broker ([`refresh`]) and are never written to disk, a log or an error.
 //!
-//! Layout: [`routes`] (the path table, pure), [`models`] (defaultModel/allowedModels, pure),
+//! Layout: [`routes`] (the path table, pure), [`endpoints`] (what a key never reaches, pure),
+//! [`models`] (defaultModel/allowedModels, pure) over [`inspect`] (one walk of a JSON body),
 //! [`answers`] (the proxy's own errors in each provider's shape, pure), [`grant`] and
 //! [`keys`] (what the broker sent and whether it may be used now), [`refresh`] (the broker
 //! client), [`upstream`] (the pool to providers, egress policy), [`forward`] (the hot path).
 
 pub mod answers;
+pub mod endpoints;
 pub mod forward;
 pub mod grant;
+pub mod inspect;
 pub mod keys;
 pub mod metrics;
 pub mod models;
@@ -54,6 +57,12 @@ pub struct ProxyConfig {
     pub drain_timeout: Duration,
     pub access_log: bool,
 }
+
+/// The memory bodies read for their model may hold at once, in bodies of the largest size:
+/// one such body with its parser scratch and a filled copy (see `InspectBudget`). With the
+/// 16 MiB default, 48 MiB beside the idle proxy's ~13 MiB (the static musl build) fits the
+/// sidecar's 64 MiB limit.
+const INSPECT_BUDGET_BODIES: u64 = 3;
 
 /// Parses `NAME=PORT`.
 pub fn parse_key_arg(arg: &str) -> Result<(String, u16), String> {
@@ -149,6 +158,9 @@ pub async fn run(cfg: ProxyConfig) -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
         metrics: metrics.clone(),
         max_inspected_body: cfg.max_inspected_body,
+        inspect_budget: forward::InspectBudget::new(
+            cfg.max_inspected_body.saturating_mul(INSPECT_BUDGET_BODIES),
+        ),
         access_log: cfg.access_log,
         in_flight: AtomicU64::new(0),
     });

@@ -46,6 +46,8 @@ pub enum PathError {
     EmptySegment,
     #[error("the request path must not contain an encoded '/' or '\\'")]
     EncodedSlash,
+    #[error("the request path must not contain {0}")]
+    Ambiguous(&'static str),
 }
 
 /// The route of one request: the path to send upstream and where its model is.
@@ -98,6 +100,30 @@ fn check_path(path: &str) -> Result<(), PathError> {
     let lower = path.to_ascii_lowercase();
     if lower.contains("%2f") || lower.contains("%5c") {
         return Err(PathError::EncodedSlash);
+    }
+    // What front ends decode differently (matrix parameters, double encoding, encoded
+    // control and non-ASCII bytes that may fold to ASCII) could hide an endpoint from the
+    // endpoint rules: no SDK path has any of it.
+    if path.contains(';') {
+        return Err(PathError::Ambiguous("';'"));
+    }
+    let bytes = path.as_bytes();
+    for (i, b) in bytes.iter().enumerate() {
+        if *b != b'%' {
+            continue;
+        }
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match hex {
+            None => return Err(PathError::Ambiguous("a '%' that starts no escape")),
+            Some(b'%') => return Err(PathError::Ambiguous("'%25' (double encoding)")),
+            Some(c) if !(0x20..0x7f).contains(&c) => {
+                return Err(PathError::Ambiguous("an encoded control or non-ASCII byte"));
+            }
+            Some(_) => {}
+        }
     }
     for segment in path[1..].split('/') {
         let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
@@ -211,11 +237,12 @@ fn vertex(post: bool, get: bool, s: &[&str]) -> ModelAt {
             "locations",
             _,
             "publishers",
-            _,
+            publisher,
             "models",
             m,
         ] if post && is_version(v) => match model_method(m) {
-            Some(model) => ModelAt::Path(model.to_owned()),
+            // The resource form: `normalise` makes it `M` for Google's models, `P/M` else.
+            Some(model) => ModelAt::Path(format!("publishers/{publisher}/models/{model}")),
             None => ModelAt::Unchecked,
         },
         // Vertex's OpenAI-compatible endpoint names the model in the body.
@@ -259,20 +286,6 @@ fn azure(post: bool, get: bool, s: &[&str]) -> ModelAt {
         ["openai", "responses", _id] if get => ModelAt::ReadOnly,
         ["openai", "models", ..] if get => ModelAt::ReadOnly,
         _ => ModelAt::Unchecked,
-    }
-}
-
-/// Whether `model` is one of `allowed` (empty: all). Gemini's `models/` prefix and a Vertex
-/// publisher prefix (`google/`) are ignored on both sides.
-pub fn model_allowed(allowed: &[String], model: &str) -> bool {
-    allowed.is_empty() || allowed.iter().any(|a| bare(a) == bare(model))
-}
-
-fn bare(model: &str) -> &str {
-    let model = model.strip_prefix("models/").unwrap_or(model);
-    match model.split_once('/') {
-        Some((_publisher, name)) if !name.is_empty() && !name.contains('/') => name,
-        _ => model,
     }
 }
 
@@ -363,6 +376,11 @@ mod tests {
             "/v1//messages",
             "/v1/messages%2f..%2fx",
             "/v1\\..\\x",
+            "/v1/realtime/;x/client_secrets",
+            "/v1/%2572ealtime/sessions",
+            "/v1/realt%C4%B1me/sessions",
+            "/v1/messages%00",
+            "/v1/messages%",
             "v1/messages",
             "",
         ] {
@@ -413,7 +431,7 @@ mod tests {
                 Method::POST,
                 "/v1/projects/p/locations/l/publishers/google/models/gemini-2.5-pro:generateContent"
             ),
-            ModelAt::Path("gemini-2.5-pro".into())
+            ModelAt::Path("publishers/google/models/gemini-2.5-pro".into())
         );
         assert_eq!(
             at(
@@ -439,7 +457,7 @@ mod tests {
                 Method::POST,
                 "/v1beta1/projects/p/locations/us-central1/publishers/google/models/gemini-2.5-flash:streamGenerateContent"
             ),
-            ModelAt::Path("gemini-2.5-flash".into())
+            ModelAt::Path("publishers/google/models/gemini-2.5-flash".into())
         );
     }
 
@@ -471,18 +489,5 @@ mod tests {
         }
         assert_eq!(at(OpenAI, Method::GET, "/v1/models"), ModelAt::ReadOnly);
         assert_eq!(at(Google, Method::GET, "/v1beta/models"), ModelAt::ReadOnly);
-    }
-
-    #[test]
-    fn allowed_models_ignore_prefixes_only() {
-        let allowed = vec!["gemini-2.5-flash".to_owned(), "models/gpt-4o".to_owned()];
-        assert!(model_allowed(&allowed, "gemini-2.5-flash"));
-        assert!(model_allowed(&allowed, "models/gemini-2.5-flash"));
-        assert!(model_allowed(&allowed, "google/gemini-2.5-flash"));
-        assert!(model_allowed(&allowed, "gpt-4o"));
-        assert!(!model_allowed(&allowed, "gpt-4o-mini"));
-        assert!(!model_allowed(&allowed, "gemini-2.5-flash-lite"));
-        assert!(!model_allowed(&allowed, "a/b/gemini-2.5-flash"));
-        assert!(model_allowed(&[], "anything"));
     }
 }

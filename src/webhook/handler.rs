@@ -1,11 +1,20 @@
 //! `POST /mutate`: parse the AdmissionReview, look the named ProviderKeys up in the cache,
 //! ask [`super::patch::mutate`], answer. No API call on this path, and no key: the handler
 //! sees ProviderKey objects (spec and status) only.
+//!
+//! Whoever reaches the webhook port chooses what it parses, so the work per review is
+//! bounded before it starts: the bodies being read share a memory budget
+//! ([`BODY_BUDGET_BYTES`], taken chunk by chunk as bytes arrive, so 50 uploads in flight
+//! hold what they sent, within the budget, not 50 bodies), each within [`READ_WITHIN`];
+//! [`super::prescan`] refuses pods past its limits before the typed parse; and the patch
+//! is built from the changes alone. Reviews are worked on by the serving workers, one at a
+//! time each.
 
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use actix_web::{HttpResponse, web};
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
@@ -17,12 +26,20 @@ use crate::metrics::Metrics;
 
 /// The largest AdmissionReview read (the API server's own request limit is 3 MiB).
 pub const MAX_REVIEW_BYTES: usize = 3 * 1024 * 1024;
+/// The memory all review bodies being read may hold at once (eight of the largest).
+pub const BODY_BUDGET_BYTES: usize = 8 * MAX_REVIEW_BYTES;
+/// How long a body may take to arrive: the API server sends a review in one go (and gives
+/// up after the webhook's `timeoutSeconds`, at most 5 s); a client trickling one in would
+/// hold its part of the budget.
+const READ_WITHIN: std::time::Duration = std::time::Duration::from_secs(3);
 
 pub struct Injector {
     providerkeys: Store<kube::core::DeserializeGuard<ProviderKey>>,
     /// Swapped when the broker's CA changes.
     settings: RwLock<Arc<InjectSettings>>,
     metrics: Arc<Metrics>,
+    /// [`BODY_BUDGET_BYTES`] in KiB permits.
+    body_budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl Injector {
@@ -35,6 +52,7 @@ impl Injector {
             providerkeys,
             settings: RwLock::new(Arc::new(settings)),
             metrics,
+            body_budget: Arc::new(tokio::sync::Semaphore::new(BODY_BUDGET_BYTES / 1024)),
         }
     }
 
@@ -109,12 +127,73 @@ impl Injector {
         &self,
         body: &[u8],
     ) -> Result<(AdmissionReview<DynamicObject>, &'static str), String> {
+        // Before anything is built from it: the limits, read off the raw JSON.
+        let shape = super::prescan::scan(body)?;
+        // A refusal as the API server shows it: 403 Forbidden with our message.
+        let deny = |message: String| {
+            let mut response = AdmissionResponse::invalid(message);
+            response.uid = shape.uid.clone();
+            response.result.code = 403;
+            response.result.reason = "Forbidden".into();
+            response.into_review()
+        };
+        if let Err(limit) = shape.check() {
+            return Ok((deny(limit.to_string()), "refused"));
+        }
+        let allow = || {
+            let mut response = AdmissionResponse::invalid("");
+            response.uid = shape.uid.clone();
+            response.allowed = true;
+            response.result = Default::default();
+            response.into_review()
+        };
+        // Tokens for the broker: the kubelet's alone.
+        if shape.operation == "CREATE"
+            && shape.resource == "/serviceaccounts"
+            && shape.sub_resource == "token"
+        {
+            return Ok(
+                match super::guard::token_request(&shape.username, &shape.groups, &shape.audiences)
+                {
+                    Ok(()) => (allow(), "untouched"),
+                    Err(refused) => (deny(refused.to_string()), "refused"),
+                },
+            );
+        }
+        // exec, attach, port-forward: decided from the options object alone.
+        if shape.operation == "CONNECT" {
+            if shape.resource != "/pods" {
+                return Ok((allow(), "untouched"));
+            }
+            return Ok(
+                match super::guard::connect(
+                    &shape.sub_resource,
+                    shape.container.as_deref(),
+                    &shape.ports,
+                ) {
+                    Ok(()) => (allow(), "untouched"),
+                    Err(refused) => (deny(refused.to_string()), "refused"),
+                },
+            );
+        }
         let review: AdmissionReview<Pod> = serde_json::from_slice(body)
             .map_err(|e| format!("the body is not an AdmissionReview of a Pod: {e}"))?;
         let request: AdmissionRequest<Pod> = review
             .try_into()
             .map_err(|e| format!("the AdmissionReview has no request: {e}"))?;
         let response = AdmissionResponse::from(&request);
+        let is_pod_update = request.operation == Operation::Update
+            && request.resource.group.is_empty()
+            && request.resource.resource == "pods"
+            && request.sub_resource.is_none();
+        if is_pod_update
+            && let (Some(old), Some(new)) = (request.old_object.as_ref(), request.object.as_ref())
+        {
+            return Ok(match super::guard::update(old, new) {
+                Ok(()) => (response.into_review(), "untouched"),
+                Err(refused) => (response.deny(refused.to_string()).into_review(), "refused"),
+            });
+        }
         let is_pod_create = request.operation == Operation::Create
             && request.resource.group.is_empty()
             && request.resource.resource == "pods"
@@ -151,8 +230,37 @@ impl Injector {
 }
 
 /// `POST /mutate`.
-pub async fn mutate(body: web::Bytes, injector: web::Data<Arc<Injector>>) -> HttpResponse {
+pub async fn mutate(mut payload: web::Payload, injector: web::Data<Arc<Injector>>) -> HttpResponse {
     let started = Instant::now();
+    let mut held = Held {
+        budget: injector.body_budget.clone(),
+        kib: 0,
+    };
+    let read = async {
+        let mut body = web::BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|e| format!("reading the body failed: {e}"))?;
+            if body.len() + chunk.len() > MAX_REVIEW_BYTES {
+                return Err(format!(
+                    "the body is larger than the {MAX_REVIEW_BYTES} bytes a review may have"
+                ));
+            }
+            held.take(body.len() + chunk.len()).await?;
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.freeze())
+    };
+    let body = match tokio::time::timeout(READ_WITHIN, read).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(why)) => {
+            injector.metrics.admission("malformed", started.elapsed());
+            return HttpResponse::BadRequest().body(why);
+        }
+        Err(_) => {
+            injector.metrics.admission("malformed", started.elapsed());
+            return HttpResponse::RequestTimeout().body("the body did not arrive in time");
+        }
+    };
     match injector.review(&body) {
         Ok((review, result)) => {
             injector.metrics.admission(result, started.elapsed());
@@ -166,8 +274,35 @@ pub async fn mutate(body: web::Bytes, injector: web::Data<Arc<Injector>>) -> Htt
     }
 }
 
+/// The part of the body budget one review holds, given back when it is answered.
+struct Held {
+    budget: Arc<tokio::sync::Semaphore>,
+    kib: u32,
+}
+
+impl Held {
+    /// Holds enough for `bytes` in all.
+    async fn take(&mut self, bytes: usize) -> Result<(), String> {
+        let want = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+        if want > self.kib {
+            self.budget
+                .acquire_many(want - self.kib)
+                .await
+                .map_err(|_| "the webhook is shutting down".to_owned())?
+                .forget();
+            self.kib = want;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.budget.add_permits(self.kib as usize);
+    }
+}
+
 /// The webhook's routes, for its own listener.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.app_data(web::PayloadConfig::new(MAX_REVIEW_BYTES))
-        .route("/mutate", web::post().to(mutate));
+    cfg.route("/mutate", web::post().to(mutate));
 }

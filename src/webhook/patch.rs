@@ -170,6 +170,21 @@ pub enum Refusal {
         names::INJECT_LABEL
     )]
     ShareProcessNamespace,
+    #[error(
+        "spec.hostIPC: true cannot be used with {}: the pod would share the node's IPC namespace",
+        names::INJECT_LABEL
+    )]
+    HostIpc,
+    #[error(
+        "{field}: privileged containers cannot be used with {}: they can read the {SIDECAR_NAME} sidecar's token from the node",
+        names::INJECT_LABEL
+    )]
+    Privileged { field: String },
+    #[error(
+        "{field}: hostPath volume \"{volume}\" cannot be used with {}: the node's files include the {SIDECAR_NAME} sidecar's token",
+        names::INJECT_LABEL
+    )]
+    HostPath { field: String, volume: String },
     #[error("{field}: the container name \"{SIDECAR_NAME}\" is reserved for the injected sidecar")]
     SidecarNameTaken { field: String },
     #[error(
@@ -332,6 +347,7 @@ pub fn mutate(
     if spec.share_process_namespace == Some(true) {
         return Err(Refusal::ShareProcessNamespace);
     }
+    node_reach(spec)?;
 
     let planned: Vec<PlannedKey> = (FIRST_KEY_PORT..)
         .zip(key_names)
@@ -392,33 +408,91 @@ pub fn mutate(
         .unwrap_or(init.len());
     let first_init_with_env = existing_sidecar.map_or(insert_at, |at| at + 1);
 
-    let mut edited = pod.clone();
-    let edited_spec = edited.spec.get_or_insert_with(PodSpec::default);
+    // The patch is built from the changes alone (no copy of the pod, no diff of two): its
+    // size and cost follow what is added, not what the pod holds.
+    let mut patch = Patch(Vec::new());
+    let add = |patch: &mut json_patch::Patch, path: PointerBuf, value: serde_json::Value| {
+        patch
+            .0
+            .push(PatchOperation::Add(AddOperation { path, value }));
+    };
+    if pod.spec.is_none() {
+        add(
+            &mut patch,
+            PointerBuf::from_tokens(["spec"]),
+            serde_json::json!({}),
+        );
+    }
     if !existing_volume {
-        let volumes = edited_spec.volumes.get_or_insert_with(Vec::new);
-        volumes.push(token_volume());
-        if !volumes.iter().any(|v| v.name == NO_API_TOKEN_VOLUME) {
-            volumes.push(no_api_token_volume());
+        let mut new_volumes = vec![to_json(&token_volume())?];
+        if !spec
+            .volumes
+            .iter()
+            .flatten()
+            .any(|v| v.name == NO_API_TOKEN_VOLUME)
+        {
+            new_volumes.push(to_json(&no_api_token_volume())?);
+        }
+        if spec.volumes.is_none() {
+            add(
+                &mut patch,
+                PointerBuf::from_tokens(["spec", "volumes"]),
+                serde_json::Value::Array(new_volumes),
+            );
+        } else {
+            for v in new_volumes {
+                add(
+                    &mut patch,
+                    PointerBuf::from_tokens(["spec", "volumes", "-"]),
+                    v,
+                );
+            }
         }
     }
     let app_env = application_env(&planned);
-    for c in &mut edited_spec.containers {
-        add_missing_env(c, &app_env);
-    }
-    if let Some(init) = edited_spec.init_containers.as_mut() {
-        for c in init.iter_mut().skip(first_init_with_env) {
-            add_missing_env(c, &app_env);
+    let containers = spec
+        .containers
+        .iter()
+        .enumerate()
+        .map(|(i, c)| ("containers", i, c));
+    let inits = init
+        .iter()
+        .enumerate()
+        .skip(first_init_with_env)
+        .map(|(i, c)| ("initContainers", i, c));
+    for (list, i, c) in containers.chain(inits) {
+        let missing: Vec<&EnvVar> = app_env
+            .iter()
+            .filter(|v| !c.env.iter().flatten().any(|e| e.name == v.name))
+            .collect();
+        if missing.is_empty() {
+            continue;
+        }
+        let index = i.to_string();
+        if c.env.is_none() {
+            let all: Vec<serde_json::Value> =
+                missing.iter().map(to_json).collect::<Result<_, _>>()?;
+            add(
+                &mut patch,
+                PointerBuf::from_tokens(["spec", list, &index, "env"]),
+                serde_json::Value::Array(all),
+            );
+        } else {
+            for v in missing {
+                add(
+                    &mut patch,
+                    PointerBuf::from_tokens(["spec", list, &index, "env", "-"]),
+                    to_json(v)?,
+                );
+            }
         }
     }
-    let init_containers_absent = edited_spec.init_containers.is_none();
+    let init_containers_absent = spec.init_containers.is_none();
 
-    let to_json = |p: &Pod| serde_json::to_value(p).map_err(|e| Refusal::Internal(e.to_string()));
-    let mut patch = json_patch::diff(&to_json(pod)?, &to_json(&edited)?);
     if existing_sidecar.is_none() {
         // One explicit insert, after the diff's operations (which use the original indices):
         // a diff of the shifted array would rewrite every later init container field by field.
-        let sidecar_json =
-            serde_json::to_value(&wanted_sidecar).map_err(|e| Refusal::Internal(e.to_string()))?;
+        let sidecar_json = to_json(&wanted_sidecar)?;
         let (path, value) = if init_containers_absent {
             (
                 PointerBuf::from_tokens(["spec", "initContainers"]),
@@ -435,6 +509,10 @@ pub fn mutate(
             .push(PatchOperation::Add(AddOperation { path, value }));
     }
     Ok(Mutation { patch, warnings })
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<serde_json::Value, Refusal> {
+    serde_json::to_value(value).map_err(|e| Refusal::Internal(e.to_string()))
 }
 
 /// A named key and the port the sidecar serves it on.
@@ -805,18 +883,6 @@ fn application_env(keys: &[PlannedKey]) -> Vec<EnvVar> {
     env
 }
 
-/// Appends each of `vars` the container does not set itself; a second pass adds nothing.
-fn add_missing_env(c: &mut Container, vars: &[EnvVar]) {
-    let missing: Vec<EnvVar> = vars
-        .iter()
-        .filter(|v| !c.env.iter().flatten().any(|e| e.name == v.name))
-        .cloned()
-        .collect();
-    if !missing.is_empty() {
-        c.env.get_or_insert_with(Vec::new).extend(missing);
-    }
-}
-
 fn field_env(name: &str, field_path: &str) -> EnvVar {
     EnvVar {
         name: name.to_owned(),
@@ -961,6 +1027,165 @@ fn token_volume() -> Volume {
     }
 }
 
+/// Refuses a pod from which the sidecar's token (or memory) can be read through the node:
+/// host namespaces, privileged containers and hostPath volumes (app, init and ephemeral
+/// containers alike), and another container running as the sidecar's UID. The capabilities
+/// mesh init containers need (`NET_ADMIN`, `NET_RAW`) stay allowed: with the broker's CA
+/// pinned they expose nothing. The webhook checks this at creation and the broker on the pod
+/// as stored now, every time it serves it.
+pub fn node_reach(spec: &PodSpec) -> Result<(), Refusal> {
+    if spec.host_network == Some(true) {
+        return Err(Refusal::HostNetwork);
+    }
+    if spec.host_pid == Some(true) {
+        return Err(Refusal::HostPid);
+    }
+    if spec.host_ipc == Some(true) {
+        return Err(Refusal::HostIpc);
+    }
+    if spec.share_process_namespace == Some(true) {
+        return Err(Refusal::ShareProcessNamespace);
+    }
+    if spec
+        .security_context
+        .as_ref()
+        .and_then(|s| s.run_as_user)
+        .is_some_and(|uid| uid == SIDECAR_UID)
+    {
+        return Err(Refusal::SidecarUid {
+            field: "spec.securityContext.runAsUser".to_owned(),
+        });
+    }
+    for (i, v) in spec.volumes.iter().flatten().enumerate() {
+        if v.host_path.is_some() {
+            return Err(Refusal::HostPath {
+                field: format!("spec.volumes[{i}]"),
+                volume: v.name.clone(),
+            });
+        }
+    }
+    let containers = spec
+        .containers
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            (
+                format!("spec.containers[{i}]"),
+                &c.name,
+                c.security_context.as_ref(),
+            )
+        })
+        .chain(
+            spec.init_containers
+                .iter()
+                .flatten()
+                .enumerate()
+                .map(|(i, c)| {
+                    (
+                        format!("spec.initContainers[{i}]"),
+                        &c.name,
+                        c.security_context.as_ref(),
+                    )
+                }),
+        )
+        .chain(
+            spec.ephemeral_containers
+                .iter()
+                .flatten()
+                .enumerate()
+                .map(|(i, c)| {
+                    (
+                        format!("spec.ephemeralContainers[{i}]"),
+                        &c.name,
+                        c.security_context.as_ref(),
+                    )
+                }),
+        );
+    for (field, name, security) in containers {
+        let Some(security) = security else { continue };
+        if security.privileged == Some(true) {
+            return Err(Refusal::Privileged {
+                field: format!("{field}.securityContext.privileged"),
+            });
+        }
+        if name != SIDECAR_NAME && security.run_as_user == Some(SIDECAR_UID) {
+            return Err(Refusal::SidecarUid {
+                field: format!("{field}.securityContext.runAsUser"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Whether the token holder's mounts are the accepted ones: the token volume at
+/// [`TOKEN_DIR`] and the empty volume over [`API_TOKEN_DIR`], each read-only, whole (no
+/// `subPath`), without propagation; no other volume (one mounted over the binary or the CA
+/// bundle would change what runs or whom it trusts). Every release mounted exactly these.
+fn holder_mounts_accepted(c: &Container, volumes: &[Volume]) -> bool {
+    let mounts = c.volume_mounts.as_deref().unwrap_or_default();
+    let accepted = |m: &VolumeMount| {
+        let place = match m.name.as_str() {
+            TOKEN_VOLUME => TOKEN_DIR,
+            NO_API_TOKEN_VOLUME => API_TOKEN_DIR,
+            _ => return false,
+        };
+        m.mount_path.trim_end_matches('/') == place
+            && m.read_only == Some(true)
+            && m.sub_path.as_deref().is_none_or(str::is_empty)
+            && m.sub_path_expr.as_deref().is_none_or(str::is_empty)
+            && m.mount_propagation.as_deref().is_none_or(|p| p == "None")
+    };
+    let volume = |name: &str| volumes.iter().find(|v| v.name == name);
+    // The empty volume must be just that (nothing the application could fill in).
+    let empty_ok = volume(NO_API_TOKEN_VOLUME).is_none_or(|v| {
+        v.empty_dir.is_some()
+            && Volume {
+                name: v.name.clone(),
+                empty_dir: v.empty_dir.clone(),
+                ..Volume::default()
+            } == *v
+    });
+    // The token volume holds the token alone, for us, short-lived.
+    let token_ok = volume(TOKEN_VOLUME).is_some_and(|v| {
+        let Some(projected) = v.projected.as_ref() else {
+            return false;
+        };
+        let sources = projected.sources.as_deref().unwrap_or_default();
+        v.host_path.is_none()
+            && sources.len() == 1
+            && sources[0].service_account_token.as_ref().is_some_and(|t| {
+                t.audience.as_deref() == Some(TOKEN_AUDIENCE)
+                    && t.path == TOKEN_FILE
+                    && t.expiration_seconds
+                        .is_some_and(|e| e <= TOKEN_EXPIRY_SECONDS)
+            })
+    });
+    mounts.iter().all(accepted)
+        && mounts.iter().filter(|m| m.name == TOKEN_VOLUME).count() == 1
+        && mounts
+            .iter()
+            .filter(|m| m.name == NO_API_TOKEN_VOLUME)
+            .count()
+            <= 1
+        && empty_ok
+        && token_ok
+}
+
+/// Whether the token holder runs locked down as injected: not privileged, no privilege
+/// escalation or added capabilities, a read-only root filesystem, not root.
+fn holder_security_accepted(c: &Container) -> bool {
+    let Some(s) = c.security_context.as_ref() else {
+        return false;
+    };
+    s.privileged != Some(true)
+        && s.allow_privilege_escalation == Some(false)
+        && s.read_only_root_filesystem == Some(true)
+        && s.run_as_user.is_some_and(|u| u != 0)
+        && s.capabilities
+            .as_ref()
+            .is_none_or(|c| c.add.as_deref().is_none_or(<[String]>::is_empty))
+}
+
 /// Whether the only thing in the pod that can read a `byok.dev` token is the sidecar this
 /// webhook injects, as it injects it now: the proxy image's repository (any tag or digest, so
 /// pods injected before an operator upgrade keep theirs), `proxy` with this broker's URL and
@@ -991,10 +1216,7 @@ pub fn token_held_only_by_sidecar(spec: &PodSpec, settings: &InjectSettings) -> 
         })
         .map(|v| v.name.as_str())
         .collect();
-    if token_volumes != BTreeSet::from([TOKEN_VOLUME])
-        || spec.share_process_namespace == Some(true)
-        || spec.host_pid == Some(true)
-    {
+    if token_volumes != BTreeSet::from([TOKEN_VOLUME]) || node_reach(spec).is_err() {
         return false;
     }
     let mounts_token = |mounts: &Option<Vec<VolumeMount>>| {
@@ -1024,7 +1246,10 @@ pub fn token_held_only_by_sidecar(spec: &PodSpec, settings: &InjectSettings) -> 
     let (Some(holder), None) = (holders.next(), holders.next()) else {
         return false;
     };
-    holder.name == SIDECAR_NAME && runs_our_proxy(holder, settings)
+    holder.name == SIDECAR_NAME
+        && runs_our_proxy(holder, settings)
+        && holder_mounts_accepted(holder, spec.volumes.as_deref().unwrap_or_default())
+        && holder_security_accepted(holder)
 }
 
 /// Whether `c` runs the proxy the way [`sidecar`] has it talk to this broker: what it runs,
@@ -2141,6 +2366,183 @@ mod tests {
             extra.name = "another".into();
             volumes.push(extra);
         }));
+
+        // Issue 19: a copy of the sidecar with an emptyDir mounted over its binary (any file
+        // the application wrote there would run with the token), and every other change to
+        // what it mounts or how it runs.
+        assert!(!edited(&|s| {
+            s.volumes.as_mut().expect("volumes").push(Volume {
+                name: "swap".into(),
+                empty_dir: Some(Default::default()),
+                ..Default::default()
+            });
+            let sidecar = s
+                .init_containers
+                .as_mut()
+                .and_then(|c| c.iter_mut().find(|c| c.name == SIDECAR_NAME))
+                .expect("sidecar");
+            sidecar
+                .volume_mounts
+                .get_or_insert_with(Vec::new)
+                .push(VolumeMount {
+                    name: "swap".into(),
+                    mount_path: "/byok-operator".into(),
+                    sub_path: Some("byok-operator".into()),
+                    ..Default::default()
+                });
+        }));
+        let token_mount_edit = |edit: &dyn Fn(&mut VolumeMount)| {
+            in_sidecar(&|c| {
+                if let Some(m) = c
+                    .volume_mounts
+                    .as_mut()
+                    .and_then(|m| m.iter_mut().find(|m| m.name == TOKEN_VOLUME))
+                {
+                    edit(m);
+                }
+            })
+        };
+        assert!(!token_mount_edit(&|m| m.sub_path = Some("token".into())));
+        assert!(!token_mount_edit(
+            &|m| m.sub_path_expr = Some("$(POD_NAME)".into())
+        ));
+        assert!(!token_mount_edit(&|m| m.read_only = Some(false)));
+        assert!(!token_mount_edit(&|m| m.mount_path = "/elsewhere".into()));
+        assert!(!token_mount_edit(
+            &|m| m.mount_propagation = Some("Bidirectional".into())
+        ));
+        assert!(token_mount_edit(&|m| m.mount_path.push('/')));
+        // The empty volume over the API token made into something the app can fill.
+        assert!(!edited(&|s| {
+            if let Some(v) = s
+                .volumes
+                .as_mut()
+                .and_then(|v| v.iter_mut().find(|v| v.name == NO_API_TOKEN_VOLUME))
+            {
+                v.empty_dir = None;
+                v.host_path = Some(Default::default());
+            }
+        }));
+        // The token volume: longer-lived, or sharing its directory with other files.
+        let token_volume_edit = |edit: &dyn Fn(&mut ProjectedVolumeSource)| {
+            edited(&|s| {
+                if let Some(p) = s
+                    .volumes
+                    .as_mut()
+                    .and_then(|v| v.iter_mut().find(|v| v.name == TOKEN_VOLUME))
+                    .and_then(|v| v.projected.as_mut())
+                {
+                    edit(p);
+                }
+            })
+        };
+        assert!(!token_volume_edit(&|p| {
+            if let Some(t) = p
+                .sources
+                .as_mut()
+                .and_then(|s| s.first_mut())
+                .and_then(|s| s.service_account_token.as_mut())
+            {
+                t.expiration_seconds = Some(86_400);
+            }
+        }));
+        assert!(!token_volume_edit(&|p| {
+            p.sources
+                .get_or_insert_with(Vec::new)
+                .push(VolumeProjection::default());
+        }));
+        // Its security settings loosened.
+        assert!(!in_sidecar(&|c| {
+            if let Some(s) = c.security_context.as_mut() {
+                s.read_only_root_filesystem = Some(false);
+            }
+        }));
+        assert!(!in_sidecar(&|c| {
+            if let Some(s) = c.security_context.as_mut() {
+                s.allow_privilege_escalation = None;
+            }
+        }));
+        assert!(!in_sidecar(&|c| {
+            if let Some(s) = c.security_context.as_mut() {
+                s.capabilities = Some(Capabilities {
+                    add: Some(vec!["SYS_PTRACE".into()]),
+                    drop: None,
+                });
+            }
+        }));
+        assert!(!in_sidecar(&|c| c.security_context = None));
+        // What reaches the node, anywhere in the pod.
+        assert!(!edited(&|s| s.host_ipc = Some(true)));
+        assert!(!edited(&|s| s.host_network = Some(true)));
+        assert!(!edited(&|s| {
+            s.containers[0].security_context = Some(SecurityContext {
+                privileged: Some(true),
+                ..Default::default()
+            });
+        }));
+        assert!(!edited(&|s| {
+            s.containers[0].security_context = Some(SecurityContext {
+                run_as_user: Some(SIDECAR_UID),
+                ..Default::default()
+            });
+        }));
+        assert!(!edited(&|s| {
+            s.volumes.as_mut().expect("volumes").push(Volume {
+                name: "node".into(),
+                host_path: Some(Default::default()),
+                ..Default::default()
+            });
+        }));
+        // Mesh init containers keep their capabilities.
+        assert!(edited(&|s| {
+            s.init_containers
+                .get_or_insert_with(Vec::new)
+                .push(Container {
+                    name: "istio-init".into(),
+                    security_context: Some(SecurityContext {
+                        capabilities: Some(Capabilities {
+                            add: Some(vec!["NET_ADMIN".into(), "NET_RAW".into()]),
+                            drop: None,
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                });
+        }));
+    }
+
+    /// Issue 19: at creation the webhook refuses every way of reading the token from the node.
+    #[test]
+    fn pods_that_reach_the_node_are_refused() {
+        let refused = |spec: serde_json::Value| {
+            let mut pod = serde_json::to_value(pod("team-anthropic")).expect("pod");
+            for (k, v) in spec.as_object().expect("object") {
+                pod["spec"][k] = v.clone();
+            }
+            let pod: Pod = serde_json::from_value(pod).expect("pod");
+            mutate(&pod, NS, &standard_keys(), &settings()).expect_err("refused")
+        };
+        assert_eq!(refused(json!({"hostIPC": true})), Refusal::HostIpc);
+        assert!(matches!(
+            refused(
+                json!({"containers": [{"name": "app", "securityContext": {"privileged": true}}]})
+            ),
+            Refusal::Privileged { .. }
+        ));
+        assert!(matches!(
+            refused(
+                json!({"initContainers": [{"name": "setup", "securityContext": {"privileged": true}}],
+                "containers": [{"name": "app"}]})
+            ),
+            Refusal::Privileged { .. }
+        ));
+        let host_path = refused(
+            json!({"volumes": [{"name": "node", "hostPath": {"path": "/var/lib/kubelet"}}]}),
+        );
+        assert!(
+            host_path.to_string().contains("hostPath volume \"node\""),
+            "{host_path}"
+        );
     }
 
     #[test]

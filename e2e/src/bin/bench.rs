@@ -967,6 +967,17 @@ async fn serving_sections(
     ];
     let operator = Operator::start(binary, dir, &env.namespace, fake, &args)?;
     let measured = measure_serving(&env, fake, &operator, &broker_url, sections, binary, dir).await;
+    let measured = match measured {
+        Ok(()) if sections.on("webhook") => {
+            hostile_reviews(
+                &env,
+                &operator,
+                &format!("https://127.0.0.1:{webhook_port}/mutate"),
+            )
+            .await
+        }
+        other => other,
+    };
     operator.stop();
     // The webhook fails closed: leave no configuration that calls a stopped operator.
     let _ = mwcs.delete(&mwc_name, &DeleteParams::default()).await;
@@ -1204,6 +1215,228 @@ async fn measure_serving(
     if sections.on("proxy") {
         bench_proxy::run(env, fake, broker_url, KEY, &key, Path::new(binary), dir).await?;
     }
+    Ok(())
+}
+
+/// A review of a pod as the API server sends it.
+fn review_of(namespace: &str, pod: serde_json::Value) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "00000000-0000-0000-0000-000000000019",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "name": "", "namespace": namespace, "operation": "CREATE",
+            "userInfo": {"username": "bench"}, "object": pod, "dryRun": false
+        }
+    }))
+    .unwrap_or_default()
+}
+
+/// An opted-in pod for `keys` keys with `containers` containers; `pad` bytes of environment
+/// spread over them.
+fn hostile_pod(keys: usize, containers: usize, pad: usize) -> serde_json::Value {
+    let names: Vec<String> = (0..keys).map(|i| format!("key-{i}")).collect();
+    let per = pad / containers.max(1) / 48;
+    let containers: Vec<serde_json::Value> = (0..containers)
+        .map(|c| {
+            let env: Vec<serde_json::Value> = (0..per)
+                .map(|i| serde_json::json!({"name": format!("V{i}"), "value": "x".repeat(24)}))
+                .collect();
+            serde_json::json!({"name": format!("c{c}"), "image": "busybox", "env": env})
+        })
+        .collect();
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"generateName": "hostile-",
+            "labels": {names::INJECT_LABEL: names::INJECT_VALUE},
+            "annotations": {names::PROVIDER_KEYS_ANNOTATION: names.join(",")}},
+        "spec": {"containers": containers}
+    })
+}
+
+/// CPU time of `pid` so far (user + system), from /proc (clock ticks of 10 ms).
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
+        .sum();
+    Duration::from_millis(ticks * 10)
+}
+
+/// Resets the process's peak RSS (`VmHWM`) to its current RSS.
+fn reset_peak(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+/// Issue 19, item 2: what reviews anyone can send cost the operator (memory, CPU), with
+/// many in flight, and the handler's time for an ordinary 3-container, 4-key pod.
+async fn hostile_reviews(env: &TestEnv, operator: &Operator, url: &str) -> anyhow::Result<()> {
+    let secret = env
+        .api::<Secret>()
+        .get(byok_operator::serving::certs::DEFAULT_SECRET_NAME)
+        .await?;
+    let ca = secret
+        .data
+        .and_then(|d| d.get("ca.crt").cloned())
+        .context("ca.crt")?
+        .0;
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca)?)
+        .build()?;
+    let pid = operator.pid();
+    let ns = &env.namespace;
+    let max = byok_operator::webhook::handler::MAX_REVIEW_BYTES;
+    let volumes = |n: usize| {
+        let mut pod = hostile_pod(1, 1, 0);
+        pod["spec"]["volumes"] = (0..n).map(|_| serde_json::json!({"name": ""})).collect();
+        review_of(ns, pod)
+    };
+    let shapes: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "3,000 containers x 16 keys (refused)",
+            review_of(ns, hostile_pod(16, 3000, 0)),
+        ),
+        (
+            "1 container, 3 MiB of env, 1 key (refused: values)",
+            review_of(ns, hostile_pod(1, 1, max - 64 * 1024)),
+        ),
+        ("260,000 empty volumes (refused)", volumes(260_000)),
+        (
+            "1 container, 9,500 env vars, 1 key (the largest admitted)",
+            review_of(ns, hostile_pod(1, 1, 9_500 * 48)),
+        ),
+        (
+            "32 containers, 290 env vars each, 16 keys",
+            review_of(ns, hostile_pod(16, 32, 32 * 290 * 48)),
+        ),
+    ];
+    println!(
+        "  webhook, reviews anyone can send (posted to the webhook port; aims: peak RSS growth <= 16 MiB, CPU <= 50 ms a review):"
+    );
+    for (what, body) in &shapes {
+        const ROUNDS: u32 = 10;
+        let rss = proc_kib(pid, "VmRSS");
+        reset_peak(pid);
+        let cpu = cpu_time(pid);
+        let mut answer = 0;
+        for _ in 0..ROUNDS {
+            let res = http.post(url).body(body.clone()).send().await?;
+            anyhow::ensure!(res.status() == 200, "{what}: {}", res.status());
+            answer = res.bytes().await?.len();
+        }
+        let cpu = (cpu_time(pid) - cpu) / ROUNDS;
+        let peak = proc_kib(pid, "VmHWM");
+        println!(
+            "    {what}: review {} KiB, answer {} KiB, peak RSS growth {:.1} MiB (from {:.1} MiB), CPU {:.1} ms a review",
+            body.len() / 1024,
+            answer / 1024,
+            peak.saturating_sub(rss) as f64 / 1024.0,
+            rss as f64 / 1024.0,
+            cpu.as_secs_f64() * 1000.0
+        );
+    }
+
+    // Many at once: 4 of the largest in flight (2 x the serving workers), repeatedly, while 50
+    // more trickle in; an ordinary pod created meanwhile through the API server.
+    reset_peak(pid);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (http, url, body, stop) = (
+            http.clone(),
+            url.to_owned(),
+            shapes[4].1.clone(),
+            stop.clone(),
+        );
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = http.post(&url).body(body.clone()).send().await;
+            }
+        }));
+    }
+    for _ in 0..50 {
+        let (http, url, prefix) = (
+            http.clone(),
+            url.to_owned(),
+            shapes[1].1[..256 * 1024].to_vec(),
+        );
+        load.push(tokio::spawn(async move {
+            let (mut tx, rx) = futures::channel::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+            let feed = async move {
+                use futures::SinkExt;
+                let _ = tx.send(Ok(prefix)).await;
+                std::future::pending::<()>().await;
+            };
+            tokio::select! { _ = http.post(&url).body(reqwest::Body::wrap_stream(rx)).send() => {}, () = feed => {} }
+        }));
+    }
+    let pods = env.api::<Pod>();
+    let mut admitted = Vec::new();
+    for i in 0..5 {
+        let mut pod = hostile_pod(1, 3, 0);
+        pod["metadata"]["annotations"][names::PROVIDER_KEYS_ANNOTATION] = "bench-key".into();
+        pod["metadata"]["generateName"] = format!("busy-{i}-").into();
+        let pod: Pod = serde_json::from_value(pod)?;
+        let started = Instant::now();
+        let created = pods.create(&PostParams::default(), &pod).await;
+        admitted.push((
+            started.elapsed(),
+            created.map(|p| has_sidecar(&p)).unwrap_or(false),
+        ));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.abort();
+    }
+    let peak = proc_kib(pid, "VmHWM");
+    println!(
+        "    4 of the largest reviews in flight and 50 trickling: operator peak RSS {:.1} MiB (aim < 128 MiB); a 3-container pod admitted in {} (aim <= 1 s each)",
+        peak as f64 / 1024.0,
+        admitted
+            .iter()
+            .map(|(d, ok)| format!(
+                "{:.0} ms{}",
+                ms(*d),
+                if *ok { "" } else { " (NOT injected)" }
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
+    // The handler's time for an ordinary pod: 3 containers, 4 keys.
+    let mut pod = hostile_pod(4, 3, 0);
+    pod["metadata"]["annotations"][names::PROVIDER_KEYS_ANNOTATION] =
+        "bench-key,other-a,other-b,other-c".into();
+    let body = review_of(ns, pod);
+    let before = operator.metrics().await;
+    let mut took = Vec::new();
+    for _ in 0..500 {
+        let started = Instant::now();
+        let res = http.post(url).body(body.clone()).send().await?;
+        anyhow::ensure!(res.status() == 200, "{}", res.status());
+        res.bytes().await?;
+        took.push(started.elapsed());
+    }
+    took.sort();
+    let after = operator.metrics().await;
+    let handler = Histogram::parse(&after, "byok_webhook_admission_duration_seconds").since(
+        &Histogram::parse(&before, "byok_webhook_admission_duration_seconds"),
+    );
+    let (h99, h99_le) = handler.quantile(0.99);
+    println!(
+        "    3 containers, 4 keys, 500 reviews: handler p99 ~{:.3} ms (bucket <= {:.1} ms; aim <= 2 ms), mean {:.3} ms; client over loopback TLS p50 {:.2} ms, p99 {:.2} ms",
+        h99 * 1000.0,
+        h99_le * 1000.0,
+        handler.sum * 1000.0 / handler.count.max(1.0),
+        ms(percentile(&took, 0.5)),
+        ms(percentile(&took, 0.99))
+    );
     Ok(())
 }
 

@@ -1,0 +1,225 @@
+//! What the webhook refuses after a pod exists: the changes that would turn a pod the
+//! webhook never injected into one the broker serves, or change what runs with the
+//! sidecar's token; and `exec`, `attach` (and, where the chart asks, `port-forward`) into
+//! the sidecar. Pure.
+//!
+//! The broker checks the pod as stored on every request anyway (the accepted shape, see
+//! `patch::token_held_only_by_sidecar`); refusing these at the API server keeps a swapped
+//! image from ever running (a kubelet restarts a native sidecar on an image change) and
+//! tells the person at the keyboard why.
+
+use k8s_openapi::api::core::v1::Pod;
+
+use super::patch::{ADMIN_PORT, FIRST_KEY_PORT, MAX_KEYS, SIDECAR_NAME};
+use crate::names::{self, PROVIDER_KEYS_ANNOTATION};
+
+/// Why an update or a connection is refused; the message is shown by kubectl.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Guarded {
+    #[error(
+        "label {}={} can only be set when a pod is created (the webhook injects the {SIDECAR_NAME} sidecar then); create the pod with it",
+        names::INJECT_LABEL,
+        names::INJECT_VALUE
+    )]
+    LateOptIn,
+    #[error(
+        "annotation {PROVIDER_KEYS_ANNOTATION} of a pod using byok keys cannot change after creation (the sidecar serves the keys it was created with); recreate the pod"
+    )]
+    KeysChanged,
+    #[error(
+        "the image of the {SIDECAR_NAME} sidecar cannot change after creation (it holds the pod's key token); recreate the pod"
+    )]
+    SidecarImageChanged,
+    #[error(
+        "{0} into the {SIDECAR_NAME} container is refused: it holds the pod's key token; use the application's containers"
+    )]
+    IntoSidecar(&'static str),
+    #[error(
+        "port-forward to port {0} is refused: it is a port of the {SIDECAR_NAME} sidecar, which serves the pod's keys"
+    )]
+    PortForwardToSidecar(i64),
+    #[error(
+        "tokens for audience \"{}\" are for the kubelet to mount into the {SIDECAR_NAME} sidecar; with one, anyone could ask the key broker for the pod's keys",
+        names::TOKEN_AUDIENCE
+    )]
+    BrokerToken,
+}
+
+/// A TokenRequest (`serviceaccounts/token` CREATE) by `username` in `groups` for
+/// `audiences`: a `byok.dev` token is the kubelet's to mint (for the projected volume of an
+/// injected sidecar), nobody else's. So `serviceaccounts/token` create stops being key
+/// access.
+pub fn token_request(
+    username: &str,
+    groups: &[String],
+    audiences: &[String],
+) -> Result<(), Guarded> {
+    let for_broker = audiences.iter().any(|a| a == names::TOKEN_AUDIENCE);
+    let node = username.starts_with("system:node:") && groups.iter().any(|g| g == "system:nodes");
+    if for_broker && !node {
+        return Err(Guarded::BrokerToken);
+    }
+    Ok(())
+}
+
+/// A `CONNECT` to a pod's `subresource` (`exec`, `attach`, `portforward`).
+pub fn connect(subresource: &str, container: Option<&str>, ports: &[i64]) -> Result<(), Guarded> {
+    match subresource {
+        "exec" if container == Some(SIDECAR_NAME) => Err(Guarded::IntoSidecar("exec")),
+        "attach" if container == Some(SIDECAR_NAME) => Err(Guarded::IntoSidecar("attach")),
+        "portforward" => match ports.iter().find(|p| is_sidecar_port(**p)) {
+            Some(p) => Err(Guarded::PortForwardToSidecar(*p)),
+            None => Ok(()),
+        },
+        _ => Ok(()),
+    }
+}
+
+/// Whether `port` is one the sidecar may listen on (its admin port, or a key port).
+pub fn is_sidecar_port(port: i64) -> bool {
+    let keys = i64::from(FIRST_KEY_PORT)..i64::from(FIRST_KEY_PORT) + MAX_KEYS as i64;
+    port == i64::from(ADMIN_PORT) || keys.contains(&port)
+}
+
+/// An `UPDATE` of a pod from `old` to `new`.
+pub fn update(old: &Pod, new: &Pod) -> Result<(), Guarded> {
+    let opted_in = |p: &Pod| names::opts_in(p.metadata.labels.as_ref());
+    let keys = |p: &Pod| {
+        p.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(PROVIDER_KEYS_ANNOTATION))
+            .cloned()
+    };
+    if opted_in(new) && !opted_in(old) {
+        return Err(Guarded::LateOptIn);
+    }
+    if opted_in(new) && keys(new) != keys(old) {
+        return Err(Guarded::KeysChanged);
+    }
+    let sidecar_image = |p: &Pod| {
+        p.spec
+            .as_ref()
+            .and_then(|s| s.init_containers.as_ref())
+            .and_then(|c| c.iter().find(|c| c.name == SIDECAR_NAME))
+            .map(|c| c.image.clone())
+    };
+    if sidecar_image(new) != sidecar_image(old) {
+        return Err(Guarded::SidecarImageChanged);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(labelled: bool, keys: Option<&str>, image: Option<&str>) -> Pod {
+        let mut p = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "app"}]}});
+        if labelled {
+            p["metadata"]["labels"] = json!({(names::INJECT_LABEL): names::INJECT_VALUE});
+        }
+        if let Some(keys) = keys {
+            p["metadata"]["annotations"] = json!({(PROVIDER_KEYS_ANNOTATION): keys});
+        }
+        if let Some(image) = image {
+            p["spec"]["initContainers"] = json!([{"name": SIDECAR_NAME, "image": image}]);
+        }
+        serde_json::from_value(p).expect("pod")
+    }
+
+    #[test]
+    fn updates_that_would_reach_the_key_are_refused() {
+        let injected = pod(true, Some("ant"), Some("byok/proxy:1"));
+        // A pod created past the webhook, labelled later.
+        assert_eq!(
+            update(
+                &pod(false, Some("ant"), None),
+                &pod(true, Some("ant"), None)
+            ),
+            Err(Guarded::LateOptIn)
+        );
+        assert_eq!(
+            update(
+                &injected,
+                &pod(true, Some("ant,other"), Some("byok/proxy:1"))
+            ),
+            Err(Guarded::KeysChanged)
+        );
+        assert_eq!(
+            update(&injected, &pod(true, Some("ant"), Some("evil/steal:1"))),
+            Err(Guarded::SidecarImageChanged)
+        );
+        // Also once the label is gone: the sidecar still holds the token.
+        assert_eq!(
+            update(&injected, &pod(false, Some("ant"), Some("evil/steal:1"))),
+            Err(Guarded::SidecarImageChanged)
+        );
+    }
+
+    #[test]
+    fn ordinary_updates_pass() {
+        let injected = pod(true, Some("ant"), Some("byok/proxy:1"));
+        assert_eq!(update(&injected, &injected), Ok(()));
+        // Opting out; other labels and annotations; pods that never opted in.
+        assert_eq!(
+            update(&injected, &pod(false, None, Some("byok/proxy:1"))),
+            Ok(())
+        );
+        let mut relabelled = injected.clone();
+        relabelled
+            .metadata
+            .labels
+            .get_or_insert_with(Default::default)
+            .insert("team".into(), "a".into());
+        assert_eq!(update(&injected, &relabelled), Ok(()));
+        assert_eq!(
+            update(&pod(false, None, None), &pod(false, Some("x"), None)),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn only_nodes_mint_broker_tokens() {
+        let nodes = vec!["system:nodes".to_owned(), "system:authenticated".to_owned()];
+        let ours = vec![names::TOKEN_AUDIENCE.to_owned()];
+        assert_eq!(token_request("system:node:n1", &nodes, &ours), Ok(()));
+        assert_eq!(
+            token_request("alice", &["system:authenticated".to_owned()], &ours),
+            Err(Guarded::BrokerToken)
+        );
+        // A user named like a node but not in the nodes group.
+        assert_eq!(
+            token_request("system:node:n1", &[], &ours),
+            Err(Guarded::BrokerToken)
+        );
+        assert_eq!(
+            token_request("alice", &[], &["https://kubernetes.default.svc".to_owned()]),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn connections_into_the_sidecar_are_refused() {
+        assert_eq!(
+            connect("exec", Some(SIDECAR_NAME), &[]),
+            Err(Guarded::IntoSidecar("exec"))
+        );
+        assert_eq!(
+            connect("attach", Some(SIDECAR_NAME), &[]),
+            Err(Guarded::IntoSidecar("attach"))
+        );
+        assert_eq!(connect("exec", Some("app"), &[]), Ok(()));
+        assert_eq!(connect("exec", None, &[]), Ok(()));
+        assert_eq!(
+            connect("portforward", None, &[8080, 15100]),
+            Err(Guarded::PortForwardToSidecar(15100))
+        );
+        assert_eq!(
+            connect("portforward", None, &[15090]),
+            Err(Guarded::PortForwardToSidecar(15090))
+        );
+        assert_eq!(connect("portforward", None, &[8080, 15116]), Ok(()));
+    }
+}
