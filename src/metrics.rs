@@ -30,6 +30,8 @@ pub struct Metrics {
     admissions: Family<Labels, Counter>,
     admission_seconds: Histogram,
     broker_answers: Family<Labels, Counter>,
+    token_reviews: Family<Labels, Counter>,
+    token_key_fetches: Family<Labels, Counter>,
     /// The [`Ready`] parts still missing, as bits: ready when none is.
     not_ready: AtomicU8,
 }
@@ -134,8 +136,22 @@ impl Default for Metrics {
             "Key broker answers, by result",
             broker_answers.clone(),
         );
+        let token_reviews = Family::<Labels, Counter>::default();
+        registry.register(
+            "broker_token_reviews",
+            "TokenReviews the key broker sent, by result (accepted, refused, failed) and whether the token's signature was verified locally first",
+            token_reviews.clone(),
+        );
+        let token_key_fetches = Family::<Labels, Counter>::default();
+        registry.register(
+            "broker_token_key_fetches",
+            "Fetches of the API server's ServiceAccount token issuer and keys (OpenID discovery, JWKS), by result",
+            token_key_fetches.clone(),
+        );
         Self {
             registry,
+            token_reviews,
+            token_key_fetches,
             leader,
             crd_schema_current,
             admissions,
@@ -291,6 +307,32 @@ impl Metrics {
         self.broker_answers
             .get_or_create(&vec![("result", result)])
             .get()
+    }
+
+    /// A TokenReview sent: `result` `accepted`, `refused` or `failed`; `signature` `verified`
+    /// (checked locally first) or `unverified` (the API server's keys were not known).
+    pub fn token_review(&self, result: &'static str, signature: &'static str) {
+        self.token_reviews
+            .get_or_create(&vec![("result", result), ("signature", signature)])
+            .inc();
+    }
+
+    /// TokenReviews sent so far with this result, signature checked or not.
+    pub fn token_reviews(&self, result: &'static str) -> u64 {
+        ["verified", "unverified"]
+            .into_iter()
+            .map(|signature| {
+                self.token_reviews
+                    .get_or_create(&vec![("result", result), ("signature", signature)])
+                    .get()
+            })
+            .sum()
+    }
+
+    pub fn jwks_fetch(&self, ok: bool) {
+        self.token_key_fetches
+            .get_or_create(&vec![("result", if ok { "ok" } else { "failed" })])
+            .inc();
     }
 
     pub fn encode(&self) -> String {

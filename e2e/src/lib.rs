@@ -5,6 +5,7 @@
 pub mod connect_proxy;
 pub mod envtest;
 pub mod fake_provider;
+pub mod forged;
 pub mod manifests;
 pub mod node;
 pub mod oci;

@@ -14,6 +14,7 @@
 //! | exists, `Ready` is not `True`                    | 503 `KeyNotReady`, Warning Event on the pod |
 //! | exists, `Ready=True` (a key in service)          | 200 with the key and a lease |
 
+use super::jwt::TokenFault;
 use crate::crd::ProviderKey;
 use crate::names;
 
@@ -63,6 +64,13 @@ pub enum Denial {
     Unauthenticated,
     WrongAudience,
     NotPodBound,
+    /// Refused by the broker's own checks before any TokenReview ([`super::jwt`]).
+    TokenRejected(TokenFault),
+    /// Too many TokenReviews in flight, for the token's namespace or in all: retry shortly.
+    /// Only an uncached token gets it; cached answers never wait for a review.
+    TooBusy,
+    /// The TokenReview could not be made (the API server did not answer): retry.
+    ReviewFailed,
     OtherNamespace,
     PodNotFound,
     PodNotOptedIn,
@@ -86,16 +94,23 @@ pub enum Denial {
 impl Denial {
     pub fn status(&self) -> u16 {
         match self {
-            Denial::Unauthenticated | Denial::WrongAudience | Denial::NotPodBound => 401,
+            Denial::Unauthenticated
+            | Denial::WrongAudience
+            | Denial::NotPodBound
+            | Denial::TokenRejected(_) => 401,
             Denial::KeyNotFound | Denial::KeyDeleting => 404,
-            Denial::KeyNotReady { .. } | Denial::KeyUnavailable { .. } => 503,
+            Denial::KeyNotReady { .. }
+            | Denial::KeyUnavailable { .. }
+            | Denial::TooBusy
+            | Denial::ReviewFailed => 503,
             _ => 403,
         }
     }
 
     pub fn reason(&self) -> &'static str {
         match self {
-            Denial::Unauthenticated => "Unauthenticated",
+            // Which local check refused a token is in the metric label, not the answer.
+            Denial::Unauthenticated | Denial::TokenRejected(_) => "Unauthenticated",
             Denial::WrongAudience => "WrongAudience",
             Denial::NotPodBound => "NotPodBound",
             // One word for every refusal across namespaces and about other pods' keys:
@@ -110,6 +125,8 @@ impl Denial {
             Denial::KeyDeleting => "ProviderKeyDeleting",
             Denial::KeyNotReady { .. } => "KeyNotReady",
             Denial::KeyUnavailable { .. } => "KeyUnavailable",
+            Denial::TooBusy => "TooBusy",
+            Denial::ReviewFailed => "ReviewFailed",
         }
     }
 
@@ -119,6 +136,9 @@ impl Denial {
             Denial::Unauthenticated => "unauthenticated",
             Denial::WrongAudience => "wrong_audience",
             Denial::NotPodBound => "not_pod_bound",
+            Denial::TokenRejected(fault) => fault.metric_label(),
+            Denial::TooBusy => "too_busy",
+            Denial::ReviewFailed => "review_failed",
             Denial::OtherNamespace => "other_namespace",
             Denial::PodNotFound => "pod_not_found",
             Denial::PodNotOptedIn => "pod_not_opted_in",
@@ -140,6 +160,9 @@ impl Denial {
                 names::TOKEN_AUDIENCE
             ),
             Denial::NotPodBound => "the token is not bound to a pod".into(),
+            Denial::TokenRejected(fault) => fault.message().into(),
+            Denial::TooBusy => "too many tokens are being reviewed right now; retry shortly".into(),
+            Denial::ReviewFailed => "the token could not be reviewed; retry".into(),
             Denial::OtherNamespace
             | Denial::PodNotFound
             | Denial::PodNotOptedIn
@@ -166,6 +189,17 @@ impl Denial {
         }
     }
 
+    /// Whether a sidecar must drop the key on this answer (as `proxy::refresh::is_final`
+    /// reads it): the others are transient, the sidecar keeps its key until its lease ends.
+    pub fn is_final(&self) -> bool {
+        matches!(self.status(), 403 | 404) || matches!(self, Denial::KeyNotReady { .. })
+    }
+
+    /// Seconds for a `Retry-After` header, on answers a caller should retry soon.
+    pub fn retry_after(&self) -> Option<u64> {
+        matches!(self, Denial::TooBusy | Denial::ReviewFailed).then_some(1)
+    }
+
     /// Whether the pod is waiting for its key, which the broker says on the pod as a
     /// Warning Event.
     pub fn is_waiting(&self) -> bool {
@@ -186,15 +220,10 @@ pub fn authorize(
     key: KeyFacts<'_>,
 ) -> Decision {
     use Decision::Deny;
-    if caller.namespace != namespace {
-        return Deny(Denial::OtherNamespace);
-    }
-    let Some(pod) = pod.filter(|p| p.uid == caller.pod_uid && !p.deleting) else {
-        return Deny(Denial::PodNotFound);
+    let pod = match check_pod(caller, namespace, pod) {
+        Ok(pod) => pod,
+        Err(denial) => return Deny(denial),
     };
-    if !pod.opted_in {
-        return Deny(Denial::PodNotOptedIn);
-    }
     if !pod.injected {
         return Deny(Denial::PodNotInjected);
     }
@@ -224,6 +253,40 @@ pub fn authorize(
         None => Deny(Denial::KeyNotReady {
             reason: "not reconciled yet".into(),
         }),
+    }
+}
+
+/// The caller's namespace first (`pod` is not looked at for another one), then the pod its
+/// token is bound to: in the pod cache with the token's uid (not a pod recreated under the
+/// same name), not being deleted, opted in. Also the token pre-check's
+/// ([`super::jwt::precheck`]), so a made-up token naming a pod is refused as a real one
+/// would be, before any TokenReview.
+pub fn check_pod<'a>(
+    caller: &Caller,
+    namespace: &str,
+    pod: Option<&'a PodFacts>,
+) -> Result<&'a PodFacts, Denial> {
+    if caller.namespace != namespace {
+        return Err(Denial::OtherNamespace);
+    }
+    let pod = pod
+        .filter(|p| p.uid == caller.pod_uid && !p.deleting)
+        .ok_or(Denial::PodNotFound)?;
+    if !pod.opted_in {
+        return Err(Denial::PodNotOptedIn);
+    }
+    Ok(pod)
+}
+
+/// The answer to a caller whose token cannot be reviewed right now (`transient`: `TooBusy`
+/// or `ReviewFailed`), given the decision made on the token's locally verified claims: a
+/// final refusal stays final (a flood of reviews must not keep a revoked key alive in a
+/// sidecar until its lease ends); anything else, `Serve` included, is `transient`. Never
+/// the key without a review.
+pub fn unreviewed(decision: Decision, transient: Denial) -> Denial {
+    match decision {
+        Decision::Deny(denial) if denial.is_final() => denial,
+        _ => transient,
     }
 }
 
@@ -416,6 +479,84 @@ mod tests {
         );
         let listed = pk(Some("True"), &["batch", "app"]);
         assert_eq!(decide(KeyFacts::Present(&listed)), Decision::Serve);
+    }
+
+    /// What the broker calls final is what makes a sidecar drop its key, for every refusal;
+    /// the ones about the token alone, or about being busy, never are.
+    #[test]
+    fn final_refusals_are_the_ones_the_sidecar_drops_its_key_on() {
+        use super::super::jwt::TokenFault::*;
+        let reason = || "r".to_string();
+        let all = [
+            Denial::Unauthenticated,
+            Denial::WrongAudience,
+            Denial::NotPodBound,
+            Denial::TooBusy,
+            Denial::ReviewFailed,
+            Denial::OtherNamespace,
+            Denial::PodNotFound,
+            Denial::PodNotOptedIn,
+            Denial::PodNotInjected,
+            Denial::KeyNotListed,
+            Denial::ServiceAccountNotConsumer {
+                service_account: "a".into(),
+            },
+            Denial::KeyNotFound,
+            Denial::KeyDeleting,
+            Denial::KeyNotReady { reason: reason() },
+            Denial::KeyUnavailable { reason: reason() },
+        ]
+        .into_iter()
+        .chain(
+            [
+                Malformed,
+                Algorithm,
+                Expired,
+                NotYetValid,
+                WrongIssuer,
+                UnknownKey,
+                BadSignature,
+            ]
+            .map(Denial::TokenRejected),
+        );
+        for d in all {
+            assert_eq!(
+                d.is_final(),
+                crate::proxy::refresh::is_final(d.status(), d.reason()),
+                "{d:?}"
+            );
+            let about_the_token = d.status() == 401;
+            let transient = matches!(d, Denial::TooBusy | Denial::ReviewFailed);
+            if about_the_token || transient {
+                assert!(!d.is_final(), "{d:?}");
+            }
+            assert_eq!(d.retry_after().is_some(), transient, "{d:?}");
+            if let Denial::TokenRejected(fault) = &d {
+                assert_eq!((d.status(), d.reason()), (401, "Unauthenticated"));
+                assert!(d.metric_label().starts_with("token_"), "{d:?}");
+                assert!(!d.message().contains(fault.metric_label()));
+            }
+        }
+    }
+
+    #[test]
+    fn an_unreviewed_caller_gets_final_refusals_never_the_key() {
+        let busy = || Denial::TooBusy;
+        assert_eq!(unreviewed(Decision::Serve, busy()), Denial::TooBusy);
+        for final_ in [
+            Denial::KeyNotFound,
+            Denial::KeyDeleting,
+            Denial::PodNotFound,
+            Denial::KeyNotListed,
+            Denial::KeyNotReady { reason: "r".into() },
+        ] {
+            assert_eq!(unreviewed(Decision::Deny(final_.clone()), busy()), final_);
+        }
+        let transient = Denial::KeyUnavailable { reason: "r".into() };
+        assert_eq!(
+            unreviewed(Decision::Deny(transient), Denial::ReviewFailed),
+            Denial::ReviewFailed
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The key broker: a sidecar shows its projected ServiceAccount token (audience `byok.dev`);
-//! the broker learns from a TokenReview which pod it is, checks that pod against the pod
+//! the broker checks the token itself ([`jwt`]: a made-up one costs no API request), learns
+//! from a TokenReview ([`tokens`]) which pod it is, checks that pod against the pod
 //! cache and the ProviderKey against its cache ([`decide`]), and answers with the key and
 //! what the proxy needs to use it. See [`decide`] for when it serves.
 //!
@@ -10,6 +11,7 @@
 //! renews the lease: a proxy that cannot reach the broker stops using the key when it ends.
 
 pub mod decide;
+pub mod jwt;
 pub mod tokens;
 
 use std::collections::HashMap;
@@ -39,6 +41,12 @@ use decide::{Caller, Decision, Denial, KeyFacts, PodFacts};
 pub const POLL_HINT: Duration = Duration::from_secs(5);
 /// A Vertex access token is minted again when less than this is left of it.
 const VERTEX_TOKEN_MARGIN: Duration = Duration::from_secs(5 * 60);
+/// A token refused as made up ([`jwt::TokenFault::is_forgery`]) is answered after about this
+/// long (half to one and a half times it, at random, so that a flood's requests do not come
+/// back in step): a client sending them back to back gets a few answers per second per
+/// request in flight, and the CPU goes to the sidecars' requests. No real sidecar waits: its
+/// tokens are never refused so.
+const FORGED_TOKEN_DELAY: Duration = Duration::from_millis(250);
 /// A Warning Event about one pod waiting for one key, at most once per this period.
 const WAITING_EVENT_PERIOD: Duration = Duration::from_secs(10 * 60);
 const MEMO_MAX: usize = 65_536;
@@ -173,7 +181,7 @@ impl Broker {
         egress: EgressPolicy,
         injector: Arc<crate::webhook::handler::Injector>,
     ) -> Self {
-        let tokens = tokens::TokenReviews::new(ctx.client.clone());
+        let tokens = tokens::TokenReviews::new(ctx.client.clone(), ctx.metrics.clone());
         Self {
             ctx,
             watches,
@@ -185,6 +193,22 @@ impl Broker {
             vertex_tokens: Mutex::default(),
             waiting_told: Mutex::default(),
         }
+    }
+
+    /// What the token pre-check's [`decide::check_pod`] reads of a pod (uid, label,
+    /// deletion), without the costlier sidecar and annotation checks `authorize` makes later:
+    /// a flood of forged tokens naming a real pod costs a lookup.
+    fn pod_presence(&self, namespace: &str, name: &str) -> Option<PodFacts> {
+        let pods = self.watches.pods.as_ref()?;
+        let pod = pods.get(&ObjectRef::new(name).within(namespace))?;
+        let meta = &pod.metadata;
+        Some(PodFacts {
+            uid: meta.uid.clone().unwrap_or_default(),
+            opted_in: names::opts_in(meta.labels.as_ref()),
+            injected: false,
+            deleting: meta.deletion_timestamp.is_some(),
+            keys: Vec::new(),
+        })
     }
 
     fn pod_facts(&self, namespace: &str, name: &str) -> Option<PodFacts> {
@@ -349,43 +373,55 @@ impl Broker {
         let Some(token) = token else {
             return self.refuse(None, namespace, name, &Denial::Unauthenticated);
         };
-        let caller = match self.tokens.review(&token).await {
-            Ok(Ok(caller)) => caller,
-            Ok(Err(denial)) => return self.refuse(None, namespace, name, &denial),
-            Err(e) => {
-                tracing::warn!(error = %e, "TokenReview failed");
-                self.ctx.metrics.broker_answer("review_failed");
-                return error_json(
-                    503,
-                    "ReviewFailed",
-                    "the token could not be reviewed; retry",
-                );
+        // The token's pre-check refuses a caller of another namespace, or whose pod is not
+        // there, as `decide::authorize` would (it needs a listed pod cache).
+        let ready = self.watches.is_ready();
+        let pod_check: jwt::PodCheck<'_> = &|c: &Caller| {
+            let pod = (c.namespace == namespace)
+                .then(|| self.pod_presence(namespace, &c.pod_name))
+                .flatten();
+            decide::check_pod(c, namespace, pod.as_ref()).map(drop)
+        };
+        let identity = self
+            .tokens
+            .identify(&token, ready.then_some(pod_check))
+            .await;
+        let caller = match identity {
+            tokens::Identity::Known(caller) => caller,
+            tokens::Identity::Refused(denial) => {
+                if let Denial::TokenRejected(fault) = &denial
+                    && fault.is_forgery()
+                {
+                    tokio::time::sleep(FORGED_TOKEN_DELAY.mul_f64(rand::random_range(0.5..1.5)))
+                        .await;
+                }
+                return self.refuse(None, namespace, name, &denial);
+            }
+            tokens::Identity::Unreviewed { denial, verified } => {
+                // No review now (too busy, or the API server failed). A caller whose token's
+                // signature checked out still gets a final refusal when one is due: a flood
+                // must not keep a revoked key alive in its sidecars until their leases end.
+                let Some(caller) = verified.filter(|_| ready) else {
+                    return self.refuse(None, namespace, name, &denial);
+                };
+                let (pod, guard) = self.lookup(&caller, namespace, name);
+                let key = key_facts(guard.as_deref());
+                let decision = decide::authorize(&caller, namespace, name, pod.as_ref(), key);
+                let answer = decide::unreviewed(decision, denial);
+                return self.refuse(Some(&caller), namespace, name, &answer);
             }
         };
         // A replica just started has not listed its pods and keys yet: "no such pod" would make
         // a sidecar drop a key it holds. This answer is transient: it keeps the key until its
         // lease ends.
-        if !self.watches.is_ready() {
+        if !ready {
             let denial = Denial::KeyUnavailable {
                 reason: "the operator is starting: its caches are still filling".into(),
             };
             return self.refuse(Some(&caller), namespace, name, &denial);
         }
-        // Only a caller of this namespace gets as far as a lookup.
-        let (pod, guard) = if caller.namespace == namespace {
-            let pk = ObjectRef::new(name).within(namespace);
-            (
-                self.pod_facts(namespace, &caller.pod_name),
-                self.watches.providerkeys.get(&pk),
-            )
-        } else {
-            (None, None)
-        };
-        let key = match guard.as_deref().map(|g| g.0.as_ref()) {
-            None => KeyFacts::Missing,
-            Some(Err(_)) => KeyFacts::Unreadable,
-            Some(Ok(pk)) => KeyFacts::Present(pk),
-        };
+        let (pod, guard) = self.lookup(&caller, namespace, name);
+        let key = key_facts(guard.as_deref());
         let pk = match (
             decide::authorize(&caller, namespace, name, pod.as_ref(), key),
             key,
@@ -418,6 +454,24 @@ impl Broker {
                 self.refuse(Some(&caller), namespace, name, &denial)
             }
         }
+    }
+
+    /// The pod and the ProviderKey for a caller: only a caller of this namespace gets as far
+    /// as a lookup.
+    fn lookup(
+        &self,
+        caller: &Caller,
+        namespace: &str,
+        name: &str,
+    ) -> (Option<PodFacts>, Option<Arc<ProviderKeyEntry>>) {
+        if caller.namespace != namespace {
+            return (None, None);
+        }
+        let pk = ObjectRef::new(name).within(namespace);
+        (
+            self.pod_facts(namespace, &caller.pod_name),
+            self.watches.providerkeys.get(&pk),
+        )
     }
 
     async fn grant(
@@ -534,7 +588,24 @@ impl Broker {
             result = denial.metric_label(),
             "key broker"
         );
-        error_json(denial.status(), denial.reason(), &denial.message())
+        let mut response = error_json(denial.status(), denial.reason(), &denial.message());
+        if let Some(seconds) = denial.retry_after()
+            && let Ok(value) = header::HeaderValue::from_str(&seconds.to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        response
+    }
+}
+
+/// What the broker's ProviderKey cache holds for one name.
+type ProviderKeyEntry = kube::core::DeserializeGuard<ProviderKey>;
+
+fn key_facts(entry: Option<&ProviderKeyEntry>) -> KeyFacts<'_> {
+    match entry.map(|g| g.0.as_ref()) {
+        None => KeyFacts::Missing,
+        Some(Err(_)) => KeyFacts::Unreadable,
+        Some(Ok(pk)) => KeyFacts::Present(pk),
     }
 }
 

@@ -1,20 +1,31 @@
-//! Who a bearer token belongs to: a TokenReview, whose result is cached by the token's hash
-//! until the token expires or for [`REVIEW_TTL`], whichever comes first. Only the review is
-//! cached: pod existence is checked against the pod cache on every request, so a deleted or
-//! recreated pod is refused at once.
+//! Who a bearer token belongs to. A token is first checked locally ([`super::jwt`]: shape,
+//! audience, time, issuer, the pod it names, the signature with the API server's published
+//! keys): a made-up token is refused there and costs the API server nothing. One that passes
+//! goes to a TokenReview (it alone knows about revocation and deleted bound objects), whose
+//! result is cached by the token's hash until the token expires or for [`REVIEW_TTL`],
+//! whichever comes first. Pod existence is checked against the pod cache on every request,
+//! so a deleted or recreated pod is refused at once.
+//!
+//! Reviews in flight are bounded, overall ([`MAX_REVIEWS_IN_FLIGHT`]) and per namespace of
+//! the token ([`MAX_REVIEWS_PER_NAMESPACE`]), so one namespace's tokens cannot take every
+//! slot. A token that finds no slot is answered 503 `TooBusy`; cached answers never wait.
+//! Accepted and refused reviews are cached apart, each bounded, and a full cache takes no new
+//! entry rather than evicting a live one: refusals cannot push out the sidecars' reviews.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use base64::Engine;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::{Api, PostParams};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::decide::{Caller, Denial, caller_from_user};
+use super::jwt::{self, Discovery, PodCheck, Precheck, TokenFault};
+use crate::metrics::Metrics;
 use crate::names;
 
 /// The longest a review is trusted.
@@ -22,66 +33,178 @@ pub const REVIEW_TTL: Duration = Duration::from_secs(60);
 /// A refused token is remembered this long, so a caller retrying a bad token costs the API
 /// server one review per this period.
 const REFUSAL_TTL: Duration = Duration::from_secs(10);
-/// Reviews remembered before the cache starts over.
-const MAX_ENTRIES: usize = 65_536;
+/// Accepted reviews remembered at most (a sidecar's token is renewed about hourly).
+const MAX_ACCEPTED: usize = 65_536;
+/// Refused reviews remembered at most.
+const MAX_REFUSED: usize = 16_384;
+/// TokenReviews in flight at once, all namespaces together.
+pub const MAX_REVIEWS_IN_FLIGHT: usize = 16;
+/// TokenReviews in flight at once for the tokens of one namespace.
+pub const MAX_REVIEWS_PER_NAMESPACE: usize = 4;
+/// How long a token waits for a review slot before the answer is 503 `TooBusy`.
+const SLOT_WAIT: Duration = Duration::from_secs(2);
+/// How long one TokenReview may take.
+const REVIEW_TIMEOUT: Duration = Duration::from_secs(10);
+/// The API server's issuer and keys are fetched again at most this often (when a token
+/// names a key or an issuer not known).
+pub const DISCOVERY_REFETCH: Duration = Duration::from_secs(30);
+/// How long fetching them may take.
+const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Namespaces with a review slot table; idle tables are dropped past this many.
+const MAX_NAMESPACE_SLOTS: usize = 1_024;
 
-/// A review's answer and until when it is trusted, by SHA-256 of the token.
-type ReviewCache = HashMap<[u8; 32], (Instant, Result<Caller, Denial>)>;
+/// Who is calling, as far as the broker can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// Reviewed by the API server (now or in the cache).
+    Known(Caller),
+    /// Refused, by the local checks or a (cached) review.
+    Refused(Denial),
+    /// No review could be made now (`denial`: too busy, or the API server did not answer).
+    /// `verified`: the caller, when the token's signature checked out locally; the broker
+    /// may still give it a final refusal (a key deleted, a pod gone), never the key.
+    Unreviewed {
+        denial: Denial,
+        verified: Option<Caller>,
+    },
+}
 
 pub struct TokenReviews {
     api: Api<TokenReview>,
-    cache: Mutex<ReviewCache>,
+    accepted: Cache<Caller>,
+    refused: Cache<Denial>,
+    discovery: Discoverer,
+    slots: Slots,
+    metrics: Arc<Metrics>,
 }
 
 impl TokenReviews {
-    pub fn new(client: kube::Client) -> Self {
+    pub fn new(client: kube::Client, metrics: Arc<Metrics>) -> Self {
         Self {
-            api: Api::all(client),
-            cache: Mutex::default(),
+            api: Api::all(client.clone()),
+            accepted: Cache::new(MAX_ACCEPTED),
+            refused: Cache::new(MAX_REFUSED),
+            discovery: Discoverer::new(client, metrics.clone()),
+            slots: Slots::new(MAX_REVIEWS_IN_FLIGHT, MAX_REVIEWS_PER_NAMESPACE),
+            metrics,
         }
     }
 
-    /// The caller behind `token`, or why the token is refused. `Err` of the outer result:
-    /// the API server could not be asked (the answer is 503, and nothing is cached).
-    pub async fn review(
+    /// The caller behind `token`. `pod_check`: the broker's checks of the caller's namespace
+    /// and pod, `None` while the pod cache has not listed (then skipped).
+    pub async fn identify(
         &self,
         token: &SecretString,
-    ) -> Result<Result<Caller, Denial>, kube::Error> {
-        let hash: [u8; 32] = Sha256::digest(token.expose_secret().as_bytes()).into();
-        let now = Instant::now();
-        if let Some((until, answer)) = self
-            .cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&hash)
-            && *until > now
-        {
-            return Ok(answer.clone());
+        pod_check: Option<PodCheck<'_>>,
+    ) -> Identity {
+        let token = token.expose_secret();
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(cached) = self.cached(&hash) {
+            return cached;
+        }
+        let (caller, verified) = match self.precheck(token, pod_check).await {
+            Ok(Precheck::Verified(caller)) => (caller, true),
+            Ok(Precheck::Unverified(caller)) => (caller, false),
+            Err(denial) => return Identity::Refused(denial),
+        };
+        let signature = if verified { "verified" } else { "unverified" };
+        let unreviewed = |denial| Identity::Unreviewed {
+            denial,
+            verified: verified.then(|| caller.clone()),
+        };
+        let Some(_slot) = self.slots.acquire(&caller.namespace, SLOT_WAIT).await else {
+            return unreviewed(Denial::TooBusy);
+        };
+        // The same token may have been reviewed for another request meanwhile.
+        if let Some(cached) = self.cached(&hash) {
+            return cached;
         }
         let review = TokenReview {
             spec: TokenReviewSpec {
-                token: token.expose_secret().to_string(),
+                token: token.to_string(),
                 audiences: Some(vec![names::TOKEN_AUDIENCE.to_string()]),
             },
             ..Default::default()
         };
-        let reviewed = self.api.create(&PostParams::default(), &review).await?;
-        let answer = judge(&reviewed);
-        let ttl = match &answer {
-            Ok(_) => token_lifetime(token.expose_secret(), jiff::Timestamp::now())
-                .map_or(REVIEW_TTL, |left| left.min(REVIEW_TTL)),
-            Err(_) => REFUSAL_TTL,
+        let reviewed = tokio::time::timeout(
+            REVIEW_TIMEOUT,
+            self.api.create(&PostParams::default(), &review),
+        )
+        .await;
+        let reviewed = match reviewed {
+            Ok(Ok(reviewed)) => reviewed,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "TokenReview failed");
+                self.metrics.token_review("failed", signature);
+                return unreviewed(Denial::ReviewFailed);
+            }
+            Err(_) => {
+                tracing::warn!(timeout = ?REVIEW_TIMEOUT, "TokenReview timed out");
+                self.metrics.token_review("failed", signature);
+                return unreviewed(Denial::ReviewFailed);
+            }
         };
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= MAX_ENTRIES {
-            cache.retain(|_, (until, _)| *until > now);
-            if cache.len() >= MAX_ENTRIES {
-                cache.clear();
+        let now = Instant::now();
+        match judge(&reviewed) {
+            Ok(caller) => {
+                self.metrics.token_review("accepted", signature);
+                let left = jwt::seconds_left(token, jiff::Timestamp::now().as_second())
+                    .map_or(REVIEW_TTL, Duration::from_secs);
+                self.accepted
+                    .insert(hash, now + left.min(REVIEW_TTL), caller.clone(), now);
+                Identity::Known(caller)
+            }
+            Err(denial) => {
+                self.metrics.token_review("refused", signature);
+                self.refused
+                    .insert(hash, now + REFUSAL_TTL, denial.clone(), now);
+                Identity::Refused(denial)
             }
         }
-        cache.insert(hash, (now + ttl, answer.clone()));
-        Ok(answer)
     }
+
+    fn cached(&self, hash: &[u8; 32]) -> Option<Identity> {
+        let now = Instant::now();
+        if let Some(caller) = self.accepted.get(hash, now) {
+            return Some(Identity::Known(caller));
+        }
+        self.refused.get(hash, now).map(Identity::Refused)
+    }
+
+    /// The local checks, with the API server's issuer and keys fetched when first needed and
+    /// again (at most every [`DISCOVERY_REFETCH`]) when a token names ones not known. Fetching
+    /// them failing never refuses a token: the TokenReview decides then.
+    async fn precheck(
+        &self,
+        token: &str,
+        pod_check: Option<PodCheck<'_>>,
+    ) -> Result<Precheck, Denial> {
+        let now = jiff::Timestamp::now().as_second();
+        let run = |doc: Option<&Discovery>| jwt::precheck(token, now, doc, pod_check);
+        let mut found = self.discovery.current();
+        if found.doc.is_none() {
+            found = self.discovery.refresh().await;
+        }
+        let mut checked = run(found.doc.as_deref());
+        if needs_fresh_keys(&checked) {
+            found = self.discovery.refresh().await;
+            checked = run(found.doc.as_deref());
+            if needs_fresh_keys(&checked) && !found.ok {
+                checked = run(None);
+            }
+        }
+        checked
+    }
+}
+
+/// Refusals that may come from knowing an older issuer or key set than the API server's.
+fn needs_fresh_keys(checked: &Result<Precheck, Denial>) -> bool {
+    matches!(
+        checked,
+        Err(Denial::TokenRejected(
+            TokenFault::UnknownKey | TokenFault::WrongIssuer
+        ))
+    )
 }
 
 /// The review's verdict: authenticated, for our audience, and a pod-bound ServiceAccount.
@@ -107,19 +230,173 @@ fn judge(review: &TokenReview) -> Result<Caller, Denial> {
     .ok_or(Denial::NotPodBound)
 }
 
-/// How long until the JWT's `exp`, read without checking the signature (the TokenReview
-/// did that): only to not trust a review past the token's own end.
-fn token_lifetime(token: &str, now: jiff::Timestamp) -> Option<Duration> {
-    let payload = token.split('.').nth(1)?;
-    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .ok()?;
-    let exp = serde_json::from_slice::<serde_json::Value>(&json)
-        .ok()?
-        .get("exp")?
-        .as_i64()?;
-    let left = exp.checked_sub(now.as_second())?;
-    Some(Duration::from_secs(u64::try_from(left).unwrap_or(0)))
+/// Answers by token hash until they expire. Never evicts a live entry: when full of them,
+/// a new answer is not cached (it costs a review next time instead).
+struct Cache<T> {
+    max: usize,
+    entries: Mutex<HashMap<[u8; 32], (Instant, T)>>,
+}
+
+impl<T: Clone> Cache<T> {
+    fn new(max: usize) -> Self {
+        Self {
+            max,
+            entries: Mutex::default(),
+        }
+    }
+
+    fn get(&self, hash: &[u8; 32], now: Instant) -> Option<T> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries
+            .get(hash)
+            .filter(|(until, _)| *until > now)
+            .map(|(_, v)| v.clone())
+    }
+
+    /// Whether it was cached.
+    fn insert(&self, hash: [u8; 32], until: Instant, value: T, now: Instant) -> bool {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len() >= self.max && !entries.contains_key(&hash) {
+            entries.retain(|_, (until, _)| *until > now);
+            if entries.len() >= self.max {
+                return false;
+            }
+        }
+        entries.insert(hash, (until, value));
+        true
+    }
+}
+
+/// Review slots: a global bound and one per namespace.
+struct Slots {
+    global: Arc<Semaphore>,
+    per_namespace: usize,
+    namespaces: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+/// A review may run while this is held.
+struct Slot {
+    _namespace: OwnedSemaphorePermit,
+    _global: OwnedSemaphorePermit,
+}
+
+impl Slots {
+    fn new(global: usize, per_namespace: usize) -> Self {
+        Self {
+            global: Arc::new(Semaphore::new(global)),
+            per_namespace,
+            namespaces: Mutex::default(),
+        }
+    }
+
+    /// A slot for a token of `namespace`, or `None` after `wait`. The namespace's own slot
+    /// first: a namespace waits for the shared ones with at most `per_namespace` requests,
+    /// and the shared ones go first come, first served.
+    async fn acquire(&self, namespace: &str, wait: Duration) -> Option<Slot> {
+        let own = {
+            let mut namespaces = self.namespaces.lock().unwrap_or_else(|p| p.into_inner());
+            if namespaces.len() >= MAX_NAMESPACE_SLOTS && !namespaces.contains_key(namespace) {
+                // Idle: nobody holds or waits for one of its permits.
+                namespaces.retain(|_, s| Arc::strong_count(s) > 1);
+            }
+            namespaces
+                .entry(namespace.to_string())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.per_namespace)))
+                .clone()
+        };
+        let global = self.global.clone();
+        tokio::time::timeout(wait, async move {
+            let own = own.acquire_owned().await.ok()?;
+            let global = global.acquire_owned().await.ok()?;
+            Some(Slot {
+                _namespace: own,
+                _global: global,
+            })
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+}
+
+/// The API server's issuer and keys, as last fetched.
+#[derive(Clone, Default)]
+struct Found {
+    doc: Option<Arc<Discovery>>,
+    /// When they were last asked for (successfully or not).
+    attempted: Option<Instant>,
+    /// Whether that last attempt succeeded.
+    ok: bool,
+}
+
+struct Discoverer {
+    client: kube::Client,
+    found: Mutex<Found>,
+    /// One fetch at a time; the others wait for its result.
+    fetching: tokio::sync::Mutex<()>,
+    metrics: Arc<Metrics>,
+}
+
+impl Discoverer {
+    fn new(client: kube::Client, metrics: Arc<Metrics>) -> Self {
+        Self {
+            client,
+            found: Mutex::default(),
+            fetching: tokio::sync::Mutex::new(()),
+            metrics,
+        }
+    }
+
+    fn current(&self) -> Found {
+        self.found.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Fetches again unless that was tried less than [`DISCOVERY_REFETCH`] ago.
+    async fn refresh(&self) -> Found {
+        let _one = self.fetching.lock().await;
+        let current = self.current();
+        if current
+            .attempted
+            .is_some_and(|at| at.elapsed() < DISCOVERY_REFETCH)
+        {
+            return current;
+        }
+        let fetched = tokio::time::timeout(DISCOVERY_TIMEOUT, fetch_discovery(&self.client))
+            .await
+            .unwrap_or_else(|_| Err("timed out".into()));
+        let mut found = self.found.lock().unwrap_or_else(|p| p.into_inner());
+        found.attempted = Some(Instant::now());
+        found.ok = fetched.is_ok();
+        self.metrics.jwks_fetch(found.ok);
+        match fetched {
+            Ok(doc) => {
+                tracing::debug!(issuer = %doc.issuer, keys = ?doc.keys, "fetched the API server's ServiceAccount token issuer and keys");
+                found.doc = Some(Arc::new(doc));
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "fetching the API server's ServiceAccount token issuer and keys failed; tokens signed with keys not known go to a TokenReview unchecked"
+            ),
+        }
+        found.clone()
+    }
+}
+
+/// `GET /.well-known/openid-configuration` and `GET /openid/v1/jwks` on the API server.
+async fn fetch_discovery(client: &kube::Client) -> Result<Discovery, String> {
+    let get = |path: &'static str| async move {
+        let request = http::Request::get(path)
+            .body(Vec::new())
+            .map_err(|e| e.to_string())?;
+        client
+            .request_text(request)
+            .await
+            .map_err(|e| format!("GET {path}: {e}"))
+    };
+    let issuer = jwt::parse_issuer(&get("/.well-known/openid-configuration").await?)
+        .ok_or("the OpenID configuration names no issuer")?;
+    let keys = jwt::parse_jwks(&get("/openid/v1/jwks").await?).ok_or("not a JWKS document")?;
+    Ok(Discovery { issuer, keys })
 }
 
 #[cfg(test)]
@@ -183,18 +460,55 @@ mod tests {
     }
 
     #[test]
-    fn token_lifetime_reads_exp_and_tolerates_garbage() {
-        let now = jiff::Timestamp::from_second(1_000).expect("ts");
-        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"exp":1600}"#);
-        let jwt = format!("h.{payload}.s");
-        assert_eq!(token_lifetime(&jwt, now), Some(Duration::from_secs(600)));
-        let expired = format!(
-            "h.{}.s",
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"exp":10}"#)
+    fn a_full_cache_keeps_its_live_entries() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(60);
+        let cache = Cache::new(2);
+        assert!(cache.insert([1; 32], later, "good", now));
+        assert!(cache.insert([2; 32], now + Duration::from_secs(1), "short", now));
+        // Full of live entries: the newcomer is not cached, nobody is evicted.
+        assert!(!cache.insert([3; 32], later, "flood", now));
+        assert_eq!(cache.get(&[1; 32], now), Some("good"));
+        assert_eq!(cache.get(&[3; 32], now), None);
+        // Once one has expired, its room is taken.
+        let after = now + Duration::from_secs(2);
+        assert_eq!(cache.get(&[2; 32], after), None);
+        assert!(cache.insert([3; 32], later, "flood", after));
+        assert_eq!(cache.get(&[1; 32], after), Some("good"));
+        assert_eq!(cache.get(&[3; 32], after), Some("flood"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_namespace_cannot_take_every_review_slot() {
+        let slots = Slots::new(3, 2);
+        let wait = Duration::from_millis(100);
+        let a1 = slots.acquire("a", wait).await.expect("a's first");
+        let a2 = slots.acquire("a", wait).await.expect("a's second");
+        assert!(
+            slots.acquire("a", wait).await.is_none(),
+            "a holds its share"
         );
-        assert_eq!(token_lifetime(&expired, now), Some(Duration::ZERO));
-        for garbage in ["", "a", "a.b.c", "a.!!!.c", "a.e30.c"] {
-            assert_eq!(token_lifetime(garbage, now), None, "{garbage}");
-        }
+        let b1 = slots
+            .acquire("b", wait)
+            .await
+            .expect("b gets the last shared slot");
+        assert!(slots.acquire("c", wait).await.is_none(), "all taken");
+        drop(a1);
+        let c1 = slots.acquire("c", wait).await.expect("a slot freed");
+        drop((a2, b1, c1));
+        assert!(slots.acquire("a", wait).await.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_token_gets_the_next_free_slot() {
+        let slots = Arc::new(Slots::new(1, 1));
+        let held = slots.acquire("a", Duration::ZERO).await.expect("free");
+        let waiter = {
+            let slots = slots.clone();
+            tokio::spawn(async move { slots.acquire("b", Duration::from_secs(1)).await.is_some() })
+        };
+        tokio::task::yield_now().await;
+        drop(held);
+        assert!(waiter.await.expect("joined"), "b got the freed slot");
     }
 }

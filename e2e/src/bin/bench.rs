@@ -27,6 +27,12 @@
 //!    `BENCH_BROKER_CONCURRENCY` tasks for `BENCH_BROKER_SECONDS`, full answers (200), then
 //!    as long again with `If-None-Match` (304): requests per second, p50/p99, and the API
 //!    requests the operator made meanwhile.
+//! 10. `forged`: a reviewed sidecar's p99 (`If-None-Match`, `BENCH_BROKER_CONCURRENCY`
+//!     callers) quiet, then during a flood of `BENCH_FORGED` (2,000) distinct forged tokens
+//!     (a real pod's token with the signature replaced) from another process,
+//!     `BENCH_FORGED_CONCURRENCY` (64) requests in flight, both for
+//!     `BENCH_BROKER_SECONDS`; the TokenReviews the flood cost (aim: none; p99 aim: at most
+//!     twice the quiet one).
 //!
 //! `BENCH_SECTIONS` (comma list, default all) picks sections by name; `steady`, `spec` and
 //! `restart` measure the keys `scale` creates, so any of them runs `scale` too. Sections 1-5
@@ -35,7 +41,8 @@
 //! Environment: `BENCH_KEYS`, `BENCH_NAMESPACES` (100), `BENCH_VERIFY_RATE` (100 calls/s per
 //! host), `BENCH_VERIFY_CONCURRENCY` (16), `BENCH_UNRELATED_SECRETS` (1000 Secrets of 4 KiB
 //! that are not key sources), `BENCH_RESTART_WINDOW` (60 s), `BENCH_PODS` (300),
-//! `BENCH_BROKER_SECONDS` (10), `BENCH_BROKER_CONCURRENCY` (16), `BENCH_SECTIONS`.
+//! `BENCH_BROKER_SECONDS` (10), `BENCH_BROKER_CONCURRENCY` (16), `BENCH_FORGED` (2000),
+//! `BENCH_FORGED_CONCURRENCY` (64), `BENCH_SECTIONS`.
 
 #[path = "bench_proxy/mod.rs"]
 mod bench_proxy;
@@ -288,6 +295,10 @@ fn providerkey(name: &str, secret: &str) -> anyhow::Result<ProviderKey> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("flood") {
+        return flood_main(&args[2..]).await;
+    }
     let count: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
@@ -329,7 +340,10 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?;
     }
-    if sections.on("webhook") || sections.on("broker") || sections.on("proxy") {
+    if ["webhook", "broker", "forged", "proxy"]
+        .iter()
+        .any(|s| sections.on(s))
+    {
         serving_sections(&fake, &dir, &binary, &sections).await?;
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -341,8 +355,9 @@ struct Sections(Option<Vec<String>>);
 
 impl Sections {
     /// `pods` runs from the Makefile (under `hack/node-ns.sh`), not in this binary.
-    const NAMES: [&str; 9] = [
-        "latency", "scale", "steady", "spec", "restart", "webhook", "broker", "proxy", "pods",
+    const NAMES: [&str; 10] = [
+        "latency", "scale", "steady", "spec", "restart", "webhook", "broker", "forged", "proxy",
+        "pods",
     ];
 
     fn from_env() -> anyhow::Result<Self> {
@@ -1192,6 +1207,11 @@ async fn measure_serving(
         pods.delete_collection(&DeleteParams::default(), &ListParams::default())
             .await?;
     }
+    if sections.on("forged") {
+        forged_flood(env, operator, broker_url, KEY).await?;
+        pods.delete_collection(&DeleteParams::default(), &ListParams::default())
+            .await?;
+    }
     if sections.on("proxy") {
         bench_proxy::run(env, fake, broker_url, KEY, &key, Path::new(binary), dir).await?;
     }
@@ -1417,5 +1437,192 @@ async fn hostile_reviews(env: &TestEnv, operator: &Operator, url: &str) -> anyho
         ms(percentile(&took, 0.5)),
         ms(percentile(&took, 0.99))
     );
+    Ok(())
+}
+
+/// Section 10: a reviewed sidecar's latency, quiet and during a flood of forged tokens.
+async fn forged_flood(
+    env: &TestEnv,
+    operator: &Operator,
+    broker_url: &str,
+    key: &str,
+) -> anyhow::Result<()> {
+    let seconds = Duration::from_secs(env_or("BENCH_BROKER_SECONDS", 10));
+    let concurrency: usize = env_or("BENCH_BROKER_CONCURRENCY", 16).max(1);
+    let count: usize = env_or("BENCH_FORGED", 2000).max(1);
+    let flooders: usize = env_or("BENCH_FORGED_CONCURRENCY", 64).max(1);
+    let pod = env
+        .api::<Pod>()
+        .create(
+            &PostParams::default(),
+            &bench_pod("bench-forged-", key, true),
+        )
+        .await?;
+    anyhow::ensure!(has_sidecar(&pod), "the pod was not injected");
+    let token = pod_token(env, "default", &pod, names::TOKEN_AUDIENCE).await?;
+    let ca = env
+        .api::<Secret>()
+        .get(byok_operator::serving::certs::DEFAULT_SECRET_NAME)
+        .await?
+        .data
+        .and_then(|d| d.get("ca.crt").cloned())
+        .context("the operator's certificate Secret has no ca.crt")?;
+    let client = || {
+        reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(&ca.0)?])
+            .pool_max_idle_per_host(concurrency)
+            .build()
+    };
+    let http = client()?;
+    let url = format!("{broker_url}/v1/keys/{}/{key}", env.namespace);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let etag = loop {
+        let r = http.get(&url).bearer_auth(&token).send().await?;
+        let status = r.status();
+        let etag = r
+            .headers()
+            .get(reqwest::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        if status == reqwest::StatusCode::OK {
+            break etag.context("a 200 without an ETag")?;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the broker never served the key: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await; // polling interval
+    };
+    let reviews = || operator.counter("byok_broker_token_reviews_total", |_| true);
+    let conditional = |http| {
+        let (url, token, etag) = (url.clone(), token.clone(), etag.clone());
+        async move {
+            hammer(
+                &http,
+                &url,
+                &token,
+                Some(&etag),
+                reqwest::StatusCode::NOT_MODIFIED,
+                seconds,
+                concurrency,
+            )
+            .await
+        }
+    };
+    let quiet = conditional(http.clone()).await;
+
+    // The flood comes from another process (this binary, `bench flood ...`): its client work
+    // does not slow the measuring tasks' runtime.
+    let forged = byok_e2e::forged::forged_tokens(&token, count)?;
+    let dir = std::env::temp_dir().join(format!("byok-bench-forged-{}", env.namespace));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("ca.pem"), &ca.0)?;
+    std::fs::write(dir.join("tokens"), forged.join("\n"))?;
+    let reviews_before = reviews().await;
+    let mut flooder = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("flood")
+        .arg(&url)
+        .arg(dir.join("ca.pem"))
+        .arg(dir.join("tokens"))
+        .arg(flooders.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut out = tokio::io::BufReader::new(flooder.stdout.take().context("no stdout")?);
+    let mut line = String::new();
+    // "flooding" once its first answers are in.
+    tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line).await?;
+    anyhow::ensure!(line.trim() == "flooding", "the flooder said {line:?}");
+    let flooded = conditional(http.clone()).await;
+    // Closing its stdin stops it; it prints how many requests it sent.
+    drop(flooder.stdin.take());
+    line.clear();
+    tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line).await?;
+    flooder.wait().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let forged_sent: usize = line.trim().parse().unwrap_or(0);
+    let reviews = reviews().await - reviews_before;
+    let p99 = |h: &Hammered| ms(percentile(&h.latencies, 0.99));
+    println!(
+        "  forged tokens: a reviewed sidecar ({concurrency} callers, If-None-Match), {} s quiet then {} s beside {flooders} requests in flight sending {count} distinct forged tokens (only the signature wrong):",
+        seconds.as_secs(),
+        seconds.as_secs()
+    );
+    for (what, run) in [("quiet", &quiet), ("during the flood", &flooded)] {
+        println!(
+            "    {what}: {:.0} requests/s, p50 {:.2} ms, p99 {:.2} ms; {} other answers{}",
+            run.rps(),
+            ms(percentile(&run.latencies, 0.5)),
+            p99(run),
+            run.unexpected,
+            run.first_unexpected
+                .as_ref()
+                .map_or(String::new(), |e| format!(" (first: {e})"))
+        );
+    }
+    println!(
+        "    p99 during the flood / quiet: {:.2} (aim <= 2); forged requests: {forged_sent} ({:.0}/s, from another process); TokenReviews they cost: {reviews} (aim 0, at most 1 %)",
+        p99(&flooded) / p99(&quiet).max(0.001),
+        forged_sent as f64 / seconds.as_secs_f64().max(0.001)
+    );
+    Ok(())
+}
+
+/// `bench flood URL CA_PEM TOKENS CONCURRENCY`: sends the tokens (one a line) to `URL` from
+/// `CONCURRENCY` tasks, round and round, until its stdin closes; prints `flooding` once the
+/// first answers are in, and at the end how many requests it sent.
+async fn flood_main(args: &[String]) -> anyhow::Result<()> {
+    let [url, ca, tokens, concurrency] = args else {
+        anyhow::bail!("usage: bench flood URL CA_PEM TOKENS CONCURRENCY");
+    };
+    let http = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&std::fs::read(ca)?)?])
+        .build()?;
+    let tokens: Arc<Vec<String>> = Arc::new(
+        std::fs::read_to_string(tokens)?
+            .lines()
+            .map(str::to_string)
+            .collect(),
+    );
+    anyhow::ensure!(!tokens.is_empty(), "no tokens");
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..concurrency.parse::<usize>()?.max(1))
+        .map(|_| {
+            let (http, url, tokens, stop, sent) = (
+                http.clone(),
+                url.clone(),
+                tokens.clone(),
+                stop.clone(),
+                sent.clone(),
+            );
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let i = sent.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(r) = http
+                        .get(&url)
+                        .bearer_auth(&tokens[i % tokens.len()])
+                        .send()
+                        .await
+                    {
+                        let _ = r.bytes().await;
+                    }
+                }
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sent.load(Ordering::Relaxed) < 2 * tasks.len() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await; // polling interval
+    }
+    println!("flooding");
+    let _ = tokio::task::spawn_blocking(|| {
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new())
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    futures::future::join_all(tasks).await;
+    println!("{}", sent.load(Ordering::Relaxed));
     Ok(())
 }
