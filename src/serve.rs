@@ -96,6 +96,7 @@ pub async fn start(
     let native_sidecars = native_sidecars_survive(&client, &config.operator_namespace).await;
     let injector = Arc::new(Injector::new(
         watches.providerkeys.clone(),
+        watches.pods.clone(),
         InjectSettings {
             proxy_image: config.proxy.image.clone(),
             pull_policy: config.proxy.pull_policy.clone(),

@@ -233,12 +233,25 @@ impl ServingOperator {
     /// Adds the chart's webhook `webhook` (one [`webhook_configuration`] leaves out) to this
     /// operator's configuration, pointed and scoped like the others.
     pub async fn add_chart_webhook(&self, env: &TestEnv, webhook: &str) -> anyhow::Result<()> {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../config/base/mutatingwebhookconfiguration.yaml"
-        );
-        let chart: MutatingWebhookConfiguration =
-            serde_saphyr::from_str(&std::fs::read_to_string(path)?)?;
+        self.add_chart_webhook_with(env, webhook, &[]).await
+    }
+
+    /// As [`Self::add_chart_webhook`], from the chart rendered with `sets` (`--set` values:
+    /// the opt-in webhooks).
+    pub async fn add_chart_webhook_with(
+        &self,
+        env: &TestEnv,
+        webhook: &str,
+        sets: &[String],
+    ) -> anyhow::Result<()> {
+        let rendered = crate::manifests::objects(&crate::manifests::render_chart(
+            "byok-operator",
+            "byok-system",
+            sets,
+        )?)?;
+        let chart: MutatingWebhookConfiguration = serde_json::from_value(
+            crate::manifests::one(&rendered, "MutatingWebhookConfiguration")?.clone(),
+        )?;
         let mut added = chart
             .webhooks
             .into_iter()

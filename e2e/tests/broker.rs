@@ -827,18 +827,41 @@ async fn only_the_injected_sidecar_gets_the_key() -> anyhow::Result<()> {
         .await?;
     assert_eq!(refused.reason(), "Forbidden");
 
-    // An ephemeral container (kubectl debug) mounting the sidecar's token.
+    // An ephemeral container (kubectl debug) mounting the sidecar's token: refused at the
+    // API server (ephemeral.byok.dev); without that webhook, by the broker.
     let debugged_name = debugged.metadata.name.clone().unwrap_or_default();
-    pods.patch_subresource(
-        "ephemeralcontainers",
-        &debugged_name,
-        &PatchParams::default(),
-        &Patch::Strategic(serde_json::json!({"spec": {"ephemeralContainers": [{
-            "name": "debug", "image": "busybox",
-            "volumeMounts": [{"name": byok_operator::webhook::patch::TOKEN_VOLUME,
-                "mountPath": "/stolen"}]}]}})),
-    )
-    .await?;
+    let debug = Patch::Strategic(serde_json::json!({"spec": {"ephemeralContainers": [{
+        "name": "debug", "image": "busybox",
+        "volumeMounts": [{"name": byok_operator::webhook::patch::TOKEN_VOLUME,
+            "mountPath": "/stolen"}]}]}}));
+    let refused = pods
+        .patch_subresource(
+            "ephemeralcontainers",
+            &debugged_name,
+            &PatchParams::default(),
+            &debug,
+        )
+        .await
+        .expect_err("refused at the API server");
+    assert!(
+        refused.to_string().contains("ephemeral.byok.dev"),
+        "{refused}"
+    );
+    op.remove_webhook(&env, "ephemeral.byok.dev").await?;
+    let deadline = Instant::now() + CACHE_WAIT;
+    while let Err(e) = pods
+        .patch_subresource(
+            "ephemeralcontainers",
+            &debugged_name,
+            &PatchParams::default(),
+            &debug,
+        )
+        .await
+    {
+        // The API server's view of the configuration catches up.
+        anyhow::ensure!(Instant::now() < deadline, "still refused: {e}");
+        tokio::time::sleep(POLL_EVERY).await;
+    }
     let token = pod_token(&env, "default", &debugged, names::TOKEN_AUDIENCE).await?;
     sidecar
         .ask_until(
@@ -906,8 +929,12 @@ async fn a_hand_made_copy_of_the_sidecar_gets_no_key() -> anyhow::Result<()> {
         .map(serde_json::to_value)
         .collect::<Result<_, _>>()?;
 
-    // (what is added to the exact copy, the volumes it needs)
+    // (what is added to the exact copy, the volumes it needs); the first, nothing: an exact
+    // copy of the sidecar can only take the token to this broker, and is served (a pod
+    // creator may use the keys anyway; what the broker cannot tell apart is written in
+    // docs/upgrade.md).
     let variants: Vec<(&str, serde_json::Value, Vec<serde_json::Value>)> = vec![
+        ("an exact copy", serde_json::json!({}), vec![]),
         (
             "an emptyDir over the binary",
             serde_json::json!({"volumeMounts+": [{"name": "swap", "mountPath": "/byok-operator", "subPath": "byok-operator"}]}),
@@ -963,6 +990,19 @@ async fn a_hand_made_copy_of_the_sidecar_gets_no_key() -> anyhow::Result<()> {
         )
         .await?;
         let token = pod_token(&env, "default", &pod, names::TOKEN_AUDIENCE).await?;
+        if what == "an exact copy" {
+            sidecar
+                .ask_until(
+                    (ns, "ant"),
+                    Some(&token),
+                    None,
+                    CACHE_WAIT,
+                    "granted",
+                    |a| a.status == 200,
+                )
+                .await?;
+            continue;
+        }
         // Every answer is a refusal; wait until the labelled pod was judged in the cache.
         let before = op.metrics.broker_answers("pod_not_injected");
         let deadline = Instant::now() + CACHE_WAIT;
@@ -979,8 +1019,8 @@ async fn a_hand_made_copy_of_the_sidecar_gets_no_key() -> anyhow::Result<()> {
     }
     assert_eq!(
         op.metrics.broker_answers("granted"),
-        1,
-        "only the model pod"
+        2,
+        "only the model pod and the exact copy"
     );
     Ok(())
 }

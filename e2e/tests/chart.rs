@@ -134,11 +134,13 @@ fn the_chart_lints_and_each_variant_renders_what_it_promises() -> anyhow::Result
             // Pod webhooks see opted-in pods only; the CONNECT ones (whose object is the
             // exec or port-forward options) only requests into the sidecar.
             match webhook["name"].as_str() {
-                Some("inject.byok.dev" | "update.byok.dev") => assert_eq!(
+                Some("inject.byok.dev" | "ephemeral.byok.dev") => assert_eq!(
                     webhook["objectSelector"]["matchLabels"]["byok.dev/inject"],
                     "true"
                 ),
-                Some("exec.byok.dev" | "portforward.byok.dev" | "token.byok.dev") => assert!(
+                Some(
+                    "update.byok.dev" | "exec.byok.dev" | "portforward.byok.dev" | "token.byok.dev",
+                ) => assert!(
                     webhook["matchConditions"]
                         .as_array()
                         .is_some_and(|c| !c.is_empty()),
@@ -164,6 +166,7 @@ fn the_chart_lints_and_each_variant_renders_what_it_promises() -> anyhow::Result
         let mut want = vec![
             "inject.byok.dev",
             "update.byok.dev",
+            "ephemeral.byok.dev",
             "exec.byok.dev",
             "token.byok.dev",
         ];

@@ -779,13 +779,56 @@ async fn the_api_server_refuses_late_opt_in_image_swaps_and_exec() -> anyhow::Re
         &patch(serde_json::json!({"metadata": {"labels": {"team": "a"}, "annotations": {"note": "x"}}})),
     )
     .await?;
-    // Opting out is allowed (the broker then refuses the pod).
+    // kubectl debug on the sidecar.
+    let err = pods
+        .patch_subresource(
+            "ephemeralcontainers",
+            &name,
+            &PatchParams::default(),
+            &Patch::Strategic(serde_json::json!({"spec": {"ephemeralContainers": [{
+                "name": "debug", "image": "busybox", "targetContainerName": SIDECAR_NAME}]}})),
+        )
+        .await
+        .expect_err("debugging the sidecar refused");
+    assert!(
+        err.to_string().contains("ephemeral container \"debug\""),
+        "{err}"
+    );
+    // Opting out is allowed (the broker then refuses the pod)...
     pods.patch(
         &name,
         &PatchParams::default(),
         &patch(serde_json::json!({"metadata": {"labels": {(inject): null}}})),
     )
     .await?;
+    // ...but the opted-out pod's sidecar image stays, and the label does not come back, not
+    // even through pods/status.
+    let err = pods
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Strategic(serde_json::json!({"spec": {"initContainers": [
+                {"name": SIDECAR_NAME, "image": "evil.example/steal:1"}]}})),
+        )
+        .await
+        .expect_err("image swap after opting out refused");
+    assert!(
+        err.to_string().contains("image of the byok-proxy sidecar"),
+        "{err}"
+    );
+    let err = pods
+        .patch_status(
+            &name,
+            &PatchParams::default(),
+            &patch(serde_json::json!({"metadata": {"labels": {(inject): "true"}}})),
+        )
+        .await
+        .expect_err("labelling through pods/status refused");
+    assert!(
+        err.to_string()
+            .contains("can only be set when a pod is created"),
+        "{err}"
+    );
 
     // exec and attach into the sidecar; exec into the application.
     for sub in ["exec", "attach"] {
@@ -838,45 +881,72 @@ async fn the_api_server_refuses_late_opt_in_image_swaps_and_exec() -> anyhow::Re
     Ok(())
 }
 
-/// The opt-in port-forward refusal, as its webhook would be asked (the chart registers it
-/// with `webhook.refusePortForward`): the sidecar's ports are refused, others are not.
+/// The opt-in port-forward refusal (`webhook.refusePortForward`), asked as kubectl asks:
+/// `POST pods/NAME/portforward` naming no port (kubectl sends the ports in stream headers,
+/// after admission). A pod using keys is refused; another pod is not the webhook's concern.
+/// A review naming the sidecar's ports (kube-rs clients send `?ports=`) is refused too.
 #[tokio::test]
-async fn port_forward_to_the_sidecars_ports_is_refused_when_asked() -> anyhow::Result<()> {
+async fn port_forward_to_a_pod_using_keys_is_refused_when_asked() -> anyhow::Result<()> {
     let env = TestEnv::new("portfwd").await?;
     let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
     let op = ServingOperator::start(&env, &fake).await?;
-    let http = op.https_client(&env).await?;
-    let review = |ports: &[i64]| {
-        serde_json::json!({
-            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-            "request": {
-                "uid": "pf-1", "operation": "CONNECT",
-                "kind": {"group": "", "version": "v1", "kind": "PodPortForwardOptions"},
-                "resource": {"group": "", "version": "v1", "resource": "pods"},
-                "subResource": "portforward", "name": "p", "namespace": env.namespace,
-                "userInfo": {"username": "dev"},
-                "object": {"apiVersion": "v1", "kind": "PodPortForwardOptions", "ports": ports}
-            }
-        })
-    };
-    for (ports, allowed) in [
-        (vec![15100], false),
-        (vec![8080, 15090], false),
-        (vec![8080], true),
-    ] {
-        let answer: serde_json::Value = http
-            .post(op.webhook_url())
-            .json(&review(&ports))
-            .send()
-            .await?
-            .json()
-            .await?;
-        assert_eq!(
-            answer["response"]["allowed"], allowed,
-            "{ports:?}: {answer}"
+    ready_key(&env, &fake, "team-a").await?;
+    let keyed = create(&env, &opted_in_pod("keyed-", &["team-a"])).await?;
+    let keyed = keyed.metadata.name.clone().unwrap_or_default();
+    let plain: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"generateName": "plain-"},
+        "spec": {"containers": [{"name": "app", "image": "busybox"}]}
+    }))?;
+    let plain = create(&env, &plain)
+        .await?
+        .metadata
+        .name
+        .unwrap_or_default();
+    op.add_chart_webhook_with(
+        &env,
+        "portforward.byok.dev",
+        &["webhook.refusePortForward=true".to_owned()],
+    )
+    .await?;
+    let forward = |pod: &str, ports: &str| {
+        let url = format!(
+            "/api/v1/namespaces/{}/pods/{pod}/portforward{ports}",
+            env.namespace
         );
-        assert_eq!(answer["response"]["uid"], "pf-1");
+        let client = env.client.clone();
+        async move {
+            let req = http::Request::post(url).body(Vec::new())?;
+            anyhow::Ok(match client.request_text(req).await {
+                Ok(text) => (200, text),
+                Err(kube::Error::Api(e)) => (e.code, e.message),
+                Err(e) => (0, e.to_string()),
+            })
+        }
+    };
+    // The pod cache sees the pod, and the API server the new webhook: poll until refused.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (code, message) = forward(&keyed, "").await?;
+        if code == 403 {
+            assert!(
+                message.contains("port-forward to a pod using byok keys"),
+                "{message}"
+            );
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "port-forward to a pod using keys got {code} {message}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await; // polling interval
     }
+    let (code, message) = forward(&keyed, "?ports=15100").await?;
+    assert_eq!(code, 403, "{message}");
+    let (code, message) = forward(&plain, "").await?;
+    assert!(
+        code != 403 && !message.contains("byok"),
+        "a pod without keys: {code} {message}"
+    );
     Ok(())
 }
 

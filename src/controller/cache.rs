@@ -76,7 +76,7 @@ pub fn identity(meta: &mut ObjectMeta) {
 pub fn strip_pod(pod: &mut k8s_openapi::api::core::v1::Pod) {
     use k8s_openapi::api::core::v1::{
         Container, EphemeralContainer, PodSecurityContext, PodSpec, ProjectedVolumeSource,
-        SecurityContext, Volume, VolumeProjection,
+        ResourceRequirements, SecurityContext, Volume, VolumeProjection,
     };
     let full = std::mem::take(&mut pod.metadata);
     let keep = |map: Option<BTreeMap<String, String>>, key: &str| {
@@ -112,7 +112,13 @@ pub fn strip_pod(pod: &mut k8s_openapi::api::core::v1::Pod) {
     let container = |c: Container| {
         if c.name == crate::webhook::patch::SIDECAR_NAME {
             Container {
-                resources: None,
+                // Of its resources, only the claims (a device driver's mounts and env).
+                resources: c.resources.and_then(|r| {
+                    r.claims.map(|claims| ResourceRequirements {
+                        claims: Some(claims),
+                        ..ResourceRequirements::default()
+                    })
+                }),
                 ports: None,
                 ..c
             }

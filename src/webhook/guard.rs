@@ -39,6 +39,14 @@ pub enum Guarded {
     )]
     PortForwardToSidecar(i64),
     #[error(
+        "port-forward to a pod using byok keys is refused: the request does not say which ports (kubectl names them only once connected), and the {SIDECAR_NAME} sidecar's would serve the pod's keys"
+    )]
+    PortForwardToOptedIn,
+    #[error(
+        "ephemeral container \"{0}\" is refused in a pod using byok keys: it targets the {SIDECAR_NAME} sidecar, mounts its token, is privileged or runs as its user"
+    )]
+    EphemeralReachesSidecar(String),
+    #[error(
         "tokens for audience \"{}\" are for the kubelet to mount into the {SIDECAR_NAME} sidecar; with one, anyone could ask the key broker for the pod's keys",
         names::TOKEN_AUDIENCE
     )]
@@ -62,17 +70,52 @@ pub fn token_request(
     Ok(())
 }
 
-/// A `CONNECT` to a pod's `subresource` (`exec`, `attach`, `portforward`).
-pub fn connect(subresource: &str, container: Option<&str>, ports: &[i64]) -> Result<(), Guarded> {
+/// A `CONNECT` to a pod's `subresource` (`exec`, `attach`, `portforward`); `opted_in`:
+/// whether the pod uses keys (from the pod cache).
+pub fn connect(
+    subresource: &str,
+    container: Option<&str>,
+    ports: &[i64],
+    opted_in: bool,
+) -> Result<(), Guarded> {
     match subresource {
         "exec" if container == Some(SIDECAR_NAME) => Err(Guarded::IntoSidecar("exec")),
         "attach" if container == Some(SIDECAR_NAME) => Err(Guarded::IntoSidecar("attach")),
+        // kubectl and client-go name the ports in stream headers, after admission: the
+        // request names none, and a pod with a sidecar is refused whole.
+        "portforward" if ports.is_empty() && opted_in => Err(Guarded::PortForwardToOptedIn),
         "portforward" => match ports.iter().find(|p| is_sidecar_port(**p)) {
             Some(p) => Err(Guarded::PortForwardToSidecar(*p)),
             None => Ok(()),
         },
         _ => Ok(()),
     }
+}
+
+/// An `UPDATE` of `pods/ephemeralcontainers` (kubectl debug) of an opted-in pod: no
+/// ephemeral container may target the sidecar, mount its token, be privileged or run as
+/// its user (the broker would refuse the pod from then on; this says so before).
+pub fn ephemeral(new: &Pod) -> Result<(), Guarded> {
+    use super::patch::{SIDECAR_UID, TOKEN_VOLUME};
+    let spec = new.spec.as_ref();
+    for c in spec
+        .and_then(|s| s.ephemeral_containers.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        let security = c.security_context.as_ref();
+        let reaches = c.target_container_name.as_deref() == Some(SIDECAR_NAME)
+            || c.volume_mounts
+                .iter()
+                .flatten()
+                .any(|m| m.name == TOKEN_VOLUME)
+            || security.and_then(|s| s.privileged) == Some(true)
+            || security.and_then(|s| s.run_as_user) == Some(SIDECAR_UID);
+        if reaches {
+            return Err(Guarded::EphemeralReachesSidecar(c.name.clone()));
+        }
+    }
+    Ok(())
 }
 
 /// Whether `port` is one the sidecar may listen on (its admin port, or a key port).
@@ -181,6 +224,30 @@ mod tests {
     }
 
     #[test]
+    fn ephemeral_containers_keep_off_the_sidecar() {
+        let with = |e: serde_json::Value| {
+            let mut p =
+                serde_json::to_value(pod(true, Some("ant"), Some("byok/proxy:1"))).expect("pod");
+            p["spec"]["ephemeralContainers"] = json!([e]);
+            serde_json::from_value::<Pod>(p).expect("pod")
+        };
+        assert_eq!(
+            ephemeral(&with(
+                json!({"name": "debug", "targetContainerName": "app"})
+            )),
+            Ok(())
+        );
+        for bad in [
+            json!({"name": "d", "targetContainerName": SIDECAR_NAME}),
+            json!({"name": "d", "volumeMounts": [{"name": "byok-token", "mountPath": "/t"}]}),
+            json!({"name": "d", "securityContext": {"privileged": true}}),
+            json!({"name": "d", "securityContext": {"runAsUser": 15532}}),
+        ] {
+            assert!(ephemeral(&with(bad.clone())).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn only_nodes_mint_broker_tokens() {
         let nodes = vec!["system:nodes".to_owned(), "system:authenticated".to_owned()];
         let ours = vec![names::TOKEN_AUDIENCE.to_owned()];
@@ -203,23 +270,29 @@ mod tests {
     #[test]
     fn connections_into_the_sidecar_are_refused() {
         assert_eq!(
-            connect("exec", Some(SIDECAR_NAME), &[]),
+            connect("exec", Some(SIDECAR_NAME), &[], true),
             Err(Guarded::IntoSidecar("exec"))
         );
         assert_eq!(
-            connect("attach", Some(SIDECAR_NAME), &[]),
+            connect("attach", Some(SIDECAR_NAME), &[], true),
             Err(Guarded::IntoSidecar("attach"))
         );
-        assert_eq!(connect("exec", Some("app"), &[]), Ok(()));
-        assert_eq!(connect("exec", None, &[]), Ok(()));
+        assert_eq!(connect("exec", Some("app"), &[], true), Ok(()));
+        assert_eq!(connect("exec", None, &[], true), Ok(()));
         assert_eq!(
-            connect("portforward", None, &[8080, 15100]),
+            connect("portforward", None, &[8080, 15100], true),
             Err(Guarded::PortForwardToSidecar(15100))
         );
         assert_eq!(
-            connect("portforward", None, &[15090]),
+            connect("portforward", None, &[15090], false),
             Err(Guarded::PortForwardToSidecar(15090))
         );
-        assert_eq!(connect("portforward", None, &[8080, 15116]), Ok(()));
+        assert_eq!(connect("portforward", None, &[8080, 15116], true), Ok(()));
+        // What kubectl sends: no ports in the request.
+        assert_eq!(
+            connect("portforward", None, &[], true),
+            Err(Guarded::PortForwardToOptedIn)
+        );
+        assert_eq!(connect("portforward", None, &[], false), Ok(()));
     }
 }

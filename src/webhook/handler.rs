@@ -40,11 +40,14 @@ pub struct Injector {
     metrics: Arc<Metrics>,
     /// [`BODY_BUDGET_BYTES`] in KiB permits.
     body_budget: Arc<tokio::sync::Semaphore>,
+    /// Opted-in pods (the broker's cache), for port-forwards that name no port.
+    pods: Option<Store<Pod>>,
 }
 
 impl Injector {
     pub fn new(
         providerkeys: Store<kube::core::DeserializeGuard<ProviderKey>>,
+        pods: Option<Store<Pod>>,
         settings: InjectSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -53,7 +56,16 @@ impl Injector {
             settings: RwLock::new(Arc::new(settings)),
             metrics,
             body_budget: Arc::new(tokio::sync::Semaphore::new(BODY_BUDGET_BYTES / 1024)),
+            pods,
         }
+    }
+
+    /// Whether the pod uses keys, as the pod cache knows it (it holds opted-in pods only).
+    fn opted_in(&self, namespace: &str, name: &str) -> bool {
+        self.pods.as_ref().is_some_and(|pods| {
+            pods.get(&ObjectRef::new(name).within(namespace))
+                .is_some_and(|p| crate::names::opts_in(p.metadata.labels.as_ref()))
+        })
     }
 
     /// Replaces the CA bundle sidecars get for the broker (a new CA, or mounted files).
@@ -165,11 +177,13 @@ impl Injector {
             if shape.resource != "/pods" {
                 return Ok((allow(), "untouched"));
             }
+            let opted_in = self.opted_in(&shape.namespace, &shape.name);
             return Ok(
                 match super::guard::connect(
                     &shape.sub_resource,
                     shape.container.as_deref(),
                     &shape.ports,
+                    opted_in,
                 ) {
                     Ok(()) => (allow(), "untouched"),
                     Err(refused) => (deny(refused.to_string()), "refused"),
@@ -184,14 +198,19 @@ impl Injector {
         let response = AdmissionResponse::from(&request);
         let is_pod_update = request.operation == Operation::Update
             && request.resource.group.is_empty()
-            && request.resource.resource == "pods"
-            && request.sub_resource.is_none();
+            && request.resource.resource == "pods";
         if is_pod_update
             && let (Some(old), Some(new)) = (request.old_object.as_ref(), request.object.as_ref())
         {
-            return Ok(match super::guard::update(old, new) {
+            // Labels and annotations change through `pods/status` too.
+            let judged = match request.sub_resource.as_deref() {
+                None | Some("status") => super::guard::update(old, new),
+                Some("ephemeralcontainers") => super::guard::ephemeral(new),
+                Some(_) => Ok(()),
+            };
+            return Ok(match judged {
                 Ok(()) => (response.into_review(), "untouched"),
-                Err(refused) => (response.deny(refused.to_string()).into_review(), "refused"),
+                Err(refused) => (deny(refused.to_string()), "refused"),
             });
         }
         let is_pod_create = request.operation == Operation::Create

@@ -1246,7 +1246,21 @@ pub fn token_held_only_by_sidecar(spec: &PodSpec, settings: &InjectSettings) -> 
     let (Some(holder), None) = (holders.next(), holders.next()) else {
         return false;
     };
+    // Nothing else reaches into it: no block device (a file over its CA bundle), no
+    // resource claim (a device driver can add mounts and env), its termination message
+    // where every release put it.
+    let nothing_else = holder.volume_devices.as_deref().is_none_or(<[_]>::is_empty)
+        && holder
+            .resources
+            .as_ref()
+            .and_then(|r| r.claims.as_deref())
+            .is_none_or(<[_]>::is_empty)
+        && holder
+            .termination_message_path
+            .as_deref()
+            .is_none_or(|p| p == TERMINATION_MESSAGE_PATH);
     holder.name == SIDECAR_NAME
+        && nothing_else
         && runs_our_proxy(holder, settings)
         && holder_mounts_accepted(holder, spec.volumes.as_deref().unwrap_or_default())
         && holder_security_accepted(holder)
@@ -2471,6 +2485,22 @@ mod tests {
             }
         }));
         assert!(!in_sidecar(&|c| c.security_context = None));
+        assert!(!in_sidecar(&|c| {
+            c.volume_devices = Some(vec![k8s_openapi::api::core::v1::VolumeDevice {
+                name: "blk".into(),
+                device_path: "/etc/ssl/certs/ca-certificates.crt".into(),
+            }]);
+        }));
+        assert!(!in_sidecar(&|c| {
+            c.resources.get_or_insert_with(Default::default).claims =
+                Some(vec![k8s_openapi::api::core::v1::ResourceClaim {
+                    name: "gpu".into(),
+                    request: None,
+                }]);
+        }));
+        assert!(!in_sidecar(
+            &|c| c.termination_message_path = Some("/t/token".into())
+        ));
         // What reaches the node, anywhere in the pod.
         assert!(!edited(&|s| s.host_ipc = Some(true)));
         assert!(!edited(&|s| s.host_network = Some(true)));

@@ -36,6 +36,12 @@ pub struct Shape {
     /// (port-forward).
     pub container: Option<String>,
     pub ports: Vec<i64>,
+    /// The object's name and namespace (of a CONNECT: the pod's).
+    pub name: String,
+    pub namespace: String,
+    /// The old object's containers (all kinds) and volumes: parsed too, so bounded too.
+    pub old_containers: usize,
+    pub old_volumes: usize,
     /// Who asks, as the API server authenticated them.
     pub username: String,
     pub groups: Vec<String>,
@@ -86,11 +92,11 @@ impl Shape {
             return Err(Limit::Values);
         }
         let containers = self.containers + self.init_containers + self.ephemeral_containers;
-        if containers > MAX_CONTAINERS {
-            return Err(Limit::Containers(containers));
+        if containers.max(self.old_containers) > MAX_CONTAINERS {
+            return Err(Limit::Containers(containers.max(self.old_containers)));
         }
-        if self.volumes > MAX_VOLUMES {
-            return Err(Limit::Volumes(self.volumes));
+        if self.volumes.max(self.old_volumes) > MAX_VOLUMES {
+            return Err(Limit::Volumes(self.volumes.max(self.old_volumes)));
         }
         if self.annotation_bytes > MAX_ANNOTATION_BYTES {
             return Err(Limit::Annotation(self.annotation_bytes));
@@ -128,7 +134,13 @@ pub fn scan(body: &[u8]) -> Result<Shape, String> {
         #[serde(default)]
         user_info: Option<UserInfo>,
         #[serde(default)]
+        name: String,
+        #[serde(default)]
+        namespace: String,
+        #[serde(default)]
         object: Option<Object>,
+        #[serde(default)]
+        old_object: Option<Object>,
     }
     #[derive(Deserialize)]
     struct UserInfo {
@@ -180,6 +192,13 @@ pub fn scan(body: &[u8]) -> Result<Shape, String> {
     let Some(request) = review.request else {
         return Ok(Shape::default());
     };
+    let old_spec = request.old_object.and_then(|o| o.spec);
+    let old_count =
+        |f: fn(&Spec) -> Option<Count>| old_spec.as_ref().and_then(f).map_or(0, |c| c.0);
+    let old_containers = old_count(|s| s.containers)
+        + old_count(|s| s.init_containers)
+        + old_count(|s| s.ephemeral_containers);
+    let old_volumes = old_count(|s| s.volumes);
     let object = request.object.unwrap_or(Object {
         metadata: None,
         spec: None,
@@ -202,6 +221,10 @@ pub fn scan(body: &[u8]) -> Result<Shape, String> {
         sub_resource: request.sub_resource.unwrap_or_default(),
         container: object.container,
         ports: object.ports.unwrap_or_default(),
+        name: request.name,
+        namespace: request.namespace,
+        old_containers,
+        old_volumes,
         username: request
             .user_info
             .as_ref()
@@ -434,5 +457,11 @@ mod tests {
         let shape = scan(body.to_string().as_bytes()).expect("shape");
         assert_eq!(shape.check(), Err(Limit::Values));
         assert_eq!(shape.uid, "u");
+        // The old object is parsed too: the same limits.
+        let volumes: Vec<_> = (0..MAX_VOLUMES + 1).map(|_| json!({"name": ""})).collect();
+        let body = json!({"request": {"uid": "u", "operation": "CREATE",
+            "oldObject": {"spec": {"volumes": volumes}}}});
+        let shape = scan(body.to_string().as_bytes()).expect("shape");
+        assert_eq!(shape.check(), Err(Limit::Volumes(MAX_VOLUMES + 1)));
     }
 }
