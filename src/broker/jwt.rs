@@ -34,7 +34,7 @@ use crate::names;
 /// below this.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 /// Clock skew tolerated on `exp` and `nbf`, in seconds.
-pub const LEEWAY: i64 = 30;
+pub const LEEWAY: i64 = 60;
 
 /// Why a token was refused before any TokenReview.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -75,6 +75,7 @@ pub struct TokenReviews {
     refused: Cache<Denial>,
     discovery: Discoverer,
     slots: Slots,
+    stale: StaleBudget,
     metrics: Arc<Metrics>,
 }
 
@@ -86,6 +87,7 @@ impl TokenReviews {
             refused: Cache::new(MAX_REFUSED),
             discovery: Discoverer::new(client, metrics.clone()),
             slots: Slots::new(MAX_REVIEWS_IN_FLIGHT, MAX_REVIEWS_PER_NAMESPACE),
+            stale: StaleBudget::default(),
             metrics,
         }
     }
@@ -102,7 +104,8 @@ impl TokenReviews {
         if let Some(cached) = self.cached(&hash) {
             return cached;
         }
-        let (caller, verified) = match self.precheck(token, pod_check).await {
+        let (checked, stale) = self.precheck(token, pod_check).await;
+        let (caller, verified) = match checked {
             Ok(Precheck::Verified(caller)) => (caller, true),
             Ok(Precheck::Unverified(caller)) => (caller, false),
             Err(denial) => return Identity::Refused(denial),
@@ -148,6 +151,11 @@ impl TokenReviews {
         match judge(&reviewed) {
             Ok(caller) => {
                 self.metrics.token_review("accepted", signature);
+                if stale {
+                    // A good token with a key or issuer the broker did not know: the API
+                    // server's changed; the next such token fetches them again at once.
+                    self.discovery.forget_attempt();
+                }
                 let left = jwt::seconds_left(token, jiff::Timestamp::now().as_second())
                     .map_or(REVIEW_TTL, Duration::from_secs);
                 self.accepted
@@ -174,11 +182,18 @@ impl TokenReviews {
     /// The local checks, with the API server's issuer and keys fetched when first needed and
     /// again (at most every [`DISCOVERY_REFETCH`]) when a token names ones not known. Fetching
     /// them failing never refuses a token: the TokenReview decides then.
+    ///
+    /// A token whose key or issuer is still not known after that (the API server has just
+    /// begun signing with a new key, or accepts an older issuer it no longer advertises) is
+    /// not refused for it either: it goes to a review unverified, a few a second
+    /// ([`STALE_REVIEWS_PER_SECOND`], so made-up `kid`s cost the API server a trickle), and
+    /// one such token accepted makes the next fetch come at once. The second value: whether
+    /// that happened.
     async fn precheck(
         &self,
         token: &str,
         pod_check: Option<PodCheck<'_>>,
-    ) -> Result<Precheck, Denial> {
+    ) -> (Result<Precheck, Denial>, bool) {
         let now = jiff::Timestamp::now().as_second();
         let run = |doc: Option<&Discovery>| jwt::precheck(token, now, doc, pod_check);
         let mut found = self.discovery.current();
@@ -186,14 +201,39 @@ impl TokenReviews {
             found = self.discovery.refresh().await;
         }
         let mut checked = run(found.doc.as_deref());
+        let mut stale = false;
         if needs_fresh_keys(&checked) {
             found = self.discovery.refresh().await;
             checked = run(found.doc.as_deref());
-            if needs_fresh_keys(&checked) && !found.ok {
+            if needs_fresh_keys(&checked) && (!found.ok || self.stale.allow(Instant::now())) {
+                stale = found.ok;
                 checked = run(None);
             }
         }
-        checked
+        (checked, stale)
+    }
+}
+
+/// Unverified reviews of tokens whose key or issuer is not known after a fetch, per second.
+pub const STALE_REVIEWS_PER_SECOND: u32 = 2;
+
+/// A budget of [`STALE_REVIEWS_PER_SECOND`], over all namespaces.
+#[derive(Default)]
+struct StaleBudget(Mutex<Option<(Instant, u32)>>);
+
+impl StaleBudget {
+    fn allow(&self, now: Instant) -> bool {
+        let mut window = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match window.as_mut() {
+            Some((start, used)) if now.duration_since(*start) < Duration::from_secs(1) => {
+                *used += 1;
+                *used <= STALE_REVIEWS_PER_SECOND
+            }
+            _ => {
+                *window = Some((now, 1));
+                true
+            }
+        }
     }
 }
 
@@ -351,6 +391,14 @@ impl Discoverer {
         self.found.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Lets the next [`Self::refresh`] fetch at once.
+    fn forget_attempt(&self) {
+        self.found
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .attempted = None;
+    }
+
     /// Fetches again unless that was tried less than [`DISCOVERY_REFETCH`] ago.
     async fn refresh(&self) -> Found {
         let _one = self.fetching.lock().await;
@@ -401,6 +449,16 @@ async fn fetch_discovery(client: &kube::Client) -> Result<Discovery, String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn stale_key_reviews_are_a_trickle() {
+        let budget = StaleBudget::default();
+        let t0 = Instant::now();
+        let allowed = (0..100).filter(|_| budget.allow(t0)).count();
+        assert_eq!(allowed, STALE_REVIEWS_PER_SECOND as usize);
+        assert!(budget.allow(t0 + Duration::from_secs(1)), "a new second");
+    }
+
     use super::*;
     use k8s_openapi::api::authentication::v1::{TokenReviewStatus, UserInfo};
 
