@@ -687,24 +687,33 @@ async fn reviews_past_the_limits_are_refused_before_they_are_parsed() -> anyhow:
     Ok(())
 }
 
-/// `POST pods/NAME/exec` (or `attach`) into `container`, as kubectl would start it; the
-/// API server's answer (admission runs before it would reach a node).
+/// `POST` to a pod's subresource as kubectl starts a connection (`query` after `?`); the API
+/// server's answer (admission runs before it would reach a node).
+async fn connect_to(
+    client: &kube::Client,
+    namespace: &str,
+    pod: &str,
+    sub: &str,
+    query: &str,
+) -> anyhow::Result<(u16, String)> {
+    let url = format!("/api/v1/namespaces/{namespace}/pods/{pod}/{sub}{query}");
+    let req = http::Request::post(url).body(Vec::new())?;
+    match client.request_text(req).await {
+        Ok(text) => Ok((200, text)),
+        Err(kube::Error::Api(e)) => Ok((e.code, e.message)),
+        Err(e) => Ok((0, e.to_string())),
+    }
+}
+
+/// `exec` (or `attach`) into `container`.
 async fn connect(
     env: &TestEnv,
     pod: &str,
     sub: &str,
     container: &str,
 ) -> anyhow::Result<(u16, String)> {
-    let url = format!(
-        "/api/v1/namespaces/{}/pods/{pod}/{sub}?container={container}&stdout=true&command=id",
-        env.namespace
-    );
-    let req = http::Request::post(url).body(Vec::new())?;
-    match env.client.request_text(req).await {
-        Ok(text) => Ok((200, text)),
-        Err(kube::Error::Api(e)) => Ok((e.code, e.message)),
-        Err(e) => Ok((0, e.to_string())),
-    }
+    let query = format!("?container={container}&stdout=true&command=id");
+    connect_to(&env.client, &env.namespace, pod, sub, &query).await
 }
 
 /// Issue 19, item 1, at the API server, played by a pod editor: labelling a pod the webhook
@@ -908,25 +917,11 @@ async fn port_forward_to_a_pod_using_keys_is_refused_when_asked() -> anyhow::Res
         &["webhook.refusePortForward=true".to_owned()],
     )
     .await?;
-    let forward = |pod: &str, ports: &str| {
-        let url = format!(
-            "/api/v1/namespaces/{}/pods/{pod}/portforward{ports}",
-            env.namespace
-        );
-        let client = env.client.clone();
-        async move {
-            let req = http::Request::post(url).body(Vec::new())?;
-            anyhow::Ok(match client.request_text(req).await {
-                Ok(text) => (200, text),
-                Err(kube::Error::Api(e)) => (e.code, e.message),
-                Err(e) => (0, e.to_string()),
-            })
-        }
-    };
     // The pod cache sees the pod, and the API server the new webhook: poll until refused.
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let (code, message) = forward(&keyed, "").await?;
+        let (code, message) =
+            connect_to(&env.client, &env.namespace, &keyed, "portforward", "").await?;
         if code == 403 {
             assert!(
                 message.contains("port-forward to a pod using byok keys"),
@@ -940,9 +935,17 @@ async fn port_forward_to_a_pod_using_keys_is_refused_when_asked() -> anyhow::Res
         );
         tokio::time::sleep(Duration::from_millis(100)).await; // polling interval
     }
-    let (code, message) = forward(&keyed, "?ports=15100").await?;
+    let (code, message) = connect_to(
+        &env.client,
+        &env.namespace,
+        &keyed,
+        "portforward",
+        "?ports=15100",
+    )
+    .await?;
     assert_eq!(code, 403, "{message}");
-    let (code, message) = forward(&plain, "").await?;
+    let (code, message) =
+        connect_to(&env.client, &env.namespace, &plain, "portforward", "").await?;
     assert!(
         code != 403 && !message.contains("byok"),
         "a pod without keys: {code} {message}"

@@ -1064,42 +1064,25 @@ pub fn node_reach(spec: &PodSpec) -> Result<(), Refusal> {
             });
         }
     }
-    let containers = spec
-        .containers
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            (
-                format!("spec.containers[{i}]"),
-                &c.name,
-                c.security_context.as_ref(),
-            )
-        })
+    // (field, name, security) of every container, app, init and ephemeral.
+    let of = |list: &str, i: usize, name: &'_ String, security: Option<&'_ SecurityContext>| {
+        (format!("spec.{list}[{i}]"), name.clone(), security.cloned())
+    };
+    let containers = (spec.containers.iter().enumerate())
+        .map(|(i, c)| of("containers", i, &c.name, c.security_context.as_ref()))
         .chain(
-            spec.init_containers
-                .iter()
-                .flatten()
-                .enumerate()
-                .map(|(i, c)| {
-                    (
-                        format!("spec.initContainers[{i}]"),
-                        &c.name,
-                        c.security_context.as_ref(),
-                    )
-                }),
+            (spec.init_containers.iter().flatten().enumerate())
+                .map(|(i, c)| of("initContainers", i, &c.name, c.security_context.as_ref())),
         )
         .chain(
-            spec.ephemeral_containers
-                .iter()
-                .flatten()
-                .enumerate()
-                .map(|(i, c)| {
-                    (
-                        format!("spec.ephemeralContainers[{i}]"),
-                        &c.name,
-                        c.security_context.as_ref(),
-                    )
-                }),
+            (spec.ephemeral_containers.iter().flatten().enumerate()).map(|(i, c)| {
+                of(
+                    "ephemeralContainers",
+                    i,
+                    &c.name,
+                    c.security_context.as_ref(),
+                )
+            }),
         );
     for (field, name, security) in containers {
         let Some(security) = security else { continue };
