@@ -387,10 +387,13 @@ pub enum Signature {
     Unsupported,
 }
 
-/// Verifies the signature with the key the token's `kid` names (every key when it names none).
+/// Verifies the signature with the key the token's `kid` names (every key when it names none
+/// and the keys have no `kid` either: the API server sets one whenever its keys have one, so a
+/// token without it is not one of its).
 pub fn verify(jwt: &Jwt<'_>, keys: &[Jwk]) -> Signature {
     let candidates: Vec<&Jwk> = match jwt.kid.as_deref() {
         Some(kid) => keys.iter().filter(|k| k.kid() == Some(kid)).collect(),
+        None if keys.iter().any(|k| k.kid().is_some()) => Vec::new(),
         None => keys.iter().collect(),
     };
     if candidates.is_empty() {
@@ -854,14 +857,14 @@ mod tests {
                 rejected(TokenFault::UnknownKey),
             ),
             (
-                "no kid: every key is tried",
+                "no kid where the API server's keys have one: not its token",
                 s.sign(serde_json::json!({"alg": "ES256"}), &claims()),
-                Ok(Precheck::Verified(caller())),
+                rejected(TokenFault::UnknownKey),
             ),
             (
-                "no kid and a bad signature: an unsupported key leaves it to the review",
+                "no kid and a bad signature: not tried against an unsupported key either",
                 other.sign(serde_json::json!({"alg": "ES256"}), &claims()),
-                Ok(Precheck::Unverified(caller())),
+                rejected(TokenFault::UnknownKey),
             ),
             (
                 "a key type not verified here: the TokenReview decides",

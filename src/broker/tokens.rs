@@ -275,6 +275,8 @@ fn judge(review: &TokenReview) -> Result<Caller, Denial> {
 struct Cache<T> {
     max: usize,
     entries: Mutex<HashMap<[u8; 32], (Instant, T)>>,
+    /// When the map was last swept of expired entries.
+    swept: Mutex<Option<Instant>>,
 }
 
 impl<T: Clone> Cache<T> {
@@ -282,6 +284,7 @@ impl<T: Clone> Cache<T> {
         Self {
             max,
             entries: Mutex::default(),
+            swept: Mutex::default(),
         }
     }
 
@@ -297,7 +300,13 @@ impl<T: Clone> Cache<T> {
     fn insert(&self, hash: [u8; 32], until: Instant, value: T, now: Instant) -> bool {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         if entries.len() >= self.max && !entries.contains_key(&hash) {
-            entries.retain(|_, (until, _)| *until > now);
+            // A sweep of the whole map at most once a second: a cache full of live entries
+            // must not cost a scan under the lock for every answer.
+            let mut swept = self.swept.lock().unwrap_or_else(|p| p.into_inner());
+            if swept.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1)) {
+                *swept = Some(now);
+                entries.retain(|_, (until, _)| *until > now);
+            }
             if entries.len() >= self.max {
                 return false;
             }
