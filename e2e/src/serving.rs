@@ -67,7 +67,8 @@ pub fn webhook_configuration(
         serde_saphyr::from_str(&std::fs::read_to_string(path)?)?;
     mwc.metadata.name = Some(name.to_string());
     // The tests mint sidecar tokens themselves (as an admin, a TokenRequest), which this
-    // webhook refuses to all but nodes: it is added by the test of it alone.
+    // webhook (opt-in, `webhook.refuseTokenRequests`) refuses to all but nodes: it is added by
+    // the test of it alone, should a default render ever hold it.
     mwc.webhooks
         .get_or_insert_with(Vec::new)
         .retain(|w| w.name != TOKEN_WEBHOOK);
@@ -230,15 +231,10 @@ impl ServingOperator {
         format!("https://{}/mutate", self.config.webhook_addr)
     }
 
-    /// Adds the chart's webhook `webhook` (one [`webhook_configuration`] leaves out) to this
-    /// operator's configuration, pointed and scoped like the others.
-    pub async fn add_chart_webhook(&self, env: &TestEnv, webhook: &str) -> anyhow::Result<()> {
-        self.add_chart_webhook_with(env, webhook, &[]).await
-    }
-
-    /// As [`Self::add_chart_webhook`], from the chart rendered with `sets` (`--set` values:
-    /// the opt-in webhooks).
-    pub async fn add_chart_webhook_with(
+    /// Adds the chart's webhook `webhook`, as the chart renders it with `sets` (`--set`
+    /// values: the opt-in webhooks), to this operator's configuration, pointed and scoped like
+    /// the others.
+    pub async fn add_chart_webhook(
         &self,
         env: &TestEnv,
         webhook: &str,

@@ -48,6 +48,7 @@ fn variants() -> Vec<(&'static str, Vec<String>)> {
                 "networkPolicy.enabled=true".into(),
                 "priorityClassName=system-cluster-critical".into(),
                 "webhook.refusePortForward=true".into(),
+                "webhook.refuseTokenRequests=true".into(),
             ],
         ),
         (
@@ -162,15 +163,17 @@ fn the_chart_lints_and_each_variant_renders_what_it_promises() -> anyhow::Result
             .flatten()
             .filter_map(|w| w["name"].as_str())
             .collect();
-        let port_forward = sets.iter().any(|s| s == "webhook.refusePortForward=true");
+        let asked = |value: &str| sets.iter().any(|s| s == &format!("webhook.{value}=true"));
         let mut want = vec![
             "inject.byok.dev",
             "update.byok.dev",
             "ephemeral.byok.dev",
             "exec.byok.dev",
-            "token.byok.dev",
         ];
-        if port_forward {
+        if asked("refuseTokenRequests") {
+            want.push("token.byok.dev");
+        }
+        if asked("refusePortForward") {
             want.push("portforward.byok.dev");
         }
         assert_eq!(names, want, "{name}");

@@ -911,7 +911,7 @@ async fn port_forward_to_a_pod_using_keys_is_refused_when_asked() -> anyhow::Res
         .metadata
         .name
         .unwrap_or_default();
-    op.add_chart_webhook_with(
+    op.add_chart_webhook(
         &env,
         "portforward.byok.dev",
         &["webhook.refusePortForward=true".to_owned()],
@@ -953,8 +953,8 @@ async fn port_forward_to_a_pod_using_keys_is_refused_when_asked() -> anyhow::Res
     Ok(())
 }
 
-/// The optional refusal of `byok.dev` TokenRequests (token.byok.dev, on by default in the
-/// chart): someone allowed to create `serviceaccounts/token` asks for a token bound to an
+/// The optional refusal of `byok.dev` TokenRequests (token.byok.dev, chart value
+/// `webhook.refuseTokenRequests`): someone allowed to create `serviceaccounts/token` asks for a token bound to an
 /// injected pod, which the broker would take as the sidecar's. Refused for them (with a
 /// message saying why); other audiences are not affected.
 #[tokio::test]
@@ -966,7 +966,12 @@ async fn only_nodes_may_mint_broker_tokens() -> anyhow::Result<()> {
     let pod = create(&env, &opted_in_pod("minted-", &["team-a"])).await?;
     // Before: an admin (the test's identity) mints one.
     pod_token(&env, "default", &pod, byok_operator::names::TOKEN_AUDIENCE).await?;
-    op.add_chart_webhook(&env, TOKEN_WEBHOOK).await?;
+    op.add_chart_webhook(
+        &env,
+        TOKEN_WEBHOOK,
+        &["webhook.refuseTokenRequests=true".to_owned()],
+    )
+    .await?;
     let deadline = tokio::time::Instant::now() + WAIT;
     let refused = loop {
         match pod_token(&env, "default", &pod, byok_operator::names::TOKEN_AUDIENCE).await {
