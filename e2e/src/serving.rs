@@ -174,15 +174,7 @@ impl ServingOperator {
 
     /// The CA sidecars trust, from the operator's certificate Secret.
     pub async fn ca_pem(&self, env: &TestEnv) -> anyhow::Result<String> {
-        let secret = env
-            .api::<Secret>()
-            .get(byok_operator::serving::certs::DEFAULT_SECRET_NAME)
-            .await?;
-        let ca = secret
-            .data
-            .and_then(|d| d.get("ca.crt").cloned())
-            .context("no ca.crt")?;
-        Ok(String::from_utf8(ca.0)?)
+        serving_ca_pem(env).await
     }
 
     /// Polls with dry-run pod creations until the API server gets through to the webhook
@@ -336,6 +328,19 @@ impl Drop for ServingOperator {
             });
         }
     }
+}
+
+/// The CA an operator serving in `env`'s namespace serves with, from its certificate Secret.
+pub async fn serving_ca_pem(env: &TestEnv) -> anyhow::Result<String> {
+    let secret = env
+        .api::<Secret>()
+        .get(byok_operator::serving::certs::DEFAULT_SECRET_NAME)
+        .await?;
+    let ca = secret
+        .data
+        .and_then(|d| d.get("ca.crt").cloned())
+        .context("no ca.crt")?;
+    Ok(String::from_utf8(ca.0)?)
 }
 
 /// The webhook that refuses `byok.dev` TokenRequests from anyone but nodes.

@@ -543,21 +543,6 @@ async fn two_replicas_share_one_ca_both_serve_and_one_reconciles() -> anyhow::Re
     Ok(())
 }
 
-/// The CA the operator serves with (from its TLS Secret).
-async fn serving_ca(env: &TestEnv) -> anyhow::Result<String> {
-    let secret = env
-        .api::<k8s_openapi::api::core::v1::Secret>()
-        .get(byok_operator::serving::certs::DEFAULT_SECRET_NAME)
-        .await?;
-    Ok(String::from_utf8(
-        secret
-            .data
-            .and_then(|d| d.get("ca.crt").cloned())
-            .context("ca.crt")?
-            .0,
-    )?)
-}
-
 /// A review of a pod with `containers` containers asking for `keys` keys, as the API server
 /// sends it.
 fn big_review(namespace: &str, containers: usize, keys: usize) -> serde_json::Value {
@@ -597,10 +582,7 @@ async fn reviews_past_the_limits_are_refused_before_they_are_parsed() -> anyhow:
     let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
     let op = ServingOperator::start(&env, &fake).await?;
     ready_key(&env, &fake, "team-a").await?;
-    let ca = serving_ca(&env).await?;
-    let http = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes())?)
-        .build()?;
+    let http = op.https_client(&env).await?;
 
     let body = serde_json::to_vec(&big_review(&env.namespace, 3000, 16))?;
     let res = http

@@ -199,33 +199,34 @@ impl Broker {
     /// deletion), without the costlier sidecar and annotation checks `authorize` makes later:
     /// a flood of forged tokens naming a real pod costs a lookup.
     fn pod_presence(&self, namespace: &str, name: &str) -> Option<PodFacts> {
-        let pods = self.watches.pods.as_ref()?;
-        let pod = pods.get(&ObjectRef::new(name).within(namespace))?;
-        let meta = &pod.metadata;
-        Some(PodFacts {
-            uid: meta.uid.clone().unwrap_or_default(),
-            opted_in: names::opts_in(meta.labels.as_ref()),
-            injected: false,
-            deleting: meta.deletion_timestamp.is_some(),
-            keys: Vec::new(),
-        })
+        self.pod_lookup(namespace, name, false)
     }
 
     fn pod_facts(&self, namespace: &str, name: &str) -> Option<PodFacts> {
+        self.pod_lookup(namespace, name, true)
+    }
+
+    /// The pod from the cache; `full`: with the sidecar's shape judged and its keys parsed.
+    fn pod_lookup(&self, namespace: &str, name: &str, full: bool) -> Option<PodFacts> {
         let pods = self.watches.pods.as_ref()?;
         let pod = pods.get(&ObjectRef::new(name).within(namespace))?;
         let meta = &pod.metadata;
         Some(PodFacts {
             uid: meta.uid.clone().unwrap_or_default(),
             opted_in: names::opts_in(meta.labels.as_ref()),
-            injected: pod.spec.as_ref().is_some_and(|spec| {
-                crate::webhook::patch::token_held_only_by_sidecar(spec, &self.injector.settings())
-            }),
+            injected: full
+                && pod.spec.as_ref().is_some_and(|spec| {
+                    crate::webhook::patch::token_held_only_by_sidecar(
+                        spec,
+                        &self.injector.settings(),
+                    )
+                }),
             deleting: meta.deletion_timestamp.is_some(),
             keys: meta
                 .annotations
                 .as_ref()
                 .and_then(|a| a.get(names::PROVIDER_KEYS_ANNOTATION))
+                .filter(|_| full)
                 .and_then(|v| crate::webhook::patch::parse_key_names(v).ok())
                 .unwrap_or_default(),
         })

@@ -384,16 +384,6 @@ pub fn mutate(
     let existing_sidecar = find_our_sidecar(spec, &wanted_sidecar)?;
     let existing_volume = check_volumes(spec)?;
     check_peers(spec, existing_sidecar, planned.len())?;
-    if spec
-        .security_context
-        .as_ref()
-        .and_then(|s| s.run_as_user)
-        .is_some_and(|uid| uid == SIDECAR_UID)
-    {
-        return Err(Refusal::SidecarUid {
-            field: "spec.securityContext.runAsUser".to_owned(),
-        });
-    }
 
     let warnings = planned
         .iter()
@@ -673,15 +663,14 @@ fn projects_broker_token(v: &Volume) -> bool {
         .any(|t| t.audience.as_deref() == Some(TOKEN_AUDIENCE))
 }
 
-/// The parts of any container other than our sidecar that could reach its token, its ports
-/// or its user.
+/// The parts of any container other than our sidecar that could reach its token or its
+/// ports (its user and the node: [`node_reach`]).
 struct Peer<'a> {
     field: String,
     name: &'a str,
     ports: &'a [ContainerPort],
     mounts: &'a [VolumeMount],
     env: &'a [EnvVar],
-    security: Option<&'a SecurityContext>,
 }
 
 impl<'a> Peer<'a> {
@@ -692,7 +681,6 @@ impl<'a> Peer<'a> {
             ports: c.ports.as_deref().unwrap_or_default(),
             mounts: c.volume_mounts.as_deref().unwrap_or_default(),
             env: c.env.as_deref().unwrap_or_default(),
-            security: c.security_context.as_ref(),
         }
     }
 }
@@ -725,7 +713,6 @@ fn check_peers(
             ports: c.ports.as_deref().unwrap_or_default(),
             mounts: c.volume_mounts.as_deref().unwrap_or_default(),
             env: c.env.as_deref().unwrap_or_default(),
-            security: c.security_context.as_ref(),
         });
     }
 
@@ -770,11 +757,6 @@ fn check_peers(
                     port: n,
                 });
             }
-        }
-        if p.security.and_then(|s| s.run_as_user) == Some(SIDECAR_UID) {
-            return Err(Refusal::SidecarUid {
-                field: format!("{}.securityContext.runAsUser", p.field),
-            });
         }
     }
     Ok(())

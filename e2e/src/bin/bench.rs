@@ -1121,15 +1121,9 @@ async fn measure_serving(
             .await?;
         anyhow::ensure!(has_sidecar(&pod), "the broker's pod was not injected");
         let token = pod_token(env, "default", &pod, names::TOKEN_AUDIENCE).await?;
-        let ca = env
-            .api::<Secret>()
-            .get(byok_operator::serving::certs::DEFAULT_SECRET_NAME)
-            .await?
-            .data
-            .and_then(|d| d.get("ca.crt").cloned())
-            .context("the operator's certificate Secret has no ca.crt")?;
+        let ca = byok_e2e::serving::serving_ca_pem(env).await?;
         let http = reqwest::Client::builder()
-            .tls_certs_only([reqwest::Certificate::from_pem(&ca.0)?])
+            .tls_certs_only([reqwest::Certificate::from_pem(ca.as_bytes())?])
             .pool_max_idle_per_host(concurrency)
             .build()?;
         let url = format!("{broker_url}/v1/keys/{}/{KEY}", env.namespace);
@@ -1275,17 +1269,9 @@ fn reset_peak(pid: u32) {
 /// Issue 19, item 2: what reviews anyone can send cost the operator (memory, CPU), with
 /// many in flight, and the handler's time for an ordinary 3-container, 4-key pod.
 async fn hostile_reviews(env: &TestEnv, operator: &Operator, url: &str) -> anyhow::Result<()> {
-    let secret = env
-        .api::<Secret>()
-        .get(byok_operator::serving::certs::DEFAULT_SECRET_NAME)
-        .await?;
-    let ca = secret
-        .data
-        .and_then(|d| d.get("ca.crt").cloned())
-        .context("ca.crt")?
-        .0;
+    let ca = byok_e2e::serving::serving_ca_pem(env).await?;
     let http = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(&ca)?)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes())?)
         .build()?;
     let pid = operator.pid();
     let ns = &env.namespace;
@@ -1461,16 +1447,10 @@ async fn forged_flood(
         .await?;
     anyhow::ensure!(has_sidecar(&pod), "the pod was not injected");
     let token = pod_token(env, "default", &pod, names::TOKEN_AUDIENCE).await?;
-    let ca = env
-        .api::<Secret>()
-        .get(byok_operator::serving::certs::DEFAULT_SECRET_NAME)
-        .await?
-        .data
-        .and_then(|d| d.get("ca.crt").cloned())
-        .context("the operator's certificate Secret has no ca.crt")?;
+    let ca = byok_e2e::serving::serving_ca_pem(env).await?;
     let client = || {
         reqwest::Client::builder()
-            .tls_certs_only([reqwest::Certificate::from_pem(&ca.0)?])
+            .tls_certs_only([reqwest::Certificate::from_pem(ca.as_bytes())?])
             .pool_max_idle_per_host(concurrency)
             .build()
     };
@@ -1517,7 +1497,7 @@ async fn forged_flood(
     let forged = byok_e2e::forged::forged_tokens(&token, count)?;
     let dir = std::env::temp_dir().join(format!("byok-bench-forged-{}", env.namespace));
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("ca.pem"), &ca.0)?;
+    std::fs::write(dir.join("ca.pem"), &ca)?;
     std::fs::write(dir.join("tokens"), forged.join("\n"))?;
     let reviews_before = reviews().await;
     let mut flooder = tokio::process::Command::new(std::env::current_exe()?)
