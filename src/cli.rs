@@ -219,7 +219,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub no_serve: bool,
 
-    /// Address of the admission webhook (`POST /mutate`, TLS, no client authentication).
+    /// Address of the admission webhook (`POST` to a random path the operator keeps in a
+    /// Secret and writes into the webhook configuration; TLS).
     #[arg(long, default_value = "0.0.0.0:9443")]
     pub webhook_addr: std::net::SocketAddr,
 
@@ -259,10 +260,28 @@ pub struct ServeArgs {
     #[arg(long, default_value = "720h", value_parser = parse_duration)]
     pub serving_cert_renew_before: std::time::Duration,
 
-    /// The MutatingWebhookConfiguration whose caBundle the operator keeps current with its
-    /// own CA (server-side apply, field manager `byok-operator-cabundle`). Empty: leave it.
+    /// The MutatingWebhookConfiguration whose webhooks the operator points at its path
+    /// (field manager `byok-operator-webhook-path`) and, with its own CA, whose caBundle it
+    /// keeps current (field manager `byok-operator-cabundle`). Empty: leave it alone.
     #[arg(long, default_value = "byok-operator")]
     pub webhook_configuration: String,
+
+    /// The Secret (in the operator's namespace) that holds the webhook's random path. Default:
+    /// the --cert-secret when the operator keeps its own certificate, else
+    /// `byok-operator-webhook-path` (created if missing).
+    #[arg(long, value_name = "NAME")]
+    pub webhook_path_secret: Option<String>,
+
+    /// The operator's Deployment: a new webhook path is written into the configuration only
+    /// once it has rolled out (replicas of an older version serve only their own path).
+    #[arg(long, value_name = "NAME")]
+    pub webhook_deployment: Option<String>,
+
+    /// Require the webhook's callers to present a client certificate issued by a CA in this
+    /// PEM file (the API server does, when its admission configuration names one; see
+    /// `docs/security.md`). Read at start-up.
+    #[arg(long, value_name = "PATH")]
+    pub webhook_client_ca: Option<PathBuf>,
 
     /// The sidecar image (the same image as the operator; it runs `byok-operator proxy`).
     #[arg(long, default_value = concat!("ghcr.io/byok-dev/byok-operator:", env!("CARGO_PKG_VERSION")))]
@@ -383,7 +402,28 @@ impl ServeArgs {
             Some(path) => Some(std::fs::read_to_string(path)?),
             None => None,
         };
+        let path_secret = match (&self.webhook_path_secret, &self.webhook_cert_dir) {
+            (Some(name), _) => name.clone(),
+            (None, None) => self.cert_secret.clone(),
+            (None, Some(_)) => "byok-operator-webhook-path".to_owned(),
+        };
+        let webhook_path = crate::serving::path_store::PathSettings {
+            // The TLS Secret is the certificate code's to create.
+            create_secret: self.webhook_cert_dir.is_some() || path_secret != self.cert_secret,
+            configuration: (!self.webhook_configuration.is_empty())
+                .then(|| self.webhook_configuration.clone()),
+            deployment: self.webhook_deployment.clone(),
+            ..crate::serving::path_store::PathSettings::new(operator_namespace, &path_secret)
+        };
+        let webhook_client_ca_pem = match &self.webhook_client_ca {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                anyhow::anyhow!("reading --webhook-client-ca {}: {e}", path.display())
+            })?),
+            None => None,
+        };
         Ok(Some(crate::serve::ServeConfig {
+            webhook_path,
+            webhook_client_ca_pem,
             webhook_addr: self.webhook_addr,
             broker_addr: self.broker_addr,
             broker_url: broker_url.to_string(),

@@ -1,8 +1,9 @@
-//! What every replica serves over TLS, leader or not: the admission webhook (`/mutate`) and
-//! the key broker (`/v1/keys/...`), each on its own listener. The webhook asks no client
-//! authentication (the API server calls it); the broker authenticates every request with a
-//! token. Separate listeners keep a pod from reaching `/mutate` through the broker's port
-//! (and its network policy) and vice versa.
+//! What every replica serves over TLS, leader or not: the admission webhook (at a random
+//! path, [`crate::serving::webhook_path`]) and the key broker (`/v1/keys/...`), each on its
+//! own listener. The webhook is called by the API server (with a client certificate when
+//! `--webhook-client-ca` is set); the broker authenticates every request with a token.
+//! Separate listeners keep a pod from reaching the webhook through the broker's port (and
+//! its network policy) and vice versa.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,6 +18,8 @@ use crate::broker::{Broker, EgressPolicy};
 use crate::controller::Context;
 use crate::controller::watches::Watches;
 use crate::metrics::Ready;
+use crate::serving::path_store::{self, PathSettings};
+use crate::serving::webhook_path::WebhookPaths;
 use crate::serving::{self as certs, Bundle, ReloadableCert};
 use crate::webhook::handler::Injector;
 use crate::webhook::patch::InjectSettings;
@@ -48,6 +51,10 @@ pub struct ServeConfig {
     /// The MutatingWebhookConfiguration whose `caBundle` the operator keeps current (own
     /// certificates only; `None` leaves it alone).
     pub webhook_configuration: Option<String>,
+    /// Where the webhook's path is kept and published.
+    pub webhook_path: PathSettings,
+    /// Callers of the webhook must present a certificate issued by one of these CAs (PEM).
+    pub webhook_client_ca_pem: Option<String>,
     pub proxy: ProxyOptions,
     pub key_lease: Duration,
     pub egress: EgressPolicy,
@@ -61,6 +68,14 @@ pub struct ServeConfig {
 pub struct Serving {
     handles: Vec<actix_web::dev::ServerHandle>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    paths: Arc<WebhookPaths>,
+}
+
+impl Serving {
+    /// The path the webhook is served at now.
+    pub fn webhook_path(&self) -> String {
+        self.paths.current()
+    }
 }
 
 impl Drop for Serving {
@@ -92,6 +107,25 @@ pub async fn start(
     };
     let reloadable = Arc::new(ReloadableCert::new(&bundle)?);
     let tls = certs::server_config(reloadable.clone());
+    let webhook_tls = match &config.webhook_client_ca_pem {
+        Some(pem) => certs::server_config_with_client_ca(reloadable.clone(), pem)?,
+        None => tls.clone(),
+    };
+
+    // The webhook's path: every replica follows the Secret, and points the configuration at it.
+    let path_api: Api<Secret> = Api::namespaced(client.clone(), &config.webhook_path.namespace);
+    let path = path_store::ensure_with_retries(&path_api, &config.webhook_path).await?;
+    let paths = Arc::new(WebhookPaths::new(&path, config.webhook_path.grace));
+    tasks.push(tokio::spawn(path_store::follow(
+        path_api,
+        config.webhook_path.clone(),
+        paths.clone(),
+    )));
+    tasks.push(tokio::spawn(path_store::publish(
+        client.clone(),
+        config.webhook_path.clone(),
+        paths.clone(),
+    )));
 
     let native_sidecars = native_sidecars_survive(&client, &config.operator_namespace).await;
     let injector = Arc::new(Injector::new(
@@ -157,14 +191,16 @@ pub async fn start(
         injector.clone(),
     ));
     let injector_data = web::Data::new(injector);
+    let paths_data = web::Data::new(paths.clone());
     let webhook = HttpServer::new(move || {
         App::new()
             .app_data(injector_data.clone())
+            .app_data(paths_data.clone())
             .configure(crate::webhook::handler::routes)
     })
     .workers(config.workers)
     .disable_signals()
-    .bind_rustls_0_23(config.webhook_addr, tls.clone())?;
+    .bind_rustls_0_23(config.webhook_addr, webhook_tls)?;
     let webhook_addr = webhook
         .addrs()
         .first()
@@ -192,8 +228,12 @@ pub async fn start(
     tokio::spawn(webhook);
     tokio::spawn(broker);
     ctx.metrics.set_ready(Ready::Certificate, true);
-    tracing::info!(webhook = %webhook_addr, broker = %broker_addr, native_sidecars, "serving the webhook and the key broker");
-    Ok(Serving { handles, tasks })
+    tracing::info!(webhook = %webhook_addr, broker = %broker_addr, native_sidecars, client_certificates = config.webhook_client_ca_pem.is_some(), "serving the webhook and the key broker");
+    Ok(Serving {
+        handles,
+        tasks,
+        paths,
+    })
 }
 
 /// Keeps the caBundle of the named configuration equal to the current CA: watches that one

@@ -91,6 +91,7 @@ pub struct ControlPlane {
     server_url: String,
     ca_pem: String,
     admin_token: String,
+    webhook_client_ca_pem: String,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -112,7 +113,36 @@ impl ControlPlane {
         let serving = ca.issue("kube-apiserver", &["localhost", "127.0.0.1"])?;
         let admin_token = random_token();
         let (sa_signing_key, sa_public_key) = key_pair_pem()?;
+        // The API server presents a client certificate to every webhook that asks for one
+        // (its admission configuration), as a hardened cluster does.
+        let webhook_client_ca = TestCa::new("byok-envtest-webhook-client-ca")?;
+        let webhook_client = webhook_client_ca.issue("kube-apiserver-webhook-client", &[])?;
+        let file = |name: &str| run_dir.join(name).display().to_string();
+        let webhook_kubeconfig = serde_json::json!({
+            "apiVersion": "v1", "kind": "Config",
+            "users": [{"name": "*", "user": {
+                "client-certificate": file("webhook-client.crt"),
+                "client-key": file("webhook-client.key"),
+            }}],
+        });
+        let webhook_admission = serde_json::json!({
+            "apiVersion": "apiserver.config.k8s.io/v1",
+            "kind": "WebhookAdmissionConfiguration",
+            "kubeConfigFile": file("webhook-kubeconfig.json"),
+        });
+        let admission = serde_json::json!({
+            "apiVersion": "apiserver.config.k8s.io/v1",
+            "kind": "AdmissionConfiguration",
+            "plugins": [
+                {"name": "MutatingAdmissionWebhook", "configuration": webhook_admission},
+                {"name": "ValidatingAdmissionWebhook", "configuration": webhook_admission},
+            ],
+        });
         let files = [
+            ("webhook-client.crt", webhook_client.cert_pem.clone()),
+            ("webhook-client.key", webhook_client.key_pem.clone()),
+            ("webhook-kubeconfig.json", webhook_kubeconfig.to_string()),
+            ("admission.json", admission.to_string()),
             ("ca.crt", ca.cert_pem()),
             ("apiserver.crt", serving.cert_pem.clone()),
             ("apiserver.key", serving.key_pem.clone()),
@@ -134,6 +164,7 @@ impl ControlPlane {
             server_url: String::new(),
             ca_pem: ca.cert_pem(),
             admin_token,
+            webhook_client_ca_pem: webhook_client_ca.cert_pem(),
         };
         let [etcd_client, etcd_peer, apiserver_port] = free_ports()?;
         let etcd_url = format!("http://127.0.0.1:{etcd_client}");
@@ -178,6 +209,7 @@ impl ControlPlane {
                 ),
                 "--service-cluster-ip-range=10.0.0.0/24".into(),
                 "--allow-privileged=true".into(),
+                format!("--admission-control-config-file={}", file("admission.json")),
                 "--enable-priority-and-fairness=false".into(),
                 "--profiling=false".into(),
             ]),
@@ -190,6 +222,11 @@ impl ControlPlane {
 
     pub fn server_url(&self) -> &str {
         &self.server_url
+    }
+
+    /// PEM of the CA that issued the client certificate the API server presents to webhooks.
+    pub fn webhook_client_ca_pem(&self) -> &str {
+        &self.webhook_client_ca_pem
     }
 
     /// PEM of the CA that signed the API server's serving certificate.

@@ -10,6 +10,8 @@ use byok_operator::controller;
 use byok_operator::names;
 use byok_operator::serve::{ProxyOptions, ServeConfig, TlsSource};
 use byok_operator::serving::CertSettings;
+use byok_operator::serving::path_store::PathSettings;
+use byok_operator::serving::webhook_path;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
@@ -18,6 +20,9 @@ use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
 use crate::envtest::TestEnv;
 use crate::fake_provider::FakeProvider;
 use crate::operator::{RunningController, WAIT, dev_config, free_port};
+
+/// How long the tests' operators keep accepting a path the configuration no longer carries.
+pub const TEST_PATH_GRACE: Duration = Duration::from_secs(5);
 
 /// The sidecar image the tests' webhook injects (never pulled: no kubelet here).
 pub const TEST_PROXY_IMAGE: &str = "byok.dev/test/byok-operator:e2e";
@@ -35,6 +40,18 @@ pub fn serve_config(env: &TestEnv, webhook_configuration: &str) -> anyhow::Resul
             vec!["127.0.0.1".into(), "localhost".into()],
         )),
         webhook_configuration: Some(webhook_configuration.to_string()),
+        // The path lives in the TLS Secret; one replica, so it is published at once, and the
+        // configuration's first path (`/mutate`) is refused soon after.
+        webhook_path: PathSettings {
+            configuration: Some(webhook_configuration.to_string()),
+            publish_after: Duration::ZERO,
+            grace: TEST_PATH_GRACE,
+            ..PathSettings::new(
+                &env.namespace,
+                byok_operator::serving::certs::DEFAULT_SECRET_NAME,
+            )
+        },
+        webhook_client_ca_pem: None,
         proxy: ProxyOptions {
             image: TEST_PROXY_IMAGE.into(),
             pull_policy: "IfNotPresent".into(),
@@ -178,7 +195,8 @@ impl ServingOperator {
     }
 
     /// Polls with dry-run pod creations until the API server gets through to the webhook
-    /// (the caBundle is set by the operator after it starts).
+    /// at its random path (the caBundle and the path are set by the operator after it
+    /// starts; tests then change the configuration without racing it).
     async fn wait_webhook_called(&mut self, env: &TestEnv) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + WAIT;
         let pod = opted_in_pod("probe-", &["no-such-key"]);
@@ -186,6 +204,20 @@ impl ServingOperator {
         while tokio::time::Instant::now() < deadline {
             if let Some(how) = self.controller.ended() {
                 anyhow::bail!("the operator stopped before serving: {how}");
+            }
+            let published = match webhook_path(env, &self.config.webhook_path.secret).await {
+                Ok(path) => configured_paths(&self.client, &self.webhook_configuration)
+                    .await?
+                    .iter()
+                    .all(|p| *p == path)
+                    .then_some(())
+                    .context("the configuration does not carry the webhook path yet"),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = published {
+                last = e.to_string();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
             }
             match env
                 .api::<Pod>()
@@ -219,8 +251,13 @@ impl ServingOperator {
         &self.config.broker_url
     }
 
-    pub fn webhook_url(&self) -> String {
-        format!("https://{}/mutate", self.config.webhook_addr)
+    /// The webhook's URL, with the path the operator keeps in its Secret.
+    pub async fn webhook_url(&self, env: &TestEnv) -> anyhow::Result<String> {
+        Ok(format!(
+            "https://{}{}",
+            self.config.webhook_addr,
+            webhook_path(env, &self.config.webhook_path.secret).await?
+        ))
     }
 
     /// Adds the chart's webhook `webhook`, as the chart renders it with `sets` (`--set`
@@ -341,6 +378,29 @@ pub async fn serving_ca_pem(env: &TestEnv) -> anyhow::Result<String> {
         .and_then(|d| d.get("ca.crt").cloned())
         .context("no ca.crt")?;
     Ok(String::from_utf8(ca.0)?)
+}
+
+/// The webhook's path, as the operator keeps it in `secret` of the test namespace.
+pub async fn webhook_path(env: &TestEnv, secret: &str) -> anyhow::Result<String> {
+    let secret = env.api::<Secret>().get(secret).await?;
+    let path = secret
+        .data
+        .and_then(|d| d.get(webhook_path::SECRET_KEY).cloned())
+        .context("no webhook path in the Secret")?;
+    Ok(String::from_utf8(path.0)?)
+}
+
+/// The paths the webhooks of configuration `name` send to.
+pub async fn configured_paths(client: &kube::Client, name: &str) -> anyhow::Result<Vec<String>> {
+    let mwc = Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .get(name)
+        .await?;
+    Ok(mwc
+        .webhooks
+        .iter()
+        .flatten()
+        .filter_map(|w| webhook_path::configured(&w.client_config))
+        .collect())
 }
 
 /// The webhook that refuses `byok.dev` TokenRequests from anyone but nodes.

@@ -133,6 +133,68 @@ async fn the_operator_runs_with_the_charts_arguments_and_rbac() -> anyhow::Resul
     .with_context(|| format!("operator log: {}", log.display()))?;
     assert!(served.contains(&key));
 
+    // The webhook's random path: written into the configuration only once the operator's
+    // Deployment has rolled out (replicas of an older release serve only `/mutate`). Until
+    // then `/mutate` keeps working (the pod above was injected through it).
+    let paths = byok_e2e::serving::configured_paths(&tenant.client, &fullname).await?;
+    assert!(
+        paths.iter().all(|p| p == "/mutate"),
+        "published before the Deployment rolled out: {paths:?}"
+    );
+    let mut deployment: k8s_openapi::api::apps::v1::Deployment =
+        serde_json::from_value(deployment.clone())?;
+    deployment.metadata.namespace = Some(operator_ns.namespace.clone());
+    let deployments = operator_ns.api::<k8s_openapi::api::apps::v1::Deployment>();
+    let created = deployments
+        .create(&kube::api::PostParams::default(), &deployment)
+        .await?;
+    // No controller-manager here: report the rollout done, as it would.
+    let replicas = created.spec.replicas.unwrap_or(1);
+    deployments
+        .patch_status(
+            &fullname,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"status": {
+                "observedGeneration": created.metadata.generation,
+                "replicas": replicas, "updatedReplicas": replicas,
+                "readyReplicas": replicas, "availableReplicas": replicas,
+            }})),
+        )
+        .await?;
+    let path = byok_e2e::serving::webhook_path(&operator_ns, &format!("{fullname}-tls")).await?;
+    assert!(
+        byok_operator::serving::webhook_path::is_valid(&path),
+        "{path}"
+    );
+    let deadline =
+        tokio::time::Instant::now() + WAIT + byok_operator::serving::webhook_path::PUBLISH_AFTER;
+    loop {
+        let paths = byok_e2e::serving::configured_paths(&tenant.client, &fullname).await?;
+        if paths.iter().all(|p| *p == path) {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the path was never published: {paths:?}; operator log: {}",
+            log.display()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let injected = tenant
+        .api::<k8s_openapi::api::core::v1::Pod>()
+        .create(
+            &kube::api::PostParams {
+                dry_run: true,
+                ..Default::default()
+            },
+            &byok_e2e::serving::opted_in_pod("at-path-", &["anthropic"]),
+        )
+        .await?;
+    assert!(
+        byok_e2e::serving::has_sidecar(&injected),
+        "the API server follows the published path"
+    );
+
     // The keyring the chart names, generated on this first install.
     let keyring = operator_ns
         .api::<k8s_openapi::api::core::v1::Secret>()

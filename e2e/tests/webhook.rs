@@ -72,7 +72,7 @@ async fn second_pass(
     });
     let http = op.https_client(env).await?;
     let answer: serde_json::Value = http
-        .post(op.webhook_url())
+        .post(op.webhook_url(env).await?)
         .json(&review)
         .send()
         .await?
@@ -293,7 +293,7 @@ async fn refusals_name_the_problem() -> anyhow::Result<()> {
             .to_vec(),
     ] {
         let answer = http
-            .post(op.webhook_url())
+            .post(op.webhook_url(&env).await?)
             .header("content-type", "application/json")
             .body(body)
             .send()
@@ -586,7 +586,7 @@ async fn reviews_past_the_limits_are_refused_before_they_are_parsed() -> anyhow:
 
     let body = serde_json::to_vec(&big_review(&env.namespace, 3000, 16))?;
     let res = http
-        .post(op.webhook_url())
+        .post(op.webhook_url(&env).await?)
         .body(body.clone())
         .send()
         .await?;
@@ -609,7 +609,7 @@ async fn reviews_past_the_limits_are_refused_before_they_are_parsed() -> anyhow:
     assert!(message.contains("3000 containers"), "{message}");
     // Keys × containers past the bound, within the container limit.
     let res = http
-        .post(op.webhook_url())
+        .post(op.webhook_url(&env).await?)
         .body(serde_json::to_vec(&big_review(&env.namespace, 40, 16))?)
         .send()
         .await?;
@@ -639,7 +639,7 @@ async fn reviews_past_the_limits_are_refused_before_they_are_parsed() -> anyhow:
     let mut tricklers = Vec::new();
     for _ in 0..50 {
         let http = http.clone();
-        let url = op.webhook_url();
+        let url = op.webhook_url(&env).await?;
         let prefix = body[..64 * 1024].to_vec();
         tricklers.push(tokio::spawn(async move {
             let (mut tx, rx) =
@@ -973,5 +973,248 @@ async fn only_nodes_may_mint_broker_tokens() -> anyhow::Result<()> {
     );
     // Another audience is none of the webhook's business.
     pod_token(&env, "default", &pod, "https://example.com/other").await?;
+    Ok(())
+}
+
+/// A review about the test namespace, asking for `key`: what a pod that reaches the webhook's
+/// port would post to learn whether a ProviderKey exists there.
+fn probing_review(env: &TestEnv, key: &str) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "00000000-0000-0000-0000-000000000007",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": env.namespace,
+            "operation": "CREATE",
+            "userInfo": {"username": "someone-else"},
+            "object": serde_json::to_value(opted_in_pod("probe-", &[key]))?,
+            "dryRun": true,
+        }
+    }))
+}
+
+/// What a caller can tell apart: the status, every header but `date`, the body.
+async fn observable(response: reqwest::Response) -> anyhow::Result<String> {
+    let status = response.status();
+    let mut headers: Vec<String> = response
+        .headers()
+        .iter()
+        .filter(|(name, _)| *name != "date")
+        .map(|(name, value)| format!("{name}: {}", value.to_str().unwrap_or("?")))
+        .collect();
+    headers.sort();
+    let body = response.text().await?;
+    Ok(format!("{status} {headers:?} {body:?}"))
+}
+
+#[tokio::test]
+async fn a_caller_without_the_webhook_path_learns_nothing() -> anyhow::Result<()> {
+    let env = TestEnv::new("webhook-path").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    // A longer grace than the harness's, so the old path is still open when the test looks.
+    let grace = Duration::from_secs(10);
+    let op = ServingOperator::start_with(&env, &fake, |config| {
+        if let Some(serve) = config.serving.as_mut() {
+            serve.webhook_path.grace = grace;
+        }
+    })
+    .await?;
+    ready_key(&env, &fake, "team-a").await?;
+    let secret = op.config.webhook_path.secret.clone();
+    let path = webhook_path(&env, &secret).await?;
+    assert!(
+        byok_operator::serving::webhook_path::is_valid(&path),
+        "128 random bits: {path}"
+    );
+    let origin = format!("https://{}", op.config.webhook_addr);
+    let http = op.https_client(&env).await?;
+
+    // At the path, the answers tell a Ready key from a missing one: worth hiding.
+    let (exists, missing) = (
+        probing_review(&env, "team-a")?,
+        probing_review(&env, "nope")?,
+    );
+    let at_path =
+        |review: &serde_json::Value| http.post(format!("{origin}{path}")).json(review).send();
+    let (a, b) = (
+        at_path(&exists).await?.json::<serde_json::Value>().await?,
+        at_path(&missing).await?.json::<serde_json::Value>().await?,
+    );
+    assert_eq!(a["response"]["warnings"], serde_json::Value::Null, "{a}");
+    assert!(
+        b["response"]["warnings"]
+            .to_string()
+            .contains("does not exist"),
+        "{b}"
+    );
+
+    // The configuration's first path (what a release before this served) closes after the
+    // grace; then it answers like any other.
+    let deadline = tokio::time::Instant::now() + WAIT + grace;
+    while http
+        .post(format!("{origin}/mutate"))
+        .json(&exists)
+        .send()
+        .await?
+        .status()
+        != 404
+    {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "/mutate is still served"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let guess = byok_operator::serving::webhook_path::generate();
+    let mut seen = std::collections::BTreeSet::new();
+    for other in [
+        "/mutate".to_owned(),
+        "/".to_owned(),
+        guess.clone(),
+        format!("{path}/"),
+        path.to_uppercase(),
+        format!("{path}x"),
+        path[..path.len() - 1].to_owned(),
+    ] {
+        for review in [&exists, &missing] {
+            let answer = http
+                .post(format!("{origin}{other}"))
+                .json(review)
+                .send()
+                .await?;
+            seen.insert(observable(answer).await?);
+        }
+    }
+    for method in [
+        reqwest::Method::GET,
+        reqwest::Method::PUT,
+        reqwest::Method::DELETE,
+    ] {
+        let answer = http
+            .request(method, format!("{origin}{path}"))
+            .json(&exists)
+            .send()
+            .await?;
+        seen.insert(observable(answer).await?);
+    }
+    assert_eq!(
+        seen.len(),
+        1,
+        "every other request looks the same: {seen:#?}"
+    );
+    assert!(seen.iter().all(|s| s.starts_with("404 ")), "{seen:?}");
+
+    // The path lost (its Secret key removed): a new one is written, published, served; the
+    // old one stays open for the grace, then closes; the API server follows.
+    env.api::<k8s_openapi::api::core::v1::Secret>()
+        .patch(
+            &secret,
+            &PatchParams::default(),
+            &Patch::Json::<()>(serde_json::from_value(serde_json::json!([
+                {"op": "remove", "path": format!("/data/{}", byok_operator::serving::webhook_path::SECRET_KEY)}
+            ]))?),
+        )
+        .await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let new_path = loop {
+        if let Ok(new) = webhook_path(&env, &secret).await
+            && new != path
+            && configured_paths(&env.client, &op.webhook_configuration)
+                .await?
+                .iter()
+                .all(|p| *p == new)
+        {
+            break new;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no new path was published"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(byok_operator::serving::webhook_path::is_valid(&new_path));
+    let old = at_path(&exists).await?;
+    assert_eq!(old.status(), 200, "the previous path is open for the grace");
+    let new = http
+        .post(format!("{origin}{new_path}"))
+        .json(&exists)
+        .send()
+        .await?;
+    assert_eq!(new.status(), 200);
+    let injected = env
+        .api::<Pod>()
+        .create(
+            &PostParams {
+                dry_run: true,
+                ..Default::default()
+            },
+            &opted_in_pod("after-", &["team-a"]),
+        )
+        .await?;
+    assert!(
+        has_sidecar(&injected),
+        "the API server follows the new path"
+    );
+    let deadline = tokio::time::Instant::now() + WAIT + grace;
+    while at_path(&exists).await?.status() != 404 {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the previous path never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn with_a_client_ca_only_the_api_servers_certificate_gets_a_tls_session() -> anyhow::Result<()>
+{
+    let env = TestEnv::new("webhook-mtls").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let client_ca = byok_e2e::envtest::shared()
+        .webhook_client_ca_pem()
+        .to_owned();
+    // Starting waits until the API server, with its client certificate, gets a pod injected.
+    let op = ServingOperator::start_with(&env, &fake, |config| {
+        if let Some(serve) = config.serving.as_mut() {
+            serve.webhook_client_ca_pem = Some(client_ca);
+        }
+    })
+    .await?;
+    ready_key(&env, &fake, "team-a").await?;
+    let url = op.webhook_url(&env).await?;
+    let review = probing_review(&env, "team-a")?;
+    let ca = op.ca_pem(&env).await?;
+
+    // Knowing the path is not enough: without a certificate, or with one of another CA, the
+    // handshake fails and no review is read.
+    let stranger = byok_e2e::pki::TestCa::new("not-the-api-servers-ca")?.issue("a-pod", &[])?;
+    let with_stranger = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(ca.as_bytes())?])
+        .identity(reqwest::Identity::from_pem(
+            format!("{}{}", stranger.cert_pem, stranger.key_pem).as_bytes(),
+        )?)
+        .build()?;
+    for (who, client) in [
+        ("no certificate", op.https_client(&env).await?),
+        ("another CA", with_stranger),
+    ] {
+        let sent = client.post(&url).json(&review).send().await;
+        assert!(sent.is_err(), "{who}: {sent:?}");
+    }
+
+    // The API server's own calls still get through.
+    let injected = env
+        .api::<Pod>()
+        .create(
+            &PostParams {
+                dry_run: true,
+                ..Default::default()
+            },
+            &opted_in_pod("mtls-", &["team-a"]),
+        )
+        .await?;
+    assert!(has_sidecar(&injected));
     Ok(())
 }

@@ -92,15 +92,44 @@ impl ResolvesServerCert for ReloadableCert {
 
 /// TLS 1.2 and 1.3 with ring, no client authentication, h2 and http/1.1.
 pub fn server_config(resolver: Arc<ReloadableCert>) -> ServerConfig {
-    let mut config =
-        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            // Fixed inputs: ring implements both versions, so this cannot fail.
-            .expect("ring supports TLS 1.2 and 1.3")
-            .with_no_client_auth()
-            .with_cert_resolver(resolver);
+    let mut config = builder().with_no_client_auth().with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config
+}
+
+/// [`server_config`] that also requires a client certificate issued by a CA of `client_ca_pem`
+/// (the webhook's, when the API server is configured to present one: see `docs/security.md`).
+pub fn server_config_with_client_ca(
+    resolver: Arc<ReloadableCert>,
+    client_ca_pem: &str,
+) -> Result<ServerConfig, CertError> {
+    let invalid = |what: String| CertError::Invalid(format!("the webhook's client CA: {what}"));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(client_ca_pem.as_bytes()) {
+        let cert = cert.map_err(|e| invalid(e.to_string()))?;
+        roots.add(cert).map_err(|e| invalid(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(invalid("no certificate in it".to_owned()));
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .map_err(|e| invalid(e.to_string()))?;
+    let mut config = builder()
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+fn builder() -> rustls::ConfigBuilder<ServerConfig, rustls::WantsVerifier> {
+    ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        // Fixed inputs: ring implements both versions, so this cannot fail.
+        .expect("ring supports TLS 1.2 and 1.3")
 }
 
 /// Every `settings.check_every`, makes sure the Secret is current ([`certs::ensure`]) and

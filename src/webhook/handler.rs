@@ -1,4 +1,4 @@
-//! `POST /mutate`: parse the AdmissionReview, look the named ProviderKeys up in the cache,
+//! `POST` to the webhook's path ([`crate::serving::webhook_path`]): parse the AdmissionReview, look the named ProviderKeys up in the cache,
 //! ask [`super::patch::mutate`], answer. No API call on this path, and no key: the handler
 //! sees ProviderKey objects (spec and status) only.
 //!
@@ -13,7 +13,7 @@
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, web};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::DynamicObject;
@@ -23,6 +23,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use super::patch::{self, InjectSettings, KeyFacts, KeyState};
 use crate::crd::ProviderKey;
 use crate::metrics::Metrics;
+use crate::serving::webhook_path::WebhookPaths;
 
 /// The largest AdmissionReview read (the API server's own request limit is 3 MiB).
 pub const MAX_REVIEW_BYTES: usize = 3 * 1024 * 1024;
@@ -248,8 +249,8 @@ impl Injector {
     }
 }
 
-/// `POST /mutate`.
-pub async fn mutate(mut payload: web::Payload, injector: web::Data<Arc<Injector>>) -> HttpResponse {
+/// `POST` to the webhook's path.
+async fn mutate(mut payload: web::Payload, injector: web::Data<Arc<Injector>>) -> HttpResponse {
     let started = Instant::now();
     let mut held = Held {
         budget: injector.body_budget.clone(),
@@ -321,7 +322,23 @@ impl Drop for Held {
     }
 }
 
-/// The webhook's routes, for its own listener.
+/// The webhook's routes, for its own listener: `POST` to a path [`WebhookPaths`] accepts
+/// is a review; anything else gets the same empty 404, so a caller who does not know the path
+/// learns nothing (the app data must hold an `Arc<WebhookPaths>`).
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/mutate", web::post().to(mutate));
+    cfg.default_service(web::to(route));
+}
+
+async fn route(
+    request: HttpRequest,
+    payload: web::Payload,
+    injector: web::Data<Arc<Injector>>,
+    paths: web::Data<Arc<WebhookPaths>>,
+) -> HttpResponse {
+    if request.method() == actix_web::http::Method::POST
+        && paths.accepts(request.path(), Instant::now())
+    {
+        return mutate(payload, injector).await;
+    }
+    HttpResponse::NotFound().finish()
 }

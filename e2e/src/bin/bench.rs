@@ -969,10 +969,15 @@ async fn serving_sections(
     let measured = measure_serving(&env, fake, &operator, &broker_url, sections, binary, dir).await;
     let measured = match measured {
         Ok(()) if sections.on("webhook") => {
+            let path = byok_e2e::serving::webhook_path(
+                &env,
+                byok_operator::serving::certs::DEFAULT_SECRET_NAME,
+            )
+            .await?;
             hostile_reviews(
                 &env,
                 &operator,
-                &format!("https://127.0.0.1:{webhook_port}/mutate"),
+                &format!("https://127.0.0.1:{webhook_port}{path}"),
             )
             .await
         }

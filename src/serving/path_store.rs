@@ -1,0 +1,354 @@
+//! Where the webhook's path ([`super::webhook_path`]) lives: a Secret every replica reads and
+//! follows, and the webhook configuration the operator points at it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::time::Instant;
+
+use super::webhook_path::{self, SECRET_KEY, WebhookPaths};
+
+/// The field manager that owns the path in each webhook's `clientConfig` (and nothing else):
+/// not the caBundle's, so that each is applied without dropping the other.
+pub const PATH_FIELD_MANAGER: &str = "byok-operator-webhook-path";
+
+/// Where the path is kept, and what may be done about it.
+#[derive(Debug, Clone)]
+pub struct PathSettings {
+    pub namespace: String,
+    /// The Secret holding the path under [`SECRET_KEY`].
+    pub secret: String,
+    /// Whether this operator creates that Secret when it is missing. Not when it is the TLS
+    /// Secret the certificate code creates: a Secret holding only the path would look like a
+    /// lost CA to it.
+    pub create_secret: bool,
+    /// The MutatingWebhookConfiguration to point at the path (`None`: leave it alone).
+    pub configuration: Option<String>,
+    /// The operator's Deployment: a new path is published only once every replica runs this
+    /// version, since older replicas serve only the path they know.
+    pub deployment: Option<String>,
+    /// How long after learning a path a replica writes it into the configuration
+    /// ([`webhook_path::PUBLISH_AFTER`]; tests with one replica use none).
+    pub publish_after: Duration,
+    /// How long a path the configuration no longer carries stays accepted
+    /// ([`webhook_path::GRACE`]).
+    pub grace: Duration,
+}
+
+impl PathSettings {
+    /// The defaults for the path kept in `secret` of `namespace`.
+    pub fn new(namespace: &str, secret: &str) -> Self {
+        Self {
+            namespace: namespace.to_owned(),
+            secret: secret.to_owned(),
+            create_secret: false,
+            configuration: None,
+            deployment: None,
+            publish_after: webhook_path::PUBLISH_AFTER,
+            grace: webhook_path::GRACE,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PathError {
+    #[error("Secret {namespace}/{name}: {source}")]
+    Api {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
+    #[error("Secret {namespace}/{name} does not exist yet")]
+    Missing { namespace: String, name: String },
+    #[error("Secret {namespace}/{name} kept changing under us")]
+    Contended { namespace: String, name: String },
+}
+
+/// The path in the Secret, writing a new one there if it holds none (or one this operator
+/// could not have made). Replicas racing to write it end up with the same path: every write
+/// is conditional on the version read.
+pub async fn ensure(api: &Api<Secret>, settings: &PathSettings) -> Result<String, PathError> {
+    let (namespace, name) = (&settings.namespace, &settings.secret);
+    let api_err = |source| PathError::Api {
+        namespace: namespace.clone(),
+        name: name.clone(),
+        source,
+    };
+    for _ in 0..5 {
+        match api.get_opt(name).await.map_err(api_err)? {
+            Some(secret) => {
+                if let Some(path) = stored(&secret) {
+                    return Ok(path);
+                }
+                let mut secret = secret;
+                let path = webhook_path::generate();
+                secret
+                    .data
+                    .get_or_insert_default()
+                    .insert(SECRET_KEY.into(), ByteString(path.clone().into_bytes()));
+                secret.metadata.managed_fields = None;
+                match api.replace(name, &PostParams::default(), &secret).await {
+                    Ok(_) => {
+                        tracing::info!(secret = %name, "wrote a new webhook path");
+                        return Ok(path);
+                    }
+                    Err(kube::Error::Api(status)) if status.code == 409 => continue,
+                    Err(e) => return Err(api_err(e)),
+                }
+            }
+            None if settings.create_secret => {
+                let path = webhook_path::generate();
+                let secret = Secret {
+                    metadata: ObjectMeta {
+                        name: Some(name.clone()),
+                        namespace: Some(namespace.clone()),
+                        labels: Some(
+                            [(
+                                "app.kubernetes.io/managed-by".to_owned(),
+                                "byok-operator".to_owned(),
+                            )]
+                            .into(),
+                        ),
+                        ..Default::default()
+                    },
+                    data: Some([(SECRET_KEY.into(), ByteString(path.clone().into_bytes()))].into()),
+                    type_: Some("Opaque".into()),
+                    ..Default::default()
+                };
+                match api.create(&PostParams::default(), &secret).await {
+                    Ok(_) => {
+                        tracing::info!(secret = %name, "created the webhook path's Secret");
+                        return Ok(path);
+                    }
+                    Err(kube::Error::Api(status)) if status.code == 409 => continue,
+                    Err(e) => return Err(api_err(e)),
+                }
+            }
+            None => {
+                return Err(PathError::Missing {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                });
+            }
+        }
+    }
+    Err(PathError::Contended {
+        namespace: namespace.clone(),
+        name: name.clone(),
+    })
+}
+
+/// [`ensure`], riding out a Secret that does not exist yet or an API server that does not
+/// answer yet, for about a minute.
+pub async fn ensure_with_retries(
+    api: &Api<Secret>,
+    settings: &PathSettings,
+) -> Result<String, PathError> {
+    let mut delay = Duration::from_millis(250);
+    for attempt in 1.. {
+        match ensure(api, settings).await {
+            Err(e) if attempt < 15 => {
+                tracing::warn!(error = %e, attempt, "loading the webhook path; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+fn stored(secret: &Secret) -> Option<String> {
+    let bytes = secret.data.as_ref()?.get(SECRET_KEY)?;
+    let path = std::str::from_utf8(&bytes.0).ok()?;
+    webhook_path::is_valid(path).then(|| path.to_owned())
+}
+
+/// Follows the Secret: a path written there (by another replica, or after the Secret was
+/// lost and made again) becomes current here. A Secret without a path gets one.
+pub async fn follow(api: Api<Secret>, settings: PathSettings, paths: Arc<WebhookPaths>) {
+    let config = watcher::Config::default().fields(&format!("metadata.name={}", settings.secret));
+    let mut events = std::pin::pin!(watcher(api.clone(), config).default_backoff());
+    while let Some(event) = events.next().await {
+        let secret = match event {
+            Ok(watcher::Event::Apply(secret) | watcher::Event::InitApply(secret)) => Some(secret),
+            // Gone: made again by the certificate code (own certificates) or by us.
+            Ok(watcher::Event::Delete(_)) => None,
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => continue,
+            Err(e) => {
+                tracing::warn!(secret = %settings.secret, error = %e, "watching the webhook path's Secret");
+                continue;
+            }
+        };
+        if let Some(path) = secret.as_ref().and_then(stored) {
+            if paths.set_current(&path) {
+                tracing::info!(
+                    "the webhook path changed; the previous one stays accepted for a while"
+                );
+            }
+            continue;
+        }
+        if secret.is_none() && !settings.create_secret {
+            continue;
+        }
+        match ensure(&api, &settings).await {
+            Ok(path) => {
+                paths.set_current(&path);
+            }
+            Err(e) => tracing::warn!(error = %e, "writing the webhook path"),
+        }
+    }
+}
+
+/// Keeps every webhook of the configuration sending to the current path, and tells `paths`
+/// where they send now (so a path they still use stays accepted). A new path is written
+/// [`PathSettings::publish_after`] after this replica learnt it, and once the operator's Deployment has
+/// rolled out (older replicas know only their path).
+pub async fn publish(client: kube::Client, settings: PathSettings, paths: Arc<WebhookPaths>) {
+    let Some(name) = settings.configuration.clone() else {
+        return;
+    };
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let mut changes = std::pin::pin!(
+        watcher(
+            api.clone(),
+            watcher::Config::default().fields(&format!("metadata.name={name}"))
+        )
+        .default_backoff()
+        .applied_objects()
+    );
+    let mut ticks = tokio::time::interval(Duration::from_secs(2));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut current: Option<MutatingWebhookConfiguration> = None;
+    let mut known = (paths.current(), Instant::now());
+    loop {
+        tokio::select! {
+            next = changes.next() => match next {
+                Some(Ok(mwc)) => current = Some(mwc),
+                Some(Err(e)) => {
+                    tracing::warn!(webhook_configuration = %name, error = %e, "watching the webhook configuration");
+                    continue;
+                }
+                None => return,
+            },
+            _ = ticks.tick() => {}
+        }
+        let Some(mwc) = &current else { continue };
+        let webhooks = mwc.webhooks.as_deref().unwrap_or_default();
+        let configured: Vec<String> = webhooks
+            .iter()
+            .filter_map(|w| webhook_path::configured(&w.client_config))
+            .collect();
+        paths.observe_configuration(&configured, Instant::now().into_std());
+        let path = paths.current();
+        if path != known.0 {
+            known = (path.clone(), Instant::now());
+        }
+        let stale: Vec<serde_json::Value> = webhooks
+            .iter()
+            .filter(|w| webhook_path::configured(&w.client_config).as_deref() != Some(&path))
+            .filter_map(|w| {
+                webhook_path::client_config_patch(&w.client_config, &path)
+                    .map(|cc| serde_json::json!({"name": w.name, "clientConfig": cc}))
+            })
+            .collect();
+        if stale.is_empty() || known.1.elapsed() < settings.publish_after {
+            continue;
+        }
+        if let Some(deployment) = &settings.deployment
+            && !rolled_out(&client, &settings.namespace, deployment).await
+        {
+            continue;
+        }
+        let patch = serde_json::json!({
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": name},
+            "webhooks": stale,
+        });
+        match api
+            .patch(
+                &name,
+                &PatchParams::apply(PATH_FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            Ok(mwc) => {
+                tracing::info!(webhook_configuration = %name, "pointed the webhooks at the current path");
+                current = Some(mwc);
+            }
+            Err(e) => {
+                tracing::warn!(webhook_configuration = %name, error = %e, "setting the webhook path failed; retrying");
+            }
+        }
+    }
+}
+
+/// Whether every replica of the Deployment runs its current template (an older replica
+/// serves only the path it knows). A Deployment that cannot be read counts as not rolled out:
+/// the path stays where it is, which works, and the warning says why.
+async fn rolled_out(client: &kube::Client, namespace: &str, name: &str) -> bool {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    match api.get(name).await {
+        Ok(deployment) => deployment_rolled_out(&deployment),
+        Err(e) => {
+            tracing::warn!(deployment = %name, error = %e, "reading the operator's Deployment (the webhook path waits for its rollout)");
+            false
+        }
+    }
+}
+
+/// The rollout is over: the controller has seen the current spec, and every replica it runs
+/// is of the current template.
+pub fn deployment_rolled_out(deployment: &Deployment) -> bool {
+    let Some(status) = &deployment.status else {
+        return false;
+    };
+    let wanted = deployment.spec.replicas.unwrap_or(1);
+    let observed =
+        status.observed_generation.unwrap_or(0) >= deployment.metadata.generation.unwrap_or(0);
+    let replicas = status.replicas.unwrap_or(0);
+    observed && replicas == wanted && status.updated_replicas.unwrap_or(0) == replicas
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deployment(generation: i64, spec: i32, status: serde_json::Value) -> Deployment {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "byok", "generation": generation},
+            "spec": {"replicas": spec, "selector": {}, "template": {}},
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_rollout_is_over_when_every_replica_is_of_the_current_template() {
+        let done =
+            serde_json::json!({"observedGeneration": 3, "replicas": 2, "updatedReplicas": 2});
+        assert!(deployment_rolled_out(&deployment(3, 2, done.clone())));
+        // The controller has not seen the new spec yet.
+        assert!(!deployment_rolled_out(&deployment(4, 2, done)));
+        // An old replica still runs beside the new ones (maxSurge).
+        assert!(!deployment_rolled_out(&deployment(
+            3,
+            2,
+            serde_json::json!({"observedGeneration": 3, "replicas": 3, "updatedReplicas": 2})
+        )));
+        assert!(!deployment_rolled_out(&deployment(
+            3,
+            2,
+            serde_json::json!({"observedGeneration": 3, "replicas": 2, "updatedReplicas": 1})
+        )));
+    }
+}
