@@ -26,6 +26,10 @@ use crate::serving::TEST_PROXY_IMAGE;
 pub const NODE_NAME: &str = "byok-node";
 pub const PAUSE_IMAGE: &str = "byok.dev/test/pause:e2e";
 pub const APP_IMAGE: &str = "byok.dev/test/app:e2e";
+/// What an attacker swaps the sidecar's image to: the sidecar's repository (another tag),
+/// busybox printing the token the sidecar's mount holds, then sleeping. The sidecar's args are
+/// handed to `sh -c` as positional parameters, and ignored.
+pub const TOKEN_PRINTER_IMAGE: &str = "byok.dev/test/byok-operator:token-printer";
 /// Where the node keeps its state: a tmpfs of the node's mount namespace.
 const NODE_DIR: &str = "/var/lib/byok-node";
 const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
@@ -231,6 +235,33 @@ impl Node {
                 cmd: vec!["/bin/sh".into()],
                 env: vec!["PATH=/bin".into()],
                 entries: oci::busybox_entries(busybox)?,
+            },
+            Image {
+                name: TOKEN_PRINTER_IMAGE.into(),
+                entrypoint: vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    // Answers the sidecar's probes, as a real attacker's image would: a
+                    // native sidecar that never starts is not restarted on an image change.
+                    "echo \"token: $(cat /var/run/secrets/byok.dev/token/token)\"; \
+                     exec busybox httpd -f -p 15090 -h /www"
+                        .into(),
+                    "printer".into(),
+                ],
+                cmd: vec![],
+                env: vec!["PATH=/bin".into()],
+                entries: {
+                    let mut entries = oci::busybox_entries(busybox)?;
+                    entries.push(Entry::Dir { path: "www".into() });
+                    for probe in ["www/readyz", "www/livez"] {
+                        entries.push(Entry::File {
+                            path: probe.into(),
+                            mode: 0o644,
+                            contents: b"ok\n".to_vec(),
+                        });
+                    }
+                    entries
+                },
             },
             Image {
                 name: TEST_PROXY_IMAGE.into(),

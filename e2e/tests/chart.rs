@@ -27,6 +27,7 @@ fn variants() -> Vec<(&'static str, Vec<String>)> {
                 "certManager.enabled=true".into(),
                 "metrics.serviceMonitor.enabled=true".into(),
                 "certificates.extraSANs={byok.example.com,10.0.0.7}".into(),
+                "webhook.clientCAConfigMap=apiserver-webhook-client-ca".into(),
             ],
         ),
         (
@@ -208,8 +209,8 @@ fn the_chart_lints_and_each_variant_renders_what_it_promises() -> anyhow::Result
         let cert_manager = sets.iter().any(|s| s == "certManager.enabled=true");
         match name {
             "certmanager" | "certmanager-issuer" => {
-                // cainjector fills caBundle; the operator leaves the configuration alone and
-                // gets no right to touch it.
+                // cainjector fills caBundle; the operator writes only the webhooks' path
+                // there, and keeps that path in a Secret of its own (not cert-manager's).
                 let inject = &mwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"];
                 assert_eq!(inject, "byok-system/r-byok-operator-serving");
                 let certificate = named(&rendered, "Certificate", "r-byok-operator-serving")?;
@@ -219,18 +220,12 @@ fn the_chart_lints_and_each_variant_renders_what_it_promises() -> anyhow::Result
                 assert_eq!(pod["volumes"][0]["secret"]["secretName"], secret);
                 assert!(args.contains(&"--webhook-cert-dir=/etc/byok/tls".to_string()));
                 assert!(
-                    !args
-                        .iter()
-                        .any(|a| a.starts_with("--webhook-configuration"))
-                );
-                assert!(
-                    !grants(
-                        cluster_role,
-                        "admissionregistration.k8s.io",
-                        "mutatingwebhookconfigurations"
+                    args.contains(
+                        &"--webhook-path-secret=r-byok-operator-webhook-path".to_string()
                     ),
-                    "{name}: no webhook configuration rights with cert-manager"
+                    "{name}: {args:?}"
                 );
+                assert_ne!(secret, "r-byok-operator-webhook-path");
                 let dns = certificate["spec"]["dnsNames"].to_string();
                 assert!(dns.contains("r-byok-operator.byok-system.svc"), "{dns}");
                 // IP SANs where they match addresses.
@@ -244,8 +239,47 @@ fn the_chart_lints_and_each_variant_renders_what_it_promises() -> anyhow::Result
             _ => {
                 assert!(!cert_manager);
                 assert!(of_kind(&rendered, "Certificate").is_empty());
-                assert!(args.contains(&"--webhook-configuration=r-byok-operator".to_string()));
+                assert!(
+                    !args.iter().any(|a| a.starts_with("--webhook-path-secret")),
+                    "{name}: the path lives in the TLS Secret"
+                );
             }
+        }
+        // Every variant: the operator points the webhooks at its path (and may patch only
+        // that one configuration), after its own Deployment rolled out; the chart renders
+        // no path (no cluster to look the live one up in).
+        assert!(args.contains(&"--webhook-configuration=r-byok-operator".to_string()));
+        assert!(args.contains(&"--webhook-deployment=r-byok-operator".to_string()));
+        assert!(
+            grants(
+                cluster_role,
+                "admissionregistration.k8s.io",
+                "mutatingwebhookconfigurations"
+            ),
+            "{name}"
+        );
+        assert!(
+            mwc["webhooks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .all(|w| w["clientConfig"]["service"].get("path").is_none()),
+            "{name}: {mwc}"
+        );
+        let client_ca = sets
+            .iter()
+            .any(|s| s.starts_with("webhook.clientCAConfigMap="));
+        assert_eq!(
+            args.contains(&"--webhook-client-ca=/etc/byok/webhook-client-ca/ca.crt".to_string()),
+            client_ca,
+            "{name}"
+        );
+        if client_ca {
+            let volumes = pod["volumes"].to_string();
+            assert!(
+                volumes.contains(r#""configMap":{"items":[{"key":"ca.crt","path":"ca.crt"}],"name":"apiserver-webhook-client-ca"}"#),
+                "{volumes}"
+            );
         }
         let issuers = of_kind(&rendered, "Issuer").len();
         assert_eq!(issuers, if name == "certmanager" { 2 } else { 0 }, "{name}");

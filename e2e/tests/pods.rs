@@ -785,3 +785,135 @@ fn sidecar_rss_kib(pod_uid: &str) -> anyhow::Result<u64> {
     }
     anyhow::bail!("no sidecar process of pod {pod_uid}")
 }
+
+/// Whether a sidecar container of `image` has started (the kubelet restarts a native sidecar
+/// whose image changed); it may have ended since (a sidecar refused by the broker does).
+fn sidecar_ran(pod: &Pod, image: &str) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.init_container_statuses.as_ref())
+        .and_then(|all| all.iter().find(|c| c.name == SIDECAR_NAME))
+        .is_some_and(|c| {
+            c.image.ends_with(image.rsplit('/').next().unwrap_or(image))
+                && c.state
+                    .as_ref()
+                    .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+        })
+}
+
+/// Item 1 of the trust boundary on a real kubelet: the sidecar's image swapped for one that
+/// prints its token (another tag of the sidecar's own repository, which the broker's shape
+/// check alone would accept), then restored. With `update.byok.dev` the swap is refused at
+/// the API server; without it, the kubelet runs the swapped image and the token leaks, but
+/// the broker refuses that token during the swap and after the restore: the pod is never
+/// served again.
+#[tokio::test]
+#[ignore = "needs the test node: make test runs it under hack/node-ns.sh"]
+async fn node_a_swapped_and_restored_sidecar_is_never_served_again() -> anyhow::Result<()> {
+    use byok_e2e::node::TOKEN_PRINTER_IMAGE;
+    use byok_e2e::serving::{TEST_PROXY_IMAGE, pod_token};
+    let s = setup("pods-swap").await?;
+    let key = random_key("sk-ant-");
+    ready_key(&s.env, &s.fake, "claude", ProviderKind::Anthropic, &key).await?;
+    let name = s
+        .create(&app_pod("swapped-", &["claude"], "sleep 600"))
+        .await?;
+    let op = s.op.as_ref().expect("operator");
+    let pods = s.env.api::<Pod>();
+    let deadline = Instant::now() + POD_DONE;
+    while !sidecar_ran(&s.pod(&name).await?, TEST_PROXY_IMAGE) {
+        anyhow::ensure!(Instant::now() < deadline, "the sidecar never started");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let http = op.https_client(&s.env).await?;
+    let url = format!("{}/v1/keys/{}/claude", op.broker_url(), s.env.namespace);
+    let ask = |token: String| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            anyhow::Ok(
+                http.get(&url)
+                    .bearer_auth(token)
+                    .send()
+                    .await?
+                    .status()
+                    .as_u16(),
+            )
+        }
+    };
+    // Control: a token bound to this pod is served before any swap.
+    let before = pod_token(&s.env, "default", &s.pod(&name).await?, "byok.dev").await?;
+    assert_eq!(ask(before.clone()).await?, 200);
+
+    let swap = |image: &str| {
+        kube::api::Patch::Strategic(json!({"spec": {"initContainers": [
+            {"name": SIDECAR_NAME, "image": image}
+        ]}}))
+    };
+    let refused = pods
+        .patch(
+            &name,
+            &kube::api::PatchParams::default(),
+            &swap(TOKEN_PRINTER_IMAGE),
+        )
+        .await;
+    let message = format!("{refused:?}");
+    assert!(
+        refused.is_err() && message.contains("cannot change"),
+        "the API server let the swap through: {message}"
+    );
+
+    // Without the update webhook (a cluster whose configuration lacks it).
+    op.remove_webhook(&s.env, "update.byok.dev").await?;
+    pods.patch(
+        &name,
+        &kube::api::PatchParams::default(),
+        &swap(TOKEN_PRINTER_IMAGE),
+    )
+    .await?;
+    let deadline = Instant::now() + POD_DONE;
+    let leaked = loop {
+        let log = s.node.container_log(&s.pod(&name).await?, SIDECAR_NAME);
+        if let Some(token) = log
+            .lines()
+            .find_map(|l| l.split("token: ").nth(1))
+            .map(str::trim)
+            .filter(|t| t.starts_with("eyJ"))
+        {
+            break token.to_owned();
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the swapped image never ran: {}",
+            s.node.log_tail("kubelet", 20)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(ask(leaked.clone()).await?, 403, "served during the swap");
+
+    pods.patch(
+        &name,
+        &kube::api::PatchParams::default(),
+        &swap(TEST_PROXY_IMAGE),
+    )
+    .await?;
+    let deadline = Instant::now() + POD_DONE;
+    while !sidecar_ran(&s.pod(&name).await?, TEST_PROXY_IMAGE) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the sidecar was never restored: {:?}",
+            s.pod(&name)
+                .await?
+                .status
+                .and_then(|s| s.init_container_statuses)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        ask(leaked).await?,
+        403,
+        "the leaked token is served after the restore"
+    );
+    assert_eq!(ask(before).await?, 403, "the restored pod is served again");
+    s.delete(&name).await?;
+    Ok(())
+}

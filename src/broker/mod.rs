@@ -214,7 +214,12 @@ impl Broker {
         Some(PodFacts {
             uid: meta.uid.clone().unwrap_or_default(),
             opted_in: names::opts_in(meta.labels.as_ref()),
+            // A sidecar image swapped and restored is not forgiven (see `controller::swaps`).
             injected: full
+                && !self
+                    .watches
+                    .sidecar_images
+                    .swapped(meta.uid.as_deref().unwrap_or_default())
                 && pod.spec.as_ref().is_some_and(|spec| {
                     crate::webhook::patch::token_held_only_by_sidecar(
                         spec,

@@ -8,6 +8,7 @@ pub mod keyring;
 pub mod leader;
 pub mod plan;
 pub mod reconcile;
+pub mod swaps;
 pub mod watches;
 
 use std::collections::{HashMap, HashSet};

@@ -59,6 +59,8 @@ pub struct Watches {
     /// read their `byok.dev` token (`cache::strip_pod`); `None` when this replica does not
     /// serve the broker.
     pub pods: Option<Store<Pod>>,
+    /// Whose sidecar image changed while watched (only when `pods` is kept).
+    pub sidecar_images: Arc<super::swaps::SidecarImages>,
     pub providerkey_changes: Arc<Fanout<DeserializeGuard<ProviderKey>>>,
     pub source_changes: Arc<Fanout<Secret>>,
     pub managed_changes: Arc<Fanout<Secret>>,
@@ -174,7 +176,9 @@ impl Watches {
             }
         }));
 
+        let sidecar_images = Arc::new(super::swaps::SidecarImages::default());
         let pods = watch_pods.then(|| {
+            let images = sidecar_images.clone();
             // Whole pods (opted-in ones only), stripped to what the broker checks: the
             // metadata and who in the pod can read a byok.dev token.
             let (store, writer) = reflector::store::<Pod>();
@@ -189,7 +193,12 @@ impl Watches {
                     writer,
                     watcher(pods, watcher::Config::default().labels(&selector))
                         .default_backoff()
-                        .modify(cache::strip_pod),
+                        .modify(cache::strip_pod)
+                        .inspect(move |event| {
+                            if let Ok(event) = event {
+                                images.observe(event);
+                            }
+                        }),
                 ),
                 None,
                 false,
@@ -202,6 +211,7 @@ impl Watches {
         Self {
             providerkeys,
             pods,
+            sidecar_images,
             providerkey_changes,
             source_changes,
             managed_changes,
