@@ -413,6 +413,24 @@ async fn a_hostile_tenant_cannot_stop_rob_or_confuse_the_controller() -> anyhow:
     assert!(refused.to_string().contains("baseURL"), "{refused}");
     // ...and when it is anyway, the key in service does not follow it.
     install_crd(&a.client, &looser_crd()?).await?;
+    // Established is not enforced: each API server instance swaps its CRD handler a little
+    // later (on a busy machine, long enough for the patch to meet the old schema). Wait with
+    // a dry run until the looser schema answers.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let dry_run = PatchParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    while let Err(e) = pks_a
+        .patch("moved", &dry_run, &Patch::Merge(&to_evil))
+        .await
+    {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the looser CRD was never enforced: {e}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     pks_a
         .patch("moved", &PatchParams::default(), &Patch::Merge(&to_evil))
         .await?;
