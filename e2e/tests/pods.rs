@@ -915,5 +915,76 @@ async fn node_a_swapped_and_restored_sidecar_is_never_served_again() -> anyhow::
     );
     assert_eq!(ask(before).await?, 403, "the restored pod is served again");
     s.delete(&name).await?;
+
+    // The same, hidden: the label removed for the swap (the pod leaves the broker's watch)
+    // and put back after the restore. A control pod, relabelled the same way without a swap,
+    // shows when the broker's cache has seen the relabelling.
+    let hidden = s
+        .create(&app_pod("hidden-", &["claude"], "sleep 600"))
+        .await?;
+    let control = s
+        .create(&app_pod("control-", &["claude"], "sleep 600"))
+        .await?;
+    let deadline = Instant::now() + POD_DONE;
+    for name in [&hidden, &control] {
+        while !sidecar_ran(&s.pod(name).await?, TEST_PROXY_IMAGE) {
+            anyhow::ensure!(Instant::now() < deadline, "the sidecar never started");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let control_token = pod_token(&s.env, "default", &s.pod(&control).await?, "byok.dev").await?;
+    let label = |value: serde_json::Value| {
+        kube::api::Patch::Merge(json!({"metadata": {"labels": {names::INJECT_LABEL: value}}}))
+    };
+    let params = kube::api::PatchParams::default();
+    for name in [&hidden, &control] {
+        pods.patch(name, &params, &label(serde_json::Value::Null))
+            .await?;
+    }
+    pods.patch(&hidden, &params, &swap(TOKEN_PRINTER_IMAGE))
+        .await?;
+    let deadline = Instant::now() + POD_DONE;
+    let leaked = loop {
+        let log = s.node.container_log(&s.pod(&hidden).await?, SIDECAR_NAME);
+        if let Some(token) = log
+            .lines()
+            .find_map(|l| l.split("token: ").nth(1))
+            .map(str::trim)
+            .filter(|t| t.starts_with("eyJ"))
+        {
+            break token.to_owned();
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the swapped image never ran");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    pods.patch(&hidden, &params, &swap(TEST_PROXY_IMAGE))
+        .await?;
+    while !sidecar_ran(&s.pod(&hidden).await?, TEST_PROXY_IMAGE) {
+        anyhow::ensure!(Instant::now() < deadline, "the sidecar was never restored");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // While unlabelled, the control is not served; labelled again (after the hidden pod), it
+    // is: from then on the broker judges the hidden pod as relabelled too.
+    assert_eq!(ask(control_token.clone()).await?, 403);
+    for name in [&hidden, &control] {
+        pods.patch(name, &params, &label(json!(names::INJECT_VALUE)))
+            .await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ask(control_token.clone()).await? != 200 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the relabelled control is never served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        ask(leaked).await?,
+        403,
+        "a swap hidden by removing the label was forgiven"
+    );
+    for name in [&hidden, &control] {
+        s.delete(name).await?;
+    }
     Ok(())
 }
