@@ -277,6 +277,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "NAME")]
     pub webhook_deployment: Option<String>,
 
+    /// Replace the webhook's path by a new random one this often (Go duration; `0s`: never).
+    /// The API server names the webhook's URL in the errors it returns to whoever created a
+    /// pod when a call fails, so the path is kept short-lived.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub webhook_path_rotation: std::time::Duration,
+
     /// Require the webhook's callers to present a client certificate issued by a CA in this
     /// PEM file (the API server does, when its admission configuration names one; see
     /// `docs/security.md`). Read at start-up.
@@ -413,6 +419,10 @@ impl ServeArgs {
             configuration: (!self.webhook_configuration.is_empty())
                 .then(|| self.webhook_configuration.clone()),
             deployment: self.webhook_deployment.clone(),
+            rotate_every: (!self.webhook_path_rotation.is_zero())
+                .then_some(self.webhook_path_rotation),
+            // The downward API's (the chart sets it).
+            pod_name: std::env::var("POD_NAME").ok().filter(|n| !n.is_empty()),
             ..crate::serving::path_store::PathSettings::new(operator_namespace, &path_secret)
         };
         let webhook_client_ca_pem = match &self.webhook_client_ca {

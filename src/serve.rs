@@ -116,6 +116,21 @@ pub async fn start(
     let path_api: Api<Secret> = Api::namespaced(client.clone(), &config.webhook_path.namespace);
     let path = path_store::ensure_with_retries(&path_api, &config.webhook_path).await?;
     let paths = Arc::new(WebhookPaths::new(&path, config.webhook_path.grace));
+    // Serve where the configuration sends now from the first request on (an upgrade from a
+    // release that served `/mutate` keeps working while this replica starts).
+    if let Some(name) = &config.webhook_path.configuration {
+        let mwcs: Api<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration> =
+            Api::all(client.clone());
+        if let Ok(Some(mwc)) = mwcs.get_opt(name).await {
+            let configured: Vec<String> = mwc
+                .webhooks
+                .iter()
+                .flatten()
+                .filter_map(|w| certs::webhook_path::configured(&w.client_config))
+                .collect();
+            paths.observe_configuration(&configured, std::time::Instant::now());
+        }
+    }
     tasks.push(tokio::spawn(path_store::follow(
         path_api,
         config.webhook_path.clone(),

@@ -46,6 +46,7 @@ pub fn serve_config(env: &TestEnv, webhook_configuration: &str) -> anyhow::Resul
             configuration: Some(webhook_configuration.to_string()),
             publish_after: Duration::ZERO,
             grace: TEST_PATH_GRACE,
+            rotate_every: None,
             ..PathSettings::new(
                 &env.namespace,
                 byok_operator::serving::certs::DEFAULT_SECRET_NAME,

@@ -141,9 +141,59 @@ async fn the_operator_runs_with_the_charts_arguments_and_rbac() -> anyhow::Resul
         paths.iter().all(|p| p == "/mutate"),
         "published before the Deployment rolled out: {paths:?}"
     );
+    // What the Deployment controller would have made: the Deployment at revision 1, its
+    // ReplicaSet, and this replica's pod (POD_NAME) of that ReplicaSet.
     let mut deployment: k8s_openapi::api::apps::v1::Deployment =
         serde_json::from_value(deployment.clone())?;
     deployment.metadata.namespace = Some(operator_ns.namespace.clone());
+    let revision = || {
+        Some(std::collections::BTreeMap::from([(
+            "deployment.kubernetes.io/revision".to_owned(),
+            "1".to_owned(),
+        )]))
+    };
+    deployment.metadata.annotations = revision();
+    let mut template = deployment.spec.template.clone();
+    template
+        .metadata
+        .get_or_insert_with(Default::default)
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert("pod-template-hash".into(), "7d9f".into());
+    let mut selector = deployment.spec.selector.clone();
+    selector
+        .match_labels
+        .get_or_insert_with(Default::default)
+        .insert("pod-template-hash".into(), "7d9f".into());
+    let replica_set = k8s_openapi::api::apps::v1::ReplicaSet {
+        metadata: kube::api::ObjectMeta {
+            name: Some(format!("{fullname}-7d9f")),
+            annotations: revision(),
+            ..Default::default()
+        },
+        spec: k8s_openapi::api::apps::v1::ReplicaSetSpec {
+            selector,
+            template: Some(template.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    operator_ns
+        .api::<k8s_openapi::api::apps::v1::ReplicaSet>()
+        .create(&kube::api::PostParams::default(), &replica_set)
+        .await?;
+    let pod = k8s_openapi::api::core::v1::Pod {
+        metadata: kube::api::ObjectMeta {
+            name: Some(format!("{fullname}-7d9f-abcde")),
+            ..template.metadata.clone().unwrap_or_default()
+        },
+        spec: template.spec.clone(),
+        ..Default::default()
+    };
+    operator_ns
+        .api::<k8s_openapi::api::core::v1::Pod>()
+        .create(&kube::api::PostParams::default(), &pod)
+        .await?;
     let deployments = operator_ns.api::<k8s_openapi::api::apps::v1::Deployment>();
     let created = deployments
         .create(&kube::api::PostParams::default(), &deployment)

@@ -1218,3 +1218,56 @@ async fn with_a_client_ca_only_the_api_servers_certificate_gets_a_tls_session() 
     assert!(has_sidecar(&injected));
     Ok(())
 }
+
+/// The path is named in the API server's errors to pod creators when a call fails, so it
+/// rotates: with a short period, pods keep being admitted while the path changes under them.
+#[tokio::test]
+async fn the_webhook_path_rotates_while_pods_keep_being_admitted() -> anyhow::Result<()> {
+    let env = TestEnv::new("webhook-rotate").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let op = ServingOperator::start_with(&env, &fake, |config| {
+        if let Some(serve) = config.serving.as_mut() {
+            serve.webhook_path.rotate_every = Some(Duration::from_secs(2));
+        }
+    })
+    .await?;
+    ready_key(&env, &fake, "team-a").await?;
+    let first = webhook_path(&env, &op.config.webhook_path.secret).await?;
+    let mut published = std::collections::BTreeSet::from([first.clone()]);
+    let (mut admitted, mut refused) = (0, Vec::new());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while published.len() < 4 {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the path did not rotate: {published:?}"
+        );
+        match env
+            .api::<Pod>()
+            .create(
+                &PostParams {
+                    dry_run: true,
+                    ..Default::default()
+                },
+                &opted_in_pod("rotating-", &["team-a"]),
+            )
+            .await
+        {
+            Ok(pod) if has_sidecar(&pod) => admitted += 1,
+            other => refused.push(format!("{other:?}")),
+        }
+        for path in configured_paths(&env.client, &op.webhook_configuration).await? {
+            assert!(
+                byok_operator::serving::webhook_path::is_valid(&path),
+                "{path}"
+            );
+            published.insert(path);
+        }
+    }
+    assert!(
+        refused.is_empty(),
+        "{} of {} pods refused while the path rotated: {refused:?}",
+        refused.len(),
+        admitted + refused.len()
+    );
+    Ok(())
+}

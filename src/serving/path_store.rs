@@ -13,7 +13,7 @@ use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::time::Instant;
 
-use super::webhook_path::{self, SECRET_KEY, WebhookPaths};
+use super::webhook_path::{self, SECRET_KEY, WRITTEN_KEY, WebhookPaths};
 
 /// The field manager that owns the path in each webhook's `clientConfig` (and nothing else):
 /// not the caBundle's, so that each is applied without dropping the other.
@@ -40,6 +40,11 @@ pub struct PathSettings {
     /// How long a path the configuration no longer carries stays accepted
     /// ([`webhook_path::GRACE`]).
     pub grace: Duration,
+    /// How often the path is replaced ([`webhook_path::ROTATE_EVERY`]; `None`: never).
+    pub rotate_every: Option<Duration>,
+    /// This replica's pod (in `namespace`): with `deployment`, a new path is published only
+    /// by a replica of the Deployment's current revision.
+    pub pod_name: Option<String>,
 }
 
 impl PathSettings {
@@ -53,6 +58,8 @@ impl PathSettings {
             deployment: None,
             publish_after: webhook_path::PUBLISH_AFTER,
             grace: webhook_path::GRACE,
+            rotate_every: Some(webhook_path::ROTATE_EVERY),
+            pod_name: None,
         }
     }
 }
@@ -87,18 +94,8 @@ pub async fn ensure(api: &Api<Secret>, settings: &PathSettings) -> Result<String
                 if let Some(path) = stored(&secret) {
                     return Ok(path);
                 }
-                let mut secret = secret;
-                let path = webhook_path::generate();
-                secret
-                    .data
-                    .get_or_insert_default()
-                    .insert(SECRET_KEY.into(), ByteString(path.clone().into_bytes()));
-                secret.metadata.managed_fields = None;
-                match api.replace(name, &PostParams::default(), &secret).await {
-                    Ok(_) => {
-                        tracing::info!(secret = %name, "wrote a new webhook path");
-                        return Ok(path);
-                    }
+                match write_new(api, secret).await {
+                    Ok(path) => return Ok(path),
                     Err(kube::Error::Api(status)) if status.code == 409 => continue,
                     Err(e) => return Err(api_err(e)),
                 }
@@ -118,7 +115,7 @@ pub async fn ensure(api: &Api<Secret>, settings: &PathSettings) -> Result<String
                         ),
                         ..Default::default()
                     },
-                    data: Some([(SECRET_KEY.into(), ByteString(path.clone().into_bytes()))].into()),
+                    data: Some(new_path_data(&path)),
                     type_: Some("Opaque".into()),
                     ..Default::default()
                 };
@@ -165,6 +162,64 @@ pub async fn ensure_with_retries(
     unreachable!("the loop returns")
 }
 
+/// The data keys of a path written now.
+fn new_path_data(path: &str) -> std::collections::BTreeMap<String, ByteString> {
+    let now = jiff::Timestamp::now().as_second();
+    [
+        (SECRET_KEY.to_owned(), ByteString(path.as_bytes().to_vec())),
+        (
+            WRITTEN_KEY.to_owned(),
+            ByteString(now.to_string().into_bytes()),
+        ),
+    ]
+    .into()
+}
+
+/// Writes a new path into `secret` (as read: the write fails with 409 if it changed since).
+async fn write_new(api: &Api<Secret>, mut secret: Secret) -> Result<String, kube::Error> {
+    let path = webhook_path::generate();
+    secret
+        .data
+        .get_or_insert_default()
+        .extend(new_path_data(&path));
+    secret.metadata.managed_fields = None;
+    let name = secret.metadata.name.clone().unwrap_or_default();
+    api.replace(&name, &PostParams::default(), &secret).await?;
+    tracing::info!(secret = %name, "wrote a new webhook path");
+    Ok(path)
+}
+
+/// Replaces the path if it is due ([`webhook_path::rotation_due`]). Every replica may try;
+/// the writes are conditional, so one path wins and the others follow it.
+async fn rotate_if_due(api: &Api<Secret>, settings: &PathSettings, every: Duration) {
+    let secret = match api.get_opt(&settings.secret).await {
+        Ok(Some(secret)) => secret,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(secret = %settings.secret, error = %e, "reading the webhook path for rotation");
+            return;
+        }
+    };
+    let written = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(WRITTEN_KEY))
+        .and_then(|w| std::str::from_utf8(&w.0).ok()?.trim().parse::<i64>().ok());
+    if stored(&secret).is_none()
+        || !webhook_path::rotation_due(written, jiff::Timestamp::now().as_second(), every)
+    {
+        return;
+    }
+    match write_new(api, secret).await {
+        Ok(_) => {}
+        // Another replica rotated it first.
+        Err(kube::Error::Api(status)) if status.code == 409 => {}
+        Err(e) => {
+            tracing::warn!(secret = %settings.secret, error = %e, "rotating the webhook path")
+        }
+    }
+}
+
 fn stored(secret: &Secret) -> Option<String> {
     let bytes = secret.data.as_ref()?.get(SECRET_KEY)?;
     let path = std::str::from_utf8(&bytes.0).ok()?;
@@ -172,11 +227,30 @@ fn stored(secret: &Secret) -> Option<String> {
 }
 
 /// Follows the Secret: a path written there (by another replica, or after the Secret was
-/// lost and made again) becomes current here. A Secret without a path gets one.
+/// lost and made again) becomes current here. A Secret without a path gets one, and a path
+/// older than the rotation period is replaced.
 pub async fn follow(api: Api<Secret>, settings: PathSettings, paths: Arc<WebhookPaths>) {
     let config = watcher::Config::default().fields(&format!("metadata.name={}", settings.secret));
     let mut events = std::pin::pin!(watcher(api.clone(), config).default_backoff());
-    while let Some(event) = events.next().await {
+    let check_every = settings
+        .rotate_every
+        .map_or(Duration::from_secs(3600), |every| every / 4)
+        .clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut ticks = tokio::time::interval(check_every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let event = tokio::select! {
+            event = events.next() => match event {
+                Some(event) => event,
+                None => return,
+            },
+            _ = ticks.tick() => {
+                if let Some(every) = settings.rotate_every {
+                    rotate_if_due(&api, &settings, every).await;
+                }
+                continue;
+            }
+        };
         let secret = match event {
             Ok(watcher::Event::Apply(secret) | watcher::Event::InitApply(secret)) => Some(secret),
             // Gone: made again by the certificate code (own certificates) or by us.
@@ -209,13 +283,18 @@ pub async fn follow(api: Api<Secret>, settings: PathSettings, paths: Arc<Webhook
 
 /// Keeps every webhook of the configuration sending to the current path, and tells `paths`
 /// where they send now (so a path they still use stays accepted). A new path is written
-/// [`PathSettings::publish_after`] after this replica learnt it, and once the operator's Deployment has
-/// rolled out (older replicas know only their path).
+/// [`PathSettings::publish_after`] after this replica learnt it, once the Secret still holds
+/// it (a replica whose watch lags must not put an old path back), and once the operator's
+/// Deployment has rolled out to this replica's revision (older replicas know only their
+/// path; a replica of a revision rolled back from must not move the webhooks away from the
+/// one rolled back to). A configuration sending where no replica serves (no path: `/`) is
+/// pointed at the path at once.
 pub async fn publish(client: kube::Client, settings: PathSettings, paths: Arc<WebhookPaths>) {
     let Some(name) = settings.configuration.clone() else {
         return;
     };
     let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &settings.namespace);
     let mut changes = std::pin::pin!(
         watcher(
             api.clone(),
@@ -242,36 +321,57 @@ pub async fn publish(client: kube::Client, settings: PathSettings, paths: Arc<We
         }
         let Some(mwc) = &current else { continue };
         let webhooks = mwc.webhooks.as_deref().unwrap_or_default();
-        let configured: Vec<String> = webhooks
+        let configured: Vec<Option<String>> = webhooks
             .iter()
-            .filter_map(|w| webhook_path::configured(&w.client_config))
+            .map(|w| webhook_path::configured(&w.client_config))
             .collect();
-        paths.observe_configuration(&configured, Instant::now().into_std());
+        paths.observe_configuration(
+            &configured.iter().flatten().cloned().collect::<Vec<_>>(),
+            Instant::now().into_std(),
+        );
         let path = paths.current();
         if path != known.0 {
             known = (path.clone(), Instant::now());
         }
-        let stale: Vec<serde_json::Value> = webhooks
+        // A webhook whose clientConfig cannot be read is left alone (and not counted).
+        if configured.iter().flatten().all(|p| *p == path) {
+            continue;
+        }
+        let nowhere = configured
             .iter()
-            .filter(|w| webhook_path::configured(&w.client_config).as_deref() != Some(&path))
+            .flatten()
+            .any(|p| !webhook_path::servable(p));
+        if !nowhere {
+            if known.1.elapsed() < settings.publish_after {
+                continue;
+            }
+            if let Some(deployment) = &settings.deployment
+                && !this_revision_rolled_out(&client, &settings, deployment).await
+            {
+                continue;
+            }
+        }
+        match secrets.get_opt(&settings.secret).await {
+            Ok(Some(secret)) if stored(&secret).as_deref() == Some(path.as_str()) => {}
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::warn!(secret = %settings.secret, error = %e, "reading the webhook path before publishing it");
+                continue;
+            }
+        }
+        // Every webhook, each time: server-side apply removes what a manager stops sending.
+        let entries: Vec<serde_json::Value> = webhooks
+            .iter()
             .filter_map(|w| {
                 webhook_path::client_config_patch(&w.client_config, &path)
                     .map(|cc| serde_json::json!({"name": w.name, "clientConfig": cc}))
             })
             .collect();
-        if stale.is_empty() || known.1.elapsed() < settings.publish_after {
-            continue;
-        }
-        if let Some(deployment) = &settings.deployment
-            && !rolled_out(&client, &settings.namespace, deployment).await
-        {
-            continue;
-        }
         let patch = serde_json::json!({
             "apiVersion": "admissionregistration.k8s.io/v1",
             "kind": "MutatingWebhookConfiguration",
             "metadata": {"name": name},
-            "webhooks": stale,
+            "webhooks": entries,
         });
         match api
             .patch(
@@ -292,18 +392,74 @@ pub async fn publish(client: kube::Client, settings: PathSettings, paths: Arc<We
     }
 }
 
-/// Whether every replica of the Deployment runs its current template (an older replica
-/// serves only the path it knows). A Deployment that cannot be read counts as not rolled out:
-/// the path stays where it is, which works, and the warning says why.
-async fn rolled_out(client: &kube::Client, namespace: &str, name: &str) -> bool {
-    let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
-    match api.get(name).await {
-        Ok(deployment) => deployment_rolled_out(&deployment),
-        Err(e) => {
-            tracing::warn!(deployment = %name, error = %e, "reading the operator's Deployment (the webhook path waits for its rollout)");
-            false
-        }
+/// Whether the Deployment has rolled out and this replica is of its current revision. What
+/// cannot be read counts as no: the path stays where it is, which works, and the warning
+/// says why.
+async fn this_revision_rolled_out(
+    client: &kube::Client,
+    settings: &PathSettings,
+    deployment: &str,
+) -> bool {
+    use k8s_openapi::api::apps::v1::ReplicaSet;
+    use k8s_openapi::api::core::v1::Pod;
+    let ns = &settings.namespace;
+    let warn = |what: &str, e: kube::Error| {
+        tracing::warn!(error = %e, "reading {what} (the webhook path waits for the operator's rollout)");
+        false
+    };
+    let deployment = match Api::<Deployment>::namespaced(client.clone(), ns)
+        .get(deployment)
+        .await
+    {
+        Ok(d) => d,
+        Err(e) => return warn("the operator's Deployment", e),
+    };
+    if !deployment_rolled_out(&deployment) {
+        return false;
     }
+    let Some(pod_name) = &settings.pod_name else {
+        return true;
+    };
+    let pod = match Api::<Pod>::namespaced(client.clone(), ns)
+        .get(pod_name)
+        .await
+    {
+        Ok(pod) => pod,
+        Err(e) => return warn("this replica's pod", e),
+    };
+    let Some(hash) = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("pod-template-hash"))
+    else {
+        return false;
+    };
+    let name = format!(
+        "{}-{hash}",
+        deployment.metadata.name.as_deref().unwrap_or_default()
+    );
+    match Api::<ReplicaSet>::namespaced(client.clone(), ns)
+        .get(&name)
+        .await
+    {
+        Ok(rs) => same_revision(&deployment.metadata, &rs.metadata),
+        Err(e) => warn("this replica's ReplicaSet", e),
+    }
+}
+
+/// The annotation the Deployment controller puts on a Deployment and its ReplicaSets.
+const REVISION: &str = "deployment.kubernetes.io/revision";
+
+/// Whether a ReplicaSet is of the Deployment's current revision.
+pub fn same_revision(deployment: &ObjectMeta, replica_set: &ObjectMeta) -> bool {
+    let revision = |m: &ObjectMeta| {
+        m.annotations
+            .as_ref()
+            .and_then(|a| a.get(REVISION))
+            .cloned()
+    };
+    revision(deployment).is_some() && revision(deployment) == revision(replica_set)
 }
 
 /// The rollout is over: the controller has seen the current spec, and every replica it runs
@@ -330,6 +486,18 @@ mod tests {
             "status": status,
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn only_a_replica_set_of_the_deployments_revision_is_current() {
+        let meta = |revision: Option<&str>| ObjectMeta {
+            annotations: revision.map(|r| [(REVISION.to_owned(), r.to_owned())].into()),
+            ..Default::default()
+        };
+        assert!(same_revision(&meta(Some("4")), &meta(Some("4"))));
+        // Rolled back: the Deployment's revision moved on, this replica's did not.
+        assert!(!same_revision(&meta(Some("5")), &meta(Some("4"))));
+        assert!(!same_revision(&meta(None), &meta(None)));
     }
 
     #[test]

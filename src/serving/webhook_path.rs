@@ -8,10 +8,17 @@
 //! `clientConfig` with a field manager of its own, as it does the `caBundle`. Every other path
 //! gets the same 404, whatever the method and body.
 //!
-//! When the path changes (the Secret was lost, or an upgrade from a release that served
-//! `/mutate`), the path the configuration carried is still accepted until [`GRACE`] after
-//! the configuration carries the new one: replicas learn of the change at different moments
-//! and the API server may still be sending to the old path.
+//! The path is defence in depth, not a credential: the API server names the webhook's URL in
+//! the errors it returns when a call fails (a timeout, no ready replica), and those reach
+//! whoever created the pod. So it changes on a schedule ([`ROTATE_EVERY`]) and the client
+//! certificate (`--webhook-client-ca`) and the NetworkPolicy remain what keeps others out.
+//!
+//! When the path changes (rotated, the Secret was lost, or an upgrade from a release that
+//! served `/mutate`), the path the configuration carried is still accepted until [`GRACE`]
+//! after the configuration carries the new one: replicas learn of the change at different
+//! moments and the API server may still be sending to the old path. Only paths this
+//! operator could have served are kept so: [`LEGACY_PATH`] and generated ones. A
+//! configuration sending anywhere else (no path: `/`) is pointed at the current path at once.
 //!
 //! This module is pure (the clock is passed in); `serve` wires it to the Secret and the
 //! configuration.
@@ -25,6 +32,12 @@ use sha2::{Digest, Sha256};
 
 /// The Secret data key that holds the path.
 pub const SECRET_KEY: &str = "webhook-path";
+
+/// The Secret data key that holds when the path was written (Unix seconds).
+pub const WRITTEN_KEY: &str = "webhook-path-written";
+
+/// How often the path is replaced by a new one.
+pub const ROTATE_EVERY: Duration = Duration::from_secs(24 * 3600);
 
 /// The path every webhook was served at before the path was random.
 pub const LEGACY_PATH: &str = "/mutate";
@@ -44,6 +57,19 @@ pub fn generate() -> String {
     let mut bits = [0u8; 16];
     rand::rng().fill_bytes(&mut bits);
     format!("{PREFIX}{}", hex::encode(bits))
+}
+
+/// Whether a path written at `written` (Unix seconds; `None`: unknown) is due for rotation at
+/// `now`. A time in the future (a clock moved back) is not due: the next writer fixes it.
+pub fn rotation_due(written: Option<i64>, now: i64, every: Duration) -> bool {
+    let every = i64::try_from(every.as_secs()).unwrap_or(i64::MAX);
+    written.is_none_or(|w| now.saturating_sub(w) >= every)
+}
+
+/// Whether the configuration may keep sending to `path` for a while: a path some replica
+/// serves (a generated one, or what releases before random paths served).
+pub fn servable(path: &str) -> bool {
+    path == LEGACY_PATH || is_valid(path)
 }
 
 /// Whether `path` is one this operator could have generated (what the Secret may hold).
@@ -158,12 +184,15 @@ impl WebhookPaths {
     }
 
     /// The configuration's webhooks send to `paths` (as [`configured`] reads them). Any that
-    /// is not current stays accepted until the configuration carries only the current path,
-    /// and then for the grace.
+    /// is not current but [`servable`] stays accepted until the configuration carries only
+    /// the current path, and then for the grace.
     pub fn observe_configuration(&self, paths: &[String], now: Instant) {
         let mut state = self.write();
         let current = state.current.path.clone();
-        for path in paths.iter().filter(|p| **p != current) {
+        for path in paths
+            .iter()
+            .filter(|p| **p != current && servable(p.as_str()))
+        {
             match state.previous.iter_mut().find(|(p, _)| p.path == *path) {
                 Some((_, until)) => *until = None,
                 None => state.previous.push((Digested::new(path), None)),
@@ -210,6 +239,29 @@ mod tests {
         ] {
             assert!(!is_valid(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn rotation_is_due_after_the_period_or_when_unknown() {
+        let day = Duration::from_secs(86_400);
+        assert!(rotation_due(None, 1_000, day));
+        assert!(!rotation_due(Some(1_000), 1_000 + 86_399, day));
+        assert!(rotation_due(Some(1_000), 1_000 + 86_400, day));
+        assert!(!rotation_due(Some(5_000), 1_000, day), "a clock moved back");
+        assert!(rotation_due(Some(i64::MIN), i64::MAX, day), "no overflow");
+        assert!(!rotation_due(Some(1), i64::MAX, Duration::MAX));
+    }
+
+    #[test]
+    fn a_configuration_sending_nowhere_we_serve_opens_nothing() {
+        let t0 = Instant::now();
+        let paths = WebhookPaths::new(&generate(), GRACE);
+        paths.observe_configuration(&["/".into(), "/admin".into(), "/byok/xyz".into()], t0);
+        for path in ["/", "/admin", "/byok/xyz"] {
+            assert!(!paths.accepts(path, t0), "{path}");
+        }
+        paths.observe_configuration(&[LEGACY_PATH.into()], t0);
+        assert!(paths.accepts(LEGACY_PATH, t0));
     }
 
     #[test]
