@@ -32,9 +32,13 @@ const SIDECAR: &str = "byok-proxy";
 /// pods are not recorded: the update webhook remains the first defence.
 const MAX_ENTRIES: usize = 200_000;
 
-/// How long an entry no longer listed (a pod that left the selection, or one swapped) is
-/// kept after it was last seen: longer than a sidecar token lives (600 s).
-const KEEP_UNLISTED: Duration = Duration::from_secs(15 * 60);
+/// An entry no longer in the watched selection (its label removed, or not relisted) is kept
+/// until a read of the pod shows it gone, asked at most this often per pod: nothing that
+/// happens to it while unwatched must be forgiven when it comes back.
+pub const CHECK_GONE_EVERY: Duration = Duration::from_secs(15 * 60);
+
+/// At most this many pods are read per round of [`SidecarImages::gone_candidates`].
+pub const CHECK_GONE_BATCH: usize = 500;
 
 #[derive(Debug, Default)]
 pub struct SidecarImages {
@@ -45,8 +49,8 @@ pub struct SidecarImages {
 struct Inner {
     /// By pod UID.
     pods: HashMap<String, Seen>,
-    /// Increases with each relist; entries not seen in the latest are dropped at its end
-    /// (those that left the selection or were swapped only after [`KEEP_UNLISTED`]).
+    /// Increases with each relist; entries not seen in the latest count as having left the
+    /// selection at its end.
     epoch: u64,
     /// UIDs of pods that left the selection, oldest first (some may have come back).
     left_order: VecDeque<String>,
@@ -73,15 +77,18 @@ impl SidecarImages {
         match event {
             watcher::Event::Init => inner.epoch += 1,
             watcher::Event::InitDone => {
+                // Not relisted: deleted, or unlabelled, while the watch was away. Which one
+                // is for a read of the pod to tell ([`Self::gone_candidates`]).
                 let epoch = inner.epoch;
-                inner.pods.retain(|_, seen| {
-                    seen.epoch == epoch
-                        || ((seen.left || seen.swapped) && seen.last_seen.elapsed() < KEEP_UNLISTED)
-                });
-                let Inner {
-                    pods, left_order, ..
-                } = &mut *inner;
-                left_order.retain(|uid| pods.contains_key(uid));
+                let unlisted: Vec<String> = inner
+                    .pods
+                    .iter()
+                    .filter(|(_, seen)| seen.epoch != epoch && !seen.left)
+                    .map(|(uid, _)| uid.clone())
+                    .collect();
+                for uid in unlisted {
+                    inner.mark_left(&uid);
+                }
             }
             watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => inner.record(pod),
             watcher::Event::Delete(pod) => {
@@ -95,10 +102,7 @@ impl SidecarImages {
                     // Out of the selection (the label removed; the event carries the object
                     // as it was): remember what it ran, to compare on its return.
                     inner.record(pod);
-                    if let Some(seen) = inner.pods.get_mut(&uid) {
-                        seen.left = true;
-                        inner.left_order.push_back(uid);
-                    }
+                    inner.mark_left(&uid);
                 }
             }
         }
@@ -108,6 +112,32 @@ impl SidecarImages {
     pub fn swapped(&self, uid: &str) -> bool {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         inner.pods.get(uid).is_some_and(|seen| seen.swapped)
+    }
+
+    /// Pods out of the selection, not checked for [`CHECK_GONE_EVERY`]: (uid, namespace,
+    /// name), at most [`CHECK_GONE_BATCH`]. Each is to be read and told to [`Self::checked`].
+    pub fn gone_candidates(&self) -> Vec<(String, String, String)> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner
+            .pods
+            .iter()
+            .filter(|(_, s)| s.left && s.last_seen.elapsed() >= CHECK_GONE_EVERY)
+            .take(CHECK_GONE_BATCH)
+            .map(|(uid, s)| (uid.clone(), s.namespace.clone(), s.name.clone()))
+            .collect()
+    }
+
+    /// A read of the pod: `exists` (same UID) keeps the entry until the next check; gone
+    /// (not found, or another pod of that name) forgets it, as a UID never comes back.
+    pub fn checked(&self, uid: &str, exists: bool) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if exists {
+            if let Some(seen) = inner.pods.get_mut(uid) {
+                seen.last_seen = Instant::now();
+            }
+        } else {
+            inner.pods.remove(uid);
+        }
     }
 
     #[cfg(test)]
@@ -121,6 +151,26 @@ impl SidecarImages {
 }
 
 impl Inner {
+    /// The pod left the watched selection: remembered until it comes back or is gone.
+    fn mark_left(&mut self, uid: &str) {
+        let Some(seen) = self.pods.get_mut(uid) else {
+            return;
+        };
+        if seen.left {
+            return;
+        }
+        seen.left = true;
+        seen.last_seen = Instant::now();
+        self.left_order.push_back(uid.to_owned());
+        // A pod that leaves and comes back again and again is queued each time.
+        if self.left_order.len() > MAX_ENTRIES {
+            let mut queued = std::collections::HashSet::new();
+            let pods = &self.pods;
+            self.left_order
+                .retain(|uid| pods.get(uid).is_some_and(|s| s.left) && queued.insert(uid.clone()));
+        }
+    }
+
     fn record(&mut self, pod: &Pod) {
         let Some(uid) = pod.metadata.uid.clone() else {
             return;
@@ -145,11 +195,13 @@ impl Inner {
             seen.last_seen = Instant::now();
             return;
         }
+        // Full: forget the oldest pod that left and was not swapped (a swapped one is never
+        // forgotten while it exists); none such: this pod goes unrecorded.
         while self.pods.len() >= MAX_ENTRIES {
             let Some(oldest) = self.left_order.pop_front() else {
                 return;
             };
-            if self.pods.get(&oldest).is_some_and(|s| s.left) {
+            if self.pods.get(&oldest).is_some_and(|s| s.left && !s.swapped) {
                 self.pods.remove(&oldest);
             }
         }
@@ -265,6 +317,23 @@ mod tests {
     }
 
     #[test]
+    fn a_label_toggled_forever_costs_bounded_memory() {
+        let images = SidecarImages::default();
+        let p = at_generation(pod("u1", "proxy:1", true), Some(1));
+        for _ in 0..MAX_ENTRIES + 10 {
+            images.observe(&watcher::Event::Delete(p.clone()));
+            images.observe(&watcher::Event::Apply(p.clone()));
+        }
+        let inner = images.inner.lock().unwrap();
+        assert!(
+            inner.left_order.len() <= MAX_ENTRIES,
+            "{}",
+            inner.left_order.len()
+        );
+        assert_eq!(inner.pods.len(), 1);
+    }
+
+    #[test]
     fn deleted_pods_and_pods_gone_during_a_relist_are_forgotten() {
         let images = SidecarImages::default();
         images.observe(&watcher::Event::Apply(pod("u1", "proxy:1", true)));
@@ -273,11 +342,21 @@ mod tests {
         images.observe(&watcher::Event::Apply(pod("u3", "evil:1", true)));
         images.observe(&watcher::Event::Delete(deleted("u1", "proxy:1")));
         assert_eq!(images.len(), 2);
-        // A relist that no longer has u2; u3 is still there, and still swapped.
+        // A relist that no longer has u2 (deleted, or unlabelled: unknown until it is read);
+        // u3 is still there, and still swapped.
         images.observe(&watcher::Event::Init);
         images.observe(&watcher::Event::InitApply(pod("u3", "evil:1", true)));
         images.observe(&watcher::Event::InitDone);
-        assert_eq!(images.len(), 1);
+        assert_eq!(images.len(), 2);
+        assert!(images.swapped("u3"));
+        assert!(
+            images.gone_candidates().is_empty(),
+            "not read before {CHECK_GONE_EVERY:?}"
+        );
+        images.checked("u2", true);
+        assert_eq!(images.len(), 2, "still there: kept");
+        images.checked("u2", false);
+        assert_eq!(images.len(), 1, "gone: forgotten");
         assert!(images.swapped("u3"));
     }
 }

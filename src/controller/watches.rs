@@ -205,6 +205,10 @@ impl Watches {
             );
             tasks.push(task);
             ready.push(pods_ready);
+            tasks.push(tokio::spawn(forget_gone_pods(
+                client.clone(),
+                sidecar_images.clone(),
+            )));
             store
         });
 
@@ -278,6 +282,28 @@ where
         }
     });
     (task, ready_rx)
+}
+
+/// Reads the pods that left the opted-in selection (`swaps`), a batch every minute, and
+/// forgets those that are gone. A read that fails keeps the entry.
+async fn forget_gone_pods(client: kube::Client, images: Arc<super::swaps::SidecarImages>) {
+    let mut ticks = tokio::time::interval(std::time::Duration::from_secs(60));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        for (uid, namespace, name) in images.gone_candidates() {
+            let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+            match pods.get_opt(&name).await {
+                Ok(pod) => images.checked(
+                    &uid,
+                    pod.is_some_and(|p| p.metadata.uid.as_deref() == Some(uid.as_str())),
+                ),
+                Err(e) => {
+                    tracing::debug!(namespace, pod = name, error = %e, "reading a pod that left the opted-in selection");
+                }
+            }
+        }
+    }
 }
 
 /// Waits until `ready` turns true (or its watch is gone).

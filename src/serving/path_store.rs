@@ -291,7 +291,12 @@ pub async fn follow(api: Api<Secret>, settings: PathSettings, paths: Arc<Webhook
 /// pointed at the path at once.
 pub async fn publish(client: kube::Client, settings: PathSettings, paths: Arc<WebhookPaths>) {
     let Some(name) = settings.configuration.clone() else {
-        return;
+        // Nobody points the API server anywhere: previous paths close after the grace.
+        let mut ticks = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            ticks.tick().await;
+            paths.observe_configuration(&[], Instant::now().into_std());
+        }
     };
     let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &settings.namespace);
@@ -307,6 +312,8 @@ pub async fn publish(client: kube::Client, settings: PathSettings, paths: Arc<We
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut current: Option<MutatingWebhookConfiguration> = None;
     let mut known = (paths.current(), Instant::now());
+    // After a "not rolled out", the next check waits a while (three reads each).
+    let mut next_rollout_check = Instant::now();
     loop {
         tokio::select! {
             next = changes.next() => match next {
@@ -337,17 +344,18 @@ pub async fn publish(client: kube::Client, settings: PathSettings, paths: Arc<We
         if configured.iter().flatten().all(|p| *p == path) {
             continue;
         }
-        let nowhere = configured
-            .iter()
-            .flatten()
-            .any(|p| !webhook_path::servable(p));
+        // Sending where no replica serves (no path, a path set by hand, a retired one
+        // written back): correct it now, there is nothing to wait for.
+        let now = Instant::now().into_std();
+        let nowhere = configured.iter().flatten().any(|p| !paths.accepts(p, now));
         if !nowhere {
-            if known.1.elapsed() < settings.publish_after {
+            if known.1.elapsed() < settings.publish_after || Instant::now() < next_rollout_check {
                 continue;
             }
             if let Some(deployment) = &settings.deployment
                 && !this_revision_rolled_out(&client, &settings, deployment).await
             {
+                next_rollout_check = Instant::now() + Duration::from_secs(10);
                 continue;
             }
         }
@@ -433,6 +441,7 @@ async fn this_revision_rolled_out(
         .as_ref()
         .and_then(|l| l.get("pod-template-hash"))
     else {
+        tracing::warn!(pod = %pod_name, "this replica's pod has no pod-template-hash label (not made by a Deployment?): the webhook path is not moved from here");
         return false;
     };
     let name = format!(

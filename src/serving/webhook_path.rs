@@ -113,10 +113,17 @@ pub struct WebhookPaths {
 #[derive(Debug, Clone)]
 struct State {
     current: Digested,
-    /// Paths accepted besides the current one, each until its deadline; `None` until the
-    /// configuration has been seen carrying the current path (the grace starts then).
+    /// Paths accepted besides the current one, each until its deadline: `None` while the
+    /// configuration carries it (the grace starts when it stops).
     previous: Vec<(Digested, Option<Instant>)>,
+    /// Digests of paths whose grace ended (the latest [`RETIRED_KEPT`]): a configuration
+    /// carrying one again (a GitOps tool or a rollback writing back an old path) does not
+    /// reopen it; the operator points it at the current path instead.
+    retired: std::collections::VecDeque<[u8; 32]>,
 }
+
+/// How many retired paths are remembered.
+const RETIRED_KEPT: usize = 64;
 
 /// A path and its digest: requests are compared by digest, so the comparison's time says
 /// nothing about how much of a guess was right.
@@ -149,6 +156,7 @@ impl WebhookPaths {
             state: RwLock::new(State {
                 current: Digested::new(current),
                 previous: Vec::new(),
+                retired: std::collections::VecDeque::new(),
             }),
             grace,
         }
@@ -183,29 +191,48 @@ impl WebhookPaths {
         true
     }
 
-    /// The configuration's webhooks send to `paths` (as [`configured`] reads them). Any that
-    /// is not current but [`servable`] stays accepted until the configuration carries only
-    /// the current path, and then for the grace.
+    /// The configuration's webhooks send to `paths` (as [`configured`] reads them; none when
+    /// the operator does not manage a configuration). Any that is not current but
+    /// [`servable`], and not retired, stays accepted while the configuration carries it, and
+    /// for the grace after it stops.
     pub fn observe_configuration(&self, paths: &[String], now: Instant) {
         let mut state = self.write();
-        let current = state.current.path.clone();
+        let State {
+            current,
+            previous,
+            retired,
+        } = &mut *state;
+        previous.retain(|(path, until)| {
+            let open = until.is_none_or(|until| now < until);
+            // `/mutate` is what a rollback to a release before random paths sends to: it may
+            // always come back.
+            if !open && path.path != LEGACY_PATH {
+                if retired.len() == RETIRED_KEPT {
+                    retired.pop_front();
+                }
+                retired.push_back(path.digest);
+            }
+            open
+        });
         for path in paths
             .iter()
-            .filter(|p| **p != current && servable(p.as_str()))
+            .filter(|p| **p != current.path && servable(p.as_str()))
         {
-            match state.previous.iter_mut().find(|(p, _)| p.path == *path) {
+            match previous.iter_mut().find(|(p, _)| p.path == *path) {
                 Some((_, until)) => *until = None,
-                None => state.previous.push((Digested::new(path), None)),
+                None => {
+                    let digested = Digested::new(path);
+                    if !retired.contains(&digested.digest) {
+                        previous.push((digested, None));
+                    }
+                }
             }
         }
-        if paths.iter().all(|p| *p == current) {
-            for (_, until) in &mut state.previous {
+        for (path, until) in previous.iter_mut() {
+            if !paths.contains(&path.path) {
                 until.get_or_insert(now + self.grace);
             }
         }
-        state
-            .previous
-            .retain(|(_, until)| until.is_none_or(|until| now < until));
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
@@ -265,6 +292,38 @@ mod tests {
     }
 
     #[test]
+    fn a_path_whose_grace_ended_is_not_reopened_by_the_configuration() {
+        let t0 = Instant::now();
+        let (a, b) = (generate(), generate());
+        let paths = WebhookPaths::new(&a, GRACE);
+        paths.observe_configuration(std::slice::from_ref(&a), t0);
+        assert!(paths.set_current(&b));
+        paths.observe_configuration(std::slice::from_ref(&b), t0);
+        let later = t0 + GRACE;
+        paths.observe_configuration(std::slice::from_ref(&b), later);
+        assert!(!paths.accepts(&a, later));
+        // Written back (drift correction, a rollback of the configuration): stays closed.
+        paths.observe_configuration(std::slice::from_ref(&a), later);
+        assert!(!paths.accepts(&a, later));
+        assert!(paths.accepts(&b, later));
+    }
+
+    #[test]
+    fn previous_paths_the_configuration_never_carried_close_after_the_grace() {
+        // No managed configuration: rotations leave nothing open for long, and nothing piles up.
+        let t0 = Instant::now();
+        let paths = WebhookPaths::new(&generate(), GRACE);
+        let mut at = t0;
+        for _ in 0..100 {
+            paths.set_current(&generate());
+            paths.observe_configuration(&[], at);
+            at += GRACE;
+        }
+        paths.observe_configuration(&[], at);
+        assert!(paths.read().previous.is_empty());
+    }
+
+    #[test]
     fn only_the_current_path_is_served_at_first() {
         let now = Instant::now();
         let paths = WebhookPaths::new("/byok/aa", GRACE);
@@ -301,7 +360,7 @@ mod tests {
         assert!(paths.accepts("/mutate", moved + GRACE - Duration::from_secs(1)));
         assert!(!paths.accepts("/mutate", moved + GRACE));
         assert!(paths.accepts("/byok/new", moved + GRACE * 100));
-        // Seen again later (another replica's apply lost): accepted again, without deadline.
+        // Written back later (a rollback to a release that served it): accepted again.
         paths.observe_configuration(&["/mutate".into()], moved + GRACE * 3);
         assert!(paths.accepts("/mutate", moved + GRACE * 3));
     }
