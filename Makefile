@@ -42,6 +42,10 @@ static: ## Build the static binary of the image (needs musl-tools and the rustup
 image: ## Build the container image (docker or podman): byok-operator:dev
 	$${CONTAINER_TOOL:-docker} build -t byok-operator:dev .
 
+.PHONY: sidecar-fixture
+sidecar-fixture: testbins ## Add the sidecar the webhook injects now to e2e/fixtures/sidecars/ (when its shape changed; the old fixtures stay)
+	BYOK_WRITE_SIDECAR_FIXTURE=1 $(CARGO) test -p byok-e2e --test broker -q -- every_released_sidecar_shape
+
 .PHONY: docs
 docs: ## Regenerate docs/api.md from the CRD (a unit test fails when it drifts)
 	$(CARGO) run -q --bin byok-operator -- api-docs > docs/api.md

@@ -318,9 +318,33 @@ impl ServingOperator {
         );
         api.replace(&self.webhook_configuration, &PostParams::default(), &mwc)
             .await?;
-        // The API server reads configurations through an informer: probe with a dry-run
-        // update that the webhook would refuse (labelling a pod created without the label).
+        // The API server reads configurations through an informer: probe until it stops
+        // calling the webhook. The injecting one: a dry-run opted-in pod gets no sidecar.
         let pods = env.api::<Pod>();
+        if webhook == "inject.byok.dev" {
+            let deadline = tokio::time::Instant::now() + WAIT;
+            loop {
+                let created = pods
+                    .create(
+                        &PostParams {
+                            dry_run: true,
+                            ..Default::default()
+                        },
+                        &opted_in_pod("webhook-gone-", &["none"]),
+                    )
+                    .await?;
+                if !has_sidecar(&created) {
+                    return Ok(());
+                }
+                anyhow::ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "the API server still calls {webhook}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await; // polling interval
+            }
+        }
+        // The others: a dry-run update that the webhook would refuse (labelling a pod created
+        // without the label).
         let probe: Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"generateName": "webhook-gone-"},
             "spec": {"containers": [{"name": "app", "image": "busybox"}]}

@@ -8,6 +8,8 @@
 
 use std::time::Duration;
 
+use anyhow::Context as _;
+
 use byok_e2e::envtest::TestEnv;
 use byok_e2e::fake_provider::{
     FakeProvider, FakeProviderConfig, TEST_SA_PRIVATE_KEY_PEM, test_service_account_json,
@@ -1218,5 +1220,217 @@ async fn forged_tokens_cost_no_token_review() -> anyhow::Result<()> {
         "{reviews} TokenReviews for {} forged requests",
         seen.sent
     );
+    Ok(())
+}
+
+/// Where each release's injected pod is kept (`NN.json`, oldest first).
+const SIDECAR_FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/sidecars");
+/// In a fixture, the broker CA the pod was injected with (each test has its own).
+const CA_PLACEHOLDER: &str = "{{BROKER_CA}}";
+/// In a fixture, the broker URL (each test's broker has its own port).
+const URL_PLACEHOLDER: &str = "{{BROKER_URL}}";
+
+/// A stored injected pod as a fixture: its spec, the CA and broker URL replaced by
+/// placeholders, nothing that one API server assigns and the next would not.
+fn fixture_of(pod: &Pod, ca: &str, broker_url: &str) -> anyhow::Result<serde_json::Value> {
+    let mut spec = serde_json::to_value(pod.spec.as_ref().context("spec")?)?;
+    if let Some(spec) = spec.as_object_mut() {
+        spec.remove("nodeName");
+    }
+    let text = serde_json::to_string_pretty(&spec)?
+        .replace(serde_json::to_string(ca)?.trim_matches('"'), CA_PLACEHOLDER)
+        .replace(broker_url, URL_PLACEHOLDER);
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// The fixture pod's sidecar.
+fn sidecar(pod: &mut Pod) -> &mut k8s_openapi::api::core::v1::Container {
+    pod.spec
+        .as_mut()
+        .and_then(|s| s.init_containers.as_mut())
+        .and_then(|c| c.iter_mut().find(|c| c.name == "byok-proxy"))
+        .expect("a sidecar in the fixture")
+}
+
+/// An opted-in pod from a fixture, with `ca` as its broker's CA.
+fn from_fixture(
+    fixture: &serde_json::Value,
+    (ca, broker_url): (&str, &str),
+    name: &str,
+) -> anyhow::Result<Pod> {
+    let spec = serde_json::to_string(fixture)?
+        .replace(CA_PLACEHOLDER, serde_json::to_string(ca)?.trim_matches('"'))
+        .replace(URL_PLACEHOLDER, broker_url);
+    Ok(serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "labels": {names::INJECT_LABEL: names::INJECT_VALUE},
+            "annotations": {names::PROVIDER_KEYS_ANNOTATION: "claude"},
+        },
+        "spec": serde_json::from_str::<serde_json::Value>(&spec)?,
+    }))?)
+}
+
+/// Issue 20 item 1: pods injected by every release keep their keys, whatever changed that
+/// does not matter to security (admin port, broker URL, image tag, resources); a copy with a
+/// change that does (whom it trusts, where its token comes from, what it runs) is refused.
+/// The newest fixture is what the webhook injects now: a change of the sidecar's shape fails
+/// here until `make sidecar-fixture` adds it as a new fixture (the old ones stay).
+#[tokio::test]
+async fn every_released_sidecar_shape_is_served_and_security_changes_are_not() -> anyhow::Result<()>
+{
+    let env = TestEnv::new("shapes").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let op = ServingOperator::start(&env, &fake).await?;
+    ready_anthropic(
+        &env,
+        &fake,
+        "claude",
+        &random_key("sk-ant-"),
+        serde_json::json!({}),
+    )
+    .await?;
+    let ca = op.ca_pem(&env).await?;
+    let pods = env.api::<Pod>();
+
+    // What this release injects, as stored (defaults and all).
+    let mut base = opted_in_pod("current-", &["claude"]);
+    if let Some(spec) = base.spec.as_mut() {
+        spec.automount_service_account_token = Some(false);
+    }
+    let current = pods.create(&PostParams::default(), &base).await?;
+    anyhow::ensure!(has_sidecar(&current), "not injected");
+    let now = fixture_of(&current, &ca, op.broker_url())?;
+    let broker = (ca.as_str(), op.broker_url());
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(SIDECAR_FIXTURES)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    let newest = files
+        .last()
+        .map(|f| {
+            anyhow::Ok(serde_json::from_str::<serde_json::Value>(
+                &std::fs::read_to_string(f)?,
+            )?)
+        })
+        .transpose()?;
+    if newest.as_ref() != Some(&now) {
+        let next = format!("{SIDECAR_FIXTURES}/{:02}.json", files.len() + 1);
+        if std::env::var_os("BYOK_WRITE_SIDECAR_FIXTURE").is_some() {
+            std::fs::write(&next, serde_json::to_string_pretty(&now)? + "\n")?;
+            files.push(next.into());
+        } else {
+            anyhow::bail!(
+                "the injected sidecar's shape changed: run `make sidecar-fixture` to add {next} \
+                 (keep the older fixtures: running pods have their shapes)"
+            );
+        }
+    }
+    // From here on the API server must not inject: fixtures are pods as stored.
+    op.remove_webhook(&env, "inject.byok.dev").await?;
+
+    let served = |pod: Pod| {
+        let (env, op) = (&env, &op);
+        async move {
+            let pod = env
+                .api::<Pod>()
+                .create(&PostParams::default(), &pod)
+                .await?;
+            let token = pod_token(env, "default", &pod, "byok.dev").await?;
+            let http = op.https_client(env).await?;
+            let url = format!("{}/v1/keys/{}/claude", op.broker_url(), env.namespace);
+            // The pod cache may lag its creation: a final answer is 200 or a shape refusal
+            // (this request's, as counted by the operator).
+            let refused_before = op.metrics.broker_answers("pod_not_injected");
+            let deadline = Instant::now() + CACHE_WAIT;
+            loop {
+                let status = http.get(&url).bearer_auth(&token).send().await?.status();
+                if status == 200 {
+                    return anyhow::Ok(true);
+                }
+                if status == 403 && op.metrics.broker_answers("pod_not_injected") > refused_before {
+                    return Ok(false);
+                }
+                anyhow::ensure!(Instant::now() < deadline, "no final answer: {status}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    for (n, file) in files.iter().enumerate() {
+        let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(file)?)?;
+        let name = |what: &str| format!("f{n}-{what}");
+        assert!(
+            served(from_fixture(&fixture, broker, &name("as-released"))?).await?,
+            "{}: as released",
+            file.display()
+        );
+        // Not security-relevant: served.
+        let mut varied = from_fixture(&fixture, broker, &name("varied"))?;
+        {
+            let c = sidecar(&mut varied);
+            c.image = c.image.as_ref().map(|i| {
+                format!(
+                    "{}:another-tag",
+                    byok_operator::webhook::shape::image_repository(i)
+                )
+            });
+            c.image_pull_policy = Some("Always".into());
+            c.resources = None;
+            for arg in c.args.iter_mut().flatten() {
+                if arg.starts_with("--admin-addr=") {
+                    *arg = "--admin-addr=0.0.0.0:16090".into();
+                } else if arg.starts_with("--broker-url=") {
+                    *arg = "--broker-url=https://localhost:1".into();
+                }
+            }
+        }
+        assert!(served(varied).await?, "{}: varied", file.display());
+    }
+    // Security-relevant, on the newest: each refused.
+    let newest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        files.last().context("a fixture")?,
+    )?)?;
+    type Mutation = fn(&mut k8s_openapi::api::core::v1::Container);
+    let mutations: [(&str, Mutation); 5] = [
+        ("other-ca", |c| {
+            for e in c.env.iter_mut().flatten() {
+                if e.name == "BYOK_BROKER_CA" {
+                    e.value = Some(
+                        "-----BEGIN CERTIFICATE-----\nother\n-----END CERTIFICATE-----\n".into(),
+                    );
+                }
+            }
+        }),
+        ("ssl-cert-file", |c| {
+            c.env
+                .get_or_insert_with(Vec::new)
+                .push(k8s_openapi::api::core::v1::EnvVar {
+                    name: "SSL_CERT_FILE".into(),
+                    value: Some("/tmp/ca.pem".into()),
+                    value_from: None,
+                });
+        }),
+        ("token-file", |c| {
+            c.args
+                .get_or_insert_with(Vec::new)
+                .push("--token-file=/tmp/token".into());
+        }),
+        ("command", |c| c.command = Some(vec!["/bin/sh".into()])),
+        ("plain-broker", |c| {
+            for arg in c.args.iter_mut().flatten() {
+                if arg.starts_with("--broker-url=") {
+                    *arg = "--broker-url=http://byok.example:80".into();
+                }
+            }
+        }),
+    ];
+    for (what, mutate) in mutations {
+        let mut pod = from_fixture(&newest, broker, &format!("mutated-{what}"))?;
+        mutate(sidecar(&mut pod));
+        assert!(!served(pod).await?, "{what} was served");
+    }
     Ok(())
 }

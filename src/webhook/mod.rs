@@ -5,3 +5,4 @@ pub mod guard;
 pub mod handler;
 pub mod patch;
 pub mod prescan;
+pub mod shape;

@@ -1231,46 +1231,21 @@ pub fn token_held_only_by_sidecar(spec: &PodSpec, settings: &InjectSettings) -> 
         && holder_security_accepted(holder)
 }
 
-/// Whether `c` runs the proxy the way [`sidecar`] has it talk to this broker: what it runs,
-/// where it sends its token and whom it trusts. Resources, pull policy and the image's tag may
-/// differ (settings change between releases).
+/// Whether `c` runs the proxy as some release injected it, talking to this broker: the
+/// accepted shape is defined by properties in [`super::shape`], so that pods injected before
+/// an upgrade keep their keys.
 fn runs_our_proxy(c: &Container, settings: &InjectSettings) -> bool {
-    let fixed = proxy_args(settings);
-    let args_ok = c.args.as_deref().is_some_and(|args| {
-        let (head, keys) = args.split_at(args.len().min(fixed.len()));
-        head == fixed && keys.iter().all(|k| k.starts_with("--key="))
-    });
-    let env_ok = c.env.as_ref() == Some(&proxy_env(settings));
-    let no_exec = [&c.startup_probe, &c.liveness_probe, &c.readiness_probe]
-        .iter()
-        .all(|p| p.as_ref().is_none_or(|p| p.exec.is_none()));
-    image_repository(c.image.as_deref().unwrap_or_default())
-        == image_repository(&settings.proxy_image)
-        && c.restart_policy.as_deref() == Some("Always")
-        && c.command.is_none()
-        && c.working_dir.is_none()
-        && c.lifecycle.is_none()
-        && c.env_from.as_ref().is_none_or(Vec::is_empty)
-        && args_ok
-        && env_ok
-        && no_exec
-}
-
-/// `registry/name` of an image reference, without its tag or digest.
-fn image_repository(image: &str) -> &str {
-    let without_digest = image.split('@').next().unwrap_or(image);
-    // A tag is after the last `:` that comes after the last `/` (a registry port is not a tag).
-    match without_digest.rfind(':') {
-        Some(colon) if without_digest.rfind('/').is_none_or(|slash| colon > slash) => {
-            &without_digest[..colon]
-        }
-        _ => without_digest,
-    }
+    super::shape::runs_our_proxy(
+        c,
+        super::shape::image_repository(&settings.proxy_image),
+        &[settings.broker_ca_pem.as_str()],
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::webhook::shape::image_repository;
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
     use proptest::prelude::*;
     use serde_json::json;
@@ -2272,11 +2247,18 @@ mod tests {
         // Sharing a process namespace with the sidecar (its /proc/<pid>/root).
         assert!(!edited(&|s| s.share_process_namespace = Some(true)));
         assert!(!edited(&|s| s.host_pid = Some(true)));
-        // The genuine image, sending its token to another broker, or trusting another CA
-        // (hostAliases or dnsConfig could then point the real broker's name elsewhere).
-        assert!(!in_sidecar(&|c| {
+        // Another broker URL, trusting our CA only: the token goes to nobody but a holder of
+        // a certificate from that CA (this broker under another name: a moved Service).
+        assert!(in_sidecar(&|c| {
             if let Some(arg) = c.args.as_mut().and_then(|a| a.get_mut(2)) {
                 *arg = "--broker-url=https://evil.example".into();
+            }
+        }));
+        // In the clear, or trusting another CA (hostAliases or dnsConfig could then point the
+        // real broker's name elsewhere).
+        assert!(!in_sidecar(&|c| {
+            if let Some(arg) = c.args.as_mut().and_then(|a| a.get_mut(2)) {
+                *arg = "--broker-url=http://broker.byok-system.svc:8443".into();
             }
         }));
         assert!(!in_sidecar(&|c| {

@@ -1,0 +1,231 @@
+//! How the sidecar may run and still be served: the accepted shape of its run settings,
+//! defined by properties rather than by equality with what this release injects, so that pods
+//! injected by earlier releases (other admin port, broker URL, image tag, resources, keys)
+//! keep their keys after an upgrade, and a copy that changes whom the sidecar trusts or where
+//! its token goes does not get one.
+//!
+//! What matters, and why:
+//! - **Trust**: `BYOK_BROKER_CA` must be one of the CAs the broker accepts. The sidecar
+//!   completes TLS, and so sends its token, only to a server proving a certificate from that
+//!   CA for the URL's host: this broker. So the broker URL itself may be any `https` URL
+//!   (a renamed Service, `localhost` for `127.0.0.1`), and is not compared.
+//! - **Where the token and key go**: nothing else may steer the proxy: `proxy` with only the
+//!   flags below, no other variable (`BYOK_TOKEN_FILE`, proxy variables, `SSL_CERT_FILE`), no
+//!   `envFrom`, no command, working directory, lifecycle hook or exec probe of its own.
+//! - **Not relevant**: the admin address, the keys and their ports (the broker checks the pod's
+//!   annotation), the image's tag (the repository is checked, and a change of image after
+//!   creation is caught by `controller::swaps`), resources, pull policy, probes' timings.
+//!
+//! Each release's injected sidecar is kept as a fixture (`fixtures/sidecars/`): every one
+//! must stay accepted (`e2e/tests/sidecar_shapes.rs` and the tests below).
+
+use k8s_openapi::api::core::v1::{Container, EnvVar};
+
+/// The flags the sidecar may be run with: the ones that only say where it listens, which
+/// keys it serves and which broker it asks. Anything else (`--broker-ca`, `--token-file`,
+/// `--namespace`, a flag of a later release not yet known here) is refused.
+fn args_accepted(args: &[String]) -> bool {
+    let Some((command, flags)) = args.split_first() else {
+        return false;
+    };
+    if command != "proxy" {
+        return false;
+    }
+    let (mut brokers, mut admins, mut keys) = (0, 0, 0);
+    for flag in flags {
+        if let Some(url) = flag.strip_prefix("--broker-url=") {
+            brokers += 1;
+            let https = url::Url::parse(url).is_ok_and(|u| {
+                u.scheme() == "https"
+                    && u.host_str().is_some()
+                    && u.username().is_empty()
+                    && u.password().is_none()
+            });
+            if !https {
+                return false;
+            }
+        } else if let Some(addr) = flag.strip_prefix("--admin-addr=") {
+            admins += 1;
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return false;
+            }
+        } else if let Some(key) = flag.strip_prefix("--key=") {
+            keys += 1;
+            if crate::proxy::parse_key_arg(key).is_err() {
+                return false;
+            }
+        } else {
+            return false;
+        }
+    }
+    brokers == 1 && admins <= 1 && keys >= 1
+}
+
+/// The variables the sidecar may have: the broker's CA (one of `accepted_cas`) and the pod's
+/// name and namespace from the downward API, each once, in any order.
+fn env_accepted(env: &[EnvVar], accepted_cas: &[&str]) -> bool {
+    let field = |name: &str, path: &str| {
+        env.iter().filter(|e| e.name == name).exactly_one(|e| {
+            e.value.is_none()
+                && e.value_from.as_ref().is_some_and(|from| {
+                    from.config_map_key_ref.is_none()
+                        && from.secret_key_ref.is_none()
+                        && from.resource_field_ref.is_none()
+                        && from.file_key_ref.is_none()
+                        && from.field_ref.as_ref().is_some_and(|f| {
+                            f.field_path == path
+                                && f.api_version.as_deref().is_none_or(|v| v == "v1")
+                        })
+                })
+        })
+    };
+    let ca = env
+        .iter()
+        .filter(|e| e.name == "BYOK_BROKER_CA")
+        .exactly_one(|e| {
+            e.value_from.is_none()
+                && e.value
+                    .as_deref()
+                    .is_some_and(|pem| accepted_cas.contains(&pem))
+        });
+    env.len() == 3
+        && ca
+        && field("POD_NAME", "metadata.name")
+        && field("POD_NAMESPACE", "metadata.namespace")
+}
+
+/// One item, and it passes `check`.
+trait ExactlyOne<T> {
+    fn exactly_one(self, check: impl Fn(T) -> bool) -> bool;
+}
+
+impl<T, I: Iterator<Item = T>> ExactlyOne<T> for I {
+    fn exactly_one(mut self, check: impl Fn(T) -> bool) -> bool {
+        match (self.next(), self.next()) {
+            (Some(only), None) => check(only),
+            _ => false,
+        }
+    }
+}
+
+/// Whether `c` runs the proxy the way a release of this operator injected it, talking to
+/// this broker (trusting one of `accepted_cas`) and nothing else, from an image of
+/// `repository`.
+pub fn runs_our_proxy(c: &Container, repository: &str, accepted_cas: &[&str]) -> bool {
+    let no_exec = [&c.startup_probe, &c.liveness_probe, &c.readiness_probe]
+        .iter()
+        .all(|p| p.as_ref().is_none_or(|p| p.exec.is_none()));
+    image_repository(c.image.as_deref().unwrap_or_default()) == repository
+        && c.restart_policy.as_deref() == Some("Always")
+        && c.command.is_none()
+        && c.working_dir.is_none()
+        && c.lifecycle.is_none()
+        && c.env_from.as_ref().is_none_or(Vec::is_empty)
+        && c.args.as_deref().is_some_and(args_accepted)
+        && env_accepted(c.env.as_deref().unwrap_or_default(), accepted_cas)
+        && no_exec
+}
+
+/// `registry/name` of an image reference, without its tag or digest.
+pub fn image_repository(image: &str) -> &str {
+    let without_digest = image.split('@').next().unwrap_or(image);
+    // A tag is after the last `:` that comes after the last `/` (a registry port is not a tag).
+    match without_digest.rfind(':') {
+        Some(colon) if !without_digest[colon..].contains('/') => &without_digest[..colon],
+        _ => without_digest,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn the_flags_that_only_say_where_it_listens_and_whom_it_asks_are_accepted() {
+        for ok in [
+            &[
+                "proxy",
+                "--admin-addr=0.0.0.0:15090",
+                "--broker-url=https://byok.ns.svc:9444",
+                "--key=a=15100",
+            ][..],
+            &[
+                "proxy",
+                "--broker-url=https://localhost:1",
+                "--key=a=15100",
+                "--key=b=15101",
+            ],
+            &[
+                "proxy",
+                "--key=a=15100",
+                "--admin-addr=[::]:16090",
+                "--broker-url=https://10.0.0.1",
+            ],
+        ] {
+            assert!(args_accepted(&args(ok)), "{ok:?}");
+        }
+        for bad in [
+            &[][..],
+            &["verify", "--broker-url=https://b", "--key=a=15100"],
+            &["proxy", "--key=a=15100"],
+            &["proxy", "--broker-url=http://b", "--key=a=15100"],
+            &["proxy", "--broker-url=https://user:pw@b", "--key=a=15100"],
+            &[
+                "proxy",
+                "--broker-url=https://b",
+                "--broker-url=https://c",
+                "--key=a=15100",
+            ],
+            &["proxy", "--broker-url=https://b"],
+            &[
+                "proxy",
+                "--broker-url=https://b",
+                "--key=a=15100",
+                "--broker-ca=x",
+            ],
+            &[
+                "proxy",
+                "--broker-url=https://b",
+                "--key=a=15100",
+                "--token-file=/tmp/t",
+            ],
+            &[
+                "proxy",
+                "--broker-url=https://b",
+                "--key=a=15100",
+                "--namespace=other",
+            ],
+            &["proxy", "--broker-url", "https://b", "--key=a=15100"],
+            &["proxy", "--broker-url=https://b", "--key=a=15100", "--"],
+            &["proxy", "--broker-url=https://b", "--key=a=nope"],
+            &[
+                "proxy",
+                "--broker-url=https://b",
+                "--key=a=15100",
+                "--admin-addr=x",
+            ],
+        ] {
+            assert!(!args_accepted(&args(bad)), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn image_repositories_ignore_tags_and_digests_not_registry_ports() {
+        assert_eq!(
+            image_repository("ghcr.io/byok/proxy:1.0"),
+            "ghcr.io/byok/proxy"
+        );
+        assert_eq!(
+            image_repository("registry:5000/byok/proxy@sha256:abc"),
+            "registry:5000/byok/proxy"
+        );
+        assert_eq!(
+            image_repository("registry:5000/byok/proxy"),
+            "registry:5000/byok/proxy"
+        );
+    }
+}
