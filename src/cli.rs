@@ -45,7 +45,7 @@ pub enum Command {
 #[derive(Debug, Args, Clone)]
 pub struct ProxyArgs {
     /// Admin listener: `/livez`, `/readyz`, `/metrics` (the kubelet probes it on the pod IP).
-    #[arg(long, default_value = "0.0.0.0:15090")]
+    #[arg(long, default_value = "0.0.0.0:15120")]
     pub admin_addr: std::net::SocketAddr,
 
     /// The operator's key broker.

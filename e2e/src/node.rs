@@ -243,9 +243,11 @@ impl Node {
                     "-c".into(),
                     // Answers the sidecar's probes, as a real attacker's image would: a
                     // native sidecar that never starts is not restarted on an image change.
-                    "echo \"token: $(cat /var/run/secrets/byok.dev/token/token)\"; \
-                     exec busybox httpd -f -p 15090 -h /www"
-                        .into(),
+                    format!(
+                        "echo \"token: $(cat /var/run/secrets/byok.dev/token/token)\"; \
+                         exec busybox httpd -f -p {} -h /www",
+                        byok_operator::webhook::patch::ADMIN_PORT
+                    ),
                     "printer".into(),
                 ],
                 cmd: vec![],

@@ -1271,3 +1271,77 @@ async fn the_webhook_path_rotates_while_pods_keep_being_admitted() -> anyhow::Re
     );
     Ok(())
 }
+
+/// A pod as Istio's injector writes it (istio-init with NET_ADMIN and NET_RAW, istio-proxy
+/// declaring 15090 `http-envoy-prom`, 15021 and 15020), classic and native: admitted, its
+/// ports clear of the sidecar's, our sidecar after a native istio-proxy. Releases before used
+/// 15090 for the sidecar's admin port and refused every such pod.
+#[tokio::test]
+async fn istio_meshed_pods_are_admitted_classic_and_native() -> anyhow::Result<()> {
+    let env = TestEnv::new("istio").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let _op = ServingOperator::start(&env, &fake).await?;
+    ready_key(&env, &fake, "team-a").await?;
+    let istio_proxy = serde_json::json!({
+        "name": "istio-proxy",
+        "image": "docker.io/istio/proxyv2:1.26.2",
+        "args": ["proxy", "sidecar", "--domain", "$(POD_NAMESPACE).svc.cluster.local"],
+        "ports": [
+            {"containerPort": 15090, "name": "http-envoy-prom", "protocol": "TCP"},
+            {"containerPort": 15021, "name": "health-port", "protocol": "TCP"},
+            {"containerPort": 15020, "name": "http-monitoring", "protocol": "TCP"},
+        ],
+        "securityContext": {"runAsUser": 1337, "runAsGroup": 1337, "runAsNonRoot": true,
+            "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]}},
+    });
+    let istio_init = serde_json::json!({
+        "name": "istio-init",
+        "image": "docker.io/istio/proxyv2:1.26.2",
+        "args": ["istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT",
+            "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020"],
+        "securityContext": {"runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": false,
+            "allowPrivilegeEscalation": false, "privileged": false,
+            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]}},
+    });
+    let mut native_proxy = istio_proxy.clone();
+    native_proxy["restartPolicy"] = "Always".into();
+    for (what, spec) in [
+        (
+            "classic",
+            serde_json::json!({
+                "initContainers": [istio_init.clone()],
+                "containers": [{"name": "app", "image": "busybox"}, istio_proxy],
+            }),
+        ),
+        (
+            "native",
+            serde_json::json!({
+                "initContainers": [istio_init, native_proxy],
+                "containers": [{"name": "app", "image": "busybox"}],
+            }),
+        ),
+    ] {
+        let mut pod = opted_in_pod(&format!("{what}-"), &["team-a"]);
+        pod.spec = Some(serde_json::from_value(spec)?);
+        let created = create(&env, &pod)
+            .await
+            .map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+        assert!(has_sidecar(&created), "{what}");
+        let inits = init_names(&created);
+        if what == "native" {
+            assert_eq!(inits, ["istio-init", "istio-proxy", SIDECAR_NAME], "{what}");
+        }
+        let ports: Vec<i32> = container(&created, SIDECAR_NAME)?
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| p.container_port)
+            .collect();
+        assert!(
+            ports.iter().all(|p| !(15000..15100).contains(p)),
+            "{what}: {ports:?} in Istio's range"
+        );
+    }
+    Ok(())
+}

@@ -284,8 +284,8 @@ mod tests {
             Err(Guarded::PortForwardToSidecar(15100))
         );
         assert_eq!(
-            connect("portforward", None, &[15090], false),
-            Err(Guarded::PortForwardToSidecar(15090))
+            connect("portforward", None, &[15120], false),
+            Err(Guarded::PortForwardToSidecar(15120))
         );
         assert_eq!(connect("portforward", None, &[8080, 15116], true), Ok(()));
         // What kubectl sends: no ports in the request.

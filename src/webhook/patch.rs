@@ -61,8 +61,10 @@ pub const TOKEN_FILE: &str = "token";
 /// Lifetime asked for the broker token (the API server's minimum is 600).
 pub const TOKEN_EXPIRY_SECONDS: i64 = 600;
 /// The sidecar's admin server (`/readyz`, `/livez`, `/metrics`). It binds 0.0.0.0 so the
-/// kubelet's probes reach it; it serves no key.
-pub const ADMIN_PORT: u16 = 15090;
+/// kubelet's probes reach it; it serves no key. Outside every mesh's reserved ports (Istio
+/// 15000-15099, Linkerd 4140-4191, Consul 15001/19000/20000/20200, Kuma 9901/15001/15006/
+/// 15053): releases before used 15090, which is Istio's `http-envoy-prom`.
+pub const ADMIN_PORT: u16 = 15120;
 /// Key `i` (annotation order) is served on `127.0.0.1:(FIRST_KEY_PORT + i)`.
 pub const FIRST_KEY_PORT: u16 = 15100;
 /// The most ProviderKeys one pod may name.
@@ -390,11 +392,12 @@ pub fn mutate(
         .filter_map(|key| waiting_warning(key, namespace))
         .collect();
 
-    // After mesh sidecars (so the broker is reachable through them), before the first
-    // regular init container (so it may use the key).
+    // After mesh sidecars (so the broker is reachable through them) and the meshes' own init
+    // containers before them (Istio puts istio-init first, then a native istio-proxy), before
+    // the first other regular init container (so it may use the key).
     let insert_at = init
         .iter()
-        .position(|c| !is_native_sidecar(c))
+        .position(|c| !is_native_sidecar(c) && !MESH_INIT_CONTAINERS.contains(&c.name.as_str()))
         .unwrap_or(init.len());
     let first_init_with_env = existing_sidecar.map_or(insert_at, |at| at + 1);
 
@@ -517,6 +520,17 @@ impl PlannedKey {
         self.facts.as_ref().and_then(|f| f.provider)
     }
 }
+
+/// Init containers meshes add ahead of their proxy, which need no key: the sidecar may go
+/// after them (and after the proxy that follows).
+const MESH_INIT_CONTAINERS: [&str; 6] = [
+    "istio-init",
+    "istio-validation",
+    "linkerd-init",
+    "linkerd-network-validator",
+    "kuma-init",
+    "consul-connect-inject-init",
+];
 
 fn is_native_sidecar(c: &Container) -> bool {
     c.restart_policy.as_deref() == Some("Always")
@@ -1394,7 +1408,7 @@ mod tests {
             s.args.as_deref().unwrap_or_default(),
             [
                 "proxy",
-                "--admin-addr=0.0.0.0:15090",
+                "--admin-addr=0.0.0.0:15120",
                 "--broker-url=https://broker.byok-system.svc:8443",
                 "--key=team-anthropic=15100",
             ]
@@ -1427,7 +1441,7 @@ mod tests {
         assert_eq!(
             ports,
             [
-                (15090, Some("byok-admin"), Some("TCP")),
+                (15120, Some("byok-admin"), Some("TCP")),
                 (15100, None, Some("TCP"))
             ]
         );
@@ -1435,14 +1449,14 @@ mod tests {
         let startup = s.startup_probe.as_ref().expect("startup probe");
         let get = startup.http_get.as_ref().expect("httpGet");
         assert_eq!(get.path.as_deref(), Some("/readyz"));
-        assert_eq!(get.port, IntOrString::Int(15090));
+        assert_eq!(get.port, IntOrString::Int(15120));
         assert_eq!(startup.period_seconds, Some(1));
         assert_eq!(startup.timeout_seconds, Some(1));
         assert_eq!(startup.failure_threshold, Some(1800));
         let liveness = s.liveness_probe.as_ref().expect("liveness probe");
         let get = liveness.http_get.as_ref().expect("httpGet");
         assert_eq!(get.path.as_deref(), Some("/livez"));
-        assert_eq!(get.port, IntOrString::Int(15090));
+        assert_eq!(get.port, IntOrString::Int(15120));
         assert_eq!(
             (liveness.period_seconds, liveness.failure_threshold),
             (Some(10), Some(3))
@@ -1593,6 +1607,46 @@ mod tests {
             Some("http://127.0.0.1:15101/v1")
         );
         assert_eq!(value(app, "OPENAI_API_KEY"), Some("byok-proxy"));
+    }
+
+    /// The ports meshes use, declared or not (checked against Istio 1.2x sidecar and ambient,
+    /// Linkerd 2.1x, Consul 1.2x, Kuma 2.x), are none of the sidecar's: a mesh's container
+    /// declaring any of them is admitted beside ours, with the most keys a pod may name.
+    #[test]
+    fn no_mesh_port_clashes_with_the_sidecar() {
+        let mesh_ports: Vec<i32> = (15000..=15099)
+            .chain([4140, 4143, 4190, 4191])
+            .chain([15001, 19000, 20000, 20200])
+            .chain([9901, 15001, 15006, 15053])
+            .collect();
+        let ports: Vec<serde_json::Value> = mesh_ports
+            .iter()
+            .map(|p| json!({"containerPort": p, "protocol": "TCP"}))
+            .collect();
+        let names: Vec<String> = (0..MAX_KEYS).map(|i| format!("k{i}")).collect();
+        let keys = lookup(
+            names
+                .iter()
+                .map(|n| (n.as_str(), ready(ProviderKind::Anthropic)))
+                .collect(),
+        );
+        for classic in [true, false] {
+            let mesh =
+                json!({"name": "istio-proxy", "image": "istio/proxyv2:1.26", "ports": ports});
+            let spec = if classic {
+                json!({"containers": [{"name": "app", "image": "app:1"}, mesh]})
+            } else {
+                let mut mesh = mesh;
+                mesh["restartPolicy"] = json!("Always");
+                json!({"initContainers": [mesh]})
+            };
+            let pod = pod_with(&names.join(","), spec);
+            assert!(
+                run(&pod, &keys).is_ok(),
+                "classic={classic}: {:?}",
+                run(&pod, &keys).err()
+            );
+        }
     }
 
     #[test]
@@ -2068,7 +2122,7 @@ mod tests {
         assert!(msg.contains("15100"), "{msg}");
         let msg = refusal(&pod_with(
             "gem",
-            json!({"initContainers": [{"name": "i", "image": "a", "ports": [{"containerPort": 80, "hostPort": 15090}]}]}),
+            json!({"initContainers": [{"name": "i", "image": "a", "ports": [{"containerPort": 80, "hostPort": 15120}]}]}),
         ));
         assert!(
             msg.contains("spec.initContainers[0].ports[0].hostPort"),
