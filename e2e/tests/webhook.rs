@@ -1328,6 +1328,18 @@ async fn istio_meshed_pods_are_admitted_classic_and_native() -> anyhow::Result<(
             .await
             .map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
         assert!(has_sidecar(&created), "{what}");
+        // Identity webhooks that edit every container are told to leave ours alone.
+        let annotations = created.metadata.annotations.clone().unwrap_or_default();
+        for key in [
+            "eks.amazonaws.com/skip-containers",
+            "azure.workload.identity/skip-containers",
+        ] {
+            assert_eq!(
+                annotations.get(key).map(String::as_str),
+                Some(SIDECAR_NAME),
+                "{key}"
+            );
+        }
         let inits = init_names(&created);
         if what == "native" {
             assert_eq!(inits, ["istio-init", "istio-proxy", SIDECAR_NAME], "{what}");

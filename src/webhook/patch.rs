@@ -480,6 +480,32 @@ pub fn mutate(
             }
         }
     }
+    // Identity webhooks that edit every container (EKS Pod Identity, Azure Workload Identity)
+    // add variables and a token mount to ours too, after us or on reinvocation, and the
+    // broker would then refuse the changed sidecar: they skip the containers these name.
+    let annotations = pod.metadata.annotations.as_ref();
+    for (key, separator) in IDENTITY_SKIP_ANNOTATIONS {
+        let current = annotations.and_then(|a| a.get(key)).map(String::as_str);
+        let listed = current.is_some_and(|v| v.split(separator).any(|n| n.trim() == SIDECAR_NAME));
+        if !listed {
+            let value = match current.filter(|v| !v.trim().is_empty()) {
+                Some(v) => format!("{v}{separator}{SIDECAR_NAME}"),
+                None => SIDECAR_NAME.to_owned(),
+            };
+            if annotations.is_none() {
+                add(
+                    &mut patch,
+                    PointerBuf::from_tokens(["metadata", "annotations"]),
+                    serde_json::json!({}),
+                );
+            }
+            add(
+                &mut patch,
+                PointerBuf::from_tokens(["metadata", "annotations", key]),
+                serde_json::Value::String(value),
+            );
+        }
+    }
     let init_containers_absent = spec.init_containers.is_none();
 
     if existing_sidecar.is_none() {
@@ -520,6 +546,14 @@ impl PlannedKey {
         self.facts.as_ref().and_then(|f| f.provider)
     }
 }
+
+/// The annotations by which identity webhooks that edit every container skip some, and how
+/// each separates names: EKS Pod Identity (amazon-eks-pod-identity-webhook) and Azure
+/// Workload Identity.
+pub const IDENTITY_SKIP_ANNOTATIONS: [(&str, char); 2] = [
+    ("eks.amazonaws.com/skip-containers", ','),
+    ("azure.workload.identity/skip-containers", ';'),
+];
 
 /// Init containers meshes add ahead of their proxy, which need no key: the sidecar may go
 /// after them (and after the proxy that follows).
@@ -1647,6 +1681,57 @@ mod tests {
                 run(&pod, &keys).err()
             );
         }
+    }
+
+    #[test]
+    fn identity_webhooks_are_told_to_skip_the_sidecar() {
+        let annotation = |pod: &Pod, key: &str| {
+            pod.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(key))
+                .cloned()
+        };
+        // None yet: both set.
+        let after = injected(&pod("team-anthropic"), &standard_keys());
+        assert_eq!(
+            annotation(&after, "eks.amazonaws.com/skip-containers").as_deref(),
+            Some(SIDECAR_NAME)
+        );
+        assert_eq!(
+            annotation(&after, "azure.workload.identity/skip-containers").as_deref(),
+            Some(SIDECAR_NAME)
+        );
+        // The pod's own list kept, ours added with each webhook's separator.
+        let mut own = pod("team-anthropic");
+        if let Some(a) = own.metadata.annotations.as_mut() {
+            a.insert(
+                "eks.amazonaws.com/skip-containers".into(),
+                "log-shipper".into(),
+            );
+            a.insert(
+                "azure.workload.identity/skip-containers".into(),
+                "a;b".into(),
+            );
+        }
+        let after = injected(&own, &standard_keys());
+        assert_eq!(
+            annotation(&after, "eks.amazonaws.com/skip-containers").as_deref(),
+            Some("log-shipper,byok-proxy")
+        );
+        assert_eq!(
+            annotation(&after, "azure.workload.identity/skip-containers").as_deref(),
+            Some("a;b;byok-proxy")
+        );
+        // A second pass adds nothing.
+        let again = run(&after, &standard_keys()).expect("admitted");
+        assert!(
+            !serde_json::to_string(&again.patch)
+                .unwrap_or_default()
+                .contains("skip-containers"),
+            "{:?}",
+            again.patch
+        );
     }
 
     #[test]
