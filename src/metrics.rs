@@ -30,6 +30,7 @@ pub struct Metrics {
     admissions: Family<Labels, Counter>,
     admission_seconds: Histogram,
     broker_answers: Family<Labels, Counter>,
+    broker_outdated_address: Counter,
     token_reviews: Family<Labels, Counter>,
     token_key_fetches: Family<Labels, Counter>,
     /// The [`Ready`] parts still missing, as bits: ready when none is.
@@ -136,6 +137,12 @@ impl Default for Metrics {
             "Key broker answers, by result",
             broker_answers.clone(),
         );
+        let broker_outdated_address = Counter::default();
+        registry.register(
+            "broker_outdated_address_requests",
+            "Key broker requests served to sidecars that call it at an address other than --broker-url (a previous Service name or port): such pods need a restart before that address goes",
+            broker_outdated_address.clone(),
+        );
         let token_reviews = Family::<Labels, Counter>::default();
         registry.register(
             "broker_token_reviews",
@@ -150,6 +157,7 @@ impl Default for Metrics {
         );
         Self {
             registry,
+            broker_outdated_address,
             token_reviews,
             token_key_fetches,
             leader,
@@ -300,6 +308,16 @@ impl Metrics {
         self.broker_answers
             .get_or_create(&vec![("result", result)])
             .inc();
+    }
+
+    /// A served request that called the broker at an outdated address.
+    pub fn broker_outdated_address(&self) {
+        self.broker_outdated_address.inc();
+    }
+
+    /// Served requests so far that called the broker at an outdated address.
+    pub fn broker_outdated_addresses(&self) -> u64 {
+        self.broker_outdated_address.get()
     }
 
     /// Broker answers so far with this result.

@@ -1434,3 +1434,61 @@ async fn every_released_sidecar_shape_is_served_and_security_changes_are_not() -
     }
     Ok(())
 }
+
+/// Issue 20 item 2: a sidecar that calls the broker at a previous address (another Service
+/// name or port, which the chart keeps answering) is served, and the operator counts it and
+/// says so on the pod, so the platform team knows whom to restart before the alias goes.
+#[tokio::test]
+async fn a_sidecar_calling_a_previous_broker_address_is_served_and_named() -> anyhow::Result<()> {
+    let env = TestEnv::new("broker-alias").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let op = ServingOperator::start(&env, &fake).await?;
+    let key = random_key("sk-ant-");
+    ready_anthropic(&env, &fake, "claude", &key, serde_json::json!({})).await?;
+    let pod = create_pod(&env, &opted_in_pod("alias-", &["claude"])).await?;
+    let token = pod_token(&env, "default", &pod, "byok.dev").await?;
+    let http = op.https_client(&env).await?;
+    let path = format!("/v1/keys/{}/claude", env.namespace);
+    // At --broker-url (127.0.0.1): served, nothing to say.
+    let deadline = Instant::now() + CACHE_WAIT;
+    while http
+        .get(format!("{}{path}", op.broker_url()))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .status()
+        != 200
+    {
+        anyhow::ensure!(Instant::now() < deadline, "never served");
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+    assert_eq!(op.metrics.broker_outdated_addresses(), 0);
+    // At another name for the same broker (its certificate covers localhost).
+    let port = op.config.broker_addr.port();
+    let answer = http
+        .get(format!("https://localhost:{port}{path}"))
+        .bearer_auth(&token)
+        .send()
+        .await?;
+    assert_eq!(answer.status(), 200);
+    assert!(answer.text().await?.contains(&key));
+    assert_eq!(op.metrics.broker_outdated_addresses(), 1);
+    let deadline = Instant::now() + CACHE_WAIT;
+    loop {
+        let events = env.api::<Event>().list(&ListParams::default()).await?.items;
+        let told = events.iter().find(|e| {
+            e.reason.as_deref() == Some("BrokerAddressOutdated")
+                && e.regarding
+                    .as_ref()
+                    .is_some_and(|r| r.uid == pod.metadata.uid)
+        });
+        if let Some(event) = told {
+            let note = event.note.clone().unwrap_or_default();
+            assert!(note.contains(&format!("localhost:{port}")), "{note}");
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no BrokerAddressOutdated Event");
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+    Ok(())
+}

@@ -53,6 +53,14 @@ fn variants() -> Vec<(&'static str, Vec<String>)> {
             ],
         ),
         (
+            "moved-broker",
+            vec![
+                "broker.port=9555".into(),
+                "broker.previousPorts={9444}".into(),
+                "broker.previousServiceNames={byok-operator}".into(),
+            ],
+        ),
+        (
             "single",
             vec![
                 "replicaCount=1".into(),
@@ -266,6 +274,29 @@ fn the_chart_lints_and_each_variant_renders_what_it_promises() -> anyhow::Result
                 .all(|w| w["clientConfig"]["service"].get("path").is_none()),
             "{name}: {mwc}"
         );
+        // A moved broker: the previous port and Service name keep answering, the certificate
+        // covers the old name.
+        let services = of_kind(&rendered, "Service");
+        if name == "moved-broker" {
+            let main = named(&rendered, "Service", "r-byok-operator")?;
+            let ports = main["spec"]["ports"].to_string();
+            assert!(
+                ports.contains(
+                    r#""name":"broker-prev-0","port":9444,"protocol":"TCP","targetPort":"broker""#
+                ),
+                "{ports}"
+            );
+            let old = named(&rendered, "Service", "byok-operator")?;
+            assert_eq!(old["spec"]["selector"], main["spec"]["selector"]);
+            assert!(args.contains(&"--extra-san=byok-operator.byok-system.svc".to_string()));
+        } else {
+            assert!(
+                !services
+                    .iter()
+                    .any(|s| s["metadata"]["name"] == "byok-operator"),
+                "{name}"
+            );
+        }
         let client_ca = sets
             .iter()
             .any(|s| s.starts_with("webhook.clientCAConfigMap="));

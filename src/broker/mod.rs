@@ -49,6 +49,8 @@ const VERTEX_TOKEN_MARGIN: Duration = Duration::from_secs(5 * 60);
 const FORGED_TOKEN_DELAY: Duration = Duration::from_millis(250);
 /// A Warning Event about one pod waiting for one key, at most once per this period.
 const WAITING_EVENT_PERIOD: Duration = Duration::from_secs(10 * 60);
+/// At most one `BrokerAddressOutdated` Event per pod in this long.
+const OUTDATED_EVENT_PERIOD: Duration = Duration::from_secs(6 * 3600);
 const MEMO_MAX: usize = 65_536;
 
 /// What the broker tells proxies about egress, from the operator's own flags: nothing a
@@ -96,6 +98,8 @@ pub struct Broker {
     vertex_tokens: Mutex<HashMap<ObjectRef<Secret>, Arc<VertexSlot>>>,
     /// Waiting pods already told so: (pod uid, key, reason) -> when.
     waiting_told: Mutex<HashMap<(String, String, &'static str), Instant>>,
+    /// Pods told they call the broker at an outdated address, by UID.
+    outdated_told: Mutex<HashMap<String, Instant>>,
 }
 
 /// The last token minted for one key, and the envelope digest it was minted from.
@@ -192,6 +196,7 @@ impl Broker {
             opened: Mutex::default(),
             vertex_tokens: Mutex::default(),
             waiting_told: Mutex::default(),
+            outdated_told: Mutex::default(),
         }
     }
 
@@ -368,13 +373,73 @@ impl Broker {
         }
     }
 
-    /// Answers one request: authenticate, decide, and serve or refuse.
+    /// A served sidecar called the broker at `address` (the request's authority): if that is
+    /// not `--broker-url`'s (a previous Service name or port, kept answering by the chart),
+    /// count it and say so on the pod, once per [`OUTDATED_EVENT_PERIOD`].
+    async fn note_address(&self, caller: &Caller, address: Option<&str>) {
+        let current = url::Url::parse(&self.injector.settings().broker_url).ok();
+        let current = current.as_ref().and_then(|u| {
+            let host = u.host_str()?;
+            Some(match u.port_or_known_default() {
+                Some(443) | None => host.to_owned(),
+                Some(port) => format!("{host}:{port}"),
+            })
+        });
+        let (Some(address), Some(current)) = (address, current) else {
+            return;
+        };
+        let asked = address.strip_suffix(":443").unwrap_or(address);
+        if asked.eq_ignore_ascii_case(&current) {
+            return;
+        }
+        self.ctx.metrics.broker_outdated_address();
+        {
+            let mut told = self.outdated_told.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            if told
+                .get(&caller.pod_uid)
+                .is_some_and(|at| now.duration_since(*at) < OUTDATED_EVENT_PERIOD)
+            {
+                return;
+            }
+            if told.len() >= MEMO_MAX {
+                told.clear();
+            }
+            told.insert(caller.pod_uid.clone(), now);
+        }
+        let pod = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(caller.pod_name.clone()),
+            namespace: Some(caller.namespace.clone()),
+            uid: Some(caller.pod_uid.clone()),
+            ..Default::default()
+        };
+        // The address is the pod's own (its sidecar's args): nothing of another tenant's.
+        let shown: String = asked.chars().take(253).collect();
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "BrokerAddressOutdated".into(),
+            note: Some(format!(
+                "the byok-proxy sidecar calls the key broker at {shown:?}, which the operator keeps answering for now; it answers at {current:?}: recreate the pod (e.g. kubectl rollout restart) before the old address is removed"
+            )),
+            action: "ServeKey".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.ctx.recorder.publish(&event, &pod).await {
+            tracing::warn!(error = %e, pod = %caller.pod_name, "publishing a BrokerAddressOutdated Event failed");
+        }
+    }
+
+    /// Answers one request: authenticate, decide, and serve or refuse. `address` is the
+    /// authority the caller asked for (its `Host`).
     pub async fn answer(
         &self,
         token: Option<SecretString>,
         namespace: &str,
         name: &str,
         if_none_match: Option<&str>,
+        address: Option<&str>,
     ) -> HttpResponse {
         let Some(token) = token else {
             return self.refuse(None, namespace, name, &Denial::Unauthenticated);
@@ -452,6 +517,7 @@ impl Broker {
                 };
                 self.ctx.metrics.broker_answer(result);
                 tracing::info!(namespace, pod = %caller.pod_name, providerkey = name, result, "key broker");
+                self.note_address(&caller, address).await;
                 response
             }
             Err(Unavailable(why)) => {
@@ -659,8 +725,15 @@ pub async fn get_key(
         .headers()
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok());
+    let address = req.connection_info().host().to_owned();
     broker
-        .answer(bearer(&req), &namespace, &name, if_none_match)
+        .answer(
+            bearer(&req),
+            &namespace,
+            &name,
+            if_none_match,
+            Some(address.as_str()),
+        )
         .await
 }
 
