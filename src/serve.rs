@@ -152,6 +152,7 @@ pub async fn start(
             resources: config.proxy.resources.clone(),
             broker_url: config.broker_url.clone(),
             broker_ca_pem: bundle.ca_pem.clone(),
+            broker_hosts: certs::certs::leaf_sans(&bundle.cert_chain_pem),
             native_sidecars,
         },
         ctx.metrics.clone(),
@@ -176,6 +177,7 @@ pub async fn start(
                 reloadable.clone(),
                 move |bundle: &Bundle| {
                     injector.set_broker_ca(&bundle.ca_pem);
+                    injector.set_broker_hosts(certs::certs::leaf_sans(&bundle.cert_chain_pem));
                     ca_tx.send_if_modified(|ca| {
                         let changed = *ca != bundle.ca_pem;
                         if changed {

@@ -1394,7 +1394,7 @@ async fn every_released_sidecar_shape_is_served_and_security_changes_are_not() -
         files.last().context("a fixture")?,
     )?)?;
     type Mutation = fn(&mut k8s_openapi::api::core::v1::Container);
-    let mutations: [(&str, Mutation); 5] = [
+    let mutations: [(&str, Mutation); 7] = [
         ("other-ca", |c| {
             for e in c.env.iter_mut().flatten() {
                 if e.name == "BYOK_BROKER_CA" {
@@ -1419,6 +1419,19 @@ async fn every_released_sidecar_shape_is_served_and_security_changes_are_not() -
                 .push("--token-file=/tmp/token".into());
         }),
         ("command", |c| c.command = Some(vec!["/bin/sh".into()])),
+        ("foreign-host", |c| {
+            // A name the broker's certificate is not for (its CA may sign for others).
+            for arg in c.args.iter_mut().flatten() {
+                if arg.starts_with("--broker-url=") {
+                    *arg = "--broker-url=https://grab.example:443".into();
+                }
+            }
+        }),
+        ("expanded", |c| {
+            c.args
+                .get_or_insert_with(Vec::new)
+                .push("--key=$(KEY)=15101".into());
+        }),
         ("plain-broker", |c| {
             for arg in c.args.iter_mut().flatten() {
                 if arg.starts_with("--broker-url=") {

@@ -282,6 +282,43 @@ fn serving_state(
     Ok(asn1_time(leaf.validity().not_after))
 }
 
+/// The DNS names and IP addresses the first certificate of `chain_pem` is for (lowercased;
+/// IPs as text). Empty when it does not parse.
+pub fn leaf_sans(chain_pem: &str) -> Vec<String> {
+    use rustls_pki_types::pem::PemObject;
+    let Some(Ok(der)) =
+        rustls_pki_types::CertificateDer::pem_slice_iter(chain_pem.as_bytes()).next()
+    else {
+        return Vec::new();
+    };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else {
+        return Vec::new();
+    };
+    cert.subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|ext| {
+            ext.value
+                .general_names
+                .iter()
+                .filter_map(|name| match name {
+                    GeneralName::DNSName(dns) => Some(dns.to_ascii_lowercase()),
+                    GeneralName::IPAddress(bytes) => match bytes.len() {
+                        4 => <[u8; 4]>::try_from(*bytes)
+                            .ok()
+                            .map(|b| IpAddr::from(b).to_string()),
+                        16 => <[u8; 16]>::try_from(*bytes)
+                            .ok()
+                            .map(|b| IpAddr::from(b).to_string()),
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The first of `sans` the certificate does not carry. DNS names compare case-insensitively.
 fn missing_san(cert: &X509Certificate<'_>, sans: &[String]) -> Option<String> {
     let names: Vec<GeneralName<'_>> = cert
@@ -661,6 +698,12 @@ mod tests {
             .value
             .general_names;
         assert!(names.contains(&GeneralName::DNSName("byok-operator.ns.svc")));
+        let listed = leaf_sans(&cert);
+        assert!(
+            listed.contains(&"byok-operator.ns.svc".to_owned()),
+            "{listed:?}"
+        );
+        assert!(listed.contains(&"127.0.0.1".to_owned()), "{listed:?}");
         assert!(names.contains(&GeneralName::IPAddress(&[127, 0, 0, 1])));
         assert!(
             !names.contains(&GeneralName::DNSName("127.0.0.1")),

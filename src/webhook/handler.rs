@@ -79,6 +79,16 @@ impl Injector {
         }
     }
 
+    /// The names the broker's serving certificate is for, after a renewal.
+    pub fn set_broker_hosts(&self, hosts: Vec<String>) {
+        let mut settings = self.settings.write().unwrap_or_else(|p| p.into_inner());
+        if settings.broker_hosts != hosts {
+            let mut next = (**settings).clone();
+            next.broker_hosts = hosts;
+            *settings = Arc::new(next);
+        }
+    }
+
     /// What the webhook injects now (the broker checks pods against it too).
     pub fn settings(&self) -> Arc<InjectSettings> {
         self.settings

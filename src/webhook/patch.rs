@@ -103,6 +103,10 @@ pub struct InjectSettings {
     pub broker_url: String,
     /// PEM of the broker's CA, passed as env `BYOK_BROKER_CA`.
     pub broker_ca_pem: String,
+    /// The names and addresses the broker's serving certificate is for (lowercased): a
+    /// sidecar may call the broker at any of them (an old Service name, `localhost`), and at
+    /// nothing else, since its CA might issue certificates for other names too.
+    pub broker_hosts: Vec<String>,
     /// False when the cluster drops `restartPolicy` on init containers (checked at start-up):
     /// every opted-in pod is then refused, since a plain init container would never end.
     pub native_sidecars: bool,
@@ -221,6 +225,11 @@ pub enum Refusal {
     },
     #[error("{field}: runAsUser {SIDECAR_UID} is reserved for the {SIDECAR_NAME} sidecar")]
     SidecarUid { field: String },
+    #[error(
+        "spec.hostAliases, spec.dnsPolicy None or spec.dnsConfig.nameservers: a pod using byok keys \
+         must resolve the key broker's name as the cluster does (its sidecar sends its token there)"
+    )]
+    BrokerNameRedirected,
     #[error(
         "{field}: ephemeral container \"{container}\" targets the {SIDECAR_NAME} sidecar, whose memory holds the key"
     )]
@@ -350,6 +359,9 @@ pub fn mutate(
         return Err(Refusal::ShareProcessNamespace);
     }
     node_reach(spec)?;
+    if !super::shape::resolves_broker_as_the_cluster_does(spec, &settings.broker_hosts) {
+        return Err(Refusal::BrokerNameRedirected);
+    }
 
     let planned: Vec<PlannedKey> = (FIRST_KEY_PORT..)
         .zip(key_names)
@@ -1199,11 +1211,12 @@ fn holder_security_accepted(c: &Container) -> bool {
             .is_none_or(|c| c.add.as_deref().is_none_or(<[String]>::is_empty))
 }
 
-/// Whether the only thing in the pod that can read a `byok.dev` token is the sidecar this
-/// webhook injects, as it injects it now: the proxy image's repository (any tag or digest, so
-/// pods injected before an operator upgrade keep theirs), `proxy` with this broker's URL and
-/// the admin port, this broker's CA, no command, hook or exec probe of its own, in a pod that
-/// shares no process namespace.
+/// Whether the only thing in the pod that can read a `byok.dev` token is a sidecar of the
+/// accepted shape, as some release of this webhook injected it: its run settings as
+/// [`super::shape::runs_our_proxy`] accepts them (the proxy image's repository, `proxy`
+/// asking this broker at a name its certificate is for and trusting this broker's CA, nothing
+/// else steering it), its mounts and security context as injected, in a pod that reaches
+/// nothing of the node and resolves the broker's name as the cluster does.
 ///
 /// The broker serves a pod only when this holds. Containers, their args, env, mounts and the
 /// pod's volumes cannot change after creation, so it proves the token's holder is our proxy
@@ -1274,6 +1287,7 @@ pub fn token_held_only_by_sidecar(spec: &PodSpec, settings: &InjectSettings) -> 
             .is_none_or(|p| p == TERMINATION_MESSAGE_PATH);
     holder.name == SIDECAR_NAME
         && nothing_else
+        && super::shape::resolves_broker_as_the_cluster_does(spec, &settings.broker_hosts)
         && runs_our_proxy(holder, settings)
         && holder_mounts_accepted(holder, spec.volumes.as_deref().unwrap_or_default())
         && holder_security_accepted(holder)
@@ -1287,6 +1301,7 @@ fn runs_our_proxy(c: &Container, settings: &InjectSettings) -> bool {
         c,
         super::shape::image_repository(&settings.proxy_image),
         &[settings.broker_ca_pem.as_str()],
+        &settings.broker_hosts,
     )
 }
 
@@ -1314,6 +1329,7 @@ mod tests {
             broker_url: "https://broker.byok-system.svc:8443".to_owned(),
             broker_ca_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
                 .to_owned(),
+            broker_hosts: vec!["broker.byok-system.svc".to_owned(), "localhost".to_owned()],
             native_sidecars: true,
         }
     }
@@ -2386,12 +2402,31 @@ mod tests {
         // Sharing a process namespace with the sidecar (its /proc/<pid>/root).
         assert!(!edited(&|s| s.share_process_namespace = Some(true)));
         assert!(!edited(&|s| s.host_pid = Some(true)));
-        // Another broker URL, trusting our CA only: the token goes to nobody but a holder of
-        // a certificate from that CA (this broker under another name: a moved Service).
+        // Another name of this broker (one its certificate is for), another port: served.
         assert!(in_sidecar(&|c| {
+            if let Some(arg) = c.args.as_mut().and_then(|a| a.get_mut(2)) {
+                *arg = "--broker-url=https://LOCALHOST:1".into();
+            }
+        }));
+        // A name the broker's certificate is not for: its CA may sign for others.
+        assert!(!in_sidecar(&|c| {
             if let Some(arg) = c.args.as_mut().and_then(|a| a.get_mut(2)) {
                 *arg = "--broker-url=https://evil.example".into();
             }
+        }));
+        // Resolving the broker's name elsewhere.
+        assert!(!edited(&|s| {
+            s.host_aliases = Some(vec![k8s_openapi::api::core::v1::HostAlias {
+                ip: "10.1.2.3".into(),
+                hostnames: Some(vec!["Broker.byok-system.svc".into()]),
+            }]);
+        }));
+        assert!(!edited(&|s| s.dns_policy = Some("None".into())));
+        assert!(edited(&|s| {
+            s.host_aliases = Some(vec![k8s_openapi::api::core::v1::HostAlias {
+                ip: "10.1.2.3".into(),
+                hostnames: Some(vec!["db.internal".into()]),
+            }]);
         }));
         // In the clear, or trusting another CA (hostAliases or dnsConfig could then point the
         // real broker's name elsewhere).

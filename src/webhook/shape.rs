@@ -7,8 +7,11 @@
 //! What matters, and why:
 //! - **Trust**: `BYOK_BROKER_CA` must be one of the CAs the broker accepts. The sidecar
 //!   completes TLS, and so sends its token, only to a server proving a certificate from that
-//!   CA for the URL's host: this broker. So the broker URL itself may be any `https` URL
-//!   (a renamed Service, `localhost` for `127.0.0.1`), and is not compared.
+//!   CA for the URL's host. That CA may issue certificates for other names too (a shared
+//!   cert-manager issuer), so the URL's host must be one the broker's own certificate is for
+//!   (a renamed Service kept as an alias, `localhost` for `127.0.0.1`); its port and path do
+//!   not matter. The pod must resolve those names as the cluster does (no `hostAliases` for
+//!   them, no DNS servers of its own: see `resolves_broker_as_the_cluster_does`).
 //! - **Where the token and key go**: nothing else may steer the proxy: `proxy` with only the
 //!   flags below, no other variable (`BYOK_TOKEN_FILE`, proxy variables, `SSL_CERT_FILE`), no
 //!   `envFrom`, no command, working directory, lifecycle hook or exec probe of its own.
@@ -24,11 +27,12 @@ use k8s_openapi::api::core::v1::{Container, EnvVar};
 /// The flags the sidecar may be run with: the ones that only say where it listens, which
 /// keys it serves and which broker it asks. Anything else (`--broker-ca`, `--token-file`,
 /// `--namespace`, a flag of a later release not yet known here) is refused.
-fn args_accepted(args: &[String]) -> bool {
+fn args_accepted(args: &[String], broker_hosts: &[String]) -> bool {
     let Some((command, flags)) = args.split_first() else {
         return false;
     };
-    if command != "proxy" {
+    // `$(VAR)` is expanded by the kubelet: what runs would not be what was checked.
+    if command != "proxy" || args.iter().any(|a| a.contains("$(")) {
         return false;
     }
     let (mut brokers, mut admins, mut keys) = (0, 0, 0);
@@ -36,8 +40,13 @@ fn args_accepted(args: &[String]) -> bool {
         if let Some(url) = flag.strip_prefix("--broker-url=") {
             brokers += 1;
             let https = url::Url::parse(url).is_ok_and(|u| {
+                let host = u.host_str().map(|h| {
+                    h.trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_ascii_lowercase()
+                });
                 u.scheme() == "https"
-                    && u.host_str().is_some()
+                    && host.is_some_and(|h| broker_hosts.contains(&h))
                     && u.username().is_empty()
                     && u.password().is_none()
             });
@@ -109,9 +118,14 @@ impl<T, I: Iterator<Item = T>> ExactlyOne<T> for I {
 }
 
 /// Whether `c` runs the proxy the way a release of this operator injected it, talking to
-/// this broker (trusting one of `accepted_cas`) and nothing else, from an image of
-/// `repository`.
-pub fn runs_our_proxy(c: &Container, repository: &str, accepted_cas: &[&str]) -> bool {
+/// this broker (at one of `broker_hosts`, trusting one of `accepted_cas`) and nothing else,
+/// from an image of `repository`.
+pub fn runs_our_proxy(
+    c: &Container,
+    repository: &str,
+    accepted_cas: &[&str],
+    broker_hosts: &[String],
+) -> bool {
     let no_exec = [&c.startup_probe, &c.liveness_probe, &c.readiness_probe]
         .iter()
         .all(|p| p.as_ref().is_none_or(|p| p.exec.is_none()));
@@ -121,9 +135,35 @@ pub fn runs_our_proxy(c: &Container, repository: &str, accepted_cas: &[&str]) ->
         && c.working_dir.is_none()
         && c.lifecycle.is_none()
         && c.env_from.as_ref().is_none_or(Vec::is_empty)
-        && c.args.as_deref().is_some_and(args_accepted)
+        && c.args
+            .as_deref()
+            .is_some_and(|args| args_accepted(args, broker_hosts))
         && env_accepted(c.env.as_deref().unwrap_or_default(), accepted_cas)
         && no_exec
+}
+
+/// Whether the pod resolves the broker's names as the cluster does: no `hostAliases` entry
+/// for one of them and no DNS servers of its own (`dnsPolicy: None`, `dnsConfig.nameservers`).
+/// With a CA that also issues certificates for others, either would send the sidecar's token
+/// to whoever holds one for the broker's name.
+pub fn resolves_broker_as_the_cluster_does(
+    spec: &k8s_openapi::api::core::v1::PodSpec,
+    broker_hosts: &[String],
+) -> bool {
+    let aliased = spec.host_aliases.iter().flatten().any(|alias| {
+        alias
+            .hostnames
+            .iter()
+            .flatten()
+            .any(|h| broker_hosts.contains(&h.to_ascii_lowercase()))
+    });
+    let own_dns = spec.dns_policy.as_deref() == Some("None")
+        || spec
+            .dns_config
+            .as_ref()
+            .and_then(|d| d.nameservers.as_ref())
+            .is_some_and(|n| !n.is_empty());
+    !aliased && !own_dns
 }
 
 /// `registry/name` of an image reference, without its tag or digest.
@@ -142,6 +182,12 @@ mod tests {
 
     fn args(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    fn hosts() -> Vec<String> {
+        ["byok.ns.svc", "localhost", "10.0.0.1", "b", "::1"]
+            .map(str::to_owned)
+            .to_vec()
     }
 
     #[test]
@@ -166,7 +212,7 @@ mod tests {
                 "--broker-url=https://10.0.0.1",
             ],
         ] {
-            assert!(args_accepted(&args(ok)), "{ok:?}");
+            assert!(args_accepted(&args(ok), &hosts()), "{ok:?}");
         }
         for bad in [
             &[][..],
@@ -208,8 +254,22 @@ mod tests {
                 "--key=a=15100",
                 "--admin-addr=x",
             ],
+            // A host the broker's certificate is not for (its CA may sign for others).
+            &[
+                "proxy",
+                "--broker-url=https://grab.team-a.svc",
+                "--key=a=15100",
+            ],
+            &[
+                "proxy",
+                "--broker-url=https://attacker.example:443",
+                "--key=a=15100",
+            ],
+            // Expanded by the kubelet after the check.
+            &["proxy", "--broker-url=https://$(HOST)", "--key=a=15100"],
+            &["proxy", "--broker-url=https://b", "--key=$(K)=15100"],
         ] {
-            assert!(!args_accepted(&args(bad)), "{bad:?}");
+            assert!(!args_accepted(&args(bad), &hosts()), "{bad:?}");
         }
     }
 
