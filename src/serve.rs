@@ -152,7 +152,7 @@ pub async fn start(
             resources: config.proxy.resources.clone(),
             broker_url: config.broker_url.clone(),
             broker_ca_pem: bundle.ca_pem.clone(),
-            broker_hosts: certs::certs::leaf_sans(&bundle.cert_chain_pem),
+            broker_hosts: broker_hosts(&config.broker_url, &bundle.cert_chain_pem),
             native_sidecars,
         },
         ctx.metrics.clone(),
@@ -171,13 +171,14 @@ pub async fn start(
             }
             let api: Api<Secret> = Api::namespaced(client.clone(), &settings.namespace);
             let injector = injector.clone();
+            let broker_url = config.broker_url.clone();
             tasks.push(tokio::spawn(certs::keep_current(
                 api,
                 settings.clone(),
                 reloadable.clone(),
                 move |bundle: &Bundle| {
                     injector.set_broker_ca(&bundle.ca_pem);
-                    injector.set_broker_hosts(certs::certs::leaf_sans(&bundle.cert_chain_pem));
+                    injector.set_broker_hosts(broker_hosts(&broker_url, &bundle.cert_chain_pem));
                     ca_tx.send_if_modified(|ca| {
                         let changed = *ca != bundle.ca_pem;
                         if changed {
@@ -251,6 +252,35 @@ pub async fn start(
         tasks,
         paths,
     })
+}
+
+/// The names a sidecar may ask the broker at: the host of `--broker-url`, and the full
+/// Service names (`<name>.<namespace>.svc[.<domain>]`) the serving certificate is for (old
+/// Service names kept as aliases). Not short names, `localhost` or other IPs: a tenant can
+/// make a short name resolve in their own namespace, and a loopback address is the pod's own.
+fn broker_hosts(broker_url: &str, cert_chain_pem: &str) -> Vec<String> {
+    let mut hosts: Vec<String> = certs::certs::leaf_sans(cert_chain_pem)
+        .into_iter()
+        .filter(|san| {
+            let labels: Vec<&str> = san.split('.').collect();
+            labels.len() >= 3
+                && labels.iter().all(|l| !l.is_empty() && *l != "*")
+                && (labels[2] == "svc")
+        })
+        .collect();
+    if let Some(host) = url::Url::parse(broker_url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+    {
+        hosts.push(
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_ascii_lowercase(),
+        );
+    }
+    hosts.sort();
+    hosts.dedup();
+    hosts
 }
 
 /// Keeps the caBundle of the named configuration equal to the current CA: watches that one

@@ -1383,7 +1383,11 @@ async fn every_released_sidecar_shape_is_served_and_security_changes_are_not() -
                 if arg.starts_with("--admin-addr=") {
                     *arg = "--admin-addr=0.0.0.0:16090".into();
                 } else if arg.starts_with("--broker-url=") {
-                    *arg = "--broker-url=https://localhost:1".into();
+                    // The same host, another port and a path: not what is checked.
+                    *arg = format!(
+                        "--broker-url={}:1/elsewhere",
+                        op.broker_url().rsplit_once(':').map_or("", |(h, _)| h)
+                    );
                 }
             }
         }

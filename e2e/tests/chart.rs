@@ -415,6 +415,15 @@ fn values_that_cannot_work_are_refused_by_the_chart() -> anyhow::Result<()> {
         ),
         (vec!["no.such.value=1"], "additional properties"),
         (vec!["watchNamespaces={byok-system}"], "release namespace"),
+        (
+            vec!["broker.previousServiceNames={r-byok-operator}"],
+            "previousServiceNames",
+        ),
+        (
+            vec!["broker.previousServiceNames={r-byok-operator-metrics}"],
+            "previousServiceNames",
+        ),
+        (vec!["broker.previousPorts={443}"], "previousPorts"),
     ] {
         let sets: Vec<String> = sets.into_iter().map(String::from).collect();
         let refused = render_chart("r", "byok-system", &sets)

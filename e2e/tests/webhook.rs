@@ -1341,9 +1341,14 @@ async fn istio_meshed_pods_are_admitted_classic_and_native() -> anyhow::Result<(
             );
         }
         let inits = init_names(&created);
-        if what == "native" {
-            assert_eq!(inits, ["istio-init", "istio-proxy", SIDECAR_NAME], "{what}");
-        }
+        // Native: after Istio's proxy, which runs before it. Classic: before istio-init, whose
+        // redirect would send the sidecar's broker call to an Envoy not yet running.
+        let expected = if what == "native" {
+            vec!["istio-init", "istio-proxy", SIDECAR_NAME]
+        } else {
+            vec![SIDECAR_NAME, "istio-init"]
+        };
+        assert_eq!(inits, expected, "{what}");
         let ports: Vec<i32> = container(&created, SIDECAR_NAME)?
             .ports
             .iter()

@@ -376,7 +376,7 @@ impl Broker {
     /// A served sidecar called the broker at `address` (the request's authority): if that is
     /// not `--broker-url`'s (a previous Service name or port, kept answering by the chart),
     /// count it and say so on the pod, once per [`OUTDATED_EVENT_PERIOD`].
-    async fn note_address(&self, caller: &Caller, address: Option<&str>) {
+    fn note_address(&self, caller: &Caller, address: Option<&str>) {
         let current = url::Url::parse(&self.injector.settings().broker_url).ok();
         let current = current.as_ref().and_then(|u| {
             let host = u.host_str()?;
@@ -426,9 +426,14 @@ impl Broker {
             action: "ServeKey".into(),
             secondary: None,
         };
-        if let Err(e) = self.ctx.recorder.publish(&event, &pod).await {
-            tracing::warn!(error = %e, pod = %caller.pod_name, "publishing a BrokerAddressOutdated Event failed");
-        }
+        // Not on the key's path: the answer does not wait for the Event.
+        let ctx = self.ctx.clone();
+        let pod_name = caller.pod_name.clone();
+        tokio::spawn(async move {
+            if let Err(e) = ctx.recorder.publish(&event, &pod).await {
+                tracing::warn!(error = %e, pod = %pod_name, "publishing a BrokerAddressOutdated Event failed");
+            }
+        });
     }
 
     /// Answers one request: authenticate, decide, and serve or refuse. `address` is the
@@ -517,7 +522,7 @@ impl Broker {
                 };
                 self.ctx.metrics.broker_answer(result);
                 tracing::info!(namespace, pod = %caller.pod_name, providerkey = name, result, "key broker");
-                self.note_address(&caller, address).await;
+                self.note_address(&caller, address);
                 response
             }
             Err(Unavailable(why)) => {
@@ -725,7 +730,19 @@ pub async fn get_key(
         .headers()
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok());
-    let address = req.connection_info().host().to_owned();
+    // The authority the caller asked for: HTTP/2's, else the Host header (not
+    // `connection_info`, which would believe Forwarded and X-Forwarded-Host).
+    let address = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
     broker
         .answer(
             bearer(&req),

@@ -404,13 +404,20 @@ pub fn mutate(
         .filter_map(|key| waiting_warning(key, namespace))
         .collect();
 
-    // After mesh sidecars (so the broker is reachable through them) and the meshes' own init
-    // containers before them (Istio puts istio-init first, then a native istio-proxy), before
-    // the first other regular init container (so it may use the key).
-    let insert_at = init
+    // After mesh sidecars (so the broker is reachable through them), and after the meshes'
+    // own init containers only when a native mesh proxy follows them (Istio: istio-init, then
+    // a native istio-proxy). A classic mesh's proxy is a regular container that starts after
+    // every init container: behind its istio-init, the sidecar's broker call would be
+    // redirected to an Envoy that is not running, so it goes before it, as it always did.
+    // Before the first other regular init container (so that one may use the key).
+    let leading = init
         .iter()
-        .position(|c| !is_native_sidecar(c) && !MESH_INIT_CONTAINERS.contains(&c.name.as_str()))
-        .unwrap_or(init.len());
+        .take_while(|c| is_native_sidecar(c) || MESH_INIT_CONTAINERS.contains(&c.name.as_str()))
+        .count();
+    let insert_at = init[..leading]
+        .iter()
+        .rposition(is_native_sidecar)
+        .map_or(0, |last| last + 1);
     let first_init_with_env = existing_sidecar.map_or(insert_at, |at| at + 1);
 
     // The patch is built from the changes alone (no copy of the pod, no diff of two): its
@@ -1747,6 +1754,30 @@ mod tests {
                 .contains("skip-containers"),
             "{:?}",
             again.patch
+        );
+    }
+
+    #[test]
+    fn lands_after_a_meshs_init_only_when_its_native_proxy_follows() {
+        let order = |inits: serde_json::Value| {
+            let before = pod_with("team-anthropic", json!({"initContainers": inits}));
+            let after = apply(&before, &run(&before, &standard_keys()).expect("admitted"));
+            init(&after)
+                .iter()
+                .map(|c| c.name.clone())
+                .collect::<Vec<_>>()
+        };
+        let native = json!({"name": "istio-proxy", "image": "i", "restartPolicy": "Always"});
+        let mesh_init = json!({"name": "istio-init", "image": "i"});
+        assert_eq!(
+            order(json!([mesh_init, native])),
+            ["istio-init", "istio-proxy", SIDECAR_NAME]
+        );
+        // Classic: the proxy is a regular container, started after every init container.
+        assert_eq!(order(json!([mesh_init])), [SIDECAR_NAME, "istio-init"]);
+        assert_eq!(
+            order(json!([mesh_init, {"name": "migrate", "image": "a"}])),
+            [SIDECAR_NAME, "istio-init", "migrate"]
         );
     }
 
