@@ -122,13 +122,10 @@ pub async fn start(
         let mwcs: Api<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration> =
             Api::all(client.clone());
         if let Ok(Some(mwc)) = mwcs.get_opt(name).await {
-            let configured: Vec<String> = mwc
-                .webhooks
-                .iter()
-                .flatten()
-                .filter_map(|w| certs::webhook_path::configured(&w.client_config))
-                .collect();
-            paths.observe_configuration(&configured, std::time::Instant::now());
+            paths.observe_configuration(
+                &certs::webhook_path::carried(&mwc),
+                std::time::Instant::now(),
+            );
         }
     }
     tasks.push(tokio::spawn(path_store::follow(

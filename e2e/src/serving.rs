@@ -220,17 +220,7 @@ impl ServingOperator {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
-            match env
-                .api::<Pod>()
-                .create(
-                    &PostParams {
-                        dry_run: true,
-                        ..Default::default()
-                    },
-                    &pod,
-                )
-                .await
-            {
+            match create_dry_run(env, &pod).await {
                 Ok(created) if has_sidecar(&created) => return Ok(()),
                 Ok(_) => last = "admitted without a sidecar".into(),
                 Err(e) => last = e.to_string(),
@@ -324,15 +314,8 @@ impl ServingOperator {
         if webhook == "inject.byok.dev" {
             let deadline = tokio::time::Instant::now() + WAIT;
             loop {
-                let created = pods
-                    .create(
-                        &PostParams {
-                            dry_run: true,
-                            ..Default::default()
-                        },
-                        &opted_in_pod("webhook-gone-", &["none"]),
-                    )
-                    .await?;
+                let created =
+                    create_dry_run(env, &opted_in_pod("webhook-gone-", &["none"])).await?;
                 if !has_sidecar(&created) {
                     return Ok(());
                 }
@@ -405,6 +388,20 @@ pub async fn serving_ca_pem(env: &TestEnv) -> anyhow::Result<String> {
     Ok(String::from_utf8(ca.0)?)
 }
 
+/// Creates `pod` with a server-side dry run: what the API server (and its webhooks) would
+/// admit, nothing stored.
+pub async fn create_dry_run(env: &TestEnv, pod: &Pod) -> Result<Pod, kube::Error> {
+    env.api::<Pod>()
+        .create(
+            &PostParams {
+                dry_run: true,
+                ..Default::default()
+            },
+            pod,
+        )
+        .await
+}
+
 /// The webhook's path, as the operator keeps it in `secret` of the test namespace.
 pub async fn webhook_path(env: &TestEnv, secret: &str) -> anyhow::Result<String> {
     let secret = env.api::<Secret>().get(secret).await?;
@@ -420,12 +417,7 @@ pub async fn configured_paths(client: &kube::Client, name: &str) -> anyhow::Resu
     let mwc = Api::<MutatingWebhookConfiguration>::all(client.clone())
         .get(name)
         .await?;
-    Ok(mwc
-        .webhooks
-        .iter()
-        .flatten()
-        .filter_map(|w| webhook_path::configured(&w.client_config))
-        .collect())
+    Ok(webhook_path::carried(&mwc))
 }
 
 /// The webhook that refuses `byok.dev` TokenRequests from anyone but nodes.

@@ -230,16 +230,11 @@ async fn the_operator_runs_with_the_charts_arguments_and_rbac() -> anyhow::Resul
         );
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
-    let injected = tenant
-        .api::<k8s_openapi::api::core::v1::Pod>()
-        .create(
-            &kube::api::PostParams {
-                dry_run: true,
-                ..Default::default()
-            },
-            &byok_e2e::serving::opted_in_pod("at-path-", &["anthropic"]),
-        )
-        .await?;
+    let injected = byok_e2e::serving::create_dry_run(
+        &tenant,
+        &byok_e2e::serving::opted_in_pod("at-path-", &["anthropic"]),
+    )
+    .await?;
     assert!(
         byok_e2e::serving::has_sidecar(&injected),
         "the API server follows the published path"

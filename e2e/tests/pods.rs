@@ -801,6 +801,49 @@ fn sidecar_ran(pod: &Pod, image: &str) -> bool {
         })
 }
 
+impl Setup {
+    /// Waits until a sidecar of `image` has run in pod `name`.
+    async fn wait_sidecar_ran(&self, name: &str, image: &str) -> anyhow::Result<()> {
+        let deadline = Instant::now() + POD_DONE;
+        while !sidecar_ran(&self.pod(name).await?, image) {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "no {image} sidecar ran in {name}: {:?}",
+                self.pod(name)
+                    .await?
+                    .status
+                    .and_then(|s| s.init_container_statuses)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
+    }
+
+    /// The token a swapped-in token printer wrote to the sidecar's log in pod `name`.
+    async fn leaked_token(&self, name: &str) -> anyhow::Result<String> {
+        let deadline = Instant::now() + POD_DONE;
+        loop {
+            let log = self
+                .node
+                .container_log(&self.pod(name).await?, SIDECAR_NAME);
+            if let Some(token) = log
+                .lines()
+                .find_map(|l| l.split("token: ").nth(1))
+                .map(str::trim)
+                .filter(|t| t.starts_with("eyJ"))
+            {
+                return Ok(token.to_owned());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the swapped image never ran: {}",
+                self.node.log_tail("kubelet", 20)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
 /// Item 1 of the trust boundary on a real kubelet: the sidecar's image swapped for one that
 /// prints its token (another tag of the sidecar's own repository, which the broker's shape
 /// check alone would accept), then restored. With `update.byok.dev` the swap is refused at
@@ -820,11 +863,7 @@ async fn node_a_swapped_and_restored_sidecar_is_never_served_again() -> anyhow::
         .await?;
     let op = s.op.as_ref().expect("operator");
     let pods = s.env.api::<Pod>();
-    let deadline = Instant::now() + POD_DONE;
-    while !sidecar_ran(&s.pod(&name).await?, TEST_PROXY_IMAGE) {
-        anyhow::ensure!(Instant::now() < deadline, "the sidecar never started");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    s.wait_sidecar_ran(&name, TEST_PROXY_IMAGE).await?;
     let http = op.https_client(&s.env).await?;
     let url = format!("{}/v1/keys/{}/claude", op.broker_url(), s.env.namespace);
     let ask = |token: String| {
@@ -870,24 +909,7 @@ async fn node_a_swapped_and_restored_sidecar_is_never_served_again() -> anyhow::
         &swap(TOKEN_PRINTER_IMAGE),
     )
     .await?;
-    let deadline = Instant::now() + POD_DONE;
-    let leaked = loop {
-        let log = s.node.container_log(&s.pod(&name).await?, SIDECAR_NAME);
-        if let Some(token) = log
-            .lines()
-            .find_map(|l| l.split("token: ").nth(1))
-            .map(str::trim)
-            .filter(|t| t.starts_with("eyJ"))
-        {
-            break token.to_owned();
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the swapped image never ran: {}",
-            s.node.log_tail("kubelet", 20)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let leaked = s.leaked_token(&name).await?;
     assert_eq!(ask(leaked.clone()).await?, 403, "served during the swap");
 
     pods.patch(
@@ -896,18 +918,7 @@ async fn node_a_swapped_and_restored_sidecar_is_never_served_again() -> anyhow::
         &swap(TEST_PROXY_IMAGE),
     )
     .await?;
-    let deadline = Instant::now() + POD_DONE;
-    while !sidecar_ran(&s.pod(&name).await?, TEST_PROXY_IMAGE) {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the sidecar was never restored: {:?}",
-            s.pod(&name)
-                .await?
-                .status
-                .and_then(|s| s.init_container_statuses)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    s.wait_sidecar_ran(&name, TEST_PROXY_IMAGE).await?;
     assert_eq!(
         ask(leaked).await?,
         403,
@@ -925,12 +936,8 @@ async fn node_a_swapped_and_restored_sidecar_is_never_served_again() -> anyhow::
     let control = s
         .create(&app_pod("control-", &["claude"], "sleep 600"))
         .await?;
-    let deadline = Instant::now() + POD_DONE;
     for name in [&hidden, &control] {
-        while !sidecar_ran(&s.pod(name).await?, TEST_PROXY_IMAGE) {
-            anyhow::ensure!(Instant::now() < deadline, "the sidecar never started");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        s.wait_sidecar_ran(name, TEST_PROXY_IMAGE).await?;
     }
     let control_token = pod_token(&s.env, "default", &s.pod(&control).await?, "byok.dev").await?;
     let label = |value: serde_json::Value| {
@@ -943,26 +950,10 @@ async fn node_a_swapped_and_restored_sidecar_is_never_served_again() -> anyhow::
     }
     pods.patch(&hidden, &params, &swap(TOKEN_PRINTER_IMAGE))
         .await?;
-    let deadline = Instant::now() + POD_DONE;
-    let leaked = loop {
-        let log = s.node.container_log(&s.pod(&hidden).await?, SIDECAR_NAME);
-        if let Some(token) = log
-            .lines()
-            .find_map(|l| l.split("token: ").nth(1))
-            .map(str::trim)
-            .filter(|t| t.starts_with("eyJ"))
-        {
-            break token.to_owned();
-        }
-        anyhow::ensure!(Instant::now() < deadline, "the swapped image never ran");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let leaked = s.leaked_token(&hidden).await?;
     pods.patch(&hidden, &params, &swap(TEST_PROXY_IMAGE))
         .await?;
-    while !sidecar_ran(&s.pod(&hidden).await?, TEST_PROXY_IMAGE) {
-        anyhow::ensure!(Instant::now() < deadline, "the sidecar was never restored");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    s.wait_sidecar_ran(&hidden, TEST_PROXY_IMAGE).await?;
     // While unlabelled, the control is not served; labelled again (after the hidden pod), it
     // is: from then on the broker judges the hidden pod as relabelled too.
     assert_eq!(ask(control_token.clone()).await?, 403);

@@ -1142,16 +1142,7 @@ async fn a_caller_without_the_webhook_path_learns_nothing() -> anyhow::Result<()
         .send()
         .await?;
     assert_eq!(new.status(), 200);
-    let injected = env
-        .api::<Pod>()
-        .create(
-            &PostParams {
-                dry_run: true,
-                ..Default::default()
-            },
-            &opted_in_pod("after-", &["team-a"]),
-        )
-        .await?;
+    let injected = create_dry_run(&env, &opted_in_pod("after-", &["team-a"])).await?;
     assert!(
         has_sidecar(&injected),
         "the API server follows the new path"
@@ -1205,16 +1196,7 @@ async fn with_a_client_ca_only_the_api_servers_certificate_gets_a_tls_session() 
     }
 
     // The API server's own calls still get through.
-    let injected = env
-        .api::<Pod>()
-        .create(
-            &PostParams {
-                dry_run: true,
-                ..Default::default()
-            },
-            &opted_in_pod("mtls-", &["team-a"]),
-        )
-        .await?;
+    let injected = create_dry_run(&env, &opted_in_pod("mtls-", &["team-a"])).await?;
     assert!(has_sidecar(&injected));
     Ok(())
 }
@@ -1241,17 +1223,7 @@ async fn the_webhook_path_rotates_while_pods_keep_being_admitted() -> anyhow::Re
             tokio::time::Instant::now() < deadline,
             "the path did not rotate: {published:?}"
         );
-        match env
-            .api::<Pod>()
-            .create(
-                &PostParams {
-                    dry_run: true,
-                    ..Default::default()
-                },
-                &opted_in_pod("rotating-", &["team-a"]),
-            )
-            .await
-        {
+        match create_dry_run(&env, &opted_in_pod("rotating-", &["team-a"])).await {
             Ok(pod) if has_sidecar(&pod) => admitted += 1,
             other => refused.push(format!("{other:?}")),
         }

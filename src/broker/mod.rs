@@ -100,6 +100,8 @@ pub struct Broker {
     waiting_told: Mutex<HashMap<(String, String, &'static str), Instant>>,
     /// Pods told they call the broker at an outdated address, by UID.
     outdated_told: Mutex<HashMap<String, Instant>>,
+    /// `host[:port]` of `--broker-url` (no port when 443): where sidecars should call.
+    authority: Option<String>,
 }
 
 /// The last token minted for one key, and the envelope digest it was minted from.
@@ -186,6 +188,15 @@ impl Broker {
         injector: Arc<crate::webhook::handler::Injector>,
     ) -> Self {
         let tokens = tokens::TokenReviews::new(ctx.client.clone(), ctx.metrics.clone());
+        let authority = url::Url::parse(&injector.settings().broker_url)
+            .ok()
+            .and_then(|u| {
+                let host = u.host_str()?;
+                Some(match u.port_or_known_default() {
+                    Some(443) | None => host.to_owned(),
+                    Some(port) => format!("{host}:{port}"),
+                })
+            });
         Self {
             ctx,
             watches,
@@ -197,6 +208,7 @@ impl Broker {
             vertex_tokens: Mutex::default(),
             waiting_told: Mutex::default(),
             outdated_told: Mutex::default(),
+            authority,
         }
     }
 
@@ -339,28 +351,10 @@ impl Broker {
     /// Says on the pod, once per [`WAITING_EVENT_PERIOD`], which key it waits for and why.
     async fn tell_waiting(&self, caller: &Caller, key: &str, denial: &Denial) {
         let memo_key = (caller.pod_uid.clone(), key.to_string(), denial.reason());
-        {
-            let mut told = self.waiting_told.lock().unwrap_or_else(|p| p.into_inner());
-            let now = Instant::now();
-            if told
-                .get(&memo_key)
-                .is_some_and(|at| now.duration_since(*at) < WAITING_EVENT_PERIOD)
-            {
-                return;
-            }
-            if told.len() >= MEMO_MAX {
-                told.clear();
-            }
-            told.insert(memo_key, now);
+        if !first_in(&self.waiting_told, memo_key, WAITING_EVENT_PERIOD) {
+            return;
         }
-        let pod = ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Pod".into()),
-            name: Some(caller.pod_name.clone()),
-            namespace: Some(caller.namespace.clone()),
-            uid: Some(caller.pod_uid.clone()),
-            ..Default::default()
-        };
+        let pod = pod_reference(caller);
         let event = Event {
             type_: EventType::Warning,
             reason: "WaitingForProviderKey".into(),
@@ -377,44 +371,22 @@ impl Broker {
     /// not `--broker-url`'s (a previous Service name or port, kept answering by the chart),
     /// count it and say so on the pod, once per [`OUTDATED_EVENT_PERIOD`].
     fn note_address(&self, caller: &Caller, address: Option<&str>) {
-        let current = url::Url::parse(&self.injector.settings().broker_url).ok();
-        let current = current.as_ref().and_then(|u| {
-            let host = u.host_str()?;
-            Some(match u.port_or_known_default() {
-                Some(443) | None => host.to_owned(),
-                Some(port) => format!("{host}:{port}"),
-            })
-        });
-        let (Some(address), Some(current)) = (address, current) else {
+        let (Some(address), Some(current)) = (address, self.authority.as_deref()) else {
             return;
         };
         let asked = address.strip_suffix(":443").unwrap_or(address);
-        if asked.eq_ignore_ascii_case(&current) {
+        if asked.eq_ignore_ascii_case(current) {
             return;
         }
         self.ctx.metrics.broker_outdated_address();
-        {
-            let mut told = self.outdated_told.lock().unwrap_or_else(|p| p.into_inner());
-            let now = Instant::now();
-            if told
-                .get(&caller.pod_uid)
-                .is_some_and(|at| now.duration_since(*at) < OUTDATED_EVENT_PERIOD)
-            {
-                return;
-            }
-            if told.len() >= MEMO_MAX {
-                told.clear();
-            }
-            told.insert(caller.pod_uid.clone(), now);
+        if !first_in(
+            &self.outdated_told,
+            caller.pod_uid.clone(),
+            OUTDATED_EVENT_PERIOD,
+        ) {
+            return;
         }
-        let pod = ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Pod".into()),
-            name: Some(caller.pod_name.clone()),
-            namespace: Some(caller.namespace.clone()),
-            uid: Some(caller.pod_uid.clone()),
-            ..Default::default()
-        };
+        let pod = pod_reference(caller);
         // The address is the pod's own (its sidecar's args): nothing of another tenant's.
         let shown: String = asked.chars().take(253).collect();
         let event = Event {
@@ -709,6 +681,40 @@ fn error_json(status: u16, reason: &str, message: &str) -> HttpResponse {
     HttpResponse::build(status)
         .content_type("application/json")
         .json(serde_json::json!({"error": {"reason": reason, "message": message}}))
+}
+
+/// Whether `key` was not noted in `memo` within `period`; notes it now if so. The memo is
+/// emptied when it reaches [`MEMO_MAX`] (at worst, a pod is told twice).
+fn first_in<K: std::hash::Hash + Eq>(
+    memo: &Mutex<HashMap<K, Instant>>,
+    key: K,
+    period: Duration,
+) -> bool {
+    let mut told = memo.lock().unwrap_or_else(|p| p.into_inner());
+    let now = Instant::now();
+    if told
+        .get(&key)
+        .is_some_and(|at| now.duration_since(*at) < period)
+    {
+        return false;
+    }
+    if told.len() >= MEMO_MAX {
+        told.clear();
+    }
+    told.insert(key, now);
+    true
+}
+
+/// The caller's pod, as an Event's subject.
+fn pod_reference(caller: &Caller) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: Some(caller.pod_name.clone()),
+        namespace: Some(caller.namespace.clone()),
+        uid: Some(caller.pod_uid.clone()),
+        ..Default::default()
+    }
 }
 
 /// The bearer token of a request, if it has one.

@@ -149,17 +149,18 @@ pub async fn ensure_with_retries(
     settings: &PathSettings,
 ) -> Result<String, PathError> {
     let mut delay = Duration::from_millis(250);
-    for attempt in 1.. {
+    let mut attempt = 1;
+    loop {
         match ensure(api, settings).await {
             Err(e) if attempt < 15 => {
                 tracing::warn!(error = %e, attempt, "loading the webhook path; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
+                attempt += 1;
             }
             other => return other,
         }
     }
-    unreachable!("the loop returns")
 }
 
 /// The data keys of a path written now.

@@ -92,6 +92,18 @@ pub fn configured(config: &WebhookClientConfig) -> Option<String> {
     Some(url.path().to_owned())
 }
 
+/// The paths the configuration's webhooks send to (those whose `clientConfig` reads).
+pub fn carried(
+    configuration: &k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration,
+) -> Vec<String> {
+    configuration
+        .webhooks
+        .iter()
+        .flatten()
+        .filter_map(|w| configured(&w.client_config))
+        .collect()
+}
+
 /// The `clientConfig` fields that point the webhook at `path`, for a server-side apply that
 /// owns nothing else: `service.path`, or the whole `url` with its path replaced.
 pub fn client_config_patch(config: &WebhookClientConfig, path: &str) -> Option<serde_json::Value> {
