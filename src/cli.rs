@@ -56,9 +56,15 @@ pub struct ProxyArgs {
     #[arg(long = "key", value_name = "NAME=PORT", required = true, value_parser = parse_proxy_key)]
     pub keys: Vec<(String, u16)>,
 
-    /// PEM of the broker's CA.
+    /// PEM of the broker's CA, fixed for the process's life (how releases before trust
+    /// bundles injected it). When set, `BYOK_BROKER_CA_FILE` is not read.
     #[arg(long, env = "BYOK_BROKER_CA", hide_env_values = true)]
-    pub broker_ca: String,
+    pub broker_ca: Option<String>,
+
+    /// The broker's trust bundle, read again before every broker request (the mounted
+    /// `byok-broker-ca` ConfigMap; set for runs outside a kubelet).
+    #[arg(long, env = "BYOK_BROKER_CA_FILE", default_value = concat!("/var/run/secrets/byok.dev/broker-ca", "/ca.crt"))]
+    pub broker_ca_file: PathBuf,
 
     /// The pod's namespace (the broker serves keys of this namespace only).
     #[arg(long, env = "POD_NAMESPACE")]
@@ -570,7 +576,10 @@ fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
     runtime.block_on(crate::proxy::run(crate::proxy::ProxyConfig {
         admin_addr: args.admin_addr,
         broker_url: args.broker_url,
-        broker_ca_pem: args.broker_ca,
+        broker_trust: match args.broker_ca {
+            Some(pem) => crate::proxy::refresh::Trust::Fixed(pem),
+            None => crate::proxy::refresh::Trust::File(args.broker_ca_file),
+        },
         namespace: args.namespace,
         token_file: args.token_file,
         keys: args.keys,

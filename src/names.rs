@@ -33,6 +33,20 @@ pub const PROVIDER_KEYS_ANNOTATION: &str = "byok.dev/provider-keys";
 /// The audience of the projected ServiceAccount token a sidecar shows the broker.
 pub const TOKEN_AUDIENCE: &str = "byok.dev";
 
+/// The ConfigMap, one per namespace with injected pods, holding the CA bundle sidecars trust
+/// the broker with. Only the operator writes it (the chart's ValidatingAdmissionPolicy
+/// `<release>-trust-bundle` refuses everyone else); sidecars mount it, so a changed CA
+/// reaches running pods when the kubelet refreshes the mount.
+pub const TRUST_BUNDLE_CONFIGMAP: &str = "byok-broker-ca";
+/// The bundle's key in [`TRUST_BUNDLE_CONFIGMAP`], and its file name in the mount.
+pub const TRUST_BUNDLE_KEY: &str = "ca.crt";
+/// The label [`TRUST_BUNDLE_CONFIGMAP`] carries, so the operator lists its own.
+pub const TRUST_BUNDLE_LABEL: &str = "byok.dev/trust-bundle";
+/// Where the sidecar mounts [`TRUST_BUNDLE_CONFIGMAP`].
+pub const TRUST_BUNDLE_DIR: &str = "/var/run/secrets/byok.dev/broker-ca";
+/// The field manager of the bundle's content.
+pub const TRUST_BUNDLE_FIELD_MANAGER: &str = "byok-operator-trust-bundle";
+
 /// Whether a pod's labels opt it in to injection.
 pub fn opts_in(labels: Option<&std::collections::BTreeMap<String, String>>) -> bool {
     labels

@@ -12,6 +12,24 @@ use super::endpoints::{EndpointPolicy, VertexScope};
 use super::models::ModelPolicy;
 use crate::providers::ProviderKind;
 
+/// The request header in which the sidecar tells the broker which trust bundle it holds:
+/// [`trust_bundle_digest`] of the PEM it verifies the broker with. Sidecars older than trust
+/// bundles send none.
+pub const TRUST_BUNDLE_HEADER: &str = "x-byok-trust-bundle";
+
+/// `sha256:<hex>` of a trust bundle's bytes, as the sidecar read them and as the operator
+/// published them.
+pub fn trust_bundle_digest(pem: &[u8]) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(pem);
+    let mut out = String::with_capacity(7 + 64);
+    out.push_str("sha256:");
+    for b in digest {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
 /// `GET /v1/keys/{ns}/{name}` 200 body (see `docs/injection.md`).
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -46,7 +46,7 @@ use keys::KeySlot;
 pub struct ProxyConfig {
     pub admin_addr: SocketAddr,
     pub broker_url: String,
-    pub broker_ca_pem: String,
+    pub broker_trust: refresh::Trust,
     pub namespace: String,
     pub token_file: PathBuf,
     /// (key name, loopback port).
@@ -149,7 +149,7 @@ pub async fn run(cfg: ProxyConfig) -> anyhow::Result<()> {
     );
     let broker = Arc::new(refresh::BrokerClient::new(
         &cfg.broker_url,
-        &cfg.broker_ca_pem,
+        cfg.broker_trust.clone(),
         cfg.namespace.clone(),
         cfg.token_file.clone(),
     )?);

@@ -10,16 +10,22 @@
 //!
 //! Before the first grant every answer is retried, with exponential backoff from 100 ms to
 //! the broker's poll period, with jitter.
+//!
+//! Whom it trusts as the broker comes from a file the kubelet keeps current (the namespace's
+//! trust-bundle ConfigMap, mounted): it is read again before every request, and a changed
+//! bundle is used from that request on, so a new CA reaches a running sidecar within its
+//! lease. Each request names the bundle's digest, so the broker knows who still holds an old
+//! one.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use super::grant::{Grant, Live};
+use super::grant::{Grant, Live, TRUST_BUNDLE_HEADER, trust_bundle_digest};
 use super::keys::KeySlot;
 use super::metrics::{KeyLabel, ProxyMetrics};
 use super::upstream::Pools;
@@ -30,9 +36,28 @@ const FIRST_RETRY: Duration = Duration::from_millis(100);
 const DEFAULT_POLL: Duration = Duration::from_secs(5);
 const BROKER_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Where the sidecar's trust in the broker comes from.
+#[derive(Debug, Clone)]
+pub enum Trust {
+    /// A PEM fixed for the process's life: `BYOK_BROKER_CA`, as releases before trust
+    /// bundles injected it.
+    Fixed(String),
+    /// A bundle file read again before every request (`BYOK_BROKER_CA_FILE`, by default the
+    /// mounted trust-bundle ConfigMap).
+    File(PathBuf),
+}
+
+/// The HTTP client for one trust bundle.
+struct Trusting {
+    digest: String,
+    http: reqwest::Client,
+}
+
 /// How the proxy reaches the broker.
 pub struct BrokerClient {
-    http: reqwest::Client,
+    trust: Trust,
+    /// The client for the bundle last read; kept when a later read fails or is not a bundle.
+    current: Mutex<Option<Arc<Trusting>>>,
     /// `https://host:port` without a trailing slash.
     base: String,
     namespace: String,
@@ -83,35 +108,77 @@ pub fn is_final(status: u16, reason: &str) -> bool {
 }
 
 impl BrokerClient {
+    /// Fails only on what no later read can fix (the URL); an unreadable bundle file is
+    /// retried before every request.
     pub fn new(
         base: &str,
-        ca_pem: &str,
+        trust: Trust,
         namespace: String,
         token_file: PathBuf,
     ) -> anyhow::Result<Self> {
-        let certs = reqwest::Certificate::from_pem_bundle(ca_pem.as_bytes())
-            .map_err(|e| anyhow::anyhow!("the broker CA (BYOK_BROKER_CA) is not valid PEM: {e}"))?;
-        anyhow::ensure!(
-            !certs.is_empty(),
-            "the broker CA (BYOK_BROKER_CA) holds no certificate"
-        );
         let base = base.trim_end_matches('/').to_owned();
         anyhow::ensure!(base.starts_with("https://"), "--broker-url must be https");
-        let http = reqwest::Client::builder()
-            .tls_certs_only(certs)
-            .https_only(true)
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(BROKER_TIMEOUT)
-            .timeout(BROKER_TIMEOUT)
-            .user_agent(concat!("byok-proxy/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        Ok(Self {
-            http,
+        let client = Self {
+            trust,
+            current: Mutex::new(None),
             base,
             namespace,
             token_file,
-        })
+        };
+        if let Trust::Fixed(_) = &client.trust {
+            // A fixed PEM never changes: a bad one is a start-up error.
+            client.trusting().map_err(|e| anyhow::anyhow!(e))?;
+        }
+        Ok(client)
+    }
+
+    /// The client for the bundle as it is now: the file read again, a new client only when
+    /// its bytes changed. A missing or bad file keeps the last good client (the kubelet
+    /// swaps the mount's files in one rename, so a read sees the old or the new bundle).
+    fn trusting(&self) -> Result<Arc<Trusting>, String> {
+        let (pem, source) = match &self.trust {
+            Trust::Fixed(pem) => (pem.clone().into_bytes(), "BYOK_BROKER_CA"),
+            Trust::File(path) => match std::fs::read(path) {
+                Ok(pem) => (pem, "the trust bundle"),
+                Err(e) => {
+                    return self.last_good().ok_or_else(|| {
+                        format!("reading the trust bundle {}: {e}", path.display())
+                    });
+                }
+            },
+        };
+        let digest = trust_bundle_digest(&pem);
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = current.as_ref().filter(|c| c.digest == digest) {
+            return Ok(c.clone());
+        }
+        match build_client(&pem, source) {
+            Ok(http) => {
+                if current.is_some() {
+                    tracing::info!(bundle = %digest, "the broker's trust bundle changed; using it from now on");
+                }
+                let fresh = Arc::new(Trusting { digest, http });
+                *current = Some(fresh.clone());
+                Ok(fresh)
+            }
+            Err(e) => match current.as_ref() {
+                Some(c) => {
+                    tracing::warn!(error = %e, "keeping the previous trust bundle");
+                    Ok(c.clone())
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    fn last_good(&self) -> Option<Arc<Trusting>> {
+        self.current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     fn token(&self) -> Result<SecretString, String> {
@@ -133,8 +200,16 @@ impl BrokerClient {
             Ok(t) => t,
             Err(e) => return Answer::Failed(e),
         };
+        let trusting = match self.trusting() {
+            Ok(t) => t,
+            Err(e) => return Answer::Failed(e),
+        };
         let url = format!("{}/v1/keys/{}/{key}", self.base, self.namespace);
-        let mut req = self.http.get(&url).bearer_auth(token.expose_secret());
+        let mut req = trusting
+            .http
+            .get(&url)
+            .bearer_auth(token.expose_secret())
+            .header(TRUST_BUNDLE_HEADER, &trusting.digest);
         if let Some(etag) = etag {
             req = req.header(reqwest::header::IF_NONE_MATCH, etag);
         }
@@ -200,6 +275,25 @@ impl BrokerClient {
             }
         }
     }
+}
+
+/// A client trusting only the certificates in `pem` (`source` names it in errors).
+fn build_client(pem: &[u8], source: &str) -> Result<reqwest::Client, String> {
+    let certs = reqwest::Certificate::from_pem_bundle(pem)
+        .map_err(|e| format!("{source} is not valid PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("{source} holds no certificate"));
+    }
+    reqwest::Client::builder()
+        .tls_certs_only(certs)
+        .https_only(true)
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(BROKER_TIMEOUT)
+        .timeout(BROKER_TIMEOUT)
+        .user_agent(concat!("byok-proxy/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| format!("building the broker client: {e}"))
 }
 
 /// reqwest's error text with the URL left out (it is not secret, but it is noise).

@@ -33,10 +33,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    ObjectFieldSelector, Pod, PodSpec, Probe, ProjectedVolumeSource, ResourceRequirements,
-    SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
-    VolumeProjection,
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, ObjectFieldSelector, Pod, PodSpec, Probe, ProjectedVolumeSource,
+    ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume,
+    VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -52,6 +52,9 @@ pub const TOKEN_VOLUME: &str = "byok-token";
 /// sidecar needs no API access, and without this the plugin (re-run after our patch) would
 /// add its mount and make the sidecar look tampered with on reinvocation.
 pub const NO_API_TOKEN_VOLUME: &str = "byok-no-api-token";
+/// The pod volume of the namespace's trust-bundle ConfigMap ([`names::TRUST_BUNDLE_CONFIGMAP`]),
+/// mounted by the sidecar at [`names::TRUST_BUNDLE_DIR`]; reserved.
+pub const TRUST_VOLUME: &str = "byok-broker-ca";
 /// Where the ServiceAccount admission plugin mounts the API token.
 pub const API_TOKEN_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 /// Where the sidecar mounts [`TOKEN_VOLUME`]; the token is `TOKEN_DIR/TOKEN_FILE`.
@@ -101,7 +104,9 @@ pub struct InjectSettings {
     pub resources: ResourceRequirements,
     /// `https://...`, passed to the proxy as `--broker-url=`.
     pub broker_url: String,
-    /// PEM of the broker's CA, passed as env `BYOK_BROKER_CA`.
+    /// PEM of the broker's CA: what sidecars injected before trust bundles hold in env
+    /// `BYOK_BROKER_CA` (they are served while it is current), and what the namespace's
+    /// trust bundle holds.
     pub broker_ca_pem: String,
     /// The names and addresses the broker's serving certificate is for (lowercased): a
     /// sidecar may call the broker at any of them (an old Service name, `localhost`), and at
@@ -209,6 +214,10 @@ pub enum Refusal {
         "{field}: the volume name \"{TOKEN_VOLUME}\" is reserved for the {SIDECAR_NAME} sidecar's token"
     )]
     TokenVolumeNameTaken { field: String },
+    #[error(
+        "{field}: the volume name \"{TRUST_VOLUME}\" is reserved for the {SIDECAR_NAME} sidecar's trust bundle"
+    )]
+    TrustVolumeNameTaken { field: String },
     #[error(
         "{field}: volume \"{volume}\" projects a ServiceAccount token for audience \"{TOKEN_AUDIENCE}\"; \
          only the injected {SIDECAR_NAME} sidecar may hold one"
@@ -437,13 +446,12 @@ pub fn mutate(
     }
     if !existing_volume {
         let mut new_volumes = vec![to_json(&token_volume())?];
-        if !spec
-            .volumes
-            .iter()
-            .flatten()
-            .any(|v| v.name == NO_API_TOKEN_VOLUME)
-        {
+        let has = |name: &str| spec.volumes.iter().flatten().any(|v| v.name == name);
+        if !has(NO_API_TOKEN_VOLUME) {
             new_volumes.push(to_json(&no_api_token_volume())?);
+        }
+        if !has(TRUST_VOLUME) {
+            new_volumes.push(to_json(&trust_volume())?);
         }
         if spec.volumes.is_none() {
             add(
@@ -689,7 +697,7 @@ fn with_probe_defaults(probe: &Probe) -> Probe {
     p
 }
 
-/// Whether the pod already has our token volume. Any other volume by that name, or one that
+/// Whether the pod already has our volumes (a second pass). Any other volume by their names, or one that
 /// projects a broker token, is refused: a pod must not hold its own broker token.
 fn check_volumes(spec: &PodSpec) -> Result<bool, Refusal> {
     let mut found = false;
@@ -703,6 +711,10 @@ fn check_volumes(spec: &PodSpec) -> Result<bool, Refusal> {
         } else if v.name == NO_API_TOKEN_VOLUME {
             if *v != no_api_token_volume() {
                 return Err(Refusal::TokenVolumeNameTaken { field });
+            }
+        } else if v.name == TRUST_VOLUME {
+            if !is_our_trust_volume(v) {
+                return Err(Refusal::TrustVolumeNameTaken { field });
             }
         } else if projects_broker_token(v) {
             return Err(Refusal::BrokerToken {
@@ -980,10 +992,10 @@ fn proxy_args(settings: &InjectSettings) -> [String; 3] {
     ]
 }
 
-/// The sidecar's whole environment: the broker's CA and the pod's identity.
-fn proxy_env(settings: &InjectSettings) -> Vec<EnvVar> {
+/// The sidecar's whole environment: the pod's identity. (Its trust in the broker is the
+/// mounted trust bundle, which can change while it runs; releases before put the CA here.)
+fn proxy_env() -> Vec<EnvVar> {
     vec![
-        plain_env("BYOK_BROKER_CA", settings.broker_ca_pem.clone()),
         field_env("POD_NAME", "metadata.name"),
         field_env("POD_NAMESPACE", "metadata.namespace"),
     ]
@@ -1000,7 +1012,7 @@ fn sidecar(settings: &InjectSettings, keys: &[PlannedKey]) -> Container {
         image: Some(settings.proxy_image.clone()),
         image_pull_policy: Some(settings.pull_policy.clone()),
         args: Some(args),
-        env: Some(proxy_env(settings)),
+        env: Some(proxy_env()),
         ports: Some(ports),
         resources: Some(settings.resources.clone()),
         restart_policy: Some("Always".to_owned()),
@@ -1039,6 +1051,12 @@ fn sidecar(settings: &InjectSettings, keys: &[PlannedKey]) -> Container {
                 read_only: Some(true),
                 ..Default::default()
             },
+            VolumeMount {
+                name: TRUST_VOLUME.to_owned(),
+                mount_path: names::TRUST_BUNDLE_DIR.to_owned(),
+                read_only: Some(true),
+                ..Default::default()
+            },
         ]),
         termination_message_path: Some(TERMINATION_MESSAGE_PATH.to_owned()),
         termination_message_policy: Some("File".to_owned()),
@@ -1053,6 +1071,46 @@ fn no_api_token_volume() -> Volume {
         empty_dir: Some(Default::default()),
         ..Default::default()
     }
+}
+
+/// The namespace's trust bundle, the whole ConfigMap: the kubelet refreshes such a mount when
+/// the ConfigMap changes (a `subPath` mount it never refreshes, so none is accepted).
+fn trust_volume() -> Volume {
+    Volume {
+        name: TRUST_VOLUME.to_owned(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: names::TRUST_BUNDLE_CONFIGMAP.to_owned(),
+            default_mode: Some(DEFAULT_MODE),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Whether `v` is [`trust_volume`], as injected or as the API server defaulted it; any
+/// `items` only map the bundle to its own name.
+fn is_our_trust_volume(v: &Volume) -> bool {
+    let Some(cm) = v.config_map.as_ref() else {
+        return false;
+    };
+    let items_ok = cm.items.as_deref().is_none_or(|items| {
+        items.iter().all(|i| {
+            i.key == names::TRUST_BUNDLE_KEY
+                && i.path == names::TRUST_BUNDLE_KEY
+                && i.mode.is_none()
+                && i.user.is_none()
+        })
+    });
+    cm.name == names::TRUST_BUNDLE_CONFIGMAP
+        && cm.optional != Some(true)
+        && cm.default_user.is_none()
+        && items_ok
+        && *v
+            == Volume {
+                name: TRUST_VOLUME.to_owned(),
+                config_map: Some(cm.clone()),
+                ..Default::default()
+            }
 }
 
 /// The projected broker token only the sidecar mounts.
@@ -1150,15 +1208,19 @@ pub fn node_reach(spec: &PodSpec) -> Result<(), Refusal> {
 }
 
 /// Whether the token holder's mounts are the accepted ones: the token volume at
-/// [`TOKEN_DIR`] and the empty volume over [`API_TOKEN_DIR`], each read-only, whole (no
-/// `subPath`), without propagation; no other volume (one mounted over the binary or the CA
-/// bundle would change what runs or whom it trusts). Every release mounted exactly these.
+/// [`TOKEN_DIR`], the empty volume over [`API_TOKEN_DIR`] and the trust bundle at
+/// [`names::TRUST_BUNDLE_DIR`], each read-only, whole (no `subPath`, which would also freeze
+/// the bundle), without propagation; no other volume (one mounted over the binary or the CA
+/// bundle would change what runs or whom it trusts). Its trust comes from exactly one place:
+/// the mounted bundle (this release on), or `BYOK_BROKER_CA` (releases before; see
+/// [`super::shape`]).
 fn holder_mounts_accepted(c: &Container, volumes: &[Volume]) -> bool {
     let mounts = c.volume_mounts.as_deref().unwrap_or_default();
     let accepted = |m: &VolumeMount| {
         let place = match m.name.as_str() {
             TOKEN_VOLUME => TOKEN_DIR,
             NO_API_TOKEN_VOLUME => API_TOKEN_DIR,
+            TRUST_VOLUME => names::TRUST_BUNDLE_DIR,
             _ => return false,
         };
         m.mount_path.trim_end_matches('/') == place
@@ -1177,6 +1239,19 @@ fn holder_mounts_accepted(c: &Container, volumes: &[Volume]) -> bool {
                 ..Volume::default()
             } == *v
     });
+    // The trust bundle is the namespace's, which only the operator writes, mounted once,
+    // exactly when the env names no CA.
+    let trust_mounts = mounts.iter().filter(|m| m.name == TRUST_VOLUME).count();
+    let ca_in_env = c
+        .env
+        .iter()
+        .flatten()
+        .any(|e| e.name == super::shape::LEGACY_CA_VAR);
+    let trust_ok = match (trust_mounts, ca_in_env) {
+        (1, false) => volume(TRUST_VOLUME).is_some_and(is_our_trust_volume),
+        (0, true) => true,
+        _ => false,
+    };
     // The token volume holds the token alone, for us, short-lived.
     let token_ok = volume(TOKEN_VOLUME).is_some_and(|v| {
         let Some(projected) = v.projected.as_ref() else {
@@ -1201,6 +1276,7 @@ fn holder_mounts_accepted(c: &Container, volumes: &[Volume]) -> bool {
             <= 1
         && empty_ok
         && token_ok
+        && trust_ok
 }
 
 /// Whether the token holder runs locked down as injected: not privileged, no privilege
@@ -1471,11 +1547,8 @@ mod tests {
             ]
         );
         let env = s.env.as_deref().unwrap_or_default();
-        assert_eq!(env[0].name, "BYOK_BROKER_CA");
-        assert_eq!(
-            env[0].value.as_deref(),
-            Some(settings().broker_ca_pem.as_str())
-        );
+        // Its trust is the mounted bundle, not a CA in env that could never change.
+        assert_eq!(env.len(), 2);
         for (var, path) in [
             ("POD_NAME", "metadata.name"),
             ("POD_NAMESPACE", "metadata.namespace"),
@@ -1534,7 +1607,16 @@ mod tests {
             Some("RuntimeDefault")
         );
         let mounts = s.volume_mounts.as_deref().unwrap_or_default();
-        assert_eq!(mounts.len(), 2);
+        assert_eq!(mounts.len(), 3);
+        assert_eq!(
+            (
+                mounts[2].name.as_str(),
+                mounts[2].mount_path.as_str(),
+                mounts[2].read_only,
+                mounts[2].sub_path.as_deref()
+            ),
+            (TRUST_VOLUME, names::TRUST_BUNDLE_DIR, Some(true), None)
+        );
         // An empty mount where the API token would go: the sidecar holds no API token.
         assert_eq!(
             (mounts[1].name.as_str(), mounts[1].mount_path.as_str()),
@@ -1550,8 +1632,12 @@ mod tests {
         );
 
         let volumes = spec(&after).volumes.as_deref().unwrap_or_default();
-        assert_eq!(volumes.len(), 2);
+        assert_eq!(volumes.len(), 3);
         assert_eq!(volumes[1].name, NO_API_TOKEN_VOLUME);
+        assert_eq!(
+            volumes[2].config_map.as_ref().map(|c| c.name.as_str()),
+            Some(names::TRUST_BUNDLE_CONFIGMAP)
+        );
         let token = volumes[0]
             .projected
             .as_ref()
@@ -2369,6 +2455,126 @@ mod tests {
             prop_assume!(vars.len() == names.len());
             prop_assert_eq!(parse_key_names(&names.join(" , ")), Ok(names));
         }
+    }
+
+    /// Issue 20: the sidecar's trust is the namespace's bundle, mounted whole, or (pods
+    /// injected before trust bundles) a current CA in `BYOK_BROKER_CA`; never both, never a
+    /// bundle the pod chose.
+    #[test]
+    fn the_sidecar_trusts_the_namespaces_bundle_or_a_current_legacy_ca() {
+        let now = settings();
+        let good = injected(&pod("team-anthropic"), &standard_keys());
+        let edited = |edit: &dyn Fn(&mut PodSpec)| {
+            let mut pod = good.clone();
+            edit(pod.spec.as_mut().expect("spec"));
+            token_held_only_by_sidecar(spec(&pod), &now)
+        };
+        fn sidecar_of(s: &mut PodSpec) -> &mut Container {
+            s.init_containers
+                .as_mut()
+                .and_then(|c| c.iter_mut().find(|c| c.name == SIDECAR_NAME))
+                .expect("sidecar")
+        }
+        fn trust_mount(s: &mut PodSpec) -> &mut VolumeMount {
+            sidecar_of(s)
+                .volume_mounts
+                .as_mut()
+                .and_then(|m| m.iter_mut().find(|m| m.name == TRUST_VOLUME))
+                .expect("trust mount")
+        }
+        fn trust_volume_of(s: &mut PodSpec) -> &mut ConfigMapVolumeSource {
+            s.volumes
+                .as_mut()
+                .and_then(|v| v.iter_mut().find(|v| v.name == TRUST_VOLUME))
+                .and_then(|v| v.config_map.as_mut())
+                .expect("trust volume")
+        }
+        // The legacy shape: the CA in env, no bundle mount.
+        fn legacy(ca: &str) -> impl Fn(&mut PodSpec) + '_ {
+            move |s: &mut PodSpec| {
+                let c = sidecar_of(s);
+                c.volume_mounts
+                    .as_mut()
+                    .expect("mounts")
+                    .retain(|m| m.name != TRUST_VOLUME);
+                c.env.get_or_insert_with(Vec::new).insert(
+                    0,
+                    plain_env(super::super::shape::LEGACY_CA_VAR, ca.to_owned()),
+                );
+            }
+        }
+        assert!(edited(&|_| {}));
+        // The API server's defaults and the same file mapped by items: served.
+        assert!(edited(&|s| {
+            trust_volume_of(s).items = Some(vec![k8s_openapi::api::core::v1::KeyToPath {
+                key: names::TRUST_BUNDLE_KEY.into(),
+                path: names::TRUST_BUNDLE_KEY.into(),
+                ..Default::default()
+            }]);
+        }));
+        assert!(edited(&|s| trust_mount(s).mount_path.push('/')));
+        assert!(edited(&legacy(&now.broker_ca_pem)));
+
+        // Another ConfigMap (the namespace's editors write those), optional, another file
+        // under the bundle's name, owned by someone else.
+        assert!(!edited(&|s| trust_volume_of(s).name = "mine".into()));
+        assert!(!edited(&|s| trust_volume_of(s).optional = Some(true)));
+        assert!(!edited(&|s| {
+            trust_volume_of(s).items = Some(vec![k8s_openapi::api::core::v1::KeyToPath {
+                key: "evil.crt".into(),
+                path: names::TRUST_BUNDLE_KEY.into(),
+                ..Default::default()
+            }]);
+        }));
+        assert!(!edited(&|s| trust_volume_of(s).default_user = Some(0)));
+        assert!(!edited(&|s| {
+            let v = s
+                .volumes
+                .as_mut()
+                .and_then(|v| v.iter_mut().find(|v| v.name == TRUST_VOLUME))
+                .expect("volume");
+            v.config_map = None;
+            v.empty_dir = Some(Default::default());
+        }));
+        // Frozen (a subPath is never refreshed), writable, elsewhere, missing, twice.
+        assert!(!edited(
+            &|s| trust_mount(s).sub_path = Some(names::TRUST_BUNDLE_KEY.into())
+        ));
+        assert!(!edited(&|s| trust_mount(s).read_only = Some(false)));
+        assert!(!edited(&|s| trust_mount(s).mount_path = "/etc/ssl".into()));
+        assert!(!edited(&|s| {
+            sidecar_of(s)
+                .volume_mounts
+                .as_mut()
+                .expect("mounts")
+                .retain(|m| m.name != TRUST_VOLUME);
+        }));
+        assert!(!edited(&|s| {
+            let again = trust_mount(s).clone();
+            sidecar_of(s)
+                .volume_mounts
+                .as_mut()
+                .expect("mounts")
+                .push(again);
+        }));
+        // Another bundle file named in env, or both sources at once.
+        assert!(!edited(&|s| {
+            sidecar_of(s)
+                .env
+                .get_or_insert_with(Vec::new)
+                .push(plain_env("BYOK_BROKER_CA_FILE", "/tmp/ca.crt".into()));
+        }));
+        assert!(!edited(&|s| {
+            sidecar_of(s)
+                .env
+                .get_or_insert_with(Vec::new)
+                .push(plain_env(
+                    super::super::shape::LEGACY_CA_VAR,
+                    now.broker_ca_pem.clone(),
+                ));
+        }));
+        // A legacy sidecar trusting another CA, or one no longer current.
+        assert!(!edited(&legacy("-----BEGIN CERTIFICATE-----\nevil")));
     }
 
     #[test]

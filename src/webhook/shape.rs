@@ -5,7 +5,10 @@
 //! its token goes does not get one.
 //!
 //! What matters, and why:
-//! - **Trust**: `BYOK_BROKER_CA` must be one of the CAs the broker accepts. The sidecar
+//! - **Trust**: the sidecar mounts the namespace's trust bundle (`byok-broker-ca`, which only
+//!   the operator may write; the mount is checked with the pod's volumes in
+//!   `patch::holder_mounts_accepted`), or, as releases before trust bundles injected it,
+//!   holds the CA in `BYOK_BROKER_CA`, which must then be one the broker accepts. The sidecar
 //!   completes TLS, and so sends its token, only to a server proving a certificate from that
 //!   CA for the URL's host. That CA may issue certificates for other names too (a shared
 //!   cert-manager issuer), so the URL's host must be one the broker's own certificate is for
@@ -70,8 +73,12 @@ fn args_accepted(args: &[String], broker_hosts: &[String]) -> bool {
     brokers == 1 && admins <= 1 && keys >= 1
 }
 
-/// The variables the sidecar may have: the broker's CA (one of `accepted_cas`) and the pod's
-/// name and namespace from the downward API, each once, in any order.
+/// The variable in which releases before trust bundles gave the sidecar the broker's CA.
+pub const LEGACY_CA_VAR: &str = "BYOK_BROKER_CA";
+
+/// The variables the sidecar may have: the pod's name and namespace from the downward API,
+/// each once, in any order, and (sidecars injected before trust bundles) the broker's CA,
+/// one of `accepted_cas`.
 fn env_accepted(env: &[EnvVar], accepted_cas: &[&str]) -> bool {
     let field = |name: &str, path: &str| {
         env.iter().filter(|e| e.name == name).exactly_one(|e| {
@@ -88,16 +95,18 @@ fn env_accepted(env: &[EnvVar], accepted_cas: &[&str]) -> bool {
                 })
         })
     };
-    let ca = env
-        .iter()
-        .filter(|e| e.name == "BYOK_BROKER_CA")
-        .exactly_one(|e| {
-            e.value_from.is_none()
-                && e.value
-                    .as_deref()
-                    .is_some_and(|pem| accepted_cas.contains(&pem))
-        });
-    env.len() == 3
+    let legacy = env.iter().any(|e| e.name == LEGACY_CA_VAR);
+    let ca = !legacy
+        || env
+            .iter()
+            .filter(|e| e.name == LEGACY_CA_VAR)
+            .exactly_one(|e| {
+                e.value_from.is_none()
+                    && e.value
+                        .as_deref()
+                        .is_some_and(|pem| accepted_cas.contains(&pem))
+            });
+    env.len() == 2 + usize::from(legacy)
         && ca
         && field("POD_NAME", "metadata.name")
         && field("POD_NAMESPACE", "metadata.namespace")
