@@ -31,6 +31,7 @@ pub struct Metrics {
     admission_seconds: Histogram,
     broker_answers: Family<Labels, Counter>,
     broker_outdated_address: Counter,
+    trust_bundle_pods: Family<Vec<(&'static str, &'static str)>, Gauge>,
     token_reviews: Family<Labels, Counter>,
     token_key_fetches: Family<Labels, Counter>,
     /// The [`Ready`] parts still missing, as bits: ready when none is.
@@ -137,6 +138,12 @@ impl Default for Metrics {
             "Key broker answers, by result",
             broker_answers.clone(),
         );
+        let trust_bundle_pods = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
+        registry.register(
+            "broker_trust_bundle_pods",
+            "Pods this replica served within the key lease, by the trust bundle their sidecar reported: current, outdated (its mount not refreshed yet since the CA changed), unreported (injected before trust bundles: its CA is fixed)",
+            trust_bundle_pods.clone(),
+        );
         let broker_outdated_address = Counter::default();
         registry.register(
             "broker_outdated_address_requests",
@@ -158,6 +165,7 @@ impl Default for Metrics {
         Self {
             registry,
             broker_outdated_address,
+            trust_bundle_pods,
             token_reviews,
             token_key_fetches,
             leader,
@@ -308,6 +316,26 @@ impl Metrics {
         self.broker_answers
             .get_or_create(&vec![("result", result)])
             .inc();
+    }
+
+    /// The latest trust-bundle counts ([`crate::broker::trust`]).
+    pub fn set_trust_bundle_pods(&self, counts: crate::broker::trust::Counts) {
+        for (label, n) in [
+            ("current", counts.current),
+            ("outdated", counts.outdated),
+            ("unreported", counts.unreported),
+        ] {
+            self.trust_bundle_pods
+                .get_or_create(&vec![("bundle", label)])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Pods counted with this trust-bundle state at the last recount.
+    pub fn trust_bundle_pods(&self, bundle: &'static str) -> i64 {
+        self.trust_bundle_pods
+            .get_or_create(&vec![("bundle", bundle)])
+            .get()
     }
 
     /// A served request that called the broker at an outdated address.

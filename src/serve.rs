@@ -155,10 +155,52 @@ pub async fn start(
         ctx.metrics.clone(),
     ));
 
+    // The namespaces' trust bundles follow the CA: the leader writes every one that is due,
+    // every replica creates a missing one for a pod it injects.
+    let (ca_tx, ca_rx) = tokio::sync::watch::channel(bundle.ca_pem.clone());
+    {
+        let pods = watches.pods.clone();
+        let metrics = ctx.metrics.clone();
+        tasks.push(tokio::spawn(certs::trust_bundle::keep(
+            client.clone(),
+            ca_rx.clone(),
+            move || {
+                pods.as_ref()
+                    .map(|p| {
+                        p.state()
+                            .iter()
+                            .filter_map(|pod| pod.metadata.namespace.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            },
+            move || metrics.is_leader(),
+        )));
+        let (wanted_tx, wanted_rx) = tokio::sync::mpsc::unbounded_channel();
+        injector.request_trust_bundles(wanted_tx);
+        tasks.push(tokio::spawn(certs::trust_bundle::create_missing(
+            client.clone(),
+            ca_rx.clone(),
+            wanted_rx,
+        )));
+    }
+    let publish_ca = {
+        let injector = injector.clone();
+        move |ca_pem: &str| {
+            injector.set_broker_ca(ca_pem);
+            ca_tx.send_if_modified(|ca| {
+                let changed = *ca != ca_pem;
+                if changed {
+                    ca_pem.clone_into(ca);
+                }
+                changed
+            });
+        }
+    };
+
     // Keep the certificate (and the caBundle) current.
     match (&config.tls, resolver) {
         (TlsSource::Own(settings), _) => {
-            let (ca_tx, ca_rx) = tokio::sync::watch::channel(bundle.ca_pem.clone());
             if let Some(name) = &config.webhook_configuration {
                 tasks.push(tokio::spawn(keep_ca_bundle(
                     client.clone(),
@@ -174,25 +216,24 @@ pub async fn start(
                 settings.clone(),
                 reloadable.clone(),
                 move |bundle: &Bundle| {
-                    injector.set_broker_ca(&bundle.ca_pem);
                     injector.set_broker_hosts(broker_hosts(&broker_url, &bundle.cert_chain_pem));
-                    ca_tx.send_if_modified(|ca| {
-                        let changed = *ca != bundle.ca_pem;
-                        if changed {
-                            ca.clone_from(&bundle.ca_pem);
-                        }
-                        changed
-                    });
+                    publish_ca(&bundle.ca_pem);
                 },
             )));
         }
         (TlsSource::Dir(_), Some(dir)) => {
-            // The CA sidecars trust is the one read at start-up: cert-manager renews the
-            // serving certificate, its CA changes only with a restart of the operator.
+            // cert-manager renews the serving certificate, and its issuer may change the CA
+            // (`ca.crt`): the trust bundles follow (the caBundle is cainjector's).
+            let injector = injector.clone();
+            let broker_url = config.broker_url.clone();
             tasks.push(tokio::spawn(certs::keep_dir_current(
                 dir,
                 reloadable.clone(),
                 certs::certs::DEFAULT_CHECK_EVERY,
+                move |bundle: &Bundle| {
+                    injector.set_broker_hosts(broker_hosts(&broker_url, &bundle.cert_chain_pem));
+                    publish_ca(&bundle.ca_pem);
+                },
             )));
         }
         (TlsSource::Dir(_), None) => {}

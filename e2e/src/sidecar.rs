@@ -1,6 +1,8 @@
 //! The real `byok-operator proxy` binary, started exactly as the webhook's sidecar container
 //! says: its args and env from the admitted pod, with only the addresses a test process
-//! must change (the broker URL, the admin and key ports, the token file) replaced.
+//! must change (the broker URL, the admin and key ports, the token file) replaced. The
+//! kubelet's part is played here too: the pod's token and its mounted trust bundle
+//! ([`TrustBundleFile`]) are files in a temporary directory.
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
@@ -28,6 +30,75 @@ pub struct Options {
     pub env: Vec<(String, String)>,
 }
 
+/// The namespace's trust-bundle ConfigMap as the kubelet mounts it: a file, written again on
+/// [`TrustBundleFile::sync`] (the kubelet's refresh), swapped in by a rename as the kubelet
+/// does.
+#[derive(Debug, Clone)]
+pub struct TrustBundleFile {
+    pub path: std::path::PathBuf,
+    namespace: String,
+}
+
+impl TrustBundleFile {
+    /// Waits (up to 30 s) for the bundle of `env`'s namespace and writes it to a new file.
+    pub async fn mount(env: &TestEnv) -> anyhow::Result<Self> {
+        let file = Self {
+            path: std::env::temp_dir().join(format!(
+                "byok-trust-{}-{}",
+                std::process::id(),
+                crate::operator::random_key("b")
+            )),
+            namespace: env.namespace.clone(),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match file.sync(env).await {
+                Ok(_) => return Ok(file),
+                Err(e) if std::time::Instant::now() > deadline => {
+                    return Err(e.context("the namespace's trust bundle never appeared"));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// Copies the ConfigMap's bundle to the file now; returns the PEM.
+    pub async fn sync(&self, env: &TestEnv) -> anyhow::Result<String> {
+        let api: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+            kube::Api::namespaced(env.client.clone(), &self.namespace);
+        let cm = api
+            .get_opt(byok_operator::names::TRUST_BUNDLE_CONFIGMAP)
+            .await?
+            .context("no trust bundle ConfigMap")?;
+        let pem = cm
+            .data
+            .as_ref()
+            .and_then(|d| d.get(byok_operator::names::TRUST_BUNDLE_KEY))
+            .cloned()
+            .context("the trust bundle ConfigMap holds no ca.crt")?;
+        let tmp = self.path.with_extension("new");
+        std::fs::write(&tmp, &pem)?;
+        std::fs::rename(&tmp, &self.path)?;
+        Ok(pem)
+    }
+}
+
+impl Drop for TrustBundleFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Whether the sidecar container mounts the namespace's trust bundle (this release on)
+/// rather than holding its CA in env.
+pub fn mounts_trust_bundle(container: &Container) -> bool {
+    container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .any(|m| m.mount_path.trim_end_matches('/') == byok_operator::names::TRUST_BUNDLE_DIR)
+}
+
 /// A running sidecar proxy process.
 pub struct Sidecar {
     child: Child,
@@ -37,6 +108,8 @@ pub struct Sidecar {
     output: Arc<Mutex<Vec<u8>>>,
     output_file: Option<std::path::PathBuf>,
     token_file: std::path::PathBuf,
+    /// The mounted trust bundle, when [`Sidecar::start`] played the kubelet for it.
+    pub trust_bundle: Option<TrustBundleFile>,
 }
 
 /// The injected sidecar container of an admitted pod.
@@ -68,7 +141,20 @@ impl Sidecar {
             byok_operator::names::TOKEN_AUDIENCE,
         )
         .await?;
-        Self::launch(op.broker_url(), pod, &token, Options::default()).await
+        let mut options = Options::default();
+        let trust = if mounts_trust_bundle(&sidecar_container(pod)?) {
+            let file = TrustBundleFile::mount(env).await?;
+            options.env.push((
+                "BYOK_BROKER_CA_FILE".into(),
+                file.path.display().to_string(),
+            ));
+            Some(file)
+        } else {
+            None
+        };
+        let mut sidecar = Self::launch(op.broker_url(), pod, &token, options).await?;
+        sidecar.trust_bundle = trust;
+        Ok(sidecar)
     }
 
     /// Starts the sidecar of `pod` against the broker at `broker_url` with `token`.
@@ -179,6 +265,7 @@ impl Sidecar {
             output,
             output_file: options.output_file.clone(),
             token_file,
+            trust_bundle: None,
         })
     }
 

@@ -1393,14 +1393,28 @@ async fn every_released_sidecar_shape_is_served_and_security_changes_are_not() -
         }
         assert!(served(varied).await?, "{}: varied", file.display());
     }
-    // Security-relevant, on the newest: each refused.
-    let newest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
-        files.last().context("a fixture")?,
-    )?)?;
-    type Mutation = fn(&mut k8s_openapi::api::core::v1::Container);
-    let mutations: [(&str, Mutation); 7] = [
-        ("other-ca", |c| {
-            for e in c.env.iter_mut().flatten() {
+    // Security-relevant, on every fixture it applies to: each refused.
+    type Mutation = fn(&mut Pod);
+    fn volume(pod: &mut Pod, name: &str) -> Option<k8s_openapi::api::core::v1::Volume> {
+        pod.spec
+            .as_mut()
+            .and_then(|s| s.volumes.as_mut())
+            .and_then(|v| v.iter_mut().find(|v| v.name == name))
+            .map(|v| v.clone())
+    }
+    fn set_volume(pod: &mut Pod, v: k8s_openapi::api::core::v1::Volume) {
+        if let Some(slot) = pod
+            .spec
+            .as_mut()
+            .and_then(|s| s.volumes.as_mut())
+            .and_then(|vs| vs.iter_mut().find(|x| x.name == v.name))
+        {
+            *slot = v;
+        }
+    }
+    let mutations: [(&str, Mutation); 11] = [
+        ("other-ca", |p| {
+            for e in sidecar(p).env.iter_mut().flatten() {
                 if e.name == "BYOK_BROKER_CA" {
                     e.value = Some(
                         "-----BEGIN CERTIFICATE-----\nother\n-----END CERTIFICATE-----\n".into(),
@@ -1408,8 +1422,36 @@ async fn every_released_sidecar_shape_is_served_and_security_changes_are_not() -
                 }
             }
         }),
-        ("ssl-cert-file", |c| {
-            c.env
+        // The trust bundle: a ConfigMap the namespace's editors write, or frozen.
+        ("other-bundle", |p| {
+            if let Some(mut v) = volume(p, byok_operator::webhook::patch::TRUST_VOLUME) {
+                if let Some(cm) = v.config_map.as_mut() {
+                    cm.name = "mine".into();
+                }
+                set_volume(p, v);
+            }
+        }),
+        ("frozen-bundle", |p| {
+            for m in sidecar(p).volume_mounts.iter_mut().flatten() {
+                if m.name == byok_operator::webhook::patch::TRUST_VOLUME {
+                    m.sub_path = Some(names::TRUST_BUNDLE_KEY.into());
+                }
+            }
+        }),
+        ("bundle-file-env", |p| {
+            if volume(p, byok_operator::webhook::patch::TRUST_VOLUME).is_some() {
+                sidecar(p).env.get_or_insert_with(Vec::new).push(
+                    k8s_openapi::api::core::v1::EnvVar {
+                        name: "BYOK_BROKER_CA_FILE".into(),
+                        value: Some("/tmp/ca.pem".into()),
+                        value_from: None,
+                    },
+                );
+            }
+        }),
+        ("ssl-cert-file", |p| {
+            sidecar(p)
+                .env
                 .get_or_insert_with(Vec::new)
                 .push(k8s_openapi::api::core::v1::EnvVar {
                     name: "SSL_CERT_FILE".into(),
@@ -1417,37 +1459,60 @@ async fn every_released_sidecar_shape_is_served_and_security_changes_are_not() -
                     value_from: None,
                 });
         }),
-        ("token-file", |c| {
-            c.args
+        ("token-file", |p| {
+            sidecar(p)
+                .args
                 .get_or_insert_with(Vec::new)
                 .push("--token-file=/tmp/token".into());
         }),
-        ("command", |c| c.command = Some(vec!["/bin/sh".into()])),
-        ("foreign-host", |c| {
+        ("command", |p| {
+            sidecar(p).command = Some(vec!["/bin/sh".into()])
+        }),
+        ("foreign-host", |p| {
             // A name the broker's certificate is not for (its CA may sign for others).
-            for arg in c.args.iter_mut().flatten() {
+            for arg in sidecar(p).args.iter_mut().flatten() {
                 if arg.starts_with("--broker-url=") {
                     *arg = "--broker-url=https://grab.example:443".into();
                 }
             }
         }),
-        ("expanded", |c| {
-            c.args
+        ("expanded", |p| {
+            sidecar(p)
+                .args
                 .get_or_insert_with(Vec::new)
                 .push("--key=$(KEY)=15101".into());
         }),
-        ("plain-broker", |c| {
-            for arg in c.args.iter_mut().flatten() {
+        ("plain-broker", |p| {
+            for arg in sidecar(p).args.iter_mut().flatten() {
                 if arg.starts_with("--broker-url=") {
                     *arg = "--broker-url=http://byok.example:80".into();
                 }
             }
         }),
+        ("writable-token", |p| {
+            for m in sidecar(p).volume_mounts.iter_mut().flatten() {
+                if m.name == "byok-token" {
+                    m.read_only = Some(false);
+                }
+            }
+        }),
     ];
-    for (what, mutate) in mutations {
-        let mut pod = from_fixture(&newest, broker, &format!("mutated-{what}"))?;
-        mutate(sidecar(&mut pod));
-        assert!(!served(pod).await?, "{what} was served");
+    for (n, file) in files.iter().enumerate() {
+        let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(file)?)?;
+        for (what, mutate) in mutations {
+            let name = format!("f{n}-mutated-{what}");
+            let pod = from_fixture(&fixture, broker, &name)?;
+            let mut mutated = pod.clone();
+            mutate(&mut mutated);
+            if mutated == pod {
+                continue; // Not a field of this release's shape.
+            }
+            assert!(
+                !served(mutated).await?,
+                "{}: {what} was served",
+                file.display()
+            );
+        }
     }
     Ok(())
 }

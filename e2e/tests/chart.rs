@@ -139,7 +139,7 @@ fn the_chart_lints_and_each_variant_renders_what_it_promises() -> anyhow::Result
                 "{name}: caBundle rendered"
             );
             assert_eq!(webhook["failurePolicy"], "Fail", "{name}");
-            assert_eq!(webhook["sideEffects"], "None", "{name}");
+            assert_eq!(webhook["sideEffects"], "NoneOnDryRun", "{name}");
             assert!(webhook["timeoutSeconds"].as_i64().is_some_and(|t| t <= 5));
             // Pod webhooks see opted-in pods only; the CONNECT ones (whose object is the
             // exec or port-forward options) only requests into the sidecar.

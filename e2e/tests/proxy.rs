@@ -1101,12 +1101,17 @@ async fn image_the_largest_inspected_bodies_fit_the_sidecars_memory() -> anyhow:
     let token =
         byok_e2e::serving::pod_token(&env, "default", &pod, byok_operator::names::TOKEN_AUDIENCE)
             .await?;
+    let trust = byok_e2e::sidecar::TrustBundleFile::mount(&env).await?;
     let mut sidecar = Sidecar::launch(
         op.broker_url(),
         &pod,
         &token,
         byok_e2e::sidecar::Options {
             binary: Some(binary),
+            env: vec![(
+                "BYOK_BROKER_CA_FILE".into(),
+                trust.path.display().to_string(),
+            )],
             ..Default::default()
         },
     )

@@ -13,6 +13,7 @@
 pub mod decide;
 pub mod jwt;
 pub mod tokens;
+pub mod trust;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -102,7 +103,13 @@ pub struct Broker {
     outdated_told: Mutex<HashMap<String, Instant>>,
     /// `host[:port]` of `--broker-url` (no port when 443): where sidecars should call.
     authority: Option<String>,
+    /// The trust bundle each served pod reported, and when the counts were last published.
+    trust_reports: trust::Reports,
+    trust_recounted: Mutex<Option<Instant>>,
 }
+
+/// How often the trust-bundle counts are recounted (each count walks every served pod).
+const TRUST_RECOUNT_EVERY: Duration = Duration::from_secs(5);
 
 /// The last token minted for one key, and the envelope digest it was minted from.
 type VertexSlot = tokio::sync::Mutex<Option<(String, VertexAccessToken)>>;
@@ -208,6 +215,8 @@ impl Broker {
             vertex_tokens: Mutex::default(),
             waiting_told: Mutex::default(),
             outdated_told: Mutex::default(),
+            trust_reports: trust::Reports::new(lease),
+            trust_recounted: Mutex::default(),
             authority,
         }
     }
@@ -408,8 +417,36 @@ impl Broker {
         });
     }
 
+    /// A served sidecar reported the trust bundle it holds (`None`: it predates bundles).
+    fn note_trust(&self, caller: &Caller, reported: Option<&str>) {
+        let current = crate::proxy::grant::trust_bundle_digest(
+            self.injector.settings().broker_ca_pem.as_bytes(),
+        );
+        let held = trust::Held::of(reported, &current);
+        let now = Instant::now().into_std();
+        let recount = {
+            let mut last = self
+                .trust_recounted
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let due = last
+                .is_none_or(|t| now.saturating_duration_since(t.into_std()) >= TRUST_RECOUNT_EVERY);
+            if due {
+                *last = Some(Instant::from_std(now));
+            }
+            due
+        };
+        if let Some(counts) = self
+            .trust_reports
+            .record(&caller.pod_uid, held, now, recount)
+        {
+            self.ctx.metrics.set_trust_bundle_pods(counts);
+        }
+    }
+
     /// Answers one request: authenticate, decide, and serve or refuse. `address` is the
-    /// authority the caller asked for (its `Host`).
+    /// authority the caller asked for (its `Host`); `trust_bundle` the digest of the bundle
+    /// the sidecar holds, as it reported it.
     pub async fn answer(
         &self,
         token: Option<SecretString>,
@@ -417,6 +454,7 @@ impl Broker {
         name: &str,
         if_none_match: Option<&str>,
         address: Option<&str>,
+        trust_bundle: Option<&str>,
     ) -> HttpResponse {
         let Some(token) = token else {
             return self.refuse(None, namespace, name, &Denial::Unauthenticated);
@@ -495,6 +533,7 @@ impl Broker {
                 self.ctx.metrics.broker_answer(result);
                 tracing::info!(namespace, pod = %caller.pod_name, providerkey = name, result, "key broker");
                 self.note_address(&caller, address);
+                self.note_trust(&caller, trust_bundle);
                 response
             }
             Err(Unavailable(why)) => {
@@ -749,6 +788,10 @@ pub async fn get_key(
                 .map(str::to_owned)
         })
         .unwrap_or_default();
+    let trust_bundle = req
+        .headers()
+        .get(crate::proxy::grant::TRUST_BUNDLE_HEADER)
+        .and_then(|v| v.to_str().ok());
     broker
         .answer(
             bearer(&req),
@@ -756,6 +799,7 @@ pub async fn get_key(
             &name,
             if_none_match,
             Some(address.as_str()),
+            trust_bundle,
         )
         .await
 }

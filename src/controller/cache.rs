@@ -102,8 +102,9 @@ pub fn strip_pod(pod: &mut k8s_openapi::api::core::v1::Pod) {
     // `node_reach`): every container's name, image, whole volume mounts and the security
     // settings that reach the node (privileged, runAsUser); all of the sidecar's run settings
     // (application containers' env is not kept: it may hold values of their own); each
-    // volume's name, whether it is a hostPath or an emptyDir, and its projected token
-    // sources (other sources counted, not kept); the host namespaces.
+    // volume's name, whether it is a hostPath or an emptyDir, its projected token sources
+    // (other sources counted, not kept), and the trust bundle's ConfigMap source; the host
+    // namespaces.
     let node_security = |s: Option<SecurityContext>| {
         s.map(|s| SecurityContext {
             privileged: s.privileged,
@@ -163,6 +164,10 @@ pub fn strip_pod(pod: &mut k8s_openapi::api::core::v1::Pod) {
         volumes: spec.volumes.map(|v| {
             v.into_iter()
                 .map(|v| Volume {
+                    // The sidecar's trust bundle: whose ConfigMap, mounted how.
+                    config_map: v
+                        .config_map
+                        .filter(|_| v.name == crate::webhook::patch::TRUST_VOLUME),
                     name: v.name,
                     host_path: v.host_path,
                     empty_dir: v.empty_dir,

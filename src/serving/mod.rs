@@ -4,6 +4,7 @@
 pub mod ca_bundle;
 pub mod certs;
 pub mod tls;
+pub mod trust_bundle;
 
 pub use ca_bundle::{CA_BUNDLE_FIELD_MANAGER, apply_ca_bundle};
 pub use certs::{Bundle, CertError, CertSettings, ensure};

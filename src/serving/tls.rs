@@ -223,7 +223,12 @@ fn dir_digest(dir: &Path) -> [u8; 32] {
 /// Polls the mounted files every `check_every` and serves them when they change. A half-
 /// updated set (a key that does not fit the certificate) is logged and tried again next time.
 /// The operator does not touch the caBundle in this mode: whoever issues the files does.
-pub async fn keep_dir_current(dir: PathBuf, resolver: Arc<ReloadableCert>, check_every: Duration) {
+pub async fn keep_dir_current(
+    dir: PathBuf,
+    resolver: Arc<ReloadableCert>,
+    check_every: Duration,
+    on_change: impl Fn(&Bundle) + Send + 'static,
+) {
     let period = check_every.max(Duration::from_millis(100));
     let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -243,10 +248,14 @@ pub async fn keep_dir_current(dir: PathBuf, resolver: Arc<ReloadableCert>, check
             continue;
         }
         match loaded {
-            Ok(bundle) if resolver.serves(&bundle) => seen = Some(digest),
+            Ok(bundle) if resolver.serves(&bundle) => {
+                on_change(&bundle);
+                seen = Some(digest);
+            }
             Ok(bundle) => match resolver.replace(&bundle) {
                 Ok(()) => {
                     tracing::info!(dir = %dir.display(), not_after = %bundle.not_after, "serving the new mounted certificate");
+                    on_change(&bundle);
                     seen = Some(digest);
                 }
                 Err(e) => {
@@ -429,6 +438,7 @@ mod tests {
             dir.clone(),
             resolver.clone(),
             Duration::from_millis(100),
+            |_: &Bundle| {},
         ));
         write(&second);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);

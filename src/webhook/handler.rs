@@ -43,6 +43,9 @@ pub struct Injector {
     body_budget: Arc<tokio::sync::Semaphore>,
     /// Opted-in pods (the broker's cache), for port-forwards that name no port.
     pods: Option<Store<Pod>>,
+    /// Where the namespaces of injected pods go, so their trust bundle exists before the
+    /// kubelet mounts it ([`crate::serving::trust_bundle::create_missing`]).
+    trust_bundles: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<String>>,
 }
 
 impl Injector {
@@ -58,7 +61,13 @@ impl Injector {
             metrics,
             body_budget: Arc::new(tokio::sync::Semaphore::new(BODY_BUDGET_BYTES / 1024)),
             pods,
+            trust_bundles: std::sync::OnceLock::new(),
         }
+    }
+
+    /// From now on, the namespace of every pod injected (not on dry runs) is sent to `wanted`.
+    pub fn request_trust_bundles(&self, wanted: tokio::sync::mpsc::UnboundedSender<String>) {
+        let _ = self.trust_bundles.set(wanted);
     }
 
     /// Whether the pod uses keys, as the pod cache knows it (it holds opted-in pods only).
@@ -245,6 +254,13 @@ impl Injector {
                     (false, true) => "injected",
                     (false, false) => "warned",
                 };
+                // The webhook's one side effect (sideEffects: NoneOnDryRun).
+                if result != "untouched"
+                    && !request.dry_run
+                    && let Some(wanted) = self.trust_bundles.get()
+                {
+                    let _ = wanted.send(namespace.to_owned());
+                }
                 let mut response = response
                     .with_patch(mutation.patch)
                     .map_err(|e| format!("encoding the patch failed: {e}"))?;

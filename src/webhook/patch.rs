@@ -2575,6 +2575,16 @@ mod tests {
         }));
         // A legacy sidecar trusting another CA, or one no longer current.
         assert!(!edited(&legacy("-----BEGIN CERTIFICATE-----\nevil")));
+
+        // The broker decides on its cache's stripped copy: the same answers.
+        let stripped = |mut pod: Pod| {
+            crate::controller::cache::strip_pod(&mut pod);
+            token_held_only_by_sidecar(spec(&pod), &now)
+        };
+        assert!(stripped(good.clone()));
+        let mut other = good.clone();
+        trust_volume_of(other.spec.as_mut().expect("spec")).name = "mine".into();
+        assert!(!stripped(other));
     }
 
     #[test]

@@ -97,4 +97,11 @@ providerkeys.byok.dev
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch]
+# The trust bundle sidecars verify the broker with: ConfigMap byok-broker-ca, created where
+# a pod is injected and kept at the broker's current CA. RBAC cannot name an object before it
+# exists, so this covers every ConfigMap here; the operator reads and writes only that one,
+# and the ValidatingAdmissionPolicy <release>-trust-bundle keeps everyone else from writing it.
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, create, patch]
 {{- end }}

@@ -307,6 +307,7 @@ pub async fn run(
         )
         .await?;
     let token = pod_token(env, "default", &pod, byok_operator::names::TOKEN_AUDIENCE).await?;
+    let trust = byok_e2e::sidecar::TrustBundleFile::mount(env).await?;
     let options = Options {
         binary: Some(PathBuf::from(binary)),
         output_file: Some(dir.join("proxy.log")),
@@ -316,7 +317,10 @@ pub async fn run(
             .split_whitespace()
             .map(str::to_owned)
             .collect(),
-        env: Vec::new(),
+        env: vec![(
+            "BYOK_BROKER_CA_FILE".into(),
+            trust.path.display().to_string(),
+        )],
     };
     // Start -> ready, five times (the pod is in the broker's cache after the first).
     let mut ready_ms = Vec::new();

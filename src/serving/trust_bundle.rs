@@ -1,0 +1,246 @@
+//! The namespaces' trust bundles: one ConfigMap [`names::TRUST_BUNDLE_CONFIGMAP`] in every
+//! namespace with opted-in pods, holding the CA the broker's serving certificate chains to.
+//! Sidecars mount it whole, so when the CA changes (a lost CA Secret, a cert-manager issuer
+//! rotating its CA) the kubelet refreshes every running sidecar's copy, and the sidecar uses
+//! it from its next broker call: running pods keep their keys without a restart.
+//!
+//! Why a ConfigMap per namespace (as Istio's `istio-ca-root-cert`): a pod can mount only
+//! ConfigMaps of its own namespace, and ClusterTrustBundle projection is still beta and
+//! off by default. Namespace editors can write ConfigMaps, so the chart's
+//! ValidatingAdmissionPolicy `<release>-trust-bundle` lets only the operator's
+//! ServiceAccount create, change or delete one by this name (the namespace and garbage
+//! collectors may delete); a bundle a tenant chose would let whoever holds a certificate from
+//! it take the sidecar's token.
+//!
+//! Who writes: the leader brings every bundle to the current CA ([`keep`]); every replica's
+//! webhook asks for a missing one when it injects a pod ([`create_missing`]), without
+//! overwriting, so a replica that has not seen a new CA yet never writes an old one back.
+//! [`due`] is the whole policy and is pure.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use tokio::sync::{mpsc, watch};
+
+use crate::names;
+
+/// How often the leader compares every bundle with the CA (and on every CA change).
+pub const CHECK_EVERY: Duration = Duration::from_secs(30);
+/// A namespace whose bundle was seen or created is not asked for again within this.
+const CREATED_MEMO: Duration = Duration::from_secs(60);
+
+/// The bundle ConfigMap of `namespace` holding `ca_pem`.
+pub fn config_map(namespace: &str, ca_pem: &str) -> ConfigMap {
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(names::TRUST_BUNDLE_CONFIGMAP.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(BTreeMap::from([
+                (
+                    names::MANAGED_BY_LABEL.to_owned(),
+                    names::MANAGED_BY_VALUE.to_owned(),
+                ),
+                (names::TRUST_BUNDLE_LABEL.to_owned(), "true".to_owned()),
+            ])),
+            ..ObjectMeta::default()
+        },
+        data: Some(BTreeMap::from([(
+            names::TRUST_BUNDLE_KEY.to_owned(),
+            ca_pem.to_owned(),
+        )])),
+        ..ConfigMap::default()
+    }
+}
+
+/// The namespaces whose bundle must be written: each namespace with opted-in pods or a bundle
+/// already (`existing`: namespace -> its `ca.crt`, if any) where the bundle is missing or
+/// holds something other than `ca_pem`.
+pub fn due(
+    pod_namespaces: &BTreeSet<String>,
+    existing: &BTreeMap<String, Option<String>>,
+    ca_pem: &str,
+) -> Vec<String> {
+    pod_namespaces
+        .iter()
+        .chain(existing.keys())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .filter(|ns| {
+            existing
+                .get(*ns)
+                .is_none_or(|held| held.as_deref() != Some(ca_pem))
+        })
+        .cloned()
+        .collect()
+}
+
+/// Writes the bundle of `namespace` (server-side apply, its own field manager).
+pub async fn apply(client: &kube::Client, namespace: &str, ca_pem: &str) -> kube::Result<()> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let mut cm = config_map(namespace, ca_pem);
+    // Apply needs the type in the body.
+    cm.metadata.managed_fields = None;
+    let body = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": cm.metadata,
+        "data": cm.data,
+    });
+    api.patch(
+        names::TRUST_BUNDLE_CONFIGMAP,
+        &PatchParams::apply(names::TRUST_BUNDLE_FIELD_MANAGER).force(),
+        &Patch::Apply(body),
+    )
+    .await
+    .map(drop)
+}
+
+/// The leader's loop: on every CA change and every [`CHECK_EVERY`], every bundle of a
+/// namespace with opted-in pods that is due ([`due`]) is written (a stale bundle where no
+/// pod runs is brought up to date when one is injected there). `pod_namespaces` lists the namespaces with opted-in pods;
+/// `leading` says whether this replica leads now.
+pub async fn keep(
+    client: kube::Client,
+    mut ca: watch::Receiver<String>,
+    pod_namespaces: impl Fn() -> BTreeSet<String> + Send + 'static,
+    leading: impl Fn() -> bool + Send + 'static,
+) {
+    loop {
+        if leading() {
+            let ca_pem = ca.borrow_and_update().clone();
+            let namespaces = pod_namespaces();
+            // One GET per namespace with opted-in pods: works with a cluster-wide role and
+            // with per-namespace Roles (watchNamespaces) alike.
+            let mut existing = BTreeMap::new();
+            for namespace in &namespaces {
+                let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+                match api.get_opt(names::TRUST_BUNDLE_CONFIGMAP).await {
+                    Ok(Some(cm)) => {
+                        let held = cm
+                            .data
+                            .as_ref()
+                            .and_then(|d| d.get(names::TRUST_BUNDLE_KEY))
+                            .cloned();
+                        existing.insert(namespace.clone(), held);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(namespace, error = %e, "reading the trust bundle failed; retried");
+                        existing.insert(namespace.clone(), Some(ca_pem.clone()));
+                    }
+                }
+            }
+            for namespace in due(&namespaces, &existing, &ca_pem) {
+                match apply(&client, &namespace, &ca_pem).await {
+                    Ok(()) => tracing::info!(namespace, "trust bundle written"),
+                    // A namespace being deleted refuses new objects: not an error.
+                    Err(kube::Error::Api(e)) if e.code == 403 || e.code == 404 => {
+                        tracing::debug!(namespace, error = %e, "trust bundle not written");
+                    }
+                    Err(e) => {
+                        tracing::warn!(namespace, error = %e, "writing the trust bundle failed; retried");
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            changed = ca.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(CHECK_EVERY) => {}
+        }
+    }
+}
+
+/// Every replica: creates the bundle of each namespace the webhook injected a pod into, when
+/// it is missing (never overwriting one), so the pod's mount does not wait for the leader.
+pub async fn create_missing(
+    client: kube::Client,
+    ca: watch::Receiver<String>,
+    mut wanted: mpsc::UnboundedReceiver<String>,
+) {
+    let mut seen: BTreeMap<String, Instant> = BTreeMap::new();
+    let client = Arc::new(client);
+    while let Some(namespace) = wanted.recv().await {
+        let now = Instant::now();
+        seen.retain(|_, at| now.duration_since(*at) < CREATED_MEMO);
+        if seen.contains_key(&namespace) {
+            continue;
+        }
+        let api: Api<ConfigMap> = Api::namespaced((*client).clone(), &namespace);
+        let ca_pem = ca.borrow().clone();
+        let created = match api.get_opt(names::TRUST_BUNDLE_CONFIGMAP).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => api
+                .create(&PostParams::default(), &config_map(&namespace, &ca_pem))
+                .await
+                .map(drop)
+                .or_else(|e| match e {
+                    kube::Error::Api(ref r) if r.code == 409 => Ok(()),
+                    e => Err(e),
+                }),
+            Err(e) => Err(e),
+        };
+        match created {
+            Ok(()) => {
+                seen.insert(namespace, now);
+            }
+            Err(e) => {
+                tracing::warn!(namespace, error = %e, "creating the trust bundle failed; the leader retries")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(items: &[&str]) -> BTreeSet<String> {
+        items.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn bundles_are_due_where_pods_use_keys_or_a_bundle_is_stale() {
+        let existing = BTreeMap::from([
+            ("current".to_owned(), Some("CA".to_owned())),
+            ("stale".to_owned(), Some("OLD".to_owned())),
+            ("emptied".to_owned(), None),
+        ]);
+        assert_eq!(
+            due(&set(&["current", "new", "stale"]), &existing, "CA"),
+            ["emptied", "new", "stale"]
+        );
+        // A bundle stays current after its pods are gone (a pod may come back any time).
+        assert_eq!(
+            due(&set(&[]), &existing, "NEW"),
+            ["current", "emptied", "stale"]
+        );
+        assert!(due(&set(&["current"]), &existing, "CA").len() == 2);
+    }
+
+    #[test]
+    fn the_bundle_names_itself_for_the_operator_and_the_mount() {
+        let cm = config_map("team", "PEM");
+        assert_eq!(
+            cm.metadata.name.as_deref(),
+            Some(names::TRUST_BUNDLE_CONFIGMAP)
+        );
+        assert_eq!(
+            cm.data
+                .as_ref()
+                .and_then(|d| d.get(names::TRUST_BUNDLE_KEY))
+                .map(String::as_str),
+            Some("PEM")
+        );
+        assert_eq!(
+            cm.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(names::TRUST_BUNDLE_LABEL))
+                .map(String::as_str),
+            Some("true")
+        );
+    }
+}
