@@ -29,6 +29,8 @@ use crate::names;
 
 /// How often the leader compares every bundle with the CA (and on every CA change).
 pub const CHECK_EVERY: Duration = Duration::from_secs(30);
+/// How often a replica looks whether it has become the leader (then it passes at once).
+const LEADER_POLL: Duration = Duration::from_secs(2);
 /// A namespace whose bundle was seen or created is not asked for again within this.
 const CREATED_MEMO: Duration = Duration::from_secs(60);
 
@@ -108,8 +110,20 @@ pub async fn keep(
     pod_namespaces: impl Fn() -> BTreeSet<String> + Send + 'static,
     leading: impl Fn() -> bool + Send + 'static,
 ) {
+    // Whether a pass is due: a replica that just became leader, a CA change, or
+    // CHECK_EVERY since the last pass.
+    let mut last_pass: Option<Instant> = None;
     loop {
-        if leading() {
+        let due_now = match last_pass {
+            None => true,
+            Some(at) => at.elapsed() >= CHECK_EVERY || ca.has_changed().unwrap_or(false),
+        };
+        if !leading() {
+            // Seen, or `changed()` below would wake at once forever; becoming leader passes.
+            ca.borrow_and_update();
+            last_pass = None;
+        } else if due_now {
+            last_pass = Some(Instant::now());
             let ca_pem = ca.borrow_and_update().clone();
             let namespaces = pod_namespaces();
             // One GET per namespace with opted-in pods: works with a cluster-wide role and
@@ -148,7 +162,7 @@ pub async fn keep(
         }
         tokio::select! {
             changed = ca.changed() => if changed.is_err() { return },
-            () = tokio::time::sleep(CHECK_EVERY) => {}
+            () = tokio::time::sleep(LEADER_POLL) => {}
         }
     }
 }

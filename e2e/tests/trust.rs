@@ -1,0 +1,453 @@
+//! Issue 20 item 3: the sidecar's trust in the broker can change under a running pod, and
+//! nobody but the operator can choose it. On the real API server: the chart's
+//! ValidatingAdmissionPolicy against a namespace editor, and a lost CA Secret recovered by
+//! running sidecars through their mounted bundle (the kubelet's refresh played by the test;
+//! `pods.rs` measures the real kubelet's).
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use byok_e2e::envtest::{TestEnv, shared};
+use byok_e2e::fake_provider::{FakeProvider, FakeProviderConfig};
+use byok_e2e::manifests::{chart_service_account_token, one};
+use byok_e2e::operator::random_key;
+use byok_e2e::serving::{ServingOperator, opted_in_pod, ready_anthropic, serving_ca_pem};
+use byok_e2e::sidecar::Sidecar;
+use byok_operator::names;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use kube::api::{Api, DeleteParams, DynamicObject, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::discovery::ApiResource;
+
+/// A client authenticating as a ServiceAccount of `env`'s namespace.
+async fn client_as(env: &TestEnv, service_account: &str) -> anyhow::Result<kube::Client> {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    let sas: Api<ServiceAccount> = env.api();
+    let token = sas
+        .create_token_request(
+            service_account,
+            &PostParams::default(),
+            &TokenRequest {
+                spec: Some(TokenRequestSpec {
+                    expiration_seconds: Some(3600),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )
+        .await?
+        .status
+        .and_then(|s| s.token)
+        .context("no token")?;
+    let config = kube::Config::from_custom_kubeconfig(
+        shared().kubeconfig_for_token(&token),
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// A namespace editor: every verb on ConfigMaps and pods of `env`'s namespace.
+async fn editor(env: &TestEnv) -> anyhow::Result<kube::Client> {
+    let name = "editor";
+    env.api::<ServiceAccount>()
+        .create(
+            &PostParams::default(),
+            &ServiceAccount {
+                metadata: ObjectMeta {
+                    name: Some(name.into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await?;
+    env.api::<Role>()
+        .create(
+            &PostParams::default(),
+            &Role {
+                metadata: ObjectMeta {
+                    name: Some(name.into()),
+                    ..Default::default()
+                },
+                rules: Some(vec![PolicyRule {
+                    api_groups: Some(vec![String::new()]),
+                    resources: Some(vec!["configmaps".into(), "pods".into()]),
+                    verbs: vec!["*".into()],
+                    ..Default::default()
+                }]),
+            },
+        )
+        .await?;
+    env.api::<RoleBinding>()
+        .create(
+            &PostParams::default(),
+            &RoleBinding {
+                metadata: ObjectMeta {
+                    name: Some(name.into()),
+                    ..Default::default()
+                },
+                role_ref: RoleRef {
+                    api_group: Some("rbac.authorization.k8s.io".into()),
+                    kind: "Role".into(),
+                    name: name.into(),
+                },
+                subjects: Some(vec![Subject {
+                    kind: "ServiceAccount".into(),
+                    name: name.into(),
+                    namespace: Some(env.namespace.clone()),
+                    ..Default::default()
+                }]),
+            },
+        )
+        .await?;
+    client_as(env, name).await
+}
+
+fn bundle(pem: &str) -> ConfigMap {
+    byok_operator::serving::trust_bundle::config_map("", pem)
+}
+
+/// Installs the chart's trust-bundle policy, its binding scoped to `env`'s namespace (tests
+/// share one API server), named after it (left behind: it binds a namespace that goes).
+struct Policy;
+
+impl Policy {
+    async fn install(env: &TestEnv, rendered: &[serde_json::Value]) -> anyhow::Result<Self> {
+        let names = format!("trust-bundle-{}", env.namespace);
+        let mut policy = one(rendered, "ValidatingAdmissionPolicy")?.clone();
+        let mut binding = one(rendered, "ValidatingAdmissionPolicyBinding")?.clone();
+        policy["metadata"]["name"] = names.clone().into();
+        binding["metadata"]["name"] = names.clone().into();
+        binding["spec"]["policyName"] = names.clone().into();
+        binding["spec"]["matchResources"] = serde_json::json!({"namespaceSelector": {
+            "matchLabels": {"kubernetes.io/metadata.name": env.namespace}}});
+        for (object, plural, kind) in [
+            (
+                policy,
+                "validatingadmissionpolicies",
+                "ValidatingAdmissionPolicy",
+            ),
+            (
+                binding,
+                "validatingadmissionpolicybindings",
+                "ValidatingAdmissionPolicyBinding",
+            ),
+        ] {
+            let api: Api<DynamicObject> =
+                Api::all_with(env.client.clone(), &resource(plural, kind));
+            api.create(&PostParams::default(), &serde_json::from_value(object)?)
+                .await?;
+        }
+        Ok(Self)
+    }
+}
+
+fn resource(plural: &str, kind: &str) -> ApiResource {
+    ApiResource {
+        group: "admissionregistration.k8s.io".into(),
+        version: "v1".into(),
+        api_version: "admissionregistration.k8s.io/v1".into(),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
+/// The chart's policy, on the real API server: a namespace editor can neither create, change
+/// nor delete the namespace's trust bundle, by any verb; the operator's ServiceAccount can;
+/// the editor's other ConfigMaps are untouched by it.
+#[tokio::test]
+async fn only_the_operator_writes_a_namespaces_trust_bundle() -> anyhow::Result<()> {
+    let env = TestEnv::new("trust-vap").await?;
+    let (operator_token, rendered) = chart_service_account_token(&env, "tb", &[]).await?;
+    let _policy = Policy::install(&env, &rendered).await?;
+    let attacker = editor(&env).await?;
+    let theirs: Api<ConfigMap> = Api::namespaced(attacker.clone(), &env.namespace);
+    let operator = {
+        let config = kube::Config::from_custom_kubeconfig(
+            shared().kubeconfig_for_token(&operator_token),
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await?;
+        kube::Client::try_from(config)?
+    };
+    let ours: Api<ConfigMap> = Api::namespaced(operator, &env.namespace);
+    let evil = "-----BEGIN CERTIFICATE-----\nattacker\n-----END CERTIFICATE-----\n";
+
+    // A new policy takes a moment to be enforced: wait for the editor's dry-run create to be
+    // refused (by the policy: its message names the bundle).
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let refusal = loop {
+        match theirs.create(&dry, &bundle(evil)).await {
+            Err(kube::Error::Api(e)) if e.code == 403 || e.code == 422 => break e,
+            Ok(_) | Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => anyhow::bail!("the policy is not enforced: {other:?}"),
+        }
+    };
+    assert!(
+        refusal.message.contains("byok-broker-ca") && refusal.message.contains("only the operator"),
+        "{refusal:?}"
+    );
+    // Every way in, before the operator wrote one: create, apply.
+    assert!(
+        theirs
+            .create(&PostParams::default(), &bundle(evil))
+            .await
+            .is_err()
+    );
+    let apply = |pem: &str| {
+        serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": names::TRUST_BUNDLE_CONFIGMAP}, "data": {"ca.crt": pem}})
+    };
+    assert!(
+        theirs
+            .patch(
+                names::TRUST_BUNDLE_CONFIGMAP,
+                &PatchParams::apply("attacker").force(),
+                &Patch::Apply(apply(evil)),
+            )
+            .await
+            .is_err()
+    );
+    // A generateName create is refused too only if it lands on the name: it cannot.
+    // The operator writes it.
+    let pem = "-----BEGIN CERTIFICATE-----\nreal\n-----END CERTIFICATE-----\n";
+    ours.create(&PostParams::default(), &bundle(pem)).await?;
+    // After: apply, merge patch, JSON patch, replace, delete, delete collection.
+    let name = names::TRUST_BUNDLE_CONFIGMAP;
+    assert!(
+        theirs
+            .patch(
+                name,
+                &PatchParams::apply("attacker").force(),
+                &Patch::Apply(apply(evil))
+            )
+            .await
+            .is_err()
+    );
+    assert!(
+        theirs
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"data": {"ca.crt": evil}})),
+            )
+            .await
+            .is_err()
+    );
+    let mut replaced = theirs.get(name).await?;
+    replaced.data = Some([("ca.crt".to_owned(), evil.to_owned())].into());
+    assert!(
+        theirs
+            .replace(name, &PostParams::default(), &replaced)
+            .await
+            .is_err()
+    );
+    assert!(theirs.delete(name, &DeleteParams::default()).await.is_err());
+    let _ = theirs
+        .delete_collection(&DeleteParams::default(), &Default::default())
+        .await;
+    let held = ours.get(name).await?;
+    assert_eq!(
+        held.data
+            .as_ref()
+            .and_then(|d| d.get("ca.crt"))
+            .map(String::as_str),
+        Some(pem),
+        "the bundle changed"
+    );
+    // The editor's own ConfigMaps are theirs as before (deleted by the collection delete).
+    let own = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some("app-config".into()),
+            ..Default::default()
+        },
+        data: Some([("ca.crt".to_owned(), evil.to_owned())].into()),
+        ..Default::default()
+    };
+    theirs.create(&PostParams::default(), &own).await?;
+    theirs
+        .delete("app-config", &DeleteParams::default())
+        .await?;
+    // And the operator keeps it current.
+    ours.patch(
+        name,
+        &PatchParams::apply(names::TRUST_BUNDLE_FIELD_MANAGER).force(),
+        &Patch::Apply(apply(
+            "-----BEGIN CERTIFICATE-----\nnew\n-----END CERTIFICATE-----\n",
+        )),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Polls `check` every 100 ms until it holds, for at most `within`.
+async fn until<F, Fut>(within: Duration, what: &str, mut check: F) -> anyhow::Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let started = Instant::now();
+    loop {
+        if check().await? {
+            return Ok(started.elapsed());
+        }
+        anyhow::ensure!(started.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A lost CA Secret (deleted with the operator down, as deleting its namespace would): the
+/// restarted operator makes a new CA and writes it to the namespace's bundle; the running
+/// sidecar rides out the change on its lease, and once its mounted bundle is refreshed it is
+/// served again, without a restart. Every application request succeeds throughout.
+#[tokio::test]
+async fn a_lost_ca_reaches_a_running_sidecar_through_its_bundle() -> anyhow::Result<()> {
+    let env = TestEnv::new("trust-lost").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let lease = Duration::from_secs(60);
+    let with_lease = |broker: Option<(std::net::SocketAddr, String)>| {
+        move |config: &mut byok_operator::controller::Config| {
+            if let Some(serve) = config.serving.as_mut() {
+                serve.key_lease = lease;
+                if let Some((addr, url)) = broker.clone() {
+                    serve.broker_addr = addr;
+                    serve.broker_url = url;
+                }
+            }
+        }
+    };
+    let op = ServingOperator::start_with(&env, &fake, with_lease(None)).await?;
+    let key = random_key("sk-ant-");
+    ready_anthropic(&env, &fake, "claude", &key, serde_json::json!({})).await?;
+    let pod = env
+        .api::<Pod>()
+        .create(&PostParams::default(), &opted_in_pod("lost-", &["claude"]))
+        .await?;
+    let mut sidecar = Sidecar::start(&env, &op, &pod, "default").await?;
+    sidecar.wait_ready(Duration::from_secs(30)).await?;
+    let first_ca = serving_ca_pem(&env).await?;
+
+    // The application calls through the sidecar the whole time.
+    let url = format!("{}/v1/messages", sidecar.url("claude"));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let calls = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let res = http
+                    .post(&url)
+                    .header("anthropic-version", "2023-06-01")
+                    .json(
+                        &serde_json::json!({"model": "claude-sonnet-4-5", "max_tokens": 8,
+                        "messages": [{"role": "user", "content": "hi"}]}),
+                    )
+                    .send()
+                    .await;
+                match res {
+                    Ok(r) if r.status().is_success() => ok += 1,
+                    Ok(r) => failed.push(r.status().as_u16()),
+                    Err(_) => failed.push(0),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (ok, failed)
+        })
+    };
+
+    // Lost: the operator stops, its Secret goes; it starts again at the same broker address.
+    let broker = (op.config.broker_addr, op.config.broker_url.clone());
+    drop(op);
+    let secrets: Api<Secret> = env.api();
+    secrets
+        .delete(
+            byok_operator::serving::certs::DEFAULT_SECRET_NAME,
+            &DeleteParams::default(),
+        )
+        .await?;
+    let lost_at = Instant::now();
+    let op = ServingOperator::start_with(&env, &fake, with_lease(Some(broker))).await?;
+    let second_ca = serving_ca_pem(&env).await?;
+    anyhow::ensure!(second_ca != first_ca, "the CA did not change");
+    let bundles: Api<ConfigMap> = env.api();
+    until(
+        Duration::from_secs(45),
+        "the bundle follows the new CA",
+        || {
+            let bundles = bundles.clone();
+            let second_ca = second_ca.clone();
+            async move {
+                let cm = bundles.get(names::TRUST_BUNDLE_CONFIGMAP).await?;
+                Ok(cm
+                    .data
+                    .and_then(|d| d.get(names::TRUST_BUNDLE_KEY).cloned())
+                    == Some(second_ca))
+            }
+        },
+    )
+    .await?;
+    let published = lost_at.elapsed();
+    // Until its mount is refreshed the sidecar cannot verify the new broker, and keeps the
+    // key on its lease (the application sees nothing).
+    let served_before =
+        op.metrics.broker_answers("not_modified") + op.metrics.broker_answers("granted");
+    // Cut off: its next poll fails to verify the new broker (so what follows is the bundle's
+    // doing, not a CA that never changed).
+    let failures = |out: &str| out.matches("asking the key broker failed").count();
+    let failed_before = failures(&sidecar.output());
+    until(
+        Duration::from_secs(20),
+        "the sidecar no longer verifies the broker",
+        || {
+            let now = failures(&sidecar.output());
+            async move { Ok(now > failed_before) }
+        },
+    )
+    .await?;
+    assert!(
+        sidecar.output().contains("invalid peer certificate"),
+        "{}",
+        sidecar.output()
+    );
+    // The kubelet's refresh.
+    let trust = sidecar
+        .trust_bundle
+        .as_ref()
+        .context("the sidecar mounts a bundle")?;
+    trust.sync(&env).await?;
+    let recovered = until(
+        Duration::from_secs(30),
+        "the sidecar is served again",
+        || {
+            let served =
+                op.metrics.broker_answers("not_modified") + op.metrics.broker_answers("granted");
+            let current = op.metrics.trust_bundle_pods("current");
+            async move { Ok(served > served_before && current >= 1) }
+        },
+    )
+    .await?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = calls.await?;
+    println!(
+        "lost CA: new bundle published {:.1} s after the loss; sidecar served again {:.1} s after its mount was refreshed; {ok} requests, {} failed",
+        published.as_secs_f64(),
+        recovered.as_secs_f64(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+    assert!(ok > 0);
+    assert!(
+        sidecar.output().contains("trust bundle changed"),
+        "{}",
+        sidecar.output()
+    );
+    Ok(())
+}
