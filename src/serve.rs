@@ -176,7 +176,8 @@ pub async fn start(
             },
             move || metrics.is_leader(),
         )));
-        let (wanted_tx, wanted_rx) = tokio::sync::mpsc::unbounded_channel();
+        // Bounded: a flood of admissions drops requests (the leader's pass is the backstop).
+        let (wanted_tx, wanted_rx) = tokio::sync::mpsc::channel(256);
         injector.request_trust_bundles(wanted_tx);
         tasks.push(tokio::spawn(certs::trust_bundle::create_missing(
             client.clone(),

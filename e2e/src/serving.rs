@@ -361,6 +361,25 @@ impl ServingOperator {
     }
 }
 
+impl ServingOperator {
+    /// Stops the operator and waits until its webhook configuration is gone (an operator
+    /// started next for the same namespace creates one by the same name).
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let (client, name) = (self.client.clone(), self.webhook_configuration.clone());
+        drop(self);
+        let api = Api::<MutatingWebhookConfiguration>::all(client);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while api.get_opt(&name).await?.is_some() {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the webhook configuration {name} stayed"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for ServingOperator {
     fn drop(&mut self) {
         let (client, name) = (self.client.clone(), self.webhook_configuration.clone());

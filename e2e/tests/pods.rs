@@ -698,6 +698,101 @@ async fn node_sidecars_keep_serving_while_the_operator_restarts() -> anyhow::Res
     Ok(())
 }
 
+/// Issue 20 item 3, with the real kubelet: the operator's CA Secret is lost while it is down
+/// (what deleting it or its namespace does); the restarted operator makes a new CA and writes
+/// it to the namespace's trust bundle; the kubelet refreshes the running pod's mount and its
+/// sidecar trusts the new broker, with no restart and no failed request. Reports how long
+/// the kubelet took (this node's kubelet: `syncFrequency: 10s`; the default is 1 min).
+#[tokio::test]
+#[ignore = "needs a node: run under hack/node-ns.sh (make test does)"]
+async fn node_a_lost_ca_reaches_running_pods_through_the_kubelets_refresh() -> anyhow::Result<()> {
+    let mut s = setup("pods-lost-ca").await?;
+    let key = random_key("sk-ant-");
+    ready_key(&s.env, &s.fake, "claude", ProviderKind::Anthropic, &key).await?;
+    let name = s
+        .create(&app_pod("lost-ca-", &["claude"], &calling_loop(150)))
+        .await?;
+    s.wait_line(&name, "OK", POD_DONE).await?;
+    let first_ca = byok_e2e::serving::serving_ca_pem(&s.env).await?;
+
+    let op = s.op.take().expect("operator");
+    let port: u16 = op.config.broker_addr.port();
+    let lease = op.config.key_lease;
+    let webhook_configuration = op.webhook_configuration.clone();
+    drop(op);
+    let mwcs: kube::Api<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration> =
+        kube::Api::all(s.env.client.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while mwcs.get_opt(&webhook_configuration).await?.is_some() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the webhook configuration stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.env
+        .api::<k8s_openapi::api::core::v1::Secret>()
+        .delete(
+            byok_operator::serving::certs::DEFAULT_SECRET_NAME,
+            &Default::default(),
+        )
+        .await?;
+    let lost_at = Instant::now();
+    let op = ServingOperator::start_for_node_at(&s.env, &s.fake, s.node.ip, port).await?;
+    let second_ca = byok_e2e::serving::serving_ca_pem(&s.env).await?;
+    anyhow::ensure!(second_ca != first_ca, "the CA did not change");
+    let bundles = s.env.api::<k8s_openapi::api::core::v1::ConfigMap>();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let cm = bundles.get(names::TRUST_BUNDLE_CONFIGMAP).await?;
+        if cm
+            .data
+            .and_then(|d| d.get(names::TRUST_BUNDLE_KEY).cloned())
+            .as_ref()
+            == Some(&second_ca)
+        {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the bundle never took the new CA"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let published_at = Instant::now();
+    // The pod's sidecar reports the new bundle once the kubelet has refreshed its mount.
+    let deadline = published_at + lease;
+    while op.metrics.trust_bundle_pods("current") < 1 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the running sidecar never got the new bundle within its lease"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let recovered_at = Instant::now();
+    // Calls go on through the sidecar after it.
+    let served_after = s.calls(ProviderKind::Anthropic).len();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.calls(ProviderKind::Anthropic).len() < served_after + 10 {
+        anyhow::ensure!(Instant::now() < deadline, "calls stopped after the new CA");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.op = Some(op);
+    let failed = s.failed_calls(&name).await?;
+    println!(
+        "lost CA on the node: bundle published {:.1} s after the loss, the pod's sidecar served with it {:.1} s after that (kubelet refresh and one poll); {} failed calls",
+        published_at.duration_since(lost_at).as_secs_f64(),
+        recovered_at.duration_since(published_at).as_secs_f64(),
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "requests failed across the lost CA: {failed:?}"
+    );
+    s.delete(&name).await?;
+    Ok(())
+}
+
 /// `make bench` (not `make test`): pod create → the app's first successful call, p50 and
 /// max over 20 pods created one after another, and the sidecar's RSS in a real pod.
 #[tokio::test]

@@ -365,7 +365,7 @@ async fn a_lost_ca_reaches_a_running_sidecar_through_its_bundle() -> anyhow::Res
 
     // Lost: the operator stops, its Secret goes; it starts again at the same broker address.
     let broker = (op.config.broker_addr, op.config.broker_url.clone());
-    drop(op);
+    op.stop().await?;
     let secrets: Api<Secret> = env.api();
     secrets
         .delete(
@@ -448,6 +448,118 @@ async fn a_lost_ca_reaches_a_running_sidecar_through_its_bundle() -> anyhow::Res
         sidecar.output().contains("trust bundle changed"),
         "{}",
         sidecar.output()
+    );
+    Ok(())
+}
+
+/// The broker's answer to the pod's sidecar asking for key `claude`: status and body.
+async fn ask(op: &ServingOperator, env: &TestEnv, token: &str) -> anyhow::Result<(u16, String)> {
+    let url = format!("{}/v1/keys/{}/claude", op.broker_url(), env.namespace);
+    let res = op
+        .https_client(env)
+        .await?
+        .get(&url)
+        .bearer_auth(token)
+        .send()
+        .await?;
+    let status = res.status().as_u16();
+    Ok((status, res.text().await.unwrap_or_default()))
+}
+
+/// A bundle the operator did not write (made before the policy guarded it, immutable so it
+/// cannot be rewritten, naming another CA): no pod trusting it gets a key while it stands (a
+/// transient refusal: 503, sidecars would keep a key they hold), and the operator deletes and
+/// writes it again, after which the pod is served.
+#[tokio::test]
+async fn a_bundle_the_operator_did_not_write_gets_no_pod_a_key() -> anyhow::Result<()> {
+    let env = TestEnv::new("trust-planted").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let mut planted = bundle("-----BEGIN CERTIFICATE-----\nattacker\n-----END CERTIFICATE-----\n");
+    planted.immutable = Some(true);
+    env.api::<ConfigMap>()
+        .create(&PostParams::default(), &planted)
+        .await?;
+    // The key made Ready by a leader (no pod uses keys here yet: it leaves the bundle alone).
+    let op = ServingOperator::start(&env, &fake).await?;
+    ready_anthropic(
+        &env,
+        &fake,
+        "claude",
+        &random_key("sk-ant-"),
+        serde_json::json!({}),
+    )
+    .await?;
+    op.stop().await?;
+    // A replica that never leads (another holds the lease), so nothing repairs the bundle
+    // while the broker is asked.
+    let lease = format!("held-{}", env.namespace);
+    env.api::<k8s_openapi::api::coordination::v1::Lease>()
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": {"name": lease},
+                "spec": {"holderIdentity": "another-replica", "leaseDurationSeconds": 3600,
+                    "renewTime": jiff::Timestamp::now().to_string()}
+            }))?,
+        )
+        .await?;
+    let follower = ServingOperator::start_with(&env, &fake, |config| {
+        config.leader = Some(byok_operator::controller::leader::LeaderConfig {
+            lease_name: lease.clone(),
+            identity: "follower".into(),
+        });
+    })
+    .await?;
+    let pod = env
+        .api::<Pod>()
+        .create(
+            &PostParams::default(),
+            &opted_in_pod("planted-", &["claude"]),
+        )
+        .await?;
+    let token = byok_e2e::serving::pod_token(&env, "default", &pod, names::TOKEN_AUDIENCE).await?;
+    // Refused while the planted bundle stands (the pod cache may lag its creation first).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, body) = ask(&follower, &env, &token).await?;
+        anyhow::ensure!(status != 200, "served while a planted bundle stood");
+        if status == 503 && body.contains("trust bundle") {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no trust-bundle refusal: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    follower.stop().await?;
+    let op = ServingOperator::start(&env, &fake).await?;
+    // The operator replaces it; then the pod is served.
+    let ca = serving_ca_pem(&env).await?;
+    let replaced = until(
+        Duration::from_secs(45),
+        "the planted bundle is replaced",
+        || {
+            let cms = env.api::<ConfigMap>();
+            let ca = ca.clone();
+            async move {
+                Ok(cms
+                    .get_opt(names::TRUST_BUNDLE_CONFIGMAP)
+                    .await?
+                    .is_some_and(|cm| byok_operator::serving::trust_bundle::conforms(&cm, &ca)))
+            }
+        },
+    )
+    .await?;
+    until(
+        Duration::from_secs(15),
+        "served once the bundle is the operator's",
+        || async { Ok(ask(&op, &env, &token).await?.0 == 200) },
+    )
+    .await?;
+    println!(
+        "planted bundle replaced within {:.1} s",
+        replaced.as_secs_f64()
     );
     Ok(())
 }

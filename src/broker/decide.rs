@@ -37,6 +37,9 @@ pub struct PodFacts {
     /// an application container.
     pub injected: bool,
     pub deleting: bool,
+    /// Its sidecar trusts the broker through the namespace's trust bundle (this release on),
+    /// not a CA in its env: served only while that bundle is the operator's.
+    pub trusts_namespace_bundle: bool,
     /// The names in its `byok.dev/provider-keys` annotation (empty when malformed: the
     /// webhook refused such pods, so only a pod edited afterwards can have one).
     pub keys: Vec<String>,
@@ -342,6 +345,7 @@ mod tests {
             opted_in: true,
             injected: true,
             deleting: false,
+            trusts_namespace_bundle: true,
             keys: keys.iter().map(|k| k.to_string()).collect(),
         }
     }

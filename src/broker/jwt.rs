@@ -608,6 +608,7 @@ mod tests {
             opted_in: true,
             injected: true,
             deleting: false,
+            trusts_namespace_bundle: true,
             keys: vec!["k".into()],
         }
     }

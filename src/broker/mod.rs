@@ -106,7 +106,13 @@ pub struct Broker {
     /// The trust bundle each served pod reported, and when the counts were last published.
     trust_reports: trust::Reports,
     trust_recounted: Mutex<Option<Instant>>,
+    /// Whether each namespace's trust bundle is the operator's current one: (answer, when
+    /// checked, digest of the CA it was checked against).
+    bundles: Mutex<HashMap<String, (bool, Instant, String)>>,
 }
+
+/// How long a namespace's bundle check is reused: found current, and found otherwise.
+const BUNDLE_CHECKED_FOR: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(2));
 
 /// How often the trust-bundle counts are recounted (each count walks every served pod).
 const TRUST_RECOUNT_EVERY: Duration = Duration::from_secs(5);
@@ -216,6 +222,7 @@ impl Broker {
             waiting_told: Mutex::default(),
             outdated_told: Mutex::default(),
             trust_reports: trust::Reports::new(lease),
+            bundles: Mutex::default(),
             trust_recounted: Mutex::default(),
             authority,
         }
@@ -253,6 +260,10 @@ impl Broker {
                     )
                 }),
             deleting: meta.deletion_timestamp.is_some(),
+            trusts_namespace_bundle: pod
+                .spec
+                .as_ref()
+                .is_some_and(crate::webhook::patch::trusts_namespace_bundle),
             keys: meta
                 .annotations
                 .as_ref()
@@ -417,6 +428,47 @@ impl Broker {
         });
     }
 
+    /// Whether the namespace's trust bundle is exactly the operator's current one
+    /// ([`crate::serving::trust_bundle::conforms`]). Checked with a GET, reused for a few
+    /// seconds; when the API server does not answer, the last answer stands (none: not
+    /// current).
+    async fn bundle_current(&self, namespace: &str) -> bool {
+        let ca = self.injector.settings().broker_ca_pem.clone();
+        let ca_digest = crate::proxy::grant::trust_bundle_digest(ca.as_bytes());
+        let now = Instant::now();
+        let last = self
+            .bundles
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(namespace)
+            .cloned();
+        if let Some((ok, at, digest)) = &last {
+            let reuse = if *ok {
+                BUNDLE_CHECKED_FOR.0
+            } else {
+                BUNDLE_CHECKED_FOR.1
+            };
+            if *digest == ca_digest && now.duration_since(*at) < reuse {
+                return *ok;
+            }
+        }
+        let api: Api<k8s_openapi::api::core::v1::ConfigMap> =
+            Api::namespaced(self.ctx.client.clone(), namespace);
+        let ok = match api.get_opt(names::TRUST_BUNDLE_CONFIGMAP).await {
+            Ok(cm) => cm.is_some_and(|cm| crate::serving::trust_bundle::conforms(&cm, &ca)),
+            Err(e) => {
+                tracing::warn!(namespace, error = %e, "reading the trust bundle failed");
+                return last.is_some_and(|(ok, _, digest)| ok && digest == ca_digest);
+            }
+        };
+        let mut bundles = self
+            .bundles
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        bundles.insert(namespace.to_owned(), (ok, now, ca_digest));
+        ok
+    }
+
     /// A served sidecar reported the trust bundle it holds (`None`: it predates bundles).
     fn note_trust(&self, caller: &Caller, reported: Option<&str>) {
         let current = crate::proxy::grant::trust_bundle_digest(
@@ -512,7 +564,22 @@ impl Broker {
             decide::authorize(&caller, namespace, name, pod.as_ref(), key),
             key,
         ) {
-            (Decision::Serve, KeyFacts::Present(pk)) => pk,
+            (Decision::Serve, KeyFacts::Present(pk)) => {
+                // A sidecar that trusts its namespace's bundle is served only while that is
+                // the operator's: one written before the policy guarded it may name another
+                // CA, and whoever holds a certificate from it could be holding this token.
+                let trusts_bundle = pod.as_ref().is_some_and(|p| p.trusts_namespace_bundle);
+                if trusts_bundle && !self.bundle_current(namespace).await {
+                    let denial = Denial::KeyUnavailable {
+                        reason: format!(
+                            "the namespace's trust bundle (ConfigMap {}) is not the operator's current one yet",
+                            names::TRUST_BUNDLE_CONFIGMAP
+                        ),
+                    };
+                    return self.refuse(Some(&caller), namespace, name, &denial);
+                }
+                pk
+            }
             (Decision::Deny(denial), _) => {
                 if denial.is_waiting() {
                     self.tell_waiting(&caller, name, &denial).await;

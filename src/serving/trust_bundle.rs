@@ -57,8 +57,25 @@ pub fn config_map(namespace: &str, ca_pem: &str) -> ConfigMap {
     }
 }
 
-/// The namespaces whose bundle must be written: each namespace with opted-in pods or a bundle
-/// already (`existing`: namespace -> its `ca.crt`, if any) where the bundle is missing or
+/// Whether `cm` is the operator's bundle for `ca_pem` exactly: `ca.crt` alone, nothing in
+/// `binaryData`, not immutable. The broker serves a pod that trusts its namespace's bundle only
+/// while this holds, so a bundle written before the policy existed (or while it was missing)
+/// never gets a key to a sidecar that might trust someone else.
+pub fn conforms(cm: &ConfigMap, ca_pem: &str) -> bool {
+    let data_ok = cm.data.as_ref().is_some_and(|d| {
+        d.len() == 1 && d.get(names::TRUST_BUNDLE_KEY).is_some_and(|v| v == ca_pem)
+    });
+    data_ok && cm.binary_data.as_ref().is_none_or(BTreeMap::is_empty) && cm.immutable != Some(true)
+}
+
+/// Whether an apply cannot bring `cm` to a conforming bundle (it is immutable, or holds
+/// `binaryData`, which an apply of `data` would not remove): it is deleted and created again.
+pub fn needs_recreating(cm: &ConfigMap) -> bool {
+    cm.immutable == Some(true) || cm.binary_data.as_ref().is_some_and(|b| !b.is_empty())
+}
+
+/// The namespaces whose bundle must be written, of those with opted-in pods (`existing`:
+/// namespace -> its `ca.crt`, if any, of those that have one) where the bundle is missing or
 /// holds something other than `ca_pem`.
 pub fn due(
     pod_namespaces: &BTreeSet<String>,
@@ -132,6 +149,26 @@ pub async fn keep(
             for namespace in &namespaces {
                 let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
                 match api.get_opt(names::TRUST_BUNDLE_CONFIGMAP).await {
+                    Ok(Some(cm)) if needs_recreating(&cm) => {
+                        // Only the UID seen is deleted; the pass below creates it anew.
+                        let uid = cm.metadata.uid.clone();
+                        let params = kube::api::DeleteParams {
+                            preconditions: Some(kube::api::Preconditions {
+                                uid,
+                                resource_version: None,
+                            }),
+                            ..Default::default()
+                        };
+                        match api.delete(names::TRUST_BUNDLE_CONFIGMAP, &params).await {
+                            Ok(_) => tracing::warn!(
+                                namespace,
+                                "the trust bundle was immutable or held binaryData: deleted, to be written again"
+                            ),
+                            Err(e) => {
+                                tracing::warn!(namespace, error = %e, "deleting a trust bundle the operator cannot rewrite failed; retried")
+                            }
+                        }
+                    }
                     Ok(Some(cm)) => {
                         let held = cm
                             .data
@@ -151,7 +188,9 @@ pub async fn keep(
                 match apply(&client, &namespace, &ca_pem).await {
                     Ok(()) => tracing::info!(namespace, "trust bundle written"),
                     // A namespace being deleted refuses new objects: not an error.
-                    Err(kube::Error::Api(e)) if e.code == 403 || e.code == 404 => {
+                    Err(kube::Error::Api(e))
+                        if e.code == 404 || e.message.contains("being terminated") =>
+                    {
                         tracing::debug!(namespace, error = %e, "trust bundle not written");
                     }
                     Err(e) => {
@@ -172,7 +211,7 @@ pub async fn keep(
 pub async fn create_missing(
     client: kube::Client,
     ca: watch::Receiver<String>,
-    mut wanted: mpsc::UnboundedReceiver<String>,
+    mut wanted: mpsc::Receiver<String>,
 ) {
     let mut seen: BTreeMap<String, Instant> = BTreeMap::new();
     let client = Arc::new(client);
@@ -232,6 +271,33 @@ mod tests {
             ["current", "emptied", "stale"]
         );
         assert!(due(&set(&["current"]), &existing, "CA").len() == 2);
+    }
+
+    #[test]
+    fn only_the_operators_exact_bundle_conforms() {
+        let good = config_map("team", "CA");
+        assert!(conforms(&good, "CA"));
+        assert!(!needs_recreating(&good));
+        assert!(!conforms(&good, "NEW"));
+        let mut extra = good.clone();
+        extra
+            .data
+            .get_or_insert_with(BTreeMap::new)
+            .insert("evil.crt".into(), "X".into());
+        assert!(!conforms(&extra, "CA"));
+        assert!(!needs_recreating(&extra));
+        let mut binary = good.clone();
+        binary.binary_data = Some(BTreeMap::from([(
+            names::TRUST_BUNDLE_KEY.to_owned(),
+            k8s_openapi::ByteString(b"evil".to_vec()),
+        )]));
+        assert!(!conforms(&binary, "CA"));
+        assert!(needs_recreating(&binary));
+        let mut frozen = good.clone();
+        frozen.immutable = Some(true);
+        assert!(!conforms(&frozen, "CA"));
+        assert!(needs_recreating(&frozen));
+        assert!(!conforms(&ConfigMap::default(), "CA"));
     }
 
     #[test]

@@ -45,7 +45,7 @@ pub struct Injector {
     pods: Option<Store<Pod>>,
     /// Where the namespaces of injected pods go, so their trust bundle exists before the
     /// kubelet mounts it ([`crate::serving::trust_bundle::create_missing`]).
-    trust_bundles: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<String>>,
+    trust_bundles: std::sync::OnceLock<tokio::sync::mpsc::Sender<String>>,
 }
 
 impl Injector {
@@ -66,7 +66,7 @@ impl Injector {
     }
 
     /// From now on, the namespace of every pod injected (not on dry runs) is sent to `wanted`.
-    pub fn request_trust_bundles(&self, wanted: tokio::sync::mpsc::UnboundedSender<String>) {
+    pub fn request_trust_bundles(&self, wanted: tokio::sync::mpsc::Sender<String>) {
         let _ = self.trust_bundles.set(wanted);
     }
 
@@ -259,7 +259,8 @@ impl Injector {
                     && !request.dry_run
                     && let Some(wanted) = self.trust_bundles.get()
                 {
-                    let _ = wanted.send(namespace.to_owned());
+                    // Full: dropped; the leader's next pass creates it.
+                    let _ = wanted.try_send(namespace.to_owned());
                 }
                 let mut response = response
                     .with_patch(mutation.patch)

@@ -1207,6 +1207,17 @@ pub fn node_reach(spec: &PodSpec) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// Whether the pod's sidecar mounts the namespace's trust bundle (rather than holding its CA
+/// in env, as releases before did).
+pub fn trusts_namespace_bundle(spec: &PodSpec) -> bool {
+    spec.init_containers
+        .iter()
+        .flatten()
+        .filter(|c| c.name == SIDECAR_NAME)
+        .flat_map(|c| c.volume_mounts.iter().flatten())
+        .any(|m| m.name == TRUST_VOLUME)
+}
+
 /// Whether the token holder's mounts are the accepted ones: the token volume at
 /// [`TOKEN_DIR`], the empty volume over [`API_TOKEN_DIR`] and the trust bundle at
 /// [`names::TRUST_BUNDLE_DIR`], each read-only, whole (no `subPath`, which would also freeze

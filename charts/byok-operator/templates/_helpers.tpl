@@ -98,10 +98,15 @@ providerkeys.byok.dev
   resources: [pods]
   verbs: [get, list, watch]
 # The trust bundle sidecars verify the broker with: ConfigMap byok-broker-ca, created where
-# a pod is injected and kept at the broker's current CA. RBAC cannot name an object before it
-# exists, so this covers every ConfigMap here; the operator reads and writes only that one,
-# and the ValidatingAdmissionPolicy <release>-trust-bundle keeps everyone else from writing it.
+# a pod is injected, kept at the broker's current CA, deleted and created again when it cannot
+# be rewritten (immutable). Only that name; RBAC cannot name an object before it exists, so
+# create covers every ConfigMap here (the operator creates only that one). The
+# ValidatingAdmissionPolicy <release>-trust-bundle keeps everyone else from writing it.
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [get, create, patch]
+  resourceNames: [byok-broker-ca]
+  verbs: [get, patch, delete]
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [create]
 {{- end }}
