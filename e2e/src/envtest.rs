@@ -86,8 +86,10 @@ impl Binaries {
 /// A running etcd + kube-apiserver pair. Dropping it stops both and removes its run directory.
 pub struct ControlPlane {
     run_dir: PathBuf,
-    etcd: Option<Child>,
-    apiserver: Option<Child>,
+    etcd: std::sync::Mutex<Option<Child>>,
+    apiserver: std::sync::Mutex<Option<Child>>,
+    /// How the API server was started, for [`ControlPlane::restart_apiserver`].
+    apiserver_command: (PathBuf, Vec<String>),
     server_url: String,
     ca_pem: String,
     admin_token: String,
@@ -159,8 +161,9 @@ impl ControlPlane {
 
         let mut cp = ControlPlane {
             run_dir: run_dir.clone(),
-            etcd: None,
-            apiserver: None,
+            etcd: std::sync::Mutex::new(None),
+            apiserver: std::sync::Mutex::new(None),
+            apiserver_command: (bins.kube_apiserver.clone(), Vec::new()),
             server_url: String::new(),
             ca_pem: ca.cert_pem(),
             admin_token,
@@ -169,7 +172,7 @@ impl ControlPlane {
         let [etcd_client, etcd_peer, apiserver_port] = free_ports()?;
         let etcd_url = format!("http://127.0.0.1:{etcd_client}");
         let peer_url = format!("http://127.0.0.1:{etcd_peer}");
-        cp.etcd = Some(spawn(
+        *cp.etcd.get_mut().unwrap_or_else(|p| p.into_inner()) = Some(spawn(
             Command::new(&bins.etcd).args([
                 "--name=envtest",
                 &format!("--data-dir={}", run_dir.join("etcd").display()),
@@ -186,35 +189,37 @@ impl ControlPlane {
         )?);
 
         let file = |name: &str| run_dir.join(name).display().to_string();
-        cp.apiserver = Some(spawn(
-            Command::new(&bins.kube_apiserver).args([
-                format!("--etcd-servers={etcd_url}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
-                // No controller-manager, no Service IPs to route: skip the `kubernetes` Endpoints.
-                "--endpoint-reconciler-type=none".into(),
-                format!("--secure-port={apiserver_port}"),
-                format!("--cert-dir={}", file("apiserver-certs")),
-                format!("--tls-cert-file={}", file("apiserver.crt")),
-                format!("--tls-private-key-file={}", file("apiserver.key")),
-                format!("--client-ca-file={}", file("ca.crt")),
-                format!("--token-auth-file={}", file("tokens.csv")),
-                "--authorization-mode=RBAC".into(),
-                // TokenRequest and TokenReview, which the key broker relies on.
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-                format!("--service-account-key-file={}", file("service-account.pub")),
-                format!(
-                    "--service-account-signing-key-file={}",
-                    file("service-account.key")
-                ),
-                "--service-cluster-ip-range=10.0.0.0/24".into(),
-                "--allow-privileged=true".into(),
-                format!("--admission-control-config-file={}", file("admission.json")),
-                "--enable-priority-and-fairness=false".into(),
-                "--profiling=false".into(),
-            ]),
+        let apiserver_args: Vec<String> = vec![
+            format!("--etcd-servers={etcd_url}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            // No controller-manager, no Service IPs to route: skip the `kubernetes` Endpoints.
+            "--endpoint-reconciler-type=none".into(),
+            format!("--secure-port={apiserver_port}"),
+            format!("--cert-dir={}", file("apiserver-certs")),
+            format!("--tls-cert-file={}", file("apiserver.crt")),
+            format!("--tls-private-key-file={}", file("apiserver.key")),
+            format!("--client-ca-file={}", file("ca.crt")),
+            format!("--token-auth-file={}", file("tokens.csv")),
+            "--authorization-mode=RBAC".into(),
+            // TokenRequest and TokenReview, which the key broker relies on.
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+            format!("--service-account-key-file={}", file("service-account.pub")),
+            format!(
+                "--service-account-signing-key-file={}",
+                file("service-account.key")
+            ),
+            "--service-cluster-ip-range=10.0.0.0/24".into(),
+            "--allow-privileged=true".into(),
+            format!("--admission-control-config-file={}", file("admission.json")),
+            "--enable-priority-and-fairness=false".into(),
+            "--profiling=false".into(),
+        ];
+        *cp.apiserver.get_mut().unwrap_or_else(|p| p.into_inner()) = Some(spawn(
+            Command::new(&bins.kube_apiserver).args(&apiserver_args),
             &run_dir.join("kube-apiserver.log"),
         )?);
+        cp.apiserver_command.1 = apiserver_args;
         cp.server_url = format!("https://127.0.0.1:{apiserver_port}");
         cp.wait_ready()?;
         Ok(cp)
@@ -317,7 +322,36 @@ impl ControlPlane {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
-    fn wait_ready(&mut self) -> anyhow::Result<()> {
+    /// Stops the API server and starts it again with the same flags, port and etcd (its
+    /// state kept), as a control-plane upgrade or a crash does; returns once `/readyz` answers.
+    /// Only for a test binary of its own: every other test of the binary sees the outage.
+    pub fn restart_apiserver(&self) -> anyhow::Result<()> {
+        let old = self
+            .apiserver
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(child) = old {
+            stop(child);
+        }
+        let (program, args) = self.apiserver_command.clone();
+        let log = self.run_dir.join("kube-apiserver.log.restarted");
+        // Spawned from a thread that never ends: the child's death signal follows its thread.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("apiserver-owner".into())
+            .spawn(move || {
+                let _ = tx.send(spawn(Command::new(&program).args(&args), &log));
+                loop {
+                    std::thread::park();
+                }
+            })?;
+        let child = rx.recv().context("the apiserver-owner thread died")??;
+        *self.apiserver.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
+        self.wait_ready()
+    }
+
+    fn wait_ready(&self) -> anyhow::Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -326,12 +360,12 @@ impl ControlPlane {
         let client = std::thread::scope(|s| s.spawn(|| runtime.block_on(self.client())).join())
             .map_err(|_| anyhow::anyhow!("building a client panicked"))??;
         loop {
-            let exited = [
-                ("etcd", &mut self.etcd),
-                ("kube-apiserver", &mut self.apiserver),
-            ]
-            .into_iter()
-            .find_map(|(name, child)| Some((name, child.as_mut()?.try_wait().ok()??)));
+            let exited = [("etcd", &self.etcd), ("kube-apiserver", &self.apiserver)]
+                .into_iter()
+                .find_map(|(name, child)| {
+                    let mut child = child.lock().unwrap_or_else(|p| p.into_inner());
+                    Some((name, child.as_mut()?.try_wait().ok()??))
+                });
             if let Some((name, status)) = exited {
                 bail!(
                     "{name} exited with {status} during start-up:\n{}",
@@ -366,7 +400,10 @@ impl ControlPlane {
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         // The API server first, so it does not spend its grace period retrying a dead etcd.
-        for child in [self.apiserver.take(), self.etcd.take()]
+        let take = |c: &std::sync::Mutex<Option<Child>>| {
+            c.lock().unwrap_or_else(|p| p.into_inner()).take()
+        };
+        for child in [take(&self.apiserver), take(&self.etcd)]
             .into_iter()
             .flatten()
         {

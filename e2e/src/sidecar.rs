@@ -352,3 +352,53 @@ impl Drop for Sidecar {
         let _ = std::fs::remove_file(&self.token_file);
     }
 }
+
+/// An application calling Anthropic's Messages API through a sidecar's key port every 50 ms,
+/// until [`AppCalls::finish`]: what a running pod's app would see.
+pub struct AppCalls {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<(u32, Vec<String>)>,
+}
+
+impl AppCalls {
+    pub fn start(base_url: &str) -> Self {
+        let url = format!("{base_url}/v1/messages");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let task = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                let (mut ok, mut failed) = (0u32, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let res = http
+                        .post(&url)
+                        .header("anthropic-version", "2023-06-01")
+                        .json(
+                            &serde_json::json!({"model": "claude-sonnet-4-5", "max_tokens": 8,
+                            "messages": [{"role": "user", "content": "hi"}]}),
+                        )
+                        .send()
+                        .await;
+                    match res {
+                        Ok(r) if r.status().is_success() => ok += 1,
+                        Ok(r) => {
+                            let status = r.status();
+                            failed
+                                .push(format!("{status}: {}", r.text().await.unwrap_or_default()));
+                        }
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                (ok, failed)
+            })
+        };
+        Self { stop, task }
+    }
+
+    /// Stops calling; the successful calls and what each failed one got.
+    pub async fn finish(self) -> anyhow::Result<(u32, Vec<String>)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(self.task.await?)
+    }
+}

@@ -335,33 +335,7 @@ async fn a_lost_ca_reaches_a_running_sidecar_through_its_bundle() -> anyhow::Res
     let first_ca = serving_ca_pem(&env).await?;
 
     // The application calls through the sidecar the whole time.
-    let url = format!("{}/v1/messages", sidecar.url("claude"));
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let calls = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let http = reqwest::Client::new();
-            let (mut ok, mut failed) = (0u32, Vec::new());
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let res = http
-                    .post(&url)
-                    .header("anthropic-version", "2023-06-01")
-                    .json(
-                        &serde_json::json!({"model": "claude-sonnet-4-5", "max_tokens": 8,
-                        "messages": [{"role": "user", "content": "hi"}]}),
-                    )
-                    .send()
-                    .await;
-                match res {
-                    Ok(r) if r.status().is_success() => ok += 1,
-                    Ok(r) => failed.push(r.status().as_u16()),
-                    Err(_) => failed.push(0),
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            (ok, failed)
-        })
-    };
+    let calls = byok_e2e::sidecar::AppCalls::start(&sidecar.url("claude"));
 
     // Lost: the operator stops, its Secret goes; it starts again at the same broker address.
     let broker = (op.config.broker_addr, op.config.broker_url.clone());
@@ -434,8 +408,7 @@ async fn a_lost_ca_reaches_a_running_sidecar_through_its_bundle() -> anyhow::Res
         },
     )
     .await?;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ok, failed) = calls.await?;
+    let (ok, failed) = calls.finish().await?;
     println!(
         "lost CA: new bundle published {:.1} s after the loss; sidecar served again {:.1} s after its mount was refreshed; {ok} requests, {} failed",
         published.as_secs_f64(),
