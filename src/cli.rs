@@ -308,6 +308,15 @@ pub struct ServeArgs {
     #[arg(long, default_value = "requests.cpu=10m,requests.memory=16Mi,limits.memory=64Mi", value_parser = parse_resources)]
     pub proxy_resources: k8s_openapi::api::core::v1::ResourceRequirements,
 
+    /// The sidecar's admin port (`/livez`, `/readyz`, `/metrics`); a pod may move it with
+    /// annotation `byok.dev/sidecar-ports`. Not a port a service mesh uses.
+    #[arg(long, default_value_t = crate::webhook::patch::ADMIN_PORT)]
+    pub proxy_admin_port: u16,
+
+    /// The first of the sidecar's key ports (key i on this + i, 16 at most).
+    #[arg(long, default_value_t = crate::webhook::patch::FIRST_KEY_PORT)]
+    pub proxy_first_key_port: u16,
+
     /// How long a sidecar cut off from the broker keeps using a key (Go duration).
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     pub key_lease: std::time::Duration,
@@ -437,6 +446,13 @@ impl ServeArgs {
             })?),
             None => None,
         };
+        let ports = crate::webhook::patch::SidecarPorts {
+            admin: self.proxy_admin_port,
+            first_key: self.proxy_first_key_port,
+        };
+        ports
+            .check()
+            .map_err(|e| anyhow::anyhow!("--proxy-admin-port, --proxy-first-key-port: {e}"))?;
         Ok(Some(crate::serve::ServeConfig {
             webhook_path,
             webhook_client_ca_pem,
@@ -451,6 +467,7 @@ impl ServeArgs {
                 image: self.proxy_image.clone(),
                 pull_policy: self.proxy_image_pull_policy.clone(),
                 resources: self.proxy_resources.clone(),
+                ports,
             },
             key_lease: self.key_lease,
             egress: crate::broker::EgressPolicy {

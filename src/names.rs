@@ -30,12 +30,15 @@ pub const INJECT_LABEL: &str = "byok.dev/inject";
 pub const INJECT_VALUE: &str = "true";
 /// The pod annotation naming the ProviderKeys (comma-separated, same namespace) a pod uses.
 pub const PROVIDER_KEYS_ANNOTATION: &str = "byok.dev/provider-keys";
+/// The pod annotation that moves its sidecar's ports: `admin=PORT,keys=PORT` (either or both),
+/// for a pod whose own containers use the defaults.
+pub const SIDECAR_PORTS_ANNOTATION: &str = "byok.dev/sidecar-ports";
 /// The audience of the projected ServiceAccount token a sidecar shows the broker.
 pub const TOKEN_AUDIENCE: &str = "byok.dev";
 
 /// The ConfigMap, one per namespace with injected pods, holding the CA bundle sidecars trust
 /// the broker with. Only the operator writes it (the chart's ValidatingAdmissionPolicy
-/// `<release>-trust-bundle` refuses everyone else); sidecars mount it, so a changed CA
+/// `<release>-trust` refuses everyone else); sidecars mount it, so a changed CA
 /// reaches running pods when the kubelet refreshes the mount.
 pub const TRUST_BUNDLE_CONFIGMAP: &str = "byok-broker-ca";
 /// The bundle's key in [`TRUST_BUNDLE_CONFIGMAP`], and its file name in the mount.

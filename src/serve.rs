@@ -39,6 +39,7 @@ pub struct ProxyOptions {
     pub image: String,
     pub pull_policy: String,
     pub resources: ResourceRequirements,
+    pub ports: crate::webhook::patch::SidecarPorts,
 }
 
 #[derive(Debug, Clone)]
@@ -151,6 +152,7 @@ pub async fn start(
             broker_ca_pem: bundle.ca_pem.clone(),
             broker_hosts: broker_hosts(&config.broker_url, &bundle.cert_chain_pem),
             native_sidecars,
+            ports: config.proxy.ports,
         },
         ctx.metrics.clone(),
     ));

@@ -60,6 +60,7 @@ pub fn serve_config(env: &TestEnv, webhook_configuration: &str) -> anyhow::Resul
                 "requests.cpu=10m,requests.memory=16Mi,limits.memory=64Mi",
             )
             .map_err(anyhow::Error::msg)?,
+            ports: Default::default(),
         },
         key_lease: Duration::from_secs(300),
         egress: Default::default(),

@@ -7,7 +7,7 @@
 //! Why a ConfigMap per namespace (as Istio's `istio-ca-root-cert`): a pod can mount only
 //! ConfigMaps of its own namespace, and ClusterTrustBundle projection is still beta and
 //! off by default. Namespace editors can write ConfigMaps, so the chart's
-//! ValidatingAdmissionPolicy `<release>-trust-bundle` lets only the operator's
+//! ValidatingAdmissionPolicy `<release>-trust` lets only the operator's
 //! ServiceAccount create, change or delete one by this name (the namespace and garbage
 //! collectors may delete); a bundle a tenant chose would let whoever holds a certificate from
 //! it take the sidecar's token.

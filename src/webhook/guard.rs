@@ -10,7 +10,7 @@
 
 use k8s_openapi::api::core::v1::Pod;
 
-use super::patch::{ADMIN_PORT, FIRST_KEY_PORT, MAX_KEYS, SIDECAR_NAME};
+use super::patch::{MAX_KEYS, SIDECAR_NAME, SidecarPorts};
 use crate::names::{self, PROVIDER_KEYS_ANNOTATION};
 
 /// Why an update or a connection is refused; the message is shown by kubectl.
@@ -71,12 +71,14 @@ pub fn token_request(
 }
 
 /// A `CONNECT` to a pod's `subresource` (`exec`, `attach`, `portforward`); `opted_in`:
-/// whether the pod uses keys (from the pod cache).
+/// whether the pod uses keys (from the pod cache); `sidecar_ports`: the ports its sidecar may
+/// listen on ([`sidecar_ports`]).
 pub fn connect(
     subresource: &str,
     container: Option<&str>,
     ports: &[i64],
     opted_in: bool,
+    sidecar_ports: &std::collections::BTreeSet<i64>,
 ) -> Result<(), Guarded> {
     match subresource {
         "exec" if container == Some(SIDECAR_NAME) => Err(Guarded::IntoSidecar("exec")),
@@ -84,7 +86,7 @@ pub fn connect(
         // kubectl and client-go name the ports in stream headers, after admission: the
         // request names none, and a pod with a sidecar is refused whole.
         "portforward" if ports.is_empty() && opted_in => Err(Guarded::PortForwardToOptedIn),
-        "portforward" => match ports.iter().find(|p| is_sidecar_port(**p)) {
+        "portforward" => match ports.iter().find(|p| sidecar_ports.contains(p)) {
             Some(p) => Err(Guarded::PortForwardToSidecar(*p)),
             None => Ok(()),
         },
@@ -118,10 +120,36 @@ pub fn ephemeral(new: &Pod) -> Result<(), Guarded> {
     Ok(())
 }
 
-/// Whether `port` is one the sidecar may listen on (its admin port, or a key port).
-pub fn is_sidecar_port(port: i64) -> bool {
-    let keys = i64::from(FIRST_KEY_PORT)..i64::from(FIRST_KEY_PORT) + MAX_KEYS as i64;
-    port == i64::from(ADMIN_PORT) || keys.contains(&port)
+/// The ports a pod's sidecar may listen on: those of `configured` (the cluster's setting) and
+/// of the defaults, each admin port and its [`MAX_KEYS`] key ports, and those the pod's own
+/// sidecar was started with (`pod_sidecar`, from the pod cache: another release's, or moved by
+/// annotation).
+pub fn sidecar_ports(
+    configured: SidecarPorts,
+    pod_sidecar: Option<&k8s_openapi::api::core::v1::Container>,
+) -> std::collections::BTreeSet<i64> {
+    let mut out: std::collections::BTreeSet<i64> = [configured, SidecarPorts::default()]
+        .into_iter()
+        .flat_map(|p| std::iter::once(p.admin).chain(p.keys(MAX_KEYS)))
+        .map(i64::from)
+        .collect();
+    for arg in pod_sidecar
+        .and_then(|c| c.args.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        let port = arg
+            .strip_prefix("--admin-addr=")
+            .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+            .map(|a| a.port())
+            .or_else(|| {
+                arg.strip_prefix("--key=")
+                    .and_then(|k| k.rsplit_once('='))
+                    .and_then(|(_, p)| p.parse().ok())
+            });
+        out.extend(port.map(i64::from));
+    }
+    out
 }
 
 /// An `UPDATE` of a pod from `old` to `new`.
@@ -263,6 +291,44 @@ mod tests {
         );
         assert_eq!(
             token_request("alice", &[], &["https://kubernetes.default.svc".to_owned()]),
+            Ok(())
+        );
+    }
+
+    fn connect(
+        subresource: &str,
+        container: Option<&str>,
+        ports: &[i64],
+        opted_in: bool,
+    ) -> Result<(), Guarded> {
+        super::connect(
+            subresource,
+            container,
+            ports,
+            opted_in,
+            &sidecar_ports(SidecarPorts::default(), None),
+        )
+    }
+
+    #[test]
+    fn a_pods_own_sidecar_ports_are_refused_too() {
+        let sidecar = k8s_openapi::api::core::v1::Container {
+            args: Some(vec![
+                "proxy".into(),
+                "--admin-addr=0.0.0.0:15090".into(),
+                "--key=a=16100".into(),
+            ]),
+            ..Default::default()
+        };
+        let ports = sidecar_ports(SidecarPorts::default(), Some(&sidecar));
+        for p in [15090, 16100, 15120, 15100, 15115] {
+            assert_eq!(
+                super::connect("portforward", None, &[p], true, &ports),
+                Err(Guarded::PortForwardToSidecar(p))
+            );
+        }
+        assert_eq!(
+            super::connect("portforward", None, &[16101], true, &ports),
             Ok(())
         );
     }

@@ -70,6 +70,93 @@ pub const TOKEN_EXPIRY_SECONDS: i64 = 600;
 pub const ADMIN_PORT: u16 = 15120;
 /// Key `i` (annotation order) is served on `127.0.0.1:(FIRST_KEY_PORT + i)`.
 pub const FIRST_KEY_PORT: u16 = 15100;
+/// Ports meshes use whether or not their containers declare them (Istio 1.2x sidecar and
+/// ambient, Linkerd 2.1x, Consul 1.2x, Kuma 2.x): the sidecar's ports may be none of these.
+pub const MESH_PORTS: [std::ops::RangeInclusive<u16>; 9] = [
+    15000..=15099,
+    4140..=4140,
+    4143..=4143,
+    4190..=4191,
+    19000..=19000,
+    20000..=20000,
+    20200..=20200,
+    9901..=9901,
+    15001..=15001,
+];
+
+/// Where the sidecar listens: its admin port and the first of its key ports (key `i` on
+/// `first_key + i`). Set for the cluster by the operator's flags (chart: `sidecar.adminPort`,
+/// `sidecar.firstKeyPort`) and for one pod by [`names::SIDECAR_PORTS_ANNOTATION`]. The broker
+/// does not care which (the pod's args say), so changing them keeps running pods served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SidecarPorts {
+    pub admin: u16,
+    pub first_key: u16,
+}
+
+impl Default for SidecarPorts {
+    fn default() -> Self {
+        Self {
+            admin: ADMIN_PORT,
+            first_key: FIRST_KEY_PORT,
+        }
+    }
+}
+
+impl SidecarPorts {
+    /// The key ports for `keys` keys.
+    pub fn keys(self, keys: usize) -> impl Iterator<Item = u16> {
+        (self.first_key..).take(keys)
+    }
+
+    /// Why these ports cannot be used: privileged, past 65535 with [`MAX_KEYS`] keys, the admin
+    /// port among the key ports, or one a mesh uses.
+    pub fn check(self) -> Result<(), String> {
+        let last_key = u32::from(self.first_key) + MAX_KEYS as u32 - 1;
+        if self.admin < 1024 || self.first_key < 1024 {
+            return Err("ports below 1024 need privileges the sidecar does not have".into());
+        }
+        if last_key > 65535 {
+            return Err(format!(
+                "the key ports run from the first one for {MAX_KEYS} ports: {} is too high",
+                self.first_key
+            ));
+        }
+        if (u32::from(self.first_key)..=last_key).contains(&u32::from(self.admin)) {
+            return Err(format!(
+                "the admin port {} is among the key ports {}-{last_key}",
+                self.admin, self.first_key
+            ));
+        }
+        let in_mesh = |p: u16| MESH_PORTS.iter().any(|r| r.contains(&p));
+        let ports = std::iter::once(self.admin).chain(self.keys(MAX_KEYS));
+        if let Some(p) = ports.into_iter().find(|p| in_mesh(*p)) {
+            return Err(format!("port {p} is one a service mesh uses"));
+        }
+        Ok(())
+    }
+
+    /// `admin=PORT,keys=PORT` (either or both; the rest from `self`).
+    pub fn with_annotation(self, value: &str) -> Result<Self, String> {
+        let mut out = self;
+        for item in value.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (what, port) = item
+                .split_once('=')
+                .ok_or_else(|| format!("{} is not admin=PORT or keys=PORT", shown(item)))?;
+            let port: u16 = port
+                .trim()
+                .parse()
+                .map_err(|_| format!("{} is not a port", shown(port)))?;
+            match what.trim() {
+                "admin" => out.admin = port,
+                "keys" => out.first_key = port,
+                other => return Err(format!("{} is not admin or keys", shown(other))),
+            }
+        }
+        out.check()?;
+        Ok(out)
+    }
+}
 /// The most ProviderKeys one pod may name.
 pub const MAX_KEYS: usize = 16;
 /// `runAsUser` and `runAsGroup` of the sidecar. No other container may run as it, or it
@@ -115,6 +202,8 @@ pub struct InjectSettings {
     /// False when the cluster drops `restartPolicy` on init containers (checked at start-up):
     /// every opted-in pod is then refused, since a plain init container would never end.
     pub native_sidecars: bool,
+    /// The sidecar's ports, unless a pod says otherwise.
+    pub ports: SidecarPorts,
 }
 
 /// Where a ProviderKey stands, as far as injection cares.
@@ -225,13 +314,18 @@ pub enum Refusal {
     BrokerToken { field: String, volume: String },
     #[error(
         "{field}: container \"{container}\" declares port {port}, which the {SIDECAR_NAME} sidecar uses \
-         (admin {ADMIN_PORT}, keys from {FIRST_KEY_PORT})"
+         (admin {admin}, keys from {first_key}); move the sidecar with annotation {annotation}: \"admin=PORT,keys=PORT\"",
+        annotation = names::SIDECAR_PORTS_ANNOTATION
     )]
     PortTaken {
         field: String,
         container: String,
         port: i32,
+        admin: u16,
+        first_key: u16,
     },
+    #[error("annotation {annotation}: {0}", annotation = names::SIDECAR_PORTS_ANNOTATION)]
+    BadSidecarPorts(String),
     #[error("{field}: runAsUser {SIDECAR_UID} is reserved for the {SIDECAR_NAME} sidecar")]
     SidecarUid { field: String },
     #[error(
@@ -355,6 +449,22 @@ pub fn mutate(
         .and_then(|a| a.get(PROVIDER_KEYS_ANNOTATION))
         .ok_or(Refusal::MissingAnnotation)?;
     let key_names = parse_key_names(annotation).map_err(Refusal::BadAnnotation)?;
+    let ports = match pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(names::SIDECAR_PORTS_ANNOTATION))
+    {
+        Some(value) => settings
+            .ports
+            .with_annotation(value)
+            .map_err(Refusal::BadSidecarPorts)?,
+        None => settings.ports,
+    };
+    let settings = &InjectSettings {
+        ports,
+        ..settings.clone()
+    };
 
     let no_spec = PodSpec::default();
     let spec = pod.spec.as_ref().unwrap_or(&no_spec);
@@ -372,7 +482,7 @@ pub fn mutate(
         return Err(Refusal::BrokerNameRedirected);
     }
 
-    let planned: Vec<PlannedKey> = (FIRST_KEY_PORT..)
+    let planned: Vec<PlannedKey> = (settings.ports.first_key..)
         .zip(key_names)
         .map(|(port, name)| PlannedKey {
             facts: keys(&name),
@@ -406,7 +516,7 @@ pub fn mutate(
     let init = spec.init_containers.as_deref().unwrap_or_default();
     let existing_sidecar = find_our_sidecar(spec, &wanted_sidecar)?;
     let existing_volume = check_volumes(spec)?;
-    check_peers(spec, existing_sidecar, planned.len())?;
+    check_peers(spec, existing_sidecar, planned.len(), settings.ports)?;
 
     let warnings = planned
         .iter()
@@ -768,6 +878,7 @@ fn check_peers(
     spec: &PodSpec,
     our_sidecar: Option<usize>,
     key_count: usize,
+    ports: SidecarPorts,
 ) -> Result<(), Refusal> {
     let mut peers: Vec<Peer> = Vec::new();
     for (i, c) in spec.containers.iter().enumerate() {
@@ -795,9 +906,8 @@ fn check_peers(
         });
     }
 
-    let key_ports = (FIRST_KEY_PORT..).take(key_count);
-    let taken: BTreeSet<i32> = std::iter::once(ADMIN_PORT)
-        .chain(key_ports)
+    let taken: BTreeSet<i32> = std::iter::once(ports.admin)
+        .chain(ports.keys(key_count))
         .map(i32::from)
         .collect();
     for p in &peers {
@@ -834,6 +944,8 @@ fn check_peers(
                     field: format!("{}.ports[{j}].{what}", p.field),
                     container: p.name.to_owned(),
                     port: n,
+                    admin: ports.admin,
+                    first_key: ports.first_key,
                 });
             }
         }
@@ -958,11 +1070,11 @@ fn field_env(name: &str, field_path: &str) -> EnvVar {
     }
 }
 
-fn http_probe(path: &str, period: i32, failure_threshold: i32) -> Probe {
+fn http_probe(admin: u16, path: &str, period: i32, failure_threshold: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.to_owned()),
-            port: IntOrString::Int(i32::from(ADMIN_PORT)),
+            port: IntOrString::Int(i32::from(admin)),
             scheme: Some("HTTP".to_owned()),
             ..Default::default()
         }),
@@ -987,7 +1099,7 @@ fn tcp_port(port: u16, name: Option<&str>) -> ContainerPort {
 fn proxy_args(settings: &InjectSettings) -> [String; 3] {
     [
         "proxy".to_owned(),
-        format!("--admin-addr=0.0.0.0:{ADMIN_PORT}"),
+        format!("--admin-addr=0.0.0.0:{}", settings.ports.admin),
         format!("--broker-url={}", settings.broker_url),
     ]
 }
@@ -1005,7 +1117,7 @@ fn proxy_env() -> Vec<EnvVar> {
 fn sidecar(settings: &InjectSettings, keys: &[PlannedKey]) -> Container {
     let mut args = proxy_args(settings).to_vec();
     args.extend(keys.iter().map(|k| format!("--key={}={}", k.name, k.port)));
-    let mut ports = vec![tcp_port(ADMIN_PORT, Some(ADMIN_PORT_NAME))];
+    let mut ports = vec![tcp_port(settings.ports.admin, Some(ADMIN_PORT_NAME))];
     ports.extend(keys.iter().map(|k| tcp_port(k.port, None)));
     Container {
         name: SIDECAR_NAME.to_owned(),
@@ -1017,11 +1129,12 @@ fn sidecar(settings: &InjectSettings, keys: &[PlannedKey]) -> Container {
         resources: Some(settings.resources.clone()),
         restart_policy: Some("Always".to_owned()),
         startup_probe: Some(http_probe(
+            settings.ports.admin,
             "/readyz",
             STARTUP_PERIOD_SECONDS,
             STARTUP_FAILURE_THRESHOLD,
         )),
-        liveness_probe: Some(http_probe("/livez", 10, 3)),
+        liveness_probe: Some(http_probe(settings.ports.admin, "/livez", 10, 3)),
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),
             run_as_user: Some(SIDECAR_UID),
@@ -1425,6 +1538,7 @@ mod tests {
                 .to_owned(),
             broker_hosts: vec!["broker.byok-system.svc".to_owned(), "localhost".to_owned()],
             native_sidecars: true,
+            ports: SidecarPorts::default(),
         }
     }
 
@@ -1761,6 +1875,103 @@ mod tests {
             Some("http://127.0.0.1:15101/v1")
         );
         assert_eq!(value(app, "OPENAI_API_KEY"), Some("byok-proxy"));
+    }
+
+    /// Issue 20 item 4: the sidecar's ports move for the cluster (flags) or for one pod
+    /// (annotation), never onto a mesh's port, a privileged one or each other; the pod's
+    /// own containers are checked against the ports it will really use.
+    #[test]
+    fn the_sidecars_ports_move_by_setting_or_annotation() {
+        let keys = standard_keys();
+        let sidecar_of = |pod: &Pod| {
+            init(pod)
+                .iter()
+                .find(|c| c.name == SIDECAR_NAME)
+                .cloned()
+                .expect("sidecar")
+        };
+        // A pod whose app uses 15100: refused with the way out named, then moved by annotation.
+        let clashing = json!({"containers": [{"name": "app", "image": "app:1",
+            "ports": [{"containerPort": 15100}]}]});
+        let msg = run(&pod_with("team-anthropic", clashing.clone()), &keys)
+            .expect_err("clash")
+            .to_string();
+        assert!(msg.contains("byok.dev/sidecar-ports"), "{msg}");
+        let mut moved = pod_with("team-anthropic", clashing);
+        moved
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(
+                names::SIDECAR_PORTS_ANNOTATION.into(),
+                "admin=16120, keys=16100".into(),
+            );
+        let after = injected(&moved, &keys);
+        let s = sidecar_of(&after);
+        let args = s.args.clone().unwrap_or_default();
+        assert!(
+            args.contains(&"--admin-addr=0.0.0.0:16120".to_owned()),
+            "{args:?}"
+        );
+        assert!(
+            args.contains(&"--key=team-anthropic=16100".to_owned()),
+            "{args:?}"
+        );
+        let probe_port = s
+            .startup_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .map(|g| g.port.clone());
+        assert_eq!(probe_port, Some(IntOrString::Int(16120)));
+        assert_eq!(
+            value(&spec(&after).containers[0], "ANTHROPIC_BASE_URL"),
+            Some("http://127.0.0.1:16100")
+        );
+        assert_second_pass_empty(&after, &keys);
+        // The broker serves it as any other injected pod.
+        assert!(token_held_only_by_sidecar(spec(&after), &settings()));
+
+        // Moved for the whole cluster.
+        let cluster = InjectSettings {
+            ports: SidecarPorts {
+                admin: 17000,
+                first_key: 17100,
+            },
+            ..settings()
+        };
+        let m = mutate(&pod("team-anthropic"), NS, &keys, &cluster).expect("admitted");
+        let after = apply(&pod("team-anthropic"), &m);
+        assert!(
+            sidecar_of(&after)
+                .args
+                .unwrap_or_default()
+                .contains(&"--key=team-anthropic=17100".to_owned())
+        );
+
+        // Refused: a mesh's port (declared or not), privileged, overlapping, too high, junk.
+        for bad in [
+            "admin=15090",
+            "keys=15050",
+            "keys=4130",
+            "admin=80",
+            "admin=16105,keys=16100",
+            "keys=65530",
+            "admin=x",
+            "ports=1",
+            "admin",
+        ] {
+            let mut p = pod("team-anthropic");
+            p.metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(names::SIDECAR_PORTS_ANNOTATION.into(), bad.into());
+            let err = run(&p, &keys).expect_err(bad).to_string();
+            assert!(
+                err.starts_with("annotation byok.dev/sidecar-ports: "),
+                "{bad}: {err}"
+            );
+        }
+        assert!(SidecarPorts::default().check().is_ok());
     }
 
     /// The ports meshes use, declared or not (checked against Istio 1.2x sidecar and ambient,

@@ -101,7 +101,7 @@ providerkeys.byok.dev
 # a pod is injected, kept at the broker's current CA, deleted and created again when it cannot
 # be rewritten (immutable). Only that name; RBAC cannot name an object before it exists, so
 # create covers every ConfigMap here (the operator creates only that one). The
-# ValidatingAdmissionPolicy <release>-trust-bundle keeps everyone else from writing it.
+# ValidatingAdmissionPolicy <release>-trust keeps everyone else from writing it.
 - apiGroups: [""]
   resources: [configmaps]
   resourceNames: [byok-broker-ca]
