@@ -39,6 +39,28 @@ pub enum Command {
     /// Manage the operator keyring.
     #[command(subcommand)]
     Keyring(KeyringCommand),
+    /// Manage the operator's own CA (not with cert-manager).
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Replace the CA now (as the operator does when it nears its end): the new CA is issued
+    /// by the old one too, and the old one stays trusted for the transition (24 hours), so
+    /// running pods keep their keys. Refused while a rotation's transition is in progress.
+    Rotate(CaTarget),
+}
+
+/// Where the operator's TLS Secret is.
+#[derive(Debug, Args)]
+pub struct CaTarget {
+    /// The operator's own namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "byok-system")]
+    pub operator_namespace: String,
+    /// The TLS Secret holding the CA (the chart's `<fullname>-tls`).
+    #[arg(long, default_value = crate::serving::certs::DEFAULT_SECRET_NAME)]
+    pub cert_secret: String,
 }
 
 /// `byok-operator proxy`: the webhook sets every flag and variable; see `docs/proxy.md`.
@@ -570,6 +592,16 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                     );
                 }
             }
+            anyhow::Ok(())
+        }),
+        Command::Ca(CaCommand::Rotate(target)) => runtime()?.block_on(async {
+            let client = kube::Client::try_default().await?;
+            let api = kube::Api::namespaced(client, &target.operator_namespace);
+            let bundle = crate::serving::certs::rotate_now(&api, &target.cert_secret).await?;
+            println!(
+                "the CA in {} is new (serving certificate until {}); the old CA stays trusted for the transition, and replicas serve the new certificate within a minute",
+                target.cert_secret, bundle.not_after
+            );
             anyhow::Ok(())
         }),
         Command::Proxy(args) => proxy(args),

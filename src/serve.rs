@@ -150,6 +150,7 @@ pub async fn start(
             resources: config.proxy.resources.clone(),
             broker_url: config.broker_url.clone(),
             broker_ca_pem: bundle.ca_pem.clone(),
+            previous_ca_pem: bundle.previous_ca_pem.clone(),
             broker_hosts: broker_hosts(&config.broker_url, &bundle.cert_chain_pem),
             native_sidecars,
             ports: config.proxy.ports,
@@ -159,7 +160,8 @@ pub async fn start(
 
     // The namespaces' trust bundles follow the CA: the leader writes every one that is due,
     // every replica creates a missing one for a pod it injects.
-    let (ca_tx, ca_rx) = tokio::sync::watch::channel(bundle.ca_pem.clone());
+    // What clients trust: the CA, and during a CA rotation the one before too.
+    let (ca_tx, ca_rx) = tokio::sync::watch::channel(bundle.trust_pem());
     {
         let pods = watches.pods.clone();
         let metrics = ctx.metrics.clone();
@@ -189,12 +191,13 @@ pub async fn start(
     }
     let publish_ca = {
         let injector = injector.clone();
-        move |ca_pem: &str| {
-            injector.set_broker_ca(ca_pem);
+        move |bundle: &Bundle| {
+            injector.set_broker_ca(&bundle.ca_pem, bundle.previous_ca_pem.as_deref());
+            let trust = bundle.trust_pem();
             ca_tx.send_if_modified(|ca| {
-                let changed = *ca != ca_pem;
+                let changed = *ca != trust;
                 if changed {
-                    ca_pem.clone_into(ca);
+                    ca.clone_from(&trust);
                 }
                 changed
             });
@@ -220,7 +223,7 @@ pub async fn start(
                 reloadable.clone(),
                 move |bundle: &Bundle| {
                     injector.set_broker_hosts(broker_hosts(&broker_url, &bundle.cert_chain_pem));
-                    publish_ca(&bundle.ca_pem);
+                    publish_ca(bundle);
                 },
             )));
         }
@@ -235,7 +238,7 @@ pub async fn start(
                 certs::certs::DEFAULT_CHECK_EVERY,
                 move |bundle: &Bundle| {
                     injector.set_broker_hosts(broker_hosts(&broker_url, &bundle.cert_chain_pem));
-                    publish_ca(&bundle.ca_pem);
+                    publish_ca(bundle);
                 },
             )));
         }

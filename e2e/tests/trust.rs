@@ -536,3 +536,97 @@ async fn a_bundle_the_operator_did_not_write_gets_no_pod_a_key() -> anyhow::Resu
     );
     Ok(())
 }
+
+/// A planned CA rotation (`byok-operator ca rotate`, or the CA nearing its end): the operator
+/// serves the new certificate with the new CA issued by the old one, and publishes both CAs as
+/// the bundle. A running sidecar whose mount still holds only the old CA keeps being served
+/// (reported `outdated`), and once its mount is refreshed reports `current`; no application
+/// request fails, and the pod is never restarted.
+#[tokio::test]
+async fn a_planned_ca_rotation_keeps_sidecars_with_the_old_bundle_served() -> anyhow::Result<()> {
+    use byok_operator::serving::certs;
+    let env = TestEnv::new("trust-rotate").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let op = ServingOperator::start_with(&env, &fake, |config| {
+        if let Some(serve) = config.serving.as_mut()
+            && let byok_operator::serve::TlsSource::Own(settings) = &mut serve.tls
+        {
+            // The Secret is read again every second (60 s in a cluster).
+            settings.check_every = Duration::from_secs(1);
+        }
+    })
+    .await?;
+    ready_anthropic(
+        &env,
+        &fake,
+        "claude",
+        &random_key("sk-ant-"),
+        serde_json::json!({}),
+    )
+    .await?;
+    let pod = env
+        .api::<Pod>()
+        .create(
+            &PostParams::default(),
+            &opted_in_pod("rotate-", &["claude"]),
+        )
+        .await?;
+    let mut sidecar = Sidecar::start(&env, &op, &pod, "default").await?;
+    sidecar.wait_ready(Duration::from_secs(30)).await?;
+    let old_ca = serving_ca_pem(&env).await?;
+    let calls = byok_e2e::sidecar::AppCalls::start(&sidecar.url("claude"));
+
+    let secrets: Api<Secret> = env.api();
+    let rotated = certs::rotate_now(&secrets, certs::DEFAULT_SECRET_NAME).await?;
+    anyhow::ensure!(rotated.ca_pem != old_ca, "the CA did not change");
+    let trust = rotated.trust_pem();
+    // The operator serves it and publishes both CAs.
+    let bundles: Api<ConfigMap> = env.api();
+    let published = until(Duration::from_secs(30), "the bundle holds both CAs", || {
+        let (bundles, trust) = (bundles.clone(), trust.clone());
+        async move {
+            Ok(bundles
+                .get_opt(names::TRUST_BUNDLE_CONFIGMAP)
+                .await?
+                .is_some_and(|cm| byok_operator::serving::trust_bundle::conforms(&cm, &trust)))
+        }
+    })
+    .await?;
+    // The sidecar, its mount not refreshed (old CA only), is served by the new certificate.
+    let outdated_served = until(
+        Duration::from_secs(30),
+        "served with the old bundle",
+        || {
+            let n = op.metrics.trust_bundle_pods("outdated");
+            async move { Ok(n >= 1) }
+        },
+    )
+    .await?;
+    let held = std::fs::read_to_string(&sidecar.trust_bundle.as_ref().context("bundle")?.path)?;
+    anyhow::ensure!(held == old_ca, "the sidecar's bundle was refreshed already");
+    // Then the kubelet refreshes it.
+    sidecar
+        .trust_bundle
+        .as_ref()
+        .context("bundle")?
+        .sync(&env)
+        .await?;
+    until(
+        Duration::from_secs(30),
+        "served with the new bundle",
+        || {
+            let n = op.metrics.trust_bundle_pods("current");
+            async move { Ok(n >= 1) }
+        },
+    )
+    .await?;
+    let (ok, failed) = calls.finish().await?;
+    println!(
+        "planned CA rotation: bundle with both CAs published {:.1} s after, the sidecar with the old bundle served {:.1} s after that; {ok} requests, {} failed",
+        published.as_secs_f64(),
+        outdated_served.as_secs_f64(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+    Ok(())
+}

@@ -926,6 +926,16 @@ async fn port_forward_to_a_pod_using_keys_is_refused_when_asked() -> anyhow::Res
     )
     .await?;
     assert_eq!(code, 403, "{message}");
+    // Naming another port does not help: SPDY streams name their own.
+    let (code, message) = connect_to(
+        &env.client,
+        &env.namespace,
+        &keyed,
+        "portforward",
+        "?ports=8080",
+    )
+    .await?;
+    assert_eq!(code, 403, "{message}");
     let (code, message) =
         connect_to(&env.client, &env.namespace, &plain, "portforward", "").await?;
     assert!(

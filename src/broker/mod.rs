@@ -106,10 +106,27 @@ pub struct Broker {
     /// The trust bundle each served pod reported, and when the counts were last published.
     trust_reports: trust::Reports,
     trust_recounted: Mutex<Option<Instant>>,
-    /// Whether each namespace's trust bundle is the operator's current one: (answer, when
-    /// checked, digest of the CA it was checked against).
-    bundles: Mutex<HashMap<String, (bool, Instant, String)>>,
+    /// Whether each namespace's trust bundle is the operator's current one.
+    bundles: Mutex<HashMap<String, BundleCheck>>,
+    /// Bundle GETs in flight, across namespaces: a tenant's many pods cannot turn polls into
+    /// an unbounded number of API requests.
+    bundle_gets: tokio::sync::Semaphore,
 }
+
+/// The last check of one namespace's trust bundle.
+#[derive(Clone)]
+struct BundleCheck {
+    ok: bool,
+    checked: Instant,
+    /// When it was last found current (an API error keeps that answer for a lease at most).
+    verified: Option<Instant>,
+    /// The digest of the bundle it was checked against.
+    digest: String,
+}
+
+/// At most this many bundle GETs at once, each given this long.
+const BUNDLE_GETS: usize = 8;
+const BUNDLE_GET_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long a namespace's bundle check is reused: found current, and found otherwise.
 const BUNDLE_CHECKED_FOR: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(2));
@@ -223,6 +240,7 @@ impl Broker {
             outdated_told: Mutex::default(),
             trust_reports: trust::Reports::new(lease),
             bundles: Mutex::default(),
+            bundle_gets: tokio::sync::Semaphore::new(BUNDLE_GETS),
             trust_recounted: Mutex::default(),
             authority,
         }
@@ -433,46 +451,78 @@ impl Broker {
     /// seconds; when the API server does not answer, the last answer stands (none: not
     /// current).
     async fn bundle_current(&self, namespace: &str) -> bool {
-        let ca = self.injector.settings().broker_ca_pem.clone();
-        let ca_digest = crate::proxy::grant::trust_bundle_digest(ca.as_bytes());
-        let now = Instant::now();
+        let settings = self.injector.settings();
+        let trust = settings.trust_bundle_pem();
+        let digest = crate::proxy::grant::trust_bundle_digest(trust.as_bytes());
         let last = self
             .bundles
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(namespace)
-            .cloned();
-        if let Some((ok, at, digest)) = &last {
-            let reuse = if *ok {
+            .cloned()
+            .filter(|c| c.digest == digest);
+        if let Some(c) = &last {
+            let reuse = if c.ok {
                 BUNDLE_CHECKED_FOR.0
             } else {
                 BUNDLE_CHECKED_FOR.1
             };
-            if *digest == ca_digest && now.duration_since(*at) < reuse {
-                return *ok;
+            if c.checked.elapsed() < reuse {
+                return c.ok;
             }
         }
         let api: Api<k8s_openapi::api::core::v1::ConfigMap> =
             Api::namespaced(self.ctx.client.clone(), namespace);
-        let ok = match api.get_opt(names::TRUST_BUNDLE_CONFIGMAP).await {
-            Ok(cm) => cm.is_some_and(|cm| crate::serving::trust_bundle::conforms(&cm, &ca)),
-            Err(e) => {
-                tracing::warn!(namespace, error = %e, "reading the trust bundle failed");
-                return last.is_some_and(|(ok, _, digest)| ok && digest == ca_digest);
+        let got = match self.bundle_gets.acquire().await {
+            Ok(_permit) => {
+                tokio::time::timeout(
+                    BUNDLE_GET_TIMEOUT,
+                    api.get_opt(names::TRUST_BUNDLE_CONFIGMAP),
+                )
+                .await
+            }
+            Err(_) => return false,
+        };
+        let now = Instant::now();
+        let verified_before = last.as_ref().and_then(|c| c.verified);
+        let check = match got {
+            Ok(Ok(cm)) => {
+                let ok = cm.is_some_and(|cm| crate::serving::trust_bundle::conforms(&cm, &trust));
+                BundleCheck {
+                    ok,
+                    checked: now,
+                    verified: if ok { Some(now) } else { None },
+                    digest,
+                }
+            }
+            // The API server did not answer: the last finding stands for a lease at most, and
+            // is not asked again before the next reuse period.
+            failed => {
+                if let Ok(Err(e)) = &failed {
+                    tracing::warn!(namespace, error = %e, "reading the trust bundle failed");
+                } else {
+                    tracing::warn!(namespace, "reading the trust bundle timed out");
+                }
+                BundleCheck {
+                    ok: verified_before.is_some_and(|at| now.duration_since(at) < self.lease),
+                    checked: now,
+                    verified: verified_before,
+                    digest,
+                }
             }
         };
-        let mut bundles = self
-            .bundles
+        let ok = check.ok;
+        self.bundles
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        bundles.insert(namespace.to_owned(), (ok, now, ca_digest));
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(namespace.to_owned(), check);
         ok
     }
 
     /// A served sidecar reported the trust bundle it holds (`None`: it predates bundles).
     fn note_trust(&self, caller: &Caller, reported: Option<&str>) {
         let current = crate::proxy::grant::trust_bundle_digest(
-            self.injector.settings().broker_ca_pem.as_bytes(),
+            self.injector.settings().trust_bundle_pem().as_bytes(),
         );
         let held = trust::Held::of(reported, &current);
         let now = Instant::now().into_std();

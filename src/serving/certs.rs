@@ -1,9 +1,14 @@
 //! The operator's own CA and serving certificate, kept in one `kubernetes.io/tls` Secret that
 //! every replica shares.
 //!
-//! The CA is created once (the first replica to create the Secret wins; the others read it)
-//! and never replaced by the operator: sidecars and the API server trust it through the
-//! webhook's `caBundle`. The serving certificate is re-issued from that CA when it is due.
+//! The CA is created once (the first replica to create the Secret wins; the others read it).
+//! The serving certificate is re-issued from that CA when it is due. The CA itself is
+//! rotated when it nears its end ([`CertSettings::ca_rotate_before`]) or when asked
+//! (`byok-operator ca rotate`): the new CA is also issued by the old one (a cross-signed
+//! certificate, served after the leaf), so a sidecar whose trust bundle still holds only the
+//! old CA verifies the new certificate; and the trust bundle holds both CAs, so a sidecar with
+//! the new bundle verifies a replica still serving the old certificate. After
+//! [`CertSettings::ca_transition`] the old CA and the cross certificate go.
 //!
 //! [`decide`] is the whole policy and is pure; [`ensure`] only reads and writes.
 
@@ -32,12 +37,26 @@ pub const DEFAULT_CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 36
 pub const DEFAULT_SERVING_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
 pub const DEFAULT_RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
 pub const DEFAULT_CHECK_EVERY: Duration = Duration::from_secs(60);
+/// A CA with less than this left is rotated.
+pub const DEFAULT_CA_ROTATE_BEFORE: Duration = Duration::from_secs(365 * 24 * 3600);
+/// How long the old CA stays trusted (in the bundle) and cross-signs the new one after a
+/// rotation: every kubelet has refreshed its pods' bundles long before (about two minutes
+/// with the default `syncFrequency`), and pods that have not are counted
+/// (`byok_broker_trust_bundle_pods{bundle="outdated"}`).
+pub const DEFAULT_CA_TRANSITION: Duration = Duration::from_secs(24 * 3600);
 
 /// Secret data keys. `tls.crt`/`tls.key` are what `kubernetes.io/tls` requires.
 pub const TLS_CRT: &str = "tls.crt";
 pub const TLS_KEY: &str = "tls.key";
 pub const CA_CRT: &str = "ca.crt";
 pub const CA_KEY: &str = "ca.key";
+/// During a CA rotation: the CA before, the new CA issued by it, and when the rotation began.
+pub const PREVIOUS_CA_CRT: &str = "previous-ca.crt";
+pub const CROSS_CA_CRT: &str = "cross-ca.crt";
+pub const CA_ROTATED_AT: &str = "ca-rotated-at";
+/// The first CA's common name; a rotated CA's adds when it was made, so the old and the new
+/// CA never share a name (a verifier matches issuers by name first).
+const CA_NAME: &str = "byok-operator-ca";
 const SECRET_TYPE: &str = "kubernetes.io/tls";
 
 /// Certificates are dated this far back, so a replica or client whose clock runs a little
@@ -58,6 +77,10 @@ pub struct CertSettings {
     pub renew_before: Duration,
     /// How often [`super::tls::keep_current`] looks at the Secret.
     pub check_every: Duration,
+    /// A CA with less than this left is rotated.
+    pub ca_rotate_before: Duration,
+    /// How long a rotation keeps the old CA trusted and the cross certificate served.
+    pub ca_transition: Duration,
 }
 
 impl CertSettings {
@@ -72,6 +95,8 @@ impl CertSettings {
             serving_validity: DEFAULT_SERVING_VALIDITY,
             renew_before: DEFAULT_RENEW_BEFORE,
             check_every: DEFAULT_CHECK_EVERY,
+            ca_rotate_before: DEFAULT_CA_ROTATE_BEFORE,
+            ca_transition: DEFAULT_CA_TRANSITION,
         }
     }
 
@@ -87,6 +112,10 @@ impl CertSettings {
         if self.serving_validity > self.ca_validity {
             return bad("serving_validity must not exceed ca_validity");
         }
+        // Otherwise a new CA would be due for rotation at once.
+        if self.ca_rotate_before >= self.ca_validity {
+            return bad("ca_rotate_before must be shorter than ca_validity");
+        }
         Ok(())
     }
 }
@@ -95,6 +124,8 @@ impl CertSettings {
 #[derive(Clone)]
 pub struct Bundle {
     pub ca_pem: String,
+    /// During a CA rotation, the CA before: still trusted by the bundle sidecars get.
+    pub previous_ca_pem: Option<String>,
     /// Leaf first.
     pub cert_chain_pem: String,
     /// PKCS#8 PEM.
@@ -114,7 +145,28 @@ impl std::fmt::Debug for Bundle {
 impl Bundle {
     /// Same certificates (the key follows the leaf).
     pub fn same_certs(&self, other: &Bundle) -> bool {
-        self.ca_pem == other.ca_pem && self.cert_chain_pem == other.cert_chain_pem
+        self.ca_pem == other.ca_pem
+            && self.cert_chain_pem == other.cert_chain_pem
+            && self.previous_ca_pem == other.previous_ca_pem
+    }
+
+    /// What clients should trust: the CA, and during a rotation the CA before it too.
+    pub fn trust_pem(&self) -> String {
+        trust_pem(&self.ca_pem, self.previous_ca_pem.as_deref())
+    }
+}
+
+/// The trust bundle for `ca_pem` and, during a rotation, `previous`.
+pub fn trust_pem(ca_pem: &str, previous: Option<&str>) -> String {
+    match previous {
+        Some(prev) => {
+            let mut out = ca_pem.trim_end().to_owned();
+            out.push('\n');
+            out.push_str(prev.trim_end());
+            out.push('\n');
+            out
+        }
+        None => ca_pem.to_owned(),
     }
 }
 
@@ -192,6 +244,10 @@ pub enum Decision {
     Renew(RenewReason),
     /// The stored CA cannot sign; a person must act.
     UnusableCa(String),
+    /// The CA nears its end: make a new one, cross-signed by it.
+    RotateCa { not_after: Timestamp },
+    /// A rotation's transition is over: forget the old CA and the cross certificate.
+    EndTransition,
 }
 
 /// The policy: given the Secret (if any), the settings and the time, what to do.
@@ -208,6 +264,18 @@ pub fn decide(secret: Option<&Secret>, settings: &CertSettings, now: Timestamp) 
     if ca.not_after <= now {
         return Decision::UnusableCa(format!("the CA expired at {}", ca.not_after));
     }
+    match rotation_began(data) {
+        Some(began) if now >= began + to_span(settings.ca_transition) => {
+            return Decision::EndTransition;
+        }
+        Some(_) => {}
+        None if now + to_span(settings.ca_rotate_before) >= ca.not_after => {
+            return Decision::RotateCa {
+                not_after: ca.not_after,
+            };
+        }
+        None => {}
+    }
     match serving_state(data, &ca, &settings.sans) {
         Err(reason) => Decision::Renew(reason),
         Ok(not_after) => {
@@ -220,6 +288,14 @@ pub fn decide(secret: Option<&Secret>, settings: &CertSettings, now: Timestamp) 
             }
         }
     }
+}
+
+/// When the rotation in progress began (`None`: none is, or its record is unreadable, which
+/// ends it: a rotation needs both its time and the cross certificate).
+fn rotation_began(data: &BTreeMap<String, ByteString>) -> Option<Timestamp> {
+    text(data, CROSS_CA_CRT)?;
+    text(data, PREVIOUS_CA_CRT)?;
+    text(data, CA_ROTATED_AT)?.trim().parse().ok()
 }
 
 /// The CA from a Secret's data, checked: present, parses, is a CA, and the key is its key.
@@ -390,10 +466,48 @@ pub fn generate_ca(
     validity: Duration,
     now: Timestamp,
 ) -> Result<(String, SecretString), CertError> {
+    let (params, key) = ca_params(CA_NAME, validity, now)?;
+    let cert = params.self_signed(&key)?;
+    Ok((cert.pem(), SecretString::from(key.serialize_pem())))
+}
+
+/// What a rotation writes: the new CA (self-signed, named for `now`), its key, and the same
+/// CA issued by the old one (the cross certificate, valid while the old CA is).
+pub fn rotate_ca_certs(
+    old_ca_pem: &str,
+    old_ca_key: &SecretString,
+    validity: Duration,
+    now: Timestamp,
+) -> Result<(String, SecretString, String), CertError> {
+    let name = format!("{CA_NAME} {}", now.strftime("%Y-%m-%dT%H:%M:%SZ"));
+    let (params, key) = ca_params(&name, validity, now)?;
+    let new_ca = params.self_signed(&key)?;
+    let old_key = KeyPair::from_pem(old_ca_key.expose_secret())
+        .map_err(|_| CertError::Invalid("the CA key does not parse".into()))?;
+    let old_der = first_cert(old_ca_pem)
+        .ok_or_else(|| CertError::Invalid("the CA certificate does not parse".into()))?;
+    let old_not_after = x509_parser::parse_x509_certificate(&old_der)
+        .map(|(_, c)| asn1_time(c.validity().not_after))
+        .map_err(|_| CertError::Invalid("the CA certificate does not parse".into()))?;
+    let old = Issuer::from_ca_cert_der(&old_der, old_key)?;
+    let (mut cross_params, _) = ca_params(&name, validity, now)?;
+    cross_params.not_after = offset_date_time(add(now, validity)?.min(old_not_after))?;
+    let cross = cross_params.signed_by(&key, &old)?;
+    Ok((
+        new_ca.pem(),
+        SecretString::from(key.serialize_pem()),
+        cross.pem(),
+    ))
+}
+
+/// A CA's parameters and a fresh key.
+fn ca_params(
+    name: &str,
+    validity: Duration,
+    now: Timestamp,
+) -> Result<(CertificateParams, KeyPair), CertError> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "byok-operator-ca");
+    params.distinguished_name.push(DnType::CommonName, name);
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -403,9 +517,7 @@ pub fn generate_ca(
     params.not_before = offset_date_time(now - to_span(BACKDATE))?;
     params.not_after = offset_date_time(add(now, validity)?)?;
     params.serial_number = Some(random_serial());
-    let key = KeyPair::generate()?;
-    let cert = params.self_signed(&key)?;
-    Ok((cert.pem(), SecretString::from(key.serialize_pem())))
+    Ok((params, KeyPair::generate()?))
 }
 
 /// A serving certificate for `sans`, signed by the CA: (leaf PEM, PKCS#8 key PEM, not after).
@@ -481,7 +593,19 @@ pub fn bundle_from_secret(secret: &Secret) -> Result<Bundle, CertError> {
     };
     let key = secret_text(data, TLS_KEY)
         .ok_or_else(|| CertError::Invalid(format!("{TLS_KEY} is missing or not text")))?;
-    bundle_from_parts(get(CA_CRT)?, get(TLS_CRT)?, key)
+    let mut bundle = bundle_from_parts(get(CA_CRT)?, get(TLS_CRT)?, key)?;
+    // During a rotation: the cross certificate after the leaf (clients with the old CA chain
+    // through it), and the old CA for the trust bundle.
+    if rotation_began(data).is_some() {
+        let cross = get(CROSS_CA_CRT)?;
+        bundle.cert_chain_pem = format!(
+            "{}\n{}\n",
+            bundle.cert_chain_pem.trim_end(),
+            cross.trim_end()
+        );
+        bundle.previous_ca_pem = Some(get(PREVIOUS_CA_CRT)?);
+    }
+    Ok(bundle)
 }
 
 /// A bundle from PEM text, checked: the chain parses, the key parses and matches the leaf.
@@ -513,6 +637,7 @@ pub fn bundle_from_parts(
     Ok(Bundle {
         not_after: asn1_time(parsed.validity().not_after),
         ca_pem,
+        previous_ca_pem: None,
         cert_chain_pem,
         key,
     })
@@ -574,12 +699,44 @@ pub async fn ensure(api: &Api<Secret>, settings: &CertSettings) -> Result<Bundle
                         tracing::info!(secret = name, %not_after, "created the serving CA and certificate");
                         return Ok(Bundle {
                             ca_pem,
+                            previous_ca_pem: None,
                             cert_chain_pem: cert_pem,
                             key,
                             not_after,
                         });
                     }
                     // Another replica created it first: use theirs (one CA for everyone).
+                    Err(kube::Error::Api(status)) if status.code == 409 => continue,
+                    Err(e) => return Err(api_err(e)),
+                }
+            }
+            Decision::RotateCa { not_after } => {
+                let Some(secret) = stored else { continue };
+                let rotated = rotated_secret(secret, settings, now)?;
+                match api.replace(name, &PostParams::default(), &rotated).await {
+                    Ok(stored) => {
+                        tracing::warn!(secret = name, ca_not_after = %not_after, "the CA nears its end: rotated it (cross-signed by the old one, which stays trusted for the transition)");
+                        return bundle_from_secret(&stored);
+                    }
+                    Err(kube::Error::Api(status)) if status.code == 409 => continue,
+                    Err(e) => return Err(api_err(e)),
+                }
+            }
+            Decision::EndTransition => {
+                let Some(mut secret) = stored else { continue };
+                let data = secret.data.get_or_insert_default();
+                for key in [PREVIOUS_CA_CRT, CROSS_CA_CRT, CA_ROTATED_AT] {
+                    data.remove(key);
+                }
+                secret.metadata.managed_fields = None;
+                match api.replace(name, &PostParams::default(), &secret).await {
+                    Ok(stored) => {
+                        tracing::info!(
+                            secret = name,
+                            "the CA rotation's transition is over: the old CA is no longer trusted"
+                        );
+                        return bundle_from_secret(&stored);
+                    }
                     Err(kube::Error::Api(status)) if status.code == 409 => continue,
                     Err(e) => return Err(api_err(e)),
                 }
@@ -607,14 +764,9 @@ pub async fn ensure(api: &Api<Secret>, settings: &CertSettings) -> Result<Bundle
                 // The resourceVersion stays: the write fails if another replica got there first.
                 secret.metadata.managed_fields = None;
                 match api.replace(name, &PostParams::default(), &secret).await {
-                    Ok(_) => {
+                    Ok(stored) => {
                         tracing::info!(secret = name, %reason, %not_after, "renewed the serving certificate");
-                        return Ok(Bundle {
-                            ca_pem,
-                            cert_chain_pem: cert_pem,
-                            key,
-                            not_after,
-                        });
+                        return bundle_from_secret(&stored);
                     }
                     // Another replica renewed it: read theirs.
                     Err(kube::Error::Api(status)) if status.code == 409 => continue,
@@ -627,6 +779,74 @@ pub async fn ensure(api: &Api<Secret>, settings: &CertSettings) -> Result<Bundle
         namespace: settings.namespace.clone(),
         name: name.to_string(),
     })
+}
+
+/// `secret` with its CA rotated at `now`: a new CA and serving certificate, the old CA kept as
+/// `previous-ca.crt` and the new CA issued by it as `cross-ca.crt`. Refused while a
+/// rotation's transition is in progress (pods may still trust only the CA before it).
+pub fn rotated_secret(
+    mut secret: Secret,
+    settings: &CertSettings,
+    now: Timestamp,
+) -> Result<Secret, CertError> {
+    let data = secret.data.get_or_insert_default();
+    if rotation_began(data).is_some() {
+        return Err(CertError::Settings(
+            "a CA rotation is still in its transition; rotate again after it ends".into(),
+        ));
+    }
+    let (Some(old_pem), Some(old_key)) = (text(data, CA_CRT), secret_text(data, CA_KEY)) else {
+        return Err(CertError::Invalid("the Secret holds no usable CA".into()));
+    };
+    let (ca_pem, ca_key, cross) = rotate_ca_certs(&old_pem, &old_key, settings.ca_validity, now)?;
+    let (cert_pem, key, _) = issue_serving(
+        &ca_pem,
+        &ca_key,
+        &settings.sans,
+        settings.serving_validity,
+        now,
+    )?;
+    let mut next = secret_data(&ca_pem, &ca_key, &cert_pem, &key);
+    for (k, v) in [
+        (PREVIOUS_CA_CRT, old_pem),
+        (CROSS_CA_CRT, cross),
+        (CA_ROTATED_AT, now.to_string()),
+    ] {
+        next.insert(k.to_owned(), ByteString(v.into_bytes()));
+    }
+    // Anything else the Secret holds (the webhook's path) stays.
+    for (k, v) in std::mem::take(data) {
+        next.entry(k).or_insert(v);
+    }
+    secret.data = Some(next);
+    // The resourceVersion stays: the write fails if another replica got there first.
+    secret.metadata.managed_fields = None;
+    Ok(secret)
+}
+
+/// Rotates the CA now (`byok-operator ca rotate`): what [`decide`] does when the CA nears its
+/// end. The serving certificate's names are the stored one's.
+pub async fn rotate_now(api: &Api<Secret>, secret_name: &str) -> Result<Bundle, CertError> {
+    let err = |source| CertError::Api {
+        namespace: api.namespace().unwrap_or_default().to_owned(),
+        name: secret_name.to_owned(),
+        source,
+    };
+    let secret = api.get(secret_name).await.map_err(err)?;
+    let sans = secret
+        .data
+        .as_ref()
+        .and_then(|d| text(d, TLS_CRT))
+        .map(|chain| leaf_sans(&chain))
+        .unwrap_or_default();
+    let settings = CertSettings::new(api.namespace().unwrap_or_default(), sans);
+    settings.validate()?;
+    let rotated = rotated_secret(secret, &settings, Timestamp::now())?;
+    let stored = api
+        .replace(secret_name, &PostParams::default(), &rotated)
+        .await
+        .map_err(err)?;
+    bundle_from_secret(&stored)
 }
 
 #[cfg(test)]
@@ -668,6 +888,105 @@ mod tests {
 
     fn get(secret: &Secret, key: &str) -> String {
         text(secret.data.as_ref().unwrap(), key).unwrap()
+    }
+
+    /// Whether a client trusting exactly `roots_pem` accepts `chain_pem` for `name` at `at`.
+    fn verifies(roots_pem: &str, chain_pem: &str, name: &str, at: Timestamp) -> bool {
+        let mut roots = rustls::RootCertStore::empty();
+        for der in CertificateDer::pem_slice_iter(roots_pem.as_bytes()) {
+            roots.add(der.unwrap()).unwrap();
+        }
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .unwrap();
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+                .map(Result::unwrap)
+                .collect();
+        let server = rustls_pki_types::ServerName::try_from(name.to_owned()).unwrap();
+        let now = rustls_pki_types::UnixTime::since_unix_epoch(Duration::from_secs(
+            u64::try_from(at.as_second()).unwrap(),
+        ));
+        use rustls::client::danger::ServerCertVerifier as _;
+        verifier
+            .verify_server_cert(&chain[0], &chain[1..], &server, &[], now)
+            .is_ok()
+    }
+
+    /// Issue 20 item 3: a CA rotated when it nears its end. Every client in use during the
+    /// transition verifies every replica: a sidecar whose bundle still holds only the old CA
+    /// verifies the new certificate (through the cross certificate), one with the new bundle
+    /// (old and new CA) verifies a replica still serving the old certificate. After the
+    /// transition the old CA goes.
+    #[test]
+    fn a_rotated_ca_is_verified_by_old_and_new_bundles_through_the_transition() {
+        let s = settings();
+        let installed = now();
+        let old = stored(&s, installed);
+        let old_bundle = bundle_from_secret(&old).unwrap();
+        let name = "byok-operator.ns.svc";
+        // Nine years on, a year before the CA ends: rotate.
+        let due = installed + to_span(DEFAULT_CA_VALIDITY - DEFAULT_CA_ROTATE_BEFORE + DAY);
+        assert!(matches!(
+            decide(Some(&old), &s, due),
+            Decision::RotateCa { .. }
+        ));
+        assert_eq!(
+            decide(Some(&old), &s, installed + to_span(DAY)),
+            Decision::Keep
+        );
+        let rotated = rotated_secret(old.clone(), &s, due).unwrap();
+        assert_eq!(decide(Some(&rotated), &s, due), Decision::Keep);
+        let new_bundle = bundle_from_secret(&rotated).unwrap();
+        assert_ne!(new_bundle.ca_pem, old_bundle.ca_pem);
+        assert_eq!(
+            new_bundle.previous_ca_pem.as_deref(),
+            Some(old_bundle.ca_pem.as_str())
+        );
+        let trust = new_bundle.trust_pem();
+
+        // Old bundle -> new replica; new bundle -> old and new replicas.
+        assert!(verifies(
+            &old_bundle.ca_pem,
+            &new_bundle.cert_chain_pem,
+            name,
+            due
+        ));
+        assert!(verifies(&trust, &new_bundle.cert_chain_pem, name, due));
+        // A replica that has not read the Secret again serves a leaf of the old CA (renewed
+        // lately, as it is every 60 days).
+        let old_data = old.data.as_ref().unwrap();
+        let (old_leaf, _, _) = issue_serving(
+            &text(old_data, CA_CRT).unwrap(),
+            &secret_text(old_data, CA_KEY).unwrap(),
+            &s.sans,
+            s.serving_validity,
+            due - to_span(DAY),
+        )
+        .unwrap();
+        assert!(verifies(&trust, &old_leaf, name, due));
+        assert!(!verifies(&new_bundle.ca_pem, &old_leaf, name, due));
+        // Without the cross certificate the old bundle would not verify the new leaf.
+        let bare = text(rotated.data.as_ref().unwrap(), TLS_CRT).unwrap();
+        assert!(!verifies(&old_bundle.ca_pem, &bare, name, due));
+        // A second rotation waits for the transition to end.
+        assert!(rotated_secret(rotated.clone(), &s, due).is_err());
+
+        // The transition ends: the old CA and the cross certificate go.
+        let later = due + to_span(DEFAULT_CA_TRANSITION);
+        assert_eq!(decide(Some(&rotated), &s, later), Decision::EndTransition);
+        let mut ended = rotated.clone();
+        for key in [PREVIOUS_CA_CRT, CROSS_CA_CRT, CA_ROTATED_AT] {
+            ended.data.as_mut().unwrap().remove(key);
+        }
+        let after = bundle_from_secret(&ended).unwrap();
+        assert_eq!(after.previous_ca_pem, None);
+        assert_eq!(after.trust_pem(), new_bundle.ca_pem);
+        assert!(verifies(&after.ca_pem, &after.cert_chain_pem, name, later));
+        assert_eq!(decide(Some(&ended), &s, later), Decision::Keep);
     }
 
     #[test]

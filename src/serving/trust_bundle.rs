@@ -130,11 +130,9 @@ pub async fn keep(
     // Whether a pass is due: a replica that just became leader, a CA change, or
     // CHECK_EVERY since the last pass.
     let mut last_pass: Option<Instant> = None;
+    let mut ca_changed = false;
     loop {
-        let due_now = match last_pass {
-            None => true,
-            Some(at) => at.elapsed() >= CHECK_EVERY || ca.has_changed().unwrap_or(false),
-        };
+        let due_now = ca_changed || last_pass.is_none_or(|at| at.elapsed() >= CHECK_EVERY);
         if !leading() {
             // Seen, or `changed()` below would wake at once forever; becoming leader passes.
             ca.borrow_and_update();
@@ -199,10 +197,16 @@ pub async fn keep(
                 }
             }
         }
-        tokio::select! {
-            changed = ca.changed() => if changed.is_err() { return },
-            () = tokio::time::sleep(LEADER_POLL) => {}
-        }
+        // `changed()` marks the new value seen: remember it for the next pass.
+        ca_changed = tokio::select! {
+            changed = ca.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                true
+            }
+            () = tokio::time::sleep(LEADER_POLL) => false,
+        };
     }
 }
 

@@ -39,7 +39,7 @@ pub enum Guarded {
     )]
     PortForwardToSidecar(i64),
     #[error(
-        "port-forward to a pod using byok keys is refused: the request does not say which ports (kubectl names them only once connected), and the {SIDECAR_NAME} sidecar's would serve the pod's keys"
+        "port-forward to a pod using byok keys is refused: the ports a request names do not bind its streams (kubectl names them only once connected), and the {SIDECAR_NAME} sidecar's would serve the pod's keys"
     )]
     PortForwardToOptedIn,
     #[error(
@@ -83,9 +83,9 @@ pub fn connect(
     match subresource {
         "exec" if container == Some(SIDECAR_NAME) => Err(Guarded::IntoSidecar("exec")),
         "attach" if container == Some(SIDECAR_NAME) => Err(Guarded::IntoSidecar("attach")),
-        // kubectl and client-go name the ports in stream headers, after admission: the
-        // request names none, and a pod with a sidecar is refused whole.
-        "portforward" if ports.is_empty() && opted_in => Err(Guarded::PortForwardToOptedIn),
+        // kubectl and client-go name the ports in stream headers, after admission, and those
+        // need not be the ports the request names: a pod with a sidecar is refused whole.
+        "portforward" if opted_in => Err(Guarded::PortForwardToOptedIn),
         "portforward" => match ports.iter().find(|p| sidecar_ports.contains(p)) {
             Some(p) => Err(Guarded::PortForwardToSidecar(*p)),
             None => Ok(()),
@@ -323,12 +323,17 @@ mod tests {
         let ports = sidecar_ports(SidecarPorts::default(), Some(&sidecar));
         for p in [15090, 16100, 15120, 15100, 15115] {
             assert_eq!(
-                super::connect("portforward", None, &[p], true, &ports),
+                super::connect("portforward", None, &[p], false, &ports),
                 Err(Guarded::PortForwardToSidecar(p))
             );
         }
+        // Not known to use keys (not in the cache yet): only the sidecar's ports are refused.
         assert_eq!(
-            super::connect("portforward", None, &[16101], true, &ports),
+            super::connect("portforward", None, &[16100], false, &ports),
+            Err(Guarded::PortForwardToSidecar(16100))
+        );
+        assert_eq!(
+            super::connect("portforward", None, &[16101], false, &ports),
             Ok(())
         );
     }
@@ -346,14 +351,19 @@ mod tests {
         assert_eq!(connect("exec", Some("app"), &[], true), Ok(()));
         assert_eq!(connect("exec", None, &[], true), Ok(()));
         assert_eq!(
-            connect("portforward", None, &[8080, 15100], true),
+            connect("portforward", None, &[8080, 15100], false),
             Err(Guarded::PortForwardToSidecar(15100))
         );
         assert_eq!(
             connect("portforward", None, &[15120], false),
             Err(Guarded::PortForwardToSidecar(15120))
         );
-        assert_eq!(connect("portforward", None, &[8080, 15116], true), Ok(()));
+        // A pod using keys: refused whatever the request names (the streams may differ).
+        assert_eq!(
+            connect("portforward", None, &[8080], true),
+            Err(Guarded::PortForwardToOptedIn)
+        );
+        assert_eq!(connect("portforward", None, &[8080, 15116], false), Ok(()));
         // What kubectl sends: no ports in the request.
         assert_eq!(
             connect("portforward", None, &[], true),

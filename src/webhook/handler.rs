@@ -78,12 +78,14 @@ impl Injector {
         })
     }
 
-    /// Replaces the CA bundle sidecars get for the broker (a new CA, or mounted files).
-    pub fn set_broker_ca(&self, ca_pem: &str) {
+    /// Replaces the broker's CA (a new CA, or mounted files) and, during a CA rotation, the
+    /// one before it.
+    pub fn set_broker_ca(&self, ca_pem: &str, previous: Option<&str>) {
         let mut settings = self.settings.write().unwrap_or_else(|p| p.into_inner());
-        if settings.broker_ca_pem != ca_pem {
+        if settings.broker_ca_pem != ca_pem || settings.previous_ca_pem.as_deref() != previous {
             let mut next = (**settings).clone();
             next.broker_ca_pem = ca_pem.to_string();
+            next.previous_ca_pem = previous.map(str::to_owned);
             *settings = Arc::new(next);
         }
     }

@@ -106,7 +106,10 @@ impl Default for SidecarPorts {
 impl SidecarPorts {
     /// The key ports for `keys` keys.
     pub fn keys(self, keys: usize) -> impl Iterator<Item = u16> {
-        (self.first_key..).take(keys)
+        // Counted in u32: a range of u16 would overflow past 65535.
+        (u32::from(self.first_key)..)
+            .take(keys)
+            .map_while(|p| u16::try_from(p).ok())
     }
 
     /// Why these ports cannot be used: privileged, past 65535 with [`MAX_KEYS`] keys, the admin
@@ -195,6 +198,10 @@ pub struct InjectSettings {
     /// `BYOK_BROKER_CA` (they are served while it is current), and what the namespace's
     /// trust bundle holds.
     pub broker_ca_pem: String,
+    /// During a CA rotation, the CA before it: still in the trust bundle, and still accepted
+    /// in the env of sidecars injected before trust bundles (the broker's chain includes the
+    /// new CA issued by it, so they verify it).
+    pub previous_ca_pem: Option<String>,
     /// The names and addresses the broker's serving certificate is for (lowercased): a
     /// sidecar may call the broker at any of them (an old Service name, `localhost`), and at
     /// nothing else, since its CA might issue certificates for other names too.
@@ -204,6 +211,13 @@ pub struct InjectSettings {
     pub native_sidecars: bool,
     /// The sidecar's ports, unless a pod says otherwise.
     pub ports: SidecarPorts,
+}
+
+impl InjectSettings {
+    /// The trust bundle the operator publishes: the CA, and during a rotation the one before.
+    pub fn trust_bundle_pem(&self) -> String {
+        crate::serving::certs::trust_pem(&self.broker_ca_pem, self.previous_ca_pem.as_deref())
+    }
 }
 
 /// Where a ProviderKey stands, as far as injection cares.
@@ -482,7 +496,9 @@ pub fn mutate(
         return Err(Refusal::BrokerNameRedirected);
     }
 
-    let planned: Vec<PlannedKey> = (settings.ports.first_key..)
+    let planned: Vec<PlannedKey> = settings
+        .ports
+        .keys(key_names.len())
         .zip(key_names)
         .map(|(port, name)| PlannedKey {
             facts: keys(&name),
@@ -1504,10 +1520,13 @@ pub fn token_held_only_by_sidecar(spec: &PodSpec, settings: &InjectSettings) -> 
 /// accepted shape is defined by properties in [`super::shape`], so that pods injected before
 /// an upgrade keep their keys.
 fn runs_our_proxy(c: &Container, settings: &InjectSettings) -> bool {
+    let accepted: Vec<&str> = std::iter::once(settings.broker_ca_pem.as_str())
+        .chain(settings.previous_ca_pem.as_deref())
+        .collect();
     super::shape::runs_our_proxy(
         c,
         super::shape::image_repository(&settings.proxy_image),
-        &[settings.broker_ca_pem.as_str()],
+        &accepted,
         &settings.broker_hosts,
     )
 }
@@ -1539,6 +1558,7 @@ mod tests {
             broker_hosts: vec!["broker.byok-system.svc".to_owned(), "localhost".to_owned()],
             native_sidecars: true,
             ports: SidecarPorts::default(),
+            previous_ca_pem: None,
         }
     }
 
@@ -1956,6 +1976,7 @@ mod tests {
             "admin=80",
             "admin=16105,keys=16100",
             "keys=65530",
+            "keys=65521",
             "admin=x",
             "ports=1",
             "admin",
@@ -1972,6 +1993,13 @@ mod tests {
             );
         }
         assert!(SidecarPorts::default().check().is_ok());
+        // The highest first key port there is: 16 keys end at 65535.
+        let top = SidecarPorts {
+            admin: 16000,
+            first_key: 65520,
+        };
+        assert!(top.check().is_ok());
+        assert_eq!(top.keys(MAX_KEYS).last(), Some(65535));
     }
 
     /// The ports meshes use, declared or not (checked against Istio 1.2x sidecar and ambient,
@@ -2797,6 +2825,17 @@ mod tests {
         }));
         // A legacy sidecar trusting another CA, or one no longer current.
         assert!(!edited(&legacy("-----BEGIN CERTIFICATE-----\nevil")));
+        // During a CA rotation, one trusting the CA before (it verifies the new certificate
+        // through the cross-signed one) is served until the transition ends.
+        let previous = "-----BEGIN CERTIFICATE-----\nprevious\n-----END CERTIFICATE-----\n";
+        let mut rotating = good.clone();
+        legacy(previous)(rotating.spec.as_mut().expect("spec"));
+        assert!(!token_held_only_by_sidecar(spec(&rotating), &now));
+        let in_transition = InjectSettings {
+            previous_ca_pem: Some(previous.to_owned()),
+            ..now.clone()
+        };
+        assert!(token_held_only_by_sidecar(spec(&rotating), &in_transition));
 
         // The broker decides on its cache's stripped copy: the same answers.
         let stripped = |mut pod: Pod| {
