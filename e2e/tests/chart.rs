@@ -141,16 +141,18 @@ fn the_chart_lints_and_each_variant_renders_what_it_promises() -> anyhow::Result
             assert_eq!(webhook["failurePolicy"], "Fail", "{name}");
             assert_eq!(webhook["sideEffects"], "NoneOnDryRun", "{name}");
             assert!(webhook["timeoutSeconds"].as_i64().is_some_and(|t| t <= 5));
-            // Pod webhooks see opted-in pods only; the CONNECT ones (whose object is the
-            // exec or port-forward options) only requests into the sidecar.
+            // Pod webhooks see opted-in pods only; exec only requests into the sidecar.
+            // Port-forward (opt-in) sees every one: the ports a request names do not bind
+            // its streams.
             match webhook["name"].as_str() {
+                Some("portforward.byok.dev") => {
+                    assert!(webhook["matchConditions"].is_null(), "{name}: {webhook}");
+                }
                 Some("inject.byok.dev" | "ephemeral.byok.dev") => assert_eq!(
                     webhook["objectSelector"]["matchLabels"]["byok.dev/inject"],
                     "true"
                 ),
-                Some(
-                    "update.byok.dev" | "exec.byok.dev" | "portforward.byok.dev" | "token.byok.dev",
-                ) => assert!(
+                Some("update.byok.dev" | "exec.byok.dev" | "token.byok.dev") => assert!(
                     webhook["matchConditions"]
                         .as_array()
                         .is_some_and(|c| !c.is_empty()),
