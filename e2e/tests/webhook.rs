@@ -391,13 +391,13 @@ async fn serving_certificate_rotation_keeps_pods_admitted_and_sidecars_trusting(
     .await?;
     ready_key(&env, &fake, "team-a").await?;
     let early = create(&env, &opted_in_pod("early-", &["team-a"])).await?;
-    let sidecar_ca = container(&early, SIDECAR_NAME)?
-        .env
-        .iter()
-        .flatten()
-        .find(|e| e.name == "BYOK_BROKER_CA")
-        .and_then(|e| e.value.clone())
-        .context("the sidecar gets the broker CA")?;
+    anyhow::ensure!(
+        byok_e2e::sidecar::mounts_trust_bundle(container(&early, SIDECAR_NAME)?),
+        "the sidecar mounts the namespace's trust bundle"
+    );
+    // What the kubelet puts in the sidecar's mount.
+    let sidecar_ca = byok_e2e::sidecar::TrustBundleFile::mount(&env).await?;
+    let sidecar_ca = std::fs::read_to_string(&sidecar_ca.path)?;
     let first = presented_cert(op.config.webhook_addr, &sidecar_ca).await?;
 
     // Keep creating pods while the serving certificate is renewed (every ~4 s) at least twice.
