@@ -221,6 +221,7 @@ pub async fn start(
                 api,
                 settings.clone(),
                 reloadable.clone(),
+                injector.ca_recheck(),
                 move |bundle: &Bundle| {
                     injector.set_broker_hosts(broker_hosts(&broker_url, &bundle.cert_chain_pem));
                     publish_ca(bundle);

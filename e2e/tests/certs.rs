@@ -268,9 +268,15 @@ async fn keep_current_swaps_in_a_renewed_certificate() -> anyhow::Result<()> {
     let first = ensure(&api, &s).await?;
     let resolver = Arc::new(ReloadableCert::new(&first)?);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let task = tokio::spawn(keep_current(api, s, resolver.clone(), move |b: &Bundle| {
-        let _ = tx.send(b.clone());
-    }));
+    let task = tokio::spawn(keep_current(
+        api,
+        s,
+        resolver.clone(),
+        Default::default(),
+        move |b: &Bundle| {
+            let _ = tx.send(b.clone());
+        },
+    ));
     let changed = tokio::time::timeout(Duration::from_secs(30), rx.recv())
         .await?
         .ok_or(anyhow::anyhow!("the loop ended"))?;

@@ -507,7 +507,8 @@ async fn a_bundle_the_operator_did_not_write_gets_no_pod_a_key() -> anyhow::Resu
     }
     follower.stop().await?;
     let op = ServingOperator::start(&env, &fake).await?;
-    // The operator replaces it; then the pod is served.
+    // The operator replaces it. The pod made while it stood may have mounted it (an immutable
+    // one is never refreshed): it stays refused. A pod made after is served.
     let ca = serving_ca_pem(&env).await?;
     let replaced = until(
         Duration::from_secs(45),
@@ -524,12 +525,44 @@ async fn a_bundle_the_operator_did_not_write_gets_no_pod_a_key() -> anyhow::Resu
         },
     )
     .await?;
+    // Pods' creation times are whole seconds: the next pod is made once the clock has passed
+    // the second after the replacement.
+    let replaced_at: jiff::Timestamp = env
+        .api::<ConfigMap>()
+        .get(names::TRUST_BUNDLE_CONFIGMAP)
+        .await?
+        .metadata
+        .annotations
+        .and_then(|a| {
+            a.get(byok_operator::serving::trust_bundle::REPLACED_AT_ANNOTATION)
+                .cloned()
+        })
+        .context("the replacement is marked")?
+        .parse()?;
     until(
-        Duration::from_secs(15),
-        "served once the bundle is the operator's",
-        || async { Ok(ask(&op, &env, &token).await?.0 == 200) },
+        Duration::from_secs(5),
+        "the clock passes the replacement's second",
+        || {
+            let passed = jiff::Timestamp::now().as_second() > replaced_at.as_second();
+            async move { Ok(passed) }
+        },
     )
     .await?;
+    let fresh = env
+        .api::<Pod>()
+        .create(&PostParams::default(), &opted_in_pod("after-", &["claude"]))
+        .await?;
+    let fresh_token =
+        byok_e2e::serving::pod_token(&env, "default", &fresh, names::TOKEN_AUDIENCE).await?;
+    until(
+        Duration::from_secs(15),
+        "a pod made after the replacement is served",
+        || async { Ok(ask(&op, &env, &fresh_token).await?.0 == 200) },
+    )
+    .await?;
+    let (status, body) = ask(&op, &env, &token).await?;
+    assert_eq!(status, 503, "the pod made with the planted bundle: {body}");
+    assert!(body.contains("trust bundle"), "{body}");
     println!(
         "planted bundle replaced within {:.1} s",
         replaced.as_secs_f64()
@@ -553,6 +586,8 @@ async fn a_planned_ca_rotation_keeps_sidecars_with_the_old_bundle_served() -> an
         {
             // The Secret is read again every second (60 s in a cluster).
             settings.check_every = Duration::from_secs(1);
+            // The serving certificate moves to the new CA 3 s after the rotation (3 min).
+            settings.ca_switch_after = Duration::from_secs(3);
         }
     })
     .await?;
@@ -592,13 +627,33 @@ async fn a_planned_ca_rotation_keeps_sidecars_with_the_old_bundle_served() -> an
         }
     })
     .await?;
-    // The sidecar, its mount not refreshed (old CA only), is served by the new certificate.
+    // Then the serving certificate moves to the new CA: a client trusting only the new CA
+    // completes TLS with the broker (any HTTP answer).
+    let new_only = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(rotated.ca_pem.as_bytes())?])
+        .build()?;
+    let broker_url = op.broker_url().to_owned();
+    until(
+        Duration::from_secs(30),
+        "the serving certificate moves to the new CA",
+        || {
+            let (http, url) = (new_only.clone(), broker_url.clone());
+            async move { Ok(http.get(&url).send().await.is_ok()) }
+        },
+    )
+    .await?;
+    let served_at_switch =
+        op.metrics.broker_answers("not_modified") + op.metrics.broker_answers("granted");
+    // The sidecar, its mount not refreshed (old CA only), is served by the new certificate
+    // (through the cross-signed one).
     let outdated_served = until(
         Duration::from_secs(30),
-        "served with the old bundle",
+        "served with the old bundle after the switch",
         || {
+            let served =
+                op.metrics.broker_answers("not_modified") + op.metrics.broker_answers("granted");
             let n = op.metrics.trust_bundle_pods("outdated");
-            async move { Ok(n >= 1) }
+            async move { Ok(n >= 1 && served > served_at_switch + 1) }
         },
     )
     .await?;

@@ -40,6 +40,8 @@ pub struct PodFacts {
     /// Its sidecar trusts the broker through the namespace's trust bundle (this release on),
     /// not a CA in its env: served only while that bundle is the operator's.
     pub trusts_namespace_bundle: bool,
+    /// When the pod was created (a bundle replaced later may not be what it mounted).
+    pub created: Option<jiff::Timestamp>,
     /// The names in its `byok.dev/provider-keys` annotation (empty when malformed: the
     /// webhook refused such pods, so only a pod edited afterwards can have one).
     pub keys: Vec<String>,
@@ -346,6 +348,7 @@ mod tests {
             injected: true,
             deleting: false,
             trusts_namespace_bundle: true,
+            created: None,
             keys: keys.iter().map(|k| k.to_string()).collect(),
         }
     }

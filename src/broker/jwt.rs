@@ -609,6 +609,7 @@ mod tests {
             injected: true,
             deleting: false,
             trusts_namespace_bundle: true,
+            created: None,
             keys: vec!["k".into()],
         }
     }

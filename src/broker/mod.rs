@@ -122,6 +122,9 @@ struct BundleCheck {
     verified: Option<Instant>,
     /// The digest of the bundle it was checked against.
     digest: String,
+    /// The bundle replaced one the operator did not write, at this time: pods created
+    /// before are not served.
+    replaced_before: Option<jiff::Timestamp>,
 }
 
 /// At most this many bundle GETs at once, each given this long.
@@ -282,6 +285,7 @@ impl Broker {
                 .spec
                 .as_ref()
                 .is_some_and(crate::webhook::patch::trusts_namespace_bundle),
+            created: meta.creation_timestamp.as_ref().map(|t| t.0),
             keys: meta
                 .annotations
                 .as_ref()
@@ -450,7 +454,18 @@ impl Broker {
     /// ([`crate::serving::trust_bundle::conforms`]). Checked with a GET, reused for a few
     /// seconds; when the API server does not answer, the last answer stands (none: not
     /// current).
-    async fn bundle_current(&self, namespace: &str) -> bool {
+    async fn bundle_current(&self, namespace: &str, pod_created: Option<jiff::Timestamp>) -> bool {
+        // A bundle that replaced one the operator did not write serves only pods made after.
+        // Pods' creation times are whole seconds: one made in the second of the replacement
+        // may be older than it, so it counts from the next whole second.
+        let created_after = |replaced: Option<jiff::Timestamp>| {
+            replaced.is_none_or(|at| {
+                let next_second = at
+                    .as_second()
+                    .saturating_add(i64::from(at.subsec_nanosecond() > 0));
+                pod_created.is_some_and(|p| p.as_second() >= next_second)
+            })
+        };
         let settings = self.injector.settings();
         let trust = settings.trust_bundle_pem();
         let digest = crate::proxy::grant::trust_bundle_digest(trust.as_bytes());
@@ -468,7 +483,7 @@ impl Broker {
                 BUNDLE_CHECKED_FOR.1
             };
             if c.checked.elapsed() < reuse {
-                return c.ok;
+                return c.ok && created_after(c.replaced_before);
             }
         }
         let api: Api<k8s_openapi::api::core::v1::ConfigMap> =
@@ -487,12 +502,28 @@ impl Broker {
         let verified_before = last.as_ref().and_then(|c| c.verified);
         let check = match got {
             Ok(Ok(cm)) => {
-                let ok = cm.is_some_and(|cm| crate::serving::trust_bundle::conforms(&cm, &trust));
+                let ok = cm
+                    .as_ref()
+                    .is_some_and(|cm| crate::serving::trust_bundle::conforms(cm, &trust));
+                if !ok {
+                    // This replica may not have read a new CA yet: look again now.
+                    self.injector.request_ca_recheck();
+                }
                 BundleCheck {
                     ok,
                     checked: now,
                     verified: if ok { Some(now) } else { None },
                     digest,
+                    replaced_before: cm.as_ref().and_then(|cm| {
+                        cm.metadata
+                            .annotations
+                            .as_ref()
+                            .and_then(|a| {
+                                a.get(crate::serving::trust_bundle::REPLACED_AT_ANNOTATION)
+                            })
+                            // Unreadable: no pod is young enough.
+                            .map(|at| at.parse().unwrap_or(jiff::Timestamp::MAX))
+                    }),
                 }
             }
             // The API server did not answer: the last finding stands for a lease at most, and
@@ -508,10 +539,11 @@ impl Broker {
                     checked: now,
                     verified: verified_before,
                     digest,
+                    replaced_before: last.as_ref().and_then(|c| c.replaced_before),
                 }
             }
         };
-        let ok = check.ok;
+        let ok = check.ok && created_after(check.replaced_before);
         self.bundles
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -619,7 +651,8 @@ impl Broker {
                 // the operator's: one written before the policy guarded it may name another
                 // CA, and whoever holds a certificate from it could be holding this token.
                 let trusts_bundle = pod.as_ref().is_some_and(|p| p.trusts_namespace_bundle);
-                if trusts_bundle && !self.bundle_current(namespace).await {
+                let created = pod.as_ref().and_then(|p| p.created);
+                if trusts_bundle && !self.bundle_current(namespace, created).await {
                     let denial = Denial::KeyUnavailable {
                         reason: format!(
                             "the namespace's trust bundle (ConfigMap {}) is not the operator's current one yet",

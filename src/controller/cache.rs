@@ -91,6 +91,8 @@ pub fn strip_pod(pod: &mut k8s_openapi::api::core::v1::Pod) {
         uid: full.uid,
         resource_version: full.resource_version,
         deletion_timestamp: full.deletion_timestamp,
+        // A trust bundle replaced later may not be what the pod mounted.
+        creation_timestamp: full.creation_timestamp,
         // Spec changes while the pod was out of the watch (`controller::swaps`).
         generation: full.generation,
         labels: keep(full.labels, names::INJECT_LABEL),

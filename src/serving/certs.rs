@@ -44,6 +44,12 @@ pub const DEFAULT_CA_ROTATE_BEFORE: Duration = Duration::from_secs(365 * 24 * 36
 /// with the default `syncFrequency`), and pods that have not are counted
 /// (`byok_broker_trust_bundle_pods{bundle="outdated"}`).
 pub const DEFAULT_CA_TRANSITION: Duration = Duration::from_secs(24 * 3600);
+/// How long after a rotation the replicas keep serving a certificate of the old CA: every
+/// replica reads the Secret within `check_every` (60 s) and then trusts, and publishes in the
+/// webhook's `caBundle`, both CAs; only then does the serving certificate move to the new CA
+/// (Go's verifier, the API server's, would not follow the cross certificate under a CA with
+/// path length 0, which every CA of this operator has).
+pub const DEFAULT_CA_SWITCH_AFTER: Duration = Duration::from_secs(180);
 
 /// Secret data keys. `tls.crt`/`tls.key` are what `kubernetes.io/tls` requires.
 pub const TLS_CRT: &str = "tls.crt";
@@ -81,6 +87,8 @@ pub struct CertSettings {
     pub ca_rotate_before: Duration,
     /// How long a rotation keeps the old CA trusted and the cross certificate served.
     pub ca_transition: Duration,
+    /// How long after a rotation the serving certificate stays the old CA's.
+    pub ca_switch_after: Duration,
 }
 
 impl CertSettings {
@@ -97,6 +105,7 @@ impl CertSettings {
             check_every: DEFAULT_CHECK_EVERY,
             ca_rotate_before: DEFAULT_CA_ROTATE_BEFORE,
             ca_transition: DEFAULT_CA_TRANSITION,
+            ca_switch_after: DEFAULT_CA_SWITCH_AFTER,
         }
     }
 
@@ -265,7 +274,11 @@ pub fn decide(secret: Option<&Secret>, settings: &CertSettings, now: Timestamp) 
         return Decision::UnusableCa(format!("the CA expired at {}", ca.not_after));
     }
     match rotation_began(data) {
-        Some(began) if now >= began + to_span(settings.ca_transition) => {
+        Some(began)
+            if began
+                .checked_add(to_span(settings.ca_transition))
+                .is_ok_and(|end| now >= end) =>
+        {
             return Decision::EndTransition;
         }
         Some(_) => {}
@@ -276,7 +289,28 @@ pub fn decide(secret: Option<&Secret>, settings: &CertSettings, now: Timestamp) 
         }
         None => {}
     }
-    match serving_state(data, &ca, &settings.sans) {
+    // The first part of a rotation: a certificate of the old CA is still fine.
+    let old_leaf_ok = rotation_began(data).is_some_and(|began| {
+        began
+            .checked_add(to_span(settings.ca_switch_after))
+            .is_ok_and(|switch| now < switch)
+    });
+    let state = match serving_state(data, &ca, &settings.sans) {
+        Err(RenewReason::NotSignedByCa) if old_leaf_ok => text(data, PREVIOUS_CA_CRT)
+            .and_then(|pem| first_cert(&pem))
+            .map_or(Err(RenewReason::NotSignedByCa), |cert_der| {
+                serving_state(
+                    data,
+                    &StoredCa {
+                        cert_der,
+                        not_after: ca.not_after,
+                    },
+                    &settings.sans,
+                )
+            }),
+        other => other,
+    };
+    match state {
         Err(reason) => Decision::Renew(reason),
         Ok(not_after) => {
             let due = now + to_span(settings.renew_before) >= not_after;
@@ -799,13 +833,12 @@ pub fn rotated_secret(
         return Err(CertError::Invalid("the Secret holds no usable CA".into()));
     };
     let (ca_pem, ca_key, cross) = rotate_ca_certs(&old_pem, &old_key, settings.ca_validity, now)?;
-    let (cert_pem, key, _) = issue_serving(
-        &ca_pem,
-        &ca_key,
-        &settings.sans,
-        settings.serving_validity,
-        now,
-    )?;
+    // The serving certificate stays the old CA's until `ca_switch_after` (see there).
+    let (Some(cert_pem), Some(key)) = (text(data, TLS_CRT), secret_text(data, TLS_KEY)) else {
+        return Err(CertError::Invalid(
+            "the Secret holds no serving certificate".into(),
+        ));
+    };
     let mut next = secret_data(&ca_pem, &ca_key, &cert_pem, &key);
     for (k, v) in [
         (PREVIOUS_CA_CRT, old_pem),
@@ -925,11 +958,26 @@ mod tests {
     fn a_rotated_ca_is_verified_by_old_and_new_bundles_through_the_transition() {
         let s = settings();
         let installed = now();
-        let old = stored(&s, installed);
-        let old_bundle = bundle_from_secret(&old).unwrap();
+        let mut old = stored(&s, installed);
         let name = "byok-operator.ns.svc";
-        // Nine years on, a year before the CA ends: rotate.
+        // Nine years on, a year before the CA ends: rotate. (The serving certificate was
+        // renewed lately, as it is every 60 days.)
         let due = installed + to_span(DEFAULT_CA_VALIDITY - DEFAULT_CA_ROTATE_BEFORE + DAY);
+        let data = old.data.as_mut().unwrap();
+        let (leaf, key, _) = issue_serving(
+            &text(data, CA_CRT).unwrap(),
+            &secret_text(data, CA_KEY).unwrap(),
+            &s.sans,
+            s.serving_validity,
+            due - to_span(DAY),
+        )
+        .unwrap();
+        data.insert(TLS_CRT.into(), ByteString(leaf.into_bytes()));
+        data.insert(
+            TLS_KEY.into(),
+            ByteString(key.expose_secret().as_bytes().to_vec()),
+        );
+        let old_bundle = bundle_from_secret(&old).unwrap();
         assert!(matches!(
             decide(Some(&old), &s, due),
             Decision::RotateCa { .. }
@@ -939,46 +987,73 @@ mod tests {
             Decision::Keep
         );
         let rotated = rotated_secret(old.clone(), &s, due).unwrap();
+        // First part: the old CA's certificate is still served, and both CAs are trusted.
         assert_eq!(decide(Some(&rotated), &s, due), Decision::Keep);
-        let new_bundle = bundle_from_secret(&rotated).unwrap();
-        assert_ne!(new_bundle.ca_pem, old_bundle.ca_pem);
+        let first_part = bundle_from_secret(&rotated).unwrap();
+        assert_ne!(first_part.ca_pem, old_bundle.ca_pem);
         assert_eq!(
-            new_bundle.previous_ca_pem.as_deref(),
+            first_part.previous_ca_pem.as_deref(),
             Some(old_bundle.ca_pem.as_str())
         );
-        let trust = new_bundle.trust_pem();
+        let trust = first_part.trust_pem();
+        assert!(verifies(
+            &old_bundle.ca_pem,
+            &first_part.cert_chain_pem,
+            name,
+            due
+        ));
+        assert!(verifies(&trust, &first_part.cert_chain_pem, name, due));
+        // Then the serving certificate moves to the new CA.
+        let switch = due + to_span(DEFAULT_CA_SWITCH_AFTER);
+        assert_eq!(
+            decide(Some(&rotated), &s, switch),
+            Decision::Renew(RenewReason::NotSignedByCa)
+        );
+        let mut renewed = rotated.clone();
+        let data = renewed.data.as_mut().unwrap();
+        let (leaf, key, _) = issue_serving(
+            &text(data, CA_CRT).unwrap(),
+            &secret_text(data, CA_KEY).unwrap(),
+            &s.sans,
+            s.serving_validity,
+            switch,
+        )
+        .unwrap();
+        data.insert(TLS_CRT.into(), ByteString(leaf.into_bytes()));
+        data.insert(
+            TLS_KEY.into(),
+            ByteString(key.expose_secret().as_bytes().to_vec()),
+        );
+        assert_eq!(decide(Some(&renewed), &s, switch), Decision::Keep);
+        let new_bundle = bundle_from_secret(&renewed).unwrap();
+        assert_eq!(new_bundle.trust_pem(), trust);
 
-        // Old bundle -> new replica; new bundle -> old and new replicas.
+        // Old bundle (a sidecar whose mount is not refreshed) -> the new certificate, through
+        // the cross certificate; new bundle -> old and new certificates.
         assert!(verifies(
             &old_bundle.ca_pem,
             &new_bundle.cert_chain_pem,
             name,
+            switch
+        ));
+        assert!(verifies(&trust, &new_bundle.cert_chain_pem, name, switch));
+        assert!(verifies(&trust, &first_part.cert_chain_pem, name, switch));
+        // Without the cross certificate the old bundle would not verify the new leaf.
+        let bare = text(renewed.data.as_ref().unwrap(), TLS_CRT).unwrap();
+        assert!(!verifies(&old_bundle.ca_pem, &bare, name, switch));
+        assert!(!verifies(
+            &new_bundle.ca_pem,
+            &old_bundle.cert_chain_pem,
+            name,
             due
         ));
-        assert!(verifies(&trust, &new_bundle.cert_chain_pem, name, due));
-        // A replica that has not read the Secret again serves a leaf of the old CA (renewed
-        // lately, as it is every 60 days).
-        let old_data = old.data.as_ref().unwrap();
-        let (old_leaf, _, _) = issue_serving(
-            &text(old_data, CA_CRT).unwrap(),
-            &secret_text(old_data, CA_KEY).unwrap(),
-            &s.sans,
-            s.serving_validity,
-            due - to_span(DAY),
-        )
-        .unwrap();
-        assert!(verifies(&trust, &old_leaf, name, due));
-        assert!(!verifies(&new_bundle.ca_pem, &old_leaf, name, due));
-        // Without the cross certificate the old bundle would not verify the new leaf.
-        let bare = text(rotated.data.as_ref().unwrap(), TLS_CRT).unwrap();
-        assert!(!verifies(&old_bundle.ca_pem, &bare, name, due));
         // A second rotation waits for the transition to end.
-        assert!(rotated_secret(rotated.clone(), &s, due).is_err());
+        assert!(rotated_secret(renewed.clone(), &s, due).is_err());
 
         // The transition ends: the old CA and the cross certificate go.
         let later = due + to_span(DEFAULT_CA_TRANSITION);
-        assert_eq!(decide(Some(&rotated), &s, later), Decision::EndTransition);
-        let mut ended = rotated.clone();
+        assert_eq!(decide(Some(&renewed), &s, later), Decision::EndTransition);
+        let mut ended = renewed.clone();
         for key in [PREVIOUS_CA_CRT, CROSS_CA_CRT, CA_ROTATED_AT] {
             ended.data.as_mut().unwrap().remove(key);
         }

@@ -139,13 +139,17 @@ pub async fn keep_current(
     api: Api<Secret>,
     settings: CertSettings,
     resolver: Arc<ReloadableCert>,
+    recheck: Arc<tokio::sync::Notify>,
     on_change: impl Fn(&Bundle),
 ) {
     let period = settings.check_every.max(Duration::from_secs(1));
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticks.tick().await;
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = recheck.notified() => {}
+        }
         let bundle = match certs::ensure(&api, &settings).await {
             Ok(bundle) => bundle,
             Err(e) => {

@@ -69,10 +69,22 @@ pub fn conforms(cm: &ConfigMap, ca_pem: &str) -> bool {
 }
 
 /// Whether an apply cannot bring `cm` to a conforming bundle (it is immutable, or holds
-/// `binaryData`, which an apply of `data` would not remove): it is deleted and created again.
+/// `binaryData` or other keys, which an apply of `ca.crt` would not remove): it is deleted
+/// and created again, marked [`REPLACED_AT_ANNOTATION`]. Only a bundle written before the
+/// policy guarded it can be so: the kubelet never refreshes an immutable one in a running
+/// pod, so pods created before the replacement may trust whatever it held.
 pub fn needs_recreating(cm: &ConfigMap) -> bool {
-    cm.immutable == Some(true) || cm.binary_data.as_ref().is_some_and(|b| !b.is_empty())
+    cm.immutable == Some(true)
+        || cm.binary_data.as_ref().is_some_and(|b| !b.is_empty())
+        || cm
+            .data
+            .as_ref()
+            .is_some_and(|d| d.keys().any(|k| k != names::TRUST_BUNDLE_KEY))
 }
+
+/// On a bundle the operator wrote in place of one it could not rewrite: when (RFC 3339). The
+/// broker serves no pod created before it.
+pub const REPLACED_AT_ANNOTATION: &str = "byok.dev/trust-bundle-replaced-at";
 
 /// The namespaces whose bundle must be written, of those with opted-in pods (`existing`:
 /// namespace -> its `ca.crt`, if any, of those that have one) where the bundle is missing or
@@ -158,10 +170,21 @@ pub async fn keep(
                             ..Default::default()
                         };
                         match api.delete(names::TRUST_BUNDLE_CONFIGMAP, &params).await {
-                            Ok(_) => tracing::warn!(
-                                namespace,
-                                "the trust bundle was immutable or held binaryData: deleted, to be written again"
-                            ),
+                            Ok(_) => {
+                                tracing::warn!(
+                                    namespace,
+                                    "the trust bundle was not the operator's (immutable, binaryData or other keys): replaced; pods created before get 503 until recreated"
+                                );
+                                let mut fresh = config_map(namespace, &ca_pem);
+                                fresh.metadata.annotations = Some(BTreeMap::from([(
+                                    REPLACED_AT_ANNOTATION.to_owned(),
+                                    jiff::Timestamp::now().to_string(),
+                                )]));
+                                if let Err(e) = api.create(&PostParams::default(), &fresh).await {
+                                    tracing::warn!(namespace, error = %e, "creating the replaced trust bundle failed; retried");
+                                }
+                                existing.insert(namespace.clone(), Some(ca_pem.clone()));
+                            }
                             Err(e) => {
                                 tracing::warn!(namespace, error = %e, "deleting a trust bundle the operator cannot rewrite failed; retried")
                             }
@@ -289,7 +312,8 @@ mod tests {
             .get_or_insert_with(BTreeMap::new)
             .insert("evil.crt".into(), "X".into());
         assert!(!conforms(&extra, "CA"));
-        assert!(!needs_recreating(&extra));
+        // An apply of ca.crt would leave the other key (another manager's).
+        assert!(needs_recreating(&extra));
         let mut binary = good.clone();
         binary.binary_data = Some(BTreeMap::from([(
             names::TRUST_BUNDLE_KEY.to_owned(),

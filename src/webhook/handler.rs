@@ -46,6 +46,9 @@ pub struct Injector {
     /// Where the namespaces of injected pods go, so their trust bundle exists before the
     /// kubelet mounts it ([`crate::serving::trust_bundle::create_missing`]).
     trust_bundles: std::sync::OnceLock<tokio::sync::mpsc::Sender<String>>,
+    /// Woken when the broker finds a namespace's bundle is not what this replica thinks the
+    /// CA is: the certificate keeper reads the Secret again at once.
+    ca_recheck: Arc<tokio::sync::Notify>,
 }
 
 impl Injector {
@@ -62,7 +65,18 @@ impl Injector {
             body_budget: Arc::new(tokio::sync::Semaphore::new(BODY_BUDGET_BYTES / 1024)),
             pods,
             trust_bundles: std::sync::OnceLock::new(),
+            ca_recheck: Arc::default(),
         }
+    }
+
+    /// Asks the certificate keeper to read the Secret again now.
+    pub fn request_ca_recheck(&self) {
+        self.ca_recheck.notify_one();
+    }
+
+    /// What [`Self::request_ca_recheck`] wakes.
+    pub fn ca_recheck(&self) -> Arc<tokio::sync::Notify> {
+        self.ca_recheck.clone()
     }
 
     /// From now on, the namespace of every pod injected (not on dry runs) is sent to `wanted`.
