@@ -120,36 +120,15 @@ pub fn ephemeral(new: &Pod) -> Result<(), Guarded> {
     Ok(())
 }
 
-/// The ports a pod's sidecar may listen on: those of `configured` (the cluster's setting) and
-/// of the defaults, each admin port and its [`MAX_KEYS`] key ports, and those the pod's own
-/// sidecar was started with (`pod_sidecar`, from the pod cache: another release's, or moved by
-/// annotation).
-pub fn sidecar_ports(
-    configured: SidecarPorts,
-    pod_sidecar: Option<&k8s_openapi::api::core::v1::Container>,
-) -> std::collections::BTreeSet<i64> {
-    let mut out: std::collections::BTreeSet<i64> = [configured, SidecarPorts::default()]
+/// The ports a sidecar may listen on, for a pod not known to use keys (one that is, is refused
+/// whole): the configured ones and the defaults, each admin port and its [`MAX_KEYS`] key
+/// ports.
+pub fn sidecar_ports(configured: SidecarPorts) -> std::collections::BTreeSet<i64> {
+    [configured, SidecarPorts::default()]
         .into_iter()
         .flat_map(|p| std::iter::once(p.admin).chain(p.keys(MAX_KEYS)))
         .map(i64::from)
-        .collect();
-    for arg in pod_sidecar
-        .and_then(|c| c.args.as_ref())
-        .into_iter()
-        .flatten()
-    {
-        let port = arg
-            .strip_prefix("--admin-addr=")
-            .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
-            .map(|a| a.port())
-            .or_else(|| {
-                arg.strip_prefix("--key=")
-                    .and_then(|k| k.rsplit_once('='))
-                    .and_then(|(_, p)| p.parse().ok())
-            });
-        out.extend(port.map(i64::from));
-    }
-    out
+        .collect()
 }
 
 /// An `UPDATE` of a pod from `old` to `new`.
@@ -306,34 +285,24 @@ mod tests {
             container,
             ports,
             opted_in,
-            &sidecar_ports(SidecarPorts::default(), None),
+            &sidecar_ports(SidecarPorts::default()),
         )
     }
 
     #[test]
-    fn a_pods_own_sidecar_ports_are_refused_too() {
-        let sidecar = k8s_openapi::api::core::v1::Container {
-            args: Some(vec![
-                "proxy".into(),
-                "--admin-addr=0.0.0.0:15090".into(),
-                "--key=a=16100".into(),
-            ]),
-            ..Default::default()
-        };
-        let ports = sidecar_ports(SidecarPorts::default(), Some(&sidecar));
-        for p in [15090, 16100, 15120, 15100, 15115] {
+    fn moved_ports_are_refused_for_pods_not_known_to_use_keys() {
+        let ports = sidecar_ports(SidecarPorts {
+            admin: 16120,
+            first_key: 16100,
+        });
+        for p in [16120, 16100, 16115, 15120, 15100, 15115] {
             assert_eq!(
                 super::connect("portforward", None, &[p], false, &ports),
                 Err(Guarded::PortForwardToSidecar(p))
             );
         }
-        // Not known to use keys (not in the cache yet): only the sidecar's ports are refused.
         assert_eq!(
-            super::connect("portforward", None, &[16100], false, &ports),
-            Err(Guarded::PortForwardToSidecar(16100))
-        );
-        assert_eq!(
-            super::connect("portforward", None, &[16101], false, &ports),
+            super::connect("portforward", None, &[16116], false, &ports),
             Ok(())
         );
     }

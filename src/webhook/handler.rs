@@ -214,20 +214,7 @@ impl Injector {
                 return Ok((allow(), "untouched"));
             }
             let opted_in = self.opted_in(&shape.namespace, &shape.name);
-            let sidecar = self.pods.as_ref().and_then(|pods| {
-                pods.get(&ObjectRef::new(&shape.name).within(&shape.namespace))
-                    .and_then(|p| {
-                        p.spec.as_ref().and_then(|s| {
-                            s.init_containers
-                                .iter()
-                                .flatten()
-                                .find(|c| c.name == super::patch::SIDECAR_NAME)
-                                .cloned()
-                        })
-                    })
-            });
-            let sidecar_ports =
-                super::guard::sidecar_ports(self.settings().ports, sidecar.as_ref());
+            let sidecar_ports = super::guard::sidecar_ports(self.settings().ports);
             return Ok(
                 match super::guard::connect(
                     &shape.sub_resource,
