@@ -685,3 +685,123 @@ async fn a_planned_ca_rotation_keeps_sidecars_with_the_old_bundle_served() -> an
     assert!(failed.is_empty(), "{failed:?}");
     Ok(())
 }
+
+/// A planned CA rotation with two replicas, one reading the Secret every second and one every
+/// 10 s (60 s in a cluster), the certificate switching 15 s after the rotation: at every
+/// moment, both replicas' brokers complete TLS with a sidecar holding only the old CA and with
+/// one holding the new bundle (both CAs), and the API server (Go's verifier) reaches the
+/// webhook for every pod admission. After the switch both serve the new CA's certificate.
+#[tokio::test]
+async fn two_replicas_rotating_the_ca_are_verified_by_every_bundle_throughout() -> anyhow::Result<()>
+{
+    use byok_e2e::operator::{RunningController, dev_config, install_crds};
+    use byok_e2e::serving::{create_dry_run, serve_config, webhook_configuration};
+    use byok_operator::serve::TlsSource;
+    use byok_operator::serving::certs;
+    let env = TestEnv::new("trust-replicas").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    install_crds(&env.client).await?;
+    let name = format!("byok-{}", env.namespace);
+    const SWITCH: Duration = Duration::from_secs(15);
+    let replica =
+        |identity: &str, check: Duration| -> anyhow::Result<byok_operator::controller::Config> {
+            let mut config = dev_config(&env, &fake)?;
+            let mut serve = serve_config(&env, &name)?;
+            if let TlsSource::Own(settings) = &mut serve.tls {
+                settings.check_every = check;
+                settings.ca_switch_after = SWITCH;
+            }
+            config.serving = Some(serve);
+            if let Some(leader) = config.leader.as_mut() {
+                leader.identity = identity.to_string();
+            }
+            Ok(config)
+        };
+    let a = replica("replica-a", Duration::from_secs(1))?;
+    let b = replica("replica-b", Duration::from_secs(10))?;
+    let brokers: Vec<String> = [&a, &b]
+        .iter()
+        .filter_map(|c| c.serving.as_ref().map(|s| s.broker_url.clone()))
+        .collect();
+    let url = format!(
+        "https://{}/mutate",
+        a.serving.as_ref().context("serving")?.webhook_addr
+    );
+    Api::<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>::all(
+        env.client.clone(),
+    )
+    .create(
+        &PostParams::default(),
+        &webhook_configuration(&name, &env.namespace, &url)?,
+    )
+    .await?;
+    let (ra, rb) = tokio::join!(
+        RunningController::start(&env, a),
+        RunningController::start(&env, b)
+    );
+    let (_ra, _rb) = (ra?, rb?);
+    let pod = opted_in_pod("admitted-", &["claude"]);
+    until(Duration::from_secs(30), "the webhook answers", || async {
+        Ok(create_dry_run(&env, &pod).await.is_ok())
+    })
+    .await?;
+
+    let old_ca = serving_ca_pem(&env).await?;
+    let client = |pem: &str| {
+        reqwest::Client::builder()
+            .tls_certs_only(reqwest::Certificate::from_pem_bundle(pem.as_bytes())?)
+            .timeout(Duration::from_secs(5))
+            .build()
+            .map_err(anyhow::Error::from)
+    };
+    let old_only = client(&old_ca)?;
+    let secrets: Api<Secret> = env.api();
+    let rotated = certs::rotate_now(&secrets, certs::DEFAULT_SECRET_NAME).await?;
+    let started = Instant::now();
+    let both = client(&rotated.trust_pem())?;
+    let new_only = client(&rotated.ca_pem)?;
+    let (mut failures, mut probes, mut admissions) = (Vec::new(), 0u32, 0u32);
+    let mut switched_at = None;
+    while started.elapsed() < SWITCH + Duration::from_secs(20) {
+        for broker in &brokers {
+            for (who, http) in [("old bundle", &old_only), ("new bundle", &both)] {
+                probes += 1;
+                if let Err(e) = http.get(broker.as_str()).send().await {
+                    failures.push(format!(
+                        "{:.1}s {who} -> {broker}: {e}",
+                        started.elapsed().as_secs_f64()
+                    ));
+                }
+            }
+        }
+        admissions += 1;
+        if let Err(e) = create_dry_run(&env, &pod).await {
+            failures.push(format!(
+                "{:.1}s admission: {e}",
+                started.elapsed().as_secs_f64()
+            ));
+        }
+        if switched_at.is_none() {
+            let mut all = true;
+            for broker in &brokers {
+                all &= new_only.get(broker.as_str()).send().await.is_ok();
+            }
+            if all {
+                switched_at = Some(started.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let switched_at = switched_at.context("the replicas never served the new CA's certificate")?;
+    println!(
+        "CA rotation, two replicas: {probes} TLS probes and {admissions} admissions, {} failed; both replicas on the new CA's certificate {:.1} s after the rotation",
+        failures.len(),
+        switched_at.as_secs_f64()
+    );
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert!(
+        switched_at >= SWITCH,
+        "switched before the replicas converged: {switched_at:?}"
+    );
+    Ok(())
+}
