@@ -320,13 +320,14 @@ impl Metrics {
 
     /// The latest trust-bundle counts ([`crate::broker::trust`]).
     pub fn set_trust_bundle_pods(&self, counts: crate::broker::trust::Counts) {
-        for (label, n) in [
-            ("current", counts.current),
-            ("outdated", counts.outdated),
-            ("unreported", counts.unreported),
+        use crate::broker::trust::Held;
+        for (held, n) in [
+            (Held::Current, counts.current),
+            (Held::Outdated, counts.outdated),
+            (Held::Unreported, counts.unreported),
         ] {
             self.trust_bundle_pods
-                .get_or_create(&vec![("bundle", label)])
+                .get_or_create(&vec![("bundle", held.label())])
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
     }

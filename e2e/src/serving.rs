@@ -160,6 +160,26 @@ impl ServingOperator {
         Ok(op)
     }
 
+    /// An operator whose sidecars keep a key for `lease` without the broker; at `broker`
+    /// (address, URL) when given, as a restarted operator that sidecars already call.
+    pub async fn start_leased(
+        env: &TestEnv,
+        fake: &FakeProvider,
+        lease: Duration,
+        broker: Option<(std::net::SocketAddr, String)>,
+    ) -> anyhow::Result<Self> {
+        Self::start_with(env, fake, move |config| {
+            if let Some(serve) = config.serving.as_mut() {
+                serve.key_lease = lease;
+                if let Some((addr, url)) = broker {
+                    serve.broker_addr = addr;
+                    serve.broker_url = url;
+                }
+            }
+        })
+        .await
+    }
+
     /// An operator whose broker pods on the test node reach on the node's address, and whose
     /// webhook injects the locally imported sidecar image (never pulled).
     pub async fn start_for_node(

@@ -362,7 +362,7 @@ pub struct AppCalls {
 
 impl AppCalls {
     pub fn start(base_url: &str) -> Self {
-        let url = format!("{base_url}/v1/messages");
+        let base_url = base_url.to_owned();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let task = {
             let stop = stop.clone();
@@ -370,22 +370,10 @@ impl AppCalls {
                 let http = reqwest::Client::new();
                 let (mut ok, mut failed) = (0u32, Vec::new());
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let res = http
-                        .post(&url)
-                        .header("anthropic-version", "2023-06-01")
-                        .json(
-                            &serde_json::json!({"model": "claude-sonnet-4-5", "max_tokens": 8,
-                            "messages": [{"role": "user", "content": "hi"}]}),
-                        )
-                        .send()
-                        .await;
+                    let res = anthropic_call(&http, &base_url).await;
                     match res {
-                        Ok(r) if r.status().is_success() => ok += 1,
-                        Ok(r) => {
-                            let status = r.status();
-                            failed
-                                .push(format!("{status}: {}", r.text().await.unwrap_or_default()));
-                        }
+                        Ok((status, _)) if (200..300).contains(&status) => ok += 1,
+                        Ok((status, body)) => failed.push(format!("{status}: {body}")),
                         Err(e) => failed.push(e.to_string()),
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -401,4 +389,45 @@ impl AppCalls {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(self.task.await?)
     }
+}
+
+/// One Messages API call through a sidecar's key port at `base_url`: status and body.
+pub async fn anthropic_call(
+    http: &reqwest::Client,
+    base_url: &str,
+) -> anyhow::Result<(u16, String)> {
+    let res = http
+        .post(format!("{base_url}/v1/messages"))
+        .header("anthropic-version", "2023-06-01")
+        .json(
+            &serde_json::json!({"model": "claude-sonnet-4-5", "max_tokens": 8,
+            "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await?;
+    let status = res.status().as_u16();
+    Ok((status, res.text().await?))
+}
+
+/// What tests of a running pod start from: a Ready Anthropic ProviderKey `claude` (a fresh
+/// key), an opted-in pod using it admitted through `op`'s webhook, and its sidecar running
+/// and ready.
+pub async fn serving_claude(
+    env: &TestEnv,
+    fake: &crate::fake_provider::FakeProvider,
+    op: &ServingOperator,
+    generate_name: &str,
+) -> anyhow::Result<Sidecar> {
+    let key = crate::operator::random_key("sk-ant-");
+    crate::serving::ready_anthropic(env, fake, "claude", &key, serde_json::json!({})).await?;
+    let pod = env
+        .api::<Pod>()
+        .create(
+            &kube::api::PostParams::default(),
+            &crate::serving::opted_in_pod(generate_name, &["claude"]),
+        )
+        .await?;
+    let mut sidecar = Sidecar::start(env, op, &pod, "default").await?;
+    sidecar.wait_ready(Duration::from_secs(30)).await?;
+    Ok(sidecar)
 }

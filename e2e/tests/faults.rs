@@ -10,11 +10,9 @@ use std::time::{Duration, Instant};
 use byok_e2e::envtest::{TestEnv, shared};
 use byok_e2e::fake_provider::{FakeProvider, FakeProviderConfig};
 use byok_e2e::operator::{create_pk, is_condition, put_secret, random_key, wait_pk};
-use byok_e2e::serving::{ServingOperator, opted_in_pod, ready_anthropic};
-use byok_e2e::sidecar::{AppCalls, Sidecar};
+use byok_e2e::serving::ServingOperator;
+use byok_e2e::sidecar::{AppCalls, anthropic_call, serving_claude};
 use byok_operator::providers::ProviderKind;
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::PostParams;
 
 const LEASE: Duration = Duration::from_secs(30);
 
@@ -26,16 +24,7 @@ async fn operator(
     fake: &FakeProvider,
     broker: Option<(std::net::SocketAddr, String)>,
 ) -> anyhow::Result<ServingOperator> {
-    ServingOperator::start_with(env, fake, move |config| {
-        if let Some(serve) = config.serving.as_mut() {
-            serve.key_lease = LEASE;
-            if let Some((addr, url)) = broker {
-                serve.broker_addr = addr;
-                serve.broker_url = url;
-            }
-        }
-    })
-    .await
+    ServingOperator::start_leased(env, fake, LEASE, broker).await
 }
 
 /// Broker answers that are neither a grant nor a confirmation, by result.
@@ -60,14 +49,7 @@ async fn an_api_server_restart_fails_no_request() -> anyhow::Result<()> {
     let env = TestEnv::new("fault-apiserver").await?;
     let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
     let op = operator(&env, &fake, None).await?;
-    let key = random_key("sk-ant-");
-    ready_anthropic(&env, &fake, "claude", &key, serde_json::json!({})).await?;
-    let pod = env
-        .api::<Pod>()
-        .create(&PostParams::default(), &opted_in_pod("fault-", &["claude"]))
-        .await?;
-    let mut sidecar = Sidecar::start(&env, &op, &pod, "default").await?;
-    sidecar.wait_ready(Duration::from_secs(30)).await?;
+    let sidecar = serving_claude(&env, &fake, &op, "fault-").await?;
     let verifications = || {
         fake.requests_log()
             .into_iter()
@@ -130,35 +112,10 @@ async fn an_operator_down_past_the_lease_fails_closed_then_recovers_within_a_pol
     let env = TestEnv::new("fault-down").await?;
     let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
     let op = operator(&env, &fake, None).await?;
-    ready_anthropic(
-        &env,
-        &fake,
-        "claude",
-        &random_key("sk-ant-"),
-        serde_json::json!({}),
-    )
-    .await?;
-    let pod = env
-        .api::<Pod>()
-        .create(&PostParams::default(), &opted_in_pod("down-", &["claude"]))
-        .await?;
-    let mut sidecar = Sidecar::start(&env, &op, &pod, "default").await?;
-    sidecar.wait_ready(Duration::from_secs(30)).await?;
+    let sidecar = serving_claude(&env, &fake, &op, "down-").await?;
     let http = reqwest::Client::new();
-    let url = format!("{}/v1/messages", sidecar.url("claude"));
-    let call = || async {
-        let res = http
-            .post(&url)
-            .header("anthropic-version", "2023-06-01")
-            .json(
-                &serde_json::json!({"model": "claude-sonnet-4-5", "max_tokens": 8,
-                "messages": [{"role": "user", "content": "hi"}]}),
-            )
-            .send()
-            .await?;
-        let status = res.status().as_u16();
-        anyhow::Ok((status, res.text().await?))
-    };
+    let base_url = sidecar.url("claude");
+    let call = || anthropic_call(&http, &base_url);
     anyhow::ensure!(call().await?.0 == 200);
 
     let broker = (op.config.broker_addr, op.config.broker_url.clone());

@@ -637,19 +637,8 @@ async fn node_sidecars_keep_serving_while_the_operator_restarts() -> anyhow::Res
 
     let op = s.op.take().expect("operator");
     let port: u16 = op.config.broker_addr.port();
-    let webhook_configuration = op.webhook_configuration.clone();
-    drop(op);
     // The old replica's webhook configuration goes first (the new one reuses its name).
-    let mwcs: kube::Api<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration> =
-        kube::Api::all(s.env.client.clone());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while mwcs.get_opt(&webhook_configuration).await?.is_some() {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the webhook configuration stayed"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    op.stop().await?;
     let served_before = s.calls(ProviderKind::Anthropic).len();
     // Down for a few broker polls (5 s each).
     tokio::time::sleep(Duration::from_secs(12)).await;
@@ -718,18 +707,7 @@ async fn node_a_lost_ca_reaches_running_pods_through_the_kubelets_refresh() -> a
     let op = s.op.take().expect("operator");
     let port: u16 = op.config.broker_addr.port();
     let lease = op.config.key_lease;
-    let webhook_configuration = op.webhook_configuration.clone();
-    drop(op);
-    let mwcs: kube::Api<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration> =
-        kube::Api::all(s.env.client.clone());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while mwcs.get_opt(&webhook_configuration).await?.is_some() {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the webhook configuration stayed"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    op.stop().await?;
     s.env
         .api::<k8s_openapi::api::core::v1::Secret>()
         .delete(

@@ -12,7 +12,7 @@ use byok_e2e::fake_provider::{FakeProvider, FakeProviderConfig};
 use byok_e2e::manifests::{chart_service_account_token, one};
 use byok_e2e::operator::random_key;
 use byok_e2e::serving::{ServingOperator, opted_in_pod, ready_anthropic, serving_ca_pem};
-use byok_e2e::sidecar::Sidecar;
+use byok_e2e::sidecar::serving_claude;
 use byok_operator::names;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
@@ -312,26 +312,8 @@ async fn a_lost_ca_reaches_a_running_sidecar_through_its_bundle() -> anyhow::Res
     let env = TestEnv::new("trust-lost").await?;
     let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
     let lease = Duration::from_secs(60);
-    let with_lease = |broker: Option<(std::net::SocketAddr, String)>| {
-        move |config: &mut byok_operator::controller::Config| {
-            if let Some(serve) = config.serving.as_mut() {
-                serve.key_lease = lease;
-                if let Some((addr, url)) = broker.clone() {
-                    serve.broker_addr = addr;
-                    serve.broker_url = url;
-                }
-            }
-        }
-    };
-    let op = ServingOperator::start_with(&env, &fake, with_lease(None)).await?;
-    let key = random_key("sk-ant-");
-    ready_anthropic(&env, &fake, "claude", &key, serde_json::json!({})).await?;
-    let pod = env
-        .api::<Pod>()
-        .create(&PostParams::default(), &opted_in_pod("lost-", &["claude"]))
-        .await?;
-    let mut sidecar = Sidecar::start(&env, &op, &pod, "default").await?;
-    sidecar.wait_ready(Duration::from_secs(30)).await?;
+    let op = ServingOperator::start_leased(&env, &fake, lease, None).await?;
+    let sidecar = serving_claude(&env, &fake, &op, "lost-").await?;
     let first_ca = serving_ca_pem(&env).await?;
 
     // The application calls through the sidecar the whole time.
@@ -348,7 +330,7 @@ async fn a_lost_ca_reaches_a_running_sidecar_through_its_bundle() -> anyhow::Res
         )
         .await?;
     let lost_at = Instant::now();
-    let op = ServingOperator::start_with(&env, &fake, with_lease(Some(broker))).await?;
+    let op = ServingOperator::start_leased(&env, &fake, lease, Some(broker)).await?;
     let second_ca = serving_ca_pem(&env).await?;
     anyhow::ensure!(second_ca != first_ca, "the CA did not change");
     let bundles: Api<ConfigMap> = env.api();
@@ -591,23 +573,7 @@ async fn a_planned_ca_rotation_keeps_sidecars_with_the_old_bundle_served() -> an
         }
     })
     .await?;
-    ready_anthropic(
-        &env,
-        &fake,
-        "claude",
-        &random_key("sk-ant-"),
-        serde_json::json!({}),
-    )
-    .await?;
-    let pod = env
-        .api::<Pod>()
-        .create(
-            &PostParams::default(),
-            &opted_in_pod("rotate-", &["claude"]),
-        )
-        .await?;
-    let mut sidecar = Sidecar::start(&env, &op, &pod, "default").await?;
-    sidecar.wait_ready(Duration::from_secs(30)).await?;
+    let sidecar = serving_claude(&env, &fake, &op, "rotate-").await?;
     let old_ca = serving_ca_pem(&env).await?;
     let calls = byok_e2e::sidecar::AppCalls::start(&sidecar.url("claude"));
 

@@ -18,7 +18,6 @@
 //! [`due`] is the whole policy and is pure.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -241,14 +240,13 @@ pub async fn create_missing(
     mut wanted: mpsc::Receiver<String>,
 ) {
     let mut seen: BTreeMap<String, Instant> = BTreeMap::new();
-    let client = Arc::new(client);
     while let Some(namespace) = wanted.recv().await {
         let now = Instant::now();
         seen.retain(|_, at| now.duration_since(*at) < CREATED_MEMO);
         if seen.contains_key(&namespace) {
             continue;
         }
-        let api: Api<ConfigMap> = Api::namespaced((*client).clone(), &namespace);
+        let api: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
         let ca_pem = ca.borrow().clone();
         let created = match api.get_opt(names::TRUST_BUNDLE_CONFIGMAP).await {
             Ok(Some(_)) => Ok(()),

@@ -463,21 +463,25 @@ pub fn mutate(
         .and_then(|a| a.get(PROVIDER_KEYS_ANNOTATION))
         .ok_or(Refusal::MissingAnnotation)?;
     let key_names = parse_key_names(annotation).map_err(Refusal::BadAnnotation)?;
-    let ports = match pod
+    // A pod that moves its sidecar's ports gets settings of its own; others share them.
+    let moved;
+    let settings = match pod
         .metadata
         .annotations
         .as_ref()
         .and_then(|a| a.get(names::SIDECAR_PORTS_ANNOTATION))
     {
-        Some(value) => settings
-            .ports
-            .with_annotation(value)
-            .map_err(Refusal::BadSidecarPorts)?,
-        None => settings.ports,
-    };
-    let settings = &InjectSettings {
-        ports,
-        ..settings.clone()
+        Some(value) => {
+            moved = InjectSettings {
+                ports: settings
+                    .ports
+                    .with_annotation(value)
+                    .map_err(Refusal::BadSidecarPorts)?,
+                ..settings.clone()
+            };
+            &moved
+        }
+        None => settings,
     };
 
     let no_spec = PodSpec::default();
