@@ -51,7 +51,7 @@ docs: ## Regenerate docs/api.md from the CRD (a unit test fails when it drifts)
 	$(CARGO) run -q --bin byok-operator -- api-docs > docs/api.md
 
 .PHONY: testbins
-testbins: ## Build (or reuse from ~/.cache) kube-apiserver, etcd, kubelet, kubectl and helm from their Go modules
+testbins: ## Build (or reuse from ~/.cache) kube-apiserver, etcd, kubelet, kube-controller-manager, kube-scheduler, kube-proxy, kubectl and helm from their Go modules
 	@bash e2e/k8s-testbins/build.sh >/dev/null
 
 .PHONY: lint
@@ -70,6 +70,9 @@ test: lint testbins ## Everything CI runs: lint, unit tests, integration tests o
 	@# Tests with real pods: a kubelet, containerd and their pods in network, mount and PID
 	@# namespaces of their own (hack/node-ns.sh), which leave nothing behind.
 	@# Their sidecar image is made from the image's static binary (make static), which must run.
+	@# The Helm upgrade test (e2e/tests/upgrade.rs) also needs the previous release, built
+	@# from this repository's history (cached; outside the node's namespace, which has no network).
+	bash e2e/k8s-testbins/previous-release.sh >/dev/null
 	$(MAKE) --no-print-directory static
 	BYOK_STATIC_BINARY=$$PWD/$(STATIC_BINARY) $(CARGO) test --offline -p byok-e2e --test image --test proxy -q -- --ignored image_ 2>&1 | tee -a target/test-output.log
 	BYOK_SIDECAR_BINARY=$$PWD/$(STATIC_BINARY) \

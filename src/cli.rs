@@ -219,6 +219,13 @@ pub struct ControllerArgs {
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub admin_addr: std::net::SocketAddr,
 
+    /// After SIGTERM, keep serving the webhook and the key broker this long (`/readyz`
+    /// failing) before stopping: Service endpoints and kube-proxy drop a terminating replica
+    /// a moment after it is told to stop, and a webhook call routed to it meanwhile would fail
+    /// pod admission (failurePolicy Fail). Keep it below terminationGracePeriodSeconds.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_delay: std::time::Duration,
+
     /// Verification calls in flight at once to one provider host, across all ProviderKeys.
     #[arg(long, default_value_t = crate::providers::limiter::DEFAULT_CONCURRENCY)]
     pub verify_concurrency_per_host: usize,
@@ -662,24 +669,35 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         admin_addr: Some(args.admin_addr),
         verify_limits: (args.verify_concurrency_per_host, args.verify_rate_per_host),
         max_concurrent_reconciles: args.max_concurrent_reconciles,
-        metrics,
+        metrics: metrics.clone(),
         serving,
     };
-    crate::controller::run(client, config, shutdown_signal()).await
+    let shutdown = shutdown_signal(metrics, args.shutdown_delay);
+    crate::controller::run(client, config, shutdown).await
 }
 
-async fn shutdown_signal() {
+/// Completes `delay` after SIGTERM (serving on meanwhile, not ready), or at once on Ctrl-C.
+async fn shutdown_signal(
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    delay: std::time::Duration,
+) {
     use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
+    let terminated = match signal(SignalKind::terminate()) {
         Ok(mut term) => {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => false,
+                _ = term.recv() => true,
             }
         }
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
+            false
         }
+    };
+    if terminated && !delay.is_zero() {
+        metrics.set_ready(crate::metrics::Ready::Running, false);
+        tracing::info!(delay = ?delay, "SIGTERM: serving on while endpoints drop this replica, then shutting down");
+        tokio::time::sleep(delay).await;
     }
     tracing::info!("shutting down");
 }

@@ -47,6 +47,8 @@ pub enum Ready {
     Certificate = 2,
     /// The operator keyring is loaded: without it no envelope opens.
     Keyring = 4,
+    /// Not shutting down (cleared by SIGTERM, for the drain before the replica stops).
+    Running = 8,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -278,6 +280,7 @@ impl Metrics {
             (Ready::Caches, "caches not synced"),
             (Ready::Certificate, "serving certificate not loaded"),
             (Ready::Keyring, "keyring unavailable"),
+            (Ready::Running, "shutting down"),
         ]
         .into_iter()
         .filter(|(part, _)| bits & (*part as u8) != 0)

@@ -77,7 +77,21 @@ impl Serving {
     pub fn webhook_path(&self) -> String {
         self.paths.current()
     }
+
+    /// Stops both listeners, letting requests in flight finish (at most
+    /// [`STOP_GRACE`]); their keep-alive connections close, so clients (the API server, the
+    /// sidecars) reconnect to another replica.
+    pub async fn stop(mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        let handles: Vec<_> = self.handles.drain(..).collect();
+        futures::future::join_all(handles.iter().map(|h| h.stop(true))).await;
+    }
 }
+
+/// How long a stopping listener waits for requests in flight.
+const STOP_GRACE: u64 = 10;
 
 impl Drop for Serving {
     fn drop(&mut self) {
@@ -263,6 +277,7 @@ pub async fn start(
     })
     .workers(config.workers)
     .disable_signals()
+    .shutdown_timeout(STOP_GRACE)
     .bind_rustls_0_23(config.webhook_addr, webhook_tls)?;
     let webhook_addr = webhook
         .addrs()
@@ -279,6 +294,7 @@ pub async fn start(
     })
     .workers(config.workers)
     .disable_signals()
+    .shutdown_timeout(STOP_GRACE)
     .bind_rustls_0_23(config.broker_addr, tls)?;
     let broker_addr = broker
         .addrs()

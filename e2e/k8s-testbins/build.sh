@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, etcd and the kubelet from their Go modules (no downloads of release binaries are
+# Builds kube-apiserver, etcd, the kubelet, kube-controller-manager, kube-scheduler and kube-proxy from their Go modules (no downloads of release binaries are
 # possible here) and caches them under ${BYOK_TESTBINS_CACHE:-$HOME/.cache/byok-operator/k8s-testbins}/<kube>-<etcd>/.
 # Rebuilds only what is missing. Prints the cache directory on stdout; progress goes to stderr.
 set -euo pipefail
@@ -30,6 +30,15 @@ build kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver \
 build etcd go.etcd.io/etcd/server/v3 ""
 # The node of the tests with real pods: the same module and version as the API server.
 build kubelet k8s.io/kubernetes/cmd/kubelet \
+  "-X $kv.gitVersion=$KUBE_VERSION -X $kv.gitMajor=1 -X $kv.gitMinor=$minor -X $kv.gitTreeState=clean -X $kv.buildDate=$build_date"
+# The Helm upgrade test runs the chart's Deployment on the test node: the controller-manager rolls
+# it out (and publishes kube-root-ca.crt and EndpointSlices), the scheduler places its pods,
+# kube-proxy routes its Services. Same module and version as the API server.
+build kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager \
+  "-X $kv.gitVersion=$KUBE_VERSION -X $kv.gitMajor=1 -X $kv.gitMinor=$minor -X $kv.gitTreeState=clean -X $kv.buildDate=$build_date"
+build kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler \
+  "-X $kv.gitVersion=$KUBE_VERSION -X $kv.gitMajor=1 -X $kv.gitMinor=$minor -X $kv.gitTreeState=clean -X $kv.buildDate=$build_date"
+build kube-proxy k8s.io/kubernetes/cmd/kube-proxy \
   "-X $kv.gitVersion=$KUBE_VERSION -X $kv.gitMajor=1 -X $kv.gitMinor=$minor -X $kv.gitTreeState=clean -X $kv.buildDate=$build_date"
 # The chart and kustomize checks: kubectl (kustomize built in, server-side apply) from the same
 # module as the API server; helm from its own module (helm/go.mod), named by its version.

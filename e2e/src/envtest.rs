@@ -112,7 +112,25 @@ impl ControlPlane {
         fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
         let run_dir = run_dir.canonicalize()?;
         let ca = TestCa::new("byok-envtest-ca")?;
-        let serving = ca.issue("kube-apiserver", &["localhost", "127.0.0.1"])?;
+        // On the test node, pods reach the API server as a cluster's do: at the `kubernetes`
+        // Service's address (10.0.0.1, routed by kube-proxy where it runs) or the node's.
+        let node_ip = if crate::node::in_node_namespace() {
+            Some(crate::node::node_ip()?.to_string())
+        } else {
+            None
+        };
+        let mut sans = vec!["localhost", "127.0.0.1"];
+        if let Some(ip) = node_ip.as_deref() {
+            sans.extend([
+                ip,
+                "10.0.0.1",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+            ]);
+        }
+        let serving = ca.issue("kube-apiserver", &sans)?;
         let admin_token = random_token();
         let (sa_signing_key, sa_public_key) = key_pair_pem()?;
         // The API server presents a client certificate to every webhook that asks for one
@@ -189,32 +207,50 @@ impl ControlPlane {
         )?);
 
         let file = |name: &str| run_dir.join(name).display().to_string();
-        let apiserver_args: Vec<String> = vec![
-            format!("--etcd-servers={etcd_url}"),
-            "--bind-address=127.0.0.1".into(),
-            "--advertise-address=127.0.0.1".into(),
-            // No controller-manager, no Service IPs to route: skip the `kubernetes` Endpoints.
-            "--endpoint-reconciler-type=none".into(),
-            format!("--secure-port={apiserver_port}"),
-            format!("--cert-dir={}", file("apiserver-certs")),
-            format!("--tls-cert-file={}", file("apiserver.crt")),
-            format!("--tls-private-key-file={}", file("apiserver.key")),
-            format!("--client-ca-file={}", file("ca.crt")),
-            format!("--token-auth-file={}", file("tokens.csv")),
-            "--authorization-mode=RBAC".into(),
-            // TokenRequest and TokenReview, which the key broker relies on.
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-            format!("--service-account-key-file={}", file("service-account.pub")),
-            format!(
-                "--service-account-signing-key-file={}",
-                file("service-account.key")
-            ),
-            "--service-cluster-ip-range=10.0.0.0/24".into(),
-            "--allow-privileged=true".into(),
-            format!("--admission-control-config-file={}", file("admission.json")),
-            "--enable-priority-and-fairness=false".into(),
-            "--profiling=false".into(),
-        ];
+        let address_args: Vec<String> = match node_ip.as_deref() {
+            // The node's address is the `kubernetes` Service's endpoint. The API server's
+            // certificate (client use included, from the CA the kubelet trusts) authenticates
+            // it to the kubelet for exec, attach, port-forward and logs.
+            Some(ip) => vec![
+                "--bind-address=0.0.0.0".into(),
+                format!("--advertise-address={ip}"),
+                "--endpoint-reconciler-type=lease".into(),
+                format!("--kubelet-client-certificate={}", file("apiserver.crt")),
+                format!("--kubelet-client-key={}", file("apiserver.key")),
+                "--kubelet-preferred-address-types=InternalIP".into(),
+            ],
+            // No Service IPs to route: skip the `kubernetes` Endpoints.
+            None => vec![
+                "--bind-address=127.0.0.1".into(),
+                "--advertise-address=127.0.0.1".into(),
+                "--endpoint-reconciler-type=none".into(),
+            ],
+        };
+        let apiserver_args: Vec<String> = [format!("--etcd-servers={etcd_url}")]
+            .into_iter()
+            .chain(address_args)
+            .chain([
+                format!("--secure-port={apiserver_port}"),
+                format!("--cert-dir={}", file("apiserver-certs")),
+                format!("--tls-cert-file={}", file("apiserver.crt")),
+                format!("--tls-private-key-file={}", file("apiserver.key")),
+                format!("--client-ca-file={}", file("ca.crt")),
+                format!("--token-auth-file={}", file("tokens.csv")),
+                "--authorization-mode=RBAC".into(),
+                // TokenRequest and TokenReview, which the key broker relies on.
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+                format!("--service-account-key-file={}", file("service-account.pub")),
+                format!(
+                    "--service-account-signing-key-file={}",
+                    file("service-account.key")
+                ),
+                "--service-cluster-ip-range=10.0.0.0/24".into(),
+                "--allow-privileged=true".into(),
+                format!("--admission-control-config-file={}", file("admission.json")),
+                "--enable-priority-and-fairness=false".into(),
+                "--profiling=false".into(),
+            ])
+            .collect();
         *cp.apiserver.get_mut().unwrap_or_else(|p| p.into_inner()) = Some(spawn(
             Command::new(&bins.kube_apiserver).args(&apiserver_args),
             &run_dir.join("kube-apiserver.log"),
@@ -223,6 +259,11 @@ impl ControlPlane {
         cp.server_url = format!("https://127.0.0.1:{apiserver_port}");
         cp.wait_ready()?;
         Ok(cp)
+    }
+
+    /// The file holding [`ControlPlane::ca_pem`].
+    pub fn ca_file(&self) -> PathBuf {
+        self.run_dir.join("ca.crt")
     }
 
     pub fn server_url(&self) -> &str {
@@ -512,7 +553,7 @@ pub fn shared() -> &'static ControlPlane {
 
 /// Runs `start` on a thread that then lives as long as the process: children spawned there
 /// with [`spawn`] get their death signal when that thread ends, so it must never end.
-pub(crate) fn start_on_owner_thread<T: Send + 'static>(
+pub fn start_on_owner_thread<T: Send + 'static>(
     name: &str,
     start: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
 ) -> Result<T, String> {

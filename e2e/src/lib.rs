@@ -2,6 +2,7 @@
 //! from their Go modules) for integration tests and for `make cluster-up`.
 #![deny(unsafe_code)] // one audited exception: PR_SET_PDEATHSIG in envtest::spawn
 
+pub mod cluster;
 pub mod connect_proxy;
 pub mod envtest;
 pub mod fake_provider;

@@ -203,20 +203,36 @@ impl Node {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// Puts `image` into the node's containerd, where pods find it without a pull.
+    pub fn import(&self, image: &Image) -> anyhow::Result<()> {
+        let file = self
+            .dir
+            .join(format!("{}.tar", image.name.replace(['/', ':'], "_")));
+        oci::write_image(image, &file)?;
+        let out = Command::new("ctr")
+            .args([
+                "--address",
+                CONTAINERD_SOCKET,
+                "-n",
+                "k8s.io",
+                "images",
+                "import",
+            ])
+            .arg(&file)
+            .output()?;
+        let _ = fs::remove_file(&file);
+        anyhow::ensure!(
+            out.status.success(),
+            "importing {}: {}",
+            image.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
     fn import_images(&self) -> anyhow::Result<()> {
         let busybox = Path::new("/bin/busybox");
-        let sidecar = sidecar_binary(&self.dir)?;
-        let mut sidecar_entries = oci::program_entries(&sidecar, "/byok-operator")?;
-        // The system CAs, for real providers' certificates; nothing else.
-        sidecar_entries.push(Entry::Dir {
-            path: "etc/ssl/certs".into(),
-        });
-        sidecar_entries.push(Entry::File {
-            path: "etc/ssl/certs/ca-certificates.crt".into(),
-            mode: 0o644,
-            contents: fs::read("/etc/ssl/certs/ca-certificates.crt").unwrap_or_default(),
-        });
-        sidecar_entries.push(Entry::Dir { path: "tmp".into() });
+        let sidecar_entries = operator_image_entries(&sidecar_binary(&self.dir)?, vec![])?;
         let images = [
             Image {
                 name: PAUSE_IMAGE.into(),
@@ -274,28 +290,7 @@ impl Node {
             },
         ];
         for image in &images {
-            let file = self
-                .dir
-                .join(format!("{}.tar", image.name.replace(['/', ':'], "_")));
-            oci::write_image(image, &file)?;
-            let out = Command::new("ctr")
-                .args([
-                    "--address",
-                    CONTAINERD_SOCKET,
-                    "-n",
-                    "k8s.io",
-                    "images",
-                    "import",
-                ])
-                .arg(&file)
-                .output()?;
-            anyhow::ensure!(
-                out.status.success(),
-                "importing {}: {}",
-                image.name,
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let _ = fs::remove_file(&file);
+            self.import(image)?;
         }
         Ok(())
     }
@@ -341,9 +336,48 @@ fn path_str(path: &Path) -> String {
     path.display().to_string()
 }
 
+/// Lines of a CRI container log: `<RFC 3339 time> <stream> <F|P> <text>`.
+pub fn cri_lines(log: &str) -> Vec<(jiff::Timestamp, String)> {
+    log.lines()
+        .filter_map(|line| {
+            let mut parts = line.splitn(4, ' ');
+            let time = parts.next()?.parse().ok()?;
+            let text = parts.nth(2).unwrap_or_default();
+            Some((time, text.to_owned()))
+        })
+        .collect()
+}
+
+/// A shell function `call` making one Messages API call through `$ANTHROPIC_BASE_URL`, and
+/// `openai_call` one Chat Completions call through `$OPENAI_BASE_URL`; both print the body.
+pub const CALLS: &str = r#"
+call() {
+  wget -q -O- --header 'content-type: application/json' --header 'anthropic-version: 2023-06-01' \
+    --post-data '{"model":"claude-sonnet-4-5","max_tokens":16,"messages":[{"role":"user","content":"hi"}]}' \
+    "$ANTHROPIC_BASE_URL/v1/messages"
+}
+openai_call() {
+  wget -q -O- --header 'content-type: application/json' \
+    --post-data '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}' \
+    "$OPENAI_BASE_URL/chat/completions"
+}
+"#;
+
+/// `call` every 100 ms for up to `seconds`, printing `OK` or `ERR <what wget said>`.
+pub fn calling_loop(seconds: u32) -> String {
+    format!(
+        r#"{CALLS}
+end=$(( $(date +%s) + {seconds} ))
+while [ $(date +%s) -lt $end ]; do
+  if call >/dev/null 2>/tmp/err; then echo OK; else echo "ERR $(cat /tmp/err)"; fi
+  sleep 0.1
+done"#
+    )
+}
+
 /// The sidecar image's program: the operator binary next to the tests, without its debug
 /// sections (which are most of a debug build's size). `BYOK_SIDECAR_BINARY` picks another.
-fn sidecar_binary(dir: &Path) -> anyhow::Result<PathBuf> {
+pub fn sidecar_binary(dir: &Path) -> anyhow::Result<PathBuf> {
     let source = match std::env::var_os("BYOK_SIDECAR_BINARY") {
         Some(path) => PathBuf::from(path),
         None => crate::operator::operator_binary()?,
@@ -358,6 +392,23 @@ fn sidecar_binary(dir: &Path) -> anyhow::Result<PathBuf> {
         .context("running strip (binutils)")?;
     anyhow::ensure!(status.success(), "strip {} failed", source.display());
     Ok(stripped)
+}
+
+/// What the operator's image holds (the Dockerfile's): the static binary at `/byok-operator`,
+/// the system CAs (for real providers' certificates), an empty `/tmp`, plus `extra`.
+pub fn operator_image_entries(binary: &Path, extra: Vec<Entry>) -> anyhow::Result<Vec<Entry>> {
+    let mut entries = oci::program_entries(binary, "/byok-operator")?;
+    entries.push(Entry::Dir {
+        path: "etc/ssl/certs".into(),
+    });
+    entries.push(Entry::File {
+        path: "etc/ssl/certs/ca-certificates.crt".into(),
+        mode: 0o644,
+        contents: fs::read("/etc/ssl/certs/ca-certificates.crt").unwrap_or_default(),
+    });
+    entries.push(Entry::Dir { path: "tmp".into() });
+    entries.extend(extra);
+    Ok(entries)
 }
 
 fn containerd_config(dir: &Path) -> String {
@@ -429,6 +480,10 @@ cgroupDriver: cgroupfs
 failCgroupV1: false
 failSwapOn: false
 resolvConf: ""
+# Pods resolve Service names at the node's address, where a test that needs it serves
+# cluster DNS (crate::cluster::serve_cluster_dns); elsewhere lookups fail at once.
+clusterDNS: ["{ip}"]
+clusterDomain: cluster.local
 serializeImagePulls: false
 # A small shared disk must not evict the test pods or collect their images.
 evictionHard: {{"memory.available": "1Mi", "nodefs.available": "1%", "imagefs.available": "1%", "nodefs.inodesFree": "1%"}}

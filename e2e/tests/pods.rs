@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use byok_e2e::envtest::TestEnv;
 use byok_e2e::fake_provider::{FakeProvider, FakeProviderConfig};
-use byok_e2e::node::{APP_IMAGE, NODE_NAME, Node, node_env};
+use byok_e2e::node::{APP_IMAGE, CALLS, NODE_NAME, Node, calling_loop, cri_lines, node_env};
 use byok_e2e::operator::{create_pk, is_condition, put_secret, random_key, wait_pk};
 use byok_e2e::serving::{ServingOperator, ready_anthropic};
 use byok_operator::names;
@@ -194,45 +194,6 @@ impl Setup {
             .filter(|r| r.provider == Some(kind) && r.key_id.is_some())
             .collect()
     }
-}
-
-/// Lines of a CRI container log: `<RFC 3339 time> <stream> <F|P> <text>`.
-fn cri_lines(log: &str) -> Vec<(jiff::Timestamp, String)> {
-    log.lines()
-        .filter_map(|line| {
-            let mut parts = line.splitn(4, ' ');
-            let time = parts.next()?.parse().ok()?;
-            let text = parts.nth(2).unwrap_or_default();
-            Some((time, text.to_owned()))
-        })
-        .collect()
-}
-
-/// A shell function `call` making one Messages API call through `$ANTHROPIC_BASE_URL`, and
-/// `openai_call` one Chat Completions call through `$OPENAI_BASE_URL`; both print the body.
-const CALLS: &str = r#"
-call() {
-  wget -q -O- --header 'content-type: application/json' --header 'anthropic-version: 2023-06-01' \
-    --post-data '{"model":"claude-sonnet-4-5","max_tokens":16,"messages":[{"role":"user","content":"hi"}]}' \
-    "$ANTHROPIC_BASE_URL/v1/messages"
-}
-openai_call() {
-  wget -q -O- --header 'content-type: application/json' \
-    --post-data '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}' \
-    "$OPENAI_BASE_URL/chat/completions"
-}
-"#;
-
-/// `call` every 100 ms for up to `seconds`, printing `OK` or `ERR <what wget said>`.
-fn calling_loop(seconds: u32) -> String {
-    format!(
-        r#"{CALLS}
-end=$(( $(date +%s) + {seconds} ))
-while [ $(date +%s) -lt $end ]; do
-  if call >/dev/null 2>/tmp/err; then echo OK; else echo "ERR $(cat /tmp/err)"; fi
-  sleep 0.1
-done"#
-    )
 }
 
 async fn ready_key(

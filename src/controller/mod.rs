@@ -451,7 +451,7 @@ pub async fn run(
         keyring_ref,
         config.serving.is_some(),
     ));
-    let _stop_serving = match &config.serving {
+    let serving = match &config.serving {
         Some(serving) => {
             Some(crate::serve::start(serving.clone(), ctx.clone(), watches.clone()).await?)
         }
@@ -465,39 +465,47 @@ pub async fn run(
         });
     }
 
-    // Serving has started: the keys in service stay available while a stale CRD blocks
-    // reconciling.
-    tokio::select! {
-        () = crd_check::wait_until_current(&client, &recorder, &metrics) => {}
-        () = shutdown.clone() => return Ok(()),
-    }
-
-    let leases: Api<Lease> = Api::namespaced(client.clone(), &config.operator_namespace);
-    loop {
-        if let Some(leader) = &config.leader {
-            tokio::select! {
-                () = leader::acquire(&leases, leader) => {}
-                () = shutdown.clone() => return Ok(()),
-            }
-        }
-        metrics.set_leader(true);
-        let lost_leadership = async {
-            match &config.leader {
-                Some(leader) => leader::hold(&leases, leader).await,
-                None => std::future::pending().await,
-            }
-        };
+    let outcome: anyhow::Result<()> = async {
+        // Serving has started: the keys in service stay available while a stale CRD blocks
+        // reconciling.
         tokio::select! {
-            () = reconcile_while_leading(&watches, ctx.clone(), &config, shutdown.clone()) => {
-                metrics.set_leader(false);
-                return Ok(());
+            () = crd_check::wait_until_current(&client, &recorder, &metrics) => {}
+            () = shutdown.clone() => return Ok(()),
+        }
+
+        let leases: Api<Lease> = Api::namespaced(client.clone(), &config.operator_namespace);
+        loop {
+            if let Some(leader) = &config.leader {
+                tokio::select! {
+                    () = leader::acquire(&leases, leader) => {}
+                    () = shutdown.clone() => return Ok(()),
+                }
             }
-            () = lost_leadership => {
-                metrics.set_leader(false);
-                tracing::error!("lost leadership: reconciling stops until this replica leads again; the webhook and the broker keep serving");
+            metrics.set_leader(true);
+            let lost_leadership = async {
+                match &config.leader {
+                    Some(leader) => leader::hold(&leases, leader).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = reconcile_while_leading(&watches, ctx.clone(), &config, shutdown.clone()) => {
+                    metrics.set_leader(false);
+                    return Ok(());
+                }
+                () = lost_leadership => {
+                    metrics.set_leader(false);
+                    tracing::error!("lost leadership: reconciling stops until this replica leads again; the webhook and the broker keep serving");
+                }
             }
         }
     }
+    .await;
+    // Requests in flight finish and keep-alive connections close before the process ends.
+    if let Some(serving) = serving {
+        serving.stop().await;
+    }
+    outcome
 }
 
 /// One leadership term of reconciling, until `shutdown`. Every ProviderKey is reconciled

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Builds the previous release of byok-operator (PREVIOUS_RELEASE in versions.env) for the Helm
+# upgrade test: its static binary (as `make static` builds it) and its chart, taken from this
+# repository's history. Cached under ${BYOK_RELEASES_CACHE:-$HOME/.cache/byok-operator/releases}/<commit>/;
+# builds only when that is empty. Prints the directory on stdout; progress goes to stderr.
+#
+# The build shares this checkout's target directory, so the dependencies `make static` compiled
+# are reused (a cold build compiles only what changed since that release). This checkout's static
+# binary, which the build overwrites, is put back afterwards.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+. "$here/versions.env"
+cache_root=${BYOK_RELEASES_CACHE:-$HOME/.cache/byok-operator/releases}
+out="$cache_root/$PREVIOUS_RELEASE"
+if [ -x "$out/byok-operator" ] && [ -f "$out/chart/Chart.yaml" ]; then echo "$out"; exit 0; fi
+
+if ! git -C "$root" cat-file -e "$PREVIOUS_RELEASE^{commit}" 2>/dev/null; then
+  echo "$0: commit $PREVIOUS_RELEASE is not in this clone's history; the Helm upgrade test builds the" >&2
+  echo "previous release from it (a shallow clone needs: git fetch --unshallow)" >&2
+  exit 1
+fi
+echo "building the previous release ${PREVIOUS_RELEASE:0:12} (a cold build takes a few minutes)..." >&2
+start=$SECONDS
+src=$(mktemp -d)
+trap 'rm -rf "$src"' EXIT
+git -C "$root" archive "$PREVIOUS_RELEASE" | tar -x -C "$src"
+target=x86_64-unknown-linux-musl
+built="$root/target/$target/release/byok-operator"
+if [ -f "$built" ]; then
+  cp -p "$built" "$src/current-static"
+  trap 'cp -p "$src/current-static" "$built"; rm -rf "$src"' EXIT
+fi
+CC_x86_64_unknown_linux_musl=musl-gcc cargo build -q --release --locked --target "$target" \
+  --manifest-path "$src/Cargo.toml" --target-dir "$root/target" --bin byok-operator >&2
+rm -rf "$out.tmp"; mkdir -p "$out.tmp"
+cp "$built" "$out.tmp/byok-operator"
+cp -r "$src/charts/byok-operator" "$out.tmp/chart"
+rm -rf "$out"; mv "$out.tmp" "$out" # rename last: an interrupted build never looks finished
+echo "built the previous release in $((SECONDS - start))s" >&2
+echo "$out"

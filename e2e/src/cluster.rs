@@ -1,0 +1,233 @@
+//! What a real cluster adds to the test node, for tests that run the chart's Deployment as pods:
+//! kube-controller-manager (rolls Deployments out, writes EndpointSlices, publishes
+//! `kube-root-ca.crt`, collects garbage), kube-scheduler (places them on the node) and
+//! kube-proxy (iptables mode: Service addresses reach pods, from pods and from the API server
+//! alike).
+//! Both built from the API server's module and version (`e2e/k8s-testbins/build.sh`).
+//!
+//! Only inside `hack/node-ns.sh`, like [`crate::node`]: kube-proxy's chains exist only in the
+//! node's network namespace. Cluster DNS is [`serve_cluster_dns`], answering for Services as
+//! CoreDNS does.
+//!
+//! Only in a test binary of its own: the root CA publisher writes `kube-root-ca.crt` into every
+//! namespace, which [`crate::node::add_root_ca`] would then find taken.
+
+use std::fs;
+use std::process::{Child, Command};
+
+use anyhow::Context as _;
+use k8s_openapi::api::core::v1::Service;
+use kube::Api;
+
+use crate::envtest::{Binaries, ControlPlane, spawn, write_kubeconfig};
+use crate::node::{NODE_NAME, Node, POD_SUBNET};
+use crate::operator::free_port;
+
+/// The controllers a Deployment of the chart needs (node lifecycle lifts the node's
+/// `not-ready` taint once the kubelet reports Ready), and nothing that would act on other tests'
+/// objects (namespaces, ServiceAccounts: [`crate::envtest::TestEnv`] makes those).
+const CONTROLLERS: &str = "deployment-controller,replicaset-controller,endpointslice-controller,\
+root-ca-certificate-publisher-controller,garbage-collector-controller,disruption-controller,\
+clusterrole-aggregation-controller,node-lifecycle-controller";
+
+/// kube-controller-manager, kube-scheduler and kube-proxy for the node's control plane;
+/// dropping it stops them.
+pub struct ClusterAddons {
+    controller_manager: Child,
+    scheduler: Child,
+    proxy: Child,
+    dir: std::path::PathBuf,
+}
+
+impl std::fmt::Debug for ClusterAddons {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterAddons")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClusterAddons {
+    pub fn start(cp: &ControlPlane, node: &Node) -> anyhow::Result<Self> {
+        let bins = Binaries::locate()?;
+        let dir = node.dir.join("addons");
+        fs::create_dir_all(&dir)?;
+        let kubeconfig = dir.join("kubeconfig");
+        write_kubeconfig(&cp.kubeconfig(), &kubeconfig)?;
+        let kubeconfig = kubeconfig.display().to_string();
+        // The Service range must be routable for kube-proxy's DNAT to see the packets that
+        // the API server (and the test) send to it; pods route everything to the node anyway.
+        let route = Command::new("ip")
+            .args(["route", "replace", "10.0.0.0/24", "dev", "byok-node"])
+            .status()
+            .context("running ip (iproute2)")?;
+        anyhow::ensure!(
+            route.success(),
+            "adding the route to the Service range failed"
+        );
+
+        let controller_manager = spawn(
+            Command::new(bins.dir.join("kube-controller-manager")).args([
+                format!("--kubeconfig={kubeconfig}"),
+                format!("--authentication-kubeconfig={kubeconfig}"),
+                format!("--authorization-kubeconfig={kubeconfig}"),
+                format!("--root-ca-file={}", cp.ca_file().display()),
+                format!("--controllers={CONTROLLERS}"),
+                "--leader-elect=false".into(),
+                "--use-service-account-credentials=false".into(),
+                "--secure-port=0".into(),
+                // The rollouts of a test take seconds; so should their bookkeeping.
+                "--concurrent-deployment-syncs=2".into(),
+                "--v=1".into(),
+            ]),
+            &dir.join("kube-controller-manager.log"),
+        )
+        .context("starting kube-controller-manager (make testbins)")?;
+        let scheduler = spawn(
+            Command::new(bins.dir.join("kube-scheduler")).args([
+                format!("--kubeconfig={kubeconfig}"),
+                format!("--authentication-kubeconfig={kubeconfig}"),
+                format!("--authorization-kubeconfig={kubeconfig}"),
+                "--leader-elect=false".into(),
+                "--secure-port=0".into(),
+                "--v=1".into(),
+            ]),
+            &dir.join("kube-scheduler.log"),
+        )
+        .context("starting kube-scheduler (make testbins)")?;
+        let proxy = spawn(
+            Command::new(bins.dir.join("kube-proxy")).args([
+                format!("--kubeconfig={kubeconfig}"),
+                format!("--hostname-override={NODE_NAME}"),
+                "--proxy-mode=iptables".into(),
+                format!("--cluster-cidr={POD_SUBNET}"),
+                // A pod calling a Service that lands on a pod of the same bridge gets its
+                // answer back through the node, where the DNAT is undone.
+                "--masquerade-all".into(),
+                // Global sysctls stay as they are (the node's namespace does not hold them).
+                "--conntrack-max-per-core=0".into(),
+                "--conntrack-tcp-timeout-established=0".into(),
+                "--conntrack-tcp-timeout-close-wait=0".into(),
+                format!("--healthz-bind-address=127.0.0.1:{}", free_port()?),
+                format!("--metrics-bind-address=127.0.0.1:{}", free_port()?),
+                "--iptables-sync-period=5s".into(),
+                "--v=1".into(),
+            ]),
+            &dir.join("kube-proxy.log"),
+        )
+        .context("starting kube-proxy (make testbins)")?;
+        Ok(Self {
+            controller_manager,
+            scheduler,
+            proxy,
+            dir,
+        })
+    }
+
+    /// The last `lines` lines of `kube-controller-manager`, `kube-scheduler` or `kube-proxy`'s log.
+    pub fn log_tail(&self, component: &str, lines: usize) -> String {
+        let log = fs::read_to_string(self.dir.join(format!("{component}.log"))).unwrap_or_default();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Fails with the addon's log if it exited.
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        for (name, child) in [
+            ("kube-controller-manager", &mut self.controller_manager),
+            ("kube-scheduler", &mut self.scheduler),
+            ("kube-proxy", &mut self.proxy),
+        ] {
+            if let Some(status) = child.try_wait()? {
+                let log =
+                    fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                anyhow::bail!(
+                    "{name} exited with {status}:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ClusterAddons {
+    fn drop(&mut self) {
+        for child in [
+            &mut self.controller_manager,
+            &mut self.scheduler,
+            &mut self.proxy,
+        ] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The node's cluster DNS, as CoreDNS's `kubernetes` plugin answers for Services:
+/// `<service>.<namespace>.svc[.cluster.local]` → the Service's cluster IP (A records; other
+/// types of a known name get an empty answer), anything else NXDOMAIN. UDP on the node's
+/// address, port 53, which the kubelet writes into every pod's `resolv.conf`
+/// ([`crate::node`]'s `clusterDNS`). Runs until the task is dropped.
+pub async fn serve_cluster_dns(
+    client: kube::Client,
+    node_ip: std::net::Ipv4Addr,
+) -> anyhow::Result<()> {
+    let socket = tokio::net::UdpSocket::bind((node_ip, 53))
+        .await
+        .context("binding the cluster DNS to port 53 of the node")?;
+    let mut buf = vec![0u8; 1500];
+    loop {
+        let (len, from) = socket.recv_from(&mut buf).await?;
+        if let Some(reply) = dns_reply(&client, &buf[..len]).await {
+            let _ = socket.send_to(&reply, from).await;
+        }
+    }
+}
+
+/// The answer to one query packet, or nothing for what is not a query.
+async fn dns_reply(client: &kube::Client, query: &[u8]) -> Option<Vec<u8>> {
+    use simple_dns::rdata::{A, RData};
+    use simple_dns::{CLASS, Packet, PacketFlag, QTYPE, RCODE, ResourceRecord, TYPE};
+    let query = Packet::parse(query).ok()?;
+    let question = query.questions.first()?.clone();
+    let name = question.qname.to_string();
+    let name = name.trim_end_matches('.');
+    let service = name
+        .strip_suffix(".cluster.local")
+        .unwrap_or(name)
+        .strip_suffix(".svc")
+        .and_then(|rest| rest.split_once('.'))
+        .filter(|(_, namespace)| !namespace.contains('.'));
+    let ip = match service {
+        Some((service, namespace)) => Api::<Service>::namespaced(client.clone(), namespace)
+            .get_opt(service)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|s| s.spec?.cluster_ip)
+            .and_then(|ip| ip.parse::<std::net::Ipv4Addr>().ok()),
+        None => None,
+    };
+    let mut reply = Packet::new_reply(query.id());
+    reply.set_flags(PacketFlag::AUTHORITATIVE_ANSWER | PacketFlag::RECURSION_AVAILABLE);
+    if query.has_flags(PacketFlag::RECURSION_DESIRED) {
+        reply.set_flags(PacketFlag::RECURSION_DESIRED);
+    }
+    reply.questions.push(question.clone());
+    match ip {
+        Some(ip) => {
+            if question.qtype == QTYPE::TYPE(TYPE::A) {
+                reply.answers.push(ResourceRecord::new(
+                    question.qname.clone(),
+                    CLASS::IN,
+                    5,
+                    RData::A(A::from(ip)),
+                ));
+            }
+        }
+        None => *reply.rcode_mut() = RCODE::NameError,
+    }
+    reply.build_bytes_vec().ok()
+}
