@@ -80,7 +80,7 @@ async fn the_operator_runs_with_the_charts_arguments_and_rbac() -> anyhow::Resul
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log)?);
-    let _operator = OperatorProcess(cmd.spawn()?);
+    let mut operator = OperatorProcess(cmd.spawn()?);
 
     // The controller: a key verified, encrypted and put in service.
     let key = random_key("sk-ant-api03-");
@@ -249,6 +249,60 @@ async fn the_operator_runs_with_the_charts_arguments_and_rbac() -> anyhow::Resul
         keyring.metadata.annotations.unwrap_or_default()["helm.sh/resource-policy"],
         "keep"
     );
+
+    // SIGTERM, as the kubelet stops a replica: it serves on for the chart's shutdownDelay,
+    // not ready (endpoints drop it meanwhile), then stops.
+    let stop_asked = tokio::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(operator.0.id())?),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    let readyz = format!("http://127.0.0.1:{admin}/readyz");
+    loop {
+        let answer = reqwest::get(&readyz).await?;
+        let status = answer.status();
+        if status == reqwest::StatusCode::SERVICE_UNAVAILABLE
+            && answer.text().await?.contains("shutting down")
+        {
+            break;
+        }
+        anyhow::ensure!(
+            stop_asked.elapsed() < std::time::Duration::from_secs(4),
+            "/readyz still {status} after SIGTERM"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let injected = byok_e2e::serving::create_dry_run(
+        &tenant,
+        &byok_e2e::serving::opted_in_pod("draining-", &["anthropic"]),
+    )
+    .await?;
+    assert!(
+        byok_e2e::serving::has_sidecar(&injected),
+        "a stopping replica still serves the webhook during its shutdown delay"
+    );
+    assert!(
+        stop_asked.elapsed() < std::time::Duration::from_secs(5),
+        "the webhook call above must fall within the 5 s delay to prove anything"
+    );
+    let status = loop {
+        if let Some(status) = operator.0.try_wait()? {
+            break status;
+        }
+        anyhow::ensure!(
+            stop_asked.elapsed() < std::time::Duration::from_secs(20),
+            "the operator did not stop within 20 s of SIGTERM; log: {}",
+            log.display()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let stopped_after = stop_asked.elapsed();
+    assert!(status.success(), "exit after SIGTERM: {status}");
+    assert!(
+        stopped_after >= std::time::Duration::from_secs(5),
+        "stopped {stopped_after:?} after SIGTERM, before the 5 s shutdown delay"
+    );
+    eprintln!("stopped {stopped_after:?} after SIGTERM (shutdownDelay 5s)");
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
