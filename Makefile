@@ -72,7 +72,7 @@ test: lint testbins ## Everything CI runs: lint, unit tests, integration tests o
 	@# Their sidecar image is made from the image's static binary (make static), which must run.
 	@# The Helm upgrade test (e2e/tests/upgrade.rs) also needs the previous release, built
 	@# from this repository's history (cached; outside the node's namespace, which has no network).
-	bash e2e/k8s-testbins/previous-release.sh >/dev/null
+	CARGO=$(CARGO) bash e2e/k8s-testbins/previous-release.sh >/dev/null
 	$(MAKE) --no-print-directory static
 	BYOK_STATIC_BINARY=$$PWD/$(STATIC_BINARY) $(CARGO) test --offline -p byok-e2e --test image --test proxy -q -- --ignored image_ 2>&1 | tee -a target/test-output.log
 	BYOK_SIDECAR_BINARY=$$PWD/$(STATIC_BINARY) \

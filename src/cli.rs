@@ -219,10 +219,11 @@ pub struct ControllerArgs {
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub admin_addr: std::net::SocketAddr,
 
-    /// After SIGTERM, keep serving the webhook and the key broker this long (`/readyz`
-    /// failing) before stopping: Service endpoints and kube-proxy drop a terminating replica
-    /// a moment after it is told to stop, and a webhook call routed to it meanwhile would fail
-    /// pod admission (failurePolicy Fail). Keep it below terminationGracePeriodSeconds.
+    /// After SIGTERM, keep serving the webhook and the key broker this long before stopping:
+    /// Service endpoints and kube-proxy drop a terminating replica a moment after it is told
+    /// to stop, and a webhook call routed to it meanwhile would fail pod admission
+    /// (failurePolicy Fail). The stop then takes up to 10 s more (requests in flight, HTTP/2
+    /// connections); keep both below terminationGracePeriodSeconds.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub shutdown_delay: std::time::Duration,
 
@@ -672,32 +673,31 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         serving,
     };
-    let shutdown = shutdown_signal(metrics, args.shutdown_delay);
+    // Listening for SIGTERM from the start: one during start-up (keyring, certificate) also
+    // gets the drain rather than killing the process.
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let shutdown = shutdown_signal(term, metrics, args.shutdown_delay);
     crate::controller::run(client, config, shutdown).await
 }
 
-/// Completes `delay` after SIGTERM (serving on meanwhile, not ready), or at once on Ctrl-C.
+/// Completes `delay` after SIGTERM (serving on meanwhile, `/readyz` failing), or at once on
+/// Ctrl-C (also during the delay).
 async fn shutdown_signal(
+    mut term: tokio::signal::unix::Signal,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     delay: std::time::Duration,
 ) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let terminated = match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => false,
-                _ = term.recv() => true,
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            false
-        }
+    let terminated = tokio::select! {
+        _ = tokio::signal::ctrl_c() => false,
+        _ = term.recv() => true,
     };
     if terminated && !delay.is_zero() {
         metrics.set_ready(crate::metrics::Ready::Running, false);
         tracing::info!(delay = ?delay, "SIGTERM: serving on while endpoints drop this replica, then shutting down");
-        tokio::time::sleep(delay).await;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = tokio::time::sleep(delay) => {}
+        }
     }
     tracing::info!("shutting down");
 }

@@ -78,15 +78,17 @@ impl Serving {
         self.paths.current()
     }
 
-    /// Stops both listeners, letting requests in flight finish (at most
-    /// [`STOP_GRACE`]); their keep-alive connections close, so clients (the API server, the
-    /// sidecars) reconnect to another replica.
+    /// Stops both listeners: no new connections; requests in flight finish and HTTP/1.1
+    /// keep-alive connections (the API server's) close at once; HTTP/2 connections (the
+    /// sidecars') are served until [`STOP_GRACE`] ends and then dropped, so a sidecar's poll
+    /// cut there is retried on another replica while it keeps its key. The background tasks
+    /// (trust bundles asked for by the webhook) stop after the listeners.
     pub async fn stop(mut self) {
+        let handles: Vec<_> = self.handles.drain(..).collect();
+        futures::future::join_all(handles.iter().map(|h| h.stop(true))).await;
         for task in &self.tasks {
             task.abort();
         }
-        let handles: Vec<_> = self.handles.drain(..).collect();
-        futures::future::join_all(handles.iter().map(|h| h.stop(true))).await;
     }
 }
 

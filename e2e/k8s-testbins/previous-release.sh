@@ -5,8 +5,10 @@
 # builds only when that is empty. Prints the directory on stdout; progress goes to stderr.
 #
 # The build shares this checkout's target directory, so the dependencies `make static` compiled
-# are reused (a cold build compiles only what changed since that release). This checkout's static
-# binary, which the build overwrites, is put back afterwards.
+# are reused (a cold build compiles only what changed since that release). Its sources go to a
+# fixed directory under target/ (one set of build outputs, however often this runs). It
+# overwrites this checkout's static binary, which is put back afterwards (or removed, when there
+# was none). Run it when no other build of the static binary runs (`make test` does).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -22,16 +24,19 @@ if ! git -C "$root" cat-file -e "$PREVIOUS_RELEASE^{commit}" 2>/dev/null; then
 fi
 echo "building the previous release ${PREVIOUS_RELEASE:0:12} (a cold build takes a few minutes)..." >&2
 start=$SECONDS
-src=$(mktemp -d)
-trap 'rm -rf "$src"' EXIT
-git -C "$root" archive "$PREVIOUS_RELEASE" | tar -x -C "$src"
 target=x86_64-unknown-linux-musl
 built="$root/target/$target/release/byok-operator"
-if [ -f "$built" ]; then
-  cp -p "$built" "$src/current-static"
-  trap 'cp -p "$src/current-static" "$built"; rm -rf "$src"' EXIT
-fi
-CC_x86_64_unknown_linux_musl=musl-gcc cargo build -q --release --locked --target "$target" \
+src="$root/target/previous-release-src"
+saved="$root/target/previous-release-current-static"
+rm -rf "$src" "$saved"
+mkdir -p "$src"
+if [ -f "$built" ]; then cp -p "$built" "$saved"; fi
+restore() {
+  if [ -f "$saved" ]; then mv -f "$saved" "$built"; else rm -f "$built"; fi
+}
+trap restore EXIT
+git -C "$root" archive "$PREVIOUS_RELEASE" | tar -x -C "$src"
+CC_x86_64_unknown_linux_musl=musl-gcc "${CARGO:-cargo}" build -q --release --locked --target "$target" \
   --manifest-path "$src/Cargo.toml" --target-dir "$root/target" --bin byok-operator >&2
 rm -rf "$out.tmp"; mkdir -p "$out.tmp"
 cp "$built" "$out.tmp/byok-operator"

@@ -6,7 +6,7 @@
 //! Both built from the API server's module and version (`e2e/k8s-testbins/build.sh`).
 //!
 //! Only inside `hack/node-ns.sh`, like [`crate::node`]: kube-proxy's chains exist only in the
-//! node's network namespace. Cluster DNS is [`serve_cluster_dns`], answering for Services as
+//! node's network namespace. Cluster DNS is [`ClusterDns`], answering for Services as
 //! CoreDNS does.
 //!
 //! Only in a test binary of its own: the root CA publisher writes `kube-root-ca.crt` into every
@@ -14,6 +14,7 @@
 
 use std::fs;
 use std::process::{Child, Command};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use k8s_openapi::api::core::v1::Service;
@@ -153,6 +154,8 @@ impl ClusterAddons {
 }
 
 impl Drop for ClusterAddons {
+    /// Stops the addons and removes what kube-proxy left in the node's network namespace
+    /// (its chains, the Service route), which later test binaries share.
     fn drop(&mut self) {
         for child in [
             &mut self.controller_manager,
@@ -162,6 +165,16 @@ impl Drop for ClusterAddons {
             let _ = child.kill();
             let _ = child.wait();
         }
+        if let Ok(bins) = Binaries::locate() {
+            let _ = Command::new(bins.dir.join("kube-proxy"))
+                .args(["--cleanup", "--proxy-mode=iptables"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+        let _ = Command::new("ip")
+            .args(["route", "del", "10.0.0.0/24", "dev", "byok-node"])
+            .status();
     }
 }
 
@@ -169,21 +182,59 @@ impl Drop for ClusterAddons {
 /// `<service>.<namespace>.svc[.cluster.local]` → the Service's cluster IP (A records; other
 /// types of a known name get an empty answer), anything else NXDOMAIN. UDP on the node's
 /// address, port 53, which the kubelet writes into every pod's `resolv.conf`
-/// ([`crate::node`]'s `clusterDNS`). Runs until the task is dropped.
-pub async fn serve_cluster_dns(
+/// ([`crate::node`]'s `clusterDNS`).
+pub struct ClusterDns {
+    socket: std::sync::Arc<tokio::net::UdpSocket>,
     client: kube::Client,
-    node_ip: std::net::Ipv4Addr,
-) -> anyhow::Result<()> {
-    let socket = tokio::net::UdpSocket::bind((node_ip, 53))
-        .await
-        .context("binding the cluster DNS to port 53 of the node")?;
-    let mut buf = vec![0u8; 1500];
-    loop {
-        let (len, from) = socket.recv_from(&mut buf).await?;
-        if let Some(reply) = dns_reply(&client, &buf[..len]).await {
-            let _ = socket.send_to(&reply, from).await;
+}
+
+impl ClusterDns {
+    /// Binds port 53 of the node's address (fails here, not later in a pod's lookup).
+    pub async fn bind(client: kube::Client, node_ip: std::net::Ipv4Addr) -> anyhow::Result<Self> {
+        let socket = tokio::net::UdpSocket::bind((node_ip, 53))
+            .await
+            .context("binding the cluster DNS to port 53 of the node")?;
+        Ok(Self {
+            socket: std::sync::Arc::new(socket),
+            client,
+        })
+    }
+
+    /// Answers until the task is dropped; each query on a task of its own, given 2 s.
+    pub async fn serve(self) -> anyhow::Result<()> {
+        let mut buf = vec![0u8; 1500];
+        loop {
+            let (len, from) = self.socket.recv_from(&mut buf).await?;
+            let (socket, client, query) = (
+                self.socket.clone(),
+                self.client.clone(),
+                buf[..len].to_vec(),
+            );
+            tokio::spawn(async move {
+                let answer =
+                    tokio::time::timeout(Duration::from_secs(2), dns_reply(&client, &query));
+                if let Ok(Some(reply)) = answer.await {
+                    let _ = socket.send_to(&reply, from).await;
+                }
+            });
         }
     }
+}
+
+/// `<service>.<namespace>` of a Service name, lowercased; only RFC 1123 labels.
+fn service_of(name: &str) -> Option<(String, String)> {
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    let rest = name.strip_suffix(".cluster.local").unwrap_or(&name);
+    let (service, namespace) = rest.strip_suffix(".svc")?.split_once('.')?;
+    let label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    (label(service) && label(namespace)).then(|| (service.to_owned(), namespace.to_owned()))
 }
 
 /// The answer to one query packet, or nothing for what is not a query.
@@ -192,17 +243,9 @@ async fn dns_reply(client: &kube::Client, query: &[u8]) -> Option<Vec<u8>> {
     use simple_dns::{CLASS, Packet, PacketFlag, QTYPE, RCODE, ResourceRecord, TYPE};
     let query = Packet::parse(query).ok()?;
     let question = query.questions.first()?.clone();
-    let name = question.qname.to_string();
-    let name = name.trim_end_matches('.');
-    let service = name
-        .strip_suffix(".cluster.local")
-        .unwrap_or(name)
-        .strip_suffix(".svc")
-        .and_then(|rest| rest.split_once('.'))
-        .filter(|(_, namespace)| !namespace.contains('.'));
-    let ip = match service {
-        Some((service, namespace)) => Api::<Service>::namespaced(client.clone(), namespace)
-            .get_opt(service)
+    let ip = match service_of(&question.qname.to_string()) {
+        Some((service, namespace)) => Api::<Service>::namespaced(client.clone(), &namespace)
+            .get_opt(&service)
             .await
             .ok()
             .flatten()
@@ -230,4 +273,29 @@ async fn dns_reply(client: &kube::Client, query: &[u8]) -> Option<Vec<u8>> {
         None => *reply.rcode_mut() = RCODE::NameError,
     }
     reply.build_bytes_vec().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::service_of;
+
+    #[test]
+    fn only_service_names_of_rfc_1123_labels_are_looked_up() {
+        let found = |n: &str| service_of(n).map(|(s, ns)| format!("{s}/{ns}"));
+        assert_eq!(found("broker.ops.svc").as_deref(), Some("broker/ops"));
+        assert_eq!(
+            found("Broker.OPS.svc.cluster.local.").as_deref(),
+            Some("broker/ops")
+        );
+        for bad in [
+            "svc/proxy/x.ns.svc",
+            "a.b.c.svc",
+            "x.ns.svc.example",
+            "-x.ns.svc",
+            "x?.ns.svc",
+            ".ns.svc",
+        ] {
+            assert_eq!(found(bad), None, "{bad}");
+        }
+    }
 }

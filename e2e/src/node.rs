@@ -481,7 +481,8 @@ failCgroupV1: false
 failSwapOn: false
 resolvConf: ""
 # Pods resolve Service names at the node's address, where a test that needs it serves
-# cluster DNS (crate::cluster::serve_cluster_dns); elsewhere lookups fail at once.
+# cluster DNS (crate::cluster::ClusterDns); elsewhere no name a pod looks up resolves (most
+# tests use addresses only).
 clusterDNS: ["{ip}"]
 clusterDomain: cluster.local
 serializeImagePulls: false

@@ -38,6 +38,9 @@ fn local_args(chart_args: &[String], ports: (u16, u16, u16)) -> Vec<String> {
     args
 }
 
+/// `shutdownDelaySeconds` for this test.
+const SHUTDOWN_DELAY: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[tokio::test]
 async fn the_operator_runs_with_the_charts_arguments_and_rbac() -> anyhow::Result<()> {
     let operator_ns = TestEnv::new("chart-op").await?;
@@ -45,7 +48,14 @@ async fn the_operator_runs_with_the_charts_arguments_and_rbac() -> anyhow::Resul
     install_crds(&operator_ns.client).await?;
     let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
     let release = "chart";
-    let (token, rendered) = chart_service_account_token(&operator_ns, release, &[]).await?;
+    // A shutdown delay longer than the chart's default, so the checks of the drain below
+    // fit inside it on a busy machine.
+    let (token, rendered) = chart_service_account_token(
+        &operator_ns,
+        release,
+        &[format!("shutdownDelaySeconds={}", SHUTDOWN_DELAY.as_secs())],
+    )
+    .await?;
     let fullname = format!("{release}-byok-operator");
 
     let deployment = one(&rendered, "Deployment")?;
@@ -250,8 +260,8 @@ async fn the_operator_runs_with_the_charts_arguments_and_rbac() -> anyhow::Resul
         "keep"
     );
 
-    // SIGTERM, as the kubelet stops a replica: it serves on for the chart's shutdownDelay,
-    // not ready (endpoints drop it meanwhile), then stops.
+    // SIGTERM, as the kubelet stops a replica: it serves on (webhook and broker) for the
+    // chart's shutdownDelaySeconds, not ready, then stops.
     let stop_asked = tokio::time::Instant::now();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(operator.0.id())?),
@@ -267,7 +277,7 @@ async fn the_operator_runs_with_the_charts_arguments_and_rbac() -> anyhow::Resul
             break;
         }
         anyhow::ensure!(
-            stop_asked.elapsed() < std::time::Duration::from_secs(4),
+            stop_asked.elapsed() < SHUTDOWN_DELAY,
             "/readyz still {status} after SIGTERM"
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -281,17 +291,32 @@ async fn the_operator_runs_with_the_charts_arguments_and_rbac() -> anyhow::Resul
         byok_e2e::serving::has_sidecar(&injected),
         "a stopping replica still serves the webhook during its shutdown delay"
     );
+    // The broker too: a new connection is answered (401: no token), not refused.
+    let broker_answer = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()?
+        .get(format!(
+            "https://127.0.0.1:{broker}/v1/keys/{}/anthropic",
+            tenant.namespace
+        ))
+        .send()
+        .await?;
     assert!(
-        stop_asked.elapsed() < std::time::Duration::from_secs(5),
-        "the webhook call above must fall within the 5 s delay to prove anything"
+        broker_answer.status().is_client_error(),
+        "the broker during the drain: {}",
+        broker_answer.status()
+    );
+    assert!(
+        stop_asked.elapsed() < SHUTDOWN_DELAY,
+        "the calls above must fall within the delay to prove anything"
     );
     let status = loop {
         if let Some(status) = operator.0.try_wait()? {
             break status;
         }
         anyhow::ensure!(
-            stop_asked.elapsed() < std::time::Duration::from_secs(20),
-            "the operator did not stop within 20 s of SIGTERM; log: {}",
+            stop_asked.elapsed() < SHUTDOWN_DELAY + std::time::Duration::from_secs(15),
+            "the operator did not stop within the delay and 15 s of SIGTERM; log: {}",
             log.display()
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -299,10 +324,10 @@ async fn the_operator_runs_with_the_charts_arguments_and_rbac() -> anyhow::Resul
     let stopped_after = stop_asked.elapsed();
     assert!(status.success(), "exit after SIGTERM: {status}");
     assert!(
-        stopped_after >= std::time::Duration::from_secs(5),
-        "stopped {stopped_after:?} after SIGTERM, before the 5 s shutdown delay"
+        stopped_after >= SHUTDOWN_DELAY,
+        "stopped {stopped_after:?} after SIGTERM, before the shutdown delay"
     );
-    eprintln!("stopped {stopped_after:?} after SIGTERM (shutdownDelay 5s)");
+    eprintln!("stopped {stopped_after:?} after SIGTERM (shutdownDelaySeconds {SHUTDOWN_DELAY:?})");
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -19,10 +19,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use byok_e2e::cluster::{ClusterAddons, serve_cluster_dns};
+use byok_e2e::cluster::{ClusterAddons, ClusterDns};
 use byok_e2e::envtest::{TestEnv, shared, start_on_owner_thread};
 use byok_e2e::fake_provider::{FakeProvider, FakeProviderConfig};
-use byok_e2e::manifests::{chart_dir, helm, kubectl_apply, repo};
+use byok_e2e::manifests::{chart_dir, helm, repo};
 use byok_e2e::node::{
     APP_IMAGE, CALLS, Node, cri_lines, operator_image_entries, shared_node, sidecar_binary,
 };
@@ -427,13 +427,15 @@ async fn during_rollout(
             && let Some(target) = running.first()
         {
             let (ns, pod) = (namespace.clone(), target.clone());
-            let (app, sidecar) = tokio::task::spawn_blocking(move || {
+            let execs = tokio::task::spawn_blocking(move || {
                 (
                     kubectl_exec(&ns, &pod, "app"),
                     kubectl_exec(&ns, &pod, SIDECAR_NAME),
                 )
-            })
-            .await?;
+            });
+            let (app, sidecar) = tokio::time::timeout(Duration::from_secs(60), execs)
+                .await
+                .context("two kubectl execs took over 60 s")??;
             seen.execs += 1;
             if let Err(e) = app {
                 seen.failed_app_execs.push(format!("{e:#}"));
@@ -470,7 +472,14 @@ fn check_admissions(when: &str, seen: &Admissions, stopping_drains: bool) -> any
             seen.refused
         );
     } else {
-        // Only a webhook call that met a replica going away may fail.
+        // Only a webhook call that met an old replica going away may fail: one per replica
+        // at most (the chart's two).
+        anyhow::ensure!(
+            seen.refused.len() <= 2,
+            "{when}: {} pod creations were refused: {:?}",
+            seen.refused.len(),
+            seen.refused
+        );
         for refusal in &seen.refused {
             anyhow::ensure!(
                 refusal.contains("failed calling webhook"),
@@ -546,10 +555,11 @@ async fn node_a_helm_upgrade_from_the_previous_release_and_a_rollback_keep_pods_
         &sidecar_binary(&node.dir)?,
         &fake,
     )?)?;
-    let _dns = DropAbort(tokio::spawn(serve_cluster_dns(
-        shared().client().await?,
-        node.ip,
-    )));
+    let dns = DropAbort(tokio::spawn(
+        ClusterDns::bind(shared().client().await?, node.ip)
+            .await?
+            .serve(),
+    ));
     let ns = operator_ns.namespace.clone();
     let fullname = format!("{RELEASE}-byok-operator");
     let deployments = operator_ns.api::<Deployment>();
@@ -590,7 +600,8 @@ async fn node_a_helm_upgrade_from_the_previous_release_and_a_rollback_keep_pods_
     let crds = std::fs::read_to_string(chart_dir().join("crds/byok.dev_providerkeys.yaml"))?;
     kubectl_apply_forced(&crds)?;
     let upgrade_started = Instant::now();
-    let (upgrade, admissions) = helm_while(&mut apps, &ns, "mid-upgrade", {
+    let release = (ns.as_str(), &deployments, &operator_pods, fullname.as_str());
+    let admissions = helm_while(&mut apps, release, "mid-upgrade", {
         let mut args = vec![
             "upgrade".to_string(),
             RELEASE.into(),
@@ -600,8 +611,6 @@ async fn node_a_helm_upgrade_from_the_previous_release_and_a_rollback_keep_pods_
         args
     })
     .await?;
-    upgrade?;
-    wait_rolled_out(&deployments, &operator_pods, &fullname).await?;
     eprintln!("upgraded in {:?}", upgrade_started.elapsed());
     check_admissions("during the upgrade", &admissions, PREVIOUS_DRAINS)?;
     let after_upgrade = apps.create("current", Duration::from_secs(30)).await?;
@@ -622,17 +631,21 @@ async fn node_a_helm_upgrade_from_the_previous_release_and_a_rollback_keep_pods_
 
     // Back to the previous release.
     let rollback_started = Instant::now();
-    let (rollback, admissions) = helm_while(
+    let admissions = helm_while(
         &mut apps,
-        &ns,
+        release,
         "mid-rollback",
         vec!["rollback".into(), RELEASE.into(), "1".into()],
     )
     .await?;
-    rollback?;
-    wait_rolled_out(&deployments, &operator_pods, &fullname).await?;
     eprintln!("rolled back in {:?}", rollback_started.elapsed());
     check_admissions("during the rollback", &admissions, true)?;
+    // Those the rolled-back release injected start and are served.
+    for name in &admissions.made {
+        if apps.pods.get(name).map(|m| m.shape) == Some(Shape::Previous) {
+            apps.wait_served(name, Duration::from_secs(90)).await?;
+        }
+    }
     let after_rollback = apps
         .create("previous-again", Duration::from_secs(30))
         .await?;
@@ -641,6 +654,7 @@ async fn node_a_helm_upgrade_from_the_previous_release_and_a_rollback_keep_pods_
     tokio::time::sleep(KEY_LEASE + Duration::from_secs(5)).await;
     let rolled_back = apps.report("after the rollback").await?;
     addons.check_running()?;
+    anyhow::ensure!(!dns.0.is_finished(), "the cluster DNS stopped");
     let (previous_shape, current_shape): (Vec<&Seen>, Vec<&Seen>) = rolled_back
         .iter()
         .partition(|s| s.made.shape == Shape::Previous);
@@ -651,12 +665,21 @@ async fn node_a_helm_upgrade_from_the_previous_release_and_a_rollback_keep_pods_
         // docs/upgrade.md: the previous release compares the sidecar exactly, so pods this
         // release injected are refused by it until restarted: 503 once their lease ends, or,
         // made during the rollback, their app never starts (the sidecar never gets a key).
+        let pods = apps.env.api::<Pod>();
         for s in &current_shape {
+            let refused = s.calls.failed.iter().all(|(_, l)| l.contains("503"));
+            let sidecar = node.container_log(&pods.get(&s.name).await?, SIDECAR_NAME);
             anyhow::ensure!(
-                !s.calls.failed.is_empty() || s.calls.ok == 0,
-                "pod {} with this release's sidecar was still served after the rollback: \
-                 the previous release accepts it, so set ROLLBACK_SERVES_CURRENT_SHAPE",
-                s.name
+                (!s.calls.failed.is_empty() || s.calls.ok == 0)
+                    && refused
+                    && sidecar.contains("status=403"),
+                "pod {} with this release's sidecar: {} calls served, failures {:?}, broker \
+                 refusal (403) in its sidecar's log: {}; if the previous release serves it, set \
+                 ROLLBACK_SERVES_CURRENT_SHAPE",
+                s.name,
+                s.calls.ok,
+                s.calls.failed.first(),
+                sidecar.contains("status=403")
             );
         }
     }
@@ -675,20 +698,33 @@ const ROLLBACK_SERVES_CURRENT_SHAPE: bool = false;
 /// in two runs), which docs/upgrade.md tells to retry. Set to `true` with a later release.
 const PREVIOUS_DRAINS: bool = false;
 
-/// Runs `helm <args> --wait` while [`during_rollout`] makes and updates pods.
+/// Runs `helm <args> --wait`, then waits until the Deployment has rolled out and every old
+/// replica is gone, while [`during_rollout`] makes and updates pods: the drains of the last
+/// replicas to stop are covered too.
 async fn helm_while(
     apps: &mut Apps,
-    namespace: &str,
+    release: (&str, &Api<Deployment>, &Api<Pod>, &str),
     phase: &str,
     mut args: Vec<String>,
-) -> anyhow::Result<(anyhow::Result<String>, Admissions)> {
+) -> anyhow::Result<Admissions> {
+    let (namespace, deployments, operator_pods, fullname) = release;
     args.extend(["--wait".into(), "--timeout".into(), HELM_TIMEOUT.into()]);
     let done = Arc::new(AtomicBool::new(false));
-    let helm = {
+    let rollout = {
         let done = done.clone();
         let namespace = namespace.to_owned();
-        tokio::task::spawn_blocking(move || {
-            let result = helm_in(&namespace, &args);
+        let (deployments, operator_pods, fullname) = (
+            deployments.clone(),
+            operator_pods.clone(),
+            fullname.to_owned(),
+        );
+        tokio::spawn(async move {
+            let helm = tokio::task::spawn_blocking(move || helm_in(&namespace, &args)).await;
+            let result = match helm {
+                Ok(Ok(_)) => wait_rolled_out(&deployments, &operator_pods, &fullname).await,
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(e.into()),
+            };
             done.store(true, Ordering::SeqCst);
             result
         })
@@ -700,8 +736,8 @@ async fn helm_while(
         .map(|(n, _)| n.clone())
         .collect();
     let admissions = during_rollout(apps, phase, done, &running).await;
-    let result = helm.await?;
-    Ok((result, admissions?))
+    rollout.await??;
+    admissions
 }
 
 /// Stops a task when dropped.
@@ -730,5 +766,4 @@ fn kubectl_apply_forced(yaml: &str) -> anyhow::Result<String> {
         ],
         Some(yaml),
     )
-    .or_else(|_| kubectl_apply(yaml))
 }

@@ -465,6 +465,15 @@ pub async fn run(
         });
     }
 
+    // The listeners stop as soon as the shutdown (after its drain) completes, beside the
+    // reconciles finishing, not after them: the pod's termination grace bounds both.
+    let stopping = serving.map(|serving| {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            serving.stop().await;
+        })
+    });
     let outcome: anyhow::Result<()> = async {
         // Serving has started: the keys in service stay available while a stale CRD blocks
         // reconciling.
@@ -501,9 +510,14 @@ pub async fn run(
         }
     }
     .await;
-    // Requests in flight finish and keep-alive connections close before the process ends.
-    if let Some(serving) = serving {
-        serving.stop().await;
+    if let Some(stopping) = stopping {
+        if shutdown.clone().now_or_never().is_some() {
+            // Requests in flight finish before the process ends.
+            let _ = stopping.await;
+        } else {
+            // Ended without a shutdown (an error): dropping the task drops the listeners.
+            stopping.abort();
+        }
     }
     outcome
 }
