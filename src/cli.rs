@@ -673,23 +673,27 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         serving,
     };
-    // Listening for SIGTERM from the start: one during start-up (keyring, certificate) also
-    // gets the drain rather than killing the process.
-    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let shutdown = shutdown_signal(term, metrics, args.shutdown_delay);
+    let shutdown = shutdown_signal(metrics, args.shutdown_delay);
     crate::controller::run(client, config, shutdown).await
 }
 
 /// Completes `delay` after SIGTERM (serving on meanwhile, `/readyz` failing), or at once on
-/// Ctrl-C (also during the delay).
+/// Ctrl-C (also during the delay). Listens from the moment `run` first waits for it, once
+/// serving has started: a SIGTERM before that ends the process at once, with nothing served.
 async fn shutdown_signal(
-    mut term: tokio::signal::unix::Signal,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     delay: std::time::Duration,
 ) {
-    let terminated = tokio::select! {
-        _ = tokio::signal::ctrl_c() => false,
-        _ = term.recv() => true,
+    use tokio::signal::unix::{SignalKind, signal};
+    let terminated = match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = tokio::signal::ctrl_c() => false,
+            _ = term.recv() => true,
+        },
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            false
+        }
     };
     if terminated && !delay.is_zero() {
         metrics.set_ready(crate::metrics::Ready::Running, false);

@@ -84,8 +84,9 @@ impl Serving {
     /// cut there is retried on another replica while it keeps its key. The background tasks
     /// (trust bundles asked for by the webhook) stop after the listeners.
     pub async fn stop(mut self) {
-        let handles: Vec<_> = self.handles.drain(..).collect();
-        futures::future::join_all(handles.iter().map(|h| h.stop(true))).await;
+        // Cancelled half-way, `Drop` still finds the handles and stops the listeners.
+        futures::future::join_all(self.handles.iter().map(|h| h.stop(true))).await;
+        self.handles.clear();
         for task in &self.tasks {
             task.abort();
         }

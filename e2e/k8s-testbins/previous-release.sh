@@ -28,7 +28,9 @@ target=x86_64-unknown-linux-musl
 built="$root/target/$target/release/byok-operator"
 src="$root/target/previous-release-src"
 saved="$root/target/previous-release-current-static"
-rm -rf "$src" "$saved"
+# An interrupted run left this checkout's binary aside: put it back before saving it again.
+if [ -f "$saved" ]; then mv -f "$saved" "$built"; fi
+rm -rf "$src"
 mkdir -p "$src"
 if [ -f "$built" ]; then cp -p "$built" "$saved"; fi
 restore() {

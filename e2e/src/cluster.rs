@@ -174,6 +174,7 @@ impl Drop for ClusterAddons {
         }
         let _ = Command::new("ip")
             .args(["route", "del", "10.0.0.0/24", "dev", "byok-node"])
+            .stderr(std::process::Stdio::null())
             .status();
     }
 }
@@ -244,11 +245,11 @@ async fn dns_reply(client: &kube::Client, query: &[u8]) -> Option<Vec<u8>> {
     let query = Packet::parse(query).ok()?;
     let question = query.questions.first()?.clone();
     let ip = match service_of(&question.qname.to_string()) {
+        // An API error gets no answer (the client asks again), not a NXDOMAIN.
         Some((service, namespace)) => Api::<Service>::namespaced(client.clone(), &namespace)
             .get_opt(&service)
             .await
-            .ok()
-            .flatten()
+            .ok()?
             .and_then(|s| s.spec?.cluster_ip)
             .and_then(|ip| ip.parse::<std::net::Ipv4Addr>().ok()),
         None => None,

@@ -465,16 +465,8 @@ pub async fn run(
         });
     }
 
-    // The listeners stop as soon as the shutdown (after its drain) completes, beside the
-    // reconciles finishing, not after them: the pod's termination grace bounds both.
-    let stopping = serving.map(|serving| {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            shutdown.await;
-            serving.stop().await;
-        })
-    });
-    let outcome: anyhow::Result<()> = async {
+    let mut serving = serving;
+    let work = async {
         // Serving has started: the keys in service stay available while a stale CRD blocks
         // reconciling.
         tokio::select! {
@@ -508,16 +500,27 @@ pub async fn run(
                 }
             }
         }
-    }
-    .await;
-    if let Some(stopping) = stopping {
-        if shutdown.clone().now_or_never().is_some() {
-            // Requests in flight finish before the process ends.
-            let _ = stopping.await;
-        } else {
-            // Ended without a shutdown (an error): dropping the task drops the listeners.
-            stopping.abort();
+    };
+    // The listeners stop as soon as the shutdown (after its drain) completes, beside the
+    // reconciles finishing, not after them: the pod's termination grace bounds both. Should
+    // this future be dropped instead, `serving` is dropped with it and stops its listeners.
+    tokio::pin!(work);
+    let outcome: anyhow::Result<()> = tokio::select! {
+        outcome = &mut work => outcome,
+        () = shutdown.clone() => {
+            let stop = async {
+                if let Some(serving) = serving.take() {
+                    serving.stop().await;
+                }
+            };
+            tokio::join!(&mut work, stop).0
         }
+    };
+    if let Some(serving) = serving
+        && shutdown.clone().now_or_never().is_some()
+    {
+        // The work ended first, on the shutdown: requests in flight still finish.
+        serving.stop().await;
     }
     outcome
 }
