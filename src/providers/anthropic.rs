@@ -6,7 +6,7 @@ use url::Url;
 
 use super::{
     ErrorBody, Provider, ProviderKind, ProviderParams, Verification, classify_status, const_url,
-    join_url, sensitive_headers,
+    credential_header, join_url, sensitive_headers,
 };
 
 /// The `anthropic-version` header every request carries.
@@ -26,13 +26,12 @@ impl Provider for Anthropic {
     }
 
     fn auth_headers(&self, credential: &str) -> Result<HeaderMap, Verification> {
-        sensitive_headers(
+        let mut headers = credential_header(self.kind(), credential)?;
+        headers.extend(sensitive_headers(
             self.kind(),
-            &[
-                ("x-api-key", credential, true),
-                ("anthropic-version", ANTHROPIC_VERSION, false),
-            ],
-        )
+            &[("anthropic-version", ANTHROPIC_VERSION, false)],
+        )?);
+        Ok(headers)
     }
 
     fn verification_url(&self, base: &Url, _: &ProviderParams) -> Result<Url, Verification> {

@@ -6,8 +6,8 @@ use http::HeaderMap;
 use url::Url;
 
 use super::{
-    ErrorBody, Provider, ProviderKind, ProviderParams, Verification, classify_status, join_url,
-    safe_token, sensitive_headers,
+    ErrorBody, Provider, ProviderKind, ProviderParams, Verification, classify_status,
+    credential_header, join_url, safe_token,
 };
 
 /// The `api-version` used when `spec.azure.apiVersion` is not set.
@@ -44,7 +44,7 @@ impl Provider for Azure {
     }
 
     fn auth_headers(&self, credential: &str) -> Result<HeaderMap, Verification> {
-        sensitive_headers(self.kind(), &[("api-key", credential, true)])
+        credential_header(self.kind(), credential)
     }
 
     fn verification_url(&self, base: &Url, params: &ProviderParams) -> Result<Url, Verification> {

@@ -6,7 +6,7 @@ use url::Url;
 
 use super::{
     ErrorBody, Provider, ProviderKind, ProviderParams, Verification, classify_status, const_url,
-    join_url, sensitive_headers,
+    credential_header, join_url,
 };
 use crate::reason::Reason;
 
@@ -24,7 +24,7 @@ impl Provider for Google {
     }
 
     fn auth_headers(&self, credential: &str) -> Result<HeaderMap, Verification> {
-        sensitive_headers(self.kind(), &[("x-goog-api-key", credential, true)])
+        credential_header(self.kind(), credential)
     }
 
     fn verification_url(&self, base: &Url, _: &ProviderParams) -> Result<Url, Verification> {

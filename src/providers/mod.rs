@@ -7,6 +7,7 @@
 //! implements the same contract. Change the code, the fake and the doc together.
 
 mod anthropic;
+pub mod auth;
 mod azure;
 mod google;
 pub mod limiter;
@@ -609,12 +610,17 @@ pub(crate) fn sensitive_headers(
     Ok(headers)
 }
 
-/// `authorization: Bearer TOKEN`, sensitive.
-pub(crate) fn bearer(kind: ProviderKind, token: &str) -> Result<HeaderMap, Verification> {
+/// The provider's credential header ([`ProviderKind::auth_header`]) holding `credential`,
+/// sensitive.
+pub(crate) fn credential_header(
+    kind: ProviderKind,
+    credential: &str,
+) -> Result<HeaderMap, Verification> {
+    let auth = kind.auth_header();
     let mut headers = HeaderMap::new();
     headers.insert(
-        http::header::AUTHORIZATION,
-        secret_header_value(kind, &["Bearer ", token])?,
+        http::HeaderName::from_static(auth.name),
+        secret_header_value(kind, &auth.value_parts(credential))?,
     );
     Ok(headers)
 }
@@ -894,7 +900,7 @@ mod tests {
             assert_eq!(err.reason, Reason::InvalidKey, "{kind}");
             assert!(!err.message.contains("SECRET"), "{kind}: {err}");
         }
-        let headers = bearer(ProviderKind::OpenAI, "tok").expect("bearer");
+        let headers = credential_header(ProviderKind::OpenAI, "tok").expect("bearer");
         assert_eq!(headers[http::header::AUTHORIZATION], "Bearer tok");
         let headers = provider(ProviderKind::Anthropic)
             .auth_headers(KEY)

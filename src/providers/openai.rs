@@ -5,8 +5,8 @@ use http::HeaderMap;
 use url::Url;
 
 use super::{
-    ErrorBody, Provider, ProviderKind, ProviderParams, Verification, bearer, classify_status,
-    const_url, join_url,
+    ErrorBody, Provider, ProviderKind, ProviderParams, Verification, classify_status, const_url,
+    credential_header, join_url,
 };
 
 /// OpenAI API.
@@ -23,7 +23,7 @@ impl Provider for OpenAI {
     }
 
     fn auth_headers(&self, credential: &str) -> Result<HeaderMap, Verification> {
-        bearer(self.kind(), credential)
+        credential_header(self.kind(), credential)
     }
 
     fn verification_url(&self, base: &Url, _: &ProviderParams) -> Result<Url, Verification> {

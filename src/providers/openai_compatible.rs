@@ -6,7 +6,7 @@
 use http::HeaderMap;
 use url::Url;
 
-use super::{Provider, ProviderKind, ProviderParams, Verification, bearer, join_url};
+use super::{Provider, ProviderKind, ProviderParams, Verification, credential_header, join_url};
 
 /// An OpenAI-compatible API.
 #[derive(Debug, Clone, Copy, Default)]
@@ -25,7 +25,7 @@ impl Provider for OpenAICompatible {
     }
 
     fn auth_headers(&self, credential: &str) -> Result<HeaderMap, Verification> {
-        bearer(self.kind(), credential)
+        credential_header(self.kind(), credential)
     }
 
     fn verification_url(&self, base: &Url, _: &ProviderParams) -> Result<Url, Verification> {

@@ -20,8 +20,8 @@ use serde_json::value::RawValue;
 use url::Url;
 
 use super::{
-    ErrorBody, Provider, ProviderKind, ProviderParams, Verification, Verifier, bearer,
-    classify_status, join_url, safe_token, zeroizing_bytes,
+    ErrorBody, Provider, ProviderKind, ProviderParams, Verification, Verifier, classify_status,
+    credential_header, join_url, safe_token, zeroizing_bytes,
 };
 use crate::reason::Reason;
 
@@ -121,7 +121,7 @@ impl Provider for Vertex {
 
     /// `credential` is the OAuth access token.
     fn auth_headers(&self, credential: &str) -> Result<HeaderMap, Verification> {
-        bearer(self.kind(), credential)
+        credential_header(self.kind(), credential)
     }
 
     fn verification_url(&self, base: &Url, params: &ProviderParams) -> Result<Url, Verification> {

@@ -38,14 +38,11 @@ pub struct Shared {
     pub in_flight: AtomicU64,
 }
 
-/// Client headers that carry credentials: never forwarded.
-const CLIENT_CREDENTIALS: [&str; 5] = [
-    "authorization",
-    "x-api-key",
-    "api-key",
-    "x-goog-api-key",
-    "proxy-authorization",
-];
+/// Client headers that carry credentials: never forwarded (the sidecar adds its own).
+const CLIENT_CREDENTIALS: [&str; 5] = {
+    let [a, b, c, d] = crate::providers::auth::CREDENTIAL_HEADERS;
+    [a, b, c, d, "proxy-authorization"]
+};
 
 /// Headers some front ends (Google's among them) take as the method to run instead of the
 /// request's own: the endpoint rules judged the request's method, so they never go.

@@ -11,6 +11,7 @@ use url::Url;
 use super::endpoints::{EndpointPolicy, VertexScope};
 use super::models::ModelPolicy;
 use crate::providers::ProviderKind;
+use crate::providers::auth::AuthForm;
 
 /// The request header in which the sidecar tells the broker which trust bundle it holds:
 /// [`trust_bundle_digest`] of the PEM it verifies the broker with. Sidecars older than trust
@@ -170,33 +171,26 @@ impl Live {
         }
         let origin = origin.origin().ascii_serialization();
         let base_path = base.path().trim_end_matches('/').to_owned();
-        let (auth_name, secret, expires) = match (&grant.credential, grant.provider) {
+        let (value, expires) = match (&grant.credential, grant.provider) {
             (Credential::AccessToken { value, expires_at }, ProviderKind::Vertex) => {
                 let at: jiff::Timestamp = expires_at
                     .parse()
                     .map_err(|_| "the access token's expiresAt is not a timestamp")?;
                 let left = at.duration_since(jiff::Timestamp::now());
                 let left = Duration::try_from(left).unwrap_or_default();
-                (http::header::AUTHORIZATION, bearer(value), Some(now + left))
+                (value, Some(now + left))
             }
             (Credential::AccessToken { .. }, _)
             | (Credential::ApiKey { .. }, ProviderKind::Vertex) => {
                 return Err("the credential type does not fit the provider".into());
             }
-            (Credential::ApiKey { value }, kind) => match kind {
-                ProviderKind::Anthropic => {
-                    (HeaderName::from_static("x-api-key"), plain(value), None)
-                }
-                ProviderKind::Google => (
-                    HeaderName::from_static("x-goog-api-key"),
-                    plain(value),
-                    None,
-                ),
-                ProviderKind::Azure => (HeaderName::from_static("api-key"), plain(value), None),
-                ProviderKind::OpenAI | ProviderKind::OpenAICompatible | ProviderKind::Vertex => {
-                    (http::header::AUTHORIZATION, bearer(value), None)
-                }
-            },
+            (Credential::ApiKey { value }, _) => (value, None),
+        };
+        let auth = grant.provider.auth_header();
+        let auth_name = HeaderName::from_static(auth.name);
+        let secret = match auth.form {
+            AuthForm::Bearer => bearer(value),
+            AuthForm::Plain => plain(value),
         };
         let mut auth_value = HeaderValue::from_bytes(secret.expose_secret().as_bytes())
             .map_err(|_| "the credential cannot be sent in an HTTP header")?;
