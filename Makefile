@@ -71,7 +71,8 @@ test: lint testbins ## Everything CI runs: lint, unit tests, integration tests o
 	@# namespaces of their own (hack/node-ns.sh), which leave nothing behind.
 	@# Their sidecar image is made from the image's static binary (make static), which must run.
 	@# The Helm upgrade test (e2e/tests/upgrade.rs) also needs the previous release, built
-	@# from this repository's history (cached; outside the node's namespace, which has no network).
+	@# from this repository's history (cached with its own target directory; here, outside the
+	@# node's namespace, which has no network).
 	CARGO=$(CARGO) bash e2e/k8s-testbins/previous-release.sh >/dev/null
 	$(MAKE) --no-print-directory static
 	BYOK_STATIC_BINARY=$$PWD/$(STATIC_BINARY) $(CARGO) test --offline -p byok-e2e --test image --test proxy -q -- --ignored image_ 2>&1 | tee -a target/test-output.log

@@ -12,6 +12,7 @@ pub mod crd;
 pub mod crdgen;
 pub mod crypto;
 pub mod egress;
+pub mod grant;
 pub mod interval;
 pub mod metrics;
 pub mod names;

@@ -4,11 +4,10 @@
 # repository's history. Cached under ${BYOK_RELEASES_CACHE:-$HOME/.cache/byok-operator/releases}/<commit>/;
 # builds only when that is empty. Prints the directory on stdout; progress goes to stderr.
 #
-# The build shares this checkout's target directory, so the dependencies `make static` compiled
-# are reused (a cold build compiles only what changed since that release). Its sources go to a
-# fixed directory under target/ (one set of build outputs, however often this runs). It
-# overwrites this checkout's static binary, which is put back afterwards (or removed, when there
-# was none). Run it when no other build of the static binary runs (`make test` does).
+# The build has a target directory of its own in the cache, never this checkout's: both
+# packages are `byok-operator` at the root of a workspace, and cargo would take one build for
+# the other (the same unit hash). A cold build compiles every dependency once (a few minutes);
+# later releases reuse them.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -25,23 +24,14 @@ fi
 echo "building the previous release ${PREVIOUS_RELEASE:0:12} (a cold build takes a few minutes)..." >&2
 start=$SECONDS
 target=x86_64-unknown-linux-musl
-built="$root/target/$target/release/byok-operator"
-src="$root/target/previous-release-src"
-saved="$root/target/previous-release-current-static"
-# An interrupted run left this checkout's binary aside: put it back before saving it again.
-if [ -f "$saved" ]; then mv -f "$saved" "$built"; fi
+src="$cache_root/src"
 rm -rf "$src"
 mkdir -p "$src"
-if [ -f "$built" ]; then cp -p "$built" "$saved"; fi
-restore() {
-  if [ -f "$saved" ]; then mv -f "$saved" "$built"; else rm -f "$built"; fi
-}
-trap restore EXIT
 git -C "$root" archive "$PREVIOUS_RELEASE" | tar -x -C "$src"
 CC_x86_64_unknown_linux_musl=musl-gcc "${CARGO:-cargo}" build -q --release --locked --target "$target" \
-  --manifest-path "$src/Cargo.toml" --target-dir "$root/target" --bin byok-operator >&2
+  --manifest-path "$src/Cargo.toml" --target-dir "$cache_root/target" --bin byok-operator >&2
 rm -rf "$out.tmp"; mkdir -p "$out.tmp"
-cp "$built" "$out.tmp/byok-operator"
+cp "$cache_root/target/$target/release/byok-operator" "$out.tmp/byok-operator"
 cp -r "$src/charts/byok-operator" "$out.tmp/chart"
 rm -rf "$out"; mv "$out.tmp" "$out" # rename last: an interrupted build never looks finished
 echo "built the previous release in $((SECONDS - start))s" >&2

@@ -33,6 +33,9 @@ use tokio::time::Instant;
 use crate::controller::watches::Watches;
 use crate::controller::{Context, cache};
 use crate::crd::ProviderKey;
+use crate::grant::{
+    CredentialOut, GrantOut, GrantVertexOut, LEASE_SECONDS_HEADER, POLL_SECONDS_HEADER,
+};
 use crate::names;
 use crate::providers::ProviderKind;
 use crate::providers::vertex::VertexAccessToken;
@@ -151,62 +154,6 @@ struct OpenedKey {
     /// grant never labels one key with another's version (the ProviderKey's status is
     /// written after the Secret and reaches this replica through another watch).
     key_version: i64,
-}
-
-/// The broker's answer, as the proxy reads it.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Grant<'a> {
-    namespace: &'a str,
-    provider_key: &'a str,
-    provider: ProviderKind,
-    key_version: i64,
-    fingerprint: &'a str,
-    credential: Credential<'a>,
-    /// `scheme://host:port` the key was verified against: the only place it may go.
-    origin: &'a str,
-    #[serde(rename = "baseURL")]
-    base_url: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    azure_api_version: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    default_model: Option<&'a str>,
-    allowed_models: &'a [String],
-    egress: &'a EgressPolicy,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    allow_credential_minting: bool,
-    /// Vertex: where the key may be used (the proxy refuses every other aiplatform path).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    vertex: Option<GrantVertex<'a>>,
-    lease_seconds: u64,
-    poll_seconds: u64,
-}
-
-#[derive(Serialize)]
-struct GrantVertex<'a> {
-    project: &'a str,
-    location: &'a str,
-}
-
-#[derive(Serialize)]
-#[serde(tag = "type", rename_all = "camelCase")]
-enum Credential<'a> {
-    /// An API key the proxy sends in the provider's auth header.
-    ApiKey {
-        #[serde(serialize_with = "expose")]
-        value: &'a SecretString,
-    },
-    /// A short-lived bearer token (Vertex).
-    AccessToken {
-        #[serde(serialize_with = "expose")]
-        value: &'a SecretString,
-        #[serde(rename = "expiresAt")]
-        expires_at: String,
-    },
-}
-
-fn expose<S: serde::Serializer>(secret: &&SecretString, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(secret.expose_secret())
 }
 
 /// Why a key that may be served cannot be, right now (the answer is 503, retried).
@@ -468,7 +415,7 @@ impl Broker {
         };
         let settings = self.injector.settings();
         let trust = settings.trust_bundle_pem();
-        let digest = crate::proxy::grant::trust_bundle_digest(trust.as_bytes());
+        let digest = crate::grant::trust_bundle_digest(trust.as_bytes());
         let last = self
             .bundles
             .lock()
@@ -553,7 +500,7 @@ impl Broker {
 
     /// A served sidecar reported the trust bundle it holds (`None`: it predates bundles).
     fn note_trust(&self, caller: &Caller, reported: Option<&str>) {
-        let current = crate::proxy::grant::trust_bundle_digest(
+        let current = crate::grant::trust_bundle_digest(
             self.injector.settings().trust_bundle_pem().as_bytes(),
         );
         let held = trust::Held::of(reported, &current);
@@ -747,8 +694,8 @@ impl Broker {
         if if_none_match == Some(etag.as_str()) {
             return Ok(HttpResponse::NotModified()
                 .insert_header((header::ETAG, etag))
-                .insert_header(("x-byok-lease-seconds", lease_seconds.to_string()))
-                .insert_header(("x-byok-poll-seconds", POLL_HINT.as_secs().to_string()))
+                .insert_header((LEASE_SECONDS_HEADER, lease_seconds.to_string()))
+                .insert_header((POLL_SECONDS_HEADER, POLL_HINT.as_secs().to_string()))
                 .finish());
         }
         // The project the verifier used: the spec's, else the service account's own.
@@ -762,13 +709,13 @@ impl Broker {
             }
         };
         let credential = match &vertex {
-            Some(token) => Credential::AccessToken {
+            Some(token) => CredentialOut::AccessToken {
                 value: &token.token,
                 expires_at: token.expires_at.to_string(),
             },
-            None => Credential::ApiKey { value: &opened.key },
+            None => CredentialOut::ApiKey { value: &opened.key },
         };
-        let grant = Grant {
+        let grant = GrantOut {
             namespace: ns,
             provider_key: name,
             provider: kind,
@@ -787,7 +734,7 @@ impl Broker {
             vertex: vertex_project
                 .as_deref()
                 .zip(pk.spec.vertex.as_ref())
-                .map(|(project, v)| GrantVertex {
+                .map(|(project, v)| GrantVertexOut {
                     project,
                     location: &v.location,
                 }),
@@ -805,8 +752,8 @@ impl Broker {
             .content_type("application/json")
             .insert_header((header::ETAG, etag))
             .insert_header((header::CACHE_CONTROL, "no-store"))
-            .insert_header(("x-byok-lease-seconds", lease_seconds.to_string()))
-            .insert_header(("x-byok-poll-seconds", POLL_HINT.as_secs().to_string()))
+            .insert_header((LEASE_SECONDS_HEADER, lease_seconds.to_string()))
+            .insert_header((POLL_SECONDS_HEADER, POLL_HINT.as_secs().to_string()))
             .body(crate::providers::zeroizing_bytes(body)))
     }
 
@@ -940,7 +887,7 @@ pub async fn get_key(
         .unwrap_or_default();
     let trust_bundle = req
         .headers()
-        .get(crate::proxy::grant::TRUST_BUNDLE_HEADER)
+        .get(crate::grant::TRUST_BUNDLE_HEADER)
         .and_then(|v| v.to_str().ok());
     broker
         .answer(
@@ -957,4 +904,35 @@ pub async fn get_key(
 /// The broker's routes, for its own listener.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/keys/{namespace}/{name}", web::get().to(get_key));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EgressPolicy;
+    use crate::grant::Egress;
+
+    #[test]
+    fn the_brokers_egress_policy_reads_back_as_the_sidecars() {
+        let policy = EgressPolicy {
+            allow_private_addresses: true,
+            extra_ca_pem: Some("PEM".into()),
+            proxy: Some(
+                crate::egress::EgressProxy::parse("http://ops:p%40ss@proxy.corp:3128")
+                    .expect("a proxy URL"),
+            ),
+        };
+        let wire = serde_json::to_value(&policy).expect("encodes");
+        let read: Egress = serde_json::from_value(wire).expect("decodes");
+        assert!(read.allow_private_addresses);
+        assert_eq!(read.extra_ca_pem.as_deref(), Some("PEM"));
+        let url = read.proxy_url.expect("the proxy").0;
+        assert!(
+            url.starts_with("http://ops:p%40ss@proxy.corp:3128"),
+            "{url}"
+        );
+
+        let wire = serde_json::to_value(EgressPolicy::default()).expect("encodes");
+        let read: Egress = serde_json::from_value(wire).expect("decodes");
+        assert_eq!(read, Egress::default());
+    }
 }

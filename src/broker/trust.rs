@@ -1,5 +1,5 @@
 //! Which trust bundle the served sidecars hold, as they report it on each poll
-//! ([`crate::proxy::grant::TRUST_BUNDLE_HEADER`]).
+//! ([`crate::grant::TRUST_BUNDLE_HEADER`]).
 //!
 //! After the broker's CA changes, a running sidecar trusts the new one only once the kubelet
 //! has refreshed its mounted bundle. These counts say how many pods are still waiting for

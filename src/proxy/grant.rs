@@ -1,112 +1,17 @@
-//! The broker's answer as the proxy reads it, and the checks that turn it into a key in
-//! service ([`Live`]). Pure: a grant that fails a check is refused whole.
+//! The checks that turn the broker's answer ([`crate::grant::Grant`]) into a key in service
+//! ([`Live`]). Pure: a grant that fails a check is refused whole.
 
 use std::time::{Duration, Instant};
 
 use http::{HeaderName, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
 use url::Url;
 
 use super::endpoints::{EndpointPolicy, VertexScope};
 use super::models::ModelPolicy;
+pub use crate::grant::{Credential, Egress, Grant, GrantVertex, ProxyUrl};
 use crate::providers::ProviderKind;
 use crate::providers::auth::AuthForm;
-
-/// The request header in which the sidecar tells the broker which trust bundle it holds:
-/// [`trust_bundle_digest`] of the PEM it verifies the broker with. Sidecars older than trust
-/// bundles send none.
-pub const TRUST_BUNDLE_HEADER: &str = "x-byok-trust-bundle";
-
-/// `sha256:<hex>` of a trust bundle's bytes, as the sidecar read them and as the operator
-/// published them.
-pub fn trust_bundle_digest(pem: &[u8]) -> String {
-    use sha2::Digest as _;
-    let digest = sha2::Sha256::digest(pem);
-    let mut out = String::with_capacity(7 + 64);
-    out.push_str("sha256:");
-    for b in digest {
-        out.push_str(&format!("{b:02x}"));
-    }
-    out
-}
-
-/// `GET /v1/keys/{ns}/{name}` 200 body (see `docs/injection.md`).
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Grant {
-    pub namespace: String,
-    pub provider_key: String,
-    pub provider: ProviderKind,
-    pub key_version: i64,
-    pub fingerprint: String,
-    pub credential: Credential,
-    pub origin: String,
-    #[serde(rename = "baseURL")]
-    pub base_url: String,
-    #[serde(default)]
-    pub azure_api_version: Option<String>,
-    #[serde(default)]
-    pub default_model: Option<String>,
-    #[serde(default)]
-    pub allowed_models: Vec<String>,
-    #[serde(default)]
-    pub egress: Egress,
-    /// `spec.allowCredentialMinting` (absent from older brokers: not allowed).
-    #[serde(default)]
-    pub allow_credential_minting: bool,
-    /// Vertex: the project and location the key serves (absent from older brokers: every
-    /// Vertex request is refused until the broker names them).
-    #[serde(default)]
-    pub vertex: Option<GrantVertex>,
-    pub lease_seconds: u64,
-    pub poll_seconds: u64,
-}
-
-/// Where a Vertex key may be used.
-#[derive(Debug, Clone, Deserialize)]
-pub struct GrantVertex {
-    pub project: String,
-    pub location: String,
-}
-
-/// The credential; `Debug` shows no value ([`SecretString`] redacts itself).
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "camelCase")]
-pub enum Credential {
-    ApiKey {
-        value: SecretString,
-    },
-    AccessToken {
-        value: SecretString,
-        #[serde(rename = "expiresAt")]
-        expires_at: String,
-    },
-}
-
-/// The egress policy the operator's flags set; nothing in the pod can change it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Egress {
-    #[serde(default)]
-    pub allow_private_addresses: bool,
-    #[serde(default)]
-    pub extra_ca_pem: Option<String>,
-    /// The operator's `--egress-proxy` (`http://[user:password@]host:port`).
-    #[serde(default, rename = "proxyURL")]
-    pub proxy_url: Option<ProxyUrl>,
-}
-
-/// A proxy URL that may hold credentials: `Debug` shows none of it.
-#[derive(Clone, PartialEq, Eq, Hash, Deserialize)]
-#[serde(transparent)]
-pub struct ProxyUrl(pub String);
-
-impl std::fmt::Debug for ProxyUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ProxyUrl(redacted)")
-    }
-}
 
 /// A key in service: everything the hot path needs, decided once per grant.
 pub struct Live {

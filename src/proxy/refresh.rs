@@ -25,10 +25,11 @@ use rand::Rng;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use super::grant::{Grant, Live, TRUST_BUNDLE_HEADER, trust_bundle_digest};
+use super::grant::{Grant, Live};
 use super::keys::KeySlot;
 use super::metrics::{KeyLabel, ProxyMetrics};
 use super::upstream::Pools;
+use crate::grant::{TRUST_BUNDLE_HEADER, trust_bundle_digest};
 
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 /// The longest wait between tries before a grant, and the poll period before the broker
@@ -230,7 +231,7 @@ impl BrokerClient {
                 .and_then(|v| v.parse::<u64>().ok())
                 .map(Duration::from_secs)
         };
-        let lease = header_secs("x-byok-lease-seconds");
+        let lease = header_secs(crate::grant::LEASE_SECONDS_HEADER);
         let etag = res
             .headers()
             .get(reqwest::header::ETAG)
