@@ -169,7 +169,7 @@ fn expose<S: serde::Serializer>(secret: &&SecretString, s: S) -> Result<S::Ok, S
 mod tests {
     use super::*;
 
-    /// An egress policy as the broker's writes it.
+    /// An egress policy of the wire's shape (the broker's own is tested in `broker`).
     #[derive(Serialize)]
     #[serde(rename_all = "camelCase")]
     struct TestEgress {
@@ -245,6 +245,84 @@ mod tests {
         );
         assert_eq!((read.lease_seconds, read.poll_seconds), (300, 5));
         assert!(!format!("{:?}", read.credential).contains("SECRET"));
+    }
+
+    /// The names on the wire, fixed: sidecars of every release in running pods read them.
+    #[test]
+    fn the_wire_names_do_not_change() {
+        let key = SecretString::from("k");
+        let egress = TestEgress {
+            allow_private_addresses: false,
+            extra_ca_pem: None,
+            proxy_url: None,
+        };
+        let out = GrantOut {
+            namespace: "n",
+            provider_key: "k",
+            provider: ProviderKind::OpenAICompatible,
+            key_version: 1,
+            fingerprint: "f",
+            credential: CredentialOut::AccessToken {
+                value: &key,
+                expires_at: "t".into(),
+            },
+            origin: "o",
+            base_url: "b",
+            azure_api_version: Some("a"),
+            default_model: Some("m"),
+            allowed_models: &[],
+            egress: &egress,
+            allow_credential_minting: true,
+            vertex: Some(GrantVertexOut {
+                project: "p",
+                location: "l",
+            }),
+            lease_seconds: 1,
+            poll_seconds: 2,
+        };
+        let wire = serde_json::to_value(&out).expect("encodes");
+        let names: Vec<&str> = wire
+            .as_object()
+            .expect("an object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut want = vec![
+            "namespace",
+            "providerKey",
+            "provider",
+            "keyVersion",
+            "fingerprint",
+            "credential",
+            "origin",
+            "baseURL",
+            "azureApiVersion",
+            "defaultModel",
+            "allowedModels",
+            "egress",
+            "allowCredentialMinting",
+            "vertex",
+            "leaseSeconds",
+            "pollSeconds",
+        ];
+        let mut names = names;
+        names.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(names, want);
+        assert_eq!(wire["provider"], "openai-compatible");
+        assert_eq!(
+            wire["credential"],
+            serde_json::json!({"type": "accessToken", "value": "k", "expiresAt": "t"})
+        );
+        assert_eq!(
+            wire["vertex"],
+            serde_json::json!({"project": "p", "location": "l"})
+        );
+        let api_key = CredentialOut::ApiKey { value: &key };
+        assert_eq!(
+            serde_json::to_value(&api_key).expect("encodes"),
+            serde_json::json!({"type": "apiKey", "value": "k"})
+        );
     }
 
     #[test]

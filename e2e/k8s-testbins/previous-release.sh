@@ -21,13 +21,20 @@ if ! git -C "$root" cat-file -e "$PREVIOUS_RELEASE^{commit}" 2>/dev/null; then
   echo "previous release from it (a shallow clone needs: git fetch --unshallow)" >&2
   exit 1
 fi
+mkdir -p "$cache_root"
+# One build at a time in the shared cache (two checkouts or CI jobs of one user).
+exec 9>"$cache_root/.lock"
+flock 9
+if [ -x "$out/byok-operator" ] && [ -f "$out/chart/Chart.yaml" ]; then echo "$out"; exit 0; fi
 echo "building the previous release ${PREVIOUS_RELEASE:0:12} (a cold build takes a few minutes)..." >&2
 start=$SECONDS
 target=x86_64-unknown-linux-musl
 src="$cache_root/src"
 rm -rf "$src"
 mkdir -p "$src"
-git -C "$root" archive "$PREVIOUS_RELEASE" | tar -x -C "$src"
+# -m: sources newer than any earlier release's build, which cargo would otherwise take as
+# fresh (every release is the same package, byok-operator 0.1.0, at the same path).
+git -C "$root" archive "$PREVIOUS_RELEASE" | tar -x -m -C "$src"
 CC_x86_64_unknown_linux_musl=musl-gcc "${CARGO:-cargo}" build -q --release --locked --target "$target" \
   --manifest-path "$src/Cargo.toml" --target-dir "$cache_root/target" --bin byok-operator >&2
 rm -rf "$out.tmp"; mkdir -p "$out.tmp"
