@@ -258,6 +258,22 @@ async fn anthropic_wire_protocol() {
     assert_eq!(no_version.status, 400);
     assert_eq!(no_version.body["error"]["type"], "invalid_request_error");
 
+    // What anthropic-sdk-go v2 sends is accepted; a made-up version is the API's 400.
+    for (version, status) in [("2026-10-21", 200), ("2024-13-45", 400)] {
+        let answer = send(
+            c.post(format!("{base}/v1/messages"))
+                .header("x-api-key", ANTHROPIC_KEY)
+                .header("anthropic-version", version)
+                .json(&json!({
+                    "model": "claude-sonnet-4-5",
+                    "max_tokens": 16,
+                    "messages": [{ "role": "user", "content": "hi" }],
+                })),
+        )
+        .await;
+        assert_eq!(answer.status, status, "{version}: {}", answer.body);
+    }
+
     let wrong_path = send(c.get(format!("{base}/v2/models"))).await;
     assert_eq!(wrong_path.status, 404);
     assert_eq!(wrong_path.body["error"]["type"], "not_found_error");

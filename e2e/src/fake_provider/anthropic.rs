@@ -12,7 +12,9 @@ use super::{
 };
 
 const KIND: ProviderKind = ProviderKind::Anthropic;
-const KNOWN_VERSIONS: [&str; 2] = ["2023-06-01", "2023-01-01"];
+/// The `anthropic-version` values the API accepts that SDKs send: 2023-06-01 (the Python and
+/// TypeScript SDKs), 2023-01-01, and 2026-10-21 (anthropic-sdk-go v2.0 to v2.18).
+const KNOWN_VERSIONS: [&str; 3] = ["2023-06-01", "2023-01-01", "2026-10-21"];
 
 pub(super) fn scope() -> actix_web::Scope {
     web::scope("/anthropic")
