@@ -179,6 +179,13 @@ mod tests {
         proxy_url: Option<&'static str>,
     }
 
+    /// No private addresses, no extra CA, no proxy.
+    const NO_EGRESS: TestEgress = TestEgress {
+        allow_private_addresses: false,
+        extra_ca_pem: None,
+        proxy_url: None,
+    };
+
     #[test]
     fn every_field_the_broker_writes_the_sidecar_reads() {
         let key = SecretString::from("sk-ant-SECRET");
@@ -251,11 +258,6 @@ mod tests {
     #[test]
     fn the_wire_names_do_not_change() {
         let key = SecretString::from("k");
-        let egress = TestEgress {
-            allow_private_addresses: false,
-            extra_ca_pem: None,
-            proxy_url: None,
-        };
         let out = GrantOut {
             namespace: "n",
             provider_key: "k",
@@ -271,7 +273,7 @@ mod tests {
             azure_api_version: Some("a"),
             default_model: Some("m"),
             allowed_models: &[],
-            egress: &egress,
+            egress: &NO_EGRESS,
             allow_credential_minting: true,
             vertex: Some(GrantVertexOut {
                 project: "p",
@@ -328,11 +330,6 @@ mod tests {
     #[test]
     fn left_out_fields_read_as_their_defaults() {
         let key = SecretString::from("k");
-        let egress = TestEgress {
-            allow_private_addresses: false,
-            extra_ca_pem: None,
-            proxy_url: None,
-        };
         let out = GrantOut {
             namespace: "n",
             provider_key: "k",
@@ -345,7 +342,7 @@ mod tests {
             azure_api_version: None,
             default_model: None,
             allowed_models: &[],
-            egress: &egress,
+            egress: &NO_EGRESS,
             allow_credential_minting: false,
             vertex: None,
             lease_seconds: 1,

@@ -67,32 +67,33 @@ impl ClusterAddons {
             "adding the route to the Service range failed"
         );
 
+        // The controller-manager and the scheduler talk to the API server, and check who
+        // calls them, as the admin.
+        let as_admin = [
+            format!("--kubeconfig={kubeconfig}"),
+            format!("--authentication-kubeconfig={kubeconfig}"),
+            format!("--authorization-kubeconfig={kubeconfig}"),
+        ];
         let controller_manager = spawn(
-            Command::new(bins.dir.join("kube-controller-manager")).args([
-                format!("--kubeconfig={kubeconfig}"),
-                format!("--authentication-kubeconfig={kubeconfig}"),
-                format!("--authorization-kubeconfig={kubeconfig}"),
-                format!("--root-ca-file={}", cp.ca_file().display()),
-                format!("--controllers={CONTROLLERS}"),
-                "--leader-elect=false".into(),
-                "--use-service-account-credentials=false".into(),
-                "--secure-port=0".into(),
-                // The rollouts of a test take seconds; so should their bookkeeping.
-                "--concurrent-deployment-syncs=2".into(),
-                "--v=1".into(),
-            ]),
+            Command::new(bins.dir.join("kube-controller-manager"))
+                .args(&as_admin)
+                .args([
+                    format!("--root-ca-file={}", cp.ca_file().display()),
+                    format!("--controllers={CONTROLLERS}"),
+                    "--leader-elect=false".into(),
+                    "--use-service-account-credentials=false".into(),
+                    "--secure-port=0".into(),
+                    // The rollouts of a test take seconds; so should their bookkeeping.
+                    "--concurrent-deployment-syncs=2".into(),
+                    "--v=1".into(),
+                ]),
             &dir.join("kube-controller-manager.log"),
         )
         .context("starting kube-controller-manager (make testbins)")?;
         let scheduler = spawn(
-            Command::new(bins.dir.join("kube-scheduler")).args([
-                format!("--kubeconfig={kubeconfig}"),
-                format!("--authentication-kubeconfig={kubeconfig}"),
-                format!("--authorization-kubeconfig={kubeconfig}"),
-                "--leader-elect=false".into(),
-                "--secure-port=0".into(),
-                "--v=1".into(),
-            ]),
+            Command::new(bins.dir.join("kube-scheduler"))
+                .args(&as_admin)
+                .args(["--leader-elect=false", "--secure-port=0", "--v=1"]),
             &dir.join("kube-scheduler.log"),
         )
         .context("starting kube-scheduler (make testbins)")?;

@@ -375,6 +375,34 @@ done"#
     )
 }
 
+/// Waits until `name`'s app has printed a line that `wanted` accepts; returns how long that
+/// took, or fails after `within` with the app's and the sidecar's logs and the pod's status.
+pub async fn wait_app_line(
+    pods: &Api<Pod>,
+    node: &Node,
+    name: &str,
+    what: &str,
+    within: Duration,
+    wanted: impl Fn(&str) -> bool,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    loop {
+        let pod = pods.get(name).await?;
+        let log = node.container_log(&pod, "app");
+        if cri_lines(&log).iter().any(|(_, line)| wanted(line)) {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > within {
+            bail!(
+                "pod {name}: the app never printed {what} in {within:?}; its log:\n{log}\nsidecar log:\n{}\nstatus: {:?}",
+                node.container_log(&pod, byok_operator::webhook::patch::SIDECAR_NAME),
+                pod.status
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The sidecar image's program: the operator binary next to the tests, without its debug
 /// sections (which are most of a debug build's size). `BYOK_SIDECAR_BINARY` picks another.
 pub fn sidecar_binary(dir: &Path) -> anyhow::Result<PathBuf> {

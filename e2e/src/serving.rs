@@ -105,6 +105,23 @@ pub fn webhook_configuration(
     Ok(mwc)
 }
 
+/// Registers [`webhook_configuration`] `name`, scoped to `env`'s namespace and pointed at the
+/// webhook listening on `webhook_addr` (its `/mutate` path).
+pub async fn register_webhook(
+    env: &TestEnv,
+    name: &str,
+    webhook_addr: std::net::SocketAddr,
+) -> anyhow::Result<()> {
+    let url = format!("https://{webhook_addr}/mutate");
+    Api::<MutatingWebhookConfiguration>::all(env.client.clone())
+        .create(
+            &PostParams::default(),
+            &webhook_configuration(name, &env.namespace, &url)?,
+        )
+        .await?;
+    Ok(())
+}
+
 /// An operator serving the webhook and the broker for one test namespace, with the API
 /// server's webhook pointed at it. Dropping it stops the operator and removes the
 /// (cluster-scoped) webhook configuration.

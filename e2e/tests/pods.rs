@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use byok_e2e::envtest::TestEnv;
 use byok_e2e::fake_provider::{FakeProvider, FakeProviderConfig};
-use byok_e2e::node::{APP_IMAGE, CALLS, NODE_NAME, Node, calling_loop, cri_lines, node_env};
+use byok_e2e::node::{
+    APP_IMAGE, CALLS, NODE_NAME, Node, calling_loop, cri_lines, node_env, wait_app_line,
+};
 use byok_e2e::operator::{create_pk, is_condition, put_secret, random_key, wait_pk};
 use byok_e2e::serving::{ServingOperator, ready_anthropic};
 use byok_operator::names;
@@ -163,27 +165,13 @@ impl Setup {
 
     /// Waits until the app has printed a line containing `needle`.
     async fn wait_line(&self, name: &str, needle: &str, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self
-                .app_lines(name)
-                .await?
-                .iter()
-                .any(|(_, l)| l.contains(needle))
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                let pod = self.pod(name).await?;
-                anyhow::bail!(
-                    "the app never printed {needle:?} in {timeout:?}; its log:\n{}\nsidecar log:\n{}\nstatus: {:?}",
-                    self.node.container_log(&pod, "app"),
-                    self.node.container_log(&pod, SIDECAR_NAME),
-                    pod.status
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let pods = self.env.api::<Pod>();
+        let what = format!("{needle:?}");
+        wait_app_line(&pods, self.node, name, &what, timeout, |l| {
+            l.contains(needle)
+        })
+        .await?;
+        Ok(())
     }
 
     /// Generation calls the fake provider answered for `kind`.

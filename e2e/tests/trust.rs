@@ -661,7 +661,7 @@ async fn a_planned_ca_rotation_keeps_sidecars_with_the_old_bundle_served() -> an
 async fn two_replicas_rotating_the_ca_are_verified_by_every_bundle_throughout() -> anyhow::Result<()>
 {
     use byok_e2e::operator::{RunningController, dev_config, install_crds};
-    use byok_e2e::serving::{create_dry_run, serve_config, webhook_configuration};
+    use byok_e2e::serving::{create_dry_run, register_webhook, serve_config};
     use byok_operator::serve::TlsSource;
     use byok_operator::serving::certs;
     let env = TestEnv::new("trust-replicas").await?;
@@ -689,18 +689,8 @@ async fn two_replicas_rotating_the_ca_are_verified_by_every_bundle_throughout() 
         .iter()
         .filter_map(|c| c.serving.as_ref().map(|s| s.broker_url.clone()))
         .collect();
-    let url = format!(
-        "https://{}/mutate",
-        a.serving.as_ref().context("serving")?.webhook_addr
-    );
-    Api::<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>::all(
-        env.client.clone(),
-    )
-    .create(
-        &PostParams::default(),
-        &webhook_configuration(&name, &env.namespace, &url)?,
-    )
-    .await?;
+    let webhook_addr = a.serving.as_ref().context("serving")?.webhook_addr;
+    register_webhook(&env, &name, webhook_addr).await?;
     let (ra, rb) = tokio::join!(
         RunningController::start(&env, a),
         RunningController::start(&env, b)

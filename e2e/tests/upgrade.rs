@@ -25,6 +25,7 @@ use byok_e2e::fake_provider::{FakeProvider, FakeProviderConfig};
 use byok_e2e::manifests::{chart_dir, helm, repo};
 use byok_e2e::node::{
     APP_IMAGE, CALLS, Node, cri_lines, operator_image_entries, shared_node, sidecar_binary,
+    wait_app_line,
 };
 use byok_e2e::oci::{Entry, Image};
 use byok_e2e::operator::random_key;
@@ -279,22 +280,7 @@ impl Apps {
     /// Waits until the pod's app printed an `OK`.
     async fn wait_served(&self, name: &str, within: Duration) -> anyhow::Result<Duration> {
         let pods = self.env.api::<Pod>();
-        let start = Instant::now();
-        loop {
-            let pod = pods.get(name).await?;
-            if calls_of(self.node, &pod).ok > 0 {
-                return Ok(start.elapsed());
-            }
-            if start.elapsed() > within {
-                anyhow::bail!(
-                    "pod {name} made no successful call in {within:?}; app:\n{}\nsidecar:\n{}\nstatus: {:?}",
-                    self.node.container_log(&pod, "app"),
-                    self.node.container_log(&pod, SIDECAR_NAME),
-                    pod.status
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        wait_app_line(&pods, self.node, name, "OK", within, |l| l == "OK").await
     }
 
     /// Every pod's calls, restarts and whether it is still the pod that was created; printed.

@@ -453,18 +453,8 @@ async fn two_replicas_share_one_ca_both_serve_and_one_reconciles() -> anyhow::Re
     let (a, b) = (replica("replica-a")?, replica("replica-b")?);
     let (a_serve, b_serve) = (a.serving.clone(), b.serving.clone());
     let (a_metrics, b_metrics) = (a.metrics.clone(), b.metrics.clone());
-    let url = format!(
-        "https://{}/mutate",
-        a_serve.as_ref().context("serving")?.webhook_addr
-    );
-    Api::<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>::all(
-        env.client.clone(),
-    )
-    .create(
-        &PostParams::default(),
-        &webhook_configuration(&name, &env.namespace, &url)?,
-    )
-    .await?;
+    let webhook_addr = a_serve.as_ref().context("serving")?.webhook_addr;
+    register_webhook(&env, &name, webhook_addr).await?;
     // Both start at once on a fresh install: one CA between them.
     let (ra, rb) = tokio::join!(
         RunningController::start(&env, a),
