@@ -816,7 +816,7 @@ mod tests {
             );
         }
         let mut sources = registered(include_str!("metrics.rs"));
-        sources.extend(registered(include_str!("proxy/metrics.rs")));
+        sources.extend(registered(include_str!("../byok-proxy/src/metrics.rs")));
         assert!(sources.len() >= operator.len() + proxy.len(), "{sources:?}");
         for name in sources {
             assert!(

@@ -16,7 +16,7 @@ use crate::reason::Reason;
 #[command(name = "byok-operator", version, about, long_about = None)]
 pub struct Cli {
     #[command(flatten)]
-    pub log: crate::telemetry::LogArgs,
+    pub log: byok_proxy::telemetry::LogArgs,
 
     #[command(subcommand)]
     pub command: Command,
@@ -26,11 +26,13 @@ pub struct Cli {
 pub enum Command {
     /// Run the controller (reconcile loop with leader election).
     Controller(Box<ControllerArgs>),
-    /// Run the sidecar proxy: one loopback listener per key, forwarding to the key's provider
-    /// with its auth header (what the webhook injects).
-    Proxy(ProxyArgs),
+    /// The sidecar proxy as releases before the `byok-proxy` image injected it (`byok-operator
+    /// proxy`): kept so that their pods' shape still names a command this binary runs. New
+    /// pods run the `byok-proxy` binary of the sidecar image.
+    #[command(hide = true)]
+    Proxy(Box<byok_proxy::cli::ProxyArgs>),
     /// Verify one key with a live call to its provider and print the result.
-    Verify(VerifyArgs),
+    Verify(Box<VerifyArgs>),
     /// Print the CustomResourceDefinition YAML (the source of `crds/`).
     Crd,
     /// Print the API reference Markdown (the source of `docs/api.md`).
@@ -61,61 +63,6 @@ pub struct CaTarget {
     /// The TLS Secret holding the CA (the chart's `<fullname>-tls`).
     #[arg(long, default_value = crate::serving::certs::DEFAULT_SECRET_NAME)]
     pub cert_secret: String,
-}
-
-/// `byok-operator proxy`: the webhook sets every flag and variable; see `docs/proxy.md`.
-#[derive(Debug, Args, Clone)]
-pub struct ProxyArgs {
-    /// Admin listener: `/livez`, `/readyz`, `/metrics` (the kubelet probes it on the pod IP).
-    #[arg(long, default_value = "0.0.0.0:15120")]
-    pub admin_addr: std::net::SocketAddr,
-
-    /// The operator's key broker.
-    #[arg(long)]
-    pub broker_url: String,
-
-    /// A key to serve and its loopback port: `NAME=PORT` (repeatable).
-    #[arg(long = "key", value_name = "NAME=PORT", required = true, value_parser = parse_proxy_key)]
-    pub keys: Vec<(String, u16)>,
-
-    /// PEM of the broker's CA, fixed for the process's life (how releases before trust
-    /// bundles injected it). When set, `BYOK_BROKER_CA_FILE` is not read.
-    #[arg(long, env = "BYOK_BROKER_CA", hide_env_values = true)]
-    pub broker_ca: Option<String>,
-
-    /// The broker's trust bundle, read again before every broker request (the mounted
-    /// `byok-broker-ca` ConfigMap; set for runs outside a kubelet).
-    #[arg(long, env = "BYOK_BROKER_CA_FILE", default_value = concat!("/var/run/secrets/byok.dev/broker-ca", "/ca.crt"))]
-    pub broker_ca_file: PathBuf,
-
-    /// The pod's namespace (the broker serves keys of this namespace only).
-    #[arg(long, env = "POD_NAMESPACE")]
-    pub namespace: String,
-
-    /// The projected ServiceAccount token (audience byok.dev), read again on every refresh.
-    #[arg(long, env = "BYOK_TOKEN_FILE", default_value = concat!("/var/run/secrets/byok.dev/token", "/token"))]
-    pub token_file: PathBuf,
-
-    /// The largest JSON body read to check or fill its model; larger bodies get 413. Bodies
-    /// read at once hold at most twice this, which must fit the sidecar's memory limit.
-    #[arg(long, default_value_t = 16 * 1024 * 1024)]
-    pub max_inspected_body: u64,
-
-    /// How long SIGTERM waits for requests in flight (streams included).
-    #[arg(long, default_value = "25s", value_parser = parse_duration)]
-    pub drain_timeout: std::time::Duration,
-
-    /// Worker threads.
-    #[arg(long, default_value_t = 2)]
-    pub workers: usize,
-
-    /// Leave out the per-request access log lines.
-    #[arg(long)]
-    pub no_access_log: bool,
-}
-
-fn parse_proxy_key(arg: &str) -> Result<(String, u16), String> {
-    crate::proxy::parse_key_arg(arg)
 }
 
 /// Outbound (provider) connection settings, shared by `controller` and `verify`.
@@ -579,7 +526,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(())
         }
         Command::Controller(args) => runtime()?.block_on(controller(*args)),
-        Command::Verify(args) => return runtime()?.block_on(verify(args)),
+        Command::Verify(args) => return runtime()?.block_on(verify(*args)),
         Command::Keyring(command) => runtime()?.block_on(async {
             let (KeyringCommand::Rotate(target) | KeyringCommand::Init(target)) = &command;
             let client = kube::Client::try_default().await?;
@@ -612,39 +559,9 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             );
             anyhow::Ok(())
         }),
-        Command::Proxy(args) => proxy(args),
+        Command::Proxy(args) => byok_proxy::cli::run(*args),
     };
     done.map(|()| 0)
-}
-
-/// The sidecar gets a small runtime of its own: a few threads, not one per node core.
-fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
-    let mut ports: Vec<u16> = args.keys.iter().map(|(_, p)| *p).collect();
-    ports.sort_unstable();
-    ports.dedup();
-    anyhow::ensure!(
-        ports.len() == args.keys.len(),
-        "two --key flags share a port"
-    );
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.workers.clamp(1, 64))
-        .enable_all()
-        .build()?;
-    runtime.block_on(crate::proxy::run(crate::proxy::ProxyConfig {
-        admin_addr: args.admin_addr,
-        broker_url: args.broker_url,
-        broker_trust: match args.broker_ca {
-            Some(pem) => crate::proxy::refresh::Trust::Fixed(pem),
-            None => crate::proxy::refresh::Trust::File(args.broker_ca_file),
-        },
-        namespace: args.namespace,
-        token_file: args.token_file,
-        keys: args.keys,
-        listen_ip: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
-        max_inspected_body: args.max_inspected_body,
-        drain_timeout: args.drain_timeout,
-        access_log: !args.no_access_log,
-    }))
 }
 
 async fn controller(args: ControllerArgs) -> anyhow::Result<()> {

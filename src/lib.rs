@@ -11,16 +11,18 @@ pub mod controller;
 pub mod crd;
 pub mod crdgen;
 pub mod crypto;
-pub mod egress;
-pub mod grant;
 pub mod interval;
 pub mod metrics;
 pub mod names;
 pub mod providers;
-pub mod proxy;
 pub mod reason;
 pub mod serve;
 pub mod serving;
 pub mod status;
-pub mod telemetry;
 pub mod webhook;
+
+// Kubernetes-free parts the sidecar's own crate holds and the operator shares: the broker <->
+// sidecar wire format, the egress policy (the verifier's and the sidecar's), the proxy itself
+// (its metric names are documented here).
+pub use byok_proxy as proxy;
+pub use byok_proxy::{egress, grant};

@@ -6,6 +6,6 @@ use clap::Parser;
 fn main() -> anyhow::Result<std::process::ExitCode> {
     let cli = byok_operator::cli::Cli::parse();
     // Flushes the log writer when main returns.
-    let _log_guard = byok_operator::telemetry::init(&cli.log)?;
+    let _log_guard = byok_proxy::telemetry::init(&cli.log)?;
     byok_operator::cli::run(cli).map(std::process::ExitCode::from)
 }

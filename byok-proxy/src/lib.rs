@@ -1,4 +1,5 @@
-//! `byok-operator proxy`: the sidecar every opted-in pod runs (see `docs/proxy.md`).
+//! `byok-proxy`: the sidecar every opted-in pod runs (see `docs/proxy.md`), and the
+//! Kubernetes-free facts the operator shares with it.
 //!
 //! One loopback listener per key (HTTP/1.1 and h2c), each forwarding only to its key's
 //! verified origin with the provider's auth header set and every client credential removed;
@@ -7,20 +8,34 @@
 //!
 //! Layout: [`routes`] (the path table, pure), [`endpoints`] (what a key never reaches, pure),
 //! [`models`] (defaultModel/allowedModels, pure) over [`inspect`] (one walk of a JSON body),
-//! [`answers`] (the proxy's own errors in each provider's shape, pure), [`grant`] and
+//! [`answers`] (the proxy's own errors in each provider's shape, pure), [`live`] and
 //! [`keys`] (what the broker sent and whether it may be used now), [`refresh`] (the broker
-//! client), [`upstream`] (the pool to providers, egress policy), [`forward`] (the hot path).
+//! client), [`upstream`] (the pool to providers, egress policy), [`forward`] (the hot path),
+//! [`cli`] (the flags and the runtime).
+//!
+//! Shared with the operator, which depends on this crate (never the other way): [`grant`]
+//! (the broker <-> sidecar wire format), [`providers`] (each provider's name and credential
+//! header), [`egress`] (which provider addresses may be dialled), [`sidecar`] (ports, token
+//! path, key names), [`interval`] (Go-style durations), [`telemetry`] (logging).
+#![forbid(unsafe_code)]
 
 pub mod answers;
+pub mod cli;
+pub mod egress;
 pub mod endpoints;
 pub mod forward;
 pub mod grant;
 pub mod inspect;
+pub mod interval;
 pub mod keys;
+pub mod live;
 pub mod metrics;
 pub mod models;
+pub mod providers;
 pub mod refresh;
 pub mod routes;
+pub mod sidecar;
+pub mod telemetry;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -41,7 +56,7 @@ use tokio::net::TcpListener;
 use forward::Shared;
 use keys::KeySlot;
 
-/// Everything `byok-operator proxy` is started with.
+/// Everything the sidecar is started with.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
     pub admin_addr: SocketAddr,
@@ -69,7 +84,7 @@ pub fn parse_key_arg(arg: &str) -> Result<(String, u16), String> {
     let (name, port) = arg
         .split_once('=')
         .ok_or_else(|| format!("--key {arg:?}: expected NAME=PORT"))?;
-    crate::webhook::patch::parse_key_names(name)
+    crate::sidecar::parse_key_names(name)
         .ok()
         .filter(|names| names.len() == 1)
         .ok_or_else(|| format!("--key {arg:?}: {name:?} is not a ProviderKey name"))?;

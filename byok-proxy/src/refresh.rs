@@ -25,8 +25,8 @@ use rand::Rng;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use super::grant::{Grant, Live};
 use super::keys::KeySlot;
+use super::live::{Grant, Live};
 use super::metrics::{KeyLabel, ProxyMetrics};
 use super::upstream::Pools;
 use crate::grant::{TRUST_BUNDLE_HEADER, trust_bundle_digest};

@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use super::answers::Refusal;
-use super::grant::Live;
+use super::live::Live;
 
 #[derive(Debug, Default)]
 struct State {
@@ -136,7 +136,7 @@ impl KeySlot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::grant::Egress;
+    use crate::live::Egress;
     use std::time::Duration;
 
     fn live(expires: Option<Instant>) -> Live {
@@ -149,7 +149,7 @@ mod tests {
             auth_name: http::header::AUTHORIZATION,
             auth_value: http::HeaderValue::from_static("Bearer x"),
             azure_api_version: None,
-            models: crate::proxy::models::ModelPolicy::new(
+            models: crate::models::ModelPolicy::new(
                 crate::providers::ProviderKind::OpenAI,
                 None,
                 Vec::new(),

@@ -16,7 +16,7 @@ pub struct LogArgs {
 }
 
 /// Installs the global tracing subscriber. Logs go to stderr so stdout stays machine-readable
-/// (`crd` prints YAML, `verify` prints its result). Lines are written by a background thread
+/// (the operator's `crd` prints YAML, `verify` prints its result). Lines are written by a background thread
 /// (the proxy logs every request; a write per line on the request path cost it ~8 % of its
 /// CPU), with backpressure rather than loss; keep the guard until exit, its drop flushes.
 /// Colours only on a terminal: container logs are files.
