@@ -33,14 +33,17 @@ manifests: testbins ## Regenerate config/base, config/crd and the chart's crds/ 
 # The image's binary (Dockerfile): static, musl, no libc needed at run time.
 STATIC_TARGET := x86_64-unknown-linux-musl
 STATIC_BINARY := target/$(STATIC_TARGET)/release/byok-operator
+# The sidecar image's binary (Dockerfile, target `proxy`).
+STATIC_PROXY := target/$(STATIC_TARGET)/release/byok-proxy
 
 .PHONY: static
-static: ## Build the static binary of the image (needs musl-tools and the rustup target x86_64-unknown-linux-musl)
-	CC_x86_64_unknown_linux_musl=musl-gcc $(CARGO) build --release --locked --target $(STATIC_TARGET) --bin byok-operator
+static: ## Build the static binaries of the images, byok-operator and byok-proxy (needs musl-tools and the rustup target x86_64-unknown-linux-musl)
+	CC_x86_64_unknown_linux_musl=musl-gcc $(CARGO) build --release --locked --target $(STATIC_TARGET) -p byok-operator -p byok-proxy --bins
 
 .PHONY: image
-image: ## Build the container image (docker or podman): byok-operator:dev
+image: ## Build the container images (docker or podman): byok-operator:dev and byok-proxy:dev
 	$${CONTAINER_TOOL:-docker} build -t byok-operator:dev .
+	$${CONTAINER_TOOL:-docker} build --target proxy -t byok-proxy:dev .
 
 .PHONY: sidecar-fixture
 sidecar-fixture: testbins ## Add the sidecar the webhook injects now to e2e/fixtures/sidecars/ (when its shape changed; the old fixtures stay)
@@ -75,8 +78,8 @@ test: lint testbins ## Everything CI runs: lint, unit tests, integration tests o
 	@# node's namespace, which has no network).
 	CARGO=$(CARGO) bash e2e/k8s-testbins/previous-release.sh >/dev/null
 	$(MAKE) --no-print-directory static
-	BYOK_STATIC_BINARY=$$PWD/$(STATIC_BINARY) $(CARGO) test --offline -p byok-e2e --test image --test proxy -q -- --ignored image_ 2>&1 | tee -a target/test-output.log
-	BYOK_SIDECAR_BINARY=$$PWD/$(STATIC_BINARY) \
+	BYOK_STATIC_BINARY=$$PWD/$(STATIC_BINARY) BYOK_STATIC_PROXY=$$PWD/$(STATIC_PROXY) $(CARGO) test --offline -p byok-e2e --test image --test proxy -q -- --ignored image_ 2>&1 | tee -a target/test-output.log
+	BYOK_SIDECAR_BINARY=$$PWD/$(STATIC_PROXY) BYOK_OPERATOR_BINARY=$$PWD/$(STATIC_BINARY) \
 	  hack/node-ns.sh $(CARGO) test --offline --workspace --all-targets -q -- --ignored node_ 2>&1 | tee -a target/test-output.log
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "tests: %d passed, %d failed\n", p, f}' target/test-output.log
 
@@ -86,12 +89,12 @@ bench: testbins ## Scale and speed figures beside their aims: BENCH_KEYS Provide
 	@command -v wrk >/dev/null && command -v nginx >/dev/null || \
 	  { apt-get update -qq && apt-get install -y -qq wrk nginx-light; } || \
 	  echo "make bench: install wrk and nginx-light for the proxy section" >&2
-	$(CARGO) build --release --bin byok-operator
+	$(CARGO) build --release -p byok-operator -p byok-proxy --bins
 	$(CARGO) run --release -p byok-e2e --bin bench -- $${BENCH_KEYS:-10000} target/release/byok-operator
 	@# Section `pods`: real pods on a test node (hack/node-ns.sh), the sidecar image made from
 	@# the release binary.
 	@if [ -z "$${BENCH_SECTIONS:-}" ] || [[ ",$${BENCH_SECTIONS}," == *",pods,"* ]]; then \
-	  BYOK_SIDECAR_BINARY=$$PWD/target/release/byok-operator hack/node-ns.sh \
+	  BYOK_SIDECAR_BINARY=$$PWD/target/release/byok-proxy BYOK_OPERATOR_BINARY=$$PWD/target/release/byok-operator hack/node-ns.sh \
 	    $(CARGO) test --offline -p byok-e2e --test pods -q -- --ignored --exact bench_pods_create_to_first_call --nocapture; fi
 
 .PHONY: cluster-up
@@ -101,8 +104,8 @@ cluster-up: testbins ## Start a local control plane; KUBECONFIG=target/envtest/k
 	$(CARGO) build -p byok-e2e --bin envtest
 	@mkdir -p $(ENVTEST_DIR); rm -f $(ENVTEST_DIR)/kubeconfig
 	@if [ "$(NODE)" = 1 ]; then \
-	  $(CARGO) build -q --bin byok-operator; \
-	  BYOK_SIDECAR_BINARY=$$PWD/target/debug/byok-operator \
+	  $(CARGO) build -q -p byok-operator -p byok-proxy --bins; \
+	  BYOK_SIDECAR_BINARY=$$PWD/target/debug/byok-proxy BYOK_OPERATOR_BINARY=$$PWD/target/debug/byok-operator \
 	  BYOK_NODE_NS_PIDFILE=$(ENVTEST_DIR)/netns.pid setsid nohup hack/node-ns.sh $(ENVTEST_BIN) $(ENVTEST_DIR) --node \
 	    >$(ENVTEST_DIR)/envtest.log 2>&1 </dev/null & echo $$! >$(ENVTEST_DIR)/envtest.pid; \
 	else setsid nohup $(ENVTEST_BIN) $(ENVTEST_DIR) >$(ENVTEST_DIR)/envtest.log 2>&1 </dev/null & echo $$! >$(ENVTEST_DIR)/envtest.pid; fi

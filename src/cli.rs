@@ -272,9 +272,15 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     pub webhook_client_ca: Option<PathBuf>,
 
-    /// The sidecar image (the same image as the operator; it runs `byok-operator proxy`).
-    #[arg(long, default_value = concat!("ghcr.io/byok-dev/byok-operator:", env!("CARGO_PKG_VERSION")))]
+    /// The sidecar image: `byok-proxy`, whose entrypoint is the proxy.
+    #[arg(long, default_value = concat!("ghcr.io/byok-dev/byok-proxy:", env!("CARGO_PKG_VERSION")))]
     pub proxy_image: String,
+
+    /// The operator's own image. Releases before the `byok-proxy` image injected it as the
+    /// sidecar (`byok-operator proxy`); pods of theirs are served only when its repository is
+    /// given here (the chart does). Empty: none are.
+    #[arg(long, default_value = concat!("ghcr.io/byok-dev/byok-operator:", env!("CARGO_PKG_VERSION")))]
+    pub operator_image: String,
 
     /// imagePullPolicy of the sidecar: Always, IfNotPresent or Never.
     #[arg(long, default_value = "IfNotPresent", value_parser = ["Always", "IfNotPresent", "Never"])]
@@ -442,6 +448,7 @@ impl ServeArgs {
             tls,
             proxy: crate::serve::ProxyOptions {
                 image: self.proxy_image.clone(),
+                operator_image: self.operator_image.clone(),
                 pull_policy: self.proxy_image_pull_policy.clone(),
                 resources: self.proxy_resources.clone(),
                 ports,

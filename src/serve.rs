@@ -37,6 +37,8 @@ pub enum TlsSource {
 #[derive(Debug, Clone)]
 pub struct ProxyOptions {
     pub image: String,
+    /// See [`InjectSettings::operator_image`].
+    pub operator_image: String,
     pub pull_policy: String,
     pub resources: ResourceRequirements,
     pub ports: crate::webhook::patch::SidecarPorts,
@@ -163,6 +165,7 @@ pub async fn start(
         watches.pods.clone(),
         InjectSettings {
             proxy_image: config.proxy.image.clone(),
+            operator_image: config.proxy.operator_image.clone(),
             pull_policy: config.proxy.pull_policy.clone(),
             resources: config.proxy.resources.clone(),
             broker_url: config.broker_url.clone(),

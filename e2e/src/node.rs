@@ -21,7 +21,7 @@ use crate::envtest::{
     Binaries, ControlPlane, TestEnv, shared, spawn, start_on_owner_thread, write_kubeconfig,
 };
 use crate::oci::{self, Entry, Image};
-use crate::serving::TEST_PROXY_IMAGE;
+use crate::serving::{TEST_OPERATOR_IMAGE, TEST_PROXY_IMAGE};
 
 pub const NODE_NAME: &str = "byok-node";
 pub const PAUSE_IMAGE: &str = "byok.dev/test/pause:e2e";
@@ -29,7 +29,7 @@ pub const APP_IMAGE: &str = "byok.dev/test/app:e2e";
 /// What an attacker swaps the sidecar's image to: the sidecar's repository (another tag),
 /// busybox printing the token the sidecar's mount holds, then sleeping. The sidecar's args are
 /// handed to `sh -c` as positional parameters, and ignored.
-pub const TOKEN_PRINTER_IMAGE: &str = "byok.dev/test/byok-operator:token-printer";
+pub const TOKEN_PRINTER_IMAGE: &str = "byok.dev/test/byok-proxy:token-printer";
 /// Where the node keeps its state: a tmpfs of the node's mount namespace.
 const NODE_DIR: &str = "/var/lib/byok-node";
 const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
@@ -232,7 +232,8 @@ impl Node {
 
     fn import_images(&self) -> anyhow::Result<()> {
         let busybox = Path::new("/bin/busybox");
-        let sidecar_entries = operator_image_entries(&sidecar_binary(&self.dir)?, vec![])?;
+        let sidecar_entries = proxy_image_entries(&sidecar_binary(&self.dir)?, vec![])?;
+        let operator_entries = operator_image_entries(&operator_program(&self.dir)?, vec![])?;
         let images = [
             Image {
                 name: PAUSE_IMAGE.into(),
@@ -283,10 +284,18 @@ impl Node {
             },
             Image {
                 name: TEST_PROXY_IMAGE.into(),
-                entrypoint: vec!["/byok-operator".into()],
+                entrypoint: vec![PROXY_ENTRYPOINT.into()],
                 cmd: vec![],
                 env: vec![],
                 entries: sidecar_entries,
+            },
+            // What releases before the byok-proxy image injected (`byok-operator proxy`).
+            Image {
+                name: TEST_OPERATOR_IMAGE.into(),
+                entrypoint: vec!["/byok-operator".into()],
+                cmd: vec![],
+                env: vec![],
+                entries: operator_entries,
             },
         ];
         for image in &images {
@@ -403,38 +412,71 @@ pub async fn wait_app_line(
     }
 }
 
-/// The sidecar image's program: the operator binary next to the tests, without its debug
-/// sections (which are most of a debug build's size). `BYOK_SIDECAR_BINARY` picks another.
+/// The sidecar image's program: the `byok-proxy` binary next to the tests, without its debug
+/// sections (which are most of a debug build's size). `BYOK_SIDECAR_BINARY` picks another
+/// (`make test`: the static one of the image).
 pub fn sidecar_binary(dir: &Path) -> anyhow::Result<PathBuf> {
     let source = match std::env::var_os("BYOK_SIDECAR_BINARY") {
         Some(path) => PathBuf::from(path),
+        None => crate::operator::proxy_binary()?,
+    };
+    stripped(&source, &dir.join("byok-proxy"))
+}
+
+/// The operator image's program: the operator binary next to the tests, stripped the same
+/// way. `BYOK_OPERATOR_BINARY` picks another (`make test`: the static one of the image).
+pub fn operator_program(dir: &Path) -> anyhow::Result<PathBuf> {
+    let source = match std::env::var_os("BYOK_OPERATOR_BINARY") {
+        Some(path) => PathBuf::from(path),
         None => crate::operator::operator_binary()?,
     };
-    let stripped = dir.join("byok-operator");
+    stripped(&source, &dir.join("byok-operator"))
+}
+
+fn stripped(source: &Path, to: &Path) -> anyhow::Result<PathBuf> {
     let status = Command::new("strip")
         .arg("--strip-debug")
         .arg("-o")
-        .arg(&stripped)
-        .arg(&source)
+        .arg(to)
+        .arg(source)
         .status()
         .context("running strip (binutils)")?;
     anyhow::ensure!(status.success(), "strip {} failed", source.display());
-    Ok(stripped)
+    Ok(to.to_path_buf())
+}
+
+/// Where the sidecar image (the Dockerfile's `proxy` target) holds its program.
+pub const PROXY_ENTRYPOINT: &str = "/byok-proxy";
+
+/// The system CAs, for real providers' certificates.
+fn ca_bundle_entries() -> Vec<Entry> {
+    vec![
+        Entry::Dir {
+            path: "etc/ssl/certs".into(),
+        },
+        Entry::File {
+            path: "etc/ssl/certs/ca-certificates.crt".into(),
+            mode: 0o644,
+            contents: fs::read("/etc/ssl/certs/ca-certificates.crt").unwrap_or_default(),
+        },
+    ]
 }
 
 /// What the operator's image holds (the Dockerfile's): the static binary at `/byok-operator`,
-/// the system CAs (for real providers' certificates), an empty `/tmp`, plus `extra`.
+/// the system CAs, an empty `/tmp`, plus `extra`.
 pub fn operator_image_entries(binary: &Path, extra: Vec<Entry>) -> anyhow::Result<Vec<Entry>> {
     let mut entries = oci::program_entries(binary, "/byok-operator")?;
-    entries.push(Entry::Dir {
-        path: "etc/ssl/certs".into(),
-    });
-    entries.push(Entry::File {
-        path: "etc/ssl/certs/ca-certificates.crt".into(),
-        mode: 0o644,
-        contents: fs::read("/etc/ssl/certs/ca-certificates.crt").unwrap_or_default(),
-    });
+    entries.extend(ca_bundle_entries());
     entries.push(Entry::Dir { path: "tmp".into() });
+    entries.extend(extra);
+    Ok(entries)
+}
+
+/// What the sidecar's image holds (the Dockerfile's `proxy` target, on scratch): the static
+/// binary at [`PROXY_ENTRYPOINT`] and the system CAs, plus `extra`; nothing else.
+pub fn proxy_image_entries(binary: &Path, extra: Vec<Entry>) -> anyhow::Result<Vec<Entry>> {
+    let mut entries = oci::program_entries(binary, PROXY_ENTRYPOINT)?;
+    entries.extend(ca_bundle_entries());
     entries.extend(extra);
     Ok(entries)
 }

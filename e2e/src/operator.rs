@@ -275,6 +275,16 @@ pub fn random_key(prefix: &str) -> String {
 
 /// The operator binary, built (if stale) next to this test binary: target/debug/byok-operator.
 pub fn operator_binary() -> anyhow::Result<std::path::PathBuf> {
+    Ok(workspace_binaries()?.join("byok-operator"))
+}
+
+/// The sidecar's binary, built (if stale) next to this test binary: target/debug/byok-proxy.
+pub fn proxy_binary() -> anyhow::Result<std::path::PathBuf> {
+    Ok(workspace_binaries()?.join("byok-proxy"))
+}
+
+/// Builds the workspace's binaries (if stale) and returns their directory.
+fn workspace_binaries() -> anyhow::Result<std::path::PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut build = std::process::Command::new(cargo);
     // Variables cargo sets for this test process would make the nested build look different
@@ -295,13 +305,13 @@ pub fn operator_binary() -> anyhow::Result<std::path::PathBuf> {
         .args(["build", "--quiet", "--workspace", "--all-targets"])
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
         .status()?;
-    anyhow::ensure!(status.success(), "building byok-operator failed");
+    anyhow::ensure!(status.success(), "building the workspace's binaries failed");
     let exe = std::env::current_exe()?;
     let dir = exe
         .parent()
         .and_then(|deps| deps.parent())
         .ok_or_else(|| anyhow::anyhow!("no target dir"))?;
-    Ok(dir.join("byok-operator"))
+    Ok(dir.to_path_buf())
 }
 
 /// A ServiceAccount in `operator`'s namespace with exactly the chart's RBAC for an operator

@@ -25,7 +25,10 @@ use crate::operator::{RunningController, WAIT, dev_config, free_port};
 pub const TEST_PATH_GRACE: Duration = Duration::from_secs(5);
 
 /// The sidecar image the tests' webhook injects (never pulled: no kubelet here).
-pub const TEST_PROXY_IMAGE: &str = "byok.dev/test/byok-operator:e2e";
+pub const TEST_PROXY_IMAGE: &str = "byok.dev/test/byok-proxy:e2e";
+/// The operator's image in tests: releases before the `byok-proxy` image injected it as the
+/// sidecar (`byok-operator proxy`; fixtures 01 to 03 of `fixtures/sidecars/`).
+pub const TEST_OPERATOR_IMAGE: &str = "byok.dev/test/byok-operator:e2e";
 
 /// The serving part of a test operator: loopback ports, own CA in the test namespace,
 /// the test's own webhook configuration.
@@ -55,6 +58,7 @@ pub fn serve_config(env: &TestEnv, webhook_configuration: &str) -> anyhow::Resul
         webhook_client_ca_pem: None,
         proxy: ProxyOptions {
             image: TEST_PROXY_IMAGE.into(),
+            operator_image: TEST_OPERATOR_IMAGE.into(),
             pull_policy: "IfNotPresent".into(),
             resources: byok_operator::cli::parse_resources(
                 "requests.cpu=10m,requests.memory=16Mi,limits.memory=64Mi",

@@ -1,4 +1,4 @@
-//! The real `byok-operator proxy` binary, started exactly as the webhook's sidecar container
+//! The real sidecar binary (`byok-proxy`; `byok-operator proxy` for earlier releases' shape), started exactly as the webhook's sidecar container
 //! says: its args and env from the admitted pod, with only the addresses a test process
 //! must change (the broker URL, the admin and key ports, the token file) replaced. The
 //! kubelet's part is played here too: the pod's token and its mounted trust bundle
@@ -15,7 +15,7 @@ use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
 use crate::envtest::TestEnv;
-use crate::operator::{free_port, operator_binary};
+use crate::operator::{free_port, operator_binary, proxy_binary};
 use crate::serving::{ServingOperator, pod_token};
 
 /// How to start a sidecar beyond what its pod says.
@@ -190,9 +190,12 @@ impl Sidecar {
             }
         }
         args.extend(options.extra_args.iter().cloned());
+        // The program the container's image runs: `byok-proxy`, or the operator's binary for
+        // the shape of releases before the byok-proxy image (`byok-operator proxy ...`).
         let binary = match &options.binary {
             Some(b) => b.clone(),
-            None => operator_binary()?,
+            None if args.first().map(String::as_str) == Some("proxy") => operator_binary()?,
+            None => proxy_binary()?,
         };
         let mut cmd = Command::new(binary);
         cmd.args(&args)

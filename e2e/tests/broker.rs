@@ -1412,7 +1412,27 @@ async fn every_released_sidecar_shape_is_served_and_security_changes_are_not() -
             *slot = v;
         }
     }
-    let mutations: [(&str, Mutation); 11] = [
+    let mutations: [(&str, Mutation); 14] = [
+        // Another image, whatever it runs.
+        ("other-repository", |p| {
+            sidecar(p).image = Some("registry.example/grabber:1".into());
+        }),
+        // The program and its image belong together: the operator's image runs `proxy`, the
+        // byok-proxy image takes its flags with no subcommand.
+        ("legacy-args-on-the-proxy-image", |p| {
+            let c = sidecar(p);
+            if c.args.as_ref().and_then(|a| a.first()).map(String::as_str) != Some("proxy") {
+                c.args
+                    .get_or_insert_with(Vec::new)
+                    .insert(0, "proxy".into());
+            }
+        }),
+        ("proxy-image-with-legacy-args", |p| {
+            let c = sidecar(p);
+            if c.args.as_ref().and_then(|a| a.first()).map(String::as_str) == Some("proxy") {
+                c.image = Some(byok_e2e::serving::TEST_PROXY_IMAGE.into());
+            }
+        }),
         ("other-ca", |p| {
             for e in sidecar(p).env.iter_mut().flatten() {
                 if e.name == "BYOK_BROKER_CA" {

@@ -24,8 +24,8 @@ use byok_e2e::envtest::{TestEnv, shared, start_on_owner_thread};
 use byok_e2e::fake_provider::{FakeProvider, FakeProviderConfig};
 use byok_e2e::manifests::{chart_dir, helm, repo};
 use byok_e2e::node::{
-    APP_IMAGE, CALLS, Node, cri_lines, operator_image_entries, shared_node, sidecar_binary,
-    wait_app_line,
+    APP_IMAGE, CALLS, Node, PROXY_ENTRYPOINT, cri_lines, operator_image_entries, operator_program,
+    proxy_image_entries, shared_node, sidecar_binary, wait_app_line,
 };
 use byok_e2e::oci::{Entry, Image};
 use byok_e2e::operator::random_key;
@@ -42,6 +42,8 @@ use tokio::time::Instant;
 
 const RELEASE: &str = "upgrade";
 const IMAGE_REPOSITORY: &str = "byok.dev/test/byok-operator";
+/// This release's sidecar image (`sidecar.image`, which the previous chart does not have).
+const PROXY_REPOSITORY: &str = "byok.dev/test/byok-proxy";
 const PREVIOUS_TAG: &str = "previous";
 const CURRENT_TAG: &str = "current";
 /// Where the test images keep the fake provider's CA (`--extra-ca-file`).
@@ -197,8 +199,9 @@ fn restarts(pod: &Pod) -> i32 {
         .sum()
 }
 
-/// Which release's sidecar a pod got: this one's mounts its namespace's trust bundle, the
-/// previous one's holds the broker's CA in env.
+/// Which release's sidecar a pod got: this one's runs the byok-proxy image and mounts its
+/// namespace's trust bundle, the previous one's runs the operator's image and holds the
+/// broker's CA in env.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Shape {
     Previous,
@@ -206,7 +209,12 @@ enum Shape {
 }
 
 fn shape_of(pod: &Pod) -> anyhow::Result<Shape> {
-    Ok(if mounts_trust_bundle(&sidecar_container(pod)?) {
+    let sidecar = sidecar_container(pod)?;
+    let proxy_image = sidecar
+        .image
+        .as_deref()
+        .is_some_and(|i| i.starts_with(&format!("{PROXY_REPOSITORY}:")));
+    Ok(if proxy_image && mounts_trust_bundle(&sidecar) {
         Shape::Current
     } else {
         Shape::Previous
@@ -545,9 +553,17 @@ async fn node_a_helm_upgrade_from_the_previous_release_and_a_rollback_keep_pods_
     )?)?;
     node.import(&operator_image(
         CURRENT_TAG,
-        &sidecar_binary(&node.dir)?,
+        &operator_program(&node.dir)?,
         &fake,
     )?)?;
+    // This release's sidecar has an image of its own (the previous one ran the operator's).
+    node.import(&Image {
+        name: format!("{PROXY_REPOSITORY}:{CURRENT_TAG}"),
+        entrypoint: vec![PROXY_ENTRYPOINT.into()],
+        cmd: vec![],
+        env: vec![],
+        entries: proxy_image_entries(&sidecar_binary(&node.dir)?, vec![])?,
+    })?;
     let dns = DropAbort(tokio::spawn(
         ClusterDns::bind(shared().client().await?, node.ip)
             .await?
@@ -601,6 +617,12 @@ async fn node_a_helm_upgrade_from_the_previous_release_and_a_rollback_keep_pods_
             chart_dir().display().to_string(),
         ];
         args.extend(helm_values(CURRENT_TAG, &fake));
+        args.extend([
+            "--set".into(),
+            format!("sidecar.image.repository={PROXY_REPOSITORY}"),
+            "--set".into(),
+            format!("sidecar.image.tag={CURRENT_TAG}"),
+        ]);
         args
     })
     .await?;

@@ -77,7 +77,12 @@ const TERMINATION_MESSAGE_PATH: &str = "/dev/termination-log";
 /// What the webhook needs to know to build the sidecar (from the operator's flags).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct InjectSettings {
+    /// The sidecar's image (`byok-proxy`; chart: `sidecar.image`).
     pub proxy_image: String,
+    /// The operator's own image: releases before the `byok-proxy` image injected it as the
+    /// sidecar, running `byok-operator proxy`, and their pods are served for their lives.
+    /// Empty: no such pod is served (an install that never ran those releases).
+    pub operator_image: String,
     /// `IfNotPresent`, `Always` or `Never`.
     pub pull_policy: String,
     pub resources: ResourceRequirements,
@@ -103,6 +108,22 @@ pub struct InjectSettings {
 }
 
 impl InjectSettings {
+    /// The programs a served sidecar may be: the `byok-proxy` image, and the operator's image
+    /// running its `proxy` subcommand (releases before the `byok-proxy` image).
+    pub fn programs(&self) -> Vec<super::shape::Program<'_>> {
+        let mut programs = vec![super::shape::Program {
+            repository: super::shape::image_repository(&self.proxy_image),
+            subcommand: None,
+        }];
+        if !self.operator_image.is_empty() {
+            programs.push(super::shape::Program {
+                repository: super::shape::image_repository(&self.operator_image),
+                subcommand: Some(super::shape::LEGACY_SUBCOMMAND),
+            });
+        }
+        programs
+    }
+
     /// The trust bundle the operator publishes: the CA, and during a rotation the one before.
     pub fn trust_bundle_pem(&self) -> String {
         crate::serving::certs::trust_pem(&self.broker_ca_pem, self.previous_ca_pem.as_deref())
@@ -918,10 +939,10 @@ fn tcp_port(port: u16, name: Option<&str>) -> ContainerPort {
     }
 }
 
-/// The sidecar's arguments before its `--key=`s: what it runs and which broker it asks.
-fn proxy_args(settings: &InjectSettings) -> [String; 3] {
+/// The sidecar's arguments before its `--key=`s: where it serves its admin endpoints and
+/// which broker it asks (the `byok-proxy` image's entrypoint is the proxy: no subcommand).
+fn proxy_args(settings: &InjectSettings) -> [String; 2] {
     [
-        "proxy".to_owned(),
         format!("--admin-addr=0.0.0.0:{}", settings.ports.admin),
         format!("--broker-url={}", settings.broker_url),
     ]
@@ -1243,8 +1264,8 @@ fn holder_security_accepted(c: &Container) -> bool {
 
 /// Whether the only thing in the pod that can read a `byok.dev` token is a sidecar of the
 /// accepted shape, as some release of this webhook injected it: its run settings as
-/// [`super::shape::runs_our_proxy`] accepts them (the proxy image's repository, `proxy`
-/// asking this broker at a name its certificate is for and trusting this broker's CA, nothing
+/// [`super::shape::runs_our_proxy`] accepts them (the `byok-proxy` image, or the operator's
+/// image running `proxy` as releases before it injected, asking this broker at a name its certificate is for and trusting this broker's CA, nothing
 /// else steering it), its mounts and security context as injected, in a pod that reaches
 /// nothing of the node and resolves the broker's name as the cluster does.
 ///
@@ -1330,12 +1351,7 @@ fn runs_our_proxy(c: &Container, settings: &InjectSettings) -> bool {
     let accepted: Vec<&str> = std::iter::once(settings.broker_ca_pem.as_str())
         .chain(settings.previous_ca_pem.as_deref())
         .collect();
-    super::shape::runs_our_proxy(
-        c,
-        super::shape::image_repository(&settings.proxy_image),
-        &accepted,
-        &settings.broker_hosts,
-    )
+    super::shape::runs_our_proxy(c, &settings.programs(), &accepted, &settings.broker_hosts)
 }
 
 #[cfg(test)]

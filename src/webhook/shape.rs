@@ -27,17 +27,34 @@
 
 use k8s_openapi::api::core::v1::{Container, EnvVar};
 
+/// The programs that have been the sidecar: each image repository with the arguments that
+/// come before the flags. Since the `byok-proxy` image, its entrypoint is the proxy itself
+/// (no subcommand); releases before it injected the operator's own image running
+/// `byok-operator proxy`, and their pods keep that shape for their lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Program<'a> {
+    /// `registry/name` of the image (see [`image_repository`]).
+    pub repository: &'a str,
+    /// The subcommand before the flags (`proxy` in the operator's image), if any.
+    pub subcommand: Option<&'a str>,
+}
+
+/// The subcommand of the operator's binary that ran the proxy before the `byok-proxy` image.
+pub const LEGACY_SUBCOMMAND: &str = "proxy";
+
 /// The flags the sidecar may be run with: the ones that only say where it listens, which
 /// keys it serves and which broker it asks. Anything else (`--broker-ca`, `--token-file`,
 /// `--namespace`, a flag of a later release not yet known here) is refused.
-fn args_accepted(args: &[String], broker_hosts: &[String]) -> bool {
-    let Some((command, flags)) = args.split_first() else {
-        return false;
-    };
+fn args_accepted(args: &[String], subcommand: Option<&str>, broker_hosts: &[String]) -> bool {
     // `$(VAR)` is expanded by the kubelet: what runs would not be what was checked.
-    if command != "proxy" || args.iter().any(|a| a.contains("$(")) {
+    if args.iter().any(|a| a.contains("$(")) {
         return false;
     }
+    let flags = match (subcommand, args.split_first()) {
+        (None, _) => args,
+        (Some(wanted), Some((first, flags))) if first == wanted => flags,
+        (Some(_), _) => return false,
+    };
     let (mut brokers, mut admins, mut keys) = (0, 0, 0);
     for flag in flags {
         if let Some(url) = flag.strip_prefix("--broker-url=") {
@@ -128,17 +145,19 @@ impl<T, I: Iterator<Item = T>> ExactlyOne<T> for I {
 
 /// Whether `c` runs the proxy the way a release of this operator injected it, talking to
 /// this broker (at one of `broker_hosts`, trusting one of `accepted_cas`) and nothing else,
-/// from an image of `repository`.
+/// as one of `programs` (an image of its repository, its arguments after its subcommand).
 pub fn runs_our_proxy(
     c: &Container,
-    repository: &str,
+    programs: &[Program<'_>],
     accepted_cas: &[&str],
     broker_hosts: &[String],
 ) -> bool {
     let no_exec = [&c.startup_probe, &c.liveness_probe, &c.readiness_probe]
         .iter()
         .all(|p| p.as_ref().is_none_or(|p| p.exec.is_none()));
-    image_repository(c.image.as_deref().unwrap_or_default()) == repository
+    let repository = image_repository(c.image.as_deref().unwrap_or_default());
+    let program = programs.iter().find(|p| p.repository == repository);
+    program.is_some()
         && c.restart_policy.as_deref() == Some("Always")
         && c.command.is_none()
         && c.working_dir.is_none()
@@ -146,7 +165,8 @@ pub fn runs_our_proxy(
         && c.env_from.as_ref().is_none_or(Vec::is_empty)
         && c.args
             .as_deref()
-            .is_some_and(|args| args_accepted(args, broker_hosts))
+            .zip(program)
+            .is_some_and(|(args, p)| args_accepted(args, p.subcommand, broker_hosts))
         && env_accepted(c.env.as_deref().unwrap_or_default(), accepted_cas)
         && no_exec
 }
@@ -221,7 +241,14 @@ mod tests {
                 "--broker-url=https://10.0.0.1",
             ],
         ] {
-            assert!(args_accepted(&args(ok), &hosts()), "{ok:?}");
+            assert!(args_accepted(&args(ok), Some("proxy"), &hosts()), "{ok:?}");
+            // The byok-proxy image: the same flags with no subcommand, and never with one.
+            assert!(args_accepted(&args(&ok[1..]), None, &hosts()), "{ok:?}");
+            assert!(!args_accepted(&args(ok), None, &hosts()), "{ok:?}");
+            assert!(
+                !args_accepted(&args(&ok[1..]), Some("proxy"), &hosts()),
+                "{ok:?}"
+            );
         }
         for bad in [
             &[][..],
@@ -278,7 +305,13 @@ mod tests {
             &["proxy", "--broker-url=https://$(HOST)", "--key=a=15100"],
             &["proxy", "--broker-url=https://b", "--key=$(K)=15100"],
         ] {
-            assert!(!args_accepted(&args(bad), &hosts()), "{bad:?}");
+            assert!(
+                !args_accepted(&args(bad), Some("proxy"), &hosts()),
+                "{bad:?}"
+            );
+            if let Some(("proxy", flags)) = bad.split_first().map(|(c, f)| (*c, f)) {
+                assert!(!args_accepted(&args(flags), None, &hosts()), "{bad:?}");
+            }
         }
     }
 

@@ -50,6 +50,15 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 {{- end -}}
 
+{{- define "byok.sidecarImage" -}}
+{{- $image := .Values.sidecar.image -}}
+{{- if $image.digest -}}
+{{- printf "%s@%s" $image.repository $image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $image.repository (default .Chart.AppVersion $image.tag) -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "byok.keyringSecret" -}}
 {{- default (printf "%s-keyring" (include "byok.fullname" .)) .Values.keyring.existingSecret -}}
 {{- end -}}

@@ -1212,7 +1212,9 @@ async fn measure_serving(
             .await?;
     }
     if sections.on("proxy") {
-        bench_proxy::run(env, fake, broker_url, KEY, &key, Path::new(binary), dir).await?;
+        // The sidecar's binary is built beside the operator's (make bench builds both).
+        let proxy = Path::new(binary).with_file_name("byok-proxy");
+        bench_proxy::run(env, fake, broker_url, KEY, &key, &proxy, dir).await?;
     }
     Ok(())
 }
