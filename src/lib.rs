@@ -18,6 +18,7 @@ pub mod providers;
 pub mod reason;
 pub mod serve;
 pub mod serving;
+pub mod sidecar;
 pub mod status;
 pub mod webhook;
 

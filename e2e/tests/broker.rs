@@ -1374,7 +1374,7 @@ async fn every_released_sidecar_shape_is_served_and_security_changes_are_not() -
             c.image = c.image.as_ref().map(|i| {
                 format!(
                     "{}:another-tag",
-                    byok_operator::webhook::shape::image_repository(i)
+                    byok_operator::sidecar::shape::image_repository(i)
                 )
             });
             c.image_pull_policy = Some("Always".into());

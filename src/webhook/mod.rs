@@ -5,4 +5,3 @@ pub mod guard;
 pub mod handler;
 pub mod patch;
 pub mod prescan;
-pub mod shape;
