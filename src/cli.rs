@@ -583,7 +583,7 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         identity: std::env::var("POD_NAME")
             .unwrap_or_else(|_| format!("byok-operator-{}", std::process::id())),
     });
-    let config = crate::controller::Config {
+    let config = crate::startup::Config {
         watch_namespace: args.namespace,
         operator_namespace: args.keyring.operator_namespace,
         keyring_secret: args.keyring.keyring_secret,
@@ -598,7 +598,7 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         serving,
     };
     let shutdown = shutdown_signal(metrics, args.shutdown_delay);
-    crate::controller::run(client, config, shutdown).await
+    crate::startup::run(client, config, shutdown).await
 }
 
 /// Completes `delay` after SIGTERM (serving on meanwhile, `/readyz` failing), or at once on

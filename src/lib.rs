@@ -19,6 +19,7 @@ pub mod reason;
 pub mod serve;
 pub mod serving;
 pub mod sidecar;
+pub mod startup;
 pub mod status;
 pub mod webhook;
 

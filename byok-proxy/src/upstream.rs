@@ -6,7 +6,7 @@
 //! addresses the policy refuses are dropped, and only what is left is dialled, so a name that
 //! resolves (or re-resolves, DNS rebinding) to a loopback, private, link-local or metadata
 //! address is never connected to. Raw IP hosts are judged the same way (and refused earlier,
-//! by [`super::live::Live::from_grant`], unless the policy allows private addresses).
+//! by `live::Live::from_grant`, unless the policy allows private addresses).
 //!
 //! With the operator's `--egress-proxy` the same check runs on the target before the
 //! `CONNECT`; a name this resolver cannot resolve is left to the proxy.
@@ -28,7 +28,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tokio::net::TcpStream;
 
-use super::live::Egress;
+use crate::grant::Egress;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Every body the proxy sends: the client's, streamed, or one it rewrote.

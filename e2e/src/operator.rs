@@ -10,6 +10,7 @@ use byok_operator::crd::ProviderKey;
 use byok_operator::egress::EgressConfig;
 use byok_operator::names;
 use byok_operator::providers::{Endpoints, ProviderKind};
+use byok_operator::startup;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -53,7 +54,7 @@ pub async fn apply_crd(client: &Client, crd: &CustomResourceDefinition) -> anyho
 }
 
 /// The operator flags a test wants; defaults match `make run` (dev flags on, fake endpoints).
-pub fn dev_config(env: &TestEnv, fake: &FakeProvider) -> anyhow::Result<controller::Config> {
+pub fn dev_config(env: &TestEnv, fake: &FakeProvider) -> anyhow::Result<startup::Config> {
     let overrides = [
         ProviderKind::Anthropic,
         ProviderKind::OpenAI,
@@ -64,7 +65,7 @@ pub fn dev_config(env: &TestEnv, fake: &FakeProvider) -> anyhow::Result<controll
     .map(|p| format!("{p}={}", fake.base_url(*p)))
     .chain([format!("vertex-token={}", fake.vertex_token_url())])
     .collect::<Vec<_>>();
-    Ok(controller::Config {
+    Ok(startup::Config {
         watch_namespace: Some(env.namespace.clone()),
         operator_namespace: env.namespace.clone(),
         keyring_secret: controller::keyring::DEFAULT_KEYRING_SECRET.into(),
@@ -96,7 +97,7 @@ pub struct RunningController {
 }
 
 impl RunningController {
-    pub async fn start(env: &TestEnv, config: controller::Config) -> anyhow::Result<Self> {
+    pub async fn start(env: &TestEnv, config: startup::Config) -> anyhow::Result<Self> {
         install_crds(&env.client).await?;
         // Counted in `config.metrics`, so a test can see what the controller asked for.
         let client = byok_operator::metrics::counted_client(
@@ -108,7 +109,7 @@ impl RunningController {
 
     /// Starts the controller with a client of the test's choosing (one that counts
     /// requests, say); the CRD must be installed already.
-    pub fn start_with_client(client: Client, config: controller::Config) -> Self {
+    pub fn start_with_client(client: Client, config: startup::Config) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
         // Logs for `RUST_LOG=... cargo test -- --nocapture` (off unless RUST_LOG is set).
         if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
@@ -117,7 +118,7 @@ impl RunningController {
                 .with_test_writer()
                 .try_init();
         }
-        let task = tokio::spawn(controller::run(client, config, std::future::pending()));
+        let task = tokio::spawn(startup::run(client, config, std::future::pending()));
         Self { task }
     }
 

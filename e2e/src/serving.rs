@@ -6,12 +6,12 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use byok_operator::controller;
 use byok_operator::names;
 use byok_operator::serve::{ProxyOptions, ServeConfig, TlsSource};
 use byok_operator::serving::CertSettings;
 use byok_operator::serving::path_store::PathSettings;
 use byok_operator::serving::webhook_path;
+use byok_operator::startup;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
@@ -146,7 +146,7 @@ impl ServingOperator {
     pub async fn start_with(
         env: &TestEnv,
         fake: &FakeProvider,
-        change: impl FnOnce(&mut controller::Config),
+        change: impl FnOnce(&mut startup::Config),
     ) -> anyhow::Result<Self> {
         let name = format!("byok-{}", env.namespace);
         let serve = serve_config(env, &name)?;

@@ -61,6 +61,14 @@ fn variants() -> Vec<(&'static str, Vec<String>)> {
             ],
         ),
         (
+            "mirrored",
+            vec![
+                "image.repository=mirror.example/byok/byok-operator".into(),
+                "sidecar.image.repository=mirror.example/byok/byok-proxy".into(),
+                format!("sidecar.image.digest=sha256:{}", "a".repeat(64)),
+            ],
+        ),
+        (
             "single",
             vec![
                 "replicaCount=1".into(),
@@ -207,11 +215,22 @@ fn the_chart_lints_and_each_variant_renders_what_it_promises() -> anyhow::Result
         );
         assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/livez");
         assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
-        // The sidecar is the operator's own image.
+        // The sidecar has an image of its own, of the chart's version; pods of releases
+        // before it run the operator's image, which stays accepted.
         let args = args_of(&rendered)?;
         let image = container["image"].as_str().context("image")?;
         assert!(
-            args.contains(&format!("--proxy-image={image}")),
+            args.contains(&format!("--operator-image={image}")),
+            "{name}: {args:?}"
+        );
+        let tag = image.rsplit_once(':').map(|(_, t)| t).context("tag")?;
+        let proxy_image = if name == "mirrored" {
+            format!("mirror.example/byok/byok-proxy@sha256:{}", "a".repeat(64))
+        } else {
+            format!("ghcr.io/byok-dev/byok-proxy:{tag}")
+        };
+        assert!(
+            args.contains(&format!("--proxy-image={proxy_image}")),
             "{name}: {args:?}"
         );
 

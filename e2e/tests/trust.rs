@@ -670,7 +670,7 @@ async fn two_replicas_rotating_the_ca_are_verified_by_every_bundle_throughout() 
     let name = format!("byok-{}", env.namespace);
     const SWITCH: Duration = Duration::from_secs(15);
     let replica =
-        |identity: &str, check: Duration| -> anyhow::Result<byok_operator::controller::Config> {
+        |identity: &str, check: Duration| -> anyhow::Result<byok_operator::startup::Config> {
             let mut config = dev_config(&env, &fake)?;
             let mut serve = serve_config(&env, &name)?;
             if let TlsSource::Own(settings) = &mut serve.tls {

@@ -442,7 +442,7 @@ async fn two_replicas_share_one_ca_both_serve_and_one_reconciles() -> anyhow::Re
     let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
     install_crds(&env.client).await?;
     let name = format!("byok-{}", env.namespace);
-    let replica = |identity: &str| -> anyhow::Result<byok_operator::controller::Config> {
+    let replica = |identity: &str| -> anyhow::Result<byok_operator::startup::Config> {
         let mut config = dev_config(&env, &fake)?;
         config.serving = Some(serve_config(&env, &name)?);
         if let Some(leader) = config.leader.as_mut() {

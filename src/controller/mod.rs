@@ -1,5 +1,7 @@
-//! The ProviderKey controller: wiring (watches, keyring, leader election, backoff). The
-//! reconcile pipeline is in [`reconcile`], its pure decisions in [`plan`].
+//! The ProviderKey controller: its context, backoff and one leadership term of reconciling
+//! ([`reconcile_while_leading`]); watches, keyring and leader election beside it. The
+//! reconcile pipeline is in [`reconcile`], its pure decisions in [`plan`]. What starts it
+//! (and the webhook, the broker and the admin server) is [`crate::startup`].
 
 pub mod cache;
 pub mod crd_check;
@@ -15,21 +17,18 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::coordination::v1::Lease;
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::Api;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 
 use crate::crd::ProviderKey;
 use crate::crypto::{CryptoError, Keyring};
-use crate::egress::EgressConfig;
 use crate::names;
-use crate::providers::{Endpoints, Verifier};
+use crate::providers::Verifier;
 
 pub use crate::names::{FIELD_MANAGER, FINALIZER};
 
@@ -138,6 +137,34 @@ pub struct Context {
     written: Mutex<HashMap<ObjectRef<ProviderKey>, Written>>,
     /// Objects that do not deserialise, already reported (uid, generation).
     invalid_reported: Mutex<HashSet<(String, Option<i64>)>>,
+}
+
+impl Context {
+    /// The controller's context over the shared parts: the client, where it counts, how it
+    /// verifies and reports, the Secret caches and the keyring (if loaded).
+    pub fn new(
+        client: Client,
+        metrics: Arc<crate::metrics::Metrics>,
+        verifier: Verifier,
+        recorder: events::Publisher,
+        (sources, managed): (Store<Secret>, Store<Secret>),
+        keyring: Option<Keyring>,
+    ) -> Self {
+        Context {
+            client,
+            metrics,
+            verifier,
+            recorder,
+            backoff: Backoff::default(),
+            sources,
+            managed,
+            opened: Mutex::default(),
+            turns: Mutex::default(),
+            keyring: RwLock::new(keyring),
+            written: Mutex::default(),
+            invalid_reported: Mutex::default(),
+        }
+    }
 }
 
 /// Whether resourceVersion `a` is older than `b`, when both are integers.
@@ -322,35 +349,6 @@ impl Context {
     }
 }
 
-/// Everything the controller needs besides a client.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// Watch only this namespace (all namespaces when `None`).
-    pub watch_namespace: Option<String>,
-    /// Where the keyring Secret and the leader Lease live.
-    pub operator_namespace: String,
-    pub keyring_secret: String,
-    /// Create the keyring Secret on a first install. Off when it is provided (an existing
-    /// Secret named at install): a missing one is then reported, never generated.
-    pub create_keyring: bool,
-    pub egress: EgressConfig,
-    pub endpoints: Endpoints,
-    /// `None` runs without leader election (a single replica, or tests).
-    pub leader: Option<leader::LeaderConfig>,
-    /// Where to serve `/metrics`, `/livez` and `/readyz` (`None`: no admin server).
-    pub admin_addr: Option<std::net::SocketAddr>,
-    /// Verification calls in flight and started per second, per provider host.
-    pub verify_limits: (usize, f64),
-    /// ProviderKeys reconciled at once. Bounds memory and API connections: a reconcile holds
-    /// at most one API request at a time, and never waits for a provider's rate.
-    pub max_concurrent_reconciles: u16,
-    /// Where the controller counts what it does (shared with the client that counts API
-    /// requests, see [`crate::metrics::counted_client`]).
-    pub metrics: Arc<crate::metrics::Metrics>,
-    /// The webhook and the broker (`None`: reconcile only, as some tests do).
-    pub serving: Option<crate::serve::ServeConfig>,
-}
-
 fn error_policy(
     obj: Arc<DeserializeGuard<ProviderKey>>,
     error: &Error,
@@ -369,169 +367,13 @@ fn error_policy(
     Action::requeue(delay)
 }
 
-/// Runs until `shutdown` completes: the watches and (when configured) the webhook and the
-/// broker on every replica, and reconciling while this replica leads. Losing the lease
-/// stops reconciling, not the process; the replica waits to lead again.
-pub async fn run(
-    client: Client,
-    config: Config,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) -> anyhow::Result<()> {
-    let shutdown = shutdown.boxed().shared();
-    let http = crate::egress::http_client(&config.egress)?;
-    let (concurrency, rate) = config.verify_limits;
-    let verifier = Verifier::new(http, config.endpoints.clone(), config.egress.allow_private)
-        .with_egress(&config.egress)
-        .with_limiter(crate::providers::limiter::HostLimiter::new(
-            concurrency,
-            rate,
-        ));
-    let keyring_api: Api<Secret> = Api::namespaced(client.clone(), &config.operator_namespace);
-
-    // The admin server comes first: liveness holds while caches fill and leadership waits.
-    let metrics = config.metrics.clone();
-    let _stop_admin = match config.admin_addr {
-        Some(addr) => {
-            let server = crate::admin::admin_server(addr, metrics.clone())?;
-            let handle = server.handle();
-            tokio::spawn(server);
-            Some(StopOnDrop(handle))
-        }
-        None => None,
-    };
-    if config.serving.is_none() {
-        metrics.set_ready(crate::metrics::Ready::Certificate, true);
-    }
-
-    let secrets: Api<Secret> = match &config.watch_namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let recorder = events::Publisher::new(
-        client.clone(),
-        std::env::var("POD_NAME").unwrap_or_else(|_| "byok-operator".into()),
-    );
-    let keyring_ref = keyring::reference(&config.operator_namespace, &config.keyring_secret);
-    let keyring = keyring::load_or_init(
-        &keyring_api,
-        &secrets,
-        &config.keyring_secret,
-        config.create_keyring,
-    )
-    .await?;
-    metrics.set_keyring_available(&keyring::metric_label(&keyring_ref), keyring.is_some());
-    if keyring.is_none() {
-        keyring::report_missing(&recorder, &keyring_ref).await;
-    }
-
-    let (sources, sources_writer) = reflector::store::<Secret>();
-    let (managed, managed_writer) = reflector::store::<Secret>();
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        metrics: metrics.clone(),
-        verifier,
-        recorder: recorder.clone(),
-        backoff: Backoff::default(),
-        sources,
-        managed,
-        opened: Mutex::default(),
-        turns: Mutex::default(),
-        keyring: RwLock::new(keyring),
-        written: Mutex::default(),
-        invalid_reported: Mutex::default(),
-    });
-
-    let watches = Arc::new(watches::Watches::start(
-        client.clone(),
-        config.watch_namespace.as_deref(),
-        ctx.clone(),
-        sources_writer,
-        managed_writer,
-        keyring_api,
-        keyring_ref,
-        config.serving.is_some(),
-    ));
-    let serving = match &config.serving {
-        Some(serving) => {
-            Some(crate::serve::start(serving.clone(), ctx.clone(), watches.clone()).await?)
-        }
-        None => None,
-    };
-    {
-        let (watches, metrics) = (watches.clone(), metrics.clone());
-        tokio::spawn(async move {
-            watches.ready().await;
-            metrics.set_ready(crate::metrics::Ready::Caches, true);
-        });
-    }
-
-    let mut serving = serving;
-    let work = async {
-        // Serving has started: the keys in service stay available while a stale CRD blocks
-        // reconciling.
-        tokio::select! {
-            () = crd_check::wait_until_current(&client, &recorder, &metrics) => {}
-            () = shutdown.clone() => return Ok(()),
-        }
-
-        let leases: Api<Lease> = Api::namespaced(client.clone(), &config.operator_namespace);
-        loop {
-            if let Some(leader) = &config.leader {
-                tokio::select! {
-                    () = leader::acquire(&leases, leader) => {}
-                    () = shutdown.clone() => return Ok(()),
-                }
-            }
-            metrics.set_leader(true);
-            let lost_leadership = async {
-                match &config.leader {
-                    Some(leader) => leader::hold(&leases, leader).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                () = reconcile_while_leading(&watches, ctx.clone(), &config, shutdown.clone()) => {
-                    metrics.set_leader(false);
-                    return Ok(());
-                }
-                () = lost_leadership => {
-                    metrics.set_leader(false);
-                    tracing::error!("lost leadership: reconciling stops until this replica leads again; the webhook and the broker keep serving");
-                }
-            }
-        }
-    };
-    // The listeners stop as soon as the shutdown (after its drain) completes, beside the
-    // reconciles finishing, not after them: the pod's termination grace bounds both. Should
-    // this future be dropped instead, `serving` is dropped with it and stops its listeners.
-    tokio::pin!(work);
-    let outcome: anyhow::Result<()> = tokio::select! {
-        outcome = &mut work => outcome,
-        () = shutdown.clone() => {
-            let stop = async {
-                if let Some(serving) = serving.take() {
-                    serving.stop().await;
-                }
-            };
-            tokio::join!(&mut work, stop).0
-        }
-    };
-    if let Some(serving) = serving
-        && shutdown.clone().now_or_never().is_some()
-    {
-        // The work ended first, on the shutdown: requests in flight still finish.
-        serving.stop().await;
-    }
-    outcome
-}
-
 /// One leadership term of reconciling, until `shutdown`. Every ProviderKey is reconciled
 /// once the caches are ready (changes from before the term were not passed on), then on
 /// every change.
-async fn reconcile_while_leading(
+pub async fn reconcile_while_leading(
     watches: &watches::Watches,
     ctx: Arc<Context>,
-    config: &Config,
+    max_concurrent_reconciles: u16,
     shutdown: futures::future::Shared<futures::future::BoxFuture<'static, ()>>,
 ) {
     let metrics = ctx.metrics.clone();
@@ -547,7 +389,7 @@ async fn reconcile_while_leading(
         store.clone(),
     )
     .with_config(
-        kube::runtime::controller::Config::default().concurrency(config.max_concurrent_reconciles),
+        kube::runtime::controller::Config::default().concurrency(max_concurrent_reconciles),
     )
     .owns_stream(changed(watches.managed_changes.subscribe()))
     // A change to a source Secret (its label removed included) reconciles the
@@ -587,16 +429,6 @@ async fn reconcile_while_leading(
             }
         })
         .await;
-}
-
-/// Stops the admin server when `run` returns, however it returns.
-struct StopOnDrop(actix_web::dev::ServerHandle);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        let handle = self.0.clone();
-        tokio::spawn(async move { handle.stop(true).await });
-    }
 }
 
 #[cfg(test)]
