@@ -21,7 +21,7 @@ WORKDIR /src
 COPY . .
 RUN make static \
  && cp target/x86_64-unknown-linux-musl/release/byok-operator /byok-operator \
- && cp target/x86_64-unknown-linux-musl/release/byok-proxy /byok-proxy
+ && cp target/x86_64-unknown-linux-musl/sidecar/byok-proxy /byok-proxy
 
 FROM scratch AS proxy
 COPY --from=build /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt

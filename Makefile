@@ -33,12 +33,14 @@ manifests: testbins ## Regenerate config/base, config/crd and the chart's crds/ 
 # The image's binary (Dockerfile): static, musl, no libc needed at run time.
 STATIC_TARGET := x86_64-unknown-linux-musl
 STATIC_BINARY := target/$(STATIC_TARGET)/release/byok-operator
-# The sidecar image's binary (Dockerfile, target `proxy`).
-STATIC_PROXY := target/$(STATIC_TARGET)/release/byok-proxy
+# The sidecar image's binary (Dockerfile, target `proxy`), built with the `sidecar` profile
+# (Cargo.toml: fat LTO, one codegen unit, stripped).
+STATIC_PROXY := target/$(STATIC_TARGET)/sidecar/byok-proxy
 
 .PHONY: static
 static: ## Build the static binaries of the images, byok-operator and byok-proxy (needs musl-tools and the rustup target x86_64-unknown-linux-musl)
-	CC_x86_64_unknown_linux_musl=musl-gcc $(CARGO) build --release --locked --target $(STATIC_TARGET) -p byok-operator -p byok-proxy --bins
+	CC_x86_64_unknown_linux_musl=musl-gcc $(CARGO) build --release --locked --target $(STATIC_TARGET) --bin byok-operator
+	CC_x86_64_unknown_linux_musl=musl-gcc $(CARGO) build --profile sidecar --locked --target $(STATIC_TARGET) -p byok-proxy --bin byok-proxy
 
 .PHONY: image
 image: ## Build the container images (docker or podman): byok-operator:dev and byok-proxy:dev
@@ -57,13 +59,17 @@ docs: ## Regenerate docs/api.md from the CRD (a unit test fails when it drifts)
 testbins: ## Build (or reuse from ~/.cache) kube-apiserver, etcd, kubelet, kube-controller-manager, kube-scheduler, kube-proxy, kubectl and helm from their Go modules
 	@bash e2e/k8s-testbins/build.sh >/dev/null
 
+.PHONY: sdk-deps
+sdk-deps: ## Install (or reuse from ~/.cache) the official Python, Node and Go SDKs e2e/tests/sdk.rs runs, as e2e/sdk/'s lock files pin them
+	@bash e2e/sdk/install.sh
+
 .PHONY: lint
 lint: ## rustfmt and clippy, warnings are errors
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 .PHONY: test
-test: lint testbins ## Everything CI runs: lint, unit tests, integration tests on a real control plane
+test: lint testbins sdk-deps ## Everything CI runs: lint, unit tests, integration tests on a real control plane
 	@mkdir -p target
 	$(CARGO) test --workspace --all-targets 2>&1 | tee target/test-output.log
 	@# Tests about private and metadata addresses, in a network namespace with only loopback:
@@ -89,12 +95,14 @@ bench: testbins ## Scale and speed figures beside their aims: BENCH_KEYS Provide
 	@command -v wrk >/dev/null && command -v nginx >/dev/null || \
 	  { apt-get update -qq && apt-get install -y -qq wrk nginx-light; } || \
 	  echo "make bench: install wrk and nginx-light for the proxy section" >&2
-	$(CARGO) build --release -p byok-operator -p byok-proxy --bins
-	$(CARGO) run --release -p byok-e2e --bin bench -- $${BENCH_KEYS:-10000} target/release/byok-operator
+	$(CARGO) build --release --bin byok-operator
+	@# The proxy section runs the sidecar's shipped binary (make static).
+	$(MAKE) --no-print-directory static
+	$(CARGO) run --release -p byok-e2e --bin bench -- $${BENCH_KEYS:-10000} target/release/byok-operator $(STATIC_PROXY)
 	@# Section `pods`: real pods on a test node (hack/node-ns.sh), the sidecar image made from
 	@# the release binary.
 	@if [ -z "$${BENCH_SECTIONS:-}" ] || [[ ",$${BENCH_SECTIONS}," == *",pods,"* ]]; then \
-	  BYOK_SIDECAR_BINARY=$$PWD/target/release/byok-proxy BYOK_OPERATOR_BINARY=$$PWD/target/release/byok-operator hack/node-ns.sh \
+	  BYOK_SIDECAR_BINARY=$$PWD/$(STATIC_PROXY) BYOK_OPERATOR_BINARY=$$PWD/target/release/byok-operator hack/node-ns.sh \
 	    $(CARGO) test --offline -p byok-e2e --test pods -q -- --ignored --exact bench_pods_create_to_first_call --nocapture; fi
 
 .PHONY: cluster-up

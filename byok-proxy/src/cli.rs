@@ -67,6 +67,9 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 
 /// The sidecar gets a small runtime of its own: a few threads, not one per node core.
 pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
+    // ring, the provider every TLS client here (broker, providers) is built on; an error only
+    // means a provider is installed already (the operator's binary installs the same).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let mut ports: Vec<u16> = args.keys.iter().map(|(_, p)| *p).collect();
     ports.sort_unstable();
     ports.dedup();

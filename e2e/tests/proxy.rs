@@ -1077,14 +1077,14 @@ async fn a_keys_policy_is_what_the_provider_receives() -> anyhow::Result<()> {
 /// Issue 19, item 8: the largest body the sidecar reads for its model, sent by several
 /// requests at once, keeps the sidecar within its 64 MiB memory limit (it reached 583 MB
 /// for one 32 MiB body, an OOM kill). Memory is read from the kernel (VmHWM), not timed.
-/// The binary is the image's (`make static`: musl, whose allocator returns large blocks at
+/// The binary is the sidecar image's (`make static`: musl, whose allocator returns large blocks at
 /// once; what a pod runs), so `make test` runs this with the image tests.
 #[tokio::test]
-#[ignore = "needs BYOK_STATIC_BINARY (make test)"]
+#[ignore = "needs BYOK_STATIC_PROXY (make test)"]
 async fn image_the_largest_inspected_bodies_fit_the_sidecars_memory() -> anyhow::Result<()> {
-    let binary = std::env::var_os("BYOK_STATIC_BINARY")
+    let binary = std::env::var_os("BYOK_STATIC_PROXY")
         .map(std::path::PathBuf::from)
-        .ok_or_else(|| anyhow::anyhow!("BYOK_STATIC_BINARY is not set: run `make static`, then this test with it pointing at the binary (make test does)"))?;
+        .ok_or_else(|| anyhow::anyhow!("BYOK_STATIC_PROXY is not set: run `make static`, then this test with it pointing at byok-proxy (make test does)"))?;
     let env = TestEnv::new("proxy-bigbody").await?;
     let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
     let op = ServingOperator::start(&env, &fake).await?;

@@ -1212,8 +1212,11 @@ async fn measure_serving(
             .await?;
     }
     if sections.on("proxy") {
-        // The sidecar's binary is built beside the operator's (make bench builds both).
-        let proxy = Path::new(binary).with_file_name("byok-proxy");
+        // The sidecar's shipped binary (make bench passes `make static`'s).
+        let proxy = std::env::args().nth(3).map_or_else(
+            || Path::new(binary).with_file_name("byok-proxy"),
+            PathBuf::from,
+        );
         bench_proxy::run(env, fake, broker_url, KEY, &key, &proxy, dir).await?;
     }
     Ok(())
