@@ -23,9 +23,8 @@ pub fn markdown() -> anyhow::Result<String> {
 
 fn render(crd: &CustomResourceDefinition) -> anyhow::Result<String> {
     let spec = &crd.spec;
-    let names = &spec.names;
     let mut out = String::new();
-    writeln!(out, "# {} API reference", names.kind)?;
+    writeln!(out, "# {} API reference", spec.names.kind)?;
     writeln!(out)?;
     writeln!(
         out,
@@ -34,28 +33,26 @@ fn render(crd: &CustomResourceDefinition) -> anyhow::Result<String> {
     )?;
     writeln!(out)?;
 
+    render_resource(&mut out, crd)?;
+
+    let single = spec.versions.len() == 1;
+    for version in &spec.versions {
+        render_version(&mut out, crd, version, single)?;
+    }
+    render_reasons(&mut out)?;
+    Ok(out)
+}
+
+/// The "Resource" table: group, versions, kind, names, scope and subresources.
+fn render_resource(out: &mut String, crd: &CustomResourceDefinition) -> anyhow::Result<()> {
+    let spec = &crd.spec;
+    let names = &spec.names;
     writeln!(out, "## Resource")?;
     writeln!(out)?;
     writeln!(out, "| | |")?;
     writeln!(out, "|---|---|")?;
     writeln!(out, "| Group | {} |", code(&spec.group))?;
-    let versions: Vec<String> = spec
-        .versions
-        .iter()
-        .map(|v| {
-            let mut roles = Vec::new();
-            if v.served {
-                roles.push("served");
-            }
-            if v.storage {
-                roles.push("storage");
-            }
-            if v.deprecated == Some(true) {
-                roles.push("deprecated");
-            }
-            format!("{} ({})", code(&v.name), roles.join(", "))
-        })
-        .collect();
+    let versions: Vec<String> = spec.versions.iter().map(version_roles).collect();
     writeln!(out, "| Versions | {} |", versions.join(", "))?;
     let kind = match &names.list_kind {
         Some(list) => format!("{} (list: {})", code(&names.kind), code(list)),
@@ -100,13 +97,22 @@ fn render(crd: &CustomResourceDefinition) -> anyhow::Result<String> {
     .collect();
     writeln!(out, "| Subresources | {} |", subresources.join(", "))?;
     writeln!(out)?;
+    Ok(())
+}
 
-    let single = spec.versions.len() == 1;
-    for version in &spec.versions {
-        render_version(&mut out, crd, version, single)?;
+/// A version's name and roles, as in "`v1` (served, storage)".
+fn version_roles(version: &CustomResourceDefinitionVersion) -> String {
+    let mut roles = Vec::new();
+    if version.served {
+        roles.push("served");
     }
-    render_reasons(&mut out)?;
-    Ok(out)
+    if version.storage {
+        roles.push("storage");
+    }
+    if version.deprecated == Some(true) {
+        roles.push("deprecated");
+    }
+    format!("{} ({})", code(&version.name), roles.join(", "))
 }
 
 /// Printer columns, fields and rules of one version. With one version the headings do not
@@ -131,7 +137,46 @@ fn render_version(
         .flatten()
         .next()
         .unwrap_or(&names.plural);
+    render_printer_columns(out, version, &prefix, short)?;
 
+    let Some(schema) = version
+        .schema
+        .as_ref()
+        .and_then(|s| s.open_api_v3_schema.as_ref())
+    else {
+        anyhow::bail!("version {} of the CRD has no schema", version.name);
+    };
+    writeln!(out, "## {prefix}Fields")?;
+    writeln!(out)?;
+    if let Some(description) = &schema.description {
+        writeln!(out, "{}", inline(description))?;
+        writeln!(out)?;
+    }
+    writeln!(
+        out,
+        "Types, limits, defaults and the CEL rules (`x-kubernetes-validations`) below are the \
+         CRD schema's: the API server refuses an object that breaks them, with the rule's \
+         message. A rule that uses `oldSelf` is a transition rule: it is checked on updates \
+         only, against the stored object."
+    )?;
+    writeln!(out)?;
+
+    let api_version = format!("{}/{}", crd.spec.group, version.name);
+    let mut sections = Vec::new();
+    collect_sections("", schema, &mut sections);
+    for (path, object) in sections {
+        render_section(out, &names.kind, &api_version, &prefix, &path, object)?;
+    }
+    Ok(())
+}
+
+/// The printer columns of one version, with the `kubectl get` that shows each.
+fn render_printer_columns(
+    out: &mut String,
+    version: &CustomResourceDefinitionVersion,
+    prefix: &str,
+    short: &str,
+) -> anyhow::Result<()> {
     writeln!(out, "## {prefix}Printer columns")?;
     writeln!(out)?;
     writeln!(
@@ -161,93 +206,74 @@ fn render_version(
         )?;
     }
     writeln!(out)?;
+    Ok(())
+}
 
-    let Some(schema) = version
-        .schema
-        .as_ref()
-        .and_then(|s| s.open_api_v3_schema.as_ref())
-    else {
-        anyhow::bail!("version {} of the CRD has no schema", version.name);
+/// One object of the schema (the root at the empty `path`): its fields, then its rules.
+fn render_section(
+    out: &mut String,
+    kind: &str,
+    api_version: &str,
+    prefix: &str,
+    path: &str,
+    object: &JSONSchemaProps,
+) -> anyhow::Result<()> {
+    let title = if path.is_empty() {
+        kind.to_owned()
+    } else {
+        code(path)
     };
-    writeln!(out, "## {prefix}Fields")?;
+    writeln!(out, "### {prefix}{title}")?;
     writeln!(out)?;
-    if let Some(description) = &schema.description {
+    if !path.is_empty()
+        && let Some(description) = &object.description
+    {
         writeln!(out, "{}", inline(description))?;
         writeln!(out)?;
     }
-    writeln!(
-        out,
-        "Types, limits, defaults and the CEL rules (`x-kubernetes-validations`) below are the \
-         CRD schema's: the API server refuses an object that breaks them, with the rule's \
-         message. A rule that uses `oldSelf` is a transition rule: it is checked on updates \
-         only, against the stored object."
-    )?;
+    writeln!(out, "| Field | Type | Required | Description |")?;
+    writeln!(out, "|---|---|---|---|")?;
+    if path.is_empty() {
+        // The standard fields are not in the schema's properties, but belong in the table.
+        let rows = [("apiVersion", code(api_version)), ("kind", code(kind))];
+        for (field, value) in rows {
+            writeln!(out, "| {} | string | yes | {value} |", code(field))?;
+        }
+        writeln!(
+            out,
+            "| `metadata` | ObjectMeta | yes | Standard object metadata (see the rules below). |"
+        )?;
+    }
+    let required = object.required.clone().unwrap_or_default();
+    for (name, field) in object.properties.iter().flatten() {
+        let field_path = join(path, name);
+        writeln!(
+            out,
+            "| {} | {} | {} | {} |",
+            cell(&code(&field_path)),
+            cell(&type_of(field, &field_path, prefix)),
+            if required.contains(name) { "yes" } else { "no" },
+            cell(&inline(field.description.as_deref().unwrap_or_default()))
+        )?;
+    }
     writeln!(out)?;
 
-    let api_version = format!("{}/{}", crd.spec.group, version.name);
-    let mut sections = Vec::new();
-    collect_sections("", schema, &mut sections);
-    for (path, object) in sections {
-        let title = if path.is_empty() {
-            names.kind.clone()
-        } else {
-            code(&path)
-        };
-        writeln!(out, "### {prefix}{title}")?;
+    let rules = rules_of(path, kind, object);
+    if !rules.is_empty() {
+        writeln!(out, "Validation rules:")?;
         writeln!(out)?;
-        if !path.is_empty()
-            && let Some(description) = &object.description
-        {
-            writeln!(out, "{}", inline(description))?;
-            writeln!(out)?;
-        }
-        writeln!(out, "| Field | Type | Required | Description |")?;
-        writeln!(out, "|---|---|---|---|")?;
-        if path.is_empty() {
-            // The standard fields are not in the schema's properties, but belong in the table.
-            let rows = [
-                ("apiVersion", code(&api_version)),
-                ("kind", code(&names.kind)),
-            ];
-            for (field, value) in rows {
-                writeln!(out, "| {} | string | yes | {value} |", code(field))?;
-            }
+        writeln!(out, "| On | Rule | Message |")?;
+        writeln!(out, "|---|---|---|")?;
+        for (on, rule) in rules {
             writeln!(
                 out,
-                "| `metadata` | ObjectMeta | yes | Standard object metadata (see the rules below). |"
-            )?;
-        }
-        let required = object.required.clone().unwrap_or_default();
-        for (name, field) in object.properties.iter().flatten() {
-            let field_path = join(&path, name);
-            writeln!(
-                out,
-                "| {} | {} | {} | {} |",
-                cell(&code(&field_path)),
-                cell(&type_of(field, &field_path, &prefix)),
-                if required.contains(name) { "yes" } else { "no" },
-                cell(&inline(field.description.as_deref().unwrap_or_default()))
+                "| {} | {} | {} |",
+                cell(&on),
+                cell(&code(&rule.rule)),
+                cell(&rule_message(rule))
             )?;
         }
         writeln!(out)?;
-
-        let rules = rules_of(&path, &names.kind, object);
-        if !rules.is_empty() {
-            writeln!(out, "Validation rules:")?;
-            writeln!(out)?;
-            writeln!(out, "| On | Rule | Message |")?;
-            writeln!(out, "|---|---|---|")?;
-            for (on, rule) in rules {
-                writeln!(
-                    out,
-                    "| {} | {} | {} |",
-                    cell(&on),
-                    cell(&code(&rule.rule)),
-                    cell(&rule_message(rule))
-                )?;
-            }
-            writeln!(out)?;
-        }
     }
     Ok(())
 }
