@@ -402,19 +402,7 @@ impl Broker {
     /// seconds; when the API server does not answer, the last answer stands (none: not
     /// current).
     async fn bundle_current(&self, namespace: &str, pod_created: Option<jiff::Timestamp>) -> bool {
-        // A bundle that replaced one the operator did not write serves only pods made after.
-        // Pods' creation times are whole seconds: one made in the second of the replacement
-        // may be older than it, so it counts from the next whole second.
-        let created_after = |replaced: Option<jiff::Timestamp>| {
-            replaced.is_none_or(|at| {
-                let next_second = at
-                    .as_second()
-                    .saturating_add(i64::from(at.subsec_nanosecond() > 0));
-                pod_created.is_some_and(|p| p.as_second() >= next_second)
-            })
-        };
-        let settings = self.injector.settings();
-        let trust = settings.trust_bundle_pem();
+        let trust = self.injector.settings().trust_bundle_pem();
         let digest = crate::grant::trust_bundle_digest(trust.as_bytes());
         let last = self
             .bundles
@@ -430,9 +418,33 @@ impl Broker {
                 BUNDLE_CHECKED_FOR.1
             };
             if c.checked.elapsed() < reuse {
-                return c.ok && created_after(c.replaced_before);
+                return c.ok && created_after(c.replaced_before, pod_created);
             }
         }
+        let Some(check) = self
+            .check_bundle(namespace, &trust, digest, last.as_ref())
+            .await
+        else {
+            return false;
+        };
+        let ok = check.ok && created_after(check.replaced_before, pod_created);
+        self.bundles
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(namespace.to_owned(), check);
+        ok
+    }
+
+    /// Reads the namespace's trust bundle and compares it with `trust` (whose digest is
+    /// `digest`); `last` is the previous finding for this digest. `None` when no GET could be
+    /// made at all (the GETs' semaphore closed): not current.
+    async fn check_bundle(
+        &self,
+        namespace: &str,
+        trust: &str,
+        digest: String,
+        last: Option<&BundleCheck>,
+    ) -> Option<BundleCheck> {
         let api: Api<k8s_openapi::api::core::v1::ConfigMap> =
             Api::namespaced(self.ctx.client.clone(), namespace);
         let got = match self.bundle_gets.acquire().await {
@@ -443,15 +455,15 @@ impl Broker {
                 )
                 .await
             }
-            Err(_) => return false,
+            Err(_) => return None,
         };
         let now = Instant::now();
-        let verified_before = last.as_ref().and_then(|c| c.verified);
+        let verified_before = last.and_then(|c| c.verified);
         let check = match got {
             Ok(Ok(cm)) => {
                 let ok = cm
                     .as_ref()
-                    .is_some_and(|cm| crate::serving::trust_bundle::conforms(cm, &trust));
+                    .is_some_and(|cm| crate::serving::trust_bundle::conforms(cm, trust));
                 if !ok {
                     // This replica may not have read a new CA yet: look again now.
                     self.injector.request_ca_recheck();
@@ -461,16 +473,7 @@ impl Broker {
                     checked: now,
                     verified: if ok { Some(now) } else { None },
                     digest,
-                    replaced_before: cm.as_ref().and_then(|cm| {
-                        cm.metadata
-                            .annotations
-                            .as_ref()
-                            .and_then(|a| {
-                                a.get(crate::serving::trust_bundle::REPLACED_AT_ANNOTATION)
-                            })
-                            // Unreadable: no pod is young enough.
-                            .map(|at| at.parse().unwrap_or(jiff::Timestamp::MAX))
-                    }),
+                    replaced_before: cm.as_ref().and_then(replaced_at),
                 }
             }
             // The API server did not answer: the last finding stands for a lease at most, and
@@ -486,16 +489,11 @@ impl Broker {
                     checked: now,
                     verified: verified_before,
                     digest,
-                    replaced_before: last.as_ref().and_then(|c| c.replaced_before),
+                    replaced_before: last.and_then(|c| c.replaced_before),
                 }
             }
         };
-        let ok = check.ok && created_after(check.replaced_before);
-        self.bundles
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(namespace.to_owned(), check);
-        ok
+        Some(check)
     }
 
     /// A served sidecar reported the trust bundle it holds (`None`: it predates bundles).
@@ -540,43 +538,10 @@ impl Broker {
         let Some(token) = token else {
             return self.refuse(None, namespace, name, &Denial::Unauthenticated);
         };
-        // The token's pre-check refuses a caller of another namespace, or whose pod is not
-        // there, as `decide::authorize` would (it needs a listed pod cache).
         let ready = self.watches.is_ready();
-        let pod_check: jwt::PodCheck<'_> = &|c: &Caller| {
-            let pod = (c.namespace == namespace)
-                .then(|| self.pod_presence(namespace, &c.pod_name))
-                .flatten();
-            decide::check_pod(c, namespace, pod.as_ref()).map(drop)
-        };
-        let identity = self
-            .tokens
-            .identify(&token, ready.then_some(pod_check))
-            .await;
-        let caller = match identity {
-            tokens::Identity::Known(caller) => caller,
-            tokens::Identity::Refused(denial) => {
-                if let Denial::TokenRejected(fault) = &denial
-                    && fault.is_forgery()
-                {
-                    tokio::time::sleep(FORGED_TOKEN_DELAY.mul_f64(rand::random_range(0.5..1.5)))
-                        .await;
-                }
-                return self.refuse(None, namespace, name, &denial);
-            }
-            tokens::Identity::Unreviewed { denial, verified } => {
-                // No review now (too busy, or the API server failed). A caller whose token's
-                // signature checked out still gets a final refusal when one is due: a flood
-                // must not keep a revoked key alive in its sidecars until their leases end.
-                let Some(caller) = verified.filter(|_| ready) else {
-                    return self.refuse(None, namespace, name, &denial);
-                };
-                let (pod, guard) = self.lookup(&caller, namespace, name);
-                let key = key_facts(guard.as_deref());
-                let decision = decide::authorize(&caller, namespace, name, pod.as_ref(), key);
-                let answer = decide::unreviewed(decision, denial);
-                return self.refuse(Some(&caller), namespace, name, &answer);
-            }
+        let caller = match self.authenticate(&token, namespace, name, ready).await {
+            Ok(caller) => caller,
+            Err(refused) => return refused,
         };
         // A replica just started has not listed its pods and keys yet: "no such pod" would make
         // a sidecar drop a key it holds. This answer is transient: it keeps the key until its
@@ -589,36 +554,12 @@ impl Broker {
         }
         let (pod, guard) = self.lookup(&caller, namespace, name);
         let key = key_facts(guard.as_deref());
-        let pk = match (
-            decide::authorize(&caller, namespace, name, pod.as_ref(), key),
-            key,
-        ) {
-            (Decision::Serve, KeyFacts::Present(pk)) => {
-                // A sidecar that trusts its namespace's bundle is served only while that is
-                // the operator's: one written before the policy guarded it may name another
-                // CA, and whoever holds a certificate from it could be holding this token.
-                let trusts_bundle = pod.as_ref().is_some_and(|p| p.trusts_namespace_bundle);
-                let created = pod.as_ref().and_then(|p| p.created);
-                if trusts_bundle && !self.bundle_current(namespace, created).await {
-                    let denial = Denial::KeyUnavailable {
-                        reason: format!(
-                            "the namespace's trust bundle (ConfigMap {}) is not the operator's current one yet",
-                            names::TRUST_BUNDLE_CONFIGMAP
-                        ),
-                    };
-                    return self.refuse(Some(&caller), namespace, name, &denial);
-                }
-                pk
-            }
-            (Decision::Deny(denial), _) => {
-                if denial.is_waiting() {
-                    self.tell_waiting(&caller, name, &denial).await;
-                }
-                return self.refuse(Some(&caller), namespace, name, &denial);
-            }
-            (Decision::Serve, _) => {
-                return error_json(500, "Internal", "internal error");
-            }
+        let pk = match self
+            .servable(&caller, namespace, name, pod.as_ref(), key)
+            .await
+        {
+            Ok(pk) => pk,
+            Err(refused) => return refused,
         };
         match self.grant(pk, namespace, name, if_none_match).await {
             Ok(response) => {
@@ -638,6 +579,91 @@ impl Broker {
                 self.tell_waiting(&caller, name, &denial).await;
                 self.refuse(Some(&caller), namespace, name, &denial)
             }
+        }
+    }
+
+    /// Who presents `token`, or the refusal to answer with. `ready`: this replica has listed
+    /// its pods and keys.
+    async fn authenticate(
+        &self,
+        token: &SecretString,
+        namespace: &str,
+        name: &str,
+        ready: bool,
+    ) -> Result<Caller, HttpResponse> {
+        // The token's pre-check refuses a caller of another namespace, or whose pod is not
+        // there, as `decide::authorize` would (it needs a listed pod cache).
+        let pod_check: jwt::PodCheck<'_> = &|c: &Caller| {
+            let pod = (c.namespace == namespace)
+                .then(|| self.pod_presence(namespace, &c.pod_name))
+                .flatten();
+            decide::check_pod(c, namespace, pod.as_ref()).map(drop)
+        };
+        let identity = self
+            .tokens
+            .identify(token, ready.then_some(pod_check))
+            .await;
+        match identity {
+            tokens::Identity::Known(caller) => Ok(caller),
+            tokens::Identity::Refused(denial) => {
+                if let Denial::TokenRejected(fault) = &denial
+                    && fault.is_forgery()
+                {
+                    tokio::time::sleep(FORGED_TOKEN_DELAY.mul_f64(rand::random_range(0.5..1.5)))
+                        .await;
+                }
+                Err(self.refuse(None, namespace, name, &denial))
+            }
+            tokens::Identity::Unreviewed { denial, verified } => {
+                // No review now (too busy, or the API server failed). A caller whose token's
+                // signature checked out still gets a final refusal when one is due: a flood
+                // must not keep a revoked key alive in its sidecars until their leases end.
+                let Some(caller) = verified.filter(|_| ready) else {
+                    return Err(self.refuse(None, namespace, name, &denial));
+                };
+                let (pod, guard) = self.lookup(&caller, namespace, name);
+                let key = key_facts(guard.as_deref());
+                let decision = decide::authorize(&caller, namespace, name, pod.as_ref(), key);
+                let answer = decide::unreviewed(decision, denial);
+                Err(self.refuse(Some(&caller), namespace, name, &answer))
+            }
+        }
+    }
+
+    /// The ProviderKey to serve an authenticated caller, or the refusal to answer with.
+    async fn servable<'a>(
+        &self,
+        caller: &Caller,
+        namespace: &str,
+        name: &str,
+        pod: Option<&PodFacts>,
+        key: KeyFacts<'a>,
+    ) -> Result<&'a ProviderKey, HttpResponse> {
+        match (decide::authorize(caller, namespace, name, pod, key), key) {
+            (Decision::Serve, KeyFacts::Present(pk)) => {
+                // A sidecar that trusts its namespace's bundle is served only while that is
+                // the operator's: one written before the policy guarded it may name another
+                // CA, and whoever holds a certificate from it could be holding this token.
+                let trusts_bundle = pod.is_some_and(|p| p.trusts_namespace_bundle);
+                let created = pod.and_then(|p| p.created);
+                if trusts_bundle && !self.bundle_current(namespace, created).await {
+                    let denial = Denial::KeyUnavailable {
+                        reason: format!(
+                            "the namespace's trust bundle (ConfigMap {}) is not the operator's current one yet",
+                            names::TRUST_BUNDLE_CONFIGMAP
+                        ),
+                    };
+                    return Err(self.refuse(Some(caller), namespace, name, &denial));
+                }
+                Ok(pk)
+            }
+            (Decision::Deny(denial), _) => {
+                if denial.is_waiting() {
+                    self.tell_waiting(caller, name, &denial).await;
+                }
+                Err(self.refuse(Some(caller), namespace, name, &denial))
+            }
+            (Decision::Serve, _) => Err(error_json(500, "Internal", "internal error")),
         }
     }
 
@@ -698,16 +724,9 @@ impl Broker {
                 .insert_header((POLL_SECONDS_HEADER, POLL_HINT.as_secs().to_string()))
                 .finish());
         }
-        // The project the verifier used: the spec's, else the service account's own.
-        let vertex_project = match (&vertex, &params.vertex_project) {
-            (None, _) => None,
-            (Some(_), Some(p)) => Some(p.clone()),
-            (Some(_), None) => {
-                crate::providers::vertex::ServiceAccountKey::parse(opened.key.expose_secret())
-                    .ok()
-                    .and_then(|sa| sa.project_id)
-            }
-        };
+        let vertex_project = vertex
+            .as_ref()
+            .and_then(|_| vertex_project(params.vertex_project.as_ref(), &opened.key));
         let credential = match &vertex {
             Some(token) => CredentialOut::AccessToken {
                 value: &token.token,
@@ -742,19 +761,10 @@ impl Broker {
             poll_seconds: POLL_HINT.as_secs(),
         };
         // Room up front: a growing Vec would leave unwiped copies of the key behind.
-        let mut body = secrecy::zeroize::Zeroizing::new(Vec::with_capacity(
-            8192 + opened.key.expose_secret().len()
-                + self.egress.extra_ca_pem.as_ref().map_or(0, String::len),
-        ));
-        serde_json::to_writer(&mut *body, &grant)
-            .map_err(|_| Unavailable("encoding the answer failed".into()))?;
-        Ok(HttpResponse::Ok()
-            .content_type("application/json")
-            .insert_header((header::ETAG, etag))
-            .insert_header((header::CACHE_CONTROL, "no-store"))
-            .insert_header((LEASE_SECONDS_HEADER, lease_seconds.to_string()))
-            .insert_header((POLL_SECONDS_HEADER, POLL_HINT.as_secs().to_string()))
-            .body(crate::providers::zeroizing_bytes(body)))
+        let capacity = 8192
+            + opened.key.expose_secret().len()
+            + self.egress.extra_ca_pem.as_ref().map_or(0, String::len);
+        granted(&grant, capacity, etag, lease_seconds)
     }
 
     fn refuse(
@@ -785,6 +795,61 @@ impl Broker {
 
 /// What the broker's ProviderKey cache holds for one name.
 type ProviderKeyEntry = kube::core::DeserializeGuard<ProviderKey>;
+
+/// Whether a pod created at `pod_created` may be served by a bundle that replaced, at
+/// `replaced`, one the operator did not write: only pods made after the replacement are.
+/// Pods' creation times are whole seconds: one made in the second of the replacement may be
+/// older than it, so it counts from the next whole second.
+fn created_after(replaced: Option<jiff::Timestamp>, pod_created: Option<jiff::Timestamp>) -> bool {
+    replaced.is_none_or(|at| {
+        let next_second = at
+            .as_second()
+            .saturating_add(i64::from(at.subsec_nanosecond() > 0));
+        pod_created.is_some_and(|p| p.as_second() >= next_second)
+    })
+}
+
+/// When the trust bundle replaced one the operator did not write, as its annotation says.
+fn replaced_at(cm: &k8s_openapi::api::core::v1::ConfigMap) -> Option<jiff::Timestamp> {
+    cm.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(crate::serving::trust_bundle::REPLACED_AT_ANNOTATION))
+        // Unreadable: no pod is young enough.
+        .map(|at| at.parse().unwrap_or(jiff::Timestamp::MAX))
+}
+
+/// The project a Vertex grant names, the one the verifier used: the spec's, else the
+/// service account's own (`key`: its JSON).
+fn vertex_project(spec_project: Option<&String>, key: &SecretString) -> Option<String> {
+    match spec_project {
+        Some(p) => Some(p.clone()),
+        None => crate::providers::vertex::ServiceAccountKey::parse(key.expose_secret())
+            .ok()
+            .and_then(|sa| sa.project_id),
+    }
+}
+
+/// The 200 answer carrying `grant`, encoded into a buffer of `capacity` bytes that is wiped
+/// when dropped: the capacity must be room enough for the whole answer, as a growing Vec
+/// would leave unwiped copies of the key behind.
+fn granted(
+    grant: &impl Serialize,
+    capacity: usize,
+    etag: String,
+    lease_seconds: u64,
+) -> Result<HttpResponse, Unavailable> {
+    let mut body = secrecy::zeroize::Zeroizing::new(Vec::with_capacity(capacity));
+    serde_json::to_writer(&mut *body, grant)
+        .map_err(|_| Unavailable("encoding the answer failed".into()))?;
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .insert_header((header::ETAG, etag))
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .insert_header((LEASE_SECONDS_HEADER, lease_seconds.to_string()))
+        .insert_header((POLL_SECONDS_HEADER, POLL_HINT.as_secs().to_string()))
+        .body(crate::providers::zeroizing_bytes(body)))
+}
 
 fn key_facts(entry: Option<&ProviderKeyEntry>) -> KeyFacts<'_> {
     match entry.map(|g| g.0.as_ref()) {
