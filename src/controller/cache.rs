@@ -11,7 +11,10 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{
+    Container, EphemeralContainer, Pod, PodSecurityContext, PodSpec, ProjectedVolumeSource,
+    ResourceRequirements, Secret, SecurityContext, Volume, VolumeProjection,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use serde::{Deserialize, Serialize};
@@ -73,19 +76,50 @@ pub fn identity(meta: &mut ObjectMeta) {
 
 /// Rewrites an opted-in pod to what the broker checks: name, namespace, uid, deletion, the
 /// inject label and the provider-keys annotation.
-pub fn strip_pod(pod: &mut k8s_openapi::api::core::v1::Pod) {
-    use k8s_openapi::api::core::v1::{
-        Container, EphemeralContainer, PodSecurityContext, PodSpec, ProjectedVolumeSource,
-        ResourceRequirements, SecurityContext, Volume, VolumeProjection,
-    };
-    let full = std::mem::take(&mut pod.metadata);
+pub fn strip_pod(pod: &mut Pod) {
+    pod.metadata = pod_meta(std::mem::take(&mut pod.metadata));
+    // Of the spec, what shows who can read a byok.dev token, where it may go and whether the
+    // node can hand it to anyone (see `webhook::patch::token_held_only_by_sidecar` and
+    // `node_reach`): every container's name, image, whole volume mounts and the security
+    // settings that reach the node (privileged, runAsUser); all of the sidecar's run settings
+    // (application containers' env is not kept: it may hold values of their own); each
+    // volume's name, whether it is a hostPath or an emptyDir, its projected token sources
+    // (other sources counted, not kept), and the trust bundle's ConfigMap source; the host
+    // namespaces.
+    let spec = pod.spec.take().unwrap_or_default();
+    pod.spec = Some(PodSpec {
+        share_process_namespace: spec.share_process_namespace,
+        host_pid: spec.host_pid,
+        host_ipc: spec.host_ipc,
+        host_network: spec.host_network,
+        security_context: spec.security_context.map(|s| PodSecurityContext {
+            run_as_user: s.run_as_user,
+            ..PodSecurityContext::default()
+        }),
+        containers: spec.containers.into_iter().map(pod_container).collect(),
+        init_containers: spec
+            .init_containers
+            .map(|c| c.into_iter().map(pod_container).collect()),
+        ephemeral_containers: spec
+            .ephemeral_containers
+            .map(|c| c.into_iter().map(pod_ephemeral_container).collect()),
+        volumes: spec
+            .volumes
+            .map(|v| v.into_iter().map(pod_volume).collect()),
+        ..PodSpec::default()
+    });
+    pod.status = None;
+}
+
+/// The metadata of a pod as [`strip_pod`] keeps it.
+fn pod_meta(full: ObjectMeta) -> ObjectMeta {
     let keep = |map: Option<BTreeMap<String, String>>, key: &str| {
         map.and_then(|m| {
             m.get(key)
                 .map(|v| BTreeMap::from([(key.to_string(), v.clone())]))
         })
     };
-    pod.metadata = ObjectMeta {
+    ObjectMeta {
         name: full.name,
         namespace: full.namespace,
         uid: full.uid,
@@ -98,99 +132,79 @@ pub fn strip_pod(pod: &mut k8s_openapi::api::core::v1::Pod) {
         labels: keep(full.labels, names::INJECT_LABEL),
         annotations: keep(full.annotations, names::PROVIDER_KEYS_ANNOTATION),
         ..ObjectMeta::default()
-    };
-    // Of the spec, what shows who can read a byok.dev token, where it may go and whether the
-    // node can hand it to anyone (see `webhook::patch::token_held_only_by_sidecar` and
-    // `node_reach`): every container's name, image, whole volume mounts and the security
-    // settings that reach the node (privileged, runAsUser); all of the sidecar's run settings
-    // (application containers' env is not kept: it may hold values of their own); each
-    // volume's name, whether it is a hostPath or an emptyDir, its projected token sources
-    // (other sources counted, not kept), and the trust bundle's ConfigMap source; the host
-    // namespaces.
-    let node_security = |s: Option<SecurityContext>| {
-        s.map(|s| SecurityContext {
-            privileged: s.privileged,
-            run_as_user: s.run_as_user,
-            ..SecurityContext::default()
-        })
-    };
-    let container = |c: Container| {
-        if c.name == crate::webhook::patch::SIDECAR_NAME {
-            Container {
-                // Of its resources, only the claims (a device driver's mounts and env).
-                resources: c.resources.and_then(|r| {
-                    r.claims.map(|claims| ResourceRequirements {
-                        claims: Some(claims),
-                        ..ResourceRequirements::default()
-                    })
-                }),
-                ports: None,
-                ..c
-            }
-        } else {
-            Container {
-                name: c.name,
-                image: c.image,
-                volume_mounts: c.volume_mounts,
-                security_context: node_security(c.security_context),
-                ..Container::default()
-            }
+    }
+}
+
+/// The security settings of a container that reach the node.
+fn node_security(s: Option<SecurityContext>) -> Option<SecurityContext> {
+    s.map(|s| SecurityContext {
+        privileged: s.privileged,
+        run_as_user: s.run_as_user,
+        ..SecurityContext::default()
+    })
+}
+
+/// A container (or init container) as [`strip_pod`] keeps it: the sidecar's run settings
+/// whole, an application container's name, image, mounts and node security.
+fn pod_container(c: Container) -> Container {
+    if c.name == crate::webhook::patch::SIDECAR_NAME {
+        Container {
+            // Of its resources, only the claims (a device driver's mounts and env).
+            resources: c.resources.and_then(|r| {
+                r.claims.map(|claims| ResourceRequirements {
+                    claims: Some(claims),
+                    ..ResourceRequirements::default()
+                })
+            }),
+            ports: None,
+            ..c
         }
-    };
-    let spec = pod.spec.take().unwrap_or_default();
-    pod.spec = Some(PodSpec {
-        share_process_namespace: spec.share_process_namespace,
-        host_pid: spec.host_pid,
-        host_ipc: spec.host_ipc,
-        host_network: spec.host_network,
-        security_context: spec.security_context.map(|s| PodSecurityContext {
-            run_as_user: s.run_as_user,
-            ..PodSecurityContext::default()
+    } else {
+        Container {
+            name: c.name,
+            image: c.image,
+            volume_mounts: c.volume_mounts,
+            security_context: node_security(c.security_context),
+            ..Container::default()
+        }
+    }
+}
+
+/// An ephemeral container as [`strip_pod`] keeps it.
+fn pod_ephemeral_container(c: EphemeralContainer) -> EphemeralContainer {
+    EphemeralContainer {
+        name: c.name,
+        image: c.image,
+        target_container_name: c.target_container_name,
+        volume_mounts: c.volume_mounts,
+        security_context: node_security(c.security_context),
+        ..EphemeralContainer::default()
+    }
+}
+
+/// A volume as [`strip_pod`] keeps it.
+fn pod_volume(v: Volume) -> Volume {
+    Volume {
+        // The sidecar's trust bundle: whose ConfigMap, mounted how.
+        config_map: v
+            .config_map
+            .filter(|_| v.name == crate::webhook::patch::TRUST_VOLUME),
+        name: v.name,
+        host_path: v.host_path,
+        empty_dir: v.empty_dir,
+        projected: v.projected.map(|p| ProjectedVolumeSource {
+            sources: p.sources.map(|s| {
+                s.into_iter()
+                    .map(|s| VolumeProjection {
+                        service_account_token: s.service_account_token,
+                        ..VolumeProjection::default()
+                    })
+                    .collect()
+            }),
+            ..ProjectedVolumeSource::default()
         }),
-        containers: spec.containers.into_iter().map(container).collect(),
-        init_containers: spec
-            .init_containers
-            .map(|c| c.into_iter().map(container).collect()),
-        ephemeral_containers: spec.ephemeral_containers.map(|c| {
-            c.into_iter()
-                .map(|c| EphemeralContainer {
-                    name: c.name,
-                    image: c.image,
-                    target_container_name: c.target_container_name,
-                    volume_mounts: c.volume_mounts,
-                    security_context: node_security(c.security_context),
-                    ..EphemeralContainer::default()
-                })
-                .collect()
-        }),
-        volumes: spec.volumes.map(|v| {
-            v.into_iter()
-                .map(|v| Volume {
-                    // The sidecar's trust bundle: whose ConfigMap, mounted how.
-                    config_map: v
-                        .config_map
-                        .filter(|_| v.name == crate::webhook::patch::TRUST_VOLUME),
-                    name: v.name,
-                    host_path: v.host_path,
-                    empty_dir: v.empty_dir,
-                    projected: v.projected.map(|p| ProjectedVolumeSource {
-                        sources: p.sources.map(|s| {
-                            s.into_iter()
-                                .map(|s| VolumeProjection {
-                                    service_account_token: s.service_account_token,
-                                    ..VolumeProjection::default()
-                                })
-                                .collect()
-                        }),
-                        ..ProjectedVolumeSource::default()
-                    }),
-                    ..Volume::default()
-                })
-                .collect()
-        }),
-        ..PodSpec::default()
-    });
-    pod.status = None;
+        ..Volume::default()
+    }
 }
 
 /// Rewrites a source Secret to its identity, whether it is labelled as a key source, and one

@@ -461,7 +461,6 @@ fn source_checked(
     out: &mut KeyOutcome,
 ) {
     let previous_verified = status::find(&obs.status.conditions, types::VERIFIED);
-    let origin = obs.destination.as_ref().ok().cloned();
     let is_new = out
         .in_service
         .as_ref()
@@ -477,48 +476,7 @@ fn source_checked(
             v.message.clone(),
         ));
         if is_new {
-            // The previous version: what is in service, whether or not it may still
-            // be used, else what the status last said.
-            let previous = match &obs.managed {
-                Managed::InService(s) => Some(s.key_version),
-                _ => obs.status.key_version,
-            };
-            let same_key =
-                matches!(&obs.managed, Managed::InService(s) if s.fingerprint == fingerprint);
-            let key_version = match (previous, same_key) {
-                (Some(p), true) => p,
-                (Some(p), false) => p.saturating_add(1),
-                (None, _) => 1,
-            };
-            out.secret = SecretWrite::PutSourceKey { key_version };
-            out.in_service = Some(InService {
-                fingerprint: fingerprint.to_string(),
-                masked_key: masked_key.to_string(),
-                key_version,
-                encryption_key_id: obs.active_key_id.clone().unwrap_or_default(),
-                rotated_at: if same_key {
-                    match &obs.managed {
-                        Managed::InService(s) => s.rotated_at.clone(),
-                        _ => Some(obs.now.clone()),
-                    }
-                } else {
-                    Some(obs.now.clone())
-                },
-                origin,
-            });
-            let note = if same_key {
-                format!(
-                    "key {fingerprint} verified against the new destination and kept in service"
-                )
-            } else if key_version == 1 {
-                format!("key {fingerprint} verified and put in service")
-            } else {
-                format!("key rotated to {fingerprint} (version {key_version})")
-            };
-            out.events.push(EventNote {
-                reason: EventReason::KeyInService,
-                note,
-            });
+            put_in_service(obs, fingerprint, masked_key, out);
         }
     } else if v.reason.is_transient() {
         out.transient = true;
@@ -554,6 +512,52 @@ fn source_checked(
         };
         out.verified = Some(rejection(previous_verified, v.reason, msg, &mut out.events));
     }
+}
+
+/// A verified source key that is not the one in service goes in: the managed Secret is
+/// written with its version, and an Event says so. The same key verified against a new
+/// destination keeps its version and rotation time.
+fn put_in_service(obs: &Observed, fingerprint: &str, masked_key: &str, out: &mut KeyOutcome) {
+    let origin = obs.destination.as_ref().ok().cloned();
+    // The previous version: what is in service, whether or not it may still be used, else
+    // what the status last said.
+    let previous = match &obs.managed {
+        Managed::InService(s) => Some(s.key_version),
+        _ => obs.status.key_version,
+    };
+    let same_key = matches!(&obs.managed, Managed::InService(s) if s.fingerprint == fingerprint);
+    let key_version = match (previous, same_key) {
+        (Some(p), true) => p,
+        (Some(p), false) => p.saturating_add(1),
+        (None, _) => 1,
+    };
+    out.secret = SecretWrite::PutSourceKey { key_version };
+    out.in_service = Some(InService {
+        fingerprint: fingerprint.to_string(),
+        masked_key: masked_key.to_string(),
+        key_version,
+        encryption_key_id: obs.active_key_id.clone().unwrap_or_default(),
+        rotated_at: if same_key {
+            match &obs.managed {
+                Managed::InService(s) => s.rotated_at.clone(),
+                _ => Some(obs.now.clone()),
+            }
+        } else {
+            Some(obs.now.clone())
+        },
+        origin,
+    });
+    let note = if same_key {
+        format!("key {fingerprint} verified against the new destination and kept in service")
+    } else if key_version == 1 {
+        format!("key {fingerprint} verified and put in service")
+    } else {
+        format!("key rotated to {fingerprint} (version {key_version})")
+    };
+    out.events.push(EventNote {
+        reason: EventReason::KeyInService,
+        note,
+    });
 }
 
 /// A `Verified=False` condition for a rejected key, with a Warning Event unless the same

@@ -640,6 +640,31 @@ async fn fetch_in_service(
     Ok(open_envelope(keyring, &ns, &pk.name_any(), &secret).map(|(key, _)| key))
 }
 
+/// Waits for this object's turn to verify. Never before its backoff is over (a watch event,
+/// our own status write included, may wake it early), nor before its turn at the provider
+/// host (see [`super::Context::verification_turn`]). `Some`: not now, requeue instead.
+async fn await_verification_turn(
+    ctx: &Context,
+    object: &ObjectRef<ProviderKey>,
+    observed: &Observed,
+) -> Option<Action> {
+    if let Some(wait) = ctx.backoff.remaining(object) {
+        return Some(Action::requeue(wait));
+    }
+    if let Some(host) = observed
+        .destination
+        .as_ref()
+        .ok()
+        .and_then(|o| origin_host(o))
+    {
+        match ctx.verification_turn(object, &host) {
+            Ok(at) => tokio::time::sleep_until(at).await,
+            Err(wait) => return Some(Action::requeue(wait)),
+        }
+    }
+    None
+}
+
 async fn apply(pk: &ProviderKey, ctx: &Context) -> Result<Action, Error> {
     let ns = namespace(&pk.metadata)?;
     let name = pk.name_any();
@@ -669,27 +694,13 @@ async fn apply(pk: &ProviderKey, ctx: &Context) -> Result<Action, Error> {
         spread: plan::spread_for(&uid),
     };
 
-    // Verify, only when the plan says so, and never before this object's backoff is over
-    // (a watch event, our own status write included, may wake it early).
+    // Verify, only when the plan says so, and only in this object's turn.
     let mut target = plan::verification_target(&observed);
     let object = ObjectRef::from_obj(pk);
     if target.is_some()
-        && let Some(wait) = ctx.backoff.remaining(&object)
+        && let Some(later) = await_verification_turn(ctx, &object, &observed).await
     {
-        return Ok(Action::requeue(wait));
-    }
-    // ...nor before its turn at the provider host (see [`super::Context::verification_turn`]).
-    if target.is_some()
-        && let Some(host) = observed
-            .destination
-            .as_ref()
-            .ok()
-            .and_then(|o| origin_host(o))
-    {
-        match ctx.verification_turn(&object, &host) {
-            Ok(at) => tokio::time::sleep_until(at).await,
-            Err(wait) => return Ok(Action::requeue(wait)),
-        }
+        return Ok(later);
     }
     // The key that verification needs, read now. A source whose key changed since the cache
     // saw it is judged again from what was read.

@@ -93,76 +93,24 @@ impl Watches {
         keyring_ref: k8s_openapi::api::core::v1::ObjectReference,
         watch_pods: bool,
     ) -> Self {
-        fn api<K>(client: &kube::Client, ns: Option<&str>) -> Api<K>
-        where
-            K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
-            K::DynamicType: Default,
-        {
-            match ns {
-                Some(ns) => Api::namespaced(client.clone(), ns),
-                None => Api::all(client.clone()),
-            }
-        }
         let source_changes = Fanout::new();
         let managed_changes = Fanout::new();
         let providerkey_changes = Fanout::new();
         let keyring_changes = Fanout::new();
         let mut tasks = Vec::new();
 
-        let secrets: Api<Secret> = api(&client, watch_namespace);
+        let secrets: Api<Secret> = scoped_api(&client, watch_namespace);
         let mut ready = Vec::new();
-        let (task, sources_ready) = drive(
-            "source Secrets",
-            reflector::reflector(
-                sources,
-                watcher(
-                    secrets.clone(),
-                    watcher::Config::default().labels(&names::key_source_selector()),
-                )
-                .default_backoff()
-                .modify(cache::strip_source),
-            ),
-            Some(source_changes.clone()),
-            true,
-        );
+        let (task, sources_ready) = watch_sources(secrets.clone(), sources, &source_changes);
         tasks.push(task);
-        let (task, managed_ready) = drive(
-            "managed Secrets",
-            reflector::reflector(
-                managed,
-                watcher(
-                    secrets,
-                    watcher::Config::default().labels(names::PROVIDERKEY_LABEL),
-                )
-                .default_backoff()
-                .modify(cache::strip_managed),
-            ),
-            Some(managed_changes.clone()),
-            true,
-        );
+        let (task, managed_ready) = watch_managed(secrets, managed, &managed_changes);
         tasks.push(task);
         ready.extend([sources_ready.clone(), managed_ready.clone()]);
 
-        // The ProviderKey watch starts once the Secret caches are filled: no decision (the
-        // controller's, the webhook's, the broker's) reads a Secret cache still filling.
-        let (providerkeys, pk_writer) = reflector::store::<DeserializeGuard<ProviderKey>>();
-        let pks: Api<DeserializeGuard<ProviderKey>> = api(&client, watch_namespace);
-        let pk_stream = futures::stream::once(async move {
-            tokio::join!(until_ready(sources_ready), until_ready(managed_ready));
-            reflector::reflector(
-                pk_writer,
-                watcher(pks, watcher::Config::default().any_semantic())
-                    .default_backoff()
-                    .modify(|guard| cache::identity(guard.meta_mut())),
-            )
-        })
-        .flatten();
-        // Deletes need no reconcile: the finalizer turns a delete into an update first.
-        let (task, providerkeys_ready) = drive(
-            "ProviderKeys",
-            pk_stream,
-            Some(providerkey_changes.clone()),
-            false,
+        let (providerkeys, task, providerkeys_ready) = watch_providerkeys(
+            scoped_api(&client, watch_namespace),
+            [sources_ready, managed_ready],
+            &providerkey_changes,
         );
         tasks.push(task);
         ready.push(providerkeys_ready.clone());
@@ -178,31 +126,8 @@ impl Watches {
 
         let sidecar_images = Arc::new(super::swaps::SidecarImages::default());
         let pods = watch_pods.then(|| {
-            let images = sidecar_images.clone();
-            // Whole pods (opted-in ones only), stripped to what the broker checks: the
-            // metadata and who in the pod can read a byok.dev token.
-            let (store, writer) = reflector::store::<Pod>();
-            let pods: Api<Pod> = match watch_namespace {
-                Some(ns) => Api::namespaced(client.clone(), ns),
-                None => Api::all(client.clone()),
-            };
-            let selector = format!("{}={}", names::INJECT_LABEL, names::INJECT_VALUE);
-            let (task, pods_ready) = drive::<Pod, _>(
-                "pods",
-                reflector::reflector(
-                    writer,
-                    watcher(pods, watcher::Config::default().labels(&selector))
-                        .default_backoff()
-                        .modify(cache::strip_pod)
-                        .inspect(move |event| {
-                            if let Ok(event) = event {
-                                images.observe(event);
-                            }
-                        }),
-                ),
-                None,
-                false,
-            );
+            let (store, task, pods_ready) =
+                watch_opted_in_pods(scoped_api(&client, watch_namespace), sidecar_images.clone());
             tasks.push(task);
             ready.push(pods_ready);
             tasks.push(tokio::spawn(forget_gone_pods(
@@ -240,6 +165,118 @@ impl Watches {
     pub fn providerkeys_ready(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         until_ready(self.providerkeys_ready.clone())
     }
+}
+
+/// The API of `K` in the watched namespace, else in all of them.
+fn scoped_api<K>(client: &kube::Client, ns: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// The watch of labelled key sources, into the context's store.
+fn watch_sources(
+    secrets: Api<Secret>,
+    writer: reflector::store::Writer<Secret>,
+    changes: &Arc<Fanout<Secret>>,
+) -> (JoinHandle<()>, watch::Receiver<bool>) {
+    drive(
+        "source Secrets",
+        reflector::reflector(
+            writer,
+            watcher(
+                secrets,
+                watcher::Config::default().labels(&names::key_source_selector()),
+            )
+            .default_backoff()
+            .modify(cache::strip_source),
+        ),
+        Some(changes.clone()),
+        true,
+    )
+}
+
+/// The watch of managed Secrets, into the context's store.
+fn watch_managed(
+    secrets: Api<Secret>,
+    writer: reflector::store::Writer<Secret>,
+    changes: &Arc<Fanout<Secret>>,
+) -> (JoinHandle<()>, watch::Receiver<bool>) {
+    drive(
+        "managed Secrets",
+        reflector::reflector(
+            writer,
+            watcher(
+                secrets,
+                watcher::Config::default().labels(names::PROVIDERKEY_LABEL),
+            )
+            .default_backoff()
+            .modify(cache::strip_managed),
+        ),
+        Some(changes.clone()),
+        true,
+    )
+}
+
+/// The ProviderKey watch, which starts once the Secret caches (`secrets_ready`) are filled:
+/// no decision (the controller's, the webhook's, the broker's) reads a Secret cache still
+/// filling.
+fn watch_providerkeys(
+    pks: Api<DeserializeGuard<ProviderKey>>,
+    secrets_ready: [watch::Receiver<bool>; 2],
+    changes: &Arc<Fanout<DeserializeGuard<ProviderKey>>>,
+) -> (
+    Store<DeserializeGuard<ProviderKey>>,
+    JoinHandle<()>,
+    watch::Receiver<bool>,
+) {
+    let (store, writer) = reflector::store::<DeserializeGuard<ProviderKey>>();
+    let [sources_ready, managed_ready] = secrets_ready;
+    let stream = futures::stream::once(async move {
+        tokio::join!(until_ready(sources_ready), until_ready(managed_ready));
+        reflector::reflector(
+            writer,
+            watcher(pks, watcher::Config::default().any_semantic())
+                .default_backoff()
+                .modify(|guard| cache::identity(guard.meta_mut())),
+        )
+    })
+    .flatten();
+    // Deletes need no reconcile: the finalizer turns a delete into an update first.
+    let (task, ready) = drive("ProviderKeys", stream, Some(changes.clone()), false);
+    (store, task, ready)
+}
+
+/// The watch of whole pods (opted-in ones only), stripped to what the broker checks: the
+/// metadata and who in the pod can read a byok.dev token. `images` sees every change.
+fn watch_opted_in_pods(
+    pods: Api<Pod>,
+    images: Arc<super::swaps::SidecarImages>,
+) -> (Store<Pod>, JoinHandle<()>, watch::Receiver<bool>) {
+    let (store, writer) = reflector::store::<Pod>();
+    let selector = format!("{}={}", names::INJECT_LABEL, names::INJECT_VALUE);
+    let (task, ready) = drive::<Pod, _>(
+        "pods",
+        reflector::reflector(
+            writer,
+            watcher(pods, watcher::Config::default().labels(&selector))
+                .default_backoff()
+                .modify(cache::strip_pod)
+                .inspect(move |event| {
+                    if let Ok(event) = event {
+                        images.observe(event);
+                    }
+                }),
+        ),
+        None,
+        false,
+    );
+    (store, task, ready)
 }
 
 /// Runs one watch for the life of the process: errors are retried (with the watcher's
