@@ -697,122 +697,171 @@ fn new_secret(settings: &CertSettings, data: BTreeMap<String, ByteString>) -> Se
 pub async fn ensure(api: &Api<Secret>, settings: &CertSettings) -> Result<Bundle, CertError> {
     settings.validate()?;
     let name = settings.secret_name.as_str();
-    let api_err = |source| CertError::Api {
-        namespace: settings.namespace.clone(),
-        name: name.to_string(),
-        source,
-    };
     for _ in 0..WRITE_ATTEMPTS {
-        let stored = api.get_opt(name).await.map_err(api_err)?;
+        let stored = api
+            .get_opt(name)
+            .await
+            .map_err(|e| api_error(settings, e))?;
         let now = Timestamp::now();
-        match decide(stored.as_ref(), settings, now) {
-            Decision::Keep => {
-                if let Some(secret) = &stored {
-                    return bundle_from_secret(secret);
-                }
-            }
-            Decision::UnusableCa(reason) => {
+        // Each write is `None` when another replica wrote first: read theirs, and decide again.
+        let written = match (decide(stored.as_ref(), settings, now), stored) {
+            (Decision::Keep, Some(secret)) => return bundle_from_secret(&secret),
+            (Decision::UnusableCa(reason), _) => {
                 return Err(CertError::UnusableCa {
                     namespace: settings.namespace.clone(),
                     name: name.to_string(),
                     reason,
                 });
             }
-            Decision::Create => {
-                let (ca_pem, ca_key) = generate_ca(settings.ca_validity, now)?;
-                let (cert_pem, key, not_after) = issue_serving(
-                    &ca_pem,
-                    &ca_key,
-                    &settings.sans,
-                    settings.serving_validity,
-                    now,
-                )?;
-                let secret = new_secret(settings, secret_data(&ca_pem, &ca_key, &cert_pem, &key));
-                match api.create(&PostParams::default(), &secret).await {
-                    Ok(_) => {
-                        tracing::info!(secret = name, %not_after, "created the serving CA and certificate");
-                        return Ok(Bundle {
-                            ca_pem,
-                            previous_ca_pem: None,
-                            cert_chain_pem: cert_pem,
-                            key,
-                            not_after,
-                        });
-                    }
-                    // Another replica created it first: use theirs (one CA for everyone).
-                    Err(kube::Error::Api(status)) if status.code == 409 => continue,
-                    Err(e) => return Err(api_err(e)),
-                }
+            (Decision::Create, _) => create(api, settings, now).await?,
+            (Decision::RotateCa { not_after }, Some(secret)) => {
+                rotate_ca(api, settings, secret, now, not_after).await?
             }
-            Decision::RotateCa { not_after } => {
-                let Some(secret) = stored else { continue };
-                let rotated = rotated_secret(secret, settings, now)?;
-                match api.replace(name, &PostParams::default(), &rotated).await {
-                    Ok(stored) => {
-                        tracing::warn!(secret = name, ca_not_after = %not_after, "the CA nears its end: rotated it (cross-signed by the old one, which stays trusted for the transition)");
-                        return bundle_from_secret(&stored);
-                    }
-                    Err(kube::Error::Api(status)) if status.code == 409 => continue,
-                    Err(e) => return Err(api_err(e)),
-                }
+            (Decision::EndTransition, Some(secret)) => {
+                end_transition(api, settings, secret).await?
             }
-            Decision::EndTransition => {
-                let Some(mut secret) = stored else { continue };
-                let data = secret.data.get_or_insert_default();
-                for key in [PREVIOUS_CA_CRT, CROSS_CA_CRT, CA_ROTATED_AT] {
-                    data.remove(key);
-                }
-                secret.metadata.managed_fields = None;
-                match api.replace(name, &PostParams::default(), &secret).await {
-                    Ok(stored) => {
-                        tracing::info!(
-                            secret = name,
-                            "the CA rotation's transition is over: the old CA is no longer trusted"
-                        );
-                        return bundle_from_secret(&stored);
-                    }
-                    Err(kube::Error::Api(status)) if status.code == 409 => continue,
-                    Err(e) => return Err(api_err(e)),
-                }
+            (Decision::Renew(reason), Some(secret)) => {
+                renew(api, settings, secret, now, reason).await?
             }
-            Decision::Renew(reason) => {
-                let Some(mut secret) = stored else { continue };
-                let data = secret.data.get_or_insert_default();
-                // decide() has checked both are present and usable.
-                let (Some(ca_pem), Some(ca_key)) = (text(data, CA_CRT), secret_text(data, CA_KEY))
-                else {
-                    continue;
-                };
-                let (cert_pem, key, not_after) = issue_serving(
-                    &ca_pem,
-                    &ca_key,
-                    &settings.sans,
-                    settings.serving_validity,
-                    now,
-                )?;
-                data.insert(TLS_CRT.into(), ByteString(cert_pem.clone().into_bytes()));
-                data.insert(
-                    TLS_KEY.into(),
-                    ByteString(key.expose_secret().as_bytes().to_vec()),
-                );
-                // The resourceVersion stays: the write fails if another replica got there first.
-                secret.metadata.managed_fields = None;
-                match api.replace(name, &PostParams::default(), &secret).await {
-                    Ok(stored) => {
-                        tracing::info!(secret = name, %reason, %not_after, "renewed the serving certificate");
-                        return bundle_from_secret(&stored);
-                    }
-                    // Another replica renewed it: read theirs.
-                    Err(kube::Error::Api(status)) if status.code == 409 => continue,
-                    Err(e) => return Err(api_err(e)),
-                }
-            }
+            // Gone since it was read: read again.
+            _ => None,
+        };
+        if let Some(bundle) = written {
+            return Ok(bundle);
         }
     }
     Err(CertError::Contended {
         namespace: settings.namespace.clone(),
         name: name.to_string(),
     })
+}
+
+fn api_error(settings: &CertSettings, source: kube::Error) -> CertError {
+    CertError::Api {
+        namespace: settings.namespace.clone(),
+        name: settings.secret_name.clone(),
+        source,
+    }
+}
+
+/// The Secret as written, or `None` when another replica wrote it first (409).
+fn written(
+    result: Result<Secret, kube::Error>,
+    settings: &CertSettings,
+) -> Result<Option<Secret>, CertError> {
+    match result {
+        Ok(secret) => Ok(Some(secret)),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(None),
+        Err(e) => Err(api_error(settings, e)),
+    }
+}
+
+/// Nothing stored: creates a CA and a serving certificate.
+async fn create(
+    api: &Api<Secret>,
+    settings: &CertSettings,
+    now: Timestamp,
+) -> Result<Option<Bundle>, CertError> {
+    let (ca_pem, ca_key) = generate_ca(settings.ca_validity, now)?;
+    let (cert_pem, key, not_after) = issue_serving(
+        &ca_pem,
+        &ca_key,
+        &settings.sans,
+        settings.serving_validity,
+        now,
+    )?;
+    let secret = new_secret(settings, secret_data(&ca_pem, &ca_key, &cert_pem, &key));
+    let created = api.create(&PostParams::default(), &secret).await;
+    // Another replica created it first: use theirs (one CA for everyone).
+    if written(created, settings)?.is_none() {
+        return Ok(None);
+    }
+    tracing::info!(secret = settings.secret_name.as_str(), %not_after, "created the serving CA and certificate");
+    Ok(Some(Bundle {
+        ca_pem,
+        previous_ca_pem: None,
+        cert_chain_pem: cert_pem,
+        key,
+        not_after,
+    }))
+}
+
+/// The CA nears its end (`not_after`): rotates it ([`rotated_secret`]).
+async fn rotate_ca(
+    api: &Api<Secret>,
+    settings: &CertSettings,
+    secret: Secret,
+    now: Timestamp,
+    not_after: Timestamp,
+) -> Result<Option<Bundle>, CertError> {
+    let name = settings.secret_name.as_str();
+    let rotated = rotated_secret(secret, settings, now)?;
+    let replaced = api.replace(name, &PostParams::default(), &rotated).await;
+    let Some(stored) = written(replaced, settings)? else {
+        return Ok(None);
+    };
+    tracing::warn!(secret = name, ca_not_after = %not_after, "the CA nears its end: rotated it (cross-signed by the old one, which stays trusted for the transition)");
+    bundle_from_secret(&stored).map(Some)
+}
+
+/// The CA rotation's transition is over: drops the previous CA, so it is no longer trusted.
+async fn end_transition(
+    api: &Api<Secret>,
+    settings: &CertSettings,
+    mut secret: Secret,
+) -> Result<Option<Bundle>, CertError> {
+    let name = settings.secret_name.as_str();
+    let data = secret.data.get_or_insert_default();
+    for key in [PREVIOUS_CA_CRT, CROSS_CA_CRT, CA_ROTATED_AT] {
+        data.remove(key);
+    }
+    secret.metadata.managed_fields = None;
+    let replaced = api.replace(name, &PostParams::default(), &secret).await;
+    let Some(stored) = written(replaced, settings)? else {
+        return Ok(None);
+    };
+    tracing::info!(
+        secret = name,
+        "the CA rotation's transition is over: the old CA is no longer trusted"
+    );
+    bundle_from_secret(&stored).map(Some)
+}
+
+/// Issues a new serving certificate from the stored CA.
+async fn renew(
+    api: &Api<Secret>,
+    settings: &CertSettings,
+    mut secret: Secret,
+    now: Timestamp,
+    reason: RenewReason,
+) -> Result<Option<Bundle>, CertError> {
+    let name = settings.secret_name.as_str();
+    let data = secret.data.get_or_insert_default();
+    // decide() has checked both are present and usable.
+    let (Some(ca_pem), Some(ca_key)) = (text(data, CA_CRT), secret_text(data, CA_KEY)) else {
+        return Ok(None);
+    };
+    let (cert_pem, key, not_after) = issue_serving(
+        &ca_pem,
+        &ca_key,
+        &settings.sans,
+        settings.serving_validity,
+        now,
+    )?;
+    data.insert(TLS_CRT.into(), ByteString(cert_pem.clone().into_bytes()));
+    data.insert(
+        TLS_KEY.into(),
+        ByteString(key.expose_secret().as_bytes().to_vec()),
+    );
+    // The resourceVersion stays: the write fails if another replica got there first.
+    secret.metadata.managed_fields = None;
+    let replaced = api.replace(name, &PostParams::default(), &secret).await;
+    // Another replica renewed it: read theirs.
+    let Some(stored) = written(replaced, settings)? else {
+        return Ok(None);
+    };
+    tracing::info!(secret = name, %reason, %not_after, "renewed the serving certificate");
+    bundle_from_secret(&stored).map(Some)
 }
 
 /// `secret` with its CA rotated at `now`: a new CA and serving certificate, the old CA kept as

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::ByteString;
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{MutatingWebhook, MutatingWebhookConfiguration};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
@@ -360,45 +360,72 @@ pub async fn publish(client: kube::Client, settings: PathSettings, paths: Arc<We
                 continue;
             }
         }
-        match secrets.get_opt(&settings.secret).await {
-            Ok(Some(secret)) if stored(&secret).as_deref() == Some(path.as_str()) => {}
-            Ok(_) => continue,
-            Err(e) => {
-                tracing::warn!(secret = %settings.secret, error = %e, "reading the webhook path before publishing it");
-                continue;
-            }
+        if !secret_holds(&secrets, &settings, &path).await {
+            continue;
         }
-        // Every webhook, each time: server-side apply removes what a manager stops sending.
-        let entries: Vec<serde_json::Value> = webhooks
-            .iter()
-            .filter_map(|w| {
-                webhook_path::client_config_patch(&w.client_config, &path)
-                    .map(|cc| serde_json::json!({"name": w.name, "clientConfig": cc}))
-            })
-            .collect();
-        let patch = serde_json::json!({
-            "apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "MutatingWebhookConfiguration",
-            "metadata": {"name": name},
-            "webhooks": entries,
-        });
-        match api
-            .patch(
-                &name,
-                &PatchParams::apply(PATH_FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await
-        {
-            Ok(mwc) => {
-                tracing::info!(webhook_configuration = %name, "pointed the webhooks at the current path");
-                current = Some(mwc);
-            }
-            Err(e) => {
-                tracing::warn!(webhook_configuration = %name, error = %e, "setting the webhook path failed; retrying");
-            }
+        if let Some(mwc) = point_at(&api, &name, webhooks, &path).await {
+            current = Some(mwc);
         }
     }
+}
+
+/// Whether the path's Secret still holds `path` (a replica whose watch lags must not put an
+/// old path back). What cannot be read counts as no.
+async fn secret_holds(secrets: &Api<Secret>, settings: &PathSettings, path: &str) -> bool {
+    match secrets.get_opt(&settings.secret).await {
+        Ok(Some(secret)) => stored(&secret).as_deref() == Some(path),
+        Ok(None) => false,
+        Err(e) => {
+            tracing::warn!(secret = %settings.secret, error = %e, "reading the webhook path before publishing it");
+            false
+        }
+    }
+}
+
+/// Points every webhook of the configuration `name` at `path`; the configuration as written,
+/// `None` when the write failed (retried on the next tick).
+async fn point_at(
+    api: &Api<MutatingWebhookConfiguration>,
+    name: &str,
+    webhooks: &[MutatingWebhook],
+    path: &str,
+) -> Option<MutatingWebhookConfiguration> {
+    let patch = path_patch(name, webhooks, path);
+    match api
+        .patch(
+            name,
+            &PatchParams::apply(PATH_FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+    {
+        Ok(mwc) => {
+            tracing::info!(webhook_configuration = %name, "pointed the webhooks at the current path");
+            Some(mwc)
+        }
+        Err(e) => {
+            tracing::warn!(webhook_configuration = %name, error = %e, "setting the webhook path failed; retrying");
+            None
+        }
+    }
+}
+
+/// The server-side apply of the configuration `name` that points its webhooks at `path`.
+/// Every webhook, each time: server-side apply removes what a manager stops sending.
+fn path_patch(name: &str, webhooks: &[MutatingWebhook], path: &str) -> serde_json::Value {
+    let entries: Vec<serde_json::Value> = webhooks
+        .iter()
+        .filter_map(|w| {
+            webhook_path::client_config_patch(&w.client_config, path)
+                .map(|cc| serde_json::json!({"name": w.name, "clientConfig": cc}))
+        })
+        .collect();
+    serde_json::json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": entries,
+    })
 }
 
 /// Whether the Deployment has rolled out and this replica is of its current revision. What

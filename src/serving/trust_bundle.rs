@@ -151,73 +151,7 @@ pub async fn keep(
         } else if due_now {
             last_pass = Some(Instant::now());
             let ca_pem = ca.borrow_and_update().clone();
-            let namespaces = pod_namespaces();
-            // One GET per namespace with opted-in pods: works with a cluster-wide role and
-            // with per-namespace Roles (watchNamespaces) alike.
-            let mut existing = BTreeMap::new();
-            for namespace in &namespaces {
-                let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-                match api.get_opt(names::TRUST_BUNDLE_CONFIGMAP).await {
-                    Ok(Some(cm)) if needs_recreating(&cm) => {
-                        // Only the UID seen is deleted; the pass below creates it anew.
-                        let uid = cm.metadata.uid.clone();
-                        let params = kube::api::DeleteParams {
-                            preconditions: Some(kube::api::Preconditions {
-                                uid,
-                                resource_version: None,
-                            }),
-                            ..Default::default()
-                        };
-                        match api.delete(names::TRUST_BUNDLE_CONFIGMAP, &params).await {
-                            Ok(_) => {
-                                tracing::warn!(
-                                    namespace,
-                                    "the trust bundle was not the operator's (immutable, binaryData or other keys): replaced; pods created before get 503 until recreated"
-                                );
-                                let mut fresh = config_map(namespace, &ca_pem);
-                                fresh.metadata.annotations = Some(BTreeMap::from([(
-                                    REPLACED_AT_ANNOTATION.to_owned(),
-                                    jiff::Timestamp::now().to_string(),
-                                )]));
-                                if let Err(e) = api.create(&PostParams::default(), &fresh).await {
-                                    tracing::warn!(namespace, error = %e, "creating the replaced trust bundle failed; retried");
-                                }
-                                existing.insert(namespace.clone(), Some(ca_pem.clone()));
-                            }
-                            Err(e) => {
-                                tracing::warn!(namespace, error = %e, "deleting a trust bundle the operator cannot rewrite failed; retried")
-                            }
-                        }
-                    }
-                    Ok(Some(cm)) => {
-                        let held = cm
-                            .data
-                            .as_ref()
-                            .and_then(|d| d.get(names::TRUST_BUNDLE_KEY))
-                            .cloned();
-                        existing.insert(namespace.clone(), held);
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::warn!(namespace, error = %e, "reading the trust bundle failed; retried");
-                        existing.insert(namespace.clone(), Some(ca_pem.clone()));
-                    }
-                }
-            }
-            for namespace in due(&namespaces, &existing, &ca_pem) {
-                match apply(&client, &namespace, &ca_pem).await {
-                    Ok(()) => tracing::info!(namespace, "trust bundle written"),
-                    // A namespace being deleted refuses new objects: not an error.
-                    Err(kube::Error::Api(e))
-                        if e.code == 404 || e.message.contains("being terminated") =>
-                    {
-                        tracing::debug!(namespace, error = %e, "trust bundle not written");
-                    }
-                    Err(e) => {
-                        tracing::warn!(namespace, error = %e, "writing the trust bundle failed; retried");
-                    }
-                }
-            }
+            pass(&client, &pod_namespaces(), &ca_pem).await;
         }
         // `changed()` marks the new value seen: remember it for the next pass.
         ca_changed = tokio::select! {
@@ -229,6 +163,89 @@ pub async fn keep(
             }
             () = tokio::time::sleep(LEADER_POLL) => false,
         };
+    }
+}
+
+/// One pass of [`keep`]: reads the bundle of every namespace with opted-in pods, then writes
+/// those that are due.
+async fn pass(client: &kube::Client, namespaces: &BTreeSet<String>, ca_pem: &str) {
+    // One GET per namespace with opted-in pods: works with a cluster-wide role and with
+    // per-namespace Roles (watchNamespaces) alike.
+    let mut existing = BTreeMap::new();
+    for namespace in namespaces {
+        let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+        if let Some(held) = held(&api, namespace, ca_pem).await {
+            existing.insert(namespace.clone(), held);
+        }
+    }
+    for namespace in due(namespaces, &existing, ca_pem) {
+        match apply(client, &namespace, ca_pem).await {
+            Ok(()) => tracing::info!(namespace, "trust bundle written"),
+            // A namespace being deleted refuses new objects: not an error.
+            Err(kube::Error::Api(e)) if e.code == 404 || e.message.contains("being terminated") => {
+                tracing::debug!(namespace, error = %e, "trust bundle not written");
+            }
+            Err(e) => {
+                tracing::warn!(namespace, error = %e, "writing the trust bundle failed; retried");
+            }
+        }
+    }
+}
+
+/// What the namespace's bundle holds, as [`due`] takes it: `None` when there is none, or a
+/// replacement of one the operator cannot rewrite failed. A bundle that could not be read,
+/// or was just replaced, counts as holding `ca_pem` (nothing to write this pass).
+async fn held(api: &Api<ConfigMap>, namespace: &str, ca_pem: &str) -> Option<Option<String>> {
+    match api.get_opt(names::TRUST_BUNDLE_CONFIGMAP).await {
+        Ok(Some(cm)) if needs_recreating(&cm) => replace(api, namespace, &cm, ca_pem)
+            .await
+            .then(|| Some(ca_pem.to_owned())),
+        Ok(Some(cm)) => Some(
+            cm.data
+                .as_ref()
+                .and_then(|d| d.get(names::TRUST_BUNDLE_KEY))
+                .cloned(),
+        ),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(namespace, error = %e, "reading the trust bundle failed; retried");
+            Some(Some(ca_pem.to_owned()))
+        }
+    }
+}
+
+/// Replaces a bundle the operator cannot rewrite (`cm`): deletes it, then creates it anew
+/// marked with the time it was replaced. Whether the delete went through.
+async fn replace(api: &Api<ConfigMap>, namespace: &str, cm: &ConfigMap, ca_pem: &str) -> bool {
+    // Only the UID seen is deleted; the create below makes it anew.
+    let uid = cm.metadata.uid.clone();
+    let params = kube::api::DeleteParams {
+        preconditions: Some(kube::api::Preconditions {
+            uid,
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match api.delete(names::TRUST_BUNDLE_CONFIGMAP, &params).await {
+        Ok(_) => {
+            tracing::warn!(
+                namespace,
+                "the trust bundle was not the operator's (immutable, binaryData or other keys): replaced; pods created before get 503 until recreated"
+            );
+            let mut fresh = config_map(namespace, ca_pem);
+            fresh.metadata.annotations = Some(BTreeMap::from([(
+                REPLACED_AT_ANNOTATION.to_owned(),
+                jiff::Timestamp::now().to_string(),
+            )]));
+            if let Err(e) = api.create(&PostParams::default(), &fresh).await {
+                tracing::warn!(namespace, error = %e, "creating the replaced trust bundle failed; retried");
+            }
+            true
+        }
+        Err(e) => {
+            tracing::warn!(namespace, error = %e, "deleting a trust bundle the operator cannot rewrite failed; retried");
+            false
+        }
     }
 }
 
