@@ -20,7 +20,9 @@ use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use kube::runtime::reflector::{ObjectRef, Store};
 
+use super::guard::Guarded;
 use super::patch::{self, InjectSettings, KeyFacts, KeyState};
+use super::prescan::Shape;
 use crate::crd::ProviderKey;
 use crate::metrics::Metrics;
 use crate::serving::webhook_path::WebhookPaths;
@@ -177,56 +179,14 @@ impl Injector {
     ) -> Result<(AdmissionReview<DynamicObject>, &'static str), String> {
         // Before anything is built from it: the limits, read off the raw JSON.
         let shape = super::prescan::scan(body)?;
-        // A refusal as the API server shows it: 403 Forbidden with our message.
-        let deny = |message: String| {
-            let mut response = AdmissionResponse::invalid(message);
-            response.uid = shape.uid.clone();
-            response.result.code = 403;
-            response.result.reason = "Forbidden".into();
-            response.into_review()
-        };
         if let Err(limit) = shape.check() {
-            return Ok((deny(limit.to_string()), "refused"));
+            return Ok((deny(&shape, limit.to_string()), "refused"));
         }
-        let allow = || {
-            let mut response = AdmissionResponse::invalid("");
-            response.uid = shape.uid.clone();
-            response.allowed = true;
-            response.result = Default::default();
-            response.into_review()
-        };
-        // Tokens for the broker: the kubelet's alone.
-        if shape.operation == "CREATE"
-            && shape.resource == "/serviceaccounts"
-            && shape.sub_resource == "token"
-        {
-            return Ok(
-                match super::guard::token_request(&shape.username, &shape.groups, &shape.audiences)
-                {
-                    Ok(()) => (allow(), "untouched"),
-                    Err(refused) => (deny(refused.to_string()), "refused"),
-                },
-            );
-        }
-        // exec, attach, port-forward: decided from the options object alone.
-        if shape.operation == "CONNECT" {
-            if shape.resource != "/pods" {
-                return Ok((allow(), "untouched"));
-            }
-            let opted_in = self.opted_in(&shape.namespace, &shape.name);
-            let sidecar_ports = super::guard::sidecar_ports(self.settings().ports);
-            return Ok(
-                match super::guard::connect(
-                    &shape.sub_resource,
-                    shape.container.as_deref(),
-                    &shape.ports,
-                    opted_in,
-                    &sidecar_ports,
-                ) {
-                    Ok(()) => (allow(), "untouched"),
-                    Err(refused) => (deny(refused.to_string()), "refused"),
-                },
-            );
+        if let Some(judged) = self.judge_shape(&shape) {
+            return Ok(match judged {
+                Ok(()) => (allow(&shape), "untouched"),
+                Err(refused) => (deny(&shape, refused.to_string()), "refused"),
+            });
         }
         let review: AdmissionReview<Pod> = serde_json::from_slice(body)
             .map_err(|e| format!("the body is not an AdmissionReview of a Pod: {e}"))?;
@@ -234,21 +194,10 @@ impl Injector {
             .try_into()
             .map_err(|e| format!("the AdmissionReview has no request: {e}"))?;
         let response = AdmissionResponse::from(&request);
-        let is_pod_update = request.operation == Operation::Update
-            && request.resource.group.is_empty()
-            && request.resource.resource == "pods";
-        if is_pod_update
-            && let (Some(old), Some(new)) = (request.old_object.as_ref(), request.object.as_ref())
-        {
-            // Labels and annotations change through `pods/status` too.
-            let judged = match request.sub_resource.as_deref() {
-                None | Some("status") => super::guard::update(old, new),
-                Some("ephemeralcontainers") => super::guard::ephemeral(new),
-                Some(_) => Ok(()),
-            };
+        if let Some(judged) = judge_update(&request) {
             return Ok(match judged {
                 Ok(()) => (response.into_review(), "untouched"),
-                Err(refused) => (deny(refused.to_string()), "refused"),
+                Err(refused) => (deny(&shape, refused.to_string()), "refused"),
             });
         }
         let is_pod_create = request.operation == Operation::Create
@@ -258,6 +207,49 @@ impl Injector {
         let (Some(pod), true) = (request.object.as_ref(), is_pod_create) else {
             return Ok((response.into_review(), "untouched"));
         };
+        let (response, result) = self.inject(&request, pod, response)?;
+        Ok((response.into_review(), result))
+    }
+
+    /// What is decided from the review's shape alone, before the object is parsed: tokens for
+    /// the broker (the kubelet's alone), and exec, attach and port-forward (from the options
+    /// object). `None`: the review needs the pod.
+    fn judge_shape(&self, shape: &Shape) -> Option<Result<(), Guarded>> {
+        if shape.operation == "CREATE"
+            && shape.resource == "/serviceaccounts"
+            && shape.sub_resource == "token"
+        {
+            return Some(super::guard::token_request(
+                &shape.username,
+                &shape.groups,
+                &shape.audiences,
+            ));
+        }
+        if shape.operation != "CONNECT" {
+            return None;
+        }
+        if shape.resource != "/pods" {
+            return Some(Ok(()));
+        }
+        let opted_in = self.opted_in(&shape.namespace, &shape.name);
+        let sidecar_ports = super::guard::sidecar_ports(self.settings().ports);
+        Some(super::guard::connect(
+            &shape.sub_resource,
+            shape.container.as_deref(),
+            &shape.ports,
+            opted_in,
+            &sidecar_ports,
+        ))
+    }
+
+    /// Injects the sidecar into a pod being created, or refuses it; with the result the
+    /// metrics count.
+    fn inject(
+        &self,
+        request: &AdmissionRequest<Pod>,
+        pod: &Pod,
+        response: AdmissionResponse,
+    ) -> Result<(AdmissionResponse, &'static str), String> {
         let namespace = request
             .namespace
             .as_deref()
@@ -265,33 +257,69 @@ impl Injector {
             .unwrap_or_default();
         let settings = self.settings();
         let lookup = |name: &str| self.key_facts(namespace, name);
-        let (response, result) = match patch::mutate(pod, namespace, &lookup, &settings) {
-            Ok(mutation) => {
-                let result = match (mutation.patch.0.is_empty(), mutation.warnings.is_empty()) {
-                    (true, _) => "untouched",
-                    (false, true) => "injected",
-                    (false, false) => "warned",
-                };
-                // The webhook's one side effect (sideEffects: NoneOnDryRun).
-                if result != "untouched"
-                    && !request.dry_run
-                    && let Some(wanted) = self.trust_bundles.get()
-                {
-                    // Full: dropped; the leader's next pass creates it.
-                    let _ = wanted.try_send(namespace.to_owned());
-                }
-                let mut response = response
-                    .with_patch(mutation.patch)
-                    .map_err(|e| format!("encoding the patch failed: {e}"))?;
-                if !mutation.warnings.is_empty() {
-                    response.warnings = Some(mutation.warnings);
-                }
-                (response, result)
-            }
-            Err(refusal) => (response.deny(refusal.to_string()), "refused"),
+        let mutation = match patch::mutate(pod, namespace, &lookup, &settings) {
+            Ok(mutation) => mutation,
+            Err(refusal) => return Ok((response.deny(refusal.to_string()), "refused")),
         };
-        Ok((response.into_review(), result))
+        let result = match (mutation.patch.0.is_empty(), mutation.warnings.is_empty()) {
+            (true, _) => "untouched",
+            (false, true) => "injected",
+            (false, false) => "warned",
+        };
+        // The webhook's one side effect (sideEffects: NoneOnDryRun).
+        if result != "untouched"
+            && !request.dry_run
+            && let Some(wanted) = self.trust_bundles.get()
+        {
+            // Full: dropped; the leader's next pass creates it.
+            let _ = wanted.try_send(namespace.to_owned());
+        }
+        let mut response = response
+            .with_patch(mutation.patch)
+            .map_err(|e| format!("encoding the patch failed: {e}"))?;
+        if !mutation.warnings.is_empty() {
+            response.warnings = Some(mutation.warnings);
+        }
+        Ok((response, result))
     }
+}
+
+/// A refusal as the API server shows it: 403 Forbidden with our message.
+fn deny(shape: &Shape, message: String) -> AdmissionReview<DynamicObject> {
+    let mut response = AdmissionResponse::invalid(message);
+    response.uid = shape.uid.clone();
+    response.result.code = 403;
+    response.result.reason = "Forbidden".into();
+    response.into_review()
+}
+
+/// An admission with no change, answered from the review's shape.
+fn allow(shape: &Shape) -> AdmissionReview<DynamicObject> {
+    let mut response = AdmissionResponse::invalid("");
+    response.uid = shape.uid.clone();
+    response.allowed = true;
+    response.result = Default::default();
+    response.into_review()
+}
+
+/// An update of a pod (its labels and annotations change through `pods/status` too) or of
+/// its ephemeral containers, judged by the guard. `None`: not a pod update.
+fn judge_update(request: &AdmissionRequest<Pod>) -> Option<Result<(), Guarded>> {
+    let is_pod_update = request.operation == Operation::Update
+        && request.resource.group.is_empty()
+        && request.resource.resource == "pods";
+    let (true, Some(old), Some(new)) = (
+        is_pod_update,
+        request.old_object.as_ref(),
+        request.object.as_ref(),
+    ) else {
+        return None;
+    };
+    Some(match request.sub_resource.as_deref() {
+        None | Some("status") => super::guard::update(old, new),
+        Some("ephemeralcontainers") => super::guard::ephemeral(new),
+        Some(_) => Ok(()),
+    })
 }
 
 /// `POST` to the webhook's path.

@@ -116,77 +116,6 @@ impl Shape {
 
 /// Reads the shape of `body`; `Err` is a body that is not JSON or not a review's shape.
 pub fn scan(body: &[u8]) -> Result<Shape, String> {
-    #[derive(Deserialize)]
-    struct Review {
-        request: Option<Request>,
-    }
-    #[derive(Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Request {
-        #[serde(default)]
-        uid: String,
-        #[serde(default)]
-        operation: String,
-        #[serde(default)]
-        resource: Option<Resource>,
-        #[serde(default)]
-        sub_resource: Option<String>,
-        #[serde(default)]
-        user_info: Option<UserInfo>,
-        #[serde(default)]
-        name: String,
-        #[serde(default)]
-        namespace: String,
-        #[serde(default)]
-        object: Option<Object>,
-        #[serde(default)]
-        old_object: Option<Object>,
-    }
-    #[derive(Deserialize)]
-    struct UserInfo {
-        #[serde(default)]
-        username: String,
-        #[serde(default)]
-        groups: Vec<String>,
-    }
-    #[derive(Deserialize)]
-    struct Resource {
-        #[serde(default)]
-        group: String,
-        #[serde(default)]
-        resource: String,
-    }
-    #[derive(Deserialize)]
-    struct Object {
-        #[serde(default)]
-        metadata: Option<Metadata>,
-        #[serde(default)]
-        spec: Option<Spec>,
-        #[serde(default)]
-        container: Option<String>,
-        #[serde(default)]
-        ports: Option<Vec<i64>>,
-    }
-    #[derive(Deserialize)]
-    struct Metadata {
-        #[serde(default)]
-        annotations: Option<Annotation>,
-    }
-    #[derive(Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Spec {
-        #[serde(default)]
-        containers: Option<Count>,
-        #[serde(default)]
-        init_containers: Option<Count>,
-        #[serde(default)]
-        ephemeral_containers: Option<Count>,
-        #[serde(default)]
-        volumes: Option<Count>,
-        /// Of a TokenRequest.
-        #[serde(default)]
-        audiences: Option<Vec<String>>,
-    }
     let review: Review = serde_json::from_slice(body)
         .map_err(|e| format!("the body is not an AdmissionReview: {e}"))?;
     let Some(request) = review.request else {
@@ -249,6 +178,86 @@ pub fn scan(body: &[u8]) -> Result<Shape, String> {
         volumes: spec.as_ref().and_then(|s| s.volumes).map_or(0, |c| c.0),
         values: count_values(body),
     })
+}
+
+/// What [`scan`] reads of a review: the fields of this struct and those below, no others
+/// (serde skips the rest unparsed).
+#[derive(Deserialize)]
+struct Review {
+    request: Option<Request>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Request {
+    #[serde(default)]
+    uid: String,
+    #[serde(default)]
+    operation: String,
+    #[serde(default)]
+    resource: Option<Resource>,
+    #[serde(default)]
+    sub_resource: Option<String>,
+    #[serde(default)]
+    user_info: Option<UserInfo>,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    namespace: String,
+    #[serde(default)]
+    object: Option<Object>,
+    #[serde(default)]
+    old_object: Option<Object>,
+}
+
+#[derive(Deserialize)]
+struct UserInfo {
+    #[serde(default)]
+    username: String,
+    #[serde(default)]
+    groups: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct Resource {
+    #[serde(default)]
+    group: String,
+    #[serde(default)]
+    resource: String,
+}
+
+#[derive(Deserialize)]
+struct Object {
+    #[serde(default)]
+    metadata: Option<Metadata>,
+    #[serde(default)]
+    spec: Option<Spec>,
+    #[serde(default)]
+    container: Option<String>,
+    #[serde(default)]
+    ports: Option<Vec<i64>>,
+}
+
+#[derive(Deserialize)]
+struct Metadata {
+    #[serde(default)]
+    annotations: Option<Annotation>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Spec {
+    #[serde(default)]
+    containers: Option<Count>,
+    #[serde(default)]
+    init_containers: Option<Count>,
+    #[serde(default)]
+    ephemeral_containers: Option<Count>,
+    #[serde(default)]
+    volumes: Option<Count>,
+    /// Of a TokenRequest.
+    #[serde(default)]
+    audiences: Option<Vec<String>>,
 }
 
 /// JSON values in `body`, counting stops just past [`MAX_VALUES`]. The body parsed already.
