@@ -332,6 +332,29 @@ pub struct ProviderKeyStatus {
     pub encryption_key_id: Option<String>,
 }
 
+impl ProviderKeySpec {
+    /// Where and how to reach the provider, as the spec says (the verifier's and the broker's
+    /// view of it).
+    pub fn provider_params(&self) -> Result<crate::providers::ProviderParams, String> {
+        let spec = self;
+        let base_url = match &spec.base_url {
+            Some(u) => Some(
+                url::Url::parse(u).map_err(|_| "spec.baseURL is not a valid URL".to_string())?,
+            ),
+            None => None,
+        };
+        Ok(crate::providers::ProviderParams {
+            base_url,
+            azure_api_version: Some(spec.azure.as_ref().map_or(
+                crate::providers::DEFAULT_AZURE_API_VERSION.to_string(),
+                |a| a.api_version.clone(),
+            )),
+            vertex_project: spec.vertex.as_ref().and_then(|v| v.project.clone()),
+            vertex_location: spec.vertex.as_ref().map(|v| v.location.clone()),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,6 +11,7 @@ pub mod controller;
 pub mod crd;
 pub mod crdgen;
 pub mod crypto;
+pub mod envelope;
 pub mod interval;
 pub mod metrics;
 pub mod names;

@@ -324,16 +324,12 @@ impl Metrics {
             .inc();
     }
 
-    /// The latest trust-bundle counts ([`crate::broker::trust`]).
-    pub fn set_trust_bundle_pods(&self, counts: crate::broker::trust::Counts) {
-        use crate::broker::trust::Held;
-        for (held, n) in [
-            (Held::Current, counts.current),
-            (Held::Outdated, counts.outdated),
-            (Held::Unreported, counts.unreported),
-        ] {
+    /// The latest trust-bundle counts, by what the pods hold (the broker's `trust::Counts`,
+    /// labelled: `current`, `outdated`, `unreported`).
+    pub fn set_trust_bundle_pods(&self, counts: [(&'static str, u64); 3]) {
+        for (bundle, n) in counts {
             self.trust_bundle_pods
-                .get_or_create(&vec![("bundle", held.label())])
+                .get_or_create(&vec![("bundle", bundle)])
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
     }

@@ -160,21 +160,22 @@ pub async fn start(
     )));
 
     let native_sidecars = native_sidecars_survive(&client, &config.operator_namespace).await;
+    let current = Arc::new(crate::sidecar::Current::new(InjectSettings {
+        proxy_image: config.proxy.image.clone(),
+        operator_image: config.proxy.operator_image.clone(),
+        pull_policy: config.proxy.pull_policy.clone(),
+        resources: config.proxy.resources.clone(),
+        broker_url: config.broker_url.clone(),
+        broker_ca_pem: bundle.ca_pem.clone(),
+        previous_ca_pem: bundle.previous_ca_pem.clone(),
+        broker_hosts: broker_hosts(&config.broker_url, &bundle.cert_chain_pem),
+        native_sidecars,
+        ports: config.proxy.ports,
+    }));
     let injector = Arc::new(Injector::new(
         watches.providerkeys.clone(),
         watches.pods.clone(),
-        InjectSettings {
-            proxy_image: config.proxy.image.clone(),
-            operator_image: config.proxy.operator_image.clone(),
-            pull_policy: config.proxy.pull_policy.clone(),
-            resources: config.proxy.resources.clone(),
-            broker_url: config.broker_url.clone(),
-            broker_ca_pem: bundle.ca_pem.clone(),
-            previous_ca_pem: bundle.previous_ca_pem.clone(),
-            broker_hosts: broker_hosts(&config.broker_url, &bundle.cert_chain_pem),
-            native_sidecars,
-            ports: config.proxy.ports,
-        },
+        current.clone(),
         ctx.metrics.clone(),
     ));
 
@@ -210,9 +211,9 @@ pub async fn start(
         )));
     }
     let publish_ca = {
-        let injector = injector.clone();
+        let current = current.clone();
         move |bundle: &Bundle| {
-            injector.set_broker_ca(&bundle.ca_pem, bundle.previous_ca_pem.as_deref());
+            current.set_broker_ca(&bundle.ca_pem, bundle.previous_ca_pem.as_deref());
             let trust = bundle.trust_pem();
             ca_tx.send_if_modified(|ca| {
                 let changed = *ca != trust;
@@ -235,15 +236,15 @@ pub async fn start(
                 )));
             }
             let api: Api<Secret> = Api::namespaced(client.clone(), &settings.namespace);
-            let injector = injector.clone();
+            let current = current.clone();
             let broker_url = config.broker_url.clone();
             tasks.push(tokio::spawn(certs::keep_current(
                 api,
                 settings.clone(),
                 reloadable.clone(),
-                injector.ca_recheck(),
+                current.ca_recheck(),
                 move |bundle: &Bundle| {
-                    injector.set_broker_hosts(broker_hosts(&broker_url, &bundle.cert_chain_pem));
+                    current.set_broker_hosts(broker_hosts(&broker_url, &bundle.cert_chain_pem));
                     publish_ca(bundle);
                 },
             )));
@@ -251,14 +252,14 @@ pub async fn start(
         (TlsSource::Dir(_), Some(dir)) => {
             // cert-manager renews the serving certificate, and its issuer may change the CA
             // (`ca.crt`): the trust bundles follow (the caBundle is cainjector's).
-            let injector = injector.clone();
+            let current = current.clone();
             let broker_url = config.broker_url.clone();
             tasks.push(tokio::spawn(certs::keep_dir_current(
                 dir,
                 reloadable.clone(),
                 certs::certs::DEFAULT_CHECK_EVERY,
                 move |bundle: &Bundle| {
-                    injector.set_broker_hosts(broker_hosts(&broker_url, &bundle.cert_chain_pem));
+                    current.set_broker_hosts(broker_hosts(&broker_url, &bundle.cert_chain_pem));
                     publish_ca(bundle);
                 },
             )));
@@ -271,7 +272,7 @@ pub async fn start(
         watches,
         config.key_lease,
         config.egress.clone(),
-        injector.clone(),
+        current.clone(),
     ));
     let injector_data = web::Data::new(injector);
     let paths_data = web::Data::new(paths.clone());

@@ -12,6 +12,13 @@ pub mod types {
     pub const VERIFIED: &str = "Verified";
 }
 
+/// `Ready`'s status and reason, for the generation the status describes.
+pub fn ready_condition(pk: &crate::crd::ProviderKey) -> Option<(bool, String)> {
+    let status = pk.status.as_ref()?;
+    let ready = status.conditions.iter().find(|c| c.type_ == types::READY)?;
+    Some((ready.status == "True", ready.reason.clone()))
+}
+
 /// Reasons that only the `Ready` condition uses; the verification reasons come from
 /// [`crate::reason::Reason`].
 pub mod ready_reasons {

@@ -252,7 +252,7 @@ pub fn authorize(
             service_account: caller.service_account.clone(),
         });
     }
-    match ready_condition(pk) {
+    match crate::status::ready_condition(pk) {
         Some((true, _)) => Decision::Serve,
         Some((false, reason)) => Deny(Denial::KeyNotReady { reason }),
         None => Deny(Denial::KeyNotReady {
@@ -293,16 +293,6 @@ pub fn unreviewed(decision: Decision, transient: Denial) -> Denial {
         Decision::Deny(denial) if denial.is_final() => denial,
         _ => transient,
     }
-}
-
-/// `Ready`'s status and reason, for the generation the status describes.
-pub fn ready_condition(pk: &ProviderKey) -> Option<(bool, String)> {
-    let status = pk.status.as_ref()?;
-    let ready = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == crate::status::types::READY)?;
-    Some((ready.status == "True", ready.reason.clone()))
 }
 
 /// The caller behind a TokenReview's user, when the token is a pod-bound ServiceAccount

@@ -93,7 +93,7 @@ pub struct Broker {
     lease: Duration,
     egress: EgressPolicy,
     /// What the webhook injects: a pod's token must be held by that sidecar alone.
-    injector: Arc<crate::webhook::handler::Injector>,
+    sidecar: Arc<crate::sidecar::Current>,
     /// Keys opened from managed Secrets, by Secret, with the digest of the envelope they came
     /// from: a GET and a decryption once per change of the key, not per request.
     opened: Mutex<HashMap<ObjectRef<Secret>, OpenedKey>>,
@@ -165,10 +165,10 @@ impl Broker {
         watches: Arc<Watches>,
         lease: Duration,
         egress: EgressPolicy,
-        injector: Arc<crate::webhook::handler::Injector>,
+        sidecar: Arc<crate::sidecar::Current>,
     ) -> Self {
         let tokens = tokens::TokenReviews::new(ctx.client.clone(), ctx.metrics.clone());
-        let authority = url::Url::parse(&injector.settings().broker_url)
+        let authority = url::Url::parse(&sidecar.settings().broker_url)
             .ok()
             .and_then(|u| {
                 let host = u.host_str()?;
@@ -183,7 +183,7 @@ impl Broker {
             tokens,
             lease,
             egress,
-            injector,
+            sidecar,
             opened: Mutex::default(),
             vertex_tokens: Mutex::default(),
             waiting_told: Mutex::default(),
@@ -222,23 +222,20 @@ impl Broker {
                     .sidecar_images
                     .swapped(meta.uid.as_deref().unwrap_or_default())
                 && pod.spec.as_ref().is_some_and(|spec| {
-                    crate::webhook::patch::token_held_only_by_sidecar(
-                        spec,
-                        &self.injector.settings(),
-                    )
+                    crate::sidecar::token_held_only_by_sidecar(spec, &self.sidecar.settings())
                 }),
             deleting: meta.deletion_timestamp.is_some(),
             trusts_namespace_bundle: pod
                 .spec
                 .as_ref()
-                .is_some_and(crate::webhook::patch::trusts_namespace_bundle),
+                .is_some_and(crate::sidecar::trusts_namespace_bundle),
             created: meta.creation_timestamp.as_ref().map(|t| t.0),
             keys: meta
                 .annotations
                 .as_ref()
                 .and_then(|a| a.get(names::PROVIDER_KEYS_ANNOTATION))
                 .filter(|_| full)
-                .and_then(|v| crate::webhook::patch::parse_key_names(v).ok())
+                .and_then(|v| crate::sidecar::parse_key_names(v).ok())
                 .unwrap_or_default(),
         })
     }
@@ -276,10 +273,9 @@ impl Broker {
         let fresh_digest = cache::managed_digest(&secret).unwrap_or_default();
         let pk_name = pk.metadata.name.as_deref().unwrap_or_default();
         let (key, sealed) =
-            crate::controller::reconcile::open_envelope(&keyring, ns, pk_name, &secret)
-                .ok_or_else(|| {
-                    Unavailable("the managed Secret does not open with the keyring".into())
-                })?;
+            crate::envelope::open(&keyring, ns, pk_name, &secret).ok_or_else(|| {
+                Unavailable("the managed Secret does not open with the keyring".into())
+            })?;
         let opened = OpenedKey {
             digest: fresh_digest,
             uid: secret.metadata.uid.clone().unwrap_or_default(),
@@ -402,7 +398,7 @@ impl Broker {
     /// seconds; when the API server does not answer, the last answer stands (none: not
     /// current).
     async fn bundle_current(&self, namespace: &str, pod_created: Option<jiff::Timestamp>) -> bool {
-        let trust = self.injector.settings().trust_bundle_pem();
+        let trust = self.sidecar.settings().trust_bundle_pem();
         let digest = crate::grant::trust_bundle_digest(trust.as_bytes());
         let last = self
             .bundles
@@ -466,7 +462,7 @@ impl Broker {
                     .is_some_and(|cm| crate::serving::trust_bundle::conforms(cm, trust));
                 if !ok {
                     // This replica may not have read a new CA yet: look again now.
-                    self.injector.request_ca_recheck();
+                    self.sidecar.request_ca_recheck();
                 }
                 BundleCheck {
                     ok,
@@ -499,7 +495,7 @@ impl Broker {
     /// A served sidecar reported the trust bundle it holds (`None`: it predates bundles).
     fn note_trust(&self, caller: &Caller, reported: Option<&str>) {
         let current = crate::grant::trust_bundle_digest(
-            self.injector.settings().trust_bundle_pem().as_bytes(),
+            self.sidecar.settings().trust_bundle_pem().as_bytes(),
         );
         let held = trust::Held::of(reported, &current);
         let now = Instant::now().into_std();
@@ -519,7 +515,7 @@ impl Broker {
             .trust_reports
             .record(&caller.pod_uid, held, now, recount)
         {
-            self.ctx.metrics.set_trust_bundle_pods(counts);
+            self.ctx.metrics.set_trust_bundle_pods(counts.labelled());
         }
     }
 
@@ -693,15 +689,14 @@ impl Broker {
         if_none_match: Option<&str>,
     ) -> Result<HttpResponse, Unavailable> {
         let opened = self.key_in_service(pk, ns).await?;
-        let params =
-            crate::controller::reconcile::provider_params(&pk.spec).map_err(Unavailable)?;
+        let params = pk.spec.provider_params().map_err(Unavailable)?;
         let kind = pk.spec.provider;
         let base = self
             .ctx
             .verifier
             .resolve_base_url(kind, &params)
             .map_err(|v| Unavailable(v.message))?;
-        let origin = crate::controller::reconcile::origin(&base);
+        let origin = crate::providers::origin(&base);
         // The key goes only where it was verified; the controller re-verifies on a change.
         if opened.origin.as_deref().is_some_and(|o| o != origin) {
             return Err(Unavailable(

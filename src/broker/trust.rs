@@ -52,6 +52,17 @@ pub struct Counts {
     pub unreported: u64,
 }
 
+impl Counts {
+    /// Each count with its metric label ([`Held::label`]).
+    pub fn labelled(&self) -> [(&'static str, u64); 3] {
+        [
+            (Held::Current.label(), self.current),
+            (Held::Outdated.label(), self.outdated),
+            (Held::Unreported.label(), self.unreported),
+        ]
+    }
+}
+
 /// The last report of each served pod, by UID.
 pub struct Reports {
     window: Duration,

@@ -147,7 +147,7 @@ fn node_security(s: Option<SecurityContext>) -> Option<SecurityContext> {
 /// A container (or init container) as [`strip_pod`] keeps it: the sidecar's run settings
 /// whole, an application container's name, image, mounts and node security.
 fn pod_container(c: Container) -> Container {
-    if c.name == crate::webhook::patch::SIDECAR_NAME {
+    if c.name == crate::sidecar::SIDECAR_NAME {
         Container {
             // Of its resources, only the claims (a device driver's mounts and env).
             resources: c.resources.and_then(|r| {
@@ -188,7 +188,7 @@ fn pod_volume(v: Volume) -> Volume {
         // The sidecar's trust bundle: whose ConfigMap, mounted how.
         config_map: v
             .config_map
-            .filter(|_| v.name == crate::webhook::patch::TRUST_VOLUME),
+            .filter(|_| v.name == crate::sidecar::TRUST_VOLUME),
         name: v.name,
         host_path: v.host_path,
         empty_dir: v.empty_dir,
@@ -281,28 +281,7 @@ pub fn managed_digest(secret: &Secret) -> Option<String> {
     secret.annotations().get(ENVELOPE_DIGEST).cloned()
 }
 
-/// What an envelope seals, besides the key: the facts decisions need, kept per managed
-/// Secret by the digest of its envelope so that it is decrypted once per change, not once
-/// per reconcile.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sealed {
-    pub fingerprint: String,
-    pub masked_key: String,
-    pub encryption_key_id: String,
-    /// `scheme://host:port` the key was verified against (`None`: not recorded).
-    pub origin: Option<String>,
-}
-
-impl Sealed {
-    pub fn of(key: &str, encryption_key_id: &str, origin: Option<&str>) -> Sealed {
-        Sealed {
-            fingerprint: crypto::fingerprint(key.as_bytes()),
-            masked_key: crypto::mask(key),
-            encryption_key_id: encryption_key_id.to_string(),
-            origin: origin.map(str::to_string),
-        }
-    }
-}
+pub use crate::envelope::Sealed;
 
 /// An envelope opened (or found not to open) under the current keyring.
 #[derive(Debug, Clone)]

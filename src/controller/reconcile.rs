@@ -30,10 +30,9 @@ use super::plan::{
     self, EventNote, InService, Managed, Next, Observed, SecretWrite, Source, Target,
 };
 use super::{Context, Error, cache};
-use crate::crd::{DEFAULT_AZURE_API_VERSION, ProviderKey, ProviderKeySpec};
+use crate::crd::{ProviderKey, ProviderKeySpec};
 use crate::crypto::{self, Keyring};
 use crate::names::{self, FIELD_MANAGER, FINALIZER, annotations};
-use crate::providers::ProviderParams;
 use crate::reason::Reason;
 use crate::status::{self, Decided, Status, types};
 
@@ -397,27 +396,6 @@ pub fn ownership(secret: &Secret, pk_name: &str, pk_uid: &str) -> Ownership {
     }
 }
 
-/// The managed Secret's envelope, decrypted; `None` when it does not authenticate here.
-pub(crate) fn open_envelope(
-    keyring: &Keyring,
-    ns: &str,
-    name: &str,
-    secret: &Secret,
-) -> Option<(SecretString, cache::Sealed)> {
-    let envelope = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(names::ENVELOPE_KEY))
-        .map(|b| b.0.as_slice())?;
-    let plaintext = keyring.decrypt(ns, name, envelope).ok()?;
-    // The origin is sealed with the key: an annotation beside it could be edited.
-    let (origin, key_bytes) = crypto::open_payload(plaintext.expose_secret());
-    let text = std::str::from_utf8(key_bytes).ok()?;
-    let key_id = crypto::envelope_key_id(envelope).ok()?;
-    let sealed = cache::Sealed::of(text, key_id, origin);
-    Some((SecretString::from(text.to_string()), sealed))
-}
-
 /// A time as the API server stores it (`metav1.Time` has whole seconds). The managed Secret
 /// records the exact instant; the status built from it must not differ from the status read
 /// back in the nanoseconds, or every reconcile rewrites it.
@@ -445,37 +423,6 @@ fn in_service(secret: &Secret, sealed: cache::Sealed) -> InService {
     }
 }
 
-pub(crate) fn provider_params(spec: &ProviderKeySpec) -> Result<ProviderParams, String> {
-    let base_url = match &spec.base_url {
-        Some(u) => {
-            Some(url::Url::parse(u).map_err(|_| "spec.baseURL is not a valid URL".to_string())?)
-        }
-        None => None,
-    };
-    Ok(ProviderParams {
-        base_url,
-        azure_api_version: Some(
-            spec.azure
-                .as_ref()
-                .map_or(DEFAULT_AZURE_API_VERSION.to_string(), |a| {
-                    a.api_version.clone()
-                }),
-        ),
-        vertex_project: spec.vertex.as_ref().and_then(|v| v.project.clone()),
-        vertex_location: spec.vertex.as_ref().map(|v| v.location.clone()),
-    })
-}
-
-/// `scheme://host:port` of a URL: what "the same destination" means.
-pub fn origin(url: &url::Url) -> String {
-    format!(
-        "{}://{}:{}",
-        url.scheme(),
-        url.host_str().unwrap_or_default(),
-        url.port_or_known_default().unwrap_or_default()
-    )
-}
-
 /// The host of a `scheme://host:port` origin: what the per-host limiter counts by.
 fn origin_host(origin: &str) -> Option<String> {
     url::Url::parse(origin).ok()?.host_str().map(str::to_string)
@@ -487,7 +434,7 @@ fn destination(pk: &ProviderKey, ctx: &Context) -> Result<String, plan::Verified
         reason: v.reason,
         message: v.message,
     };
-    let params = provider_params(&pk.spec).map_err(|m| plan::Verified {
+    let params = pk.spec.provider_params().map_err(|m| plan::Verified {
         reason: Reason::InvalidSpec,
         message: m,
     })?;
@@ -495,7 +442,7 @@ fn destination(pk: &ProviderKey, ctx: &Context) -> Result<String, plan::Verified
         .verifier
         .resolve_base_url(pk.spec.provider, &params)
         .map_err(refused)?;
-    Ok(origin(&base))
+    Ok(crate::providers::origin(&base))
 }
 
 /// The plaintexts one reconcile may need; each [`SecretWrite`] names exactly one of them.
@@ -588,7 +535,7 @@ async fn observe_managed(
     let sealed = match opened {
         Some(opened) => opened.sealed,
         None => {
-            let opened = open_envelope(keyring, &ns, &name, &secret);
+            let opened = crate::envelope::open(keyring, &ns, &name, &secret);
             let sealed = opened.as_ref().map(|(_, sealed)| sealed.clone());
             if let Some(digest) = cache::managed_digest(&secret) {
                 let sealed = sealed.clone();
@@ -637,7 +584,7 @@ async fn fetch_in_service(
     {
         return Ok(None);
     }
-    Ok(open_envelope(keyring, &ns, &pk.name_any(), &secret).map(|(key, _)| key))
+    Ok(crate::envelope::open(keyring, &ns, &pk.name_any(), &secret).map(|(key, _)| key))
 }
 
 /// Waits for this object's turn to verify. Never before its backoff is over (a watch event,
@@ -904,7 +851,7 @@ async fn adopt(
 
 async fn verify(pk: &ProviderKey, ctx: &Context, key: &SecretString) -> plan::Verified {
     let started = std::time::Instant::now();
-    let outcome = match provider_params(&pk.spec) {
+    let outcome = match pk.spec.provider_params() {
         Ok(params) => ctx.verifier.verify(pk.spec.provider, key, &params).await,
         Err(message) => crate::providers::Verification::invalid_spec(message),
     };
@@ -1168,11 +1115,11 @@ mod tests {
     fn origin_is_scheme_host_and_port() {
         let u = |s: &str| url::Url::parse(s).expect("url");
         assert_eq!(
-            origin(&u("https://api.openai.com/v1")),
+            crate::providers::origin(&u("https://api.openai.com/v1")),
             "https://api.openai.com:443"
         );
         assert_eq!(
-            origin(&u("https://h.example:8443/x")),
+            crate::providers::origin(&u("https://h.example:8443/x")),
             "https://h.example:8443"
         );
     }

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::watcher;
 
-use crate::webhook::patch::SIDECAR_NAME as SIDECAR;
+use crate::sidecar::SIDECAR_NAME as SIDECAR;
 
 /// At most this many pods are remembered (one entry is under 200 bytes). Past it, pods that
 /// left the selection without being deleted are forgotten first (oldest first), then new

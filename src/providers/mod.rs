@@ -33,6 +33,16 @@ pub use openai::OpenAI;
 pub use openai_compatible::OpenAICompatible;
 pub use vertex::{DEFAULT_VERTEX_TOKEN_URL, ServiceAccountKey, Vertex, VertexAccessToken};
 
+/// `scheme://host:port` of a URL: what "the same destination" means.
+pub fn origin(url: &url::Url) -> String {
+    format!(
+        "{}://{}:{}",
+        url.scheme(),
+        url.host_str().unwrap_or_default(),
+        url.port_or_known_default().unwrap_or_default()
+    )
+}
+
 /// The most of a response body we read (error bodies are small; a model list is cut short).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 

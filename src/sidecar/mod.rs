@@ -105,6 +105,76 @@ impl InjectSettings {
     }
 }
 
+/// The sidecar settings in effect, shared by the webhook (what it injects) and the broker (what
+/// it accepts): swapped whole when the broker's CA or certificate names change.
+#[derive(Debug)]
+pub struct Current {
+    settings: std::sync::RwLock<std::sync::Arc<InjectSettings>>,
+    /// Woken when the broker finds a namespace's bundle is not what this replica thinks the
+    /// CA is: the certificate keeper reads the Secret again at once.
+    ca_recheck: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Current {
+    pub fn new(settings: InjectSettings) -> Self {
+        Self {
+            settings: std::sync::RwLock::new(std::sync::Arc::new(settings)),
+            ca_recheck: std::sync::Arc::default(),
+        }
+    }
+
+    /// The settings now.
+    pub fn settings(&self) -> std::sync::Arc<InjectSettings> {
+        self.settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the broker's CA (a new CA, or mounted files) and, during a CA rotation, the
+    /// one before it.
+    pub fn set_broker_ca(&self, ca_pem: &str, previous: Option<&str>) {
+        self.update(|s| {
+            if s.broker_ca_pem == ca_pem && s.previous_ca_pem.as_deref() == previous {
+                return false;
+            }
+            s.broker_ca_pem = ca_pem.to_owned();
+            s.previous_ca_pem = previous.map(str::to_owned);
+            true
+        });
+    }
+
+    /// The names the broker's serving certificate is for, after a renewal.
+    pub fn set_broker_hosts(&self, hosts: Vec<String>) {
+        self.update(|s| {
+            if s.broker_hosts == hosts {
+                return false;
+            }
+            s.broker_hosts = hosts;
+            true
+        });
+    }
+
+    /// Swaps in a changed copy when `change` says it changed something.
+    fn update(&self, change: impl FnOnce(&mut InjectSettings) -> bool) {
+        let mut settings = self.settings.write().unwrap_or_else(|p| p.into_inner());
+        let mut next = (**settings).clone();
+        if change(&mut next) {
+            *settings = std::sync::Arc::new(next);
+        }
+    }
+
+    /// Asks the certificate keeper to read the Secret again now.
+    pub fn request_ca_recheck(&self) {
+        self.ca_recheck.notify_one();
+    }
+
+    /// What [`Self::request_ca_recheck`] wakes.
+    pub fn ca_recheck(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.ca_recheck.clone()
+    }
+}
+
 /// Why a pod's sidecar token (or memory) could be read through the node ([`node_reach`]); the
 /// webhook turns each into its refusal message.
 #[derive(Clone, Debug, PartialEq, Eq)]

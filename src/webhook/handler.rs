@@ -10,7 +10,7 @@
 //! is built from the changes alone. Reviews are worked on by the serving workers, one at a
 //! time each.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -38,8 +38,8 @@ const READ_WITHIN: std::time::Duration = std::time::Duration::from_secs(3);
 
 pub struct Injector {
     providerkeys: Store<kube::core::DeserializeGuard<ProviderKey>>,
-    /// Swapped when the broker's CA changes.
-    settings: RwLock<Arc<InjectSettings>>,
+    /// What it injects now (swapped when the broker's CA changes; the broker reads it too).
+    current: Arc<crate::sidecar::Current>,
     metrics: Arc<Metrics>,
     /// [`BODY_BUDGET_BYTES`] in KiB permits.
     body_budget: Arc<tokio::sync::Semaphore>,
@@ -48,37 +48,23 @@ pub struct Injector {
     /// Where the namespaces of injected pods go, so their trust bundle exists before the
     /// kubelet mounts it ([`crate::serving::trust_bundle::create_missing`]).
     trust_bundles: std::sync::OnceLock<tokio::sync::mpsc::Sender<String>>,
-    /// Woken when the broker finds a namespace's bundle is not what this replica thinks the
-    /// CA is: the certificate keeper reads the Secret again at once.
-    ca_recheck: Arc<tokio::sync::Notify>,
 }
 
 impl Injector {
     pub fn new(
         providerkeys: Store<kube::core::DeserializeGuard<ProviderKey>>,
         pods: Option<Store<Pod>>,
-        settings: InjectSettings,
+        current: Arc<crate::sidecar::Current>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             providerkeys,
-            settings: RwLock::new(Arc::new(settings)),
+            current,
             metrics,
             body_budget: Arc::new(tokio::sync::Semaphore::new(BODY_BUDGET_BYTES / 1024)),
             pods,
             trust_bundles: std::sync::OnceLock::new(),
-            ca_recheck: Arc::default(),
         }
-    }
-
-    /// Asks the certificate keeper to read the Secret again now.
-    pub fn request_ca_recheck(&self) {
-        self.ca_recheck.notify_one();
-    }
-
-    /// What [`Self::request_ca_recheck`] wakes.
-    pub fn ca_recheck(&self) -> Arc<tokio::sync::Notify> {
-        self.ca_recheck.clone()
     }
 
     /// From now on, the namespace of every pod injected (not on dry runs) is sent to `wanted`.
@@ -94,34 +80,9 @@ impl Injector {
         })
     }
 
-    /// Replaces the broker's CA (a new CA, or mounted files) and, during a CA rotation, the
-    /// one before it.
-    pub fn set_broker_ca(&self, ca_pem: &str, previous: Option<&str>) {
-        let mut settings = self.settings.write().unwrap_or_else(|p| p.into_inner());
-        if settings.broker_ca_pem != ca_pem || settings.previous_ca_pem.as_deref() != previous {
-            let mut next = (**settings).clone();
-            next.broker_ca_pem = ca_pem.to_string();
-            next.previous_ca_pem = previous.map(str::to_owned);
-            *settings = Arc::new(next);
-        }
-    }
-
-    /// The names the broker's serving certificate is for, after a renewal.
-    pub fn set_broker_hosts(&self, hosts: Vec<String>) {
-        let mut settings = self.settings.write().unwrap_or_else(|p| p.into_inner());
-        if settings.broker_hosts != hosts {
-            let mut next = (**settings).clone();
-            next.broker_hosts = hosts;
-            *settings = Arc::new(next);
-        }
-    }
-
-    /// What the webhook injects now (the broker checks pods against it too).
+    /// What the webhook injects now.
     pub fn settings(&self) -> Arc<InjectSettings> {
-        self.settings
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.current.settings()
     }
 
     fn key_facts(&self, namespace: &str, name: &str) -> Option<KeyFacts> {
@@ -144,7 +105,7 @@ impl Injector {
         let state = if pk.metadata.deletion_timestamp.is_some() {
             KeyState::Deleting
         } else {
-            match crate::broker::decide::ready_condition(pk) {
+            match crate::status::ready_condition(pk) {
                 Some((true, _)) => KeyState::Ready,
                 Some((false, reason)) => KeyState::NotReady { reason },
                 None => KeyState::NotReady {

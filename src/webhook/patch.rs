@@ -994,7 +994,6 @@ mod tests {
         assert_eq!(
             s.args.as_deref().unwrap_or_default(),
             [
-                "proxy",
                 "--admin-addr=0.0.0.0:15120",
                 "--broker-url=https://broker.byok-system.svc:8443",
                 "--key=team-anthropic=15100",
@@ -2221,13 +2220,21 @@ mod tests {
         assert!(!edited(&|s| s.host_pid = Some(true)));
         // Another name of this broker (one its certificate is for), another port: served.
         assert!(in_sidecar(&|c| {
-            if let Some(arg) = c.args.as_mut().and_then(|a| a.get_mut(2)) {
+            if let Some(arg) = c
+                .args
+                .as_mut()
+                .and_then(|a| a.iter_mut().find(|a| a.starts_with("--broker-url=")))
+            {
                 *arg = "--broker-url=https://LOCALHOST:1".into();
             }
         }));
         // A name the broker's certificate is not for: its CA may sign for others.
         assert!(!in_sidecar(&|c| {
-            if let Some(arg) = c.args.as_mut().and_then(|a| a.get_mut(2)) {
+            if let Some(arg) = c
+                .args
+                .as_mut()
+                .and_then(|a| a.iter_mut().find(|a| a.starts_with("--broker-url=")))
+            {
                 *arg = "--broker-url=https://evil.example".into();
             }
         }));
@@ -2248,7 +2255,11 @@ mod tests {
         // In the clear, or trusting another CA (hostAliases or dnsConfig could then point the
         // real broker's name elsewhere).
         assert!(!in_sidecar(&|c| {
-            if let Some(arg) = c.args.as_mut().and_then(|a| a.get_mut(2)) {
+            if let Some(arg) = c
+                .args
+                .as_mut()
+                .and_then(|a| a.iter_mut().find(|a| a.starts_with("--broker-url=")))
+            {
                 *arg = "--broker-url=http://broker.byok-system.svc:8443".into();
             }
         }));
