@@ -932,6 +932,9 @@ pub(crate) struct BodyProbe {
     pub(crate) model: Option<serde_json::Value>,
     #[serde(default)]
     pub(crate) stream: Option<serde_json::Value>,
+    /// OpenAI's `stream_options` (`include_usage`).
+    #[serde(default)]
+    pub(crate) stream_options: Option<serde_json::Value>,
 }
 
 impl BodyProbe {
@@ -950,6 +953,15 @@ impl BodyProbe {
 
     pub(crate) fn stream(&self) -> bool {
         matches!(self.stream, Some(serde_json::Value::Bool(true)))
+    }
+
+    /// OpenAI's `stream_options.include_usage: true`: a streamed chat completion ends with
+    /// a chunk holding the usage (and no choices).
+    pub(crate) fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.get("include_usage"))
+            .is_some_and(|v| v == &serde_json::Value::Bool(true))
     }
 }
 

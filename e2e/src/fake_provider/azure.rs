@@ -145,7 +145,7 @@ async fn deployment_chat(
         KIND,
         req.path(),
         &deployment,
-        body.len(),
+        &body,
         streamed,
     )
 }
@@ -175,7 +175,7 @@ async fn v1_chat(req: HttpRequest, shared: web::Data<Shared>, body: web::Bytes) 
         KIND,
         req.path(),
         model,
-        body.len(),
+        &body,
         streamed,
     )
 }

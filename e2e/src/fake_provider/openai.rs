@@ -238,14 +238,17 @@ async fn check_generation(
 }
 
 /// A chat completion (plain or streamed) for `model`: OpenAI's shapes, shared with Azure.
+/// A stream asked for with `stream_options.include_usage` carries `"usage":null` in every
+/// chunk and ends with one more chunk holding the usage and no choices, as OpenAI sends.
 pub(super) fn chat_completion(
     shared: &Arc<Shared>,
     kind: ProviderKind,
     path: &str,
     model: &str,
-    body_len: usize,
+    body: &[u8],
     streamed: bool,
 ) -> HttpResponse {
+    let body_len = body.len();
     let id = format!("chatcmpl-fake{:016x}", shared.next_id());
     let model = json_str(model);
     let created = unix_now();
@@ -260,11 +263,17 @@ pub(super) fn chat_completion(
         );
     }
     let (count, interval) = shared.stream_plan();
+    let include_usage = BodyProbe::parse(body).is_some_and(|p| p.include_usage());
+    let usage_null = if include_usage {
+        r#","usage":null"#
+    } else {
+        ""
+    };
     let chunk = |delta: &str, finish: &str| {
         sse(
             None,
             &format!(
-                r#"{{"id":"{id}","object":"chat.completion.chunk","created":{created},"model":{model},"system_fingerprint":"fp_fake","choices":[{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":{finish}}}]}}"#
+                r#"{{"id":"{id}","object":"chat.completion.chunk","created":{created},"model":{model},"system_fingerprint":"fp_fake","choices":[{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":{finish}}}]{usage_null}}}"#
             ),
         )
     };
@@ -272,7 +281,17 @@ pub(super) fn chat_completion(
         r#"{"role":"assistant","content":"","refusal":null}"#,
         "null",
     )];
-    let after = vec![chunk("{}", r#""stop""#), sse(None, "[DONE]")];
+    let mut after = vec![chunk("{}", r#""stop""#)];
+    if include_usage {
+        after.push(sse(
+            None,
+            &format!(
+                r#"{{"id":"{id}","object":"chat.completion.chunk","created":{created},"model":{model},"system_fingerprint":"fp_fake","choices":[],"usage":{{"prompt_tokens":{prompt},"completion_tokens":{count},"total_tokens":{}}}}}"#,
+                prompt + count as u64
+            ),
+        ));
+    }
+    after.push(sse(None, "[DONE]"));
     let events = Events::new(
         before,
         count,
@@ -301,7 +320,7 @@ async fn chat_completions(
             flavor.kind,
             req.path(),
             &model,
-            body.len(),
+            &body,
             streamed,
         ),
         Err(res) => res,
