@@ -352,21 +352,31 @@ pub fn parse_resources(
     Ok(out)
 }
 
+/// `--proxy-image` must name a repository, and one other than `--operator-image`'s: the
+/// broker tells the two programs apart by repository (pods of earlier releases run the
+/// operator's image with `proxy`).
+fn check_images(proxy_image: &str, operator_image: &str) -> anyhow::Result<()> {
+    let proxy = crate::sidecar::shape::image_repository(proxy_image);
+    anyhow::ensure!(
+        !proxy.is_empty() && !proxy.contains(char::is_whitespace) && !proxy.contains('%'),
+        "--proxy-image {proxy_image:?} names no image repository (chart: sidecar.image.repository)"
+    );
+    anyhow::ensure!(
+        proxy != crate::sidecar::shape::image_repository(operator_image),
+        "--proxy-image and --operator-image are both of repository {proxy:?}: the sidecar's \
+         image (byok-proxy) needs a repository of its own"
+    );
+    Ok(())
+}
+
 impl ServeArgs {
-    /// The serving configuration, or `None` with `--no-serve`.
-    pub fn build(
-        &self,
-        operator_namespace: &str,
-        egress: &EgressArgs,
-    ) -> anyhow::Result<Option<crate::serve::ServeConfig>> {
-        if self.no_serve {
-            return Ok(None);
-        }
-        let service = &self.service_name;
+    /// `--broker-url`, or the Service's name in the operator's namespace; https only.
+    fn broker_url(&self, operator_namespace: &str) -> anyhow::Result<url::Url> {
         let broker_url = match &self.broker_url {
             Some(url) => url.clone(),
             None => url::Url::parse(&format!(
-                "https://{service}.{operator_namespace}.svc:{}",
+                "https://{}.{operator_namespace}.svc:{}",
+                self.service_name,
                 self.broker_addr.port()
             ))?,
         };
@@ -374,44 +384,53 @@ impl ServeArgs {
             broker_url.scheme() == "https",
             "--broker-url must be https (sidecars check the broker's certificate)"
         );
-        let tls = match &self.webhook_cert_dir {
-            Some(dir) => crate::serve::TlsSource::Dir(dir.clone()),
-            None => {
-                let mut sans = vec![
-                    service.clone(),
-                    format!("{service}.{operator_namespace}"),
-                    format!("{service}.{operator_namespace}.svc"),
-                    format!("{service}.{operator_namespace}.svc.cluster.local"),
-                ];
-                if let Some(host) = broker_url.host_str() {
-                    // An IPv6 host comes bracketed in a URL, not in a SAN.
-                    sans.push(
-                        host.trim_start_matches('[')
-                            .trim_end_matches(']')
-                            .to_string(),
-                    );
-                }
-                sans.extend(self.extra_sans.iter().cloned());
-                sans.sort();
-                sans.dedup();
-                crate::serve::TlsSource::Own(crate::serving::CertSettings {
-                    secret_name: self.cert_secret.clone(),
-                    serving_validity: self.serving_cert_validity,
-                    renew_before: self.serving_cert_renew_before,
-                    ..crate::serving::CertSettings::new(operator_namespace, sans)
-                })
-            }
-        };
-        let extra_ca_pem = match &egress.extra_ca_file {
-            Some(path) => Some(std::fs::read_to_string(path)?),
-            None => None,
-        };
+        Ok(broker_url)
+    }
+
+    /// Mounted files (`--webhook-cert-dir`), or the operator's own CA with a certificate for
+    /// the Service's names, the broker URL's host and `--extra-san`s.
+    fn tls_source(
+        &self,
+        operator_namespace: &str,
+        broker_url: &url::Url,
+    ) -> crate::serve::TlsSource {
+        if let Some(dir) = &self.webhook_cert_dir {
+            return crate::serve::TlsSource::Dir(dir.clone());
+        }
+        let service = &self.service_name;
+        let mut sans = vec![
+            service.clone(),
+            format!("{service}.{operator_namespace}"),
+            format!("{service}.{operator_namespace}.svc"),
+            format!("{service}.{operator_namespace}.svc.cluster.local"),
+        ];
+        if let Some(host) = broker_url.host_str() {
+            // An IPv6 host comes bracketed in a URL, not in a SAN.
+            sans.push(
+                host.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string(),
+            );
+        }
+        sans.extend(self.extra_sans.iter().cloned());
+        sans.sort();
+        sans.dedup();
+        crate::serve::TlsSource::Own(crate::serving::CertSettings {
+            secret_name: self.cert_secret.clone(),
+            serving_validity: self.serving_cert_validity,
+            renew_before: self.serving_cert_renew_before,
+            ..crate::serving::CertSettings::new(operator_namespace, sans)
+        })
+    }
+
+    /// Where the webhook's path is kept and how it rotates.
+    fn path_settings(&self, operator_namespace: &str) -> crate::serving::path_store::PathSettings {
         let path_secret = match (&self.webhook_path_secret, &self.webhook_cert_dir) {
             (Some(name), _) => name.clone(),
             (None, None) => self.cert_secret.clone(),
             (None, Some(_)) => "byok-operator-webhook-path".to_owned(),
         };
-        let webhook_path = crate::serving::path_store::PathSettings {
+        crate::serving::path_store::PathSettings {
             // The TLS Secret is the certificate code's to create.
             create_secret: self.webhook_cert_dir.is_some() || path_secret != self.cert_secret,
             configuration: (!self.webhook_configuration.is_empty())
@@ -422,13 +441,32 @@ impl ServeArgs {
             // The downward API's (the chart sets it).
             pod_name: std::env::var("POD_NAME").ok().filter(|n| !n.is_empty()),
             ..crate::serving::path_store::PathSettings::new(operator_namespace, &path_secret)
+        }
+    }
+
+    /// The serving configuration, or `None` with `--no-serve`.
+    pub fn build(
+        &self,
+        operator_namespace: &str,
+        egress: &EgressArgs,
+    ) -> anyhow::Result<Option<crate::serve::ServeConfig>> {
+        if self.no_serve {
+            return Ok(None);
+        }
+        let broker_url = self.broker_url(operator_namespace)?;
+        let tls = self.tls_source(operator_namespace, &broker_url);
+        let extra_ca_pem = match &egress.extra_ca_file {
+            Some(path) => Some(std::fs::read_to_string(path)?),
+            None => None,
         };
+        let webhook_path = self.path_settings(operator_namespace);
         let webhook_client_ca_pem = match &self.webhook_client_ca {
             Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
                 anyhow::anyhow!("reading --webhook-client-ca {}: {e}", path.display())
             })?),
             None => None,
         };
+        check_images(&self.proxy_image, &self.operator_image)?;
         let ports = crate::webhook::patch::SidecarPorts {
             admin: self.proxy_admin_port,
             first_key: self.proxy_first_key_port,
@@ -698,6 +736,21 @@ fn read_secret(mut reader: impl Read) -> anyhow::Result<Zeroizing<Vec<u8>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sidecar_image_needs_a_repository_of_its_own() {
+        let operator = "ghcr.io/byok-dev/byok-operator:1.0";
+        assert!(check_images("ghcr.io/byok-dev/byok-proxy:1.0", operator).is_ok());
+        assert!(check_images("mirror:5000/byok/proxy@sha256:ab", operator).is_ok());
+        for bad in [
+            "",
+            ":1.0",
+            "%!s(<nil>):0.1.0",
+            "ghcr.io/byok-dev/byok-operator:2.0",
+        ] {
+            assert!(check_images(bad, operator).is_err(), "{bad:?}");
+        }
+    }
     use clap::CommandFactory;
 
     #[test]

@@ -1,5 +1,6 @@
 //! The `byok-operator` binary: parse the command line, set up telemetry, hand over to the library.
 #![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::too_many_lines))]
 
 use clap::Parser;
 

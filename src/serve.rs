@@ -118,21 +118,85 @@ pub async fn start(
 ) -> anyhow::Result<Serving> {
     let client = ctx.client.clone();
     let mut tasks = Vec::new();
-    let (bundle, resolver) = match &config.tls {
-        TlsSource::Own(settings) => {
-            let api: Api<Secret> = Api::namespaced(client.clone(), &settings.namespace);
-            (ensure_with_retries(&api, settings).await?, None)
-        }
-        TlsSource::Dir(dir) => (certs::load_dir(dir)?, Some(dir.clone())),
-    };
+    let (bundle, resolver) = load_certificate(&config, &client).await?;
     let reloadable = Arc::new(ReloadableCert::new(&bundle)?);
     let tls = certs::server_config(reloadable.clone());
     let webhook_tls = match &config.webhook_client_ca_pem {
         Some(pem) => certs::server_config_with_client_ca(reloadable.clone(), pem)?,
         None => tls.clone(),
     };
+    let paths = webhook_paths(&config, &client, &mut tasks).await?;
 
-    // The webhook's path: every replica follows the Secret, and points the configuration at it.
+    let native_sidecars = native_sidecars_survive(&client, &config.operator_namespace).await;
+    let current = Arc::new(crate::sidecar::Current::new(InjectSettings {
+        proxy_image: config.proxy.image.clone(),
+        operator_image: config.proxy.operator_image.clone(),
+        pull_policy: config.proxy.pull_policy.clone(),
+        resources: config.proxy.resources.clone(),
+        broker_url: config.broker_url.clone(),
+        broker_ca_pem: bundle.ca_pem.clone(),
+        previous_ca_pem: bundle.previous_ca_pem.clone(),
+        broker_hosts: broker_hosts(&config.broker_url, &bundle.cert_chain_pem),
+        native_sidecars,
+        ports: config.proxy.ports,
+    }));
+    let injector = Arc::new(Injector::new(
+        watches.providerkeys.clone(),
+        watches.pods.clone(),
+        current.clone(),
+        ctx.metrics.clone(),
+    ));
+    let (ca_tx, ca_rx) =
+        keep_trust_bundles(&client, &ctx, &watches, &injector, &bundle, &mut tasks);
+    keep_certificate(
+        &config,
+        &client,
+        &current,
+        &reloadable,
+        resolver,
+        (ca_tx, ca_rx),
+        &mut tasks,
+    );
+
+    let broker = Arc::new(Broker::new(
+        ctx.clone(),
+        watches,
+        config.key_lease,
+        config.egress.clone(),
+        current.clone(),
+    ));
+    let (handles, webhook_addr, broker_addr) =
+        listen(&config, injector, broker, paths.clone(), webhook_tls, tls)?;
+    ctx.metrics.set_ready(Ready::Certificate, true);
+    tracing::info!(webhook = %webhook_addr, broker = %broker_addr, native_sidecars, client_certificates = config.webhook_client_ca_pem.is_some(), "serving the webhook and the key broker");
+    Ok(Serving {
+        handles,
+        tasks,
+        paths,
+    })
+}
+
+/// The serving certificate: the operator's own (its CA created on a first install), or the
+/// mounted files (and the directory to follow).
+async fn load_certificate(
+    config: &ServeConfig,
+    client: &kube::Client,
+) -> anyhow::Result<(Bundle, Option<PathBuf>)> {
+    Ok(match &config.tls {
+        TlsSource::Own(settings) => {
+            let api: Api<Secret> = Api::namespaced(client.clone(), &settings.namespace);
+            (ensure_with_retries(&api, settings).await?, None)
+        }
+        TlsSource::Dir(dir) => (certs::load_dir(dir)?, Some(dir.clone())),
+    })
+}
+
+/// The webhook's path: every replica follows the Secret, and points the configuration at it.
+async fn webhook_paths(
+    config: &ServeConfig,
+    client: &kube::Client,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<Arc<WebhookPaths>> {
     let path_api: Api<Secret> = Api::namespaced(client.clone(), &config.webhook_path.namespace);
     let path = path_store::ensure_with_retries(&path_api, &config.webhook_path).await?;
     let paths = Arc::new(WebhookPaths::new(&path, config.webhook_path.grace));
@@ -159,29 +223,23 @@ pub async fn start(
         paths.clone(),
     )));
 
-    let native_sidecars = native_sidecars_survive(&client, &config.operator_namespace).await;
-    let current = Arc::new(crate::sidecar::Current::new(InjectSettings {
-        proxy_image: config.proxy.image.clone(),
-        operator_image: config.proxy.operator_image.clone(),
-        pull_policy: config.proxy.pull_policy.clone(),
-        resources: config.proxy.resources.clone(),
-        broker_url: config.broker_url.clone(),
-        broker_ca_pem: bundle.ca_pem.clone(),
-        previous_ca_pem: bundle.previous_ca_pem.clone(),
-        broker_hosts: broker_hosts(&config.broker_url, &bundle.cert_chain_pem),
-        native_sidecars,
-        ports: config.proxy.ports,
-    }));
-    let injector = Arc::new(Injector::new(
-        watches.providerkeys.clone(),
-        watches.pods.clone(),
-        current.clone(),
-        ctx.metrics.clone(),
-    ));
+    Ok(paths)
+}
 
-    // The namespaces' trust bundles follow the CA: the leader writes every one that is due,
-    // every replica creates a missing one for a pod it injects.
-    // What clients trust: the CA, and during a CA rotation the one before too.
+/// The namespaces' trust bundles follow the CA: the leader writes every one that is due,
+/// every replica creates a missing one for a pod it injects. Returns the channel of what
+/// clients trust (the CA, and during a CA rotation the one before too).
+fn keep_trust_bundles(
+    client: &kube::Client,
+    ctx: &Context,
+    watches: &Watches,
+    injector: &Injector,
+    bundle: &Bundle,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> (
+    tokio::sync::watch::Sender<String>,
+    tokio::sync::watch::Receiver<String>,
+) {
     let (ca_tx, ca_rx) = tokio::sync::watch::channel(bundle.trust_pem());
     {
         let pods = watches.pods.clone();
@@ -210,6 +268,23 @@ pub async fn start(
             wanted_rx,
         )));
     }
+    (ca_tx, ca_rx)
+}
+
+/// Keeps the certificate (and the caBundle) current, and publishes each new CA to the
+/// sidecar settings and the trust bundles.
+fn keep_certificate(
+    config: &ServeConfig,
+    client: &kube::Client,
+    current: &Arc<crate::sidecar::Current>,
+    reloadable: &Arc<ReloadableCert>,
+    resolver: Option<PathBuf>,
+    (ca_tx, ca_rx): (
+        tokio::sync::watch::Sender<String>,
+        tokio::sync::watch::Receiver<String>,
+    ),
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) {
     let publish_ca = {
         let current = current.clone();
         move |bundle: &Bundle| {
@@ -225,7 +300,6 @@ pub async fn start(
         }
     };
 
-    // Keep the certificate (and the caBundle) current.
     match (&config.tls, resolver) {
         (TlsSource::Own(settings), _) => {
             if let Some(name) = &config.webhook_configuration {
@@ -266,16 +340,20 @@ pub async fn start(
         }
         (TlsSource::Dir(_), None) => {}
     }
+}
 
-    let broker = Arc::new(Broker::new(
-        ctx.clone(),
-        watches,
-        config.key_lease,
-        config.egress.clone(),
-        current.clone(),
-    ));
+/// Binds both listeners (webhook and broker), each with its TLS configuration, and starts
+/// them; returns their handles and the addresses bound.
+fn listen(
+    config: &ServeConfig,
+    injector: Arc<Injector>,
+    broker: Arc<Broker>,
+    paths: Arc<WebhookPaths>,
+    webhook_tls: rustls::ServerConfig,
+    tls: rustls::ServerConfig,
+) -> anyhow::Result<(Vec<actix_web::dev::ServerHandle>, SocketAddr, SocketAddr)> {
     let injector_data = web::Data::new(injector);
-    let paths_data = web::Data::new(paths.clone());
+    let paths_data = web::Data::new(paths);
     let webhook = HttpServer::new(move || {
         App::new()
             .app_data(injector_data.clone())
@@ -313,13 +391,7 @@ pub async fn start(
     let handles = vec![webhook.handle(), broker.handle()];
     tokio::spawn(webhook);
     tokio::spawn(broker);
-    ctx.metrics.set_ready(Ready::Certificate, true);
-    tracing::info!(webhook = %webhook_addr, broker = %broker_addr, native_sidecars, client_certificates = config.webhook_client_ca_pem.is_some(), "serving the webhook and the key broker");
-    Ok(Serving {
-        handles,
-        tasks,
-        paths,
-    })
+    Ok((handles, webhook_addr, broker_addr))
 }
 
 /// The names a sidecar may ask the broker at: the host of `--broker-url`, and the full

@@ -57,51 +57,22 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
     let shutdown = shutdown.boxed().shared();
-    let http = crate::egress::http_client(&config.egress)?;
-    let (concurrency, rate) = config.verify_limits;
-    let verifier = Verifier::new(http, config.endpoints.clone(), config.egress.allow_private)
-        .with_egress(&config.egress)
-        .with_limiter(crate::providers::limiter::HostLimiter::new(
-            concurrency,
-            rate,
-        ));
+    let verifier = verifier(&config)?;
     let keyring_api: Api<Secret> = Api::namespaced(client.clone(), &config.operator_namespace);
 
     // The admin server comes first: liveness holds while caches fill and leadership waits.
     let metrics = config.metrics.clone();
-    let _stop_admin = match config.admin_addr {
-        Some(addr) => {
-            let server = crate::admin::admin_server(addr, metrics.clone())?;
-            let handle = server.handle();
-            tokio::spawn(server);
-            Some(StopOnDrop(handle))
-        }
-        None => None,
-    };
+    let _stop_admin = start_admin(&config)?;
     if config.serving.is_none() {
         metrics.set_ready(crate::metrics::Ready::Certificate, true);
     }
 
-    let secrets: Api<Secret> = match &config.watch_namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
     let recorder = events::Publisher::new(
         client.clone(),
         std::env::var("POD_NAME").unwrap_or_else(|_| "byok-operator".into()),
     );
     let keyring_ref = keyring::reference(&config.operator_namespace, &config.keyring_secret);
-    let keyring = keyring::load_or_init(
-        &keyring_api,
-        &secrets,
-        &config.keyring_secret,
-        config.create_keyring,
-    )
-    .await?;
-    metrics.set_keyring_available(&keyring::metric_label(&keyring_ref), keyring.is_some());
-    if keyring.is_none() {
-        keyring::report_missing(&recorder, &keyring_ref).await;
-    }
+    let keyring = load_keyring(&client, &config, &keyring_api, &keyring_ref, &recorder).await?;
 
     let (sources, sources_writer) = reflector::store::<Secret>();
     let (managed, managed_writer) = reflector::store::<Secret>();
@@ -139,41 +110,14 @@ pub async fn run(
     }
 
     let mut serving = serving;
-    let work = async {
-        // Serving has started: the keys in service stay available while a stale CRD blocks
-        // reconciling.
-        tokio::select! {
-            () = crd_check::wait_until_current(&client, &recorder, &metrics) => {}
-            () = shutdown.clone() => return Ok(()),
-        }
-
-        let leases: Api<Lease> = Api::namespaced(client.clone(), &config.operator_namespace);
-        loop {
-            if let Some(leader) = &config.leader {
-                tokio::select! {
-                    () = leader::acquire(&leases, leader) => {}
-                    () = shutdown.clone() => return Ok(()),
-                }
-            }
-            metrics.set_leader(true);
-            let lost_leadership = async {
-                match &config.leader {
-                    Some(leader) => leader::hold(&leases, leader).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                () = reconcile_while_leading(&watches, ctx.clone(), config.max_concurrent_reconciles, shutdown.clone()) => {
-                    metrics.set_leader(false);
-                    return Ok(());
-                }
-                () = lost_leadership => {
-                    metrics.set_leader(false);
-                    tracing::error!("lost leadership: reconciling stops until this replica leads again; the webhook and the broker keep serving");
-                }
-            }
-        }
-    };
+    let work = lead(
+        &client,
+        &config,
+        &ctx,
+        &watches,
+        &recorder,
+        shutdown.clone(),
+    );
     // The listeners stop as soon as the shutdown (after its drain) completes, beside the
     // reconciles finishing, not after them: the pod's termination grace bounds both. Should
     // this future be dropped instead, `serving` is dropped with it and stops its listeners.
@@ -196,6 +140,108 @@ pub async fn run(
         serving.stop().await;
     }
     outcome
+}
+
+/// The keyring, created on a first install when allowed; reported (metric, Event) when
+/// missing.
+async fn load_keyring(
+    client: &Client,
+    config: &Config,
+    keyring_api: &Api<Secret>,
+    keyring_ref: &k8s_openapi::api::core::v1::ObjectReference,
+    recorder: &events::Publisher,
+) -> anyhow::Result<Option<crate::crypto::Keyring>> {
+    let secrets: Api<Secret> = match &config.watch_namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let keyring = keyring::load_or_init(
+        keyring_api,
+        &secrets,
+        &config.keyring_secret,
+        config.create_keyring,
+    )
+    .await?;
+    config
+        .metrics
+        .set_keyring_available(&keyring::metric_label(keyring_ref), keyring.is_some());
+    if keyring.is_none() {
+        keyring::report_missing(recorder, keyring_ref).await;
+    }
+    Ok(keyring)
+}
+
+/// The verifier: its HTTP client (the egress policy's) and the per-host limits.
+fn verifier(config: &Config) -> anyhow::Result<Verifier> {
+    let http = crate::egress::http_client(&config.egress)?;
+    let (concurrency, rate) = config.verify_limits;
+    Ok(
+        Verifier::new(http, config.endpoints.clone(), config.egress.allow_private)
+            .with_egress(&config.egress)
+            .with_limiter(crate::providers::limiter::HostLimiter::new(
+                concurrency,
+                rate,
+            )),
+    )
+}
+
+/// The admin server (`/metrics`, `/livez`, `/readyz`), stopped when the guard drops.
+fn start_admin(config: &Config) -> anyhow::Result<Option<StopOnDrop>> {
+    Ok(match config.admin_addr {
+        Some(addr) => {
+            let server = crate::admin::admin_server(addr, config.metrics.clone())?;
+            let handle = server.handle();
+            tokio::spawn(server);
+            Some(StopOnDrop(handle))
+        }
+        None => None,
+    })
+}
+
+/// Once the CRD is current: reconciles while this replica leads, waits to lead again when it
+/// loses the lease, until `shutdown`.
+async fn lead(
+    client: &Client,
+    config: &Config,
+    ctx: &Arc<Context>,
+    watches: &watches::Watches,
+    recorder: &events::Publisher,
+    shutdown: futures::future::Shared<futures::future::BoxFuture<'static, ()>>,
+) -> anyhow::Result<()> {
+    let metrics = &config.metrics;
+    // Serving has started: the keys in service stay available while a stale CRD blocks
+    // reconciling.
+    tokio::select! {
+        () = crd_check::wait_until_current(client, recorder, metrics) => {}
+        () = shutdown.clone() => return Ok(()),
+    }
+
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &config.operator_namespace);
+    loop {
+        if let Some(leader) = &config.leader {
+            tokio::select! {
+                () = leader::acquire(&leases, leader) => {}
+                () = shutdown.clone() => return Ok(()),
+            }
+        }
+        metrics.set_leader(true);
+        let lost_leadership = async {
+            match &config.leader {
+                Some(leader) => leader::hold(&leases, leader).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = reconcile_while_leading(watches, ctx.clone(), config.max_concurrent_reconciles, shutdown.clone()) => {
+                metrics.set_leader(false);
+                return Ok(());
+            }
+            () = lost_leadership => {
+                metrics.set_leader(false);
+                tracing::error!("lost leadership: reconciling stops until this replica leads again; the webhook and the broker keep serving");
+            }
+        }
+    }
 }
 
 /// Stops the admin server when `run` returns, however it returns.

@@ -1412,7 +1412,18 @@ async fn every_released_sidecar_shape_is_served_and_security_changes_are_not() -
             *slot = v;
         }
     }
-    let mutations: [(&str, Mutation); 14] = [
+    let mutations: [(&str, Mutation); 15] = [
+        // Resolving the broker's name with servers of its own (the broker judges its cache's
+        // copy of the pod, which must keep how the pod resolves names).
+        ("own-nameservers", |p| {
+            if let Some(s) = p.spec.as_mut() {
+                s.dns_policy = Some("None".into());
+                s.dns_config = Some(k8s_openapi::api::core::v1::PodDNSConfig {
+                    nameservers: Some(vec!["10.9.9.9".into()]),
+                    ..Default::default()
+                });
+            }
+        }),
         // Another image, whatever it runs.
         ("other-repository", |p| {
             sidecar(p).image = Some("registry.example/grabber:1".into());

@@ -85,9 +85,27 @@ pub fn strip_pod(pod: &mut Pod) {
     // (application containers' env is not kept: it may hold values of their own); each
     // volume's name, whether it is a hostPath or an emptyDir, its projected token sources
     // (other sources counted, not kept), and the trust bundle's ConfigMap source; the host
-    // namespaces.
+    // namespaces; how it resolves names (`hostAliases` hostnames, `dnsPolicy`, its own
+    // nameservers: a pod that resolves the broker's name elsewhere is not served, see
+    // `sidecar::shape::resolves_broker_as_the_cluster_does`).
     let spec = pod.spec.take().unwrap_or_default();
     pod.spec = Some(PodSpec {
+        host_aliases: spec.host_aliases.map(|aliases| {
+            aliases
+                .into_iter()
+                .map(|a| k8s_openapi::api::core::v1::HostAlias {
+                    hostnames: a.hostnames,
+                    ip: String::new(),
+                })
+                .collect()
+        }),
+        dns_policy: spec.dns_policy,
+        dns_config: spec
+            .dns_config
+            .map(|d| k8s_openapi::api::core::v1::PodDNSConfig {
+                nameservers: d.nameservers,
+                ..Default::default()
+            }),
         share_process_namespace: spec.share_process_namespace,
         host_pid: spec.host_pid,
         host_ipc: spec.host_ipc,

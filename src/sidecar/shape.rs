@@ -156,17 +156,21 @@ pub fn runs_our_proxy(
         .iter()
         .all(|p| p.as_ref().is_none_or(|p| p.exec.is_none()));
     let repository = image_repository(c.image.as_deref().unwrap_or_default());
-    let program = programs.iter().find(|p| p.repository == repository);
-    program.is_some()
+    // Any program of this repository whose arguments these are (should two share a
+    // repository, each is tried).
+    let runs_a_program = c.args.as_deref().is_some_and(|args| {
+        programs.iter().any(|p| {
+            !p.repository.is_empty()
+                && p.repository == repository
+                && args_accepted(args, p.subcommand, broker_hosts)
+        })
+    });
+    runs_a_program
         && c.restart_policy.as_deref() == Some("Always")
         && c.command.is_none()
         && c.working_dir.is_none()
         && c.lifecycle.is_none()
         && c.env_from.as_ref().is_none_or(Vec::is_empty)
-        && c.args
-            .as_deref()
-            .zip(program)
-            .is_some_and(|(args, p)| args_accepted(args, p.subcommand, broker_hosts))
         && env_accepted(c.env.as_deref().unwrap_or_default(), accepted_cas)
         && no_exec
 }

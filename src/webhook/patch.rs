@@ -227,29 +227,100 @@ pub fn mutate(
         .and_then(|a| a.get(PROVIDER_KEYS_ANNOTATION))
         .ok_or(Refusal::MissingAnnotation)?;
     let key_names = parse_key_names(annotation).map_err(Refusal::BadAnnotation)?;
-    // A pod that moves its sidecar's ports gets settings of its own; others share them.
-    let moved;
-    let settings = match pod
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(names::SIDECAR_PORTS_ANNOTATION))
-    {
-        Some(value) => {
-            moved = InjectSettings {
-                ports: settings
-                    .ports
-                    .with_annotation(value)
-                    .map_err(Refusal::BadSidecarPorts)?,
-                ..settings.clone()
-            };
-            &moved
-        }
-        None => settings,
-    };
+    let settings = pod_settings(pod, settings)?;
+    let settings = settings.as_ref();
 
     let no_spec = PodSpec::default();
     let spec = pod.spec.as_ref().unwrap_or(&no_spec);
+    check_reach(spec, settings)?;
+    let planned: Vec<PlannedKey> = settings
+        .ports
+        .keys(key_names.len())
+        .zip(key_names)
+        .map(|(port, name)| PlannedKey {
+            facts: keys(&name),
+            name,
+            port,
+        })
+        .collect();
+    check_service_account(spec, namespace, &planned)?;
+
+    let served: Vec<(&str, u16)> = planned.iter().map(|k| (k.name.as_str(), k.port)).collect();
+    let wanted_sidecar = crate::sidecar::container(settings, &served);
+    let init = spec.init_containers.as_deref().unwrap_or_default();
+    let existing_sidecar = find_our_sidecar(spec, &wanted_sidecar)?;
+    let existing_volume = check_volumes(spec)?;
+    check_peers(spec, existing_sidecar, planned.len(), settings.ports)?;
+
+    let warnings = planned
+        .iter()
+        .filter_map(|key| waiting_warning(key, namespace))
+        .collect();
+    let insert_at = insertion_point(init);
+    let first_init_with_env = existing_sidecar.map_or(insert_at, |at| at + 1);
+
+    // The patch is built from the changes alone (no copy of the pod, no diff of two): its
+    // size and cost follow what is added, not what the pod holds.
+    let mut patch = Patch(Vec::new());
+    if pod.spec.is_none() {
+        add(
+            &mut patch,
+            PointerBuf::from_tokens(["spec"]),
+            serde_json::json!({}),
+        );
+    }
+    if !existing_volume {
+        add_volumes(&mut patch, spec)?;
+    }
+    add_application_env(&mut patch, spec, first_init_with_env, &planned)?;
+    add_identity_skips(&mut patch, pod);
+    if existing_sidecar.is_none() {
+        // One explicit insert, after the other operations (which use the original indices):
+        // a diff of the shifted array would rewrite every later init container field by field.
+        let sidecar_json = to_json(&wanted_sidecar)?;
+        let (path, value) = if spec.init_containers.is_none() {
+            (
+                PointerBuf::from_tokens(["spec", "initContainers"]),
+                serde_json::Value::Array(vec![sidecar_json]),
+            )
+        } else {
+            (
+                PointerBuf::from_tokens(["spec", "initContainers", &insert_at.to_string()]),
+                sidecar_json,
+            )
+        };
+        add(&mut patch, path, value);
+    }
+    Ok(Mutation { patch, warnings })
+}
+
+/// The settings for this pod: the cluster's, or with the sidecar's ports its annotation moves
+/// (a copy only then).
+fn pod_settings<'a>(
+    pod: &Pod,
+    settings: &'a InjectSettings,
+) -> Result<std::borrow::Cow<'a, InjectSettings>, Refusal> {
+    let moved = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(names::SIDECAR_PORTS_ANNOTATION));
+    Ok(match moved {
+        Some(value) => std::borrow::Cow::Owned(InjectSettings {
+            ports: settings
+                .ports
+                .with_annotation(value)
+                .map_err(Refusal::BadSidecarPorts)?,
+            ..settings.clone()
+        }),
+        None => std::borrow::Cow::Borrowed(settings),
+    })
+}
+
+/// Refuses a pod from which the sidecar's token or memory can be reached through the node, or
+/// that resolves the broker's name on its own.
+fn check_reach(spec: &PodSpec, settings: &InjectSettings) -> Result<(), Refusal> {
+    // These three first, in this order, as releases before reported them.
     if spec.host_network == Some(true) {
         return Err(Refusal::HostNetwork);
     }
@@ -263,24 +334,22 @@ pub fn mutate(
     if !crate::sidecar::shape::resolves_broker_as_the_cluster_does(spec, &settings.broker_hosts) {
         return Err(Refusal::BrokerNameRedirected);
     }
+    Ok(())
+}
 
-    let planned: Vec<PlannedKey> = settings
-        .ports
-        .keys(key_names.len())
-        .zip(key_names)
-        .map(|(port, name)| PlannedKey {
-            facts: keys(&name),
-            name,
-            port,
-        })
-        .collect();
-
+/// Refuses a pod whose service account a key it names does not admit
+/// (`spec.consumers.serviceAccounts`).
+fn check_service_account(
+    spec: &PodSpec,
+    namespace: &str,
+    planned: &[PlannedKey],
+) -> Result<(), Refusal> {
     let service_account = [&spec.service_account_name, &spec.service_account]
         .into_iter()
         .flatten()
         .find(|sa| !sa.is_empty())
         .map_or("default", String::as_str);
-    for key in &planned {
+    for key in planned {
         if let Some(facts) = &key.facts
             && !facts.service_accounts.is_empty()
             && !facts
@@ -295,85 +364,77 @@ pub fn mutate(
             });
         }
     }
+    Ok(())
+}
 
-    let served: Vec<(&str, u16)> = planned.iter().map(|k| (k.name.as_str(), k.port)).collect();
-    let wanted_sidecar = crate::sidecar::container(settings, &served);
-    let init = spec.init_containers.as_deref().unwrap_or_default();
-    let existing_sidecar = find_our_sidecar(spec, &wanted_sidecar)?;
-    let existing_volume = check_volumes(spec)?;
-    check_peers(spec, existing_sidecar, planned.len(), settings.ports)?;
-
-    let warnings = planned
-        .iter()
-        .filter_map(|key| waiting_warning(key, namespace))
-        .collect();
-
-    // After mesh sidecars (so the broker is reachable through them), and after the meshes'
-    // own init containers only when a native mesh proxy follows them (Istio: istio-init, then
-    // a native istio-proxy). A classic mesh's proxy is a regular container that starts after
-    // every init container: behind its istio-init, the sidecar's broker call would be
-    // redirected to an Envoy that is not running, so it goes before it, as it always did.
-    // Before the first other regular init container (so that one may use the key).
+/// Where the sidecar goes among the init containers: after mesh sidecars (so the broker is
+/// reachable through them), and after the meshes' own init containers only when a native mesh
+/// proxy follows them (Istio: istio-init, then a native istio-proxy). A classic mesh's proxy is
+/// a regular container that starts after every init container: behind its istio-init, the
+/// sidecar's broker call would be redirected to an Envoy that is not running, so it goes
+/// before it, as it always did. Before the first other regular init container (so that one
+/// may use the key).
+fn insertion_point(init: &[Container]) -> usize {
     let leading = init
         .iter()
         .take_while(|c| is_native_sidecar(c) || MESH_INIT_CONTAINERS.contains(&c.name.as_str()))
         .count();
-    let insert_at = init[..leading]
+    init[..leading]
         .iter()
         .rposition(is_native_sidecar)
-        .map_or(0, |last| last + 1);
-    let first_init_with_env = existing_sidecar.map_or(insert_at, |at| at + 1);
+        .map_or(0, |last| last + 1)
+}
 
-    // The patch is built from the changes alone (no copy of the pod, no diff of two): its
-    // size and cost follow what is added, not what the pod holds.
-    let mut patch = Patch(Vec::new());
-    let add = |patch: &mut json_patch::Patch, path: PointerBuf, value: serde_json::Value| {
-        patch
-            .0
-            .push(PatchOperation::Add(AddOperation { path, value }));
-    };
-    if pod.spec.is_none() {
+fn add(patch: &mut Patch, path: PointerBuf, value: serde_json::Value) {
+    patch
+        .0
+        .push(PatchOperation::Add(AddOperation { path, value }));
+}
+
+/// The token volume, and the empty API-token volume and the trust bundle when missing.
+fn add_volumes(patch: &mut Patch, spec: &PodSpec) -> Result<(), Refusal> {
+    let mut new_volumes = vec![to_json(&token_volume())?];
+    let has = |name: &str| spec.volumes.iter().flatten().any(|v| v.name == name);
+    if !has(NO_API_TOKEN_VOLUME) {
+        new_volumes.push(to_json(&no_api_token_volume())?);
+    }
+    if !has(TRUST_VOLUME) {
+        new_volumes.push(to_json(&trust_volume())?);
+    }
+    if spec.volumes.is_none() {
         add(
-            &mut patch,
-            PointerBuf::from_tokens(["spec"]),
-            serde_json::json!({}),
+            patch,
+            PointerBuf::from_tokens(["spec", "volumes"]),
+            serde_json::Value::Array(new_volumes),
         );
-    }
-    if !existing_volume {
-        let mut new_volumes = vec![to_json(&token_volume())?];
-        let has = |name: &str| spec.volumes.iter().flatten().any(|v| v.name == name);
-        if !has(NO_API_TOKEN_VOLUME) {
-            new_volumes.push(to_json(&no_api_token_volume())?);
-        }
-        if !has(TRUST_VOLUME) {
-            new_volumes.push(to_json(&trust_volume())?);
-        }
-        if spec.volumes.is_none() {
-            add(
-                &mut patch,
-                PointerBuf::from_tokens(["spec", "volumes"]),
-                serde_json::Value::Array(new_volumes),
-            );
-        } else {
-            for v in new_volumes {
-                add(
-                    &mut patch,
-                    PointerBuf::from_tokens(["spec", "volumes", "-"]),
-                    v,
-                );
-            }
+    } else {
+        for v in new_volumes {
+            add(patch, PointerBuf::from_tokens(["spec", "volumes", "-"]), v);
         }
     }
-    let app_env = application_env(&planned);
+    Ok(())
+}
+
+/// The keys' variables for every application container and every init container from
+/// `first_init` on, each variable only where the container does not set it.
+fn add_application_env(
+    patch: &mut Patch,
+    spec: &PodSpec,
+    first_init: usize,
+    planned: &[PlannedKey],
+) -> Result<(), Refusal> {
+    let app_env = application_env(planned);
     let containers = spec
         .containers
         .iter()
         .enumerate()
         .map(|(i, c)| ("containers", i, c));
-    let inits = init
+    let inits = spec
+        .init_containers
         .iter()
+        .flatten()
         .enumerate()
-        .skip(first_init_with_env)
+        .skip(first_init)
         .map(|(i, c)| ("initContainers", i, c));
     for (list, i, c) in containers.chain(inits) {
         let missing: Vec<&EnvVar> = app_env
@@ -388,68 +449,51 @@ pub fn mutate(
             let all: Vec<serde_json::Value> =
                 missing.iter().map(to_json).collect::<Result<_, _>>()?;
             add(
-                &mut patch,
+                patch,
                 PointerBuf::from_tokens(["spec", list, &index, "env"]),
                 serde_json::Value::Array(all),
             );
         } else {
             for v in missing {
                 add(
-                    &mut patch,
+                    patch,
                     PointerBuf::from_tokens(["spec", list, &index, "env", "-"]),
                     to_json(v)?,
                 );
             }
         }
     }
-    // Identity webhooks that edit every container (EKS Pod Identity, Azure Workload Identity)
-    // add variables and a token mount to ours too, after us or on reinvocation, and the
-    // broker would then refuse the changed sidecar: they skip the containers these name.
+    Ok(())
+}
+
+/// Identity webhooks that edit every container (EKS Pod Identity, Azure Workload Identity)
+/// add variables and a token mount to ours too, after us or on reinvocation, and the broker
+/// would then refuse the changed sidecar: they skip the containers these annotations name.
+fn add_identity_skips(patch: &mut Patch, pod: &Pod) {
     let annotations = pod.metadata.annotations.as_ref();
     for (key, separator) in IDENTITY_SKIP_ANNOTATIONS {
         let current = annotations.and_then(|a| a.get(key)).map(String::as_str);
         let listed = current.is_some_and(|v| v.split(separator).any(|n| n.trim() == SIDECAR_NAME));
-        if !listed {
-            let value = match current.filter(|v| !v.trim().is_empty()) {
-                Some(v) => format!("{v}{separator}{SIDECAR_NAME}"),
-                None => SIDECAR_NAME.to_owned(),
-            };
-            if annotations.is_none() {
-                add(
-                    &mut patch,
-                    PointerBuf::from_tokens(["metadata", "annotations"]),
-                    serde_json::json!({}),
-                );
-            }
+        if listed {
+            continue;
+        }
+        let value = match current.filter(|v| !v.trim().is_empty()) {
+            Some(v) => format!("{v}{separator}{SIDECAR_NAME}"),
+            None => SIDECAR_NAME.to_owned(),
+        };
+        if annotations.is_none() {
             add(
-                &mut patch,
-                PointerBuf::from_tokens(["metadata", "annotations", key]),
-                serde_json::Value::String(value),
+                patch,
+                PointerBuf::from_tokens(["metadata", "annotations"]),
+                serde_json::json!({}),
             );
         }
+        add(
+            patch,
+            PointerBuf::from_tokens(["metadata", "annotations", key]),
+            serde_json::Value::String(value),
+        );
     }
-    let init_containers_absent = spec.init_containers.is_none();
-
-    if existing_sidecar.is_none() {
-        // One explicit insert, after the diff's operations (which use the original indices):
-        // a diff of the shifted array would rewrite every later init container field by field.
-        let sidecar_json = to_json(&wanted_sidecar)?;
-        let (path, value) = if init_containers_absent {
-            (
-                PointerBuf::from_tokens(["spec", "initContainers"]),
-                serde_json::Value::Array(vec![sidecar_json]),
-            )
-        } else {
-            (
-                PointerBuf::from_tokens(["spec", "initContainers", &insert_at.to_string()]),
-                sidecar_json,
-            )
-        };
-        patch
-            .0
-            .push(PatchOperation::Add(AddOperation { path, value }));
-    }
-    Ok(Mutation { patch, warnings })
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<serde_json::Value, Refusal> {
@@ -2154,6 +2198,29 @@ mod tests {
         let mut other = good.clone();
         trust_volume_of(other.spec.as_mut().expect("spec")).name = "mine".into();
         assert!(!stripped(other));
+        // A pod that resolves the broker's name elsewhere (made while the webhook was not
+        // asked) is refused on the stripped copy too: the cache keeps how it resolves names.
+        let redirected: [fn(&mut PodSpec); 3] = [
+            |s| {
+                s.host_aliases = Some(vec![k8s_openapi::api::core::v1::HostAlias {
+                    ip: "10.1.2.3".into(),
+                    hostnames: Some(vec!["broker.byok-system.svc".into()]),
+                }]);
+            },
+            |s| s.dns_policy = Some("None".into()),
+            |s| {
+                s.dns_config = Some(k8s_openapi::api::core::v1::PodDNSConfig {
+                    nameservers: Some(vec!["10.9.9.9".into()]),
+                    ..Default::default()
+                });
+            },
+        ];
+        for redirect in redirected {
+            let mut pod = good.clone();
+            redirect(pod.spec.as_mut().expect("spec"));
+            assert!(!token_held_only_by_sidecar(spec(&pod), &now));
+            assert!(!stripped(pod));
+        }
     }
 
     #[test]

@@ -41,7 +41,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 {{- end -}}
 
-{{/* The image of the operator and of the injected sidecar: digest over tag. */}}
+{{/* The operator's image (and the sidecar of pods injected before byok-proxy): digest over tag. */}}
 {{- define "byok.image" -}}
 {{- if .Values.image.digest -}}
 {{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
@@ -51,11 +51,15 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 
 {{- define "byok.sidecarImage" -}}
-{{- $image := .Values.sidecar.image -}}
+{{- $image := required "sidecar.image is required (helm upgrade --reuse-values from a release before it: add --set sidecar.image.repository=ghcr.io/byok-dev/byok-proxy)" .Values.sidecar.image -}}
+{{- $repository := required "sidecar.image.repository is required" $image.repository -}}
+{{- if eq $repository .Values.image.repository -}}
+{{- fail "sidecar.image.repository must differ from image.repository: the broker tells the sidecar's image from the operator's by repository" -}}
+{{- end -}}
 {{- if $image.digest -}}
-{{- printf "%s@%s" $image.repository $image.digest -}}
+{{- printf "%s@%s" $repository $image.digest -}}
 {{- else -}}
-{{- printf "%s:%s" $image.repository (default .Chart.AppVersion $image.tag) -}}
+{{- printf "%s:%s" $repository (default .Chart.AppVersion $image.tag) -}}
 {{- end -}}
 {{- end -}}
 
