@@ -21,6 +21,7 @@ use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 
 use super::answers::{Refusal, error_response};
 use super::keys::KeySlot;
+use super::live::Live;
 use super::metrics::{ErrorLabels, KeyLabel, ProxyMetrics, RequestLabels};
 use super::models::Check;
 use super::upstream::{self, Body, BoxError};
@@ -313,6 +314,36 @@ async fn forward(
 ) -> Result<Response<Incoming>, Refusal> {
     let live = slot.current(Instant::now())?;
     done.key_version = live.key_version;
+    let (route, uri) = admit(&live, &req, done)?;
+    let (mut parts, body) = req.into_parts();
+    let body = upstream_body(shared, &live, &route, &mut parts, body, done).await?;
+
+    strip_hop_by_hop(&mut parts.headers);
+    for name in CLIENT_CREDENTIALS.iter().chain(&METHOD_OVERRIDES) {
+        parts.headers.remove(*name);
+    }
+    parts
+        .headers
+        .insert(live.auth_name.clone(), live.auth_value.clone());
+    parts.uri = uri;
+    parts.version = Version::HTTP_11;
+    let upstream_req = Request::from_parts(parts, body);
+
+    let Some(client) = live.upstream.as_ref() else {
+        return Err(Refusal::KeyUnavailable(
+            "no connection pool for the key".into(),
+        ));
+    };
+    send(slot, shared, client, upstream_req, done).await
+}
+
+/// Whether the request may go to the key's provider at all (method, route, endpoint
+/// policy); its route and the upstream URI if so.
+fn admit(
+    live: &Live,
+    req: &Request<Incoming>,
+    done: &mut Done,
+) -> Result<(routes::Route, Uri), Refusal> {
     if req.headers().contains_key(header::UPGRADE) || req.method() == Method::CONNECT {
         return Err(Refusal::Upgrade);
     }
@@ -362,13 +393,24 @@ async fn forward(
     let uri: Uri = uri
         .parse()
         .map_err(|_| Refusal::BadRequest("the request path is not a valid URI path".into()))?;
+    Ok((route, uri))
+}
 
-    let (mut parts, body) = req.into_parts();
+/// The body to send upstream: streamed, whole when small, or read and checked (its model
+/// judged, filled or refused) within the inspect budget.
+async fn upstream_body(
+    shared: &Shared,
+    live: &Live,
+    route: &routes::Route,
+    parts: &mut http::request::Parts,
+    body: Incoming,
+    done: &mut Done,
+) -> Result<Body, Refusal> {
     let json = is_json(&parts.headers);
     let check = live
         .models
         .check(&route.model_at, json && parts.method == Method::POST);
-    let body: Body = match check {
+    Ok(match check {
         Check::Refuse(refusal) => return Err(refusal),
         // A small body of known length has (almost always) arrived with the head: sent
         // whole, the provider gets head and body in one write instead of two.
@@ -415,24 +457,17 @@ async fn forward(
                 .map_err(|e| match e {})
                 .boxed_unsync()
         }
-    };
+    })
+}
 
-    strip_hop_by_hop(&mut parts.headers);
-    for name in CLIENT_CREDENTIALS.iter().chain(&METHOD_OVERRIDES) {
-        parts.headers.remove(*name);
-    }
-    parts
-        .headers
-        .insert(live.auth_name.clone(), live.auth_value.clone());
-    parts.uri = uri;
-    parts.version = Version::HTTP_11;
-    let upstream_req = Request::from_parts(parts, body);
-
-    let Some(client) = live.upstream.as_ref() else {
-        return Err(Refusal::KeyUnavailable(
-            "no connection pool for the key".into(),
-        ));
-    };
+/// Sends the request through the key's pool; a failure is counted, logged and answered.
+async fn send(
+    slot: &KeySlot,
+    shared: &Shared,
+    client: &upstream::Client,
+    upstream_req: Request<Body>,
+    done: &mut Done,
+) -> Result<Response<Incoming>, Refusal> {
     let sent = Instant::now();
     match client.request(upstream_req).await {
         Ok(res) => {

@@ -205,45 +205,8 @@ pub async fn run(cfg: ProxyConfig) -> anyhow::Result<()> {
             cfg.namespace.clone(),
         ));
     }
-    {
-        let slots = slots.clone();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = admin_listener.accept().await else {
-                    continue;
-                };
-                let slots = slots.clone();
-                let metrics = metrics.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |req| {
-                        let res = admin(&req, &slots, &metrics);
-                        async move { Ok::<_, std::convert::Infallible>(res) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-    }
-    {
-        let slots = slots.clone();
-        tokio::spawn(async move {
-            loop {
-                let now = Instant::now();
-                if slots.iter().all(|s| s.current(now).is_ok()) {
-                    tracing::info!(
-                        keys = slots.len(),
-                        ready_ms = started.elapsed().as_secs_f64() * 1000.0,
-                        "ready: every key is loaded"
-                    );
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        });
-    }
+    tokio::spawn(serve_admin(admin_listener, slots.clone(), metrics.clone()));
+    tokio::spawn(log_ready(slots.clone(), started));
 
     let graceful = Arc::new(GracefulShutdown::new());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -268,20 +231,65 @@ pub async fn run(cfg: ProxyConfig) -> anyhow::Result<()> {
     for task in accepting {
         let _ = task.await;
     }
+    drain(&shared, graceful, cfg.drain_timeout).await
+}
+
+/// Waits for the requests in flight, streams included, up to `grace`.
+async fn drain(
+    shared: &Shared,
+    graceful: Arc<GracefulShutdown>,
+    grace: Duration,
+) -> anyhow::Result<()> {
     let open = shared.in_flight.load(std::sync::atomic::Ordering::Relaxed);
-    tracing::info!(
-        in_flight = open,
-        grace_s = cfg.drain_timeout.as_secs(),
-        "draining"
-    );
+    tracing::info!(in_flight = open, grace_s = grace.as_secs(), "draining");
     let Ok(graceful) = Arc::try_unwrap(graceful) else {
         anyhow::bail!("an accept loop outlived the shutdown");
     };
-    match tokio::time::timeout(cfg.drain_timeout, graceful.shutdown()).await {
+    match tokio::time::timeout(grace, graceful.shutdown()).await {
         Ok(()) => tracing::info!("drained; exiting"),
         Err(_) => tracing::warn!("the drain grace period ended with requests in flight; exiting"),
     }
     Ok(())
+}
+
+/// Serves the admin listener (probes and metrics), HTTP/1.1.
+async fn serve_admin(
+    listener: TcpListener,
+    slots: Vec<Arc<KeySlot>>,
+    metrics: Arc<metrics::ProxyMetrics>,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let slots = slots.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let res = admin(&req, &slots, &metrics);
+                async move { Ok::<_, std::convert::Infallible>(res) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Logs once when every key is loaded, with the time since start.
+async fn log_ready(slots: Vec<Arc<KeySlot>>, started: Instant) {
+    loop {
+        let now = Instant::now();
+        if slots.iter().all(|s| s.current(now).is_ok()) {
+            tracing::info!(
+                keys = slots.len(),
+                ready_ms = started.elapsed().as_secs_f64() * 1000.0,
+                "ready: every key is loaded"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn accept_loop(

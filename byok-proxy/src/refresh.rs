@@ -337,97 +337,141 @@ pub async fn keep_current(
     metrics: Arc<ProxyMetrics>,
     namespace: String,
 ) {
-    let label = KeyLabel {
-        key: slot.name.clone(),
+    let mut keeper = Keeper {
+        label: KeyLabel {
+            key: slot.name.clone(),
+        },
+        slot,
+        pools,
+        metrics,
+        namespace,
+        retry: FIRST_RETRY,
+        poll: DEFAULT_POLL,
     };
-    let mut retry = FIRST_RETRY;
-    let mut poll = DEFAULT_POLL;
     loop {
-        let answer = broker.fetch(&slot.name, slot.etag().as_deref()).await;
+        let answer = broker
+            .fetch(&keeper.slot.name, keeper.slot.etag().as_deref())
+            .await;
+        let wait = keeper.take(answer);
+        tokio::time::sleep(jittered(wait)).await;
+    }
+}
+
+/// One key's refresh state: what the broker's answers change, and when to ask again.
+struct Keeper {
+    slot: Arc<KeySlot>,
+    pools: Arc<Pools>,
+    metrics: Arc<ProxyMetrics>,
+    namespace: String,
+    label: KeyLabel,
+    /// The next retry delay after a failure (doubles up to `poll`).
+    retry: Duration,
+    /// The broker's poll interval.
+    poll: Duration,
+}
+
+impl Keeper {
+    /// Applies one answer of the broker; returns how long to wait before the next.
+    fn take(&mut self, answer: Answer) -> Duration {
         let now = Instant::now();
-        let loaded = slot.live().is_some();
+        let loaded = self.slot.live().is_some();
         let wait = match answer {
-            Answer::Granted { grant, etag } => {
-                let checked =
-                    Live::from_grant(*grant, &namespace, &slot.name, now).and_then(|mut live| {
-                        live.upstream = Some(pools.get(&live.egress).map_err(|e| e.to_string())?);
-                        Ok(live)
-                    });
-                match checked {
-                    Ok(live) => {
-                        let version = live.key_version;
-                        let fingerprint = live.fingerprint.clone();
-                        poll = live.poll;
-                        let before = slot.granted(live, etag, now);
-                        metrics.refresh(&slot.name, "updated");
-                        metrics.key_version.get_or_create(&label).set(version);
-                        match before {
-                            None => {
-                                tracing::info!(key = %slot.name, key_version = version, %fingerprint, "key loaded")
-                            }
-                            Some(v) if v != version => {
-                                tracing::info!(key = %slot.name, key_version = version, previous = v, %fingerprint, "key rotated")
-                            }
-                            Some(_) => tracing::debug!(key = %slot.name, "grant renewed"),
-                        }
-                        retry = FIRST_RETRY;
-                        poll
-                    }
-                    Err(why) => {
-                        metrics.refresh(&slot.name, "refused");
-                        tracing::error!(key = %slot.name, error = %why, "the broker's grant was refused; the key is not served");
-                        slot.close(format!("the grant was refused: {why}"));
-                        backoff(&mut retry, poll)
-                    }
-                }
-            }
+            Answer::Granted { grant, etag } => self.granted(*grant, etag, now),
             Answer::NotModified { lease } => {
-                metrics.refresh(&slot.name, "unchanged");
-                slot.confirmed(lease, now);
-                retry = FIRST_RETRY;
-                poll
+                self.metrics.refresh(&self.slot.name, "unchanged");
+                self.slot.confirmed(lease, now);
+                self.retry = FIRST_RETRY;
+                self.poll
             }
             Answer::Denied {
                 status,
                 reason,
                 message,
                 final_,
-            } => {
-                let why = format!("the key broker answered {status} {reason}: {message}");
-                if final_ && loaded {
-                    metrics.refresh(&slot.name, "closed");
-                    tracing::warn!(key = %slot.name, status, %reason, %message, "the key is no longer served; dropped");
-                    slot.close(why);
-                } else {
-                    metrics.refresh(&slot.name, if loaded { "failed" } else { "waiting" });
-                    tracing::info!(key = %slot.name, status, %reason, %message, "the key broker refused the key for now");
-                    slot.waiting(why);
-                }
-                if loaded && !final_ {
-                    poll
-                } else {
-                    backoff(&mut retry, poll)
-                }
-            }
+            } => self.denied(status, &reason, &message, final_, loaded),
             Answer::Failed(why) => {
-                metrics.refresh(&slot.name, "failed");
-                tracing::warn!(key = %slot.name, error = %why, "asking the key broker failed");
-                slot.waiting(why);
+                self.metrics.refresh(&self.slot.name, "failed");
+                tracing::warn!(key = %self.slot.name, error = %why, "asking the key broker failed");
+                self.slot.waiting(why);
                 if loaded {
-                    poll
+                    self.poll
                 } else {
-                    backoff(&mut retry, poll)
+                    backoff(&mut self.retry, self.poll)
                 }
             }
         };
+        let metrics = &self.metrics;
         metrics
             .key_ready
-            .get_or_create(&label)
-            .set(i64::from(slot.current(Instant::now()).is_ok()));
-        if slot.live().is_none() {
-            metrics.key_version.get_or_create(&label).set(0);
+            .get_or_create(&self.label)
+            .set(i64::from(self.slot.current(Instant::now()).is_ok()));
+        if self.slot.live().is_none() {
+            metrics.key_version.get_or_create(&self.label).set(0);
         }
-        tokio::time::sleep(jittered(wait)).await;
+        wait
+    }
+
+    /// A grant: checked, and served if it passes.
+    fn granted(&mut self, grant: Grant, etag: Option<String>, now: Instant) -> Duration {
+        let (slot, metrics) = (&self.slot, &self.metrics);
+        let checked =
+            Live::from_grant(grant, &self.namespace, &slot.name, now).and_then(|mut live| {
+                live.upstream = Some(self.pools.get(&live.egress).map_err(|e| e.to_string())?);
+                Ok(live)
+            });
+        let live = match checked {
+            Ok(live) => live,
+            Err(why) => {
+                metrics.refresh(&slot.name, "refused");
+                tracing::error!(key = %slot.name, error = %why, "the broker's grant was refused; the key is not served");
+                slot.close(format!("the grant was refused: {why}"));
+                return backoff(&mut self.retry, self.poll);
+            }
+        };
+        let version = live.key_version;
+        let fingerprint = live.fingerprint.clone();
+        self.poll = live.poll;
+        let before = slot.granted(live, etag, now);
+        metrics.refresh(&slot.name, "updated");
+        metrics.key_version.get_or_create(&self.label).set(version);
+        match before {
+            None => {
+                tracing::info!(key = %slot.name, key_version = version, %fingerprint, "key loaded")
+            }
+            Some(v) if v != version => {
+                tracing::info!(key = %slot.name, key_version = version, previous = v, %fingerprint, "key rotated")
+            }
+            Some(_) => tracing::debug!(key = %slot.name, "grant renewed"),
+        }
+        self.retry = FIRST_RETRY;
+        self.poll
+    }
+
+    /// A refusal: final ones close a loaded key, others leave it waiting.
+    fn denied(
+        &mut self,
+        status: u16,
+        reason: &str,
+        message: &str,
+        final_: bool,
+        loaded: bool,
+    ) -> Duration {
+        let (slot, metrics) = (&self.slot, &self.metrics);
+        let why = format!("the key broker answered {status} {reason}: {message}");
+        if final_ && loaded {
+            metrics.refresh(&slot.name, "closed");
+            tracing::warn!(key = %slot.name, status, %reason, %message, "the key is no longer served; dropped");
+            slot.close(why);
+        } else {
+            metrics.refresh(&slot.name, if loaded { "failed" } else { "waiting" });
+            tracing::info!(key = %slot.name, status, %reason, %message, "the key broker refused the key for now");
+            slot.waiting(why);
+        }
+        if loaded && !final_ {
+            self.poll
+        } else {
+            backoff(&mut self.retry, self.poll)
+        }
     }
 }
 
