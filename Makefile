@@ -91,13 +91,14 @@ test: lint testbins sdk-deps ## Everything CI runs: lint, unit tests, integratio
 
 .PHONY: bench
 bench: testbins ## Scale and speed figures beside their aims: BENCH_KEYS ProviderKeys (10,000) on the real API server (release build)
-	@# The proxy section compares with wrk and nginx (Debian: wrk, nginx-light).
+	@# The proxy section compares with wrk, nginx (Debian: wrk, nginx-light) and the hop fixture.
 	@command -v wrk >/dev/null && command -v nginx >/dev/null || \
 	  { apt-get update -qq && apt-get install -y -qq wrk nginx-light; } || \
 	  echo "make bench: install wrk and nginx-light for the proxy section" >&2
 	$(CARGO) build --release --bin byok-operator
 	@# The proxy section runs the sidecar's shipped binary (make static).
 	$(MAKE) --no-print-directory static
+	$(CARGO) build --release -p byok-e2e --bin hop
 	$(CARGO) run --release -p byok-e2e --bin bench -- $${BENCH_KEYS:-10000} target/release/byok-operator $(STATIC_PROXY)
 	@# Section `pods`: real pods on a test node (hack/node-ns.sh), the sidecar image made from
 	@# the release binary.
