@@ -106,7 +106,8 @@ impl Lang {
         let (program, args) = match self {
             Lang::Python => (
                 cache.join("venv/bin/python"),
-                vec![sdk_source("python/sdk.py")],
+                // -B: no __pycache__ in the source tree.
+                vec!["-B".into(), sdk_source("python/sdk.py")],
             ),
             Lang::Node => (which("node")?, vec![sdk_source("node/sdk.mjs")]),
             Lang::Go => (cache.join("go/byok-sdk-go"), vec![]),
