@@ -18,6 +18,7 @@
 //! header), [`egress`] (which provider addresses may be dialled), [`sidecar`] (ports, token
 //! path, key names), [`interval`] (Go-style durations), [`telemetry`] (logging).
 #![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::too_many_lines))]
 
 pub mod answers;
 pub mod cli;

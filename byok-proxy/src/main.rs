@@ -1,6 +1,7 @@
 //! The `byok-proxy` binary, the sidecar the webhook injects: parse the flags, set up logging,
 //! hand over to the library.
 #![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::too_many_lines))]
 
 use clap::Parser;
 
