@@ -395,7 +395,11 @@ fn start_hop(
         .env("HOP_WORKERS", "2")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(if wrapper.is_empty() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .spawn()
         .context("starting hop")
 }
@@ -553,6 +557,18 @@ pub async fn run(
             trust.path.display().to_string(),
         )],
     };
+    if std::env::var("BENCH_PROXY_CALLGRIND").as_deref() == Ok("only") {
+        return profile(
+            broker_url,
+            &pod,
+            &token,
+            (options("proxy-callgrind.log", &[]), &script),
+            fake,
+            key,
+            dir,
+        )
+        .await;
+    }
     // Start -> ready, five times (the pod is in the broker's cache after the first).
     let mut ready_ms = Vec::new();
     for _ in 0..6 {
@@ -861,6 +877,7 @@ fn instructions_per_request(
         Command::new("callgrind_control")
             .args([arg, &pid.to_string()])
             .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .status()
     };
     anyhow::ensure!(control("-z")?.success(), "callgrind_control -z failed");
@@ -893,19 +910,29 @@ async fn profile(
 ) -> anyhow::Result<()> {
     fake.set_recording(false);
     let mut lines = Vec::new();
-    for (name, extra) in [("byok", None), ("byok-no-log", Some("--no-access-log"))] {
-        let out = dir.join(format!("callgrind.{name}"));
-        let wrapper = dir.join(format!("callgrind-{name}.sh"));
+    // BENCH_PROXY_CALLGRIND_BINARIES: other builds to compare, `:`-separated.
+    let mut binaries: Vec<PathBuf> = options.binary.iter().cloned().collect();
+    binaries.extend(
+        std::env::var("BENCH_PROXY_CALLGRIND_BINARIES")
+            .unwrap_or_default()
+            .split(':')
+            .filter(|b| !b.is_empty())
+            .map(PathBuf::from),
+    );
+    for (binary, (name, extra)) in binaries
+        .iter()
+        .flat_map(|b| [("byok", None), ("byok-no-log", Some("--no-access-log"))].map(|n| (b, n)))
+    {
+        let name = &format!("{name} ({})", binary.display());
+        let tag = lines.len();
+        let out = dir.join(format!("callgrind.byok{tag}"));
+        let wrapper = dir.join(format!("callgrind-byok{tag}.sh"));
         std::fs::write(
             &wrapper,
             format!(
                 "#!/bin/sh\nexec /usr/bin/valgrind --tool=callgrind --callgrind-out-file={} {} \"$@\"\n",
                 out.display(),
-                options
-                    .binary
-                    .as_deref()
-                    .unwrap_or(Path::new("byok-proxy"))
-                    .display()
+                binary.display()
             ),
         )?;
         std::fs::set_permissions(
@@ -922,10 +949,12 @@ async fn profile(
             "{}/v1/messages",
             sidecar.url(&sidecar.ports.keys().next().cloned().unwrap_or_default())
         );
+        let mut figures = Vec::new();
         for conns in [1, 16] {
             let ir = instructions_per_request(pid, &url, script, conns, &out)?;
-            lines.push(format!("{name} {ir:.0} at {conns}"));
+            figures.push(format!("{ir:.0}"));
         }
+        lines.push(format!("{name}: {}", figures.join(" / ")));
     }
     let hop_port = free_port()?;
     let out = dir.join("callgrind.hop");
@@ -939,6 +968,7 @@ async fn profile(
     )?);
     tokio::time::sleep(Duration::from_secs(2)).await;
     wait_listening(hop_port, "hop under callgrind").await?;
+    let mut figures = Vec::new();
     for conns in [1, 16] {
         let ir = instructions_per_request(
             hop.0.id(),
@@ -947,14 +977,15 @@ async fn profile(
             conns,
             &out,
         )?;
-        lines.push(format!("hop {ir:.0} at {conns}"));
+        figures.push(format!("{ir:.0}"));
     }
+    lines.push(format!("hop: {}", figures.join(" / ")));
     drop(hop);
     fake.set_recording(true);
-    println!(
-        "  callgrind, instructions per request (connections): {}",
-        lines.join(", ")
-    );
+    println!("  callgrind, instructions per request at 1 and 16 connections:");
+    for line in lines {
+        println!("    {line}");
+    }
     Ok(())
 }
 
