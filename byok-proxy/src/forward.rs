@@ -22,7 +22,7 @@ use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use super::answers::{Refusal, error_response};
 use super::keys::KeySlot;
 use super::live::Live;
-use super::metrics::{ErrorLabels, KeyLabel, ProxyMetrics, RequestLabels};
+use super::metrics::{ErrorLabels, KeyMetrics, ProxyMetrics};
 use super::models::Check;
 use super::upstream::{self, Body, BoxError};
 use super::{endpoints, routes};
@@ -152,9 +152,10 @@ fn full(bytes: Bytes) -> OutBody {
 /// dropped half-way).
 struct Done {
     shared: Arc<Shared>,
-    key: Arc<str>,
+    key: Arc<KeyMetrics>,
     method: Method,
-    path: String,
+    /// The request's URI (its path is logged; a clone shares the parsed bytes).
+    uri: Uri,
     status: u16,
     model: Option<String>,
     key_version: i64,
@@ -164,34 +165,22 @@ struct Done {
 
 impl Done {
     fn finish(self, bytes: u64, outcome: &'static str) {
-        let key = KeyLabel {
-            key: self.key.to_string(),
-        };
         let m = &self.shared.metrics;
-        m.requests
-            .get_or_create(&RequestLabels {
-                key: key.key.clone(),
-                code: self.status,
-            })
-            .inc();
+        self.key.answered(m, self.status);
         let elapsed = self.start.elapsed();
-        m.duration
-            .get_or_create(&key)
-            .observe(elapsed.as_secs_f64());
+        self.key.duration(m).observe(elapsed.as_secs_f64());
         if let Some(l) = self.upstream_latency {
-            m.upstream_latency
-                .get_or_create(&key)
-                .observe(l.as_secs_f64());
+            self.key.upstream_latency(m).observe(l.as_secs_f64());
         }
-        m.response_bytes.get_or_create(&key).inc_by(bytes);
+        self.key.response_bytes(m).inc_by(bytes);
         m.in_flight.dec();
         self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
         if self.shared.access_log {
             tracing::info!(
                 target: "byok_proxy::access",
-                key = %self.key,
+                key = %self.key.name,
                 method = %self.method,
-                path = %self.path,
+                path = %self.uri.path(),
                 status = self.status,
                 upstream_ms = self.upstream_latency.map(|l| l.as_secs_f64() * 1000.0),
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
@@ -264,7 +253,7 @@ impl Drop for Tracked {
 /// Serves one request for `slot`'s key. Never fails: every problem is an HTTP answer.
 pub async fn handle(
     slot: Arc<KeySlot>,
-    key: Arc<str>,
+    key: Arc<KeyMetrics>,
     shared: Arc<Shared>,
     req: Request<Incoming>,
 ) -> Result<Response<OutBody>, Infallible> {
@@ -275,7 +264,7 @@ pub async fn handle(
         shared: shared.clone(),
         key,
         method: req.method().clone(),
-        path: req.uri().path().to_owned(),
+        uri: req.uri().clone(),
         status: 0,
         model: None,
         key_version: 0,

@@ -300,7 +300,7 @@ async fn accept_loop(
     graceful: Arc<GracefulShutdown>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let key: Arc<str> = Arc::from(slot.name.as_str());
+    let key = Arc::new(metrics::KeyMetrics::new(&slot.name));
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     loop {
         let accepted = tokio::select! {

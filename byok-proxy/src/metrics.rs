@@ -8,6 +8,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use std::sync::{Arc, OnceLock};
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KeyLabel {
     pub key: String,
@@ -36,6 +38,63 @@ pub struct RefreshLabels {
 fn duration_histogram() -> Histogram {
     // 0.5 ms .. ~4.4 min: time to first byte and whole streams alike.
     Histogram::new(exponential_buckets(0.0005, 2.0, 20))
+}
+
+/// One key's per-request series, each looked up in its family once (on first use, so the
+/// series appear exactly as they would per request) instead of on every request: the
+/// lookup hashes and clones the labels.
+pub struct KeyMetrics {
+    pub name: Arc<str>,
+    label: KeyLabel,
+    ok: OnceLock<Counter>,
+    duration: OnceLock<Histogram>,
+    upstream_latency: OnceLock<Histogram>,
+    response_bytes: OnceLock<Counter>,
+}
+
+impl KeyMetrics {
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: Arc::from(name),
+            label: KeyLabel {
+                key: name.to_owned(),
+            },
+            ok: OnceLock::new(),
+            duration: OnceLock::new(),
+            upstream_latency: OnceLock::new(),
+            response_bytes: OnceLock::new(),
+        }
+    }
+
+    /// Counts one answered request with `code`.
+    pub fn answered(&self, m: &ProxyMetrics, code: u16) {
+        let labels = || RequestLabels {
+            key: self.label.key.clone(),
+            code,
+        };
+        if code == 200 {
+            self.ok
+                .get_or_init(|| m.requests.get_or_create(&labels()).clone())
+                .inc();
+        } else {
+            m.requests.get_or_create(&labels()).inc();
+        }
+    }
+
+    pub fn duration(&self, m: &ProxyMetrics) -> &Histogram {
+        self.duration
+            .get_or_init(|| m.duration.get_or_create(&self.label).clone())
+    }
+
+    pub fn upstream_latency(&self, m: &ProxyMetrics) -> &Histogram {
+        self.upstream_latency
+            .get_or_init(|| m.upstream_latency.get_or_create(&self.label).clone())
+    }
+
+    pub fn response_bytes(&self, m: &ProxyMetrics) -> &Counter {
+        self.response_bytes
+            .get_or_init(|| m.response_bytes.get_or_create(&self.label).clone())
+    }
 }
 
 pub struct ProxyMetrics {
