@@ -102,7 +102,13 @@ async fn assert_nothing_leaked(sidecar: &Sidecar, secrets: &[&str]) -> anyhow::R
         .await?
         .text()
         .await?;
-    let output = sidecar.output();
+    // The log is written by a background thread in batches (a few ms behind).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut output = sidecar.output();
+    while !output.contains("byok_proxy::access") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        output = sidecar.output();
+    }
     assert!(
         output.contains("byok_proxy::access"),
         "access log lines: {output}"
