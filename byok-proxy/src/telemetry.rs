@@ -182,7 +182,9 @@ mod tests {
             writer: Some(writer),
         };
         for i in 0..5 {
-            (&*batch).write_all(format!("early {i}\n").as_bytes()).expect("write");
+            (&*batch)
+                .write_all(format!("early {i}\n").as_bytes())
+                .expect("write");
             std::thread::sleep(BATCH_EVERY * 3);
             let seen = String::from_utf8_lossy(&sink.0.lock().expect("sink")).into_owned();
             assert!(seen.contains(&format!("early {i}\n")), "{seen:?}");
