@@ -15,10 +15,11 @@
 //!    creations beside as many identical pods without the inject label (8 in flight,
 //!    interleaved), p50/p99 as the API server client sees them, and the handler's own time
 //!    from `byok_webhook_admission_duration_seconds`;
-//! 8. `proxy`: the sidecar proxy (see `bench_proxy/mod.rs`): requests per second and added
-//!    latency at 1, 16 and 64 connections beside nginx and a direct call, SSE at
-//!    `BENCH_PROXY_STREAMS` (256) streams, RSS, CPU per request, start to ready; needs `wrk`
-//!    and `nginx` (Debian: wrk, nginx-light); `BENCH_PROXY_SECONDS` (5) per run;
+//! 8. `proxy`: the sidecar proxy (see `bench_proxy/mod.rs`): requests per second, CPU per
+//!    request and p99 at 1, 16 and 64 connections beside nginx, a minimal hop and a direct
+//!    call, 3 interleaved rounds, with its aims; SSE at `BENCH_PROXY_STREAMS` (256) streams,
+//!    memory, start to ready; needs `wrk` and `nginx` (Debian: wrk, nginx-light);
+//!    `BENCH_PROXY_SECONDS` (10) per run;
 //!    `BENCH_PROXY_ARGS` adds proxy flags (e.g. `--no-access-log`).
 //! 9. `pods` (run by `make bench` under `hack/node-ns.sh`, see `e2e/tests/pods.rs`): pod
 //!    create → the app's first call through the sidecar on a real kubelet, p50 over 20 pods,
