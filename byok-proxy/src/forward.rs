@@ -66,19 +66,38 @@ const HOP_BY_HOP: [&str; 9] = [
     "host",
 ];
 
-/// Removes hop-by-hop headers, those named by `Connection` included.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+/// Whether a request header never goes upstream: hop-by-hop, a client credential or a
+/// method override.
+fn dropped_upstream(name: &str) -> bool {
+    HOP_BY_HOP.contains(&name)
+        || CLIENT_CREDENTIALS.contains(&name)
+        || METHOD_OVERRIDES.contains(&name)
+}
+
+/// Whether a response header never goes back to the application: hop-by-hop.
+fn dropped_downstream(name: &str) -> bool {
+    HOP_BY_HOP.contains(&name)
+}
+
+/// Removes the headers `dropped` names and those `Connection` names. One pass over the
+/// headers present, then a removal by name for each found (usually one or two): removing
+/// each of the 17 listed names by string instead parsed and hashed every one on every
+/// request, ~9 % of the proxy's instructions.
+fn strip_headers(headers: &mut HeaderMap, dropped: fn(&str) -> bool) {
+    let mut doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| dropped(name.as_str()))
+        .cloned()
         .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
+    doomed.extend(
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok()),
+    );
+    for name in doomed {
         headers.remove(name);
     }
 }
@@ -176,20 +195,18 @@ impl Done {
         m.in_flight.dec();
         self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
         if self.shared.access_log {
-            tracing::info!(
-                target: "byok_proxy::access",
-                key = %self.key.name,
-                method = %self.method,
-                path = %self.uri.path(),
-                status = self.status,
-                upstream_ms = self.upstream_latency.map(|l| l.as_secs_f64() * 1000.0),
-                duration_ms = elapsed.as_secs_f64() * 1000.0,
+            crate::access::log(&crate::access::Line {
+                key: &self.key.name,
+                method: self.method.as_str(),
+                path: self.uri.path(),
+                status: self.status,
+                upstream_ms: self.upstream_latency.map(|l| l.as_secs_f64() * 1000.0),
+                duration_ms: elapsed.as_secs_f64() * 1000.0,
                 bytes,
-                model = self.model.as_deref(),
-                key_version = self.key_version,
+                model: self.model.as_deref(),
+                key_version: self.key_version,
                 outcome,
-                "request"
-            );
+            });
         }
     }
 }
@@ -281,7 +298,7 @@ pub async fn handle(
                 done: Some(done),
             };
             let mut res = Response::from_parts(parts, body.boxed_unsync());
-            strip_hop_by_hop(res.headers_mut());
+            strip_headers(res.headers_mut(), dropped_downstream);
             *res.version_mut() = Version::HTTP_11;
             Ok(res)
         }
@@ -307,10 +324,7 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
     let body = upstream_body(shared, &live, &route, &mut parts, body, done).await?;
 
-    strip_hop_by_hop(&mut parts.headers);
-    for name in CLIENT_CREDENTIALS.iter().chain(&METHOD_OVERRIDES) {
-        parts.headers.remove(*name);
-    }
+    strip_headers(&mut parts.headers, dropped_upstream);
     parts
         .headers
         .insert(live.auth_name.clone(), live.auth_value.clone());
@@ -375,12 +389,17 @@ fn admit(
         live.azure_api_version.as_deref(),
         deployment_path,
     );
-    let uri = match &query {
-        Some(q) => format!("{}{}?{q}", live.origin, route.upstream_path),
-        None => format!("{}{}", live.origin, route.upstream_path),
-    };
-    let uri: Uri = uri
-        .parse()
+    // Written once and parsed in place (`Uri` takes the `String`'s buffer).
+    let mut uri = String::with_capacity(
+        live.origin.len() + route.upstream_path.len() + query.as_ref().map_or(0, |q| q.len() + 1),
+    );
+    uri.push_str(&live.origin);
+    uri.push_str(&route.upstream_path);
+    if let Some(q) = &query {
+        uri.push('?');
+        uri.push_str(q);
+    }
+    let uri = Uri::try_from(uri)
         .map_err(|_| Refusal::BadRequest("the request path is not a valid URI path".into()))?;
     Ok((route, uri))
 }
@@ -637,9 +656,22 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:15100"));
         h.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
-        strip_hop_by_hop(&mut h);
+        let mut upstream = h.clone();
+        strip_headers(&mut h, dropped_downstream);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("anthropic-version"));
+
+        // Going upstream, every client credential and method override goes too, each with
+        // all its values.
+        for name in CLIENT_CREDENTIALS.iter().chain(&METHOD_OVERRIDES) {
+            upstream.append(*name, HeaderValue::from_static("a"));
+            upstream.append(*name, HeaderValue::from_static("b"));
+        }
+        upstream.append("x-request-id", HeaderValue::from_static("r1"));
+        strip_headers(&mut upstream, dropped_upstream);
+        let mut left: Vec<&str> = upstream.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["anthropic-version", "x-request-id"]);
     }
 
     #[test]

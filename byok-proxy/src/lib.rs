@@ -11,7 +11,7 @@
 //! [`answers`] (the proxy's own errors in each provider's shape, pure), [`live`] and
 //! [`keys`] (what the broker sent and whether it may be used now), [`refresh`] (the broker
 //! client), [`upstream`] (the pool to providers, egress policy), [`forward`] (the hot path),
-//! [`cli`] (the flags and the runtime).
+//! [`access`] (the access line), [`cli`] (the flags and the runtime).
 //!
 //! Shared with the operator, which depends on this crate (never the other way): [`grant`]
 //! (the broker <-> sidecar wire format), [`providers`] (each provider's name and credential
@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::too_many_lines))]
 
+pub mod access;
 pub mod answers;
 pub mod cli;
 pub mod egress;

@@ -73,7 +73,7 @@ pub fn route(
     let upstream_path = if api_path == "/" && !base_path.is_empty() {
         base_path.to_owned()
     } else {
-        format!("{base_path}{api_path}")
+        [base_path, api_path].concat()
     };
     Ok(Route {
         upstream_path,
@@ -97,8 +97,16 @@ fn check_path(path: &str) -> Result<(), PathError> {
     if path.contains('\\') {
         return Err(PathError::EmptySegment);
     }
-    let lower = path.to_ascii_lowercase();
-    if lower.contains("%2f") || lower.contains("%5c") {
+    // Without allocating: this runs on every request.
+    let bytes = path.as_bytes();
+    let escape = |i: usize| {
+        bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+    };
+    let escapes = || (0..bytes.len()).filter(|i| bytes[*i] == b'%').map(escape);
+    if escapes().any(|c| matches!(c, Some(b'/' | b'\\'))) {
         return Err(PathError::EncodedSlash);
     }
     // What front ends decode differently (matrix parameters, double encoding, encoded
@@ -107,15 +115,7 @@ fn check_path(path: &str) -> Result<(), PathError> {
     if path.contains(';') {
         return Err(PathError::Ambiguous("';'"));
     }
-    let bytes = path.as_bytes();
-    for (i, b) in bytes.iter().enumerate() {
-        if *b != b'%' {
-            continue;
-        }
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
+    for hex in escapes() {
         match hex {
             None => return Err(PathError::Ambiguous("a '%' that starts no escape")),
             Some(b'%') => return Err(PathError::Ambiguous("'%25' (double encoding)")),
@@ -125,11 +125,8 @@ fn check_path(path: &str) -> Result<(), PathError> {
             Some(_) => {}
         }
     }
-    for segment in path[1..].split('/') {
-        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
-        if decoded == "." || decoded == ".." {
-            return Err(PathError::DotSegment);
-        }
+    if path[1..].split('/').any(is_dot_segment) {
+        return Err(PathError::DotSegment);
     }
     // One trailing slash is the only empty segment allowed.
     let inner = path.strip_suffix('/').unwrap_or(path);
@@ -137,6 +134,21 @@ fn check_path(path: &str) -> Result<(), PathError> {
         return Err(PathError::EmptySegment);
     }
     Ok(())
+}
+
+/// `.` or `..`, any dot written as `%2e` or `%2E`.
+fn is_dot_segment(segment: &str) -> bool {
+    let mut dots = 0;
+    let mut rest = segment.as_bytes();
+    while !rest.is_empty() {
+        match rest {
+            [b'.', tail @ ..] => rest = tail,
+            [b'%', b'2', b'e' | b'E', tail @ ..] => rest = tail,
+            _ => return false,
+        }
+        dots += 1;
+    }
+    matches!(dots, 1 | 2)
 }
 
 /// Segments of `path` after the leading `/`.

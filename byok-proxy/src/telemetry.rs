@@ -1,6 +1,6 @@
 //! Logging setup shared by every subcommand.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -101,6 +101,34 @@ impl std::io::Write for &Batch {
     }
 }
 
+/// The log format, for lines written without `tracing` (the access log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+/// Where lines written without `tracing` go: the same writer, in the same format.
+pub struct Sink {
+    batch: Arc<Batch>,
+    pub format: Format,
+}
+
+impl Sink {
+    /// Writes one whole line.
+    pub fn write(&self, line: &[u8]) {
+        let _ = std::io::Write::write(&mut &*self.batch, line);
+    }
+}
+
+static SINK: OnceLock<Sink> = OnceLock::new();
+
+/// The installed log writer and format, unless logs go to a terminal (in colour) or
+/// [`init`] has not run.
+pub fn sink() -> Option<&'static Sink> {
+    SINK.get()
+}
+
 /// Writes the lines still waiting when dropped (keep it until exit).
 pub struct LogGuard {
     batch: Arc<Batch>,
@@ -139,14 +167,19 @@ pub fn init(args: &LogArgs) -> anyhow::Result<LogGuard> {
         batch: batch.clone(),
         writer: Some(writer),
     };
-    if args.log_json {
+    let format = if args.log_json {
         registry
-            .with(fmt::layer().json().with_writer(batch))
+            .with(fmt::layer().json().with_writer(batch.clone()))
             .try_init()?;
+        Some(Format::Json)
     } else {
         registry
-            .with(fmt::layer().with_ansi(ansi).with_writer(batch))
+            .with(fmt::layer().with_ansi(ansi).with_writer(batch.clone()))
             .try_init()?;
+        (!ansi).then_some(Format::Text)
+    };
+    if let Some(format) = format {
+        let _ = SINK.set(Sink { batch, format });
     }
     Ok(guard)
 }

@@ -20,7 +20,8 @@
 //!    call, 3 interleaved rounds, with its aims; SSE at `BENCH_PROXY_STREAMS` (256) streams,
 //!    memory, start to ready; needs `wrk` and `nginx` (Debian: wrk, nginx-light);
 //!    `BENCH_PROXY_SECONDS` (10) per run;
-//!    `BENCH_PROXY_ARGS` adds proxy flags (e.g. `--no-access-log`).
+//!    `BENCH_PROXY_ARGS` adds proxy flags (e.g. `--no-access-log`); `BENCH_KEEP_DIR=1` keeps
+//!    its logs and callgrind dumps.
 //! 9. `pods` (run by `make bench` under `hack/node-ns.sh`, see `e2e/tests/pods.rs`): pod
 //!    create → the app's first call through the sidecar on a real kubelet, p50 over 20 pods,
 //!    and the sidecar's RSS in a pod, the image made from the release binary.
@@ -347,7 +348,12 @@ async fn main() -> anyhow::Result<()> {
     {
         serving_sections(&fake, &dir, &binary, &sections).await?;
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    // BENCH_KEEP_DIR=1 keeps the logs and callgrind dumps for a closer look.
+    if std::env::var_os("BENCH_KEEP_DIR").is_some() {
+        println!("kept {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     Ok(())
 }
 
