@@ -48,7 +48,8 @@ pub struct ProxyArgs {
     #[arg(long, default_value = "25s", value_parser = parse_duration)]
     pub drain_timeout: std::time::Duration,
 
-    /// Worker threads.
+    /// Worker threads serving requests, each with its own event loop, listening sockets and
+    /// upstream connections (key refreshes and the admin listener run on the main thread).
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
 
@@ -65,7 +66,7 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     crate::interval::parse(s).map_err(|e| e.to_string())
 }
 
-/// The sidecar gets a small runtime of its own: a few threads, not one per node core.
+/// Starts the sidecar: a few threads, not one per node core.
 pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
     // ring, the provider every TLS client here (broker, providers) is built on; an error only
     // means a provider is installed already (the operator's binary installs the same).
@@ -77,11 +78,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
         ports.len() == args.keys.len(),
         "two --key flags share a port"
     );
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.workers.clamp(1, 64))
-        .enable_all()
-        .build()?;
-    runtime.block_on(crate::run(crate::ProxyConfig {
+    crate::run(crate::ProxyConfig {
         admin_addr: args.admin_addr,
         broker_url: args.broker_url,
         broker_trust: match args.broker_ca {
@@ -95,5 +92,6 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
         max_inspected_body: args.max_inspected_body,
         drain_timeout: args.drain_timeout,
         access_log: !args.no_access_log,
-    }))
+        workers: args.workers.clamp(1, 64),
+    })
 }

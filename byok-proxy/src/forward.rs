@@ -332,7 +332,7 @@ async fn forward(
     parts.version = Version::HTTP_11;
     let upstream_req = Request::from_parts(parts, body);
 
-    let Some(client) = live.upstream.as_ref() else {
+    let Some(client) = live.upstream.as_ref().map(upstream::Upstream::client) else {
         return Err(Refusal::KeyUnavailable(
             "no connection pool for the key".into(),
         ));

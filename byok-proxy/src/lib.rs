@@ -11,7 +11,8 @@
 //! [`answers`] (the proxy's own errors in each provider's shape, pure), [`live`] and
 //! [`keys`] (what the broker sent and whether it may be used now), [`refresh`] (the broker
 //! client), [`upstream`] (the pool to providers, egress policy), [`forward`] (the hot path),
-//! [`access`] (the access line), [`cli`] (the flags and the runtime).
+//! [`access`] (the access line), [`workers`] (the threads that serve requests), [`cli`] (the
+//! flags).
 //!
 //! Shared with the operator, which depends on this crate (never the other way): [`grant`]
 //! (the broker <-> sidecar wire format), [`providers`] (each provider's name and credential
@@ -39,6 +40,7 @@ pub mod routes;
 pub mod sidecar;
 pub mod telemetry;
 pub mod upstream;
+pub mod workers;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -51,7 +53,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
@@ -73,6 +75,8 @@ pub struct ProxyConfig {
     pub max_inspected_body: u64,
     pub drain_timeout: Duration,
     pub access_log: bool,
+    /// Worker threads (see [`workers`]).
+    pub workers: usize,
 }
 
 /// The memory bodies read for their model may hold at once, in bodies of the largest size:
@@ -151,8 +155,19 @@ fn admin(
     }
 }
 
-/// Runs the proxy until SIGTERM or SIGINT, then drains.
-pub async fn run(cfg: ProxyConfig) -> anyhow::Result<()> {
+/// Runs the proxy until SIGTERM or SIGINT, then drains. The calling thread is the control
+/// thread (key refreshes, the admin listener, signals); requests are served by
+/// `cfg.workers` threads of their own ([`workers`]).
+pub fn run(cfg: ProxyConfig) -> anyhow::Result<()> {
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let workers = control.block_on(serve(cfg))?;
+    workers.exit();
+    Ok(())
+}
+
+async fn serve(cfg: ProxyConfig) -> anyhow::Result<workers::Workers> {
     let started = Instant::now();
     // The key and the token live in this process: a debug container or any process of the
     // same UID joining its PID namespace must not read its memory or /proc/<pid>/root.
@@ -171,7 +186,7 @@ pub async fn run(cfg: ProxyConfig) -> anyhow::Result<()> {
         cfg.token_file.clone(),
     )?);
     let metrics = Arc::new(metrics::ProxyMetrics::default());
-    let pools = Arc::new(upstream::Pools::default());
+    let pools = Arc::new(upstream::Pools::new(cfg.workers));
     let shared = Arc::new(Shared {
         metrics: metrics.clone(),
         max_inspected_body: cfg.max_inspected_body,
@@ -181,22 +196,23 @@ pub async fn run(cfg: ProxyConfig) -> anyhow::Result<()> {
         access_log: cfg.access_log,
         in_flight: AtomicU64::new(0),
     });
+    let keys: Vec<(Arc<KeySlot>, SocketAddr)> = cfg
+        .keys
+        .iter()
+        .map(|(name, port)| {
+            let slot = Arc::new(KeySlot::new(name.clone(), *port));
+            (slot, SocketAddr::new(cfg.listen_ip, *port))
+        })
+        .collect();
+    let slots: Vec<Arc<KeySlot>> = keys.iter().map(|(slot, _)| slot.clone()).collect();
 
     // Bind everything first: a port in use is a start-up error, not a half-working proxy.
-    let mut listeners = Vec::new();
-    let mut slots = Vec::new();
-    for (name, port) in &cfg.keys {
-        let addr = SocketAddr::new(cfg.listen_ip, *port);
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("listening on {addr} for key {name}: {e}"))?;
-        let slot = Arc::new(KeySlot::new(name.clone(), *port));
-        slots.push(slot.clone());
-        listeners.push((listener, slot));
-    }
     let admin_listener = TcpListener::bind(cfg.admin_addr)
         .await
         .map_err(|e| anyhow::anyhow!("listening on {} (admin): {e}", cfg.admin_addr))?;
+    let graceful = Arc::new(GracefulShutdown::new());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut workers = workers::start(cfg.workers, &keys, &shared, &graceful, &stop_rx)?;
 
     for slot in &slots {
         tokio::spawn(refresh::keep_current(
@@ -208,32 +224,19 @@ pub async fn run(cfg: ProxyConfig) -> anyhow::Result<()> {
         ));
     }
     tokio::spawn(serve_admin(admin_listener, slots.clone(), metrics.clone()));
-    tokio::spawn(log_ready(slots.clone(), started));
-
-    let graceful = Arc::new(GracefulShutdown::new());
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut accepting = Vec::new();
-    for (listener, slot) in listeners {
-        accepting.push(tokio::spawn(accept_loop(
-            listener,
-            slot,
-            shared.clone(),
-            graceful.clone(),
-            stop_rx.clone(),
-        )));
-    }
+    tokio::spawn(log_ready(slots, started));
     tracing::info!(
         keys = ?cfg.keys.iter().map(|(n, p)| format!("{n}={p}")).collect::<Vec<_>>(),
         admin = %cfg.admin_addr,
+        workers = cfg.workers,
         "byok proxy listening"
     );
 
     shutdown_signal().await;
     let _ = stop_tx.send(true);
-    for task in accepting {
-        let _ = task.await;
-    }
-    drain(&shared, graceful, cfg.drain_timeout).await
+    workers.stopped().await;
+    drain(&shared, graceful, cfg.drain_timeout).await?;
+    Ok(workers)
 }
 
 /// Waits for the requests in flight, streams included, up to `grace`.
@@ -291,44 +294,6 @@ async fn log_ready(slots: Vec<Arc<KeySlot>>, started: Instant) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    slot: Arc<KeySlot>,
-    shared: Arc<Shared>,
-    graceful: Arc<GracefulShutdown>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let key = Arc::new(metrics::KeyMetrics::new(&slot.name));
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stop.changed() => return,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                tracing::warn!(key = %slot.name, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let slot = slot.clone();
-        let shared = shared.clone();
-        let key = key.clone();
-        let service =
-            service_fn(move |req| forward::handle(slot.clone(), key.clone(), shared.clone(), req));
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
     }
 }
 

@@ -34,7 +34,7 @@ pub struct Live {
     pub lease: Duration,
     pub poll: Duration,
     /// The connection pool for `egress`, set by the refresher.
-    pub upstream: Option<super::upstream::Client>,
+    pub upstream: Option<super::upstream::Upstream>,
 }
 
 impl std::fmt::Debug for Live {

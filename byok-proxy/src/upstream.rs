@@ -186,8 +186,12 @@ fn native_roots() -> &'static [CertificateDer<'static>] {
     })
 }
 
-/// Builds a pool for `egress`; `fixed` replaces DNS (tests only).
-pub fn build(egress: &Egress, fixed: Option<FixedHosts>) -> anyhow::Result<Client> {
+/// Builds the pools for `egress`, one per worker; `fixed` replaces DNS (tests only).
+pub fn build(
+    egress: &Egress,
+    workers: usize,
+    fixed: Option<FixedHosts>,
+) -> anyhow::Result<Upstream> {
     let mut roots = rustls::RootCertStore::empty();
     let (_added, _ignored) = roots.add_parsable_certificates(native_roots().iter().cloned());
     if let Some(pem) = &egress.extra_ca_pem {
@@ -236,45 +240,85 @@ pub fn build(egress: &Egress, fixed: Option<FixedHosts>) -> anyhow::Result<Clien
         fixed,
         via,
     };
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_only()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(dial);
-    Ok(
+    let client = || {
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls.clone())
+            .https_only()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(dial.clone());
         hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE)
             .pool_timer(hyper_util::rt::TokioTimer::new())
             .timer(hyper_util::rt::TokioTimer::new())
-            .build(https),
-    )
+            .build(https)
+    };
+    Ok(Upstream {
+        per_worker: (0..workers.max(1)).map(|_| client()).collect(),
+    })
 }
 
-/// One pool per distinct egress policy, shared by every key of the pod.
-#[derive(Default)]
+thread_local! {
+    /// The worker thread this is (0 outside workers: tests, the control thread).
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the calling thread as worker `index` (see `workers.rs`).
+pub fn pin_to_worker(index: usize) {
+    WORKER.set(index);
+}
+
+/// A key's way to its provider: one connection pool per worker thread. A connection's task
+/// runs on the thread that opened it, so a request sent on a connection its own thread
+/// opened never wakes another thread: with one pool shared by all workers, a request on
+/// worker A over a connection worker B opened cost two thread wake-ups (a futex each) and
+/// the request bounced between threads.
+#[derive(Clone)]
+pub struct Upstream {
+    per_worker: Arc<[Client]>,
+}
+
+impl Upstream {
+    /// The calling worker's pool.
+    pub fn client(&self) -> &Client {
+        let at = WORKER.get() % self.per_worker.len();
+        &self.per_worker[at]
+    }
+}
+
+/// One set of pools per distinct egress policy, shared by every key of the pod.
 pub struct Pools {
-    pools: Mutex<HashMap<Egress, Client>>,
+    pools: Mutex<HashMap<Egress, Upstream>>,
+    workers: usize,
     fixed: Option<FixedHosts>,
 }
 
 impl Pools {
-    #[cfg(test)]
-    pub fn with_fixed_hosts(fixed: FixedHosts) -> Self {
+    /// Pools for `workers` worker threads.
+    pub fn new(workers: usize) -> Self {
         Self {
             pools: Mutex::default(),
-            fixed: Some(fixed),
+            workers,
+            fixed: None,
         }
     }
 
-    pub fn get(&self, egress: &Egress) -> anyhow::Result<Client> {
-        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(client) = pools.get(egress) {
-            return Ok(client.clone());
+    #[cfg(test)]
+    pub fn with_fixed_hosts(fixed: FixedHosts) -> Self {
+        Self {
+            fixed: Some(fixed),
+            ..Self::new(1)
         }
-        let client = build(egress, self.fixed.clone())?;
-        pools.insert(egress.clone(), client.clone());
-        Ok(client)
+    }
+
+    pub fn get(&self, egress: &Egress) -> anyhow::Result<Upstream> {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(upstream) = pools.get(egress) {
+            return Ok(upstream.clone());
+        }
+        let upstream = build(egress, self.workers, self.fixed.clone())?;
+        pools.insert(egress.clone(), upstream.clone());
+        Ok(upstream)
     }
 }
 
@@ -310,7 +354,8 @@ mod tests {
             ],
         )]));
         let pools = Pools::with_fixed_hosts(fixed);
-        let client = pools.get(&Egress::default()).expect("client");
+        let upstream = pools.get(&Egress::default()).expect("client");
+        let client = upstream.client();
         let req = http::Request::post("https://provider.test/v1/messages")
             .body(
                 http_body_util::Empty::<Bytes>::new()
@@ -378,7 +423,8 @@ mod tests {
             ))),
             ..Egress::default()
         };
-        let client = build(&egress, Some(fixed)).expect("client");
+        let upstream = build(&egress, 1, Some(fixed)).expect("client");
+        let client = upstream.client();
         let err = client
             .request(post("https://provider.test/v1/messages"))
             .await
@@ -411,7 +457,8 @@ mod tests {
             proxy_url: Some(super::super::grant::ProxyUrl(format!("http://{proxy}"))),
             ..Egress::default()
         };
-        let client = build(&egress, Some(fixed)).expect("client");
+        let upstream = build(&egress, 1, Some(fixed)).expect("client");
+        let client = upstream.client();
         let err = client
             .request(post("https://provider.test/"))
             .await
