@@ -185,3 +185,50 @@ async fn accept_loop(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+
+    use super::*;
+
+    fn shared() -> Arc<Shared> {
+        Arc::new(Shared {
+            metrics: Arc::default(),
+            max_inspected_body: 1024,
+            inspect_budget: forward::InspectBudget::new(4096),
+            access_log: false,
+            in_flight: AtomicU64::new(0),
+        })
+    }
+
+    /// Sharing a port is opt-in on both sides: a port another socket holds (without
+    /// `SO_REUSEPORT`, as an application's server binds) is a start-up error naming the key,
+    /// never a silently shared port; a free one is bound by every worker.
+    #[test]
+    fn a_port_in_use_is_a_start_up_error() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = taken.local_addr().expect("addr");
+        let slot = Arc::new(KeySlot::new("team-claude".into(), addr.port()));
+        let graceful = Arc::new(GracefulShutdown::new());
+        let (stop_tx, stop) = watch::channel(false);
+        let keys = [(slot.clone(), addr)];
+        let Err(e) = start(2, &keys, &shared(), &graceful, &stop) else {
+            panic!("a taken port was bound");
+        };
+        let message = e.to_string();
+        assert!(
+            message.contains(&format!("listening on {addr} for key team-claude")),
+            "{message}"
+        );
+
+        drop(taken);
+        let workers = start(2, &keys, &shared(), &graceful, &stop).expect("a free port");
+        // Both workers hold the port: connections are accepted.
+        for _ in 0..4 {
+            std::net::TcpStream::connect(addr).expect("connect");
+        }
+        let _ = stop_tx.send(true);
+        workers.exit();
+    }
+}
