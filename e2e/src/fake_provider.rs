@@ -71,6 +71,7 @@
 
 mod anthropic;
 mod azure;
+mod front;
 mod google;
 mod openai;
 mod stream;
@@ -129,6 +130,9 @@ pub struct FakeProviderConfig {
     /// Keys accepted from the start. For [`ProviderKind::Vertex`] the "key" is a
     /// service-account JSON (see [`FakeProvider::add_service_account_json`]).
     pub valid_keys: Vec<(ProviderKind, String)>,
+    /// Offer HTTP/2 (ALPN `h2`, then `http/1.1`), as real providers do. Off: HTTP/1.1 only
+    /// (see `fake_provider/front.rs`).
+    pub http2: bool,
 }
 
 impl Default for FakeProviderConfig {
@@ -136,6 +140,7 @@ impl Default for FakeProviderConfig {
         Self {
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
             valid_keys: Vec::new(),
+            http2: false,
         }
     }
 }
@@ -301,6 +306,8 @@ pub(crate) struct Shared {
     next_id: AtomicU64,
     /// Forwarder's outbound address (actix's peer) -> the real client address.
     peers: Mutex<HashMap<SocketAddr, SocketAddr>>,
+    /// Requests that arrived over HTTP/2 (with [`FakeProviderConfig::http2`]).
+    http2_requests: AtomicU64,
     /// `https://127.0.0.1:PORT/vertex-token/token`.
     pub(crate) token_url: String,
 }
@@ -420,6 +427,7 @@ impl FakeProvider {
             stream_plan: Mutex::new(DEFAULT_STREAM_PLAN),
             next_id: AtomicU64::new(1),
             peers: Mutex::default(),
+            http2_requests: AtomicU64::new(0),
             token_url: format!("https://{}{VERTEX_TOKEN_PATH}", url_authority(addr)),
         });
         for (kind, key) in &cfg.valid_keys {
@@ -428,6 +436,12 @@ impl FakeProvider {
                 .with_context(|| format!("registering a valid {kind} key"))?;
         }
 
+        let front = if cfg.http2 {
+            let front = front::Front::new(tls.clone(), &ca.cert_pem(), internal_addr)?;
+            Some(Arc::new(front))
+        } else {
+            None
+        };
         let (ready_tx, ready_rx) = oneshot::channel::<anyhow::Result<()>>();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (done_tx, done_rx) = oneshot::channel::<()>();
@@ -439,7 +453,7 @@ impl FakeProvider {
                     thread_shared,
                     public,
                     internal,
-                    internal_addr,
+                    (internal_addr, front),
                     tls,
                     ready_tx,
                     stop_rx,
@@ -561,6 +575,11 @@ impl FakeProvider {
     /// All requests except the admin API's.
     pub fn total_requests(&self) -> u64 {
         self.shared.total.load(Ordering::SeqCst)
+    }
+
+    /// Requests that arrived over HTTP/2 (only with [`FakeProviderConfig::http2`]).
+    pub fn http2_requests(&self) -> u64 {
+        self.shared.http2_requests.load(Ordering::SeqCst)
     }
 
     /// TCP connections accepted (counted before the TLS handshake; includes admin API ones).
@@ -693,7 +712,7 @@ fn serve(
     shared: Arc<Shared>,
     public: std::net::TcpListener,
     internal: std::net::TcpListener,
-    internal_addr: SocketAddr,
+    (internal_addr, front): (SocketAddr, Option<Arc<front::Front>>),
     tls: rustls::ServerConfig,
     ready_tx: oneshot::Sender<anyhow::Result<()>>,
     stop_rx: oneshot::Receiver<()>,
@@ -763,7 +782,7 @@ fn serve(
             }
         };
         let handle = server.handle();
-        let forwarder = tokio::spawn(forward(public, internal_addr, shared));
+        let forwarder = tokio::spawn(forward(public, internal_addr, front, shared));
         let _ = ready_tx.send(Ok(()));
         let stopper = async move {
             // Err (handle dropped without a message) means stop too.
@@ -780,14 +799,26 @@ fn serve(
 }
 
 /// Accepts on the public port, counts, and pipes each connection to actix-web.
-async fn forward(listener: tokio::net::TcpListener, target: SocketAddr, shared: Arc<Shared>) {
+async fn forward(
+    listener: tokio::net::TcpListener,
+    target: SocketAddr,
+    front: Option<Arc<front::Front>>,
+    shared: Arc<Shared>,
+) {
     let mut conns = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((inbound, peer)) => {
                     shared.connections.fetch_add(1, Ordering::SeqCst);
-                    conns.spawn(pipe(inbound, peer, target, shared.clone()));
+                    match &front {
+                        Some(front) => {
+                            conns.spawn(front.clone().serve(inbound, peer, shared.clone()));
+                        }
+                        None => {
+                            conns.spawn(pipe(inbound, peer, target, shared.clone()));
+                        }
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "fake provider accept failed");

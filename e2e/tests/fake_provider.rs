@@ -208,6 +208,59 @@ async fn base_urls_follow_the_layout() {
     assert!(fake.ca_pem().starts_with("-----BEGIN CERTIFICATE-----"));
 }
 
+/// With `http2`, a client offering h2 (ALPN) gets HTTP/2, as from a real provider, and one
+/// that offers only HTTP/1.1 still gets HTTP/1.1; answers are the same either way. Without
+/// it, the fake answers HTTP/1.1 whatever the client offers.
+#[tokio::test(flavor = "current_thread")]
+async fn http2_when_configured_and_offered() {
+    install_crypto();
+    for http2 in [true, false] {
+        let fake = FakeProvider::start(FakeProviderConfig {
+            valid_keys: vec![(ProviderKind::Anthropic, ANTHROPIC_KEY.into())],
+            http2,
+            ..Default::default()
+        })
+        .await
+        .expect("starting the fake provider");
+        let ca = reqwest::Certificate::from_pem(fake.ca_pem().as_bytes()).unwrap();
+        let offers_h2 = client(&fake);
+        let h1_only = reqwest::Client::builder()
+            .tls_certs_only([ca])
+            .no_proxy()
+            .http1_only()
+            .build()
+            .unwrap();
+        for (c, expected) in [
+            (
+                &offers_h2,
+                if http2 {
+                    reqwest::Version::HTTP_2
+                } else {
+                    reqwest::Version::HTTP_11
+                },
+            ),
+            (&h1_only, reqwest::Version::HTTP_11),
+        ] {
+            for (key, status) in [(ANTHROPIC_KEY, 200), ("sk-ant-nope", 401)] {
+                let res = verify_request(c, &fake, ProviderKind::Anthropic, key)
+                    .send()
+                    .await
+                    .expect("request");
+                assert_eq!(res.version(), expected, "http2: {http2}");
+                assert_eq!(res.status().as_u16(), status);
+                let body: Value = res.json().await.expect("json");
+                if status == 401 {
+                    assert_eq!(body["error"]["type"], "authentication_error");
+                } else {
+                    assert_eq!(body["data"][0]["type"], "model");
+                }
+            }
+        }
+        let expected_h2 = if http2 { 2 } else { 0 };
+        assert_eq!(fake.http2_requests(), expected_h2);
+    }
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn anthropic_wire_protocol() {
     let fake = start().await;

@@ -79,8 +79,16 @@ struct OneKey {
 }
 
 async fn one_anthropic_key(prefix: &str, key: &str) -> anyhow::Result<OneKey> {
+    one_anthropic_key_at(prefix, key, FakeProviderConfig::default()).await
+}
+
+async fn one_anthropic_key_at(
+    prefix: &str,
+    key: &str,
+    provider: FakeProviderConfig,
+) -> anyhow::Result<OneKey> {
     let env = TestEnv::new(&format!("proxy-{prefix}")).await?;
-    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let fake = FakeProvider::start(provider).await?;
     let op = ServingOperator::start(&env, &fake).await?;
     ready_anthropic(&env, &fake, "claude", key, json!({})).await?;
     let pod = create_pod(&env, &opted_in_pod(&format!("{prefix}-"), &["claude"])).await?;
@@ -309,6 +317,103 @@ async fn six_providers_get_their_own_auth_and_never_the_clients() -> anyhow::Res
 
 /// SSE reaches the client event by event, as the provider sends; a client that goes away
 /// cancels the provider's stream.
+/// Real providers answer over HTTP/2 when offered (ALPN), and the sidecar offers it: with a
+/// provider that speaks h2, plain and streamed answers come through whole, every request
+/// upstream went over h2 (the verification's too), and the application still speaks
+/// HTTP/1.1 to the sidecar. A client that goes away mid-stream resets the h2 stream, and the
+/// provider stops generating.
+#[tokio::test]
+async fn an_http2_provider_gets_http2_plain_and_streamed() -> anyhow::Result<()> {
+    let key = random_key("sk-ant-");
+    let h2 = FakeProviderConfig {
+        http2: true,
+        ..Default::default()
+    };
+    let OneKey {
+        env: _env,
+        fake,
+        op: _op,
+        sidecar,
+        url,
+    } = one_anthropic_key_at("h2", &key, h2).await?;
+    assert!(
+        fake.http2_requests() >= 1,
+        "the operator verified the key over h2"
+    );
+    let http = reqwest::Client::builder().http1_only().build()?;
+    let before = fake.http2_requests();
+
+    let res = http
+        .post(&url)
+        .header("anthropic-version", "2023-06-01")
+        .json(&anthropic_message(Some("claude-sonnet-4-5"), false))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.version(), reqwest::Version::HTTP_11);
+    let message: serde_json::Value = res.json().await?;
+    assert_eq!(message["type"], "message", "{message}");
+    assert!(
+        message["usage"]["output_tokens"].as_u64().is_some(),
+        "{message}"
+    );
+
+    const EVENTS: usize = 5;
+    fake.set_stream_plan(EVENTS, Duration::from_millis(20));
+    let res = http
+        .post(&url)
+        .header("anthropic-version", "2023-06-01")
+        .json(&anthropic_message(Some("claude-sonnet-4-5"), true))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 200);
+    let text = res.text().await?;
+    for i in 0..EVENTS {
+        assert!(text.contains(&format!("chunk-{i}")), "delta {i}: {text}");
+    }
+    assert!(text.contains("message_stop"), "{text}");
+    assert_eq!(
+        fake.http2_requests() - before,
+        2,
+        "both went upstream over h2"
+    );
+
+    // Going away half-way: the provider's stream is cancelled, not run to its end.
+    fake.set_stream_plan(100, Duration::from_millis(50));
+    let streams_before = fake.streams().len();
+    let mut res = http
+        .post(&url)
+        .header("anthropic-version", "2023-06-01")
+        .json(&anthropic_message(Some("claude-sonnet-4-5"), true))
+        .send()
+        .await?;
+    let mut first = String::new();
+    while !first.contains("chunk-0") {
+        let chunk = res.chunk().await?.expect("a first event");
+        first.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    drop(res);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let record = loop {
+        let streams = fake.streams();
+        if let Some(s) = streams.get(streams_before)
+            && s.cancelled
+        {
+            break s.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the provider's stream was not cancelled: {:?}",
+            streams.get(streams_before)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(!record.completed, "the provider stopped: {record:?}");
+    assert!(record.sent.len() < 100, "{record:?}");
+    assert_nothing_leaked(&sidecar, &[&key]).await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn sse_arrives_event_by_event_and_a_disconnect_cancels_upstream() -> anyhow::Result<()> {
     let key = random_key("sk-ant-");

@@ -98,6 +98,7 @@ fn main() -> anyhow::Result<()> {
         let fake = FakeProvider::start(FakeProviderConfig {
             listen: args.listen,
             valid_keys: args.valid_keys,
+            ..Default::default()
         })
         .await?;
         for path in &args.service_accounts {
