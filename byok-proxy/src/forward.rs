@@ -644,6 +644,19 @@ mod tests {
         assert_eq!(upstream_query(None, Some("2024-10-21"), false), None);
     }
 
+    /// Header names are compared as `http` stores them, lower case: an entry in another
+    /// case would never match, and its header would go through.
+    #[test]
+    fn dropped_header_lists_are_lower_case() {
+        for name in HOP_BY_HOP
+            .iter()
+            .chain(&CLIENT_CREDENTIALS)
+            .chain(&METHOD_OVERRIDES)
+        {
+            assert_eq!(HeaderName::from_static(name).as_str(), *name);
+        }
+    }
+
     #[test]
     fn hop_by_hop_headers_go_including_those_connection_names() {
         let mut h = HeaderMap::new();

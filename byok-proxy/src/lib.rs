@@ -92,7 +92,7 @@ pub fn parse_key_arg(arg: &str) -> Result<(String, u16), String> {
         .ok_or_else(|| format!("--key {arg:?}: expected NAME=PORT"))?;
     crate::sidecar::parse_key_names(name)
         .ok()
-        .filter(|names| names.len() == 1)
+        .filter(|names| names.len() == 1 && names[0] == name)
         .ok_or_else(|| format!("--key {arg:?}: {name:?} is not a ProviderKey name"))?;
     let port: u16 = port
         .parse()
@@ -337,6 +337,8 @@ mod tests {
             "a=0",
             "a=70000",
             "a,b=15100",
+            "team\n=15100",
+            " team=15100",
         ] {
             assert!(parse_key_arg(bad).is_err(), "{bad}");
         }

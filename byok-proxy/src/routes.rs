@@ -115,6 +115,12 @@ fn check_path(path: &str) -> Result<(), PathError> {
     if path.contains(';') {
         return Err(PathError::Ambiguous("';'"));
     }
+    // Clients percent-encode what is not ASCII (RFC 3986); raw bytes past it (a C1 control
+    // or a right-to-left override in UTF-8) have no business in a path, or in the access
+    // line that shows it.
+    if !path.is_ascii() {
+        return Err(PathError::Ambiguous("a byte that is not ASCII"));
+    }
     for hex in escapes() {
         match hex {
             None => return Err(PathError::Ambiguous("a '%' that starts no escape")),
@@ -393,6 +399,8 @@ mod tests {
             "/v1/realt%C4%B1me/sessions",
             "/v1/messages%00",
             "/v1/messages%",
+            "/v1/messages\u{85}\u{202e}status=200",
+            "/v1/mess\u{e4}ges",
             "v1/messages",
             "",
         ] {

@@ -1,8 +1,10 @@
 //! The request path's threads, shaped like nginx's workers.
 //!
-//! Each of the `--workers` threads runs a current-thread runtime with a listening socket of
-//! its own per key (one `SO_REUSEPORT` group per port: the kernel spreads connections over
-//! the workers) and upstream pools of its own ([`crate::upstream::pin_to_worker`]). A
+//! Each of the `--workers` threads runs a current-thread runtime that accepts on every key's
+//! listening socket (one socket per key, bound once, a duplicate of it per worker: whichever
+//! worker is free takes the next connection) and has upstream pools of its own
+//! ([`crate::upstream::pin_to_worker`]). Not `SO_REUSEPORT`: any process of the same UID
+//! could join such a port's group and receive a share of the application's connections. A
 //! request is read, checked, forwarded, answered and logged on one thread: no work stealing,
 //! and no thread wake-up between the steps of a request. With one multi-thread runtime for
 //! everything, every request at one connection bounced between the two workers (a futex
@@ -23,6 +25,10 @@ use crate::forward::{self, Shared};
 use crate::keys::KeySlot;
 use crate::metrics::KeyMetrics;
 
+/// After a failed accept, the first wait and the longest.
+const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 /// How long a worker's runtime waits for its blocking tasks (a DNS lookup) at exit.
 const EXIT_WAIT: Duration = Duration::from_millis(200);
 
@@ -34,21 +40,21 @@ pub struct Workers {
     exit: watch::Sender<bool>,
 }
 
-/// A socket for `addr` that joins the port's `SO_REUSEPORT` group (nonblocking, listening).
+/// The listening socket for `addr` (nonblocking), bound once: while the proxy holds it, no
+/// other socket can bind the port.
 fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // As tokio's `TcpListener::bind` does: a restarted proxy rebinds despite TIME_WAIT.
     socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     Ok(socket.into())
 }
 
-/// Binds every worker's sockets (a port in use is a start-up error, not a half-working
-/// proxy), then starts `count` workers accepting for `keys` until `stop`.
+/// Binds every key's socket (a port in use is a start-up error, not a half-working proxy),
+/// then starts `count` workers accepting for `keys` until `stop`.
 pub fn start(
     count: usize,
     keys: &[(Arc<KeySlot>, SocketAddr)],
@@ -56,16 +62,22 @@ pub fn start(
     graceful: &Arc<GracefulShutdown>,
     stop: &watch::Receiver<bool>,
 ) -> anyhow::Result<Workers> {
+    let mut sockets = Vec::new();
+    for (slot, addr) in keys {
+        let listener = bind(*addr)
+            .map_err(|e| anyhow::anyhow!("listening on {addr} for key {}: {e}", slot.name))?;
+        sockets.push((listener, slot.clone()));
+    }
+    // Each worker registers a duplicate of every socket with its own event loop.
     let mut bound = Vec::new();
     for _ in 0..count.max(1) {
         let mut listeners = Vec::new();
-        for (slot, addr) in keys {
-            let listener = bind(*addr)
-                .map_err(|e| anyhow::anyhow!("listening on {addr} for key {}: {e}", slot.name))?;
-            listeners.push((listener, slot.clone()));
+        for (listener, slot) in &sockets {
+            listeners.push((listener.try_clone()?, slot.clone()));
         }
         bound.push(listeners);
     }
+    drop(sockets);
     let (exit, exit_rx) = watch::channel(false);
     let mut workers = Workers {
         threads: Vec::new(),
@@ -157,16 +169,25 @@ async fn accept_loop(
         }
     };
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut backoff = ACCEPT_BACKOFF_FIRST;
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = stop.wait_for(|stop| *stop) => return,
         };
         let stream = match accepted {
-            Ok((stream, _)) => stream,
+            Ok((stream, _)) => {
+                backoff = ACCEPT_BACKOFF_FIRST;
+                stream
+            }
             Err(e) => {
-                tracing::warn!(key = %slot.name, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                // Out of file descriptors, say: one line per run of failures, not one per
+                // retry of every worker (the log's backpressure would stall the workers).
+                if backoff == ACCEPT_BACKOFF_FIRST {
+                    tracing::warn!(key = %slot.name, error = %e, "accept failed; retrying with backoff");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 continue;
             }
         };
@@ -202,9 +223,9 @@ mod tests {
         })
     }
 
-    /// Sharing a port is opt-in on both sides: a port another socket holds (without
-    /// `SO_REUSEPORT`, as an application's server binds) is a start-up error naming the key,
-    /// never a silently shared port; a free one is bound by every worker.
+    /// A port another socket holds is a start-up error naming the key; once the proxy holds
+    /// a port, no other socket can bind it, not even one of the same UID asking for
+    /// `SO_REUSEPORT` (which would receive a share of the application's connections).
     #[test]
     fn a_port_in_use_is_a_start_up_error() {
         let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -224,7 +245,12 @@ mod tests {
 
         drop(taken);
         let workers = start(2, &keys, &shared(), &graceful, &stop).expect("a free port");
-        // Both workers hold the port: connections are accepted.
+        let joiner = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        joiner.set_reuse_address(true).expect("reuseaddr");
+        joiner.set_reuse_port(true).expect("reuseport");
+        let joined = joiner.bind(&addr.into()).and_then(|()| joiner.listen(16));
+        assert!(joined.is_err(), "another socket joined the key's port");
         for _ in 0..4 {
             std::net::TcpStream::connect(addr).expect("connect");
         }
