@@ -380,6 +380,9 @@ pub struct FakeProvider {
     addr: SocketAddr,
     ca_pem: String,
     shared: Arc<Shared>,
+    /// The server certificate's config and the actix server (for [`Self::listen_http2`]).
+    tls: rustls::ServerConfig,
+    internal_addr: SocketAddr,
     stop_tx: Option<oneshot::Sender<()>>,
     done_rx: Option<oneshot::Receiver<()>>,
 }
@@ -446,6 +449,7 @@ impl FakeProvider {
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (done_tx, done_rx) = oneshot::channel::<()>();
         let thread_shared = shared.clone();
+        let thread_tls = tls.clone();
         std::thread::Builder::new()
             .name("fake-provider".into())
             .spawn(move || {
@@ -454,7 +458,7 @@ impl FakeProvider {
                     public,
                     internal,
                     (internal_addr, front),
-                    tls,
+                    thread_tls,
                     ready_tx,
                     stop_rx,
                 );
@@ -468,6 +472,8 @@ impl FakeProvider {
             addr,
             ca_pem: ca.cert_pem(),
             shared,
+            tls,
+            internal_addr,
             stop_tx: Some(stop_tx),
             done_rx: Some(done_rx),
         })
@@ -577,7 +583,24 @@ impl FakeProvider {
         self.shared.total.load(Ordering::SeqCst)
     }
 
-    /// Requests that arrived over HTTP/2 (only with [`FakeProviderConfig::http2`]).
+    /// Opens a second public port on loopback that offers HTTP/2 (as with
+    /// [`FakeProviderConfig::http2`]) in front of the same server, served on the caller's
+    /// runtime while it runs; returns its address. The proxy bench's h2 upstream.
+    pub async fn listen_http2(&self) -> anyhow::Result<SocketAddr> {
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        let addr = listener.local_addr()?;
+        let front = front::Front::new(self.tls.clone(), &self.ca_pem, self.internal_addr)?;
+        tokio::spawn(forward(
+            listener,
+            self.internal_addr,
+            Some(Arc::new(front)),
+            self.shared.clone(),
+        ));
+        Ok(addr)
+    }
+
+    /// Requests that arrived over HTTP/2 (with [`FakeProviderConfig::http2`] or
+    /// [`Self::listen_http2`]).
     pub fn http2_requests(&self) -> u64 {
         self.shared.http2_requests.load(Ordering::SeqCst)
     }

@@ -16,6 +16,9 @@
 //! stime from /proc), p99s and the aims with PASS/FAIL on the median. A missed aim is
 //! printed, never an error; errors are non-2xx answers and failed runs.
 //!
+//! Then (unless `BENCH_PROXY_H2=0`) byok with its provider over HTTP/2 beside HTTP/1.1
+//! ([`H2Run`]).
+//!
 //! `BENCH_PROXY_CALLGRIND=1` then runs byok-proxy and hop under valgrind's callgrind and
 //! prints instructions per request (the profile figure; perf's counters are not available
 //! in most VMs).
@@ -662,6 +665,16 @@ pub async fn run(
     let measured = measured?;
 
     report(&measured, &memory, seconds, streams);
+    if env_or("BENCH_PROXY_H2", 1u8) == 1 {
+        let h2 = H2Run {
+            env,
+            fake,
+            broker_url,
+            key_name,
+            options: options("proxy-h2.log", &[]),
+        };
+        h2.measure(&targets[BYOK], seconds, &script).await?;
+    }
     println!(
         "  start → ready (spawn to /readyz 200, broker on loopback): p50 {:.1} ms, max {:.1} ms over {} starts (aim ≤ 200 ms); first start {first_ready:.0} ms (includes the broker's cache seeing the new pod)",
         pct(&ready_ms, 0.5),
@@ -684,6 +697,94 @@ pub async fn run(
         .await?;
     }
     Ok(())
+}
+
+/// The same sidecar with its provider over HTTP/2: a second ProviderKey whose base URL is
+/// the fake provider's h2 port ([`FakeProvider::listen_http2`]), against the first (HTTP/1.1,
+/// as nginx's upstream), interleaved. The h2 port is a front in this process that passes
+/// each request on to the fake over HTTP/1.1: it adds its own time to the h2 figures' req/s
+/// and p99, not to byok's CPU per request, which is the comparison that holds.
+struct H2Run<'a> {
+    env: &'a TestEnv,
+    fake: &'a Arc<FakeProvider>,
+    broker_url: &'a str,
+    key_name: &'a str,
+    options: Options,
+}
+
+impl H2Run<'_> {
+    async fn measure(self, h1: &Target, seconds: u64, script: &Path) -> anyhow::Result<()> {
+        use byok_e2e::operator::{create_pk, is_condition, wait_pk};
+        let addr = self.fake.listen_http2().await?;
+        let name = format!("{}-h2", self.key_name);
+        create_pk(
+            self.env,
+            &name,
+            serde_json::json!({
+                "provider": "anthropic",
+                "secretRef": {"name": self.key_name},
+                "baseURL": format!("https://{addr}/anthropic"),
+            }),
+        )
+        .await?;
+        wait_pk(self.env, &name, "Ready", |pk| {
+            is_condition(pk, "Ready", "True", "Valid")
+        })
+        .await?;
+        let pod = self
+            .env
+            .api::<Pod>()
+            .create(&PostParams::default(), &opted_in_pod("bench-h2-", &[&name]))
+            .await?;
+        let token = pod_token(
+            self.env,
+            "default",
+            &pod,
+            byok_operator::names::TOKEN_AUDIENCE,
+        )
+        .await?;
+        let mut sidecar = Sidecar::launch(self.broker_url, &pod, &token, self.options).await?;
+        sidecar.wait_ready(Duration::from_secs(60)).await?;
+        let h2 = Target {
+            url: format!("{}/v1/messages", sidecar.url(&name)),
+            key: None,
+            pids: vec![sidecar.pid().context("the proxy exited")?],
+        };
+        println!(
+            "  byok with its provider over HTTP/2 (h2) beside HTTP/1.1 (h1), {seconds} s a cell, {ROUNDS} interleaved rounds:"
+        );
+        for &conns in &CONNS {
+            wrk(&h2, conns, 1, script)?;
+            let mut cells: Vec<[Load; 2]> = Vec::new();
+            let mut over_h2 = 0;
+            for _ in 0..ROUNDS {
+                let l1 = wrk(h1, conns, seconds, script)?;
+                let before = self.fake.http2_requests();
+                let l2 = wrk(&h2, conns, seconds, script)?;
+                over_h2 += self.fake.http2_requests() - before;
+                anyhow::ensure!(l1.errors == 0 && l2.errors == 0, "errors under load");
+                cells.push([l1, l2]);
+            }
+            let each = |f: &dyn Fn(&[Load; 2]) -> f64| spread(cells.iter().map(f));
+            let (rps1, rps2) = (each(&|c| c[0].rps), each(&|c| c[1].rps));
+            let (cpu1, cpu2) = (each(&|c| c[0].cpu_us()), each(&|c| c[1].cpu_us()));
+            let (p1, p2) = (each(&|c| c[0].p99_ms), each(&|c| c[1].p99_ms));
+            let sent: u64 = cells.iter().map(|c| c[1].requests).sum();
+            println!(
+                "    {conns:>2} connections: req/s h1 {:.0}, h2 {:.0} ({:.2}× [{:.2}–{:.2}]); CPU per request h1 {:.1}, h2 {:.1} µs; p99 h1 {:.3}, h2 {:.3} ms; {over_h2} of {sent} h2 requests reached the provider over HTTP/2",
+                rps1.0,
+                rps2.0,
+                each(&|c| c[1].rps / c[0].rps).0,
+                each(&|c| c[1].rps / c[0].rps).1,
+                each(&|c| c[1].rps / c[0].rps).2,
+                cpu1.0,
+                cpu2.0,
+                p1.0,
+                p2.0,
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Per connection count: the ratios, CPU, p99s and their aims.
