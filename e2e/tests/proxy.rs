@@ -317,6 +317,44 @@ async fn six_providers_get_their_own_auth_and_never_the_clients() -> anyhow::Res
 
 /// SSE reaches the client event by event, as the provider sends; a client that goes away
 /// cancels the provider's stream.
+/// Starts a 100-event stream through `url`, goes away after its first event, and returns the
+/// provider's record of that stream once it was cancelled (fails after 5 s).
+async fn leave_mid_stream(
+    fake: &FakeProvider,
+    http: &reqwest::Client,
+    url: &str,
+) -> anyhow::Result<byok_e2e::fake_provider::StreamRecord> {
+    fake.set_stream_plan(100, Duration::from_millis(100));
+    let streams_before = fake.streams().len();
+    let mut res = http
+        .post(url)
+        .header("anthropic-version", "2023-06-01")
+        .json(&anthropic_message(Some("claude-sonnet-4-5"), true))
+        .send()
+        .await?;
+    let mut first = String::new();
+    while !first.contains("chunk-0") {
+        let chunk = res.chunk().await?.expect("a first event");
+        first.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    drop(res);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let streams = fake.streams();
+        if let Some(s) = streams.get(streams_before)
+            && s.cancelled
+        {
+            return Ok(s.clone());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the provider's stream was not cancelled: {:?}",
+            streams.get(streams_before)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Real providers answer over HTTP/2 when offered (ALPN), and the sidecar offers it: with a
 /// provider that speaks h2, plain and streamed answers come through whole, every request
 /// upstream went over h2 (the verification's too), and the application still speaks
@@ -379,35 +417,7 @@ async fn an_http2_provider_gets_http2_plain_and_streamed() -> anyhow::Result<()>
     );
 
     // Going away half-way: the provider's stream is cancelled, not run to its end.
-    fake.set_stream_plan(100, Duration::from_millis(50));
-    let streams_before = fake.streams().len();
-    let mut res = http
-        .post(&url)
-        .header("anthropic-version", "2023-06-01")
-        .json(&anthropic_message(Some("claude-sonnet-4-5"), true))
-        .send()
-        .await?;
-    let mut first = String::new();
-    while !first.contains("chunk-0") {
-        let chunk = res.chunk().await?.expect("a first event");
-        first.push_str(&String::from_utf8_lossy(&chunk));
-    }
-    drop(res);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let record = loop {
-        let streams = fake.streams();
-        if let Some(s) = streams.get(streams_before)
-            && s.cancelled
-        {
-            break s.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the provider's stream was not cancelled: {:?}",
-            streams.get(streams_before)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let record = leave_mid_stream(&fake, &http, &url).await?;
     assert!(!record.completed, "the provider stopped: {record:?}");
     assert!(record.sent.len() < 100, "{record:?}");
     assert_nothing_leaked(&sidecar, &[&key]).await?;
@@ -476,37 +486,9 @@ async fn sse_arrives_event_by_event_and_a_disconnect_cancels_upstream() -> anyho
     );
 
     // A client that goes away half-way cancels the provider's stream.
-    fake.set_stream_plan(100, Duration::from_millis(100));
-    let streams_before = fake.streams().len();
-    let mut res = http
-        .post(&url)
-        .header("anthropic-version", "2023-06-01")
-        .json(&anthropic_message(Some("claude-sonnet-4-5"), true))
-        .send()
-        .await?;
-    let mut first = String::new();
-    while !first.contains("chunk-0") {
-        let chunk = res.chunk().await?.expect("a first event");
-        first.push_str(&String::from_utf8_lossy(&chunk));
-    }
-    drop(res);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let streams = fake.streams();
-        if let Some(s) = streams.get(streams_before)
-            && s.cancelled
-        {
-            assert!(!s.completed);
-            assert!(s.sent.len() < 100);
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the provider's stream was not cancelled: {:?}",
-            streams.get(streams_before)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let record = leave_mid_stream(&fake, &http, &url).await?;
+    assert!(!record.completed);
+    assert!(record.sent.len() < 100);
     assert_nothing_leaked(&sidecar, &[&key]).await?;
     Ok(())
 }

@@ -21,8 +21,6 @@ use hyper::body::{Bytes, Incoming};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject as _;
 
 use super::Shared;
 
@@ -54,27 +52,9 @@ impl Front {
         internal: SocketAddr,
     ) -> anyhow::Result<Self> {
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-            roots.add(cert?)?;
-        }
-        let client_tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.enforce_http(false);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(client_tls)
-            .https_only()
-            .enable_http1()
-            .wrap_connector(http);
         Ok(Front {
             tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
-            client: Client::builder(TokioExecutor::new()).build(https),
+            client: crate::pki::https_h1_client(ca_pem.as_bytes())?,
             internal: format!("https://{internal}"),
         })
     }
