@@ -28,6 +28,9 @@ pub struct Line<'a> {
     pub upstream_ms: Option<f64>,
     pub duration_ms: f64,
     pub bytes: u64,
+    /// Tokens the answer reported (`docs/usage.md`); absent when it reported none.
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
     pub model: Option<&'a str>,
     pub key_version: i64,
     pub outcome: &'static str,
@@ -61,6 +64,8 @@ fn through_tracing(line: &Line<'_>) {
         upstream_ms = line.upstream_ms,
         duration_ms = line.duration_ms,
         bytes = line.bytes,
+        input_tokens = line.input_tokens,
+        output_tokens = line.output_tokens,
         model = line.model,
         key_version = line.key_version,
         outcome = line.outcome,
@@ -125,6 +130,14 @@ fn text(buf: &mut Vec<u8>, line: &Line<'_>) {
     float(buf, line.duration_ms);
     buf.extend_from_slice(b" bytes=");
     buf.extend_from_slice(itoa::Buffer::new().format(line.bytes).as_bytes());
+    if let Some(n) = line.input_tokens {
+        buf.extend_from_slice(b" input_tokens=");
+        buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    }
+    if let Some(n) = line.output_tokens {
+        buf.extend_from_slice(b" output_tokens=");
+        buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    }
     if let Some(model) = line.model {
         let _ = write!(buf, " model={model:?}");
     }
@@ -155,6 +168,14 @@ fn json(buf: &mut Vec<u8>, line: &Line<'_>) {
     json_float(buf, line.duration_ms);
     buf.extend_from_slice(b",\"bytes\":");
     buf.extend_from_slice(itoa::Buffer::new().format(line.bytes).as_bytes());
+    if let Some(n) = line.input_tokens {
+        buf.extend_from_slice(b",\"input_tokens\":");
+        buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    }
+    if let Some(n) = line.output_tokens {
+        buf.extend_from_slice(b",\"output_tokens\":");
+        buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    }
     if let Some(model) = line.model {
         buf.extend_from_slice(b",\"model\":");
         string(buf, model);
@@ -259,6 +280,8 @@ mod tests {
                 upstream_ms: Some(0.512_345_678),
                 duration_ms: 12.0,
                 bytes: 1234,
+                input_tokens: Some(3695),
+                output_tokens: Some(0),
                 model: Some("claude-sonnet-4-5"),
                 key_version: 3,
                 outcome: "complete",
@@ -271,6 +294,8 @@ mod tests {
                 upstream_ms: None,
                 duration_ms: 0.000_012_5,
                 bytes: 0,
+                input_tokens: None,
+                output_tokens: None,
                 model: None,
                 key_version: 0,
                 outcome: "refused",
@@ -283,6 +308,8 @@ mod tests {
                 upstream_ms: Some(61_234.5),
                 duration_ms: 1e17,
                 bytes: u64::MAX,
+                input_tokens: Some(u64::MAX),
+                output_tokens: None,
                 // What an application may send as the model: quotes, escapes, control
                 // characters and non-ASCII.
                 model: Some("a\"b\\c\nd\u{7f}é\u{200b}"),

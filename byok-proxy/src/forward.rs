@@ -25,7 +25,10 @@ use super::live::Live;
 use super::metrics::{ErrorLabels, KeyMetrics, ProxyMetrics};
 use super::models::Check;
 use super::upstream::{self, Body, BoxError};
+use super::usage::{self, Endpoint, Meter, Reading};
 use super::{endpoints, routes};
+use crate::metrics::UsageRecord;
+use crate::providers::ProviderKind;
 
 /// What every listener shares.
 pub struct Shared {
@@ -176,18 +179,37 @@ struct Done {
     /// The request's URI (its path is logged; a clone shares the parsed bytes).
     uri: Uri,
     status: u16,
+    /// The request's model: from the path, the checked body, or read from a small body.
     model: Option<String>,
     key_version: i64,
     start: Instant,
     upstream_latency: Option<std::time::Duration>,
+    provider: Option<ProviderKind>,
+    /// What the answer says about tokens (`Unmetered` until routed).
+    endpoint: Endpoint,
 }
 
 impl Done {
-    fn finish(self, bytes: u64, outcome: &'static str) {
+    /// `reading`: what a metered answer said about tokens.
+    fn finish(self, bytes: u64, outcome: &'static str, reading: Option<Reading>) {
         let m = &self.shared.metrics;
         self.key.answered(m, self.status);
         let elapsed = self.start.elapsed();
         self.key.duration(m).observe(elapsed.as_secs_f64());
+        let tokens = reading.as_ref().and_then(|r| r.tokens);
+        if let (Some(reading), Some(provider)) = (&reading, self.provider) {
+            self.key.usage(
+                m,
+                &UsageRecord {
+                    provider,
+                    endpoint: self.endpoint,
+                    request_model: self.model.as_deref(),
+                    response_model: reading.model.as_deref(),
+                    tokens,
+                    seconds: elapsed.as_secs_f64(),
+                },
+            );
+        }
         if let Some(l) = self.upstream_latency {
             self.key.upstream_latency(m).observe(l.as_secs_f64());
         }
@@ -203,6 +225,8 @@ impl Done {
                 upstream_ms: self.upstream_latency.map(|l| l.as_secs_f64() * 1000.0),
                 duration_ms: elapsed.as_secs_f64() * 1000.0,
                 bytes,
+                input_tokens: tokens.map(|t| t.input),
+                output_tokens: tokens.map(|t| t.output),
                 model: self.model.as_deref(),
                 key_version: self.key_version,
                 outcome,
@@ -211,11 +235,22 @@ impl Done {
     }
 }
 
-/// The provider's response body, counted; the access log is written at its end.
+/// The provider's response body, counted and (for endpoints that report tokens) metered;
+/// the access log is written at its end.
 struct Tracked {
     inner: Incoming,
     bytes: u64,
+    meter: Option<Meter>,
     done: Option<Done>,
+}
+
+impl Tracked {
+    fn finish(&mut self, outcome: &'static str) {
+        if let Some(done) = self.done.take() {
+            let reading = self.meter.as_mut().map(Meter::reading);
+            done.finish(self.bytes, outcome, reading);
+        }
+    }
 }
 
 impl hyper::body::Body for Tracked {
@@ -231,20 +266,13 @@ impl hyper::body::Body for Tracked {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     self.bytes += data.len() as u64;
+                    if let Some(meter) = &mut self.meter {
+                        meter.feed(data);
+                    }
                 }
             }
-            Poll::Ready(None) => {
-                let bytes = self.bytes;
-                if let Some(done) = self.done.take() {
-                    done.finish(bytes, "complete");
-                }
-            }
-            Poll::Ready(Some(Err(_))) => {
-                let bytes = self.bytes;
-                if let Some(done) = self.done.take() {
-                    done.finish(bytes, "upstream_error");
-                }
-            }
+            Poll::Ready(None) => self.finish("complete"),
+            Poll::Ready(Some(Err(_))) => self.finish("upstream_error"),
             Poll::Pending => {}
         }
         polled.map(|o| o.map(|r| r.map_err(BoxError::from)))
@@ -261,9 +289,7 @@ impl hyper::body::Body for Tracked {
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        if let Some(done) = self.done.take() {
-            done.finish(self.bytes, "client_closed");
-        }
+        self.finish("client_closed");
     }
 }
 
@@ -287,14 +313,30 @@ pub async fn handle(
         key_version: 0,
         start,
         upstream_latency: None,
+        provider: None,
+        endpoint: Endpoint::Unmetered,
     };
     match forward(&slot, &shared, req, &mut done).await {
         Ok(res) => {
             let (parts, body) = res.into_parts();
             done.status = parts.status.as_u16();
+            let header = |name| parts.headers.get(name).and_then(|v| v.to_str().ok());
+            // Only answers that succeeded carry usage.
+            let meter = parts
+                .status
+                .is_success()
+                .then(|| {
+                    Meter::new(
+                        done.endpoint,
+                        header(header::CONTENT_TYPE),
+                        header(header::CONTENT_ENCODING),
+                    )
+                })
+                .flatten();
             let body = Tracked {
                 inner: body,
                 bytes: 0,
+                meter,
                 done: Some(done),
             };
             let mut res = Response::from_parts(parts, body.boxed_unsync());
@@ -306,7 +348,7 @@ pub async fn handle(
             let res = error_response(slot.provider(), &refusal);
             done.status = res.status().as_u16();
             let bytes = res.body().len() as u64;
-            done.finish(bytes, "refused");
+            done.finish(bytes, "refused", None);
             Ok(res.map(full))
         }
     }
@@ -320,11 +362,21 @@ async fn forward(
 ) -> Result<Response<Incoming>, Refusal> {
     let live = slot.current(Instant::now())?;
     done.key_version = live.key_version;
+    done.provider = Some(live.provider);
     let (route, uri) = admit(&live, &req, done)?;
+    done.endpoint = route.endpoint;
     let (mut parts, body) = req.into_parts();
     let body = upstream_body(shared, &live, &route, &mut parts, body, done).await?;
 
     strip_headers(&mut parts.headers, dropped_upstream);
+    if route.endpoint.metered() {
+        // Usage is read from the answer as it passes: it must come uncompressed (the
+        // application, which may have asked for gzip, gets it uncompressed too).
+        parts.headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+    }
     parts
         .headers
         .insert(live.auth_name.clone(), live.auth_value.clone());
@@ -429,6 +481,10 @@ async fn upstream_body(
                 .is_some_and(|n| n > 0 && n <= WHOLE_BODY_MAX) =>
         {
             let bytes = read_capped(body, WHOLE_BODY_MAX).await?;
+            if route.endpoint.metered() && route.model_at == routes::ModelAt::Body {
+                // For the usage metrics: the model the application asked for.
+                done.model = usage::request_model(&bytes);
+            }
             Full::new(bytes).map_err(|e| match e {}).boxed_unsync()
         }
         Check::Forward => body.map_err(BoxError::from).boxed_unsync(),

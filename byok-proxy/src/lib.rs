@@ -40,6 +40,7 @@ pub mod routes;
 pub mod sidecar;
 pub mod telemetry;
 pub mod upstream;
+pub mod usage;
 pub mod workers;
 
 use std::net::SocketAddr;

@@ -18,6 +18,7 @@
 //! ends up at `/v1/v1/...`.
 
 use crate::providers::ProviderKind;
+use crate::usage::Endpoint;
 
 /// Where a request's model is, for `defaultModel` and `allowedModels`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +56,8 @@ pub enum PathError {
 pub struct Route {
     pub upstream_path: String,
     pub model_at: ModelAt,
+    /// What its answer says about tokens.
+    pub endpoint: Endpoint,
 }
 
 /// Maps `path` (as the SDK sent it, without the query) onto `base_path` (the verified base
@@ -75,9 +78,15 @@ pub fn route(
     } else {
         [base_path, api_path].concat()
     };
+    let s = segments(api_path);
     Ok(Route {
         upstream_path,
-        model_at: model_at(provider, method, api_path),
+        model_at: model_at(provider, method, &s),
+        endpoint: if method == http::Method::POST {
+            endpoint(provider, &s)
+        } else {
+            Endpoint::Unmetered
+        },
     })
 }
 
@@ -165,16 +174,85 @@ fn segments(path: &str) -> Vec<&str> {
         .collect()
 }
 
-fn model_at(provider: ProviderKind, method: &http::Method, api_path: &str) -> ModelAt {
+fn model_at(provider: ProviderKind, method: &http::Method, s: &[&str]) -> ModelAt {
     let post = method == http::Method::POST;
     let get = method == http::Method::GET;
-    let s = segments(api_path);
     match provider {
-        ProviderKind::Anthropic => anthropic(post, get, &s),
-        ProviderKind::OpenAI | ProviderKind::OpenAICompatible => openai(post, get, &s),
-        ProviderKind::Google => gemini(post, get, &s),
-        ProviderKind::Vertex => vertex(post, get, &s),
-        ProviderKind::Azure => azure(post, get, &s),
+        ProviderKind::Anthropic => anthropic(post, get, s),
+        ProviderKind::OpenAI | ProviderKind::OpenAICompatible => openai(post, get, s),
+        ProviderKind::Google => gemini(post, get, s),
+        ProviderKind::Vertex => vertex(post, get, s),
+        ProviderKind::Azure => azure(post, get, s),
+    }
+}
+
+/// What a POST's answer says about tokens (`docs/usage.md` has the table).
+fn endpoint(provider: ProviderKind, s: &[&str]) -> Endpoint {
+    match provider {
+        ProviderKind::Anthropic => match s {
+            ["v1", "messages"] => Endpoint::Messages,
+            ["v1", "messages", "count_tokens"] => Endpoint::TokenCount,
+            _ => Endpoint::Unmetered,
+        },
+        ProviderKind::OpenAI | ProviderKind::OpenAICompatible => openai_endpoint(s),
+        ProviderKind::Google => match s {
+            [v, "models", m] if is_version(v) => method_endpoint(m, false),
+            _ => Endpoint::Unmetered,
+        },
+        ProviderKind::Vertex => match s {
+            [
+                v,
+                "projects",
+                _,
+                "locations",
+                _,
+                "publishers",
+                publisher,
+                "models",
+                m,
+            ] if is_version(v) => method_endpoint(m, *publisher == "anthropic"),
+            [
+                v,
+                "projects",
+                _,
+                "locations",
+                _,
+                "endpoints",
+                "openapi",
+                "chat",
+                "completions",
+            ] if is_version(v) => Endpoint::Chat,
+            _ => Endpoint::Unmetered,
+        },
+        ProviderKind::Azure => match s {
+            ["openai", "deployments", _, op @ ..] => openai_endpoint(op),
+            ["openai", "v1", rest @ ..] => openai_endpoint(rest),
+            ["openai", "responses"] => Endpoint::Responses,
+            _ => Endpoint::Unmetered,
+        },
+    }
+}
+
+/// OpenAI's paths after the version.
+fn openai_endpoint(s: &[&str]) -> Endpoint {
+    match s {
+        ["chat", "completions"] => Endpoint::Chat,
+        ["completions"] => Endpoint::Completions,
+        ["responses"] => Endpoint::Responses,
+        ["responses", "input_tokens"] => Endpoint::TokenCount,
+        ["embeddings"] => Endpoint::Embeddings,
+        _ => Endpoint::Unmetered,
+    }
+}
+
+/// A Gemini or Vertex model method (`M:generateContent`); `anthropic`: a Vertex Anthropic
+/// model, whose `rawPredict` takes and answers Anthropic messages.
+fn method_endpoint(segment: &str, anthropic: bool) -> Endpoint {
+    match segment.rsplit_once(':').map(|(_, method)| method) {
+        Some("generateContent" | "streamGenerateContent") => Endpoint::GenerateContent,
+        Some("rawPredict" | "streamRawPredict") if anthropic => Endpoint::Messages,
+        Some("countTokens" | "computeTokens") => Endpoint::TokenCount,
+        _ => Endpoint::Unmetered,
     }
 }
 
@@ -509,5 +587,100 @@ mod tests {
         }
         assert_eq!(at(OpenAI, Method::GET, "/v1/models"), ModelAt::ReadOnly);
         assert_eq!(at(Google, Method::GET, "/v1beta/models"), ModelAt::ReadOnly);
+    }
+
+    /// Every endpoint shape the path table routes, as the SDKs send it: what its answer says
+    /// about tokens.
+    #[test]
+    fn endpoints_that_report_tokens() {
+        use Endpoint::*;
+        let e = |p: ProviderKind, path: &str| {
+            route(p, &Method::POST, "", path).expect("routed").endpoint
+        };
+        for (p, path, want) in [
+            (OpenAI, "/v1/chat/completions", Chat),
+            (OpenAI, "/chat/completions", Chat),
+            (OpenAI, "/v1/completions", Completions),
+            (OpenAI, "/v1/responses", Responses),
+            (OpenAI, "/v1/responses/input_tokens", TokenCount),
+            (OpenAI, "/v1/embeddings", Embeddings),
+            (OpenAI, "/v1/batches", Unmetered),
+            (OpenAI, "/v1/files", Unmetered),
+            (OpenAI, "/v1/fine_tuning/jobs", Unmetered),
+            (OpenAI, "/v1/threads/t/runs", Unmetered),
+            (OpenAI, "/v1/images/generations", Unmetered),
+            (OpenAICompatible, "/v1/chat/completions", Chat),
+            (OpenAICompatible, "/v1/embeddings", Embeddings),
+            (Azure, "/openai/deployments/gpt4o/chat/completions", Chat),
+            (Azure, "/openai/deployments/gpt4o/completions", Completions),
+            (Azure, "/openai/deployments/emb/embeddings", Embeddings),
+            (Azure, "/openai/deployments/gpt4o/responses", Responses),
+            (Azure, "/openai/v1/chat/completions", Chat),
+            (Azure, "/openai/v1/responses", Responses),
+            (Azure, "/openai/responses", Responses),
+            (Anthropic, "/v1/messages", Messages),
+            (Anthropic, "/v1/messages/count_tokens", TokenCount),
+            (Anthropic, "/v1/messages/batches", Unmetered),
+            (
+                Google,
+                "/v1beta/models/gemini-2.5-flash:generateContent",
+                GenerateContent,
+            ),
+            (
+                Google,
+                "/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+                GenerateContent,
+            ),
+            (
+                Google,
+                "/v1beta/models/gemini-2.5-flash:countTokens",
+                TokenCount,
+            ),
+            (
+                Google,
+                "/v1beta/models/text-embedding-004:embedContent",
+                Unmetered,
+            ),
+            (
+                Vertex,
+                "/v1/projects/p/locations/l/publishers/google/models/gemini-2.5-pro:generateContent",
+                GenerateContent,
+            ),
+            (
+                Vertex,
+                "/v1/projects/p/locations/l/publishers/google/models/gemini-2.5-pro:streamGenerateContent",
+                GenerateContent,
+            ),
+            (
+                Vertex,
+                "/v1/projects/p/locations/l/publishers/anthropic/models/claude-sonnet-4-5:rawPredict",
+                Messages,
+            ),
+            (
+                Vertex,
+                "/v1/projects/p/locations/l/publishers/anthropic/models/claude-sonnet-4-5:streamRawPredict",
+                Messages,
+            ),
+            (
+                Vertex,
+                "/v1/projects/p/locations/l/publishers/anthropic/models/claude-sonnet-4-5:countTokens",
+                TokenCount,
+            ),
+            (
+                Vertex,
+                "/v1/projects/p/locations/l/publishers/google/models/gemini-2.5-pro:countTokens",
+                TokenCount,
+            ),
+            (
+                Vertex,
+                "/v1/projects/p/locations/l/endpoints/openapi/chat/completions",
+                Chat,
+            ),
+        ] {
+            assert_eq!(e(p, path), want, "{p:?} {path}");
+        }
+        // Only a POST generates.
+        let get = route(OpenAI, &Method::GET, "", "/v1/chat/completions").expect("routed");
+        assert_eq!(get.endpoint, Unmetered);
     }
 }
