@@ -227,6 +227,8 @@ pub struct RecordedRequest {
     pub body_bytes: u64,
     /// Whether the request asked for a streamed answer.
     pub stream: bool,
+    /// The request's `Accept-Encoding`, as sent.
+    pub accept_encoding: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -757,6 +759,11 @@ fn serve(
             App::new()
                 .app_data(web::Data::from(app_shared.clone()))
                 .app_data(web::PayloadConfig::new(MAX_BODY_BYTES))
+                .wrap_fn(|req, srv| {
+                    let gzip = accepts_gzip(req.request());
+                    let fut = srv.call(req);
+                    async move { gzip_json(fut.await?, gzip).await }
+                })
                 .wrap_fn(move |req, srv| {
                     let entry = start_record(&record_shared, req.request());
                     let fut = srv.call(req);
@@ -819,6 +826,48 @@ fn serve(
             tracing::warn!(error = %e, "fake provider server failed");
         }
     });
+}
+
+/// Whether the client takes gzip (`Accept-Encoding`, q-values other than 0 ignored).
+fn accepts_gzip(req: &HttpRequest) -> bool {
+    header(req, "accept-encoding").is_some_and(|v| {
+        v.split(',').any(|c| {
+            let mut parts = c.split(';');
+            parts.next().is_some_and(|name| name.trim().eq_ignore_ascii_case("gzip"))
+                && !parts.any(|p| p.trim().replace(' ', "") == "q=0")
+        })
+    })
+}
+
+/// Real providers compress JSON answers for a client that takes gzip (the SDKs do): so
+/// does the fake (streams are left alone).
+async fn gzip_json(
+    res: actix_web::dev::ServiceResponse,
+    gzip: bool,
+) -> Result<actix_web::dev::ServiceResponse, actix_web::Error> {
+    use std::io::Write as _;
+    let json = res
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !gzip || !json || res.headers().contains_key("content-encoding") {
+        return Ok(res);
+    }
+    let (req, res) = res.into_parts();
+    let (head, body) = res.into_parts();
+    let bytes = actix_web::body::to_bytes(body)
+        .await
+        .map_err(|_| actix_web::error::ErrorInternalServerError("body"))?;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(&bytes)?;
+    let compressed = encoder.finish()?;
+    let mut res = head.set_body(compressed);
+    res.headers_mut().insert(
+        actix_web::http::header::CONTENT_ENCODING,
+        actix_web::http::header::HeaderValue::from_static("gzip"),
+    );
+    Ok(actix_web::dev::ServiceResponse::new(req, res).map_into_boxed_body())
 }
 
 /// Accepts on the public port, counts, and pipes each connection to actix-web.
@@ -935,6 +984,7 @@ fn start_record(shared: &Shared, req: &HttpRequest) -> Option<u64> {
         key_id: None,
         body_bytes: 0,
         stream: false,
+        accept_encoding: header(req, "accept-encoding").map(str::to_owned),
     });
     Some(id)
 }

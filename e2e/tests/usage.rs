@@ -1,0 +1,341 @@
+//! Token usage, end to end: the real sidecar (started as the webhook's container says)
+//! against the operator's broker on the real API server, and the fake provider answering
+//! with each provider's usage fields. The counts the sidecar's metrics and access log show
+//! must be what the application itself can read from the answers it got, plain, streamed
+//! and asked for with `Accept-Encoding: gzip` as the SDKs ask.
+
+use std::time::Duration;
+
+use byok_e2e::envtest::TestEnv;
+use byok_e2e::fake_provider::{FakeProvider, FakeProviderConfig, test_service_account_json};
+use byok_e2e::operator::*;
+use byok_e2e::serving::{ServingOperator, opted_in_pod};
+use byok_e2e::sidecar::Sidecar;
+use byok_operator::providers::ProviderKind;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::PostParams;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+const READY_WAIT: Duration = Duration::from_secs(30);
+
+/// Input and output tokens, as the application reads them from one answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Seen {
+    input: u64,
+    output: u64,
+}
+
+fn n(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+/// The usage an answer's JSON document carries, by the provider's documented fields; `None`
+/// when it carries none. Streams: later documents' fields replace earlier ones.
+fn usage_of(doc: &Value, seen: &mut Option<Seen>) {
+    let usage = [
+        &doc["usage"],
+        &doc["message"]["usage"],
+        &doc["response"]["usage"],
+        &doc["usageMetadata"],
+    ]
+    .into_iter()
+    .find(|u| u.is_object());
+    let Some(u) = usage else { return };
+    let s = seen.get_or_insert_with(Seen::default);
+    if let Some(p) = u.get("prompt_tokens") {
+        s.input = n(p);
+        s.output = n(&u["completion_tokens"]);
+    } else if let Some(p) = u.get("promptTokenCount") {
+        s.input = n(p);
+        s.output = n(&u["candidatesTokenCount"]) + n(&u["thoughtsTokenCount"]);
+    } else {
+        if let Some(i) = u.get("input_tokens") {
+            s.input = n(i)
+                + n(&u["cache_read_input_tokens"])
+                + n(&u["cache_creation_input_tokens"]);
+        }
+        if let Some(o) = u.get("output_tokens") {
+            s.output = n(o);
+        }
+    }
+}
+
+/// What the application read: a JSON answer, or the `data:` documents of a stream.
+fn usage_in(body: &str, stream: bool) -> Option<Seen> {
+    let mut seen = None;
+    if stream {
+        for line in body.lines() {
+            if let Some(data) = line.strip_prefix("data:")
+                && let Ok(doc) = serde_json::from_str::<Value>(data.trim())
+            {
+                usage_of(&doc, &mut seen);
+            }
+        }
+    } else if let Ok(doc) = serde_json::from_str::<Value>(body) {
+        usage_of(&doc, &mut seen);
+    }
+    seen
+}
+
+/// `byok_proxy_tokens_total` for `key` and `kind`, summed over models.
+fn tokens_total(metrics: &str, key: &str, kind: &str) -> u64 {
+    let key = format!("key=\"{key}\"");
+    let kind = format!("type=\"{kind}\"");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("byok_proxy_tokens_total{") && l.contains(&key))
+        .filter(|l| l.contains(&kind))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+fn without_usage(metrics: &str, key: &str) -> u64 {
+    let prefix = format!("byok_proxy_requests_without_usage_total{{key=\"{key}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn ready_key(env: &TestEnv, name: &str, key: &str, spec: Value) -> anyhow::Result<()> {
+    let source = format!("{name}-raw");
+    put_secret(env, &source, &[("api-key", key)]).await?;
+    let mut spec = spec;
+    spec["secretRef"] = json!({"name": source});
+    create_pk(env, name, spec).await?;
+    wait_pk(env, name, "Ready", |pk| {
+        is_condition(pk, "Ready", "True", "Valid")
+    })
+    .await?;
+    Ok(())
+}
+
+/// Every provider and endpoint shape the fake serves, plain and streamed: the sidecar's
+/// token counters move by exactly what the application read from each answer; a stream
+/// without usage is counted as such, not as zero; the provider was asked for `identity`
+/// although the application asked for gzip; the access line carries the counts.
+#[tokio::test]
+async fn tokens_are_counted_per_provider_plain_streamed_and_asked_for_gzip() -> anyhow::Result<()>
+{
+    let env = TestEnv::new("usage-six").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    fake.set_stream_plan(5, Duration::from_millis(1));
+    let op = ServingOperator::start(&env, &fake).await?;
+    for (kind, name, key) in [
+        (ProviderKind::Anthropic, "claude", random_key("sk-ant-")),
+        (ProviderKind::OpenAI, "gpt", random_key("sk-proj-")),
+        (ProviderKind::OpenAICompatible, "compat", random_key("sk-c-")),
+        (ProviderKind::Google, "gemini", random_key("AIza")),
+        (ProviderKind::Azure, "azure", random_key("az")),
+    ] {
+        fake.add_valid_key(kind, &key);
+        let spec = match kind {
+            ProviderKind::Azure | ProviderKind::OpenAICompatible => {
+                json!({"provider": kind.to_string(), "baseURL": fake.base_url(kind)})
+            }
+            _ => json!({"provider": kind.to_string()}),
+        };
+        ready_key(&env, name, &key, spec).await?;
+    }
+    let sa_json =
+        test_service_account_json("byok@demo-project.iam.gserviceaccount.com", "demo-project");
+    fake.add_service_account_json(&sa_json)?;
+    ready_key(
+        &env,
+        "vertex",
+        &sa_json,
+        json!({"provider": "vertex", "vertex": {"location": "us-central1"}}),
+    )
+    .await?;
+    let pod = env
+        .api::<Pod>()
+        .create(
+            &PostParams::default(),
+            &opted_in_pod(
+                "usage-",
+                &["claude", "gpt", "compat", "gemini", "azure", "vertex"],
+            ),
+        )
+        .await?;
+    let mut sidecar = Sidecar::start(&env, &op, &pod, "default").await?;
+    sidecar.wait_ready(READY_WAIT).await?;
+
+    let chat = |stream: bool, include_usage: bool| {
+        let mut b = json!({"model": "gpt-4o-mini", "stream": stream,
+            "messages": [{"role": "user", "content": "how many tokens is this"}]});
+        if include_usage {
+            b["stream_options"] = json!({"include_usage": true});
+        }
+        b
+    };
+    let anthropic = |stream: bool| {
+        json!({"model": "claude-sonnet-4-5", "max_tokens": 64, "stream": stream,
+            "messages": [{"role": "user", "content": "count me, please"}]})
+    };
+    let gemini = json!({"contents": [{"role": "user", "parts": [{"text": "count these tokens"}]}]});
+    let vertex_model = "/v1/projects/demo-project/locations/us-central1/publishers/google/models/gemini-2.5-flash";
+    // (key, path, body, streamed, the answer carries usage)
+    let calls: Vec<(&str, String, Value, bool, bool)> = vec![
+        ("claude", "/v1/messages".into(), anthropic(false), false, true),
+        ("claude", "/v1/messages".into(), anthropic(true), true, true),
+        ("gpt", "/v1/chat/completions".into(), chat(false, false), false, true),
+        ("gpt", "/v1/chat/completions".into(), chat(true, true), true, true),
+        ("gpt", "/v1/chat/completions".into(), chat(true, false), true, false),
+        (
+            "gpt",
+            "/v1/responses".into(),
+            json!({"model": "gpt-4.1", "input": "count the tokens of this input"}),
+            false,
+            true,
+        ),
+        (
+            "gpt",
+            "/v1/responses".into(),
+            json!({"model": "gpt-4.1", "input": "and of this one", "stream": true}),
+            true,
+            true,
+        ),
+        (
+            "gpt",
+            "/v1/embeddings".into(),
+            json!({"model": "text-embedding-3-small", "input": "embed these words"}),
+            false,
+            true,
+        ),
+        ("compat", "/v1/chat/completions".into(), chat(false, false), false, true),
+        (
+            "gemini",
+            "/v1beta/models/gemini-2.5-flash:generateContent".into(),
+            gemini.clone(),
+            false,
+            true,
+        ),
+        (
+            "gemini",
+            "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse".into(),
+            gemini.clone(),
+            true,
+            true,
+        ),
+        (
+            "azure",
+            "/openai/deployments/gpt-4o/chat/completions".into(),
+            chat(false, false),
+            false,
+            true,
+        ),
+        (
+            "azure",
+            "/openai/deployments/gpt-4o/chat/completions".into(),
+            chat(true, true),
+            true,
+            true,
+        ),
+        (
+            "vertex",
+            format!("{vertex_model}:generateContent"),
+            gemini.clone(),
+            false,
+            true,
+        ),
+        (
+            "vertex",
+            format!("{vertex_model}:streamGenerateContent?alt=sse"),
+            gemini.clone(),
+            true,
+            true,
+        ),
+    ];
+    let http = reqwest::Client::new();
+    let metrics = || async {
+        anyhow::Ok(
+            reqwest::get(sidecar.admin_url("/metrics"))
+                .await?
+                .text()
+                .await?,
+        )
+    };
+    for (key, path, body, stream, has_usage) in &calls {
+        let before = metrics().await?;
+        let log_before = fake.requests_log().len();
+        let res = http
+            .post(format!("{}{path}", sidecar.url(key)))
+            .header("anthropic-version", "2023-06-01")
+            .header("accept-encoding", "gzip, deflate, br, zstd")
+            .json(body)
+            .send()
+            .await?;
+        let status = res.status().as_u16();
+        let encoding = res.headers().get("content-encoding").cloned();
+        let text = res.text().await?;
+        assert_eq!(status, 200, "{key} {path}: {text}");
+        assert_eq!(encoding, None, "{key} {path}: the answer came compressed");
+        let log = fake.requests_log();
+        let seen_upstream = log[log_before..]
+            .iter()
+            .find(|r| r.method == "POST")
+            .unwrap_or_else(|| panic!("{key} {path}: not forwarded"));
+        assert_eq!(
+            seen_upstream.accept_encoding.as_deref(),
+            Some("identity"),
+            "{key} {path}: the provider was asked for identity"
+        );
+        let read = usage_in(&text, *stream);
+        assert_eq!(read.is_some(), *has_usage, "{key} {path}: {text}");
+        // The counters move when the response has ended: poll briefly.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let after = metrics().await?;
+            let moved = |kind: &str| tokens_total(&after, key, kind) - tokens_total(&before, key, kind);
+            let counted = match read {
+                Some(s) => moved("input") == s.input && moved("output") == s.output,
+                None => {
+                    without_usage(&after, key) == without_usage(&before, key) + 1
+                        && moved("input") == 0
+                }
+            };
+            if counted {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{key} {path}: the application read {read:?}, the sidecar counted input +{} output +{}, without usage {} -> {}",
+                moved("input"),
+                moved("output"),
+                without_usage(&before, key),
+                without_usage(&after, key)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if let Some(s) = read {
+            let line = format!("input_tokens={} output_tokens={}", s.input, s.output);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !sidecar.output().contains(&line) {
+                assert!(
+                    Instant::now() < deadline,
+                    "{key} {path}: no access line with {line}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    // The conventions' series are there too, with the provider's name.
+    let page = metrics().await?;
+    for provider in [
+        "anthropic",
+        "openai",
+        "openai_compatible",
+        "gcp.gemini",
+        "azure.ai.openai",
+        "gcp.vertex_ai",
+    ] {
+        assert!(
+            page.contains(&format!(
+                "gen_ai_client_token_usage_count{{gen_ai_token_type=\"input\",gen_ai_operation_name="
+            )) && page.contains(&format!("gen_ai_provider_name=\"{provider}\"")),
+            "no gen_ai series for {provider}"
+        );
+    }
+    Ok(())
+}
