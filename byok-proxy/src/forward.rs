@@ -227,7 +227,15 @@ impl Done {
                 bytes,
                 input_tokens: tokens.map(|t| t.input),
                 output_tokens: tokens.map(|t| t.output),
-                model: self.model.as_deref(),
+                // The application names it: a name that is no plausible model (a prompt
+                // pasted into `model`) is not written out.
+                model: self.model.as_deref().map(|m| {
+                    if crate::metrics::is_model_label(m) {
+                        m
+                    } else {
+                        crate::metrics::OTHER_MODEL
+                    }
+                }),
                 key_version: self.key_version,
                 outcome,
             });

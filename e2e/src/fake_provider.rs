@@ -833,7 +833,9 @@ fn accepts_gzip(req: &HttpRequest) -> bool {
     header(req, "accept-encoding").is_some_and(|v| {
         v.split(',').any(|c| {
             let mut parts = c.split(';');
-            parts.next().is_some_and(|name| name.trim().eq_ignore_ascii_case("gzip"))
+            parts
+                .next()
+                .is_some_and(|name| name.trim().eq_ignore_ascii_case("gzip"))
                 && !parts.any(|p| p.trim().replace(' ', "") == "q=0")
         })
     })
@@ -1079,8 +1081,8 @@ pub(crate) fn json_str(s: &str) -> String {
     serde_json::Value::from(s).to_string()
 }
 
-/// The answer text of a non-streamed generation request.
-pub(crate) const FAKE_TEXT: &str = "Hello from the fake provider.";
+/// The answer text of a non-streamed generation request (the tests' completion canary).
+pub const FAKE_TEXT: &str = "Hello from the fake provider.";
 
 /// A JSON body that is already serialized (the cheap path of non-streamed answers).
 pub(crate) fn raw_json_response(code: u16, body: String) -> HttpResponse {

@@ -134,6 +134,17 @@ impl Sidecar {
         pod: &Pod,
         service_account: &str,
     ) -> anyhow::Result<Sidecar> {
+        Self::start_with(env, op, pod, service_account, Options::default()).await
+    }
+
+    /// [`Sidecar::start`] with `options` (extra args and environment, a log file).
+    pub async fn start_with(
+        env: &TestEnv,
+        op: &ServingOperator,
+        pod: &Pod,
+        service_account: &str,
+        mut options: Options,
+    ) -> anyhow::Result<Sidecar> {
         let token = pod_token(
             env,
             service_account,
@@ -141,7 +152,6 @@ impl Sidecar {
             byok_operator::names::TOKEN_AUDIENCE,
         )
         .await?;
-        let mut options = Options::default();
         let trust = if mounts_trust_bundle(&sidecar_container(pod)?) {
             let file = TrustBundleFile::mount(env).await?;
             options.env.push((

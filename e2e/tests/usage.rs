@@ -7,10 +7,11 @@
 use std::time::Duration;
 
 use byok_e2e::envtest::TestEnv;
+use byok_e2e::fake_provider::FAKE_TEXT;
 use byok_e2e::fake_provider::{FakeProvider, FakeProviderConfig, test_service_account_json};
 use byok_e2e::operator::*;
 use byok_e2e::serving::{ServingOperator, opted_in_pod};
-use byok_e2e::sidecar::Sidecar;
+use byok_e2e::sidecar::{Options, Sidecar};
 use byok_operator::providers::ProviderKind;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::PostParams;
@@ -18,6 +19,9 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 const READY_WAIT: Duration = Duration::from_secs(30);
+/// In every prompt, and in one request's `model`: found in no log line and no metric.
+const PROMPT_CANARY: &str = "canary-prompt-5b1d0e";
+const MODEL_CANARY: &str = "gpt-4o canary model 9c2e";
 
 /// Input and output tokens, as the application reads them from one answer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -51,9 +55,8 @@ fn usage_of(doc: &Value, seen: &mut Option<Seen>) {
         s.output = n(&u["candidatesTokenCount"]) + n(&u["thoughtsTokenCount"]);
     } else {
         if let Some(i) = u.get("input_tokens") {
-            s.input = n(i)
-                + n(&u["cache_read_input_tokens"])
-                + n(&u["cache_creation_input_tokens"]);
+            s.input =
+                n(i) + n(&u["cache_read_input_tokens"]) + n(&u["cache_creation_input_tokens"]);
         }
         if let Some(o) = u.get("output_tokens") {
             s.output = n(o);
@@ -114,10 +117,11 @@ async fn ready_key(env: &TestEnv, name: &str, key: &str, spec: Value) -> anyhow:
 /// Every provider and endpoint shape the fake serves, plain and streamed: the sidecar's
 /// token counters move by exactly what the application read from each answer; a stream
 /// without usage is counted as such, not as zero; the provider was asked for `identity`
-/// although the application asked for gzip; the access line carries the counts.
+/// although the application asked for gzip; the access line carries the counts. With
+/// trace-level logs, no prompt, completion or pasted `model` text reaches the sidecar's
+/// output or metrics.
 #[tokio::test]
-async fn tokens_are_counted_per_provider_plain_streamed_and_asked_for_gzip() -> anyhow::Result<()>
-{
+async fn tokens_are_counted_per_provider_plain_streamed_and_asked_for_gzip() -> anyhow::Result<()> {
     let env = TestEnv::new("usage-six").await?;
     let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
     fake.set_stream_plan(5, Duration::from_millis(1));
@@ -125,7 +129,11 @@ async fn tokens_are_counted_per_provider_plain_streamed_and_asked_for_gzip() -> 
     for (kind, name, key) in [
         (ProviderKind::Anthropic, "claude", random_key("sk-ant-")),
         (ProviderKind::OpenAI, "gpt", random_key("sk-proj-")),
-        (ProviderKind::OpenAICompatible, "compat", random_key("sk-c-")),
+        (
+            ProviderKind::OpenAICompatible,
+            "compat",
+            random_key("sk-c-"),
+        ),
         (ProviderKind::Google, "gemini", random_key("AIza")),
         (ProviderKind::Azure, "azure", random_key("az")),
     ] {
@@ -158,12 +166,16 @@ async fn tokens_are_counted_per_provider_plain_streamed_and_asked_for_gzip() -> 
             ),
         )
         .await?;
-    let mut sidecar = Sidecar::start(&env, &op, &pod, "default").await?;
+    let options = Options {
+        env: vec![("BYOK_LOG".into(), "trace".into())],
+        ..Options::default()
+    };
+    let mut sidecar = Sidecar::start_with(&env, &op, &pod, "default", options).await?;
     sidecar.wait_ready(READY_WAIT).await?;
 
     let chat = |stream: bool, include_usage: bool| {
         let mut b = json!({"model": "gpt-4o-mini", "stream": stream,
-            "messages": [{"role": "user", "content": "how many tokens is this"}]});
+            "messages": [{"role": "user", "content": format!("how many tokens is {PROMPT_CANARY}")}]});
         if include_usage {
             b["stream_options"] = json!({"include_usage": true});
         }
@@ -171,39 +183,74 @@ async fn tokens_are_counted_per_provider_plain_streamed_and_asked_for_gzip() -> 
     };
     let anthropic = |stream: bool| {
         json!({"model": "claude-sonnet-4-5", "max_tokens": 64, "stream": stream,
-            "messages": [{"role": "user", "content": "count me, please"}]})
+            "system": PROMPT_CANARY,
+            "messages": [{"role": "user", "content": format!("count me, {PROMPT_CANARY}")}]})
     };
-    let gemini = json!({"contents": [{"role": "user", "parts": [{"text": "count these tokens"}]}]});
-    let vertex_model = "/v1/projects/demo-project/locations/us-central1/publishers/google/models/gemini-2.5-flash";
+    let gemini = json!({"contents": [{"role": "user", "parts": [{"text": format!("count {PROMPT_CANARY}")}]}]});
+    let mut pasted = chat(false, false);
+    pasted["model"] = json!(MODEL_CANARY);
+    let vertex_model =
+        "/v1/projects/demo-project/locations/us-central1/publishers/google/models/gemini-2.5-flash";
     // (key, path, body, streamed, the answer carries usage)
     let calls: Vec<(&str, String, Value, bool, bool)> = vec![
-        ("claude", "/v1/messages".into(), anthropic(false), false, true),
+        (
+            "claude",
+            "/v1/messages".into(),
+            anthropic(false),
+            false,
+            true,
+        ),
         ("claude", "/v1/messages".into(), anthropic(true), true, true),
-        ("gpt", "/v1/chat/completions".into(), chat(false, false), false, true),
-        ("gpt", "/v1/chat/completions".into(), chat(true, true), true, true),
-        ("gpt", "/v1/chat/completions".into(), chat(true, false), true, false),
+        (
+            "gpt",
+            "/v1/chat/completions".into(),
+            chat(false, false),
+            false,
+            true,
+        ),
+        (
+            "gpt",
+            "/v1/chat/completions".into(),
+            chat(true, true),
+            true,
+            true,
+        ),
+        (
+            "gpt",
+            "/v1/chat/completions".into(),
+            chat(true, false),
+            true,
+            false,
+        ),
+        ("gpt", "/v1/chat/completions".into(), pasted, false, true),
         (
             "gpt",
             "/v1/responses".into(),
-            json!({"model": "gpt-4.1", "input": "count the tokens of this input"}),
+            json!({"model": "gpt-4.1", "input": PROMPT_CANARY}),
             false,
             true,
         ),
         (
             "gpt",
             "/v1/responses".into(),
-            json!({"model": "gpt-4.1", "input": "and of this one", "stream": true}),
+            json!({"model": "gpt-4.1", "input": PROMPT_CANARY, "stream": true}),
             true,
             true,
         ),
         (
             "gpt",
             "/v1/embeddings".into(),
-            json!({"model": "text-embedding-3-small", "input": "embed these words"}),
+            json!({"model": "text-embedding-3-small", "input": PROMPT_CANARY}),
             false,
             true,
         ),
-        ("compat", "/v1/chat/completions".into(), chat(false, false), false, true),
+        (
+            "compat",
+            "/v1/chat/completions".into(),
+            chat(false, false),
+            false,
+            true,
+        ),
         (
             "gemini",
             "/v1beta/models/gemini-2.5-flash:generateContent".into(),
@@ -287,7 +334,8 @@ async fn tokens_are_counted_per_provider_plain_streamed_and_asked_for_gzip() -> 
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let after = metrics().await?;
-            let moved = |kind: &str| tokens_total(&after, key, kind) - tokens_total(&before, key, kind);
+            let moved =
+                |kind: &str| tokens_total(&after, key, kind) - tokens_total(&before, key, kind);
             let counted = match read {
                 Some(s) => moved("input") == s.input && moved("output") == s.output,
                 None => {
@@ -337,5 +385,24 @@ async fn tokens_are_counted_per_provider_plain_streamed_and_asked_for_gzip() -> 
             "no gen_ai series for {provider}"
         );
     }
+    let output = sidecar.output();
+    assert!(
+        output.contains("TRACE"),
+        "the sidecar logged at trace level"
+    );
+    for canary in [PROMPT_CANARY, MODEL_CANARY, FAKE_TEXT] {
+        assert!(
+            !output.contains(canary),
+            "the sidecar's output holds {canary:?}"
+        );
+        assert!(
+            !page.contains(canary),
+            "the sidecar's metrics hold {canary:?}"
+        );
+    }
+    assert!(
+        page.contains(r#"byok_proxy_tokens_total{key="gpt",model="other",type="input"}"#),
+        "the pasted model is counted as other"
+    );
     Ok(())
 }
