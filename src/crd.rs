@@ -146,6 +146,10 @@ pub struct ProviderKeySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verification: Option<VerificationSpec>,
 
+    /// How the sidecar reads token usage (docs/usage.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageSpec>,
+
     /// Azure OpenAI settings; only with provider azure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub azure: Option<AzureSpec>,
@@ -210,6 +214,41 @@ pub struct SecretKeyRef {
 
 fn default_secret_key() -> String {
     DEFAULT_SECRET_KEY.to_string()
+}
+
+/// Token usage settings.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageSpec {
+    /// OpenAI-shaped streams (chat completions, completions) report usage only when the
+    /// request asks with `stream_options.include_usage`. Inject: the sidecar adds it to
+    /// streamed requests that lack `stream_options`, and removes the usage-only last chunk
+    /// from the stream the application gets. Off: requests go as sent, and streams without
+    /// usage are counted as such. Default: Inject for openai and azure (for api-versions
+    /// from 2024-09-01 and the v1 API), Off for the others (an OpenAI-compatible server may
+    /// refuse the option). Has no effect on other providers, whose streams always report
+    /// usage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_usage: Option<StreamUsage>,
+}
+
+/// `spec.usage.streamUsage`.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamUsage {
+    Inject,
+    Off,
+}
+
+impl ProviderKeySpec {
+    /// Whether the sidecar adds `stream_options.include_usage` to streamed OpenAI-shaped
+    /// requests: `spec.usage.streamUsage`, else the provider's default.
+    pub fn injects_stream_usage(&self) -> bool {
+        match self.usage.as_ref().and_then(|u| u.stream_usage) {
+            Some(StreamUsage::Inject) => true,
+            Some(StreamUsage::Off) => false,
+            None => matches!(self.provider, ProviderKind::OpenAI | ProviderKind::Azure),
+        }
+    }
 }
 
 /// Periodic re-verification.

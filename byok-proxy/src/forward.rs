@@ -25,7 +25,7 @@ use super::live::Live;
 use super::metrics::{ErrorLabels, KeyMetrics, ProxyMetrics};
 use super::models::Check;
 use super::upstream::{self, Body, BoxError};
-use super::usage::{self, Endpoint, Meter, Reading};
+use super::usage::{self, Endpoint, Meter, Reading, UsageChunkFilter};
 use super::{endpoints, routes};
 use crate::metrics::UsageRecord;
 use crate::providers::ProviderKind;
@@ -187,6 +187,10 @@ struct Done {
     provider: Option<ProviderKind>,
     /// What the answer says about tokens (`Unmetered` until routed).
     endpoint: Endpoint,
+    /// The provider accepts `stream_options` on this request (Azure: by api-version).
+    stream_options_accepted: bool,
+    /// The sidecar added `stream_options.include_usage`: the usage-only chunk is taken out.
+    injected_stream_usage: bool,
 }
 
 impl Done {
@@ -249,6 +253,8 @@ struct Tracked {
     inner: Incoming,
     bytes: u64,
     meter: Option<Meter>,
+    /// Takes out the usage-only chunk of a stream the sidecar asked usage for.
+    filter: Option<UsageChunkFilter>,
     done: Option<Done>,
 }
 
@@ -269,6 +275,9 @@ impl hyper::body::Body for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.filter.is_some() {
+            return self.poll_filtered(cx);
+        }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -287,11 +296,58 @@ impl hyper::body::Body for Tracked {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        // The filter may hold the end of the last event until the provider's body ends.
+        self.filter.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.filter.is_some() {
+            return SizeHint::default();
+        }
         self.inner.size_hint()
+    }
+}
+
+impl Tracked {
+    /// [`Tracked::poll_frame`] through the usage-chunk filter: whole events, as each ends.
+    fn poll_filtered(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            let Some(filter) = self.filter.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        if let Some(meter) = &mut self.meter {
+                            meter.feed(&data);
+                        }
+                        let out = filter.push(&data);
+                        if !out.is_empty() {
+                            self.bytes += out.len() as u64;
+                            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+                        }
+                    }
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                None => {
+                    let rest = filter.finish();
+                    self.filter = None;
+                    self.bytes += rest.len() as u64;
+                    self.finish("complete");
+                    if rest.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(rest)))));
+                }
+                Some(Err(e)) => {
+                    self.finish("upstream_error");
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
+        }
     }
 }
 
@@ -323,6 +379,8 @@ pub async fn handle(
         upstream_latency: None,
         provider: None,
         endpoint: Endpoint::Unmetered,
+        stream_options_accepted: false,
+        injected_stream_usage: false,
     };
     match forward(&slot, &shared, req, &mut done).await {
         Ok(res) => {
@@ -341,10 +399,16 @@ pub async fn handle(
                     )
                 })
                 .flatten();
+            let filter = (done.injected_stream_usage
+                && parts.status.is_success()
+                && header(header::CONTENT_TYPE)
+                    .is_some_and(|t| t.trim_start().starts_with("text/event-stream")))
+            .then(UsageChunkFilter::default);
             let body = Tracked {
                 inner: body,
                 bytes: 0,
                 meter,
+                filter,
                 done: Some(done),
             };
             let mut res = Response::from_parts(parts, body.boxed_unsync());
@@ -449,6 +513,8 @@ fn admit(
         live.azure_api_version.as_deref(),
         deployment_path,
     );
+    done.stream_options_accepted =
+        takes_stream_options(live.provider, req.uri().path(), query.as_deref());
     // Written once and parsed in place (`Uri` takes the `String`'s buffer).
     let mut uri = String::with_capacity(
         live.origin.len() + route.upstream_path.len() + query.as_ref().map_or(0, |q| q.len() + 1),
@@ -493,6 +559,7 @@ async fn upstream_body(
                 // For the usage metrics: the model the application asked for.
                 done.model = usage::request_model(&bytes);
             }
+            let bytes = ask_stream_usage(live, route, parts, bytes, done);
             Full::new(bytes).map_err(|e| match e {}).boxed_unsync()
         }
         Check::Forward => body.map_err(BoxError::from).boxed_unsync(),
@@ -519,6 +586,7 @@ async fn upstream_body(
                 }
                 None => bytes,
             };
+            let bytes = ask_stream_usage(live, route, parts, bytes, done);
             // The share is held until the body has gone upstream (or the request is
             // dropped): the closure owns it, and goes with the body.
             Full::new(bytes)
@@ -530,6 +598,48 @@ async fn upstream_body(
                 .boxed_unsync()
         }
     })
+}
+
+/// `bytes` with `stream_options.include_usage` added when the key asks for stream usage
+/// (`spec.usage.streamUsage`) and this is a streamed OpenAI-shaped generation the provider
+/// takes the option on; `Content-Length` follows.
+fn ask_stream_usage(
+    live: &Live,
+    route: &routes::Route,
+    parts: &mut http::request::Parts,
+    bytes: Bytes,
+    done: &mut Done,
+) -> Bytes {
+    if !live.inject_stream_usage
+        || !done.stream_options_accepted
+        || !matches!(route.endpoint, Endpoint::Chat | Endpoint::Completions)
+    {
+        return bytes;
+    }
+    let Some(new) = usage::with_stream_usage(&bytes) else {
+        return bytes;
+    };
+    done.injected_stream_usage = true;
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.remove(header::TRANSFER_ENCODING);
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(new.len()));
+    Bytes::from(new)
+}
+
+/// Azure takes `stream_options` from api-version 2024-09-01 (previews included) and on its
+/// v1 API; every other provider shape the option applies to takes it.
+fn takes_stream_options(provider: ProviderKind, path: &str, query: Option<&str>) -> bool {
+    if provider != ProviderKind::Azure || !path.starts_with("/openai/deployments/") {
+        return true;
+    }
+    query
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|p| p.strip_prefix("api-version="))
+        .and_then(|v| v.get(..10))
+        .is_some_and(|date| date >= "2024-09-01")
 }
 
 /// Sends the request through the key's pool; a failure is counted, logged and answered.
@@ -765,5 +875,30 @@ mod tests {
             HeaderValue::from_static("multipart/form-data; boundary=x"),
         );
         assert!(!is_json(&h));
+    }
+}
+
+#[cfg(test)]
+mod stream_options_tests {
+    use super::*;
+
+    #[test]
+    fn azure_takes_stream_options_from_2024_09_01_and_on_v1() {
+        let azure =
+            |path: &str, q: Option<&str>| takes_stream_options(ProviderKind::Azure, path, q);
+        let chat = "/openai/deployments/gpt-4o/chat/completions";
+        assert!(azure(chat, Some("api-version=2024-10-21")));
+        assert!(azure(chat, Some("x=1&api-version=2024-09-01-preview")));
+        assert!(azure(chat, Some("api-version=2025-04-01-preview")));
+        assert!(!azure(chat, Some("api-version=2024-08-01-preview")));
+        assert!(!azure(chat, Some("api-version=2024-06-01")));
+        assert!(!azure(chat, Some("api-version=bogus")));
+        assert!(!azure(chat, None));
+        assert!(azure("/openai/v1/chat/completions", None));
+        assert!(takes_stream_options(
+            ProviderKind::OpenAI,
+            "/v1/chat/completions",
+            None
+        ));
     }
 }

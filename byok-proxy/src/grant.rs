@@ -59,6 +59,10 @@ pub struct Grant {
     /// Vertex request is refused until the broker names them).
     #[serde(default)]
     pub vertex: Option<GrantVertex>,
+    /// `spec.usage.streamUsage` resolved: add `stream_options.include_usage` to streamed
+    /// OpenAI-shaped requests (absent from older brokers: requests go as sent).
+    #[serde(default)]
+    pub inject_stream_usage: bool,
     pub lease_seconds: u64,
     pub poll_seconds: u64,
 }
@@ -134,6 +138,8 @@ pub struct GrantOut<'a, E: Serialize> {
     /// Vertex: where the key may be used (the proxy refuses every other aiplatform path).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vertex: Option<GrantVertexOut<'a>>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub inject_stream_usage: bool,
     pub lease_seconds: u64,
     pub poll_seconds: u64,
 }
@@ -216,6 +222,7 @@ mod tests {
                 project: "p",
                 location: "europe-west4",
             }),
+            inject_stream_usage: true,
             lease_seconds: 300,
             poll_seconds: 5,
         };
@@ -245,6 +252,7 @@ mod tests {
             Some("http://u:p@proxy:3128")
         );
         assert!(read.allow_credential_minting);
+        assert!(read.inject_stream_usage);
         let vertex = read.vertex.expect("vertex");
         assert_eq!(
             (vertex.project.as_str(), vertex.location.as_str()),
@@ -279,6 +287,7 @@ mod tests {
                 project: "p",
                 location: "l",
             }),
+            inject_stream_usage: true,
             lease_seconds: 1,
             poll_seconds: 2,
         };
@@ -304,6 +313,7 @@ mod tests {
             "egress",
             "allowCredentialMinting",
             "vertex",
+            "injectStreamUsage",
             "leaseSeconds",
             "pollSeconds",
         ];
@@ -345,6 +355,7 @@ mod tests {
             egress: &NO_EGRESS,
             allow_credential_minting: false,
             vertex: None,
+            inject_stream_usage: false,
             lease_seconds: 1,
             poll_seconds: 1,
         };
@@ -353,6 +364,7 @@ mod tests {
         assert!(matches!(read.credential, Credential::ApiKey { .. }));
         assert!(read.azure_api_version.is_none() && read.default_model.is_none());
         assert!(!read.allow_credential_minting && read.vertex.is_none());
+        assert!(!read.inject_stream_usage);
         assert_eq!(read.egress, Egress::default());
     }
 }

@@ -149,6 +149,7 @@ mod tests {
             auth_name: http::header::AUTHORIZATION,
             auth_value: http::HeaderValue::from_static("Bearer x"),
             azure_api_version: None,
+            inject_stream_usage: false,
             models: crate::models::ModelPolicy::new(
                 crate::providers::ProviderKind::OpenAI,
                 None,

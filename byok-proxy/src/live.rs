@@ -26,6 +26,8 @@ pub struct Live {
     /// Marked sensitive: `Debug` and HTTP/2 HPACK indexing leave it out.
     pub auth_value: HeaderValue,
     pub azure_api_version: Option<String>,
+    /// Add `stream_options.include_usage` to streamed OpenAI-shaped requests.
+    pub inject_stream_usage: bool,
     pub models: ModelPolicy,
     pub endpoints: EndpointPolicy,
     /// When the credential itself stops working (Vertex access tokens).
@@ -110,6 +112,7 @@ impl Live {
             auth_name,
             auth_value,
             azure_api_version: grant.azure_api_version,
+            inject_stream_usage: grant.inject_stream_usage,
             models: ModelPolicy::new(grant.provider, grant.default_model, grant.allowed_models),
             endpoints: EndpointPolicy {
                 allow_credential_minting: grant.allow_credential_minting,

@@ -743,5 +743,114 @@ pub fn request_model(body: &[u8]) -> Option<String> {
         .filter(|m| m.len() <= crate::inspect::MAX_MODEL_BYTES)
 }
 
+/// OpenAI's streams report usage only when asked (`stream_options.include_usage`): the body
+/// with it added, for a streamed request (`"stream": true`) that has no `stream_options` of
+/// its own; `None` leaves the body as sent. The member is spliced in after the opening
+/// brace, the rest kept byte for byte. A body whose top level holds `stream` twice (which
+/// parsers read differently) is left alone.
+pub fn with_stream_usage(body: &[u8]) -> Option<Vec<u8>> {
+    #[derive(Deserialize)]
+    struct Streamed {
+        #[serde(default)]
+        stream: Option<bool>,
+    }
+    // Cheap refusal first: most bodies do not stream.
+    memchr::memmem::find(body, b"\"stream\"")?;
+    // Errors on a duplicate `stream`.
+    let probe: Streamed = serde_json::from_slice(body).ok()?;
+    if probe.stream != Some(true) {
+        return None;
+    }
+    let members: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body).ok()?;
+    if members.contains_key("stream_options") {
+        return None;
+    }
+    let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
+    if body[open] != b'{' {
+        return None;
+    }
+    const MEMBER: &[u8] = br#""stream_options":{"include_usage":true},"#;
+    let mut out = Vec::with_capacity(body.len() + MEMBER.len());
+    out.extend_from_slice(&body[..=open]);
+    out.extend_from_slice(MEMBER);
+    out.extend_from_slice(&body[open + 1..]);
+    Some(out)
+}
+
+/// The most of one event [`UsageChunkFilter`] holds back; a longer event goes on unfiltered.
+const MAX_HELD_EVENT: usize = 1024 * 1024;
+
+/// Takes the usage-only last chunk (`"choices": []` with a `usage`) out of an OpenAI
+/// stream whose request the sidecar asked for usage ([`with_stream_usage`]), so the
+/// application gets the stream it asked for. Events are passed on whole, as each ends;
+/// the other chunks keep their `"usage": null`, which the SDKs read as no usage.
+#[derive(Debug, Default)]
+pub struct UsageChunkFilter {
+    held: Vec<u8>,
+    /// Gave up (an event past [`MAX_HELD_EVENT`]): everything passes.
+    open: bool,
+}
+
+impl UsageChunkFilter {
+    /// The bytes to pass on now, given the next `data`.
+    pub fn push(&mut self, data: &[u8]) -> Vec<u8> {
+        if self.open {
+            return data.to_vec();
+        }
+        self.held.extend_from_slice(data);
+        let mut out = Vec::with_capacity(self.held.len());
+        let mut start = 0;
+        while let Some(end) = event_end(&self.held[start..]) {
+            let event = &self.held[start..start + end];
+            if !is_usage_only_chunk(event) {
+                out.extend_from_slice(event);
+            }
+            start += end;
+        }
+        self.held.drain(..start);
+        if self.held.len() > MAX_HELD_EVENT {
+            self.open = true;
+            out.append(&mut self.held);
+        }
+        out
+    }
+
+    /// The end of the stream: what is held goes on.
+    pub fn finish(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.held)
+    }
+}
+
+/// The length of the first whole event in `bytes` (its blank line included).
+fn event_end(bytes: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while let Some(n) = memchr::memchr(b'\n', &bytes[i..]) {
+        let at = i + n;
+        // A blank line: `\n\n` or `\n\r\n`.
+        match bytes.get(at + 1..) {
+            Some([b'\n', ..]) => return Some(at + 2),
+            Some([b'\r', b'\n', ..]) => return Some(at + 3),
+            _ => i = at + 1,
+        }
+    }
+    None
+}
+
+fn is_usage_only_chunk(event: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Chunk {
+        choices: Vec<serde::de::IgnoredAny>,
+        usage: Option<serde::de::IgnoredAny>,
+    }
+    let text = String::from_utf8_lossy(event);
+    let data: String = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| d.strip_prefix(' ').unwrap_or(d))
+        .collect::<Vec<_>>()
+        .join("\n");
+    serde_json::from_str::<Chunk>(&data).is_ok_and(|c| c.choices.is_empty() && c.usage.is_some())
+}
+
 #[cfg(test)]
 mod tests;

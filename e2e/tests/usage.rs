@@ -23,6 +23,17 @@ const READY_WAIT: Duration = Duration::from_secs(30);
 const PROMPT_CANARY: &str = "canary-prompt-5b1d0e";
 const MODEL_CANARY: &str = "gpt-4o canary model 9c2e";
 
+/// What the application reads of an answer's usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// The usage the provider sent, which the sidecar counts too.
+    Read,
+    /// None: the sidecar asked for it (`streamUsage: Inject`), counted it, and took it out.
+    Injected,
+    /// None, and the sidecar counts a stream without usage.
+    Nothing,
+}
+
 /// Input and output tokens, as the application reads them from one answer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Seen {
@@ -115,8 +126,9 @@ async fn ready_key(env: &TestEnv, name: &str, key: &str, spec: Value) -> anyhow:
 }
 
 /// Every provider and endpoint shape the fake serves, plain and streamed: the sidecar's
-/// token counters move by exactly what the application read from each answer; a stream
-/// without usage is counted as such, not as zero; the provider was asked for `identity`
+/// token counters move by exactly what the application read from each answer; an OpenAI
+/// stream is asked for usage (and the usage chunk taken out) on an openai key, not on an
+/// openai-compatible one, where it is counted as a stream without usage, not as zero; the provider was asked for `identity`
 /// although the application asked for gzip; the access line carries the counts. With
 /// trace-level logs, no prompt, completion or pasted `model` text reaches the sidecar's
 /// output or metrics.
@@ -191,107 +203,129 @@ async fn tokens_are_counted_per_provider_plain_streamed_and_asked_for_gzip() -> 
     pasted["model"] = json!(MODEL_CANARY);
     let vertex_model =
         "/v1/projects/demo-project/locations/us-central1/publishers/google/models/gemini-2.5-flash";
-    // (key, path, body, streamed, the answer carries usage)
-    let calls: Vec<(&str, String, Value, bool, bool)> = vec![
+    // (key, path, body, streamed, what the application reads of usage)
+    let calls: Vec<(&str, String, Value, bool, Expect)> = vec![
         (
             "claude",
             "/v1/messages".into(),
             anthropic(false),
             false,
-            true,
+            Expect::Read,
         ),
-        ("claude", "/v1/messages".into(), anthropic(true), true, true),
+        (
+            "claude",
+            "/v1/messages".into(),
+            anthropic(true),
+            true,
+            Expect::Read,
+        ),
         (
             "gpt",
             "/v1/chat/completions".into(),
             chat(false, false),
             false,
-            true,
+            Expect::Read,
         ),
         (
             "gpt",
             "/v1/chat/completions".into(),
             chat(true, true),
             true,
-            true,
+            Expect::Read,
         ),
+        // The openai key injects stream_options (its default): counted, and the
+        // application's stream has no usage chunk, as it asked.
         (
             "gpt",
             "/v1/chat/completions".into(),
             chat(true, false),
             true,
-            false,
+            Expect::Injected,
         ),
-        ("gpt", "/v1/chat/completions".into(), pasted, false, true),
+        // openai-compatible does not (its default): a stream without usage.
+        (
+            "compat",
+            "/v1/chat/completions".into(),
+            chat(true, false),
+            true,
+            Expect::Nothing,
+        ),
+        (
+            "gpt",
+            "/v1/chat/completions".into(),
+            pasted,
+            false,
+            Expect::Read,
+        ),
         (
             "gpt",
             "/v1/responses".into(),
             json!({"model": "gpt-4.1", "input": PROMPT_CANARY}),
             false,
-            true,
+            Expect::Read,
         ),
         (
             "gpt",
             "/v1/responses".into(),
             json!({"model": "gpt-4.1", "input": PROMPT_CANARY, "stream": true}),
             true,
-            true,
+            Expect::Read,
         ),
         (
             "gpt",
             "/v1/embeddings".into(),
             json!({"model": "text-embedding-3-small", "input": PROMPT_CANARY}),
             false,
-            true,
+            Expect::Read,
         ),
         (
             "compat",
             "/v1/chat/completions".into(),
             chat(false, false),
             false,
-            true,
+            Expect::Read,
         ),
         (
             "gemini",
             "/v1beta/models/gemini-2.5-flash:generateContent".into(),
             gemini.clone(),
             false,
-            true,
+            Expect::Read,
         ),
         (
             "gemini",
             "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse".into(),
             gemini.clone(),
             true,
-            true,
+            Expect::Read,
         ),
         (
             "azure",
             "/openai/deployments/gpt-4o/chat/completions".into(),
             chat(false, false),
             false,
-            true,
+            Expect::Read,
         ),
         (
             "azure",
             "/openai/deployments/gpt-4o/chat/completions".into(),
             chat(true, true),
             true,
-            true,
+            Expect::Read,
         ),
         (
             "vertex",
             format!("{vertex_model}:generateContent"),
             gemini.clone(),
             false,
-            true,
+            Expect::Read,
         ),
         (
             "vertex",
             format!("{vertex_model}:streamGenerateContent?alt=sse"),
             gemini.clone(),
             true,
-            true,
+            Expect::Read,
         ),
     ];
     let http = reqwest::Client::new();
@@ -303,7 +337,7 @@ async fn tokens_are_counted_per_provider_plain_streamed_and_asked_for_gzip() -> 
                 .await?,
         )
     };
-    for (key, path, body, stream, has_usage) in &calls {
+    for (key, path, body, stream, expect) in &calls {
         let before = metrics().await?;
         let log_before = fake.requests_log().len();
         let res = http
@@ -329,19 +363,30 @@ async fn tokens_are_counted_per_provider_plain_streamed_and_asked_for_gzip() -> 
             "{key} {path}: the provider was asked for identity"
         );
         let read = usage_in(&text, *stream);
-        assert_eq!(read.is_some(), *has_usage, "{key} {path}: {text}");
+        assert_eq!(
+            read.is_some(),
+            *expect == Expect::Read,
+            "{key} {path}: {text}"
+        );
+        if *expect == Expect::Injected {
+            assert!(
+                text.contains("data: [DONE]") && !text.contains("\"choices\":[]"),
+                "{key} {path}: the usage-only chunk reached the application: {text}"
+            );
+        }
         // The counters move when the response has ended: poll briefly.
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let after = metrics().await?;
             let moved =
                 |kind: &str| tokens_total(&after, key, kind) - tokens_total(&before, key, kind);
-            let counted = match read {
-                Some(s) => moved("input") == s.input && moved("output") == s.output,
-                None => {
-                    without_usage(&after, key) == without_usage(&before, key) + 1
-                        && moved("input") == 0
+            let unknown = without_usage(&after, key) - without_usage(&before, key);
+            let counted = match (expect, read) {
+                (Expect::Read, Some(s)) => {
+                    moved("input") == s.input && moved("output") == s.output && unknown == 0
                 }
+                (Expect::Injected, _) => moved("input") > 0 && moved("output") > 0 && unknown == 0,
+                _ => unknown == 1 && moved("input") == 0,
             };
             if counted {
                 break;
@@ -378,10 +423,11 @@ async fn tokens_are_counted_per_provider_plain_streamed_and_asked_for_gzip() -> 
         "azure.ai.openai",
         "gcp.vertex_ai",
     ] {
+        let name = format!("gen_ai_provider_name=\"{provider}\"");
         assert!(
-            page.contains(&format!(
-                "gen_ai_client_token_usage_count{{gen_ai_token_type=\"input\",gen_ai_operation_name="
-            )) && page.contains(&format!("gen_ai_provider_name=\"{provider}\"")),
+            page.lines().any(|l| l
+                .starts_with("gen_ai_client_token_usage_count{gen_ai_token_type=\"input\"")
+                && l.contains(&name)),
             "no gen_ai series for {provider}"
         );
     }

@@ -745,6 +745,7 @@ impl Broker {
             allowed_models: &pk.spec.allowed_models,
             egress: &self.egress,
             allow_credential_minting: pk.spec.allow_credential_minting,
+            inject_stream_usage: pk.spec.injects_stream_usage(),
             vertex: vertex_project
                 .as_deref()
                 .zip(pk.spec.vertex.as_ref())

@@ -248,3 +248,82 @@ fn request_model_is_the_top_level_one() {
     );
     assert_eq!(request_model(b"not json"), None);
 }
+
+#[test]
+fn stream_usage_is_asked_for_only_on_streams_without_stream_options() {
+    let with =
+        |b: &str| with_stream_usage(b.as_bytes()).map(|v| String::from_utf8(v).expect("utf-8"));
+    assert_eq!(
+        with(r#" {"model":"gpt-4o","stream":true,"messages":[]}"#).as_deref(),
+        Some(
+            r#" {"stream_options":{"include_usage":true},"model":"gpt-4o","stream":true,"messages":[]}"#
+        )
+    );
+    // The result is JSON with one stream_options.
+    let out = with(r#"{"stream": true}"#).expect("added");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["stream_options"]["include_usage"], true);
+    for left in [
+        r#"{"model":"gpt-4o","messages":[]}"#,
+        r#"{"stream":false}"#,
+        r#"{"stream":"true"}"#,
+        r#"{"stream":true,"stream_options":{"include_usage":false}}"#,
+        r#"{"stream":true,"stream_options":null}"#,
+        r#"{"stream":true,"stream":true}"#,
+        r#"{"stream":false,"stream":true}"#,
+        r#"[{"stream":true}]"#,
+        r#"{"stream":true"#,
+        "not json \"stream\"",
+    ] {
+        assert_eq!(with(left), None, "{left}");
+    }
+}
+
+/// What an application that did not ask for usage gets: the stream without the usage-only
+/// chunk, however the events are split across reads; every other byte as sent.
+#[test]
+fn the_usage_only_chunk_is_taken_out_of_injected_streams() {
+    let chunk = |content: &str| {
+        format!(
+            "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{content}\"}},\"finish_reason\":null}}],\"usage\":null}}\n\n"
+        )
+    };
+    // Azure's first chunk has no choices and no usage: it stays.
+    let filter_results = "data: {\"choices\":[],\"prompt_filter_results\":[{\"prompt_index\":0}],\"usage\":null}\r\n\r\n";
+    let usage = "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2,\"total_tokens\":11}}\n\n";
+    let body = [
+        filter_results,
+        &chunk("Hel"),
+        &chunk("lo"),
+        usage,
+        "data: [DONE]\n\n",
+    ]
+    .concat();
+    let expected = [
+        filter_results,
+        &chunk("Hel"),
+        &chunk("lo"),
+        "data: [DONE]\n\n",
+    ]
+    .concat();
+    for at in 0..=body.len() {
+        let mut f = UsageChunkFilter::default();
+        let mut out = f.push(&body.as_bytes()[..at]);
+        out.extend(f.push(&body.as_bytes()[at..]));
+        out.extend(f.finish());
+        assert_eq!(
+            String::from_utf8(out).expect("utf-8"),
+            expected,
+            "split at {at}"
+        );
+    }
+    // A stream cut mid-event passes what it held at its end.
+    let mut f = UsageChunkFilter::default();
+    assert!(f.push(b"data: {\"choi").is_empty());
+    assert_eq!(f.finish(), b"data: {\"choi");
+    // An event past the bound goes on unfiltered, and so does the rest.
+    let mut f = UsageChunkFilter::default();
+    let big = vec![b'x'; MAX_HELD_EVENT + 1];
+    assert_eq!(f.push(&big).len(), big.len());
+    assert_eq!(f.push(usage.as_bytes()), usage.as_bytes());
+}
