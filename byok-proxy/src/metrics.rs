@@ -127,10 +127,23 @@ struct UsageSeries {
 }
 
 /// The model label values a key has used, and its usage series.
-#[derive(Default)]
 struct Models {
     names: Vec<Arc<str>>,
     series: Vec<Arc<UsageSeries>>,
+    /// The values for no model and for `other`, made once.
+    none: Arc<str>,
+    other: Arc<str>,
+}
+
+impl Default for Models {
+    fn default() -> Self {
+        Self {
+            names: Vec::new(),
+            series: Vec::new(),
+            none: Arc::from(""),
+            other: Arc::from(OTHER_MODEL),
+        }
+    }
 }
 
 /// The most usage series a key keeps looked up (the rest are looked up per request).
@@ -141,13 +154,13 @@ impl Models {
     /// when unknown.
     fn label(&mut self, model: Option<&str>) -> Arc<str> {
         let Some(model) = model else {
-            return Arc::from("");
+            return self.none.clone();
         };
         if let Some(known) = self.names.iter().find(|n| ***n == *model) {
             return known.clone();
         }
         if !is_model_label(model) || self.names.len() >= MAX_MODELS {
-            return Arc::from(OTHER_MODEL);
+            return self.other.clone();
         }
         let name: Arc<str> = Arc::from(model);
         self.names.push(name.clone());

@@ -407,7 +407,8 @@ impl Scanner {
             self.capture = Some(Capture {
                 target,
                 depth,
-                bytes: Vec::new(),
+                // Usage objects and model names fit: one allocation.
+                bytes: Vec::with_capacity(256),
             });
         }
     }
@@ -415,21 +416,59 @@ impl Scanner {
     fn feed(&mut self, bytes: &[u8], found: &mut Found) {
         let mut i = 0;
         while i < bytes.len() {
-            // Most of an answer is string content: skip it in one step unless it is kept.
+            // Most of an answer is string content: take a run of it in one step (kept,
+            // added to the name, or skipped), then the byte that ends the run.
             if let Lex::Str {
-                name: false,
+                name,
                 escaped: false,
             } = self.lex
-                && self.capture.is_none()
             {
-                match memchr::memchr2(b'"', b'\\', &bytes[i..]) {
-                    Some(n) => i += n,
-                    None => return,
+                let rest = &bytes[i..];
+                let run = memchr::memchr2(b'"', b'\\', rest).unwrap_or(rest.len());
+                if run > 0 {
+                    self.string_run(&rest[..run], name);
+                    i += run;
+                    continue;
+                }
+            } else if self.lex == Lex::Scalar {
+                let rest = &bytes[i..];
+                let run = rest
+                    .iter()
+                    .position(|b| !is_scalar_byte(*b))
+                    .unwrap_or(rest.len());
+                if run > 0 {
+                    self.keep_all(&rest[..run]);
+                    i += run;
+                    continue;
                 }
             }
             let b = bytes[i];
             i += 1;
             self.byte(b, found);
+        }
+    }
+
+    /// Bytes of a string with no quote or backslash among them.
+    fn string_run(&mut self, run: &[u8], name: bool) {
+        if name {
+            let room = self.name.len() - self.name_len;
+            if run.len() <= room {
+                self.name[self.name_len..self.name_len + run.len()].copy_from_slice(run);
+                self.name_len += run.len();
+            } else {
+                self.name_long = true;
+            }
+        }
+        self.keep_all(run);
+    }
+
+    fn keep_all(&mut self, run: &[u8]) {
+        if let Some(c) = &mut self.capture {
+            if c.bytes.len() + run.len() <= MAX_CAPTURE {
+                c.bytes.extend_from_slice(run);
+            } else {
+                self.capture = None;
+            }
         }
     }
 
