@@ -252,7 +252,9 @@ impl Done {
 struct Tracked {
     inner: Incoming,
     bytes: u64,
-    meter: Option<Meter>,
+    /// Boxed: the body is moved a few times on its way into hyper, and the meter's state
+    /// is most of its size.
+    meter: Option<Box<Meter>>,
     /// Takes out the usage-only chunk of a stream the sidecar asked usage for.
     filter: Option<UsageChunkFilter>,
     done: Option<Done>,
@@ -261,7 +263,7 @@ struct Tracked {
 impl Tracked {
     fn finish(&mut self, outcome: &'static str) {
         if let Some(done) = self.done.take() {
-            let reading = self.meter.as_mut().map(Meter::reading);
+            let reading = self.meter.as_mut().map(|m| m.reading());
             done.finish(self.bytes, outcome, reading);
         }
     }
@@ -398,7 +400,8 @@ pub async fn handle(
                         header(header::CONTENT_ENCODING),
                     )
                 })
-                .flatten();
+                .flatten()
+                .map(Box::new);
             let filter = (done.injected_stream_usage
                 && parts.status.is_success()
                 && header(header::CONTENT_TYPE)
