@@ -150,6 +150,12 @@ pub struct ProviderKeySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageSpec>,
 
+    /// Caps on what this cluster's pods use of the key (docs/limits.md). They are the
+    /// ProviderKey author's; a key that leaked out of the cluster is capped only by the
+    /// provider's own limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsSpec>,
+
     /// Azure OpenAI settings; only with provider azure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub azure: Option<AzureSpec>,
@@ -214,6 +220,35 @@ pub struct SecretKeyRef {
 
 fn default_secret_key() -> String {
     DEFAULT_SECRET_KEY.to_string()
+}
+
+/// Limits on a key's use.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LimitsSpec {
+    /// Caps each pod's sidecar keeps for its own pod, over a sliding 60 s window. A request
+    /// past one is answered 429 in the provider's rate-limit error shape, with
+    /// `retry-after`. Sidecars older than this field do not enforce it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_pod: Option<PerPodLimits>,
+}
+
+/// `spec.limits.perPod`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PerPodLimits {
+    /// Requests a pod may send in any 60 s (exact).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub requests_per_minute: Option<u32>,
+
+    /// Input plus output tokens a pod may use in any 60 s, counted as answers end: requests
+    /// are admitted while the last minute's tokens are under it, so the minute can exceed it
+    /// by the tokens of requests in flight. Streams whose usage cannot be read are refused
+    /// on such a key (docs/limits.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000_000_000_u64))]
+    pub tokens_per_minute: Option<u64>,
 }
 
 /// Token usage settings.

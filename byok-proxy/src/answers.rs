@@ -24,6 +24,8 @@ pub enum Refusal {
     Upgrade,
     /// The provider could not be reached or the connection failed: 502.
     Upstream(String),
+    /// A per-pod limit (`spec.limits.perPod`): 429, `retry-after` in seconds.
+    RateLimited { message: String, retry_after: u64 },
 }
 
 impl Refusal {
@@ -34,6 +36,7 @@ impl Refusal {
             Refusal::BadRequest(_) | Refusal::Upgrade => StatusCode::BAD_REQUEST,
             Refusal::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::Upstream(_) => StatusCode::BAD_GATEWAY,
+            Refusal::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -43,7 +46,8 @@ impl Refusal {
             | Refusal::ModelNotAllowed(m)
             | Refusal::EndpointNotAllowed(m)
             | Refusal::BadRequest(m)
-            | Refusal::Upstream(m) => m.clone(),
+            | Refusal::Upstream(m)
+            | Refusal::RateLimited { message: m, .. } => m.clone(),
             Refusal::TooLarge(cap) => format!(
                 "the request body is larger than the {cap} bytes the byok proxy reads to check its model"
             ),
@@ -64,6 +68,7 @@ impl Refusal {
             Refusal::TooLarge(_) => "request_too_large",
             Refusal::Upgrade => "upgrade_not_supported",
             Refusal::Upstream(_) => "upstream_unreachable",
+            Refusal::RateLimited { .. } => "rate_limit_exceeded",
         }
     }
 }
@@ -78,6 +83,7 @@ pub fn error_body(provider: Option<ProviderKind>, refusal: &Refusal) -> serde_js
                 StatusCode::FORBIDDEN => "permission_error",
                 StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
                 StatusCode::BAD_REQUEST => "invalid_request_error",
+                StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
                 _ => "api_error",
             };
             json!({"type": "error", "error": {"type": error_type, "message": message}})
@@ -87,6 +93,7 @@ pub fn error_body(provider: Option<ProviderKind>, refusal: &Refusal) -> serde_js
                 StatusCode::FORBIDDEN => "PERMISSION_DENIED",
                 StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => "INVALID_ARGUMENT",
                 StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE => "UNAVAILABLE",
+                StatusCode::TOO_MANY_REQUESTS => "RESOURCE_EXHAUSTED",
                 _ => "INTERNAL",
             };
             json!({"error": {"code": status.as_u16(), "message": message, "status": grpc}})
@@ -97,6 +104,8 @@ pub fn error_body(provider: Option<ProviderKind>, refusal: &Refusal) -> serde_js
             let error_type = match status {
                 StatusCode::FORBIDDEN => "permission_error",
                 StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => "invalid_request_error",
+                // OpenAI's own rate-limit answers say `requests` or `tokens`.
+                StatusCode::TOO_MANY_REQUESTS => "requests",
                 _ => "server_error",
             };
             let param = matches!(refusal, Refusal::ModelNotAllowed(_)).then_some("model");
@@ -114,9 +123,16 @@ pub fn error_response(provider: Option<ProviderKind>, refusal: &Refusal) -> http
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    if matches!(refusal, Refusal::KeyUnavailable(_)) {
-        res.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    match refusal {
+        Refusal::KeyUnavailable(_) => {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+        Refusal::RateLimited { retry_after, .. } => {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+        }
+        _ => {}
     }
     res.headers_mut().insert(
         http::HeaderName::from_static("x-byok-proxy-error"),
@@ -148,5 +164,25 @@ mod tests {
         assert_eq!(res.status(), 503);
         assert_eq!(res.headers()[header::RETRY_AFTER], "5");
         assert!(String::from_utf8_lossy(res.body()).contains("byok-proxy: revoked"));
+    }
+
+    /// The SDKs retry a 429 after `retry-after` and raise their rate-limit error type.
+    #[test]
+    fn a_limit_answers_in_each_providers_rate_limit_shape() {
+        let r = Refusal::RateLimited {
+            message: "over".into(),
+            retry_after: 17,
+        };
+        let a = error_body(Some(ProviderKind::Anthropic), &r);
+        assert_eq!(a["error"]["type"], "rate_limit_error");
+        let o = error_body(Some(ProviderKind::OpenAI), &r);
+        assert_eq!(o["error"]["code"], "rate_limit_exceeded");
+        assert_eq!(o["error"]["type"], "requests");
+        let g = error_body(Some(ProviderKind::Google), &r);
+        assert_eq!(g["error"]["status"], "RESOURCE_EXHAUSTED");
+        assert_eq!(g["error"]["code"], 429);
+        let res = error_response(Some(ProviderKind::Azure), &r);
+        assert_eq!(res.status(), 429);
+        assert_eq!(res.headers()[header::RETRY_AFTER], "17");
     }
 }

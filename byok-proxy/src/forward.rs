@@ -191,6 +191,8 @@ struct Done {
     stream_options_accepted: bool,
     /// The sidecar added `stream_options.include_usage`: the usage-only chunk is taken out.
     injected_stream_usage: bool,
+    /// The key's per-pod token limit counts this answer's tokens.
+    limited: Option<Arc<KeySlot>>,
 }
 
 impl Done {
@@ -201,6 +203,9 @@ impl Done {
         let elapsed = self.start.elapsed();
         self.key.duration(m).observe(elapsed.as_secs_f64());
         let tokens = reading.as_ref().and_then(|r| r.tokens);
+        if let (Some(slot), Some(t)) = (&self.limited, tokens) {
+            slot.debit(t.input.saturating_add(t.output), Instant::now());
+        }
         if let (Some(reading), Some(provider)) = (&reading, self.provider) {
             self.key.usage(
                 m,
@@ -383,6 +388,7 @@ pub async fn handle(
         endpoint: Endpoint::Unmetered,
         stream_options_accepted: false,
         injected_stream_usage: false,
+        limited: None,
     };
     match forward(&slot, &shared, req, &mut done).await {
         Ok(res) => {
@@ -430,7 +436,7 @@ pub async fn handle(
 }
 
 async fn forward(
-    slot: &KeySlot,
+    slot: &Arc<KeySlot>,
     shared: &Shared,
     req: Request<Incoming>,
     done: &mut Done,
@@ -442,6 +448,11 @@ async fn forward(
     done.endpoint = route.endpoint;
     let (mut parts, body) = req.into_parts();
     let body = upstream_body(shared, &live, &route, &mut parts, body, done).await?;
+    // Only what would be forwarded counts against the pod's limits.
+    slot.admit(&live, Instant::now())?;
+    if live.limits.tokens_per_minute.is_some() {
+        done.limited = Some(slot.clone());
+    }
 
     strip_headers(&mut parts.headers, dropped_upstream);
     if route.endpoint.metered() {
@@ -547,6 +558,19 @@ async fn upstream_body(
     let check = live
         .models
         .check(&route.model_at, json && parts.method == Method::POST);
+    // A key with a per-pod token limit reads every chat and completion body (strictly, as
+    // a checked body): a stream that would report no usage is refused, not let through by
+    // a large, non-JSON or ambiguous body.
+    let check = match check {
+        Check::Forward
+            if live.limits.tokens_per_minute.is_some()
+                && parts.method == Method::POST
+                && matches!(route.endpoint, Endpoint::Chat | Endpoint::Completions) =>
+        {
+            Check::ReadBody
+        }
+        other => other,
+    };
     Ok(match check {
         Check::Refuse(refusal) => return Err(refusal),
         // A small body of known length has (almost always) arrived with the head: sent
@@ -562,7 +586,7 @@ async fn upstream_body(
                 // For the usage metrics: the model the application asked for.
                 done.model = usage::request_model(&bytes);
             }
-            let bytes = ask_stream_usage(live, route, parts, bytes, done);
+            let bytes = ask_stream_usage(live, route, parts, bytes, done)?;
             Full::new(bytes).map_err(|e| match e {}).boxed_unsync()
         }
         Check::Forward => body.map_err(BoxError::from).boxed_unsync(),
@@ -589,7 +613,7 @@ async fn upstream_body(
                 }
                 None => bytes,
             };
-            let bytes = ask_stream_usage(live, route, parts, bytes, done);
+            let bytes = ask_stream_usage(live, route, parts, bytes, done)?;
             // The share is held until the body has gone upstream (or the request is
             // dropped): the closure owns it, and goes with the body.
             Full::new(bytes)
@@ -612,15 +636,21 @@ fn ask_stream_usage(
     parts: &mut http::request::Parts,
     bytes: Bytes,
     done: &mut Done,
-) -> Bytes {
-    if !live.inject_stream_usage
-        || !done.stream_options_accepted
-        || !matches!(route.endpoint, Endpoint::Chat | Endpoint::Completions)
-    {
-        return bytes;
+) -> Result<Bytes, Refusal> {
+    if !matches!(route.endpoint, Endpoint::Chat | Endpoint::Completions) {
+        return Ok(bytes);
     }
-    let Some(new) = usage::with_stream_usage(&bytes) else {
-        return bytes;
+    let injected = (live.inject_stream_usage && done.stream_options_accepted)
+        .then(|| usage::with_stream_usage(&bytes))
+        .flatten();
+    let Some(new) = injected else {
+        // A stream whose usage cannot be read would escape a token limit.
+        if live.limits.tokens_per_minute.is_some() && usage::streams_without_usage(&bytes) {
+            return Err(Refusal::BadRequest(
+                "this key has a per-pod token limit and the stream would report no usage: set stream_options.include_usage, or spec.usage.streamUsage: Inject on the ProviderKey".into(),
+            ));
+        }
+        return Ok(bytes);
     };
     done.injected_stream_usage = true;
     parts.headers.remove(header::CONTENT_LENGTH);
@@ -628,7 +658,7 @@ fn ask_stream_usage(
     parts
         .headers
         .insert(header::CONTENT_LENGTH, HeaderValue::from(new.len()));
-    Bytes::from(new)
+    Ok(Bytes::from(new))
 }
 
 /// Azure takes `stream_options` from api-version 2024-09-01 (previews included) and on its

@@ -63,8 +63,21 @@ pub struct Grant {
     /// OpenAI-shaped requests (absent from older brokers: requests go as sent).
     #[serde(default)]
     pub inject_stream_usage: bool,
+    /// `spec.limits.perPod` (absent from older brokers, and when the key sets none).
+    #[serde(default)]
+    pub per_pod_limits: Option<GrantLimits>,
     pub lease_seconds: u64,
     pub poll_seconds: u64,
+}
+
+/// Per-pod limits.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GrantLimits {
+    #[serde(default)]
+    pub requests_per_minute: Option<u32>,
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
 }
 
 /// Where a Vertex key may be used.
@@ -140,8 +153,19 @@ pub struct GrantOut<'a, E: Serialize> {
     pub vertex: Option<GrantVertexOut<'a>>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub inject_stream_usage: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_pod_limits: Option<GrantLimitsOut>,
     pub lease_seconds: u64,
     pub poll_seconds: u64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GrantLimitsOut {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests_per_minute: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -223,6 +247,10 @@ mod tests {
                 location: "europe-west4",
             }),
             inject_stream_usage: true,
+            per_pod_limits: Some(GrantLimitsOut {
+                requests_per_minute: Some(60),
+                tokens_per_minute: Some(100_000),
+            }),
             lease_seconds: 300,
             poll_seconds: 5,
         };
@@ -253,6 +281,9 @@ mod tests {
         );
         assert!(read.allow_credential_minting);
         assert!(read.inject_stream_usage);
+        let limits = read.per_pod_limits.expect("limits");
+        assert_eq!(limits.requests_per_minute, Some(60));
+        assert_eq!(limits.tokens_per_minute, Some(100_000));
         let vertex = read.vertex.expect("vertex");
         assert_eq!(
             (vertex.project.as_str(), vertex.location.as_str()),
@@ -288,6 +319,10 @@ mod tests {
                 location: "l",
             }),
             inject_stream_usage: true,
+            per_pod_limits: Some(GrantLimitsOut {
+                requests_per_minute: Some(1),
+                tokens_per_minute: Some(2),
+            }),
             lease_seconds: 1,
             poll_seconds: 2,
         };
@@ -314,6 +349,7 @@ mod tests {
             "allowCredentialMinting",
             "vertex",
             "injectStreamUsage",
+            "perPodLimits",
             "leaseSeconds",
             "pollSeconds",
         ];
@@ -329,6 +365,10 @@ mod tests {
         assert_eq!(
             wire["vertex"],
             serde_json::json!({"project": "p", "location": "l"})
+        );
+        assert_eq!(
+            wire["perPodLimits"],
+            serde_json::json!({"requestsPerMinute": 1, "tokensPerMinute": 2})
         );
         let api_key = CredentialOut::ApiKey { value: &key };
         assert_eq!(
@@ -356,6 +396,7 @@ mod tests {
             allow_credential_minting: false,
             vertex: None,
             inject_stream_usage: false,
+            per_pod_limits: None,
             lease_seconds: 1,
             poll_seconds: 1,
         };
@@ -364,7 +405,7 @@ mod tests {
         assert!(matches!(read.credential, Credential::ApiKey { .. }));
         assert!(read.azure_api_version.is_none() && read.default_model.is_none());
         assert!(!read.allow_credential_minting && read.vertex.is_none());
-        assert!(!read.inject_stream_usage);
+        assert!(!read.inject_stream_usage && read.per_pod_limits.is_none());
         assert_eq!(read.egress, Egress::default());
     }
 }

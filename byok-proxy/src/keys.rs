@@ -4,7 +4,7 @@
 //! allocation, no key copy). The decision whether a key may be used now is pure
 //! ([`availability`]).
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use super::answers::Refusal;
@@ -30,6 +30,9 @@ pub struct KeySlot {
     pub name: String,
     pub port: u16,
     state: RwLock<State>,
+    /// What this pod used of the key in the last minute (`spec.limits.perPod`); kept
+    /// across new grants, so a rotation does not reset it.
+    window: Mutex<crate::limits::Window>,
 }
 
 /// Whether a key may be used at `now`.
@@ -64,7 +67,33 @@ impl KeySlot {
             name,
             port,
             state: RwLock::default(),
+            window: Mutex::default(),
         }
+    }
+
+    fn window(&self) -> std::sync::MutexGuard<'_, crate::limits::Window> {
+        self.window.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admits one request under `live`'s per-pod limits.
+    pub fn admit(&self, live: &Live, now: Instant) -> Result<(), Refusal> {
+        if !live.limits.any() {
+            return Ok(());
+        }
+        self.window()
+            .admit(&live.limits, now)
+            .map_err(|e| Refusal::RateLimited {
+                message: format!(
+                    "this pod reached the key's limit of {} {} (spec.limits.perPod)",
+                    e.limit, e.what
+                ),
+                retry_after: e.retry_after,
+            })
+    }
+
+    /// Counts an answer's tokens against the per-pod token limit.
+    pub fn debit(&self, tokens: u64, now: Instant) {
+        self.window().debit(tokens, now);
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
@@ -150,6 +179,7 @@ mod tests {
             auth_value: http::HeaderValue::from_static("Bearer x"),
             azure_api_version: None,
             inject_stream_usage: false,
+            limits: Default::default(),
             models: crate::models::ModelPolicy::new(
                 crate::providers::ProviderKind::OpenAI,
                 None,

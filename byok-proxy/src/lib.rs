@@ -31,6 +31,7 @@ pub mod grant;
 pub mod inspect;
 pub mod interval;
 pub mod keys;
+pub mod limits;
 pub mod live;
 pub mod metrics;
 pub mod models;

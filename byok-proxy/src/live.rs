@@ -28,6 +28,8 @@ pub struct Live {
     pub azure_api_version: Option<String>,
     /// Add `stream_options.include_usage` to streamed OpenAI-shaped requests.
     pub inject_stream_usage: bool,
+    /// `spec.limits.perPod`.
+    pub limits: crate::limits::Limits,
     pub models: ModelPolicy,
     pub endpoints: EndpointPolicy,
     /// When the credential itself stops working (Vertex access tokens).
@@ -113,6 +115,13 @@ impl Live {
             auth_value,
             azure_api_version: grant.azure_api_version,
             inject_stream_usage: grant.inject_stream_usage,
+            limits: grant
+                .per_pod_limits
+                .map(|l| crate::limits::Limits {
+                    requests_per_minute: l.requests_per_minute.filter(|n| *n > 0),
+                    tokens_per_minute: l.tokens_per_minute.filter(|n| *n > 0),
+                })
+                .unwrap_or_default(),
             models: ModelPolicy::new(grant.provider, grant.default_model, grant.allowed_models),
             endpoints: EndpointPolicy {
                 allow_credential_minting: grant.allow_credential_minting,

@@ -816,6 +816,33 @@ pub fn with_stream_usage(body: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Whether `body` asks for a stream without `stream_options.include_usage: true`: its
+/// answer will carry no usage.
+pub fn streams_without_usage(body: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Options {
+        #[serde(default)]
+        include_usage: Option<bool>,
+    }
+    #[derive(Deserialize)]
+    struct Streamed {
+        #[serde(default)]
+        stream: Option<bool>,
+        #[serde(default)]
+        stream_options: Option<Options>,
+    }
+    if memchr::memmem::find(body, b"\"stream\"").is_none() {
+        return false;
+    }
+    match serde_json::from_slice::<Streamed>(body) {
+        Ok(s) => {
+            s.stream == Some(true) && s.stream_options.and_then(|o| o.include_usage) != Some(true)
+        }
+        // Unreadable here (duplicates, not JSON): no telling what the provider reads.
+        Err(_) => true,
+    }
+}
+
 /// The most of one event [`UsageChunkFilter`] holds back; a longer event goes on unfiltered.
 const MAX_HELD_EVENT: usize = 1024 * 1024;
 

@@ -452,3 +452,138 @@ async fn tokens_are_counted_per_provider_plain_streamed_and_asked_for_gzip() -> 
     );
     Ok(())
 }
+
+/// `spec.limits.perPod` on the real API server: requests per minute are exact (the
+/// provider sees exactly the limit, the rest get the provider's 429 shape with
+/// `retry-after`); a token limit admits until the minute's counted tokens reach it; on a
+/// key with a token limit, a stream that would report no usage is refused clearly.
+#[tokio::test]
+async fn per_pod_limits_answer_in_the_providers_rate_limit_shape() -> anyhow::Result<()> {
+    let env = TestEnv::new("usage-limits").await?;
+    let fake = FakeProvider::start(FakeProviderConfig::default()).await?;
+    let op = ServingOperator::start(&env, &fake).await?;
+    let (claude, gpt, compat) = (
+        random_key("sk-ant-"),
+        random_key("sk-proj-"),
+        random_key("sk-c-"),
+    );
+    fake.add_valid_key(ProviderKind::Anthropic, &claude);
+    fake.add_valid_key(ProviderKind::OpenAI, &gpt);
+    fake.add_valid_key(ProviderKind::OpenAICompatible, &compat);
+    ready_key(
+        &env,
+        "claude",
+        &claude,
+        json!({"provider": "anthropic", "limits": {"perPod": {"requestsPerMinute": 3}}}),
+    )
+    .await?;
+    ready_key(
+        &env,
+        "gpt",
+        &gpt,
+        json!({"provider": "openai", "limits": {"perPod": {"tokensPerMinute": 1}}}),
+    )
+    .await?;
+    ready_key(
+        &env,
+        "compat",
+        &compat,
+        json!({"provider": "openai-compatible", "baseURL": fake.base_url(ProviderKind::OpenAICompatible),
+            "limits": {"perPod": {"tokensPerMinute": 1000000}}}),
+    )
+    .await?;
+    let pod = env
+        .api::<Pod>()
+        .create(
+            &PostParams::default(),
+            &opted_in_pod("limits-", &["claude", "gpt", "compat"]),
+        )
+        .await?;
+    let mut sidecar = Sidecar::start(&env, &op, &pod, "default").await?;
+    sidecar.wait_ready(READY_WAIT).await?;
+    let http = reqwest::Client::new();
+
+    // Requests per minute: 3 of 5 reach the provider.
+    let before = fake.requests(ProviderKind::Anthropic);
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        let res = http
+            .post(format!("{}/v1/messages", sidecar.url("claude")))
+            .header("anthropic-version", "2023-06-01")
+            .json(&json!({"model": "claude-sonnet-4-5", "max_tokens": 8,
+                "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await?;
+        let code = res.status().as_u16();
+        let retry_after: Option<u64> = res
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        let body: Value = res.json().await?;
+        if code == 429 {
+            assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
+            assert!(
+                retry_after.is_some_and(|s| (1..=60).contains(&s)),
+                "retry-after {retry_after:?}"
+            );
+        }
+        codes.push(code);
+    }
+    assert_eq!(codes, [200, 200, 200, 429, 429]);
+    assert_eq!(fake.requests(ProviderKind::Anthropic) - before, 3);
+
+    // Tokens per minute: the first answer's tokens reach the limit; the next is refused.
+    let chat = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
+    let first = http
+        .post(format!("{}/v1/chat/completions", sidecar.url("gpt")))
+        .json(&chat)
+        .send()
+        .await?;
+    assert_eq!(first.status(), 200);
+    first.bytes().await?;
+    // The tokens are counted when the answer has ended, just after the client has it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let res = http
+            .post(format!("{}/v1/chat/completions", sidecar.url("gpt")))
+            .json(&chat)
+            .send()
+            .await?;
+        let code = res.status().as_u16();
+        let body: Value = res.json().await?;
+        if code == 429 {
+            assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never limited: {code} {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A stream that would report no usage, on a key with a token limit: refused, clearly.
+    let res = http
+        .post(format!("{}/v1/chat/completions", sidecar.url("compat")))
+        .json(
+            &json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await?;
+    assert_eq!(res.status(), 400);
+    let body: Value = res.json().await?;
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("stream_options.include_usage")),
+        "{body}"
+    );
+    // Asked with usage, it goes.
+    let res = http
+        .post(format!("{}/v1/chat/completions", sidecar.url("compat")))
+        .json(
+            &json!({"model": "m", "stream": true, "stream_options": {"include_usage": true},
+            "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await?;
+    assert_eq!(res.status(), 200);
+    Ok(())
+}

@@ -34,7 +34,8 @@ use crate::controller::watches::Watches;
 use crate::controller::{Context, cache};
 use crate::crd::ProviderKey;
 use crate::grant::{
-    CredentialOut, GrantOut, GrantVertexOut, LEASE_SECONDS_HEADER, POLL_SECONDS_HEADER,
+    CredentialOut, GrantLimitsOut, GrantOut, GrantVertexOut, LEASE_SECONDS_HEADER,
+    POLL_SECONDS_HEADER,
 };
 use crate::names;
 use crate::providers::ProviderKind;
@@ -746,6 +747,15 @@ impl Broker {
             egress: &self.egress,
             allow_credential_minting: pk.spec.allow_credential_minting,
             inject_stream_usage: pk.spec.injects_stream_usage(),
+            per_pod_limits: pk
+                .spec
+                .limits
+                .as_ref()
+                .and_then(|l| l.per_pod.as_ref())
+                .map(|p| GrantLimitsOut {
+                    requests_per_minute: p.requests_per_minute,
+                    tokens_per_minute: p.tokens_per_minute,
+                }),
             vertex: vertex_project
                 .as_deref()
                 .zip(pk.spec.vertex.as_ref())

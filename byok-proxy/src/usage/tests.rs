@@ -327,3 +327,25 @@ fn the_usage_only_chunk_is_taken_out_of_injected_streams() {
     assert_eq!(f.push(&big).len(), big.len());
     assert_eq!(f.push(usage.as_bytes()), usage.as_bytes());
 }
+
+#[test]
+fn streams_that_would_report_no_usage() {
+    for (body, none) in [
+        (r#"{"stream":true}"#, true),
+        (
+            r#"{"stream":true,"stream_options":{"include_usage":false}}"#,
+            true,
+        ),
+        (r#"{"stream":true,"stream_options":{}}"#, true),
+        (r#"{"stream":true,"stream_options":null}"#, true),
+        (r#"{"stream":true,"stream":true}"#, true),
+        (
+            r#"{"stream":true,"stream_options":{"include_usage":true}}"#,
+            false,
+        ),
+        (r#"{"stream":false}"#, false),
+        (r#"{"model":"gpt-4o"}"#, false),
+    ] {
+        assert_eq!(streams_without_usage(body.as_bytes()), none, "{body}");
+    }
+}
