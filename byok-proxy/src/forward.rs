@@ -262,6 +262,8 @@ struct Tracked {
     meter: Option<Box<Meter>>,
     /// Takes out the usage-only chunk of a stream the sidecar asked usage for.
     filter: Option<UsageChunkFilter>,
+    /// A trailers frame that came while the filter held part of an event.
+    after_held: Option<Frame<Bytes>>,
     done: Option<Done>,
 }
 
@@ -321,6 +323,9 @@ impl Tracked {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(frame) = self.after_held.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
         loop {
             let Some(filter) = self.filter.as_mut() else {
                 return Poll::Ready(None);
@@ -337,7 +342,16 @@ impl Tracked {
                             return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
                         }
                     }
-                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                    Err(frame) => {
+                        // Trailers after the events held so far: those go first.
+                        if filter.holds() {
+                            let held = filter.finish();
+                            self.bytes += held.len() as u64;
+                            self.after_held = Some(frame);
+                            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(held)))));
+                        }
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
                 },
                 None => {
                     let rest = filter.finish();
@@ -410,14 +424,22 @@ pub async fn handle(
                 .map(Box::new);
             let filter = (done.injected_stream_usage
                 && parts.status.is_success()
+                && header(header::CONTENT_ENCODING)
+                    .is_none_or(|e| e.trim().eq_ignore_ascii_case("identity"))
                 && header(header::CONTENT_TYPE)
                     .is_some_and(|t| t.trim_start().starts_with("text/event-stream")))
             .then(UsageChunkFilter::default);
+            let mut parts = parts;
+            if filter.is_some() {
+                // The filtered stream is shorter than what the provider announced.
+                parts.headers.remove(header::CONTENT_LENGTH);
+            }
             let body = Tracked {
                 inner: body,
                 bytes: 0,
                 meter,
                 filter,
+                after_held: None,
                 done: Some(done),
             };
             let mut res = Response::from_parts(parts, body.boxed_unsync());

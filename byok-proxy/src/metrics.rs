@@ -18,10 +18,15 @@ use std::sync::{Arc, Mutex, OnceLock};
 use crate::providers::ProviderKind;
 use crate::usage::{Endpoint, Tokens};
 
-/// The most model names one key's series carry in one sidecar; later ones are `other`. The
-/// model comes from the application's request (and the answer): without a cap, one pod
-/// could grow every scraper's series without bound.
+/// The most request models, and the most answer models, one key's series carry in one
+/// sidecar; later ones are `other`. The model comes from the application's request (and
+/// the answer, which an OpenAI-compatible server or a routing gateway chooses): without a
+/// cap, one pod could grow every scraper's series without bound.
 pub const MAX_MODELS: usize = 32;
+
+/// The most (operation, request model, answer model) combinations one key's usage series
+/// carry in one sidecar; later ones are counted under `other` for both models.
+pub const MAX_SERIES: usize = 64;
 
 /// The longest model label value; longer names are `other`.
 pub const MAX_MODEL_LABEL: usize = 128;
@@ -128,7 +133,8 @@ struct UsageSeries {
 
 /// The model label values a key has used, and its usage series.
 struct Models {
-    names: Vec<Arc<str>>,
+    requested: Vec<Arc<str>>,
+    answered: Vec<Arc<str>>,
     series: Vec<Arc<UsageSeries>>,
     /// The values for no model and for `other`, made once.
     none: Arc<str>,
@@ -138,7 +144,8 @@ struct Models {
 impl Default for Models {
     fn default() -> Self {
         Self {
-            names: Vec::new(),
+            requested: Vec::new(),
+            answered: Vec::new(),
             series: Vec::new(),
             none: Arc::from(""),
             other: Arc::from(OTHER_MODEL),
@@ -146,25 +153,43 @@ impl Default for Models {
     }
 }
 
-/// The most usage series a key keeps looked up (the rest are looked up per request).
-const MAX_CACHED_SERIES: usize = 256;
-
 impl Models {
-    /// The label value for `model`: itself, `other` past the cap or the alphabet, empty
-    /// when unknown.
-    fn label(&mut self, model: Option<&str>) -> Arc<str> {
+    /// The label value for `model` among `names`: itself, `other` past the cap or the
+    /// alphabet, empty when unknown.
+    fn label(
+        names: &mut Vec<Arc<str>>,
+        (none, other): (&Arc<str>, &Arc<str>),
+        model: Option<&str>,
+    ) -> Arc<str> {
         let Some(model) = model else {
-            return self.none.clone();
+            return none.clone();
         };
-        if let Some(known) = self.names.iter().find(|n| ***n == *model) {
+        if let Some(known) = names.iter().find(|n| ***n == *model) {
             return known.clone();
         }
-        if !is_model_label(model) || self.names.len() >= MAX_MODELS {
-            return self.other.clone();
+        if !is_model_label(model) || names.len() >= MAX_MODELS {
+            return other.clone();
         }
         let name: Arc<str> = Arc::from(model);
-        self.names.push(name.clone());
+        names.push(name.clone());
         name
+    }
+
+    fn cached(
+        &self,
+        r: &UsageRecord<'_>,
+        request_model: &Arc<str>,
+        response_model: &Arc<str>,
+    ) -> Option<Arc<UsageSeries>> {
+        self.series
+            .iter()
+            .find(|s| {
+                s.provider == r.provider
+                    && s.endpoint == r.endpoint
+                    && s.request_model == *request_model
+                    && s.response_model == *response_model
+            })
+            .cloned()
     }
 }
 
@@ -232,15 +257,24 @@ impl KeyMetrics {
             .models
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let request_model = models.label(r.request_model);
-        let response_model = models.label(r.response_model);
-        if let Some(found) = models.series.iter().find(|s| {
-            s.provider == r.provider
-                && s.endpoint == r.endpoint
-                && s.request_model == request_model
-                && s.response_model == response_model
-        }) {
-            return found.clone();
+        let Models {
+            requested,
+            answered,
+            none,
+            other,
+            ..
+        } = &mut *models;
+        let mut request_model = Models::label(requested, (none, other), r.request_model);
+        let mut response_model = Models::label(answered, (none, other), r.response_model);
+        if let Some(found) = models.cached(r, &request_model, &response_model) {
+            return found;
+        }
+        if models.series.len() >= MAX_SERIES {
+            request_model = models.other.clone();
+            response_model = models.other.clone();
+            if let Some(found) = models.cached(r, &request_model, &response_model) {
+                return found;
+            }
         }
         let key: Arc<str> = Arc::from(self.label.key.as_str());
         let operation = GenAiLabels {
@@ -283,9 +317,8 @@ impl KeyMetrics {
             duration,
             tokens,
         });
-        if models.series.len() < MAX_CACHED_SERIES {
-            models.series.push(series.clone());
-        }
+        // Past MAX_SERIES only `other` combinations (a few operations) are added.
+        models.series.push(series.clone());
         series
     }
 

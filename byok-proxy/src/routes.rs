@@ -83,7 +83,7 @@ pub fn route(
         upstream_path,
         model_at: model_at(provider, method, &s),
         endpoint: if method == http::Method::POST {
-            endpoint(provider, &s)
+            metered_endpoint(provider, &s)
         } else {
             Endpoint::Unmetered
         },
@@ -186,7 +186,28 @@ fn model_at(provider: ProviderKind, method: &http::Method, s: &[&str]) -> ModelA
     }
 }
 
-/// What a POST's answer says about tokens (`docs/usage.md` has the table).
+/// [`endpoint`] on the segments as a provider's front end may read them: percent-decoded
+/// and lower-cased (as the endpoint policy compares them), so `/v1/chat/%63ompletions`
+/// cannot escape metering.
+fn metered_endpoint(provider: ProviderKind, s: &[&str]) -> Endpoint {
+    let plain = |seg: &&str| !seg.bytes().any(|b| b == b'%' || b.is_ascii_uppercase());
+    if s.iter().all(plain) {
+        return endpoint(provider, s);
+    }
+    let normalised: Vec<String> = s
+        .iter()
+        .map(|seg| {
+            percent_encoding::percent_decode_str(seg)
+                .decode_utf8_lossy()
+                .to_ascii_lowercase()
+        })
+        .collect();
+    let refs: Vec<&str> = normalised.iter().map(String::as_str).collect();
+    endpoint(provider, &refs)
+}
+
+/// What a POST's answer says about tokens (`docs/usage.md` has the table); `s` is
+/// lower-case.
 fn endpoint(provider: ProviderKind, s: &[&str]) -> Endpoint {
     match provider {
         ProviderKind::Anthropic => match s {
@@ -249,9 +270,9 @@ fn openai_endpoint(s: &[&str]) -> Endpoint {
 /// model, whose `rawPredict` takes and answers Anthropic messages.
 fn method_endpoint(segment: &str, anthropic: bool) -> Endpoint {
     match segment.rsplit_once(':').map(|(_, method)| method) {
-        Some("generateContent" | "streamGenerateContent") => Endpoint::GenerateContent,
-        Some("rawPredict" | "streamRawPredict") if anthropic => Endpoint::Messages,
-        Some("countTokens" | "computeTokens") => Endpoint::TokenCount,
+        Some("generatecontent" | "streamgeneratecontent") => Endpoint::GenerateContent,
+        Some("rawpredict" | "streamrawpredict") if anthropic => Endpoint::Messages,
+        Some("counttokens" | "computetokens") => Endpoint::TokenCount,
         _ => Endpoint::Unmetered,
     }
 }
@@ -675,6 +696,24 @@ mod tests {
                 Vertex,
                 "/v1/projects/p/locations/l/endpoints/openapi/chat/completions",
                 Chat,
+            ),
+        ] {
+            assert_eq!(e(p, path), want, "{p:?} {path}");
+        }
+        // Encoded and upper-case forms are classified as the provider reads them.
+        for (p, path, want) in [
+            (OpenAI, "/v1/chat/%63ompletions", Chat),
+            (OpenAI, "/v1/CHAT/Completions", Chat),
+            (Anthropic, "/v1/%6Dessages", Messages),
+            (
+                Google,
+                "/v1beta/models/gemini-2.5-flash%3AstreamGenerateContent",
+                GenerateContent,
+            ),
+            (
+                Google,
+                "/v1beta/models/gemini-2.5-flash:COUNTTOKENS",
+                TokenCount,
             ),
         ] {
             assert_eq!(e(p, path), want, "{p:?} {path}");

@@ -633,6 +633,9 @@ enum Field {
 #[derive(Debug)]
 pub struct Meter {
     endpoint: Endpoint,
+    /// The answer cannot be read (compressed, or neither JSON nor SSE): it counts as one
+    /// without usage.
+    blind: bool,
     sse: Option<Sse>,
     scanner: Scanner,
     found: Found,
@@ -640,7 +643,8 @@ pub struct Meter {
 
 impl Meter {
     /// A meter for an answer of `endpoint`, by its `Content-Type` and `Content-Encoding`;
-    /// `None` when the answer is not one to read (unmetered, compressed, not JSON or SSE).
+    /// `None` for endpoints that report no tokens. An answer it cannot read (compressed
+    /// although identity was asked for, neither JSON nor SSE) reads as without usage.
     pub fn new(
         endpoint: Endpoint,
         content_type: Option<&str>,
@@ -649,17 +653,20 @@ impl Meter {
         if !endpoint.metered() {
             return None;
         }
-        if content_encoding.is_some_and(|e| !e.trim().eq_ignore_ascii_case("identity")) {
-            return None;
-        }
-        let media = content_type?.split(';').next()?.trim().to_ascii_lowercase();
-        let sse = match media.as_str() {
-            "text/event-stream" => Some(Sse::default()),
-            m if m == "application/json" || m.ends_with("+json") => None,
-            _ => return None,
+        let compressed =
+            content_encoding.is_some_and(|e| !e.trim().eq_ignore_ascii_case("identity"));
+        let media = content_type
+            .and_then(|t| t.split(';').next())
+            .map(|m| m.trim().to_ascii_lowercase())
+            .unwrap_or_default();
+        let (sse, readable) = match media.as_str() {
+            "text/event-stream" => (Some(Sse::default()), true),
+            m if m == "application/json" || m.ends_with("+json") => (None, true),
+            _ => (None, false),
         };
         Some(Meter {
             endpoint,
+            blind: compressed || !readable,
             sse,
             scanner: Scanner::default(),
             found: Found::default(),
@@ -668,6 +675,9 @@ impl Meter {
 
     /// The next bytes of the answer.
     pub fn feed(&mut self, bytes: &[u8]) {
+        if self.blind {
+            return;
+        }
         match &mut self.sse {
             None => self.scanner.feed(bytes, &mut self.found),
             Some(sse) => feed_sse(sse, &mut self.scanner, &mut self.found, bytes),
@@ -788,20 +798,23 @@ pub fn request_model(body: &[u8]) -> Option<String> {
 /// brace, the rest kept byte for byte. A body whose top level holds `stream` twice (which
 /// parsers read differently) is left alone.
 pub fn with_stream_usage(body: &[u8]) -> Option<Vec<u8>> {
+    /// Any value, `null` included, counts as present.
+    fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+        serde::de::IgnoredAny::deserialize(d).map(|_| true)
+    }
     #[derive(Deserialize)]
     struct Streamed {
         #[serde(default)]
         stream: Option<bool>,
+        #[serde(default, deserialize_with = "present")]
+        stream_options: bool,
     }
     // Cheap refusal first: most bodies do not stream.
     memchr::memmem::find(body, b"\"stream\"")?;
-    // Errors on a duplicate `stream`.
+    // One pass, no tree (memory stays the body's): errors on a duplicate `stream` or
+    // `stream_options`.
     let probe: Streamed = serde_json::from_slice(body).ok()?;
-    if probe.stream != Some(true) {
-        return None;
-    }
-    let members: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body).ok()?;
-    if members.contains_key("stream_options") {
+    if probe.stream != Some(true) || probe.stream_options {
         return None;
     }
     let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
@@ -850,11 +863,24 @@ const MAX_HELD_EVENT: usize = 1024 * 1024;
 /// stream whose request the sidecar asked for usage ([`with_stream_usage`]), so the
 /// application gets the stream it asked for. Events are passed on whole, as each ends;
 /// the other chunks keep their `"usage": null`, which the SDKs read as no usage.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct UsageChunkFilter {
+    /// The start of an event not ended yet (completion text: never printed).
     held: Vec<u8>,
+    /// How much of `held` was searched for an event's end already: each byte is searched
+    /// once (plus a look-back of two), however the stream is split.
+    scanned: usize,
     /// Gave up (an event past [`MAX_HELD_EVENT`]): everything passes.
     open: bool,
+}
+
+impl std::fmt::Debug for UsageChunkFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UsageChunkFilter")
+            .field("held", &self.held.len())
+            .field("open", &self.open)
+            .finish()
+    }
 }
 
 impl UsageChunkFilter {
@@ -864,38 +890,53 @@ impl UsageChunkFilter {
             return data.to_vec();
         }
         self.held.extend_from_slice(data);
-        let mut out = Vec::with_capacity(self.held.len());
+        let mut out = Vec::new();
         let mut start = 0;
-        while let Some(end) = event_end(&self.held[start..]) {
-            let event = &self.held[start..start + end];
+        // A blank line may straddle the last push: look back two bytes.
+        let mut from = self.scanned.saturating_sub(2);
+        while let Some(end) = event_end(&self.held, from) {
+            let event = &self.held[start..end];
             if !is_usage_only_chunk(event) {
                 out.extend_from_slice(event);
             }
-            start += end;
+            start = end;
+            from = end;
         }
         self.held.drain(..start);
+        self.scanned = self.held.len();
         if self.held.len() > MAX_HELD_EVENT {
             self.open = true;
             out.append(&mut self.held);
+            self.scanned = 0;
         }
         out
     }
 
-    /// The end of the stream: what is held goes on.
+    /// Whether part of an event is held.
+    pub fn holds(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// The end of the stream (or a frame that is not data): what is held goes on.
     pub fn finish(&mut self) -> Vec<u8> {
+        self.scanned = 0;
         std::mem::take(&mut self.held)
     }
 }
 
-/// The length of the first whole event in `bytes` (its blank line included).
-fn event_end(bytes: &[u8]) -> Option<usize> {
-    let mut i = 0;
-    while let Some(n) = memchr::memchr(b'\n', &bytes[i..]) {
+/// The end (exclusive, blank line included) of the first event in `bytes` whose blank line
+/// starts at or after `from`: `\n\n`, `\n\r\n`, `\r\r`, `\r\n\r\n` and `\r\n\n` all end one (a
+/// line ends with CR, LF or CRLF).
+fn event_end(bytes: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    while let Some(n) = memchr::memchr2(b'\n', b'\r', bytes.get(i..)?) {
         let at = i + n;
-        // A blank line: `\n\n` or `\n\r\n`.
-        match bytes.get(at + 1..) {
-            Some([b'\n', ..]) => return Some(at + 2),
-            Some([b'\r', b'\n', ..]) => return Some(at + 3),
+        match &bytes[at..] {
+            [b'\r', b'\n', b'\r', b'\n', ..] => return Some(at + 4),
+            [b'\n', b'\r', b'\n', ..] | [b'\r', b'\n', b'\n', ..] => return Some(at + 3),
+            // `\r\n\r` at the very end may become `\r\n\r\n`: wait for the next byte.
+            [b'\r', b'\n', b'\r'] => return None,
+            [b'\n', b'\n', ..] | [b'\r', b'\r', ..] => return Some(at + 2),
             _ => i = at + 1,
         }
     }

@@ -747,15 +747,7 @@ impl Broker {
             egress: &self.egress,
             allow_credential_minting: pk.spec.allow_credential_minting,
             inject_stream_usage: pk.spec.injects_stream_usage(),
-            per_pod_limits: pk
-                .spec
-                .limits
-                .as_ref()
-                .and_then(|l| l.per_pod.as_ref())
-                .map(|p| GrantLimitsOut {
-                    requests_per_minute: p.requests_per_minute,
-                    tokens_per_minute: p.tokens_per_minute,
-                }),
+            per_pod_limits: grant_limits(&pk.spec),
             vertex: vertex_project
                 .as_deref()
                 .zip(pk.spec.vertex.as_ref())
@@ -975,6 +967,15 @@ pub async fn get_key(
 /// The broker's routes, for its own listener.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/keys/{namespace}/{name}", web::get().to(get_key));
+}
+
+/// `spec.limits.perPod` as the grant carries it.
+fn grant_limits(spec: &crate::crd::ProviderKeySpec) -> Option<GrantLimitsOut> {
+    let p = spec.limits.as_ref()?.per_pod.as_ref()?;
+    Some(GrantLimitsOut {
+        requests_per_minute: p.requests_per_minute,
+        tokens_per_minute: p.tokens_per_minute,
+    })
 }
 
 #[cfg(test)]

@@ -172,14 +172,24 @@ fn gemini_json_array_stream() {
 }
 
 #[test]
-fn token_counting_unmetered_and_compressed_answers_are_not_read() {
+fn token_counting_unmetered_and_unreadable_answers() {
     assert!(Meter::new(Endpoint::TokenCount, JSON, None).is_none());
     assert!(Meter::new(Endpoint::Unmetered, JSON, None).is_none());
-    assert!(Meter::new(Endpoint::Chat, JSON, Some("gzip")).is_none());
-    assert!(Meter::new(Endpoint::Chat, JSON, Some("br")).is_none());
-    assert!(Meter::new(Endpoint::Chat, Some("text/plain"), None).is_none());
-    assert!(Meter::new(Endpoint::Chat, None, None).is_none());
-    assert!(Meter::new(Endpoint::Chat, JSON, Some("identity")).is_some());
+    let body = br#"{"usage":{"prompt_tokens":3,"completion_tokens":1}}"#;
+    // Compressed anyway, or not JSON: counted as without usage, never guessed.
+    for (content_type, encoding) in [
+        (JSON, Some("gzip")),
+        (JSON, Some("br")),
+        (Some("text/plain"), None),
+        (None, None),
+    ] {
+        let mut m = Meter::new(Endpoint::Chat, content_type, encoding).expect("metered");
+        m.feed(body);
+        assert_eq!(m.reading().tokens, None, "{content_type:?} {encoding:?}");
+    }
+    let mut m = Meter::new(Endpoint::Chat, JSON, Some("identity")).expect("metered");
+    m.feed(body);
+    assert_eq!(m.reading().tokens, tokens(3, 1, 0, 0));
 }
 
 #[test]
@@ -348,4 +358,54 @@ fn streams_that_would_report_no_usage() {
     ] {
         assert_eq!(streams_without_usage(body.as_bytes()), none, "{body}");
     }
+}
+
+/// Attacker review: a hostile upstream drip-feeding one long event a byte at a time costs
+/// linear work (each byte searched once), and events framed with CR alone are passed on as
+/// they end.
+#[test]
+fn the_usage_chunk_filter_is_linear_and_knows_every_line_ending() {
+    let mut f = UsageChunkFilter::default();
+    assert!(f.push(&b"data: x\n".repeat(8 * 1024)).is_empty());
+    let t = std::time::Instant::now();
+    for _ in 0..20_000 {
+        assert!(f.push(b"y").is_empty());
+    }
+    // Quadratic rescanning of 64 KiB per byte would take seconds even in a debug build.
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        t.elapsed()
+    );
+    for ending in ["\r\r", "\n\n", "\r\n\r\n", "\n\r\n", "\r\n\n"] {
+        let event = format!("data: {{\"choices\":[{{\"delta\":{{}}}}],\"usage\":null}}{ending}");
+        let mut f = UsageChunkFilter::default();
+        assert_eq!(f.push(event.as_bytes()), event.as_bytes(), "{ending:?}");
+        // Split anywhere, the same.
+        for at in 0..event.len() {
+            let mut f = UsageChunkFilter::default();
+            let mut out = f.push(&event.as_bytes()[..at]);
+            out.extend(f.push(&event.as_bytes()[at..]));
+            out.extend(f.finish());
+            assert_eq!(out, event.as_bytes(), "{ending:?} split at {at}");
+        }
+    }
+}
+
+/// Attacker review: the probe for `stream_options` builds no tree (a body of many small
+/// values once cost ~100x its size).
+#[test]
+fn a_stream_options_member_of_any_value_leaves_the_body_alone() {
+    assert_eq!(
+        with_stream_usage(br#"{"stream":true,"stream_options":null}"#),
+        None
+    );
+    assert_eq!(
+        with_stream_usage(br#"{"stream":true,"stream_options":1}"#),
+        None
+    );
+    assert_eq!(
+        with_stream_usage(br#"{"stream":true,"stream_options":{},"stream_options":{}}"#),
+        None
+    );
 }
