@@ -191,20 +191,49 @@ struct Done {
     stream_options_accepted: bool,
     /// The sidecar added `stream_options.include_usage`: the usage-only chunk is taken out.
     injected_stream_usage: bool,
-    /// The key's per-pod token limit counts this answer's tokens.
-    limited: Option<Arc<KeySlot>>,
+    /// The key's per-pod token limit counts this answer's tokens; what the request reserved.
+    limited: Option<(Arc<KeySlot>, u64)>,
+    /// The request body's size, when it was held (for the estimate of a token limit).
+    request_bytes: u64,
+    /// Recorded: the drop guard has nothing left to do.
+    finished: bool,
+}
+
+impl Drop for Done {
+    /// A request dropped before its answer began (the client went away while the provider
+    /// was working): still counted, logged, and its in-flight count released.
+    fn drop(&mut self) {
+        if !self.finished {
+            if self.status == 0 {
+                // nginx's "client closed request".
+                self.status = 499;
+            }
+            self.record(0, "client_closed", None);
+        }
+    }
 }
 
 impl Done {
     /// `reading`: what a metered answer said about tokens.
-    fn finish(self, bytes: u64, outcome: &'static str, reading: Option<Reading>) {
+    fn finish(mut self, bytes: u64, outcome: &'static str, reading: Option<Reading>) {
+        self.record(bytes, outcome, reading);
+    }
+
+    fn record(&mut self, bytes: u64, outcome: &'static str, reading: Option<Reading>) {
+        self.finished = true;
         let m = &self.shared.metrics;
         self.key.answered(m, self.status);
         let elapsed = self.start.elapsed();
         self.key.duration(m).observe(elapsed.as_secs_f64());
         let tokens = reading.as_ref().and_then(|r| r.tokens);
-        if let (Some(slot), Some(t)) = (&self.limited, tokens) {
-            slot.debit(t.input.saturating_add(t.output), Instant::now());
+        if let Some((slot, reserved)) = self.limited.take() {
+            // An answer whose usage was not read (the client left before the usage chunk,
+            // an upstream error) still spent tokens: estimated from the bytes, 4 a token.
+            let spent = tokens.map_or_else(
+                || (self.request_bytes + bytes).div_ceil(4),
+                |t| t.input.saturating_add(t.output),
+            );
+            slot.settle(reserved, spent, Instant::now());
         }
         if let (Some(reading), Some(provider)) = (&reading, self.provider) {
             self.key.usage(
@@ -403,6 +432,8 @@ pub async fn handle(
         stream_options_accepted: false,
         injected_stream_usage: false,
         limited: None,
+        request_bytes: 0,
+        finished: false,
     };
     match forward(&slot, &shared, req, &mut done).await {
         Ok(res) => {
@@ -470,10 +501,20 @@ async fn forward(
     done.endpoint = route.endpoint;
     let (mut parts, body) = req.into_parts();
     let body = upstream_body(shared, &live, &route, &mut parts, body, done).await?;
-    // Only what would be forwarded counts against the pod's limits.
-    slot.admit(&live, Instant::now())?;
+    if live.limits.tokens_per_minute.is_some()
+        && parts.method == Method::POST
+        && route.endpoint == Endpoint::Unmetered
+    {
+        return Err(Refusal::EndpointNotAllowed(
+            "this key has a per-pod token limit (spec.limits.perPod.tokensPerMinute), and this endpoint's tokens cannot be counted".into(),
+        ));
+    }
+    // Only what would be forwarded counts against the pod's limits. A request reserves an
+    // estimate of its input against a token limit.
+    let estimate = done.request_bytes.div_ceil(4);
+    slot.admit(&live, Instant::now(), estimate)?;
     if live.limits.tokens_per_minute.is_some() {
-        done.limited = Some(slot.clone());
+        done.limited = Some((slot.clone(), estimate));
     }
 
     strip_headers(&mut parts.headers, dropped_upstream);
@@ -587,7 +628,10 @@ async fn upstream_body(
         Check::Forward
             if live.limits.tokens_per_minute.is_some()
                 && parts.method == Method::POST
-                && matches!(route.endpoint, Endpoint::Chat | Endpoint::Completions) =>
+                && matches!(
+                    route.endpoint,
+                    Endpoint::Chat | Endpoint::Completions | Endpoint::Responses
+                ) =>
         {
             Check::ReadBody
         }
@@ -604,6 +648,7 @@ async fn upstream_body(
                 .is_some_and(|n| n > 0 && n <= WHOLE_BODY_MAX) =>
         {
             let bytes = read_capped(body, WHOLE_BODY_MAX).await?;
+            done.request_bytes = bytes.len() as u64;
             if route.endpoint.metered() && route.model_at == routes::ModelAt::Body {
                 // For the usage metrics: the model the application asked for.
                 done.model = usage::request_model(&bytes);
@@ -635,6 +680,7 @@ async fn upstream_body(
                 }
                 None => bytes,
             };
+            done.request_bytes = bytes.len() as u64;
             let bytes = ask_stream_usage(live, route, parts, bytes, done)?;
             // The share is held until the body has gone upstream (or the request is
             // dropped): the closure owns it, and goes with the body.
@@ -659,19 +705,24 @@ fn ask_stream_usage(
     bytes: Bytes,
     done: &mut Done,
 ) -> Result<Bytes, Refusal> {
-    if !matches!(route.endpoint, Endpoint::Chat | Endpoint::Completions) {
-        return Ok(bytes);
+    let will_inject = live.inject_stream_usage
+        && done.stream_options_accepted
+        && matches!(route.endpoint, Endpoint::Chat | Endpoint::Completions);
+    if live.limits.tokens_per_minute.is_some()
+        && matches!(
+            route.endpoint,
+            Endpoint::Chat | Endpoint::Completions | Endpoint::Responses
+        )
+        && let Some(problem) = usage::escapes_token_count(&bytes, will_inject)
+    {
+        return Err(Refusal::BadRequest(format!(
+            "this key has a per-pod token limit (spec.limits.perPod.tokensPerMinute) and {problem}"
+        )));
     }
-    let injected = (live.inject_stream_usage && done.stream_options_accepted)
+    let Some(new) = will_inject
         .then(|| usage::with_stream_usage(&bytes))
-        .flatten();
-    let Some(new) = injected else {
-        // A stream whose usage cannot be read would escape a token limit.
-        if live.limits.tokens_per_minute.is_some() && usage::streams_without_usage(&bytes) {
-            return Err(Refusal::BadRequest(
-                "this key has a per-pod token limit and the stream would report no usage: set stream_options.include_usage, or spec.usage.streamUsage: Inject on the ProviderKey".into(),
-            ));
-        }
+        .flatten()
+    else {
         return Ok(bytes);
     };
     done.injected_stream_usage = true;

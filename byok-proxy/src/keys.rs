@@ -75,13 +75,14 @@ impl KeySlot {
         self.window.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Admits one request under `live`'s per-pod limits.
-    pub fn admit(&self, live: &Live, now: Instant) -> Result<(), Refusal> {
+    /// Admits one request under `live`'s per-pod limits, reserving `estimate` tokens
+    /// against a token limit (settled with [`KeySlot::settle`]).
+    pub fn admit(&self, live: &Live, now: Instant, estimate: u64) -> Result<(), Refusal> {
         if !live.limits.any() {
             return Ok(());
         }
         self.window()
-            .admit(&live.limits, now)
+            .admit(&live.limits, now, estimate)
             .map_err(|e| Refusal::RateLimited {
                 message: format!(
                     "this pod reached the key's limit of {} {} (spec.limits.perPod)",
@@ -91,9 +92,10 @@ impl KeySlot {
             })
     }
 
-    /// Counts an answer's tokens against the per-pod token limit.
-    pub fn debit(&self, tokens: u64, now: Instant) {
-        self.window().debit(tokens, now);
+    /// An answer ended: its reservation goes and its tokens count against the per-pod
+    /// token limit.
+    pub fn settle(&self, reserved: u64, tokens: u64, now: Instant) {
+        self.window().settle(reserved, tokens, now);
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {

@@ -3,10 +3,12 @@
 //!
 //! - Requests per minute are exact: a request is admitted while fewer than the limit were
 //!   admitted in the 60 s before it.
-//! - Tokens per minute are counted when an answer ends (its usage is known only then): a
-//!   request is admitted while the tokens counted in the last 60 s are under the limit. So
-//!   the window can overshoot the limit by at most the tokens of the requests in flight when
-//!   it was reached (`docs/limits.md`).
+//! - Tokens per minute are counted when an answer ends (its usage is known only then). On
+//!   admission a request reserves an estimate of its input (its body's bytes / 4), settled
+//!   with the real count when its answer ends; a request is admitted while the tokens
+//!   counted in the last 60 s plus those reserved are under the limit. So the window can
+//!   overshoot the limit by the output (and the misestimated input) of the requests in
+//!   flight when it was reached (`docs/limits.md`).
 //!
 //! A refusal says how long until a request would be admitted again (at most 60 s).
 
@@ -15,6 +17,9 @@ use std::time::{Duration, Instant};
 
 /// The window limits are counted over.
 pub const WINDOW: Duration = Duration::from_secs(60);
+
+/// The most one answer counts (a hostile upstream's `u64::MAX` would saturate the sum).
+pub const MAX_ANSWER_TOKENS: u64 = 1_000_000_000_000;
 
 /// A key's per-pod limits, from its grant.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -46,6 +51,8 @@ pub struct Window {
     /// Tokens of answers that ended, and when.
     tokens: VecDeque<(Instant, u64)>,
     token_sum: u64,
+    /// Estimates reserved by requests in flight.
+    reserved: u64,
 }
 
 fn retry_after(at: Instant, now: Instant) -> u64 {
@@ -69,9 +76,21 @@ impl Window {
         }
     }
 
-    /// Admits one request at `now`, or says which limit refuses it.
-    pub fn admit(&mut self, limits: &Limits, now: Instant) -> Result<(), Exceeded> {
+    /// Admits one request at `now` reserving `estimate` tokens (settle them with
+    /// [`Window::settle`]), or says which limit refuses it.
+    pub fn admit(&mut self, limits: &Limits, now: Instant, estimate: u64) -> Result<(), Exceeded> {
         self.expire(now);
+        if let Some(limit) = limits.tokens_per_minute
+            && self.token_sum < limit
+            && self.token_sum.saturating_add(self.reserved) >= limit
+        {
+            // Held back by requests in flight: their answers settle within seconds.
+            return Err(Exceeded {
+                what: "tokens per minute",
+                limit,
+                retry_after: 1,
+            });
+        }
         if let Some(limit) = limits.tokens_per_minute
             && self.token_sum >= limit
         {
@@ -93,12 +112,11 @@ impl Window {
         }
         if let Some(limit) = limits.requests_per_minute {
             let limit_len = usize::try_from(limit).unwrap_or(usize::MAX);
-            // A lowered limit: the oldest beyond it no longer matter.
-            while self.requests.len() > limit_len {
-                self.requests.pop_front();
-            }
+            // After a lowered limit more may be kept: the one to wait for is the one whose
+            // leaving brings the count under the limit.
             if self.requests.len() >= limit_len {
-                let oldest = self.requests.front().copied().unwrap_or(now);
+                let index = self.requests.len() - limit_len;
+                let oldest = self.requests.get(index).copied().unwrap_or(now);
                 return Err(Exceeded {
                     what: "requests per minute",
                     limit: u64::from(limit),
@@ -107,11 +125,16 @@ impl Window {
             }
             self.requests.push_back(now);
         }
+        if limits.tokens_per_minute.is_some() {
+            self.reserved = self.reserved.saturating_add(estimate);
+        }
         Ok(())
     }
 
-    /// Counts the tokens of an answer that ended at `now`.
-    pub fn debit(&mut self, tokens: u64, now: Instant) {
+    /// An answer ended at `now`: its reservation goes, its `tokens` are counted.
+    pub fn settle(&mut self, reserved: u64, tokens: u64, now: Instant) {
+        self.reserved = self.reserved.saturating_sub(reserved);
+        let tokens = tokens.min(MAX_ANSWER_TOKENS);
         if tokens == 0 {
             return;
         }
@@ -140,19 +163,20 @@ mod tests {
         let t0 = Instant::now();
         let mut w = Window::default();
         for ms in [0, 10_000, 20_000] {
-            assert_eq!(w.admit(&limits, at(t0, ms)), Ok(()));
+            assert_eq!(w.admit(&limits, at(t0, ms), 0), Ok(()));
         }
-        let refused = w.admit(&limits, at(t0, 30_000)).expect_err("a fourth");
+        let refused = w.admit(&limits, at(t0, 30_000), 0).expect_err("a fourth");
         assert_eq!(refused.what, "requests per minute");
         assert_eq!(refused.retry_after, 30);
         // 1 ms before the first leaves: still refused, retry in 1 s (rounded up).
         assert_eq!(
-            w.admit(&limits, at(t0, 59_999)).map_err(|e| e.retry_after),
+            w.admit(&limits, at(t0, 59_999), 0)
+                .map_err(|e| e.retry_after),
             Err(1)
         );
-        assert_eq!(w.admit(&limits, at(t0, 60_000)), Ok(()));
-        assert!(w.admit(&limits, at(t0, 60_001)).is_err());
-        assert_eq!(w.admit(&limits, at(t0, 70_000)), Ok(()));
+        assert_eq!(w.admit(&limits, at(t0, 60_000), 0), Ok(()));
+        assert!(w.admit(&limits, at(t0, 60_001), 0).is_err());
+        assert_eq!(w.admit(&limits, at(t0, 70_000), 0), Ok(()));
         // Refusals are not counted: over any 60 s, at most 3 were admitted.
     }
 
@@ -166,18 +190,18 @@ mod tests {
         let mut w = Window::default();
         // Three requests in flight together: all admitted (nothing counted yet).
         for ms in [0, 1, 2] {
-            assert_eq!(w.admit(&limits, at(t0, ms)), Ok(()));
+            assert_eq!(w.admit(&limits, at(t0, ms), 0), Ok(()));
         }
         // They end: 3 × 60 = 180 tokens, an overshoot of the requests in flight.
         for ms in [1000, 1001, 1002] {
-            w.debit(60, at(t0, ms));
+            w.settle(0, 60, at(t0, ms));
         }
-        let refused = w.admit(&limits, at(t0, 5_000)).expect_err("over");
+        let refused = w.admit(&limits, at(t0, 5_000), 0).expect_err("over");
         assert_eq!(refused.what, "tokens per minute");
         // Under 100 once the first two leave (180 - 60 - 60 = 60), at 61.001 s.
         assert_eq!(refused.retry_after, 57);
-        assert!(w.admit(&limits, at(t0, 61_000)).is_err());
-        assert_eq!(w.admit(&limits, at(t0, 61_002)), Ok(()));
+        assert!(w.admit(&limits, at(t0, 61_000), 0).is_err());
+        assert_eq!(w.admit(&limits, at(t0, 61_002), 0), Ok(()));
     }
 
     #[test]
@@ -189,18 +213,76 @@ mod tests {
             tokens_per_minute: None,
         };
         for ms in 0..5 {
-            assert_eq!(w.admit(&five, at(t0, ms)), Ok(()));
+            assert_eq!(w.admit(&five, at(t0, ms), 0), Ok(()));
         }
         let one = Limits {
             requests_per_minute: Some(1),
             tokens_per_minute: Some(1),
         };
-        let e = w.admit(&one, at(t0, 10)).expect_err("lowered");
+        let e = w.admit(&one, at(t0, 10), 0).expect_err("lowered");
         assert!((1..=60).contains(&e.retry_after));
-        w.debit(u64::MAX, at(t0, 20));
-        w.debit(u64::MAX, at(t0, 30));
-        let e = w.admit(&one, at(t0, 40)).expect_err("tokens");
+        w.settle(0, u64::MAX, at(t0, 20));
+        w.settle(0, u64::MAX, at(t0, 30));
+        let e = w.admit(&one, at(t0, 40), 0).expect_err("tokens");
         assert!((1..=60).contains(&e.retry_after));
-        assert_eq!(w.admit(&Limits::default(), at(t0, 50)), Ok(()));
+        assert_eq!(w.admit(&Limits::default(), at(t0, 50), 0), Ok(()));
+    }
+
+    /// Attacker review: concurrency cannot take the window far past the limit, since each
+    /// request in flight reserves its input; a limit lowered then raised forgets nothing.
+    #[test]
+    fn reservations_hold_back_concurrent_requests_and_history_is_kept() {
+        let t0 = Instant::now();
+        let tokens = Limits {
+            requests_per_minute: None,
+            tokens_per_minute: Some(1000),
+        };
+        let mut w = Window::default();
+        let mut admitted = 0;
+        for ms in 0..5000 {
+            if w.admit(&tokens, at(t0, ms), 300).is_ok() {
+                admitted += 1;
+            }
+        }
+        // 300 + 300 + 300 reserved < 1000; the fourth reaches it: then no more.
+        assert_eq!(admitted, 4);
+        assert_eq!(
+            w.admit(&tokens, at(t0, 5000), 300)
+                .map_err(|e| e.retry_after),
+            Err(1)
+        );
+        for _ in 0..4 {
+            w.settle(300, 250, at(t0, 6000));
+        }
+        assert_eq!(
+            w.admit(&tokens, at(t0, 6001), 300).map(|()| "ok"),
+            Err(Exceeded {
+                what: "tokens per minute",
+                limit: 1000,
+                retry_after: 60,
+            })
+        );
+
+        let five = Limits {
+            requests_per_minute: Some(5),
+            tokens_per_minute: None,
+        };
+        let one = Limits {
+            requests_per_minute: Some(1),
+            tokens_per_minute: None,
+        };
+        let mut w = Window::default();
+        for ms in 0..5 {
+            assert_eq!(w.admit(&five, at(t0, ms), 0), Ok(()));
+        }
+        assert!(w.admit(&one, at(t0, 10), 0).is_err());
+        // Raised again within the minute: still five in the window.
+        assert!(w.admit(&five, at(t0, 20), 0).is_err());
+        // A limit of 0 (no broker of ours sends it) refuses everything.
+        let zero = Limits {
+            requests_per_minute: Some(0),
+            tokens_per_minute: None,
+        };
+        assert!(Window::default().admit(&zero, t0, 0).is_err());
     }
 }

@@ -118,8 +118,9 @@ impl Live {
             limits: grant
                 .per_pod_limits
                 .map(|l| crate::limits::Limits {
-                    requests_per_minute: l.requests_per_minute.filter(|n| *n > 0),
-                    tokens_per_minute: l.tokens_per_minute.filter(|n| *n > 0),
+                    // 0 (the CRD allows no less than 1) refuses everything: fail closed.
+                    requests_per_minute: l.requests_per_minute,
+                    tokens_per_minute: l.tokens_per_minute,
                 })
                 .unwrap_or_default(),
             models: ModelPolicy::new(grant.provider, grant.default_model, grant.allowed_models),

@@ -809,8 +809,11 @@ pub fn with_stream_usage(body: &[u8]) -> Option<Vec<u8>> {
         #[serde(default, deserialize_with = "present")]
         stream_options: bool,
     }
-    // Cheap refusal first: most bodies do not stream.
-    memchr::memmem::find(body, b"\"stream\"")?;
+    // Cheap refusal first: most bodies do not stream (an escaped name may hide `stream`).
+    if memchr::memmem::find(body, b"\"stream\"").is_none() && memchr::memchr(b'\\', body).is_none()
+    {
+        return None;
+    }
     // One pass, no tree (memory stays the body's): errors on a duplicate `stream` or
     // `stream_options`.
     let probe: Streamed = serde_json::from_slice(body).ok()?;
@@ -829,31 +832,50 @@ pub fn with_stream_usage(body: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// Whether `body` asks for a stream without `stream_options.include_usage: true`: its
-/// answer will carry no usage.
-pub fn streams_without_usage(body: &[u8]) -> bool {
-    #[derive(Deserialize)]
-    struct Options {
-        #[serde(default)]
-        include_usage: Option<bool>,
+/// Why the answer to `body` (an OpenAI-shaped generation) would report no usage, if it
+/// would: a stream without `stream_options.include_usage: true` (unless the sidecar adds it,
+/// `will_inject`), a background response (its usage comes later, to a GET), or member names
+/// that parsers read differently (case variants of `stream`, `stream_options`,
+/// `include_usage`, `background`: Go's `encoding/json` matches names without regard to
+/// case). Names are compared unescaped; the body's duplicate names were refused before.
+pub fn escapes_token_count(body: &[u8], will_inject: bool) -> Option<&'static str> {
+    use serde_json::value::RawValue;
+    use std::collections::BTreeMap;
+    const WATCHED: [&str; 3] = ["stream", "stream_options", "background"];
+    let Ok(top) = serde_json::from_slice::<BTreeMap<String, &RawValue>>(body) else {
+        return Some("the body is not a JSON object the sidecar can read");
+    };
+    fn variant<'a>(mut names: impl Iterator<Item = &'a String>, watched: &[&str]) -> bool {
+        names.any(|n| {
+            watched
+                .iter()
+                .any(|w| n.eq_ignore_ascii_case(w) && n.as_str() != *w)
+        })
     }
-    #[derive(Deserialize)]
-    struct Streamed {
-        #[serde(default)]
-        stream: Option<bool>,
-        #[serde(default)]
-        stream_options: Option<Options>,
+    if variant(top.keys(), &WATCHED) {
+        return Some("the body names stream, stream_options or background in another case");
     }
-    if memchr::memmem::find(body, b"\"stream\"").is_none() {
-        return false;
+    let flag = |v: Option<&&RawValue>| v.and_then(|v| serde_json::from_str::<bool>(v.get()).ok());
+    if flag(top.get("background")) == Some(true) {
+        return Some(
+            "a background response reports its usage later, where the sidecar cannot count it",
+        );
     }
-    match serde_json::from_slice::<Streamed>(body) {
-        Ok(s) => {
-            s.stream == Some(true) && s.stream_options.and_then(|o| o.include_usage) != Some(true)
-        }
-        // Unreadable here (duplicates, not JSON): no telling what the provider reads.
-        Err(_) => true,
+    if flag(top.get("stream")) != Some(true) {
+        return None;
     }
+    let Some(options) = top.get("stream_options") else {
+        return (!will_inject).then_some(
+            "the stream would report no usage: set stream_options.include_usage, or spec.usage.streamUsage: Inject on the ProviderKey",
+        );
+    };
+    let options: BTreeMap<String, &RawValue> =
+        serde_json::from_str(options.get()).unwrap_or_default();
+    if variant(options.keys(), &["include_usage"]) {
+        return Some("stream_options names include_usage in another case");
+    }
+    (flag(options.get("include_usage")) != Some(true))
+        .then_some("the stream would report no usage: set stream_options.include_usage to true")
 }
 
 /// The most of one event [`UsageChunkFilter`] holds back; a longer event goes on unfiltered.
@@ -951,7 +973,7 @@ fn is_usage_only_chunk(event: &[u8]) -> bool {
     }
     let text = String::from_utf8_lossy(event);
     let data: String = text
-        .lines()
+        .split(['\r', '\n'])
         .filter_map(|l| l.strip_prefix("data:"))
         .map(|d| d.strip_prefix(' ').unwrap_or(d))
         .collect::<Vec<_>>()

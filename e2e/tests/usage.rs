@@ -532,6 +532,28 @@ async fn per_pod_limits_answer_in_the_providers_rate_limit_shape() -> anyhow::Re
     assert_eq!(codes, [200, 200, 200, 429, 429]);
     assert_eq!(fake.requests(ProviderKind::Anthropic) - before, 3);
 
+    // On a key with a token limit, an endpoint whose tokens cannot be counted is refused
+    // (fail closed), and so is a body that hides `stream` in another case.
+    let res = http
+        .post(format!("{}/v1/batches", sidecar.url("gpt")))
+        .json(&json!({"input_file_id": "file-1", "endpoint": "/v1/chat/completions"}))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 403);
+    assert_eq!(
+        res.headers()
+            .get("x-byok-proxy-error")
+            .map(|v| v.as_bytes()),
+        Some(&b"endpoint_not_allowed"[..])
+    );
+    let res = http
+        .post(format!("{}/v1/chat/completions", sidecar.url("compat")))
+        .json(&json!({"model": "m", "stream": false, "STREAM": true,
+            "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 400);
+
     // Tokens per minute: the first answer's tokens reach the limit; the next is refused.
     let chat = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
     let first = http

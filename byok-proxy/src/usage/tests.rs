@@ -338,26 +338,59 @@ fn the_usage_only_chunk_is_taken_out_of_injected_streams() {
     assert_eq!(f.push(usage.as_bytes()), usage.as_bytes());
 }
 
+/// Attacker review: on a key with a token limit, every way a body can make its answer carry
+/// no usage is refused.
 #[test]
-fn streams_that_would_report_no_usage() {
-    for (body, none) in [
-        (r#"{"stream":true}"#, true),
+fn bodies_whose_answers_would_escape_a_token_count() {
+    for (body, will_inject, escapes) in [
+        (r#"{"stream":true}"#, false, true),
+        (r#"{"stream":true}"#, true, false),
+        (r#"{"str\u0065am":true}"#, false, true),
         (
             r#"{"stream":true,"stream_options":{"include_usage":false}}"#,
             true,
+            true,
         ),
-        (r#"{"stream":true,"stream_options":{}}"#, true),
-        (r#"{"stream":true,"stream_options":null}"#, true),
-        (r#"{"stream":true,"stream":true}"#, true),
+        (r#"{"stream":true,"stream_options":{}}"#, true, true),
+        (r#"{"stream":true,"stream_options":null}"#, true, true),
         (
             r#"{"stream":true,"stream_options":{"include_usage":true}}"#,
             false,
+            false,
         ),
-        (r#"{"stream":false}"#, false),
-        (r#"{"model":"gpt-4o"}"#, false),
+        (
+            r#"{"stream":true,"stream_options":{"include_usage":true,"INCLUDE_USAGE":false}}"#,
+            false,
+            true,
+        ),
+        (r#"{"stream":false,"STREAM":true}"#, false, true),
+        (
+            r#"{"Stream_Options":{"include_usage":false},"stream":true}"#,
+            true,
+            true,
+        ),
+        (
+            r#"{"model":"o3","input":"x","background":true}"#,
+            false,
+            true,
+        ),
+        (
+            r#"{"model":"o3","input":"x","background":false}"#,
+            false,
+            false,
+        ),
+        (r#"{"stream":false}"#, false, false),
+        (r#"{"model":"gpt-4o"}"#, false, false),
+        ("[1]", false, true),
     ] {
-        assert_eq!(streams_without_usage(body.as_bytes()), none, "{body}");
+        assert_eq!(
+            escapes_token_count(body.as_bytes(), will_inject).is_some(),
+            escapes,
+            "{body} (inject: {will_inject})"
+        );
     }
+    // An escaped `stream` is still injected into.
+    assert!(with_stream_usage(br#"{"str\u0065am":true}"#).is_some());
 }
 
 /// Attacker review: a hostile upstream drip-feeding one long event a byte at a time costs
