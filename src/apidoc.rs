@@ -799,6 +799,28 @@ mod tests {
         m.refresh("k", "updated");
         m.key_version.get_or_create(&key).set(1);
         m.key_ready.get_or_create(&key).set(1);
+        let usage = crate::proxy::metrics::KeyMetrics::new("k");
+        let record = crate::proxy::metrics::UsageRecord {
+            provider: crate::providers::ProviderKind::OpenAI,
+            endpoint: crate::proxy::usage::Endpoint::Chat,
+            request_model: Some("m"),
+            response_model: None,
+            tokens: Some(crate::proxy::usage::Tokens {
+                input: 2,
+                output: 1,
+                cached: 0,
+                reasoning: 0,
+            }),
+            seconds: 0.1,
+        };
+        usage.usage(&m, &record);
+        usage.usage(
+            &m,
+            &crate::proxy::metrics::UsageRecord {
+                tokens: None,
+                ..record
+            },
+        );
         m.encode()
     }
 
@@ -809,8 +831,9 @@ mod tests {
             let rest = rest.trim_start().strip_prefix('"')?;
             Some(rest[..rest.find('"')?].to_string())
         };
-        let prefixes: Vec<String> = source
-            .match_indices("Registry::with_prefix(")
+        let prefixes: Vec<String> = ["Registry::with_prefix(", "sub_registry_with_prefix("]
+            .iter()
+            .flat_map(|call| source.match_indices(call))
             .filter_map(|(i, m)| literal(&source[i + m.len()..]))
             .collect();
         assert_eq!(prefixes.len(), 1, "one prefixed registry per module");
@@ -818,9 +841,15 @@ mod tests {
             .match_indices(".register")
             .filter_map(|(i, _)| {
                 let rest = &source[i..];
-                literal(&rest[rest.find('(')? + 1..])
+                let name = literal(&rest[rest.find('(')? + 1..])?;
+                // The sidecar's root registry holds the GenAI conventions' names as they
+                // are; everything else is under the prefix.
+                Some(if source[..i].ends_with("root") {
+                    name
+                } else {
+                    format!("{}_{name}", prefixes[0])
+                })
             })
-            .map(|name| format!("{}_{name}", prefixes[0]))
             .collect()
     }
 
