@@ -201,6 +201,25 @@ pub async fn create_pk(
     Ok(())
 }
 
+/// Puts a key-source Secret `<name>-raw` holding `key` and a ProviderKey `name` with `spec`
+/// (its `secretRef` set to that Secret), and waits for Ready.
+pub async fn put_ready_pk(
+    env: &TestEnv,
+    name: &str,
+    key: &str,
+    mut spec: serde_json::Value,
+) -> anyhow::Result<()> {
+    let source = format!("{name}-raw");
+    put_secret(env, &source, &[("api-key", key)]).await?;
+    spec["secretRef"] = serde_json::json!({"name": source});
+    create_pk(env, name, spec).await?;
+    wait_pk(env, name, "Ready", |pk| {
+        is_condition(pk, "Ready", "True", "Valid")
+    })
+    .await?;
+    Ok(())
+}
+
 /// Waits (on a watch, with a deadline) until the ProviderKey satisfies `cond`.
 pub async fn wait_pk(
     env: &TestEnv,

@@ -48,25 +48,6 @@ fn anthropic_message(model: Option<&str>, stream: bool) -> serde_json::Value {
     body
 }
 
-/// Puts a key-source Secret and a ProviderKey, and waits for Ready.
-async fn ready_key(
-    env: &TestEnv,
-    name: &str,
-    key: &str,
-    spec: serde_json::Value,
-) -> anyhow::Result<()> {
-    let source = format!("{name}-raw");
-    put_secret(env, &source, &[("api-key", key)]).await?;
-    let mut spec = spec;
-    spec["secretRef"] = json!({"name": source});
-    create_pk(env, name, spec).await?;
-    wait_pk(env, name, "Ready", |pk| {
-        is_condition(pk, "Ready", "True", "Valid")
-    })
-    .await?;
-    Ok(())
-}
-
 /// The common start of the one-key tests: a namespace, the fake provider, a serving
 /// operator, a Ready anthropic ProviderKey `claude` holding `key`, and the sidecar of a pod
 /// (`{prefix}-…`) that opts in to it, ready; `url` is its Messages endpoint.
@@ -157,12 +138,12 @@ async fn six_providers_get_their_own_auth_and_never_the_clients() -> anyhow::Res
             }
             _ => json!({"provider": kind.to_string()}),
         };
-        ready_key(&env, name, key, spec).await?;
+        put_ready_pk(&env, name, key, spec).await?;
     }
     let sa_json =
         test_service_account_json("byok@demo-project.iam.gserviceaccount.com", "demo-project");
     fake.add_service_account_json(&sa_json)?;
-    ready_key(
+    put_ready_pk(
         &env,
         "vertex",
         &sa_json,
@@ -962,22 +943,22 @@ async fn a_keys_policy_is_what_the_provider_receives() -> anyhow::Result<()> {
     ] {
         fake.add_valid_key(kind, key);
     }
-    ready_key(&env, "gpt", &openai_key, json!({"provider": "openai"})).await?;
-    ready_key(
+    put_ready_pk(&env, "gpt", &openai_key, json!({"provider": "openai"})).await?;
+    put_ready_pk(
         &env,
         "gpt-mint",
         &minting_key,
         json!({"provider": "openai", "allowCredentialMinting": true}),
     )
     .await?;
-    ready_key(
+    put_ready_pk(
         &env,
         "gpt-mini",
         &restricted_key,
         json!({"provider": "openai", "allowedModels": ["gpt-4o-mini"]}),
     )
     .await?;
-    ready_key(
+    put_ready_pk(
         &env,
         "gateway",
         &compat_key,
@@ -985,8 +966,8 @@ async fn a_keys_policy_is_what_the_provider_receives() -> anyhow::Result<()> {
                "allowedModels": ["openai/gpt-4o-mini"]}),
     )
     .await?;
-    ready_key(&env, "gemini", &gemini_key, json!({"provider": "google"})).await?;
-    ready_key(
+    put_ready_pk(&env, "gemini", &gemini_key, json!({"provider": "google"})).await?;
+    put_ready_pk(
         &env,
         "azure",
         &azure_key,
@@ -997,7 +978,7 @@ async fn a_keys_policy_is_what_the_provider_receives() -> anyhow::Result<()> {
     let sa_json =
         test_service_account_json("byok@demo-project.iam.gserviceaccount.com", "demo-project");
     fake.add_service_account_json(&sa_json)?;
-    ready_key(
+    put_ready_pk(
         &env,
         "vertex",
         &sa_json,

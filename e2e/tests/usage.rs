@@ -112,19 +112,6 @@ fn without_usage(metrics: &str, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-async fn ready_key(env: &TestEnv, name: &str, key: &str, spec: Value) -> anyhow::Result<()> {
-    let source = format!("{name}-raw");
-    put_secret(env, &source, &[("api-key", key)]).await?;
-    let mut spec = spec;
-    spec["secretRef"] = json!({"name": source});
-    create_pk(env, name, spec).await?;
-    wait_pk(env, name, "Ready", |pk| {
-        is_condition(pk, "Ready", "True", "Valid")
-    })
-    .await?;
-    Ok(())
-}
-
 /// Every provider and endpoint shape the fake serves, plain and streamed: the sidecar's
 /// token counters move by exactly what the application read from each answer; an OpenAI
 /// stream is asked for usage (and the usage chunk taken out) on an openai key, not on an
@@ -156,12 +143,12 @@ async fn tokens_are_counted_per_provider_plain_streamed_and_asked_for_gzip() -> 
             }
             _ => json!({"provider": kind.to_string()}),
         };
-        ready_key(&env, name, &key, spec).await?;
+        put_ready_pk(&env, name, &key, spec).await?;
     }
     let sa_json =
         test_service_account_json("byok@demo-project.iam.gserviceaccount.com", "demo-project");
     fake.add_service_account_json(&sa_json)?;
-    ready_key(
+    put_ready_pk(
         &env,
         "vertex",
         &sa_json,
@@ -470,21 +457,21 @@ async fn per_pod_limits_answer_in_the_providers_rate_limit_shape() -> anyhow::Re
     fake.add_valid_key(ProviderKind::Anthropic, &claude);
     fake.add_valid_key(ProviderKind::OpenAI, &gpt);
     fake.add_valid_key(ProviderKind::OpenAICompatible, &compat);
-    ready_key(
+    put_ready_pk(
         &env,
         "claude",
         &claude,
         json!({"provider": "anthropic", "limits": {"perPod": {"requestsPerMinute": 3}}}),
     )
     .await?;
-    ready_key(
+    put_ready_pk(
         &env,
         "gpt",
         &gpt,
         json!({"provider": "openai", "limits": {"perPod": {"tokensPerMinute": 1}}}),
     )
     .await?;
-    ready_key(
+    put_ready_pk(
         &env,
         "compat",
         &compat,
